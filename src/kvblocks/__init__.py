@@ -1,0 +1,38 @@
+"""kvblocks: the KV cache of LLM inference engines, managed as blocks.
+
+Subpackages, lowest first (each imports only those below it):
+
+- :mod:`kvblocks.layout`: dims, block formats, layouts and their address tables.
+- :mod:`kvblocks.kernels`: layout conversions and copies (torch references; Triton kernels).
+"""
+
+from kvblocks.errors import KvBlocksError
+from kvblocks.layout import (
+    BlockDim,
+    BlockDimension,
+    FullyContiguousLayout,
+    InnerOrder,
+    KvBlockLayout,
+    KvDims,
+    LayerSeparateLayout,
+    Layout,
+    LayoutConfig,
+    MemoryRegion,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockDim",
+    "BlockDimension",
+    "FullyContiguousLayout",
+    "InnerOrder",
+    "KvBlockLayout",
+    "KvBlocksError",
+    "KvDims",
+    "LayerSeparateLayout",
+    "Layout",
+    "LayoutConfig",
+    "MemoryRegion",
+    "__version__",
+]

@@ -1,0 +1,50 @@
+"""Errors raised by kvblocks.
+
+Every error the library raises on bad input is a :class:`KvBlocksError`. Errors about a
+caller's argument are :class:`InvalidArgumentError` subclasses: they carry the argument's
+name in ``argument`` and their message starts with it, so ``str(err)`` reads
+``"nt must be a positive int, got 0"``.
+
+The argument errors also derive from the matching builtin (``ValueError``, ``TypeError``,
+``IndexError``) so code that already catches those keeps working.
+"""
+
+from __future__ import annotations
+
+
+class KvBlocksError(Exception):
+    """Base class of every error kvblocks raises."""
+
+
+class InvalidArgumentError(KvBlocksError, ValueError):
+    """An argument has a value kvblocks cannot use.
+
+    Args:
+        argument: the name of the offending argument, as the caller wrote it.
+        problem: what is wrong, phrased to follow the name ("must be positive, got 0").
+    """
+
+    def __init__(self, argument: str, problem: str) -> None:
+        self.argument = argument
+        self.problem = problem
+        super().__init__(f"{argument} {problem}")
+
+
+class UnsupportedDtypeError(InvalidArgumentError, TypeError):
+    """A dtype that kvblocks does not move or convert."""
+
+
+class LengthMismatchError(InvalidArgumentError):
+    """Two sequences (or a table and its expected size) that must agree in length do not."""
+
+
+class ShapeMismatchError(InvalidArgumentError):
+    """A tensor whose shape or size does not match the dims it is used with."""
+
+
+class BlockIdOutOfRangeError(InvalidArgumentError, IndexError):
+    """A block, layer or outer index outside its layout's range."""
+
+
+class LayoutFormatError(InvalidArgumentError):
+    """A block format that the requested operation cannot work with."""

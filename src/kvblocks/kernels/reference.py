@@ -1,0 +1,196 @@
+"""Torch references for the layout conversions: what every kernel must compute.
+
+They run on any device and any supported dtype, write into the destinations they are given
+(like the kernels), and favour clarity over speed. Two kinds of operand appear:
+
+``Regions``: a block stack. ``nb * nl * no`` tensors, block-major then layer then outer
+(region ``(b, l, o)`` is entry ``(b * nl + l) * no + o``), each one region of ``nt * nh * hd``
+elements in NHD ``[nt, nh, hd]`` or HND ``[nh, nt, hd]`` order. This is what an address table of
+a layer-separate layout points at.
+
+``Blocks``: ``nb`` tensors, each one whole block of ``nl * no * nt * nh * hd`` elements in a
+block format (operational ``[nl, no, inner]`` or universal ``[nh, nl, no, nt, hd]``). A single
+tensor shaped ``[nb, ...]`` is also a valid ``Blocks``.
+
+Element mapping (``b`` block, ``l`` layer, ``o`` outer, ``t`` token, ``h`` head, ``d`` in hd):
+
+    NHD region index       (t * nh + h) * hd + d
+    HND region index       (h * nt + t) * hd + d
+    operational index      (l * no + o) * inner + region index
+    universal index        (((h * nl + l) * no + o) * nt + t) * hd + d
+
+A block stack in order X holds the same elements in the same order as the operational X
+block: only where its regions live differs. Sources and destinations may alias; the result is
+computed into a fresh tensor before it is written.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kvblocks.errors import (
+    InvalidArgumentError,
+    LengthMismatchError,
+    ShapeMismatchError,
+    UnsupportedDtypeError,
+)
+from kvblocks.layout import InnerOrder, KvBlockLayout, KvDims
+
+Regions = Sequence[torch.Tensor]
+Blocks = Sequence[torch.Tensor]
+
+
+def _gather(
+    tensors: Sequence[torch.Tensor], per_block: int, elems: int, dims: KvDims, argument: str
+) -> torch.Tensor:
+    """View or copy ``tensors`` (``per_block`` tensors of ``elems`` elements per block) as
+    ``[nb, block_elems]``."""
+    if isinstance(tensors, torch.Tensor):
+        _check_dtype(tensors, dims, argument)
+        if tensors.numel() == 0 or tensors.numel() % dims.block_elems:
+            raise ShapeMismatchError(
+                argument,
+                f"has {tensors.numel()} elements, not a positive multiple of"
+                f" {dims.block_elems} (one block)",
+            )
+        return tensors.reshape(-1, dims.block_elems)
+    count = len(tensors)
+    if count == 0 or count % per_block:
+        raise LengthMismatchError(
+            argument, f"must hold a positive multiple of {per_block} tensors, got {count}"
+        )
+    for i, t in enumerate(tensors):
+        _check_tensor(t, elems, dims, f"{argument}[{i}]")
+    _check_one_device(tensors, argument)
+    return torch.stack([t.reshape(elems) for t in tensors]).view(-1, dims.block_elems)
+
+
+def _scatter(
+    values: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    per_block: int,
+    elems: int,
+    dims: KvDims,
+    argument: str,
+) -> None:
+    """Write ``values`` (``[nb, block_elems]``) into ``tensors``, ``per_block`` tensors a block."""
+    nb = values.shape[0]
+    if isinstance(tensors, torch.Tensor):
+        _check_tensor(tensors, nb * dims.block_elems, dims, argument)
+        _check_same_device(tensors, values, argument)
+        tensors.copy_(values.reshape(tensors.shape))
+        return
+    count = nb * per_block
+    if len(tensors) != count:
+        raise LengthMismatchError(
+            argument, f"must hold {count} tensors to match the source, got {len(tensors)}"
+        )
+    for i, t in enumerate(tensors):
+        _check_tensor(t, elems, dims, f"{argument}[{i}]")
+        _check_same_device(t, values, f"{argument}[{i}]")
+    for t, v in zip(tensors, values.reshape(count, elems), strict=True):
+        t.copy_(v.reshape(t.shape))
+
+
+def _check_dtype(t: object, dims: KvDims, argument: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise InvalidArgumentError(argument, f"must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != dims.dtype:
+        raise UnsupportedDtypeError(argument, f"has dtype {t.dtype}, dims say {dims.dtype}")
+
+
+def _check_tensor(t: object, elems: int, dims: KvDims, argument: str) -> None:
+    _check_dtype(t, dims, argument)
+    if t.numel() != elems:
+        raise ShapeMismatchError(argument, f"has {t.numel()} elements, expected {elems}")
+
+
+def _check_one_device(tensors: Sequence[torch.Tensor], argument: str) -> None:
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise InvalidArgumentError(
+            argument, f"must all be on one device, got {sorted(map(str, devices))}"
+        )
+
+
+def _check_same_device(t: torch.Tensor, values: torch.Tensor, argument: str) -> None:
+    if t.device != values.device:
+        raise InvalidArgumentError(argument, f"is on {t.device}, the source is on {values.device}")
+
+
+def permute_blocks(
+    blocks: torch.Tensor, dims: KvDims, src_format: KvBlockLayout, dst_format: KvBlockLayout
+) -> torch.Tensor:
+    """Reorder ``[nb, block_elems]`` from ``src_format`` to ``dst_format``; a new contiguous tensor.
+
+    Both formats must state their dimension order (not ``Unknown``).
+    """
+    src_shape = dims.block_shape(src_format)
+    dims.block_shape(dst_format)
+    src_order = src_format.dim_order
+    # Axis 0 is the block; axes 1..4 the four dims in src order; axis 5 is hd.
+    perm = [0, *(1 + src_order.index(d) for d in dst_format.dim_order), 5]
+    nb = blocks.shape[0]
+    out = blocks.reshape(nb, *src_shape).permute(perm).clone(memory_format=torch.contiguous_format)
+    return out.view(nb, dims.block_elems)
+
+
+def convert_blocks(
+    src: Blocks, dst: Blocks, dims: KvDims, src_format: KvBlockLayout, dst_format: KvBlockLayout
+) -> None:
+    """Blocks in ``src_format`` -> blocks in ``dst_format``, any two known formats.
+
+    Args:
+        src: ``nb`` blocks (each ``dims.block_elems`` elements of ``dims.dtype``).
+        dst: ``nb`` blocks, written.
+    """
+    x = _gather(src, 1, dims.block_elems, dims, "src")
+    _scatter(permute_blocks(x, dims, src_format, dst_format), dst, 1, dims.block_elems, dims, "dst")
+
+
+def _regions_per_block(dims: KvDims) -> int:
+    return dims.nl * dims.no
+
+
+def universal_from_block(src: Regions, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
+    """Block stack (regions in ``order``) -> universal blocks ``[nh, nl, no, nt, hd]``."""
+    x = _gather(src, _regions_per_block(dims), dims.inner, dims, "src")
+    y = permute_blocks(x, dims, order.operational, KvBlockLayout.UniversalTP)
+    _scatter(y, dst, 1, dims.block_elems, dims, "dst")
+
+
+def block_from_universal(src: Blocks, dst: Regions, dims: KvDims, order: InnerOrder) -> None:
+    """Universal blocks -> block stack (regions in ``order``)."""
+    x = _gather(src, 1, dims.block_elems, dims, "src")
+    y = permute_blocks(x, dims, KvBlockLayout.UniversalTP, order.operational)
+    _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")
+
+
+def universal_from_operational(src: Blocks, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
+    """Operational blocks ``[nl, no, inner]`` (inner in ``order``) -> universal blocks."""
+    convert_blocks(src, dst, dims, order.operational, KvBlockLayout.UniversalTP)
+
+
+def operational_from_universal(src: Blocks, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
+    """Universal blocks -> operational blocks (inner in ``order``)."""
+    convert_blocks(src, dst, dims, KvBlockLayout.UniversalTP, order.operational)
+
+
+def operational_from_block(
+    src: Regions, dst: Blocks, dims: KvDims, block_order: InnerOrder, operational_order: InnerOrder
+) -> None:
+    """Block stack -> operational blocks: a flat copy when the orders agree, else a permute."""
+    x = _gather(src, _regions_per_block(dims), dims.inner, dims, "src")
+    y = permute_blocks(x, dims, block_order.operational, operational_order.operational)
+    _scatter(y, dst, 1, dims.block_elems, dims, "dst")
+
+
+def block_from_operational(
+    src: Blocks, dst: Regions, dims: KvDims, operational_order: InnerOrder, block_order: InnerOrder
+) -> None:
+    """Operational blocks -> block stack: a flat copy when the orders agree, else a permute."""
+    x = _gather(src, 1, dims.block_elems, dims, "src")
+    y = permute_blocks(x, dims, operational_order.operational, block_order.operational)
+    _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")

@@ -1,0 +1,21 @@
+"""Argument checks shared by the layout classes; each raises naming the argument."""
+
+from __future__ import annotations
+
+from kvblocks.errors import BlockIdOutOfRangeError, InvalidArgumentError
+
+
+def positive_int(value: object, argument: str) -> int:
+    """Return ``value`` if it is an int >= 1 (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(argument, f"must be a positive int, got {value!r}")
+    return value
+
+
+def index_in_range(value: object, limit: int, argument: str) -> int:
+    """Return ``value`` if it is an int in ``[0, limit)``."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidArgumentError(argument, f"must be an int, got {value!r}")
+    if not 0 <= value < limit:
+        raise BlockIdOutOfRangeError(argument, f"must be in [0, {limit}), got {value}")
+    return value

@@ -1,0 +1,93 @@
+"""What this machine offers for moving KV blocks: GPU, pinned memory, Triton, batch copies, NIXL.
+
+Probing never fails: a missing piece is reported as unavailable with the reason.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Capability:
+    """One hardware or software path and whether it can be used here."""
+
+    name: str
+    available: bool
+    detail: str
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _cuda_capability() -> Capability:
+    if not torch.cuda.is_available():
+        return Capability("CUDA GPU", False, f"torch {torch.__version__} sees no CUDA device")
+    count = torch.cuda.device_count()
+    props = torch.cuda.get_device_properties(0)
+    gib = props.total_memory / 2**30
+    return Capability(
+        "CUDA GPU",
+        True,
+        f"{count} x {props.name}, {gib:.0f} GiB, {props.multi_processor_count} SMs"
+        f" (torch {torch.__version__}, CUDA {torch.version.cuda})",
+    )
+
+
+def _triton_capability(gpu: bool) -> Capability:
+    version = _package_version("triton")
+    if version is None:
+        return Capability("Triton kernels", False, "triton is not installed (extra: gpu)")
+    if gpu:
+        return Capability("Triton kernels", True, f"triton {version}, compiled for the GPU")
+    return Capability(
+        "Triton kernels", False, f"triton {version}; no GPU, runs only as TRITON_INTERPRET=1"
+    )
+
+
+def _memcpy_batch_capability(gpu: bool) -> Capability:
+    version = _package_version("cuda-bindings")
+    if version is None:
+        return Capability(
+            "cudaMemcpyBatchAsync", False, "cuda-bindings is not installed (extra: gpu)"
+        )
+    if not gpu:
+        return Capability("cudaMemcpyBatchAsync", False, f"cuda-bindings {version}; no GPU")
+    return Capability("cudaMemcpyBatchAsync", True, f"cuda-bindings {version}")
+
+
+def probe() -> list[Capability]:
+    """Report every path kvblocks can use to hold and move blocks on this machine."""
+    cuda = _cuda_capability()
+    gpu = cuda.available
+    nixl = importlib.util.find_spec("nixl") is not None
+    return [
+        cuda,
+        Capability(
+            "pinned host memory",
+            gpu,
+            "page-locked, read by kernels directly" if gpu else "needs a CUDA device",
+        ),
+        _triton_capability(gpu),
+        _memcpy_batch_capability(gpu),
+        Capability("torch reference path", True, "always available; used where kernels cannot run"),
+        Capability(
+            "O_DIRECT disk I/O",
+            hasattr(os, "O_DIRECT"),
+            "bypasses the page cache where the filesystem allows",
+        ),
+        Capability(
+            "NIXL remote transfers",
+            nixl,
+            "nixl importable" if nixl else "nixl is not installed (extra: remote)",
+        ),
+    ]

@@ -1,0 +1,57 @@
+"""Test helpers: random data, poisoned outputs, bit-exact comparison, raw memory views."""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+
+from kvblocks.layout import MemoryRegion
+
+FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
+ALL_DTYPES = FLOAT_DTYPES + FP8_DTYPES
+
+_INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The elements of ``t`` reinterpreted as same-width ints (exact comparison, fp8 included)."""
+    return t.view(_INT_OF_WIDTH[t.element_size()])
+
+
+def random_tensor(shape, dtype: torch.dtype, device="cpu", generator=None) -> torch.Tensor:
+    """Random normal values of ``dtype``; never NaN, so the poison pattern never occurs."""
+    values = torch.randn(shape, dtype=torch.float32, generator=generator)
+    return values.to(dtype).to(device)
+
+
+def poisoned(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:
+    """A tensor whose every element is the all-ones bit pattern (a NaN in every float dtype)."""
+    t = torch.empty(shape, dtype=dtype, device=device)
+    bits(t).fill_(-1 if t.element_size() > 1 else 0xFF)
+    return t
+
+
+def assert_written(t: torch.Tensor) -> None:
+    """Fail if any element still holds the poison pattern."""
+    poison = -1 if t.element_size() > 1 else 0xFF
+    left = int((bits(t) == poison).sum())
+    assert left == 0, f"{left} of {t.numel()} elements were never written"
+
+
+def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    diff = bits(actual) != bits(expected)
+    assert not diff.any(), f"{int(diff.sum())} of {actual.numel()} elements differ"
+
+
+def memory_of(t: torch.Tensor) -> MemoryRegion:
+    """The bytes a contiguous CPU tensor occupies."""
+    assert t.is_contiguous()
+    return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
+
+
+def read_bytes(addr: int, size: int) -> bytes:
+    """Copy ``size`` bytes of this process's memory at ``addr``."""
+    return ctypes.string_at(addr, size)
