@@ -39,9 +39,10 @@ def test_readme_has_the_two_setup_commands_on_top():
 
 def test_code_is_lint_clean():
     pytest.importorskip("ruff")
+    folders = [d for d in ("src", "tests", "bench") if (ROOT / d).is_dir()]
     for args in (["check"], ["format", "--check"]):
         proc = subprocess.run(
-            [sys.executable, "-m", "ruff", *args, "src", "tests", "bench"],
+            [sys.executable, "-m", "ruff", *args, *folders],
             cwd=ROOT,
             capture_output=True,
             text=True,
