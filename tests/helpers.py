@@ -55,3 +55,34 @@ def memory_of(t: torch.Tensor) -> MemoryRegion:
 def read_bytes(addr: int, size: int) -> bytes:
     """Copy ``size`` bytes of this process's memory at ``addr``."""
     return ctypes.string_at(addr, size)
+
+
+def gpu_param(value, *extra):
+    """A pytest param that runs only where a GPU is present (marked ``gpu``)."""
+    import pytest
+
+    return pytest.param(value, *extra, marks=pytest.mark.gpu, id=str(value))
+
+
+def alloc(numel: int, dtype: torch.dtype, where: str) -> torch.Tensor:
+    """A flat buffer in ``where``: "cpu" (pageable host), "device" (GPU) or "pinned" (host)."""
+    if where == "device":
+        return torch.empty(numel, dtype=dtype, device="cuda")
+    return torch.empty(numel, dtype=dtype, pin_memory=where == "pinned")
+
+
+def scattered(count: int, shape, dtype, where: str, offset: int = 0, generator=None):
+    """``count`` tensors of ``shape`` at shuffled places in one buffer, with a gap between
+    neighbours and ``offset`` elements of misalignment. Returns (views, their addresses)."""
+    numel = torch.Size(shape).numel()
+    stride = numel + 3
+    buf = alloc(count * stride + offset, dtype, where)
+    bits(buf).fill_(-1 if buf.element_size() > 1 else 0xFF)
+    slots = torch.randperm(count, generator=generator).tolist()
+    views = [buf[offset + s * stride : offset + s * stride + numel].view(shape) for s in slots]
+    return views, [v.data_ptr() for v in views]
+
+
+def fill_random(views, dtype) -> None:
+    for v in views:
+        v.copy_(random_tensor(v.shape, dtype))

@@ -172,11 +172,11 @@ FORMATS = st.one_of(
 def test_convert_any_formats(dims, nb, src_fmt, dst_fmt):
     src = rand((nb, dims.block_elems), dims.dtype)
     dst = poisoned((nb, dims.block_elems), dims.dtype)
-    ref.convert_blocks(src, dst, dims, src_fmt, dst_fmt)
+    ref.convert(src, dst, dims, src_fmt, dst_fmt)
     assert_written(dst)
     assert_moved(src, dst, format_index(dims, src_fmt), format_index(dims, dst_fmt))
     back = poisoned(src.shape, dims.dtype)
-    ref.convert_blocks([b for b in dst], back, dims, dst_fmt, src_fmt)
+    ref.convert([b for b in dst], back, dims, dst_fmt, src_fmt)
     assert_bits_equal(back, src)
 
 
@@ -228,7 +228,7 @@ def test_errors_name_the_argument():
     with pytest.raises(InvalidArgumentError, match=r"src\[0\] must be a torch.Tensor"):
         ref.universal_from_block([1.0] * 6, out, dims, nhd)
     with pytest.raises(LayoutFormatError, match="fmt must state its dimension order"):
-        ref.convert_blocks(good, out, dims, KvBlockLayout.Unknown, KvBlockLayout.UniversalTP)
+        ref.convert(good, out, dims, KvBlockLayout.Unknown, KvBlockLayout.UniversalTP)
 
 
 def test_no_write_on_invalid_call():

@@ -2,6 +2,7 @@
 
 ``kvblocks info``   block sizes, formats, layouts for a model, and the hardware paths here.
 ``kvblocks models`` the models ``--model`` knows.
+``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
 
 Results go to stdout (``--json`` for machines), errors to stderr with exit status 2.
 """
@@ -190,6 +191,111 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
+BENCH_SUITES = ("kvbench", "permute", "paged")
+
+
+def _cmd_bench(args: argparse.Namespace) -> None:
+    from kvblocks.benchmarks import kvbench, paged, permute
+    from kvblocks.benchmarks.plot import plot_csv
+    from kvblocks.benchmarks.timing import gpu_name, write_csv
+
+    if args.from_csv:
+        if not args.plot:
+            raise InvalidArgumentError("--from-csv", "needs --plot PNG to say where to draw")
+        plot_csv(args.from_csv, args.plot)
+        return
+    if args.suite == "kvbench":
+        spec = lookup_model(args.model)
+        rows = kvbench.run(
+            lambda nt: spec.dims(nt, args.dtype),
+            args.tokens_per_block,
+            args.num_blocks,
+            _choices(args.patterns, kvbench.PATTERNS, "--patterns"),
+            _choices(args.directions, kvbench.DIRECTIONS, "--directions"),
+            _choices(args.backends, kvbench.BACKENDS, "--backends"),
+            args.warmup,
+            args.iters,
+        )
+    elif args.suite == "permute":
+        rows = permute.run(
+            args.layers,
+            args.head_dim,
+            args.tokens_per_block,
+            args.kv_heads,
+            args.num_blocks[0],
+            args.dtype,
+            args.warmup,
+            args.iters,
+        )
+    else:
+        dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
+        rows = paged.run(dims, args.pairs, args.warmup, args.iters)
+    print(f"# {args.suite} on {gpu_name()}", file=sys.stderr)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            write_csv(rows, f)
+    else:
+        write_csv(rows, sys.stdout)
+    if args.plot:
+        if not args.csv:
+            raise InvalidArgumentError("--plot", "needs --csv FILE to draw from")
+        plot_csv(args.csv, args.plot, f"kvblocks {args.suite} on {gpu_name()}")
+
+
+def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    bad = [v for v in values if v not in allowed]
+    if bad or not values:
+        raise InvalidArgumentError(
+            flag, f"must be a comma-separated subset of {allowed}, got {text!r}"
+        )
+    return values
+
+
+def _add_bench_parser(sub) -> None:
+    bench = sub.add_parser(
+        "bench",
+        help="benchmarks on the GPU: kvbench (default), permute, paged",
+        description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
+    )
+    bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
+    bench.add_argument("--model", default="llama-3.1-70b", help="model dims (kvbench, paged)")
+    bench.add_argument("--dtype", default="bf16", help="element type (default bf16)")
+    bench.add_argument(
+        "--tokens-per-block",
+        type=_int_list,
+        metavar="N[,N...]",
+        help="kvbench: 16,64; permute: 16,64,256; paged: 16",
+    )
+    bench.add_argument(
+        "--num-blocks", type=_int_list, metavar="N[,N...]", help="kvbench: 1,128; permute: 128"
+    )
+    bench.add_argument("--patterns", default="fc_to_fc,lw_to_fc,fc_to_lw", help="kvbench")
+    bench.add_argument("--directions", default="h2d,d2h,d2d", help="kvbench")
+    bench.add_argument("--backends", default="kernel,memcpy_batch,memcpy", help="kvbench")
+    bench.add_argument("--layers", type=_positive_int, default=32, help="permute: nl (default 32)")
+    bench.add_argument("--head-dim", type=_positive_int, default=128, help="permute: hd")
+    bench.add_argument(
+        "--kv-heads", type=_int_list, default=[8, 32], metavar="N[,N...]", help="permute: nh"
+    )
+    bench.add_argument("--pairs", type=_positive_int, default=1024, help="paged: block mappings")
+    bench.add_argument("--warmup", type=_positive_int, default=5, help="untimed calls first")
+    bench.add_argument("--iters", type=_positive_int, default=50, help="timed calls (median)")
+    bench.add_argument("--csv", metavar="FILE", help="write the CSV here instead of stdout")
+    bench.add_argument("--plot", metavar="PNG", help="also draw bandwidth per case (matplotlib)")
+    bench.add_argument(
+        "--from-csv", metavar="FILE", help="draw --plot from an earlier run's CSV; no GPU needed"
+    )
+    bench.set_defaults(func=_cmd_bench)
+
+
+_BENCH_DEFAULTS = {
+    "kvbench": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
+    "permute": {"tokens_per_block": [16, 64, 256], "num_blocks": [128]},
+    "paged": {"tokens_per_block": [16], "num_blocks": [1]},
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvblocks", description="KV cache blocks: layouts, kernels, tiers."
@@ -230,12 +336,17 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="the models --model knows")
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_cmd_models)
+    _add_bench_parser(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "bench":
+        for key, value in _BENCH_DEFAULTS[args.suite].items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
     try:
         args.func(args)
     except KvBlocksError as exc:

@@ -48,3 +48,11 @@ class BlockIdOutOfRangeError(InvalidArgumentError, IndexError):
 
 class LayoutFormatError(InvalidArgumentError):
     """A block format that the requested operation cannot work with."""
+
+
+class OverlapError(InvalidArgumentError):
+    """Destinations that overlap each other or a source: the result would depend on timing."""
+
+
+class BackendUnavailableError(KvBlocksError):
+    """A path that this machine cannot run (no GPU, no cuda-bindings, ...)."""

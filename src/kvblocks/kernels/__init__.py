@@ -1,31 +1,66 @@
-"""Layout conversions and copies of KV blocks.
+"""Layout conversions and copies of KV blocks: Triton kernels beside their torch references.
 
-:mod:`kvblocks.kernels.reference` holds the torch references that define every conversion;
-:mod:`kvblocks.kernels.reshard` re-slices universal blocks between tensor-parallel degrees.
+Every kernel takes flat tables of raw addresses (see :mod:`kvblocks.layout`), checks its
+arguments before it launches, and runs on the GPU (Triton), on the CPU under Triton's
+interpreter, or through the torch reference; :func:`available` says which.
+
+- :mod:`~kvblocks.kernels.permutes`: block stack / operational / universal conversions.
+- :mod:`~kvblocks.kernels.copy`: ``vectorized_copy`` over pointer pairs.
+- :mod:`~kvblocks.kernels.memcpy`: ``memcpy_batch`` through the copy engines.
+- :mod:`~kvblocks.kernels.paged`: ``copy_blocks`` / ``swap_blocks`` on paged caches.
+- :mod:`~kvblocks.kernels.reference`, :mod:`~kvblocks.kernels.reshard`: torch references and
+  tensor-parallel resharding.
 """
 
-from kvblocks.kernels.reference import (
+from kvblocks.kernels.backend import Backend, available, is_stub_build
+from kvblocks.kernels.copy import CopyPlan, plan_copy, vectorized_copy
+from kvblocks.kernels.memcpy import (
+    MemcpyPlan,
+    has_memcpy_batch_async,
+    memcpy_batch,
+    memcpy_per_pair,
+    plan_memcpy,
+)
+from kvblocks.kernels.paged import copy_blocks, swap_blocks
+from kvblocks.kernels.permutes import (
+    Operand,
+    PermutePlan,
     block_from_operational,
     block_from_universal,
-    convert_blocks,
     operational_from_block,
     operational_from_universal,
-    permute_blocks,
+    permute,
+    plan_permute,
     universal_from_block,
     universal_from_operational,
 )
 from kvblocks.kernels.reshard import join_heads, reshard_universal, split_heads
 
 __all__ = [
+    "Backend",
+    "CopyPlan",
+    "MemcpyPlan",
+    "Operand",
+    "PermutePlan",
+    "available",
     "block_from_operational",
     "block_from_universal",
-    "convert_blocks",
+    "copy_blocks",
+    "has_memcpy_batch_async",
+    "is_stub_build",
     "join_heads",
+    "memcpy_batch",
+    "memcpy_per_pair",
     "operational_from_block",
     "operational_from_universal",
-    "permute_blocks",
+    "permute",
+    "plan_copy",
+    "plan_memcpy",
+    "plan_permute",
     "reshard_universal",
     "split_heads",
+    "swap_blocks",
     "universal_from_block",
     "universal_from_operational",
+    "vectorized_copy",
 ]

@@ -137,17 +137,33 @@ def permute_blocks(
     return out.view(nb, dims.block_elems)
 
 
-def convert_blocks(
-    src: Blocks, dst: Blocks, dims: KvDims, src_format: KvBlockLayout, dst_format: KvBlockLayout
+def convert(
+    src: Regions | Blocks,
+    dst: Regions | Blocks,
+    dims: KvDims,
+    src_format: KvBlockLayout,
+    dst_format: KvBlockLayout,
+    *,
+    src_is_stack: bool = False,
+    dst_is_stack: bool = False,
 ) -> None:
-    """Blocks in ``src_format`` -> blocks in ``dst_format``, any two known formats.
+    """The general conversion every other function here is a case of.
 
     Args:
-        src: ``nb`` blocks (each ``dims.block_elems`` elements of ``dims.dtype``).
-        dst: ``nb`` blocks, written.
+        src: ``Regions`` when ``src_is_stack`` (their order is ``src_format``, an operational
+            format), else ``nb`` blocks in ``src_format``.
+        dst: likewise for the destination; written.
+        src_format, dst_format: block formats that state their dim order.
     """
-    x = _gather(src, 1, dims.block_elems, dims, "src")
-    _scatter(permute_blocks(x, dims, src_format, dst_format), dst, 1, dims.block_elems, dims, "dst")
+    if src_is_stack:
+        x = _gather(src, _regions_per_block(dims), dims.inner, dims, "src")
+    else:
+        x = _gather(src, 1, dims.block_elems, dims, "src")
+    y = permute_blocks(x, dims, src_format, dst_format)
+    if dst_is_stack:
+        _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")
+    else:
+        _scatter(y, dst, 1, dims.block_elems, dims, "dst")
 
 
 def _regions_per_block(dims: KvDims) -> int:
@@ -156,41 +172,45 @@ def _regions_per_block(dims: KvDims) -> int:
 
 def universal_from_block(src: Regions, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
     """Block stack (regions in ``order``) -> universal blocks ``[nh, nl, no, nt, hd]``."""
-    x = _gather(src, _regions_per_block(dims), dims.inner, dims, "src")
-    y = permute_blocks(x, dims, order.operational, KvBlockLayout.UniversalTP)
-    _scatter(y, dst, 1, dims.block_elems, dims, "dst")
+    convert(src, dst, dims, order.operational, KvBlockLayout.UniversalTP, src_is_stack=True)
 
 
 def block_from_universal(src: Blocks, dst: Regions, dims: KvDims, order: InnerOrder) -> None:
     """Universal blocks -> block stack (regions in ``order``)."""
-    x = _gather(src, 1, dims.block_elems, dims, "src")
-    y = permute_blocks(x, dims, KvBlockLayout.UniversalTP, order.operational)
-    _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")
+    convert(src, dst, dims, KvBlockLayout.UniversalTP, order.operational, dst_is_stack=True)
 
 
 def universal_from_operational(src: Blocks, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
     """Operational blocks ``[nl, no, inner]`` (inner in ``order``) -> universal blocks."""
-    convert_blocks(src, dst, dims, order.operational, KvBlockLayout.UniversalTP)
+    convert(src, dst, dims, order.operational, KvBlockLayout.UniversalTP)
 
 
 def operational_from_universal(src: Blocks, dst: Blocks, dims: KvDims, order: InnerOrder) -> None:
     """Universal blocks -> operational blocks (inner in ``order``)."""
-    convert_blocks(src, dst, dims, KvBlockLayout.UniversalTP, order.operational)
+    convert(src, dst, dims, KvBlockLayout.UniversalTP, order.operational)
 
 
 def operational_from_block(
-    src: Regions, dst: Blocks, dims: KvDims, block_order: InnerOrder, operational_order: InnerOrder
+    src: Regions,
+    dst: Blocks,
+    dims: KvDims,
+    block_order: InnerOrder,
+    operational_order: InnerOrder,
 ) -> None:
     """Block stack -> operational blocks: a flat copy when the orders agree, else a permute."""
-    x = _gather(src, _regions_per_block(dims), dims.inner, dims, "src")
-    y = permute_blocks(x, dims, block_order.operational, operational_order.operational)
-    _scatter(y, dst, 1, dims.block_elems, dims, "dst")
+    convert(
+        src, dst, dims, block_order.operational, operational_order.operational, src_is_stack=True
+    )
 
 
 def block_from_operational(
-    src: Blocks, dst: Regions, dims: KvDims, operational_order: InnerOrder, block_order: InnerOrder
+    src: Blocks,
+    dst: Regions,
+    dims: KvDims,
+    operational_order: InnerOrder,
+    block_order: InnerOrder,
 ) -> None:
     """Operational blocks -> block stack: a flat copy when the orders agree, else a permute."""
-    x = _gather(src, 1, dims.block_elems, dims, "src")
-    y = permute_blocks(x, dims, operational_order.operational, block_order.operational)
-    _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")
+    convert(
+        src, dst, dims, operational_order.operational, block_order.operational, dst_is_stack=True
+    )

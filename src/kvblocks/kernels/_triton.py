@@ -1,0 +1,24 @@
+"""Triton, or a stand-in that lets kernel modules import where Triton is not installed.
+
+With the stand-in, ``@triton.jit`` leaves the function as plain Python and ``tl.constexpr`` is
+only an annotation; :func:`kvblocks.kernels.backend.available` then reports the torch
+reference, and no kernel is ever launched.
+"""
+
+try:
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
+    from types import SimpleNamespace
+
+    HAS_TRITON = False
+
+    def _jit(fn=None, **_options):
+        return fn if fn is not None else (lambda f: f)
+
+    triton = SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))
+    tl = SimpleNamespace(constexpr=object)
+
+__all__ = ["HAS_TRITON", "tl", "triton"]

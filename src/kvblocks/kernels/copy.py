@@ -1,0 +1,156 @@
+"""vectorized_copy: copy ``size`` bytes for each of ``num_pairs`` (source, destination) pairs.
+
+One launch moves every pair. A pair is split into chunks of ``CHUNK_BYTES`` so that a single
+large pair still spreads over the whole GPU. Accesses are as wide as the pointers' common
+alignment and the size allow: 16, 8 or 4 bytes (32-bit words, vectorized), 2 bytes or 1 byte.
+Pointers may be device memory or pinned host memory (zero copy: the kernel itself crosses PCIe).
+
+Reference: :func:`copy_reference`, a ``copy_`` per pair.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.errors import InvalidArgumentError
+from kvblocks.kernels._triton import tl, triton
+from kvblocks.kernels.addresses import (
+    AddressTable,
+    check_disjoint,
+    common_alignment,
+    host_table,
+    tensor_at,
+)
+from kvblocks.kernels.backend import Backend, available, default_device
+
+#: Bytes one program copies; tuned on the H100 by bench/copy_tune.py.
+CHUNK_BYTES = 16384
+NUM_WARPS = 4
+
+
+@triton.jit
+def _copy_kernel(
+    src_table,
+    dst_table,
+    words,
+    chunks_per_pair,
+    WORD: tl.constexpr,
+    ALIGN: tl.constexpr,
+    CHUNK: tl.constexpr,
+    EVEN: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    pair = pid // chunks_per_pair
+    chunk = pid % chunks_per_pair
+    src = tl.load(src_table + pair).to(tl.pointer_type(WORD))
+    dst = tl.load(dst_table + pair).to(tl.pointer_type(WORD))
+    src = tl.multiple_of(src, ALIGN)
+    dst = tl.multiple_of(dst, ALIGN)
+    offs = chunk * CHUNK + tl.arange(0, CHUNK)
+    if EVEN:
+        tl.store(dst + offs, tl.load(src + offs))
+    else:
+        mask = offs < words
+        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+
+
+def copy_reference(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
+    """What :func:`vectorized_copy` computes: ``dst[i][:] = src[i]`` for every pair."""
+    for s, d in zip(src, dst, strict=True):
+        d.copy_(s)
+
+
+@dataclass(frozen=True)
+class CopyPlan:
+    """A validated batch of same-size copies, ready to run any number of times."""
+
+    src_table: torch.Tensor
+    dst_table: torch.Tensor
+    size: int
+    align: int
+    device: torch.device
+    backend: Backend
+
+    @property
+    def num_pairs(self) -> int:
+        return self.src_table.numel()
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one run."""
+        return 2 * self.num_pairs * self.size
+
+    def run(self) -> None:
+        if self.num_pairs == 0:
+            return
+        if self.backend is Backend.REFERENCE:
+            src = [
+                tensor_at(a, self.size, torch.uint8, self.device) for a in self.src_table.tolist()
+            ]
+            dst = [
+                tensor_at(a, self.size, torch.uint8, self.device) for a in self.dst_table.tolist()
+            ]
+            copy_reference(src, dst)
+            return
+        word_bytes = min(self.align, 4)
+        word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes]
+        words = self.size // word_bytes
+        chunk = max(1, min(CHUNK_BYTES // word_bytes, 1 << (words - 1).bit_length()))
+        chunks_per_pair = triton.cdiv(words, chunk)
+        _copy_kernel[(self.num_pairs * chunks_per_pair,)](
+            self.src_table,
+            self.dst_table,
+            words,
+            chunks_per_pair,
+            WORD=word,
+            ALIGN=self.align,
+            CHUNK=chunk,
+            EVEN=words % chunk == 0,
+            num_warps=NUM_WARPS,
+        )
+
+
+def plan_copy(
+    src_ptrs: AddressTable,
+    dst_ptrs: AddressTable,
+    size: int,
+    device: torch.device | str | None = None,
+) -> CopyPlan:
+    """Check a batch of copies and prepare it.
+
+    Args:
+        src_ptrs: ``num_pairs`` source addresses.
+        dst_ptrs: ``num_pairs`` destination addresses; written by runs.
+        size: bytes per pair, > 0.
+        device: where the kernel runs (default: the current GPU, else the CPU).
+
+    Raises:
+        LengthMismatchError: the two tables differ in length.
+        OverlapError: two destinations overlap, or a destination overlaps a source.
+    """
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise InvalidArgumentError("size", f"must be a positive int of bytes, got {size!r}")
+    src = host_table(src_ptrs, "src_ptrs")
+    dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
+    check_disjoint(src, size, dst, size, "src_ptrs", "dst_ptrs")
+    device = torch.device(device) if device is not None else default_device()
+    backend = available(device)
+    align = common_alignment(src, dst, size)
+    if backend is Backend.TRITON:
+        src, dst = src.to(device), dst.to(device)
+    return CopyPlan(src, dst, size, align, device, backend)
+
+
+def vectorized_copy(
+    src_ptrs: AddressTable,
+    dst_ptrs: AddressTable,
+    size: int,
+    device: torch.device | str | None = None,
+) -> None:
+    """Copy ``size`` bytes from each ``src_ptrs[i]`` to ``dst_ptrs[i]`` in one launch.
+
+    Runs on the current stream of ``device``; see :func:`plan_copy` for the checks.
+    """
+    plan_copy(src_ptrs, dst_ptrs, size, device).run()

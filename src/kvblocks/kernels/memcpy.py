@@ -1,0 +1,141 @@
+"""Batched copies through the CUDA copy engines instead of a kernel.
+
+- :func:`memcpy_batch`: one ``cudaMemcpyBatchAsync`` call for all pairs (CUDA 12.8+), falling
+  back to one ``cudaMemcpyAsync`` per pair where the batch API is missing.
+- :func:`memcpy_per_pair`: always one ``cudaMemcpyAsync`` per pair.
+- :func:`has_memcpy_batch_async`: whether the batch API can be used here.
+
+Both go through cuda-bindings (extra ``gpu``). On a machine without CUDA they copy host memory
+with ``memmove`` so the same code runs everywhere. Sizes may differ per pair.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, KvBlocksError
+from kvblocks.kernels.addresses import AddressTable, check_disjoint, host_table
+
+_MIN_BATCH_VERSION = 12080  # cudaMemcpyBatchAsync appeared in CUDA 12.8
+
+
+def _runtime():
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        return None
+    return runtime
+
+
+@functools.cache
+def has_memcpy_batch_async() -> bool:
+    """True where a GPU, cuda-bindings and a CUDA 12.8+ driver and runtime are all present."""
+    rt = _runtime()
+    if rt is None or not torch.cuda.is_available() or not hasattr(rt, "cudaMemcpyBatchAsync"):
+        return False
+    err, driver = rt.cudaDriverGetVersion()
+    err2, runtime = rt.cudaRuntimeGetVersion()
+    ok = rt.cudaError_t.cudaSuccess
+    return err == ok and err2 == ok and min(driver, runtime) >= _MIN_BATCH_VERSION
+
+
+def _check(result, call: str) -> None:
+    err = result[0] if isinstance(result, tuple) else result
+    if err != _runtime().cudaError_t.cudaSuccess:
+        raise KvBlocksError(f"{call} failed: {err.name}")
+
+
+@dataclass(frozen=True)
+class MemcpyPlan:
+    """Validated copy pairs, as the Python lists the CUDA calls take."""
+
+    src: list[int]
+    dst: list[int]
+    sizes: list[int]
+    cuda: bool
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one run."""
+        return 2 * sum(self.sizes)
+
+    def run(self, batched: bool = True, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueue the copies on ``stream`` (default: the current stream).
+
+        Args:
+            batched: use one ``cudaMemcpyBatchAsync`` where available, else one call per pair.
+        """
+        if not self.src:
+            return
+        if not self.cuda:
+            for s, d, n in zip(self.src, self.dst, self.sizes, strict=True):
+                ctypes.memmove(d, s, n)
+            return
+        rt = _runtime()
+        handle = (stream or torch.cuda.current_stream()).cuda_stream
+        if batched and has_memcpy_batch_async():
+            attrs = rt.cudaMemcpyAttributes()
+            attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
+            count = len(self.src)
+            _check(
+                rt.cudaMemcpyBatchAsync(
+                    self.dst, self.src, self.sizes, count, [attrs], [0], 1, handle
+                ),
+                "cudaMemcpyBatchAsync",
+            )
+            return
+        kind = rt.cudaMemcpyKind.cudaMemcpyDefault
+        for s, d, n in zip(self.src, self.dst, self.sizes, strict=True):
+            _check(rt.cudaMemcpyAsync(d, s, n, kind, handle), "cudaMemcpyAsync")
+
+
+def plan_memcpy(
+    src_ptrs: AddressTable, dst_ptrs: AddressTable, sizes: int | Sequence[int]
+) -> MemcpyPlan:
+    """Check copy pairs: equal lengths, positive sizes, no destination overlapping another
+    destination or a source.
+
+    Raises:
+        BackendUnavailableError: a GPU is present but cuda-bindings is not installed.
+    """
+    src = host_table(src_ptrs, "src_ptrs")
+    dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
+    if isinstance(sizes, int) and not isinstance(sizes, bool):
+        size_t = torch.full_like(src, sizes)
+    else:
+        size_t = host_table(sizes, "sizes", length=src.numel(), addresses=False)
+    if size_t.numel() and int(size_t.min()) < 1:
+        raise InvalidArgumentError("sizes", "must all be positive byte counts")
+    check_disjoint(src, size_t, dst, size_t, "src_ptrs", "dst_ptrs")
+    cuda = torch.cuda.is_available()
+    if cuda and _runtime() is None:
+        raise BackendUnavailableError(
+            "memcpy on a GPU needs cuda-bindings (pip install kvblocks[gpu])"
+        )
+    return MemcpyPlan(src.tolist(), dst.tolist(), size_t.tolist(), cuda)
+
+
+def memcpy_batch(
+    src_ptrs: AddressTable,
+    dst_ptrs: AddressTable,
+    sizes: int | Sequence[int],
+    stream: torch.cuda.Stream | None = None,
+) -> None:
+    """Copy ``sizes[i]`` bytes (or ``sizes`` for all) from ``src_ptrs[i]`` to ``dst_ptrs[i]``
+    with one ``cudaMemcpyBatchAsync``, or one ``cudaMemcpyAsync`` per pair without it."""
+    plan_memcpy(src_ptrs, dst_ptrs, sizes).run(batched=True, stream=stream)
+
+
+def memcpy_per_pair(
+    src_ptrs: AddressTable,
+    dst_ptrs: AddressTable,
+    sizes: int | Sequence[int],
+    stream: torch.cuda.Stream | None = None,
+) -> None:
+    """Like :func:`memcpy_batch` with one ``cudaMemcpyAsync`` per pair."""
+    plan_memcpy(src_ptrs, dst_ptrs, sizes).run(batched=False, stream=stream)

@@ -1,0 +1,430 @@
+"""Batched layout permutes: one launch converts ``nb`` blocks between block formats.
+
+Each side of a permute is an :class:`Operand`: a block format plus how its address table
+points at the blocks, either one entry per ``(block, layer, outer)`` region (a block stack,
+``nb * nl * no`` entries, block-major as :meth:`Layout.region_table` builds them) or one entry
+per whole block (``nb`` entries). Regions and blocks may be in device memory or in pinned host
+memory, which the kernel reads and writes directly, so a permute can also be the host<->device
+transfer.
+
+The kernel moves rows of ``hd`` contiguous elements. Every format keeps ``hd`` innermost, so a
+row is contiguous on both sides; the row ``(l, o, t, h)`` sits at
+``l * SL + o * SO + t * ST + h * SH`` rows from its operand's base (for a block stack, from the
+region's base, with ``SL = SO = 0``). One program handles one tile of one ``(block, layer, outer)``
+region's ``nt * nh`` rows, walked in the source's order so the reads of a tile are one span.
+
+The six conversions of the seed API are below the kernel; :func:`permute` is the general form.
+Their meaning is :func:`kvblocks.kernels.reference.convert`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.errors import InvalidArgumentError, LayoutFormatError, LengthMismatchError
+from kvblocks.kernels import reference
+from kvblocks.kernels._triton import tl, triton
+from kvblocks.kernels.addresses import (
+    AddressTable,
+    check_alignment,
+    check_disjoint,
+    common_alignment,
+    host_table,
+    tensor_at,
+)
+from kvblocks.kernels.backend import Backend, available, default_device
+from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
+
+#: Bytes one program moves (a tile of rows); tuned on the H100 by bench/permute_tune.py.
+TILE_BYTES = 16384
+NUM_WARPS = 4
+
+
+@triton.jit
+def _permute_kernel(
+    src_table,
+    dst_table,
+    NL: tl.constexpr,
+    NO: tl.constexpr,
+    NT: tl.constexpr,
+    NH: tl.constexpr,
+    HD: tl.constexpr,
+    SRC_STACK: tl.constexpr,
+    SL: tl.constexpr,
+    SO: tl.constexpr,
+    ST: tl.constexpr,
+    SH: tl.constexpr,
+    DST_STACK: tl.constexpr,
+    DL: tl.constexpr,
+    DO: tl.constexpr,
+    DT: tl.constexpr,
+    DH: tl.constexpr,
+    ELEM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    WIDE: tl.constexpr,
+    ROWS: tl.constexpr,
+    HD_BLOCK: tl.constexpr,
+):
+    region = tl.program_id(0)  # b * NL * NO + l * NO + o
+    tile = tl.program_id(1)
+    if WIDE:
+        region = region.to(tl.int64)
+    block = region // (NL * NO)
+    lo = region % (NL * NO)
+    layer = lo // NO
+    outer = lo % NO
+
+    rows = tile * ROWS + tl.arange(0, ROWS)
+    if SH < ST:  # the source is token-major inside a region: walk (t, h) with h fastest
+        t = rows // NH
+        h = rows % NH
+    else:
+        h = rows // NT
+        t = rows % NT
+    src_rows = t * ST + h * SH
+    dst_rows = t * DT + h * DH
+    if SRC_STACK:
+        src_addr = tl.load(src_table + region)
+    else:
+        src_addr = tl.load(src_table + block)
+        src_rows += layer * SL + outer * SO
+    if DST_STACK:
+        dst_addr = tl.load(dst_table + region)
+    else:
+        dst_addr = tl.load(dst_table + block)
+        dst_rows += layer * DL + outer * DO
+    src = src_addr.to(tl.pointer_type(ELEM))
+    dst = dst_addr.to(tl.pointer_type(ELEM))
+    if ALIGNED:
+        src = tl.multiple_of(src, 16)
+        dst = tl.multiple_of(dst, 16)
+
+    cols = tl.arange(0, HD_BLOCK)
+    src_ptrs = src + src_rows[:, None] * HD + cols[None, :]
+    dst_ptrs = dst + dst_rows[:, None] * HD + cols[None, :]
+    if (NT * NH) % ROWS == 0 and HD == HD_BLOCK:
+        tl.store(dst_ptrs, tl.load(src_ptrs))
+    else:
+        mask = (rows < NT * NH)[:, None] & (cols < HD)[None, :]
+        tl.store(dst_ptrs, tl.load(src_ptrs, mask=mask), mask=mask)
+
+
+@dataclass(frozen=True)
+class Operand:
+    """One side of a permute: a block format and how the address table reaches the blocks.
+
+    Attributes:
+        format: the order of dims inside a block; must state it (not ``Unknown``).
+        stack: True for a block stack (one table entry per region; the format must then be
+            operational and gives the region order), False for one entry per block.
+    """
+
+    format: KvBlockLayout
+    stack: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.format, KvBlockLayout) or self.format.dim_order is None:
+            raise LayoutFormatError("format", f"must state its dimension order, got {self.format}")
+        if self.stack and not self.format.is_operational():
+            raise LayoutFormatError(
+                "format", f"of a block stack must be operational (NHD or HND), got {self.format}"
+            )
+
+    @staticmethod
+    def block_stack(order: InnerOrder) -> Operand:
+        """``nl * no`` separate regions per block, each ``[nt, nh, hd]`` or ``[nh, nt, hd]``."""
+        return Operand(order.operational, stack=True)
+
+    @staticmethod
+    def operational(order: InnerOrder) -> Operand:
+        """Contiguous blocks ``[nl, no, inner]``."""
+        return Operand(order.operational)
+
+    @staticmethod
+    def universal() -> Operand:
+        """Contiguous blocks ``[nh, nl, no, nt, hd]``."""
+        return Operand(KvBlockLayout.UniversalTP)
+
+    def entries_per_block(self, dims: KvDims) -> int:
+        """Table entries one block takes."""
+        return dims.nl * dims.no if self.stack else 1
+
+    def span_bytes(self, dims: KvDims) -> int:
+        """Bytes each table entry points at."""
+        return dims.region_bytes if self.stack else dims.block_bytes
+
+    def row_strides(self, dims: KvDims) -> tuple[int, int, int, int]:
+        """Distance in rows of ``hd`` between neighbours along ``(nl, no, nt, nh)``."""
+        strides, step = {}, 1
+        for dim in reversed(self.format.dim_order):
+            strides[dim] = step
+            step *= dims.size(dim)
+        if self.stack:  # each region has its own base address
+            strides[BlockDim.LAYER] = strides[BlockDim.OUTER] = 0
+        return tuple(
+            strides[d] for d in (BlockDim.LAYER, BlockDim.OUTER, BlockDim.PAGE, BlockDim.HEAD)
+        )
+
+
+_INT_OF_WIDTH = {1: "int8", 2: "int16", 4: "int32", 8: "int64"}
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length()
+
+
+@dataclass(frozen=True)
+class PermutePlan:
+    """A validated permute, ready to run any number of times.
+
+    Build one with :func:`plan_permute`; :meth:`run` launches on the current stream of the
+    plan's device (CUDA) or runs on the CPU.
+    """
+
+    src: Operand
+    dst: Operand
+    dims: KvDims
+    nb: int
+    device: torch.device
+    backend: Backend
+    src_table: torch.Tensor
+    dst_table: torch.Tensor
+    aligned: bool
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one run."""
+        return 2 * self.nb * self.dims.block_bytes
+
+    def run(self) -> None:
+        if self.backend is Backend.REFERENCE:
+            self._run_reference()
+        else:
+            self._launch()
+
+    def _launch(self) -> None:
+        dims = self.dims
+        itemsize = dims.itemsize
+        hd_block = _next_pow2(dims.hd)
+        rows = max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * itemsize)))
+        grid = (self.nb * dims.nl * dims.no, triton.cdiv(dims.nt * dims.nh, rows))
+        sl, so, st, sh = self.src.row_strides(dims)
+        dl, do, dt, dh = self.dst.row_strides(dims)
+        wide = max(dims.block_elems, self.nb * dims.nl * dims.no) >= 2**31 - 1
+        _permute_kernel[grid](
+            self.src_table,
+            self.dst_table,
+            NL=dims.nl,
+            NO=dims.no,
+            NT=dims.nt,
+            NH=dims.nh,
+            HD=dims.hd,
+            SRC_STACK=self.src.stack,
+            SL=sl,
+            SO=so,
+            ST=st,
+            SH=sh,
+            DST_STACK=self.dst.stack,
+            DL=dl,
+            DO=do,
+            DT=dt,
+            DH=dh,
+            ELEM=getattr(tl, _INT_OF_WIDTH[itemsize]),
+            ALIGNED=self.aligned,
+            WIDE=wide,
+            ROWS=rows,
+            HD_BLOCK=hd_block,
+            num_warps=NUM_WARPS,
+        )
+
+    def _run_reference(self) -> None:
+        dims = self.dims
+        src = _tensors_at(self.src_table, self.src.span_bytes(dims), dims.dtype, self.device)
+        dst = _tensors_at(self.dst_table, self.dst.span_bytes(dims), dims.dtype, self.device)
+        reference.convert(
+            src,
+            dst,
+            dims,
+            self.src.format,
+            self.dst.format,
+            src_is_stack=self.src.stack,
+            dst_is_stack=self.dst.stack,
+        )
+
+
+def _tensors_at(table: torch.Tensor, nbytes: int, dtype: torch.dtype, device) -> list:
+    return [tensor_at(addr, nbytes, dtype, device) for addr in table.tolist()]
+
+
+def plan_permute(
+    src_table: AddressTable,
+    src: Operand,
+    dst_table: AddressTable,
+    dst: Operand,
+    dims: KvDims,
+    device: torch.device | str | None = None,
+) -> PermutePlan:
+    """Check a permute's arguments and prepare it to run.
+
+    Args:
+        src_table: addresses of the source regions or blocks (see :class:`Operand`).
+        src: the source's format and table granularity.
+        dst_table: addresses of the destination regions or blocks; written by runs.
+        dst: the destination's format and table granularity.
+        dims: block sizes and dtype.
+        device: where the kernel runs (default: the current GPU, else the CPU). On a GPU every
+            address must be device memory or pinned host memory.
+
+    Raises:
+        LengthMismatchError: the tables do not describe the same number of blocks.
+        InvalidArgumentError: a null address, or one not aligned to the element size.
+        OverlapError: two destinations overlap, or a destination overlaps a source.
+    """
+    if not isinstance(dims, KvDims):
+        raise InvalidArgumentError("dims", f"must be a KvDims, got {type(dims).__name__}")
+    for name, operand in (("src", src), ("dst", dst)):
+        if not isinstance(operand, Operand):
+            raise InvalidArgumentError(name, f"must be an Operand, got {type(operand).__name__}")
+    src_host = host_table(src_table, "src_table")
+    per_block = src.entries_per_block(dims)
+    if src_host.numel() == 0 or src_host.numel() % per_block:
+        raise LengthMismatchError(
+            "src_table",
+            f"must hold a positive multiple of {per_block} addresses"
+            f" ({'nl * no regions' if src.stack else 'one'} per block), got {src_host.numel()}",
+        )
+    nb = src_host.numel() // per_block
+    dst_host = host_table(dst_table, "dst_table", length=nb * dst.entries_per_block(dims))
+    why = f"{dims.dtype} elements"
+    check_alignment(src_host, dims.itemsize, "src_table", why)
+    check_alignment(dst_host, dims.itemsize, "dst_table", why)
+    check_disjoint(
+        src_host, src.span_bytes(dims), dst_host, dst.span_bytes(dims), "src_table", "dst_table"
+    )
+    aligned = common_alignment(src_host, dst_host, dims.hd * dims.itemsize) == 16
+    device = torch.device(device) if device is not None else default_device()
+    backend = available(device)
+    if backend is Backend.TRITON:
+        src_host = src_host.to(device)
+        dst_host = dst_host.to(device)
+    return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned)
+
+
+def permute(
+    src_table: AddressTable,
+    src: Operand,
+    dst_table: AddressTable,
+    dst: Operand,
+    dims: KvDims,
+    device: torch.device | str | None = None,
+) -> None:
+    """Convert blocks between any two operands; see :func:`plan_permute` for the arguments."""
+    plan_permute(src_table, src, dst_table, dst, dims, device).run()
+
+
+def universal_from_block(
+    block_table: AddressTable,
+    universal_table: AddressTable,
+    dims: KvDims,
+    order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Block stack -> universal. ``block_table``: ``nb * nl * no`` region addresses (regions
+    ``[nt, nh, hd]`` for NHD, ``[nh, nt, hd]`` for HND); ``universal_table``: ``nb`` block
+    addresses, each ``[nh, nl, no, nt, hd]``. Reference: :func:`reference.universal_from_block`."""
+    permute(
+        block_table, Operand.block_stack(order), universal_table, Operand.universal(), dims, device
+    )
+
+
+def block_from_universal(
+    universal_table: AddressTable,
+    block_table: AddressTable,
+    dims: KvDims,
+    order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Universal -> block stack; the tables as in :func:`universal_from_block`.
+    Reference: :func:`reference.block_from_universal`."""
+    permute(
+        universal_table, Operand.universal(), block_table, Operand.block_stack(order), dims, device
+    )
+
+
+def universal_from_operational(
+    operational_table: AddressTable,
+    universal_table: AddressTable,
+    dims: KvDims,
+    order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Operational ``[nl, no, inner]`` -> universal; ``nb`` addresses on each side.
+    Reference: :func:`reference.universal_from_operational`."""
+    permute(
+        operational_table,
+        Operand.operational(order),
+        universal_table,
+        Operand.universal(),
+        dims,
+        device,
+    )
+
+
+def operational_from_universal(
+    universal_table: AddressTable,
+    operational_table: AddressTable,
+    dims: KvDims,
+    order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Universal -> operational; ``nb`` addresses on each side.
+    Reference: :func:`reference.operational_from_universal`."""
+    permute(
+        universal_table,
+        Operand.universal(),
+        operational_table,
+        Operand.operational(order),
+        dims,
+        device,
+    )
+
+
+def operational_from_block(
+    block_table: AddressTable,
+    operational_table: AddressTable,
+    dims: KvDims,
+    block_order: InnerOrder,
+    operational_order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Block stack -> operational: a flat copy of each region when the orders agree.
+    Reference: :func:`reference.operational_from_block`."""
+    permute(
+        block_table,
+        Operand.block_stack(block_order),
+        operational_table,
+        Operand.operational(operational_order),
+        dims,
+        device,
+    )
+
+
+def block_from_operational(
+    operational_table: AddressTable,
+    block_table: AddressTable,
+    dims: KvDims,
+    operational_order: InnerOrder,
+    block_order: InnerOrder,
+    device: torch.device | str | None = None,
+) -> None:
+    """Operational -> block stack. Reference: :func:`reference.block_from_operational`."""
+    permute(
+        operational_table,
+        Operand.operational(operational_order),
+        block_table,
+        Operand.block_stack(block_order),
+        dims,
+        device,
+    )

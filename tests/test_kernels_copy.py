@@ -1,0 +1,146 @@
+"""vectorized_copy and memcpy_batch against a plain per-pair copy."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvblocks.errors import InvalidArgumentError, LengthMismatchError, OverlapError
+from kvblocks.kernels import (
+    has_memcpy_batch_async,
+    memcpy_batch,
+    memcpy_per_pair,
+    plan_copy,
+    vectorized_copy,
+)
+
+from .helpers import alloc, gpu_param
+
+PLACES = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    gpu_param(("device", "device")),
+    gpu_param(("pinned", "device")),
+    gpu_param(("device", "pinned")),
+]
+
+
+def _pairs(num_pairs, size, where, offset):
+    """``num_pairs`` spans of ``size`` bytes at shuffled places, ``offset`` bytes off 16."""
+    stride = (size + 16 + 15) // 16 * 16
+    buf = alloc(num_pairs * stride + 16, torch.uint8, where)
+    slots = torch.randperm(num_pairs).tolist()
+    views = [buf[offset + s * stride : offset + s * stride + size] for s in slots]
+    return buf, views, [v.data_ptr() for v in views]
+
+
+def _check_copy(copy, num_pairs, size, places, src_off=0, dst_off=0):
+    _, src, src_ptrs = _pairs(num_pairs, size, places[0], src_off)
+    dst_buf, dst, dst_ptrs = _pairs(num_pairs, size, places[1], dst_off)
+    for v in src:
+        v.copy_(torch.randint(0, 256, (size,), dtype=torch.uint8))
+    dst_buf.fill_(0xAB)
+    copy(src_ptrs, dst_ptrs, size)
+    if "cpu" not in places:
+        torch.cuda.synchronize()
+    for s, d in zip(src, dst, strict=True):
+        assert torch.equal(s.cpu(), d.cpu())
+    written = sum(d.numel() for d in dst)
+    assert int((dst_buf.cpu() != 0xAB).sum()) <= written  # nothing outside the spans changed
+    untouched = dst_buf.cpu().clone()
+    for d in dst:
+        untouched[d.data_ptr() - dst_buf.data_ptr() :][: d.numel()] = 0xAB
+    assert bool((untouched == 0xAB).all()), "bytes outside the destination spans changed"
+
+
+def _device(places):
+    return "cpu" if "cpu" in places else "cuda"
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("size", [1, 3, 17, 1000, 32768, 32772])
+@pytest.mark.parametrize("offsets", [(0, 0), (1, 0), (0, 2), (4, 4), (8, 8)])
+def test_vectorized_copy_sizes_and_alignments(size, offsets, places):
+    device = _device(places)
+    _check_copy(lambda s, d, n: vectorized_copy(s, d, n, device=device), 7, size, places, *offsets)
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("num_pairs,size", [(1, 1 << 20), (128, 4096), (1, 16)])
+def test_vectorized_copy_pair_counts(num_pairs, size, places):
+    device = _device(places)
+    _check_copy(lambda s, d, n: vectorized_copy(s, d, n, device=device), num_pairs, size, places)
+
+
+@pytest.mark.parametrize(
+    "offsets,align", [((0, 0), 16), ((8, 8), 8), ((4, 12), 4), ((2, 0), 2), ((0, 1), 1)]
+)
+def test_access_width_follows_alignment(offsets, align):
+    _, _, src = _pairs(3, 64, "cpu", offsets[0])
+    _, _, dst = _pairs(3, 64, "cpu", offsets[1])
+    assert plan_copy(src, dst, 64, device="cpu").align == align
+    assert plan_copy(src, dst, 60, device="cpu").align == min(align, 4)
+
+
+@settings(max_examples=20)
+@given(
+    num_pairs=st.integers(1, 9),
+    size=st.integers(1, 5000),
+    src_off=st.integers(0, 15),
+    dst_off=st.integers(0, 15),
+)
+def test_vectorized_copy_random(num_pairs, size, src_off, dst_off):
+    _check_copy(
+        lambda s, d, n: vectorized_copy(s, d, n, device="cpu"),
+        num_pairs,
+        size,
+        ("cpu", "cpu"),
+        src_off,
+        dst_off,
+    )
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("copy", [memcpy_batch, memcpy_per_pair])
+def test_memcpy_paths(copy, places):
+    _check_copy(copy, 33, 4099, places, 3, 5)
+
+
+def test_memcpy_per_pair_sizes():
+    _, src, src_ptrs = _pairs(4, 100, "cpu", 0)
+    _, dst, dst_ptrs = _pairs(4, 100, "cpu", 0)
+    for v in src:
+        v.copy_(torch.randint(0, 256, (100,), dtype=torch.uint8))
+    sizes = [1, 50, 99, 100]
+    memcpy_batch(src_ptrs, dst_ptrs, sizes)
+    for s, d, n in zip(src, dst, sizes, strict=True):
+        assert torch.equal(s[:n], d[:n])
+
+
+def test_has_memcpy_batch_async_matches_machine():
+    if not torch.cuda.is_available():
+        assert has_memcpy_batch_async() is False
+    else:
+        assert isinstance(has_memcpy_batch_async(), bool)
+
+
+@pytest.mark.parametrize("copy", [vectorized_copy, memcpy_batch])
+def test_copy_errors(copy):
+    buf = torch.zeros(1024, dtype=torch.uint8)
+    base = buf.data_ptr()
+    kwargs = {"device": "cpu"} if copy is vectorized_copy else {}
+    with pytest.raises(LengthMismatchError, match="dst_ptrs must hold 2 addresses, got 1"):
+        copy([base, base + 64], [base + 512], 16, **kwargs)
+    with pytest.raises(OverlapError, match="dst_ptrs entries 0 and 1 overlap"):
+        copy([base, base + 64], [base + 512, base + 520], 16, **kwargs)
+    with pytest.raises(OverlapError, match="dst_ptrs entry 0 overlaps a span of src_ptrs"):
+        copy([base], [base + 8], 16, **kwargs)
+    with pytest.raises(InvalidArgumentError, match="null address"):
+        copy([0], [base], 16, **kwargs)
+    assert bool((buf == 0).all())
+
+
+def test_size_must_be_positive():
+    with pytest.raises(InvalidArgumentError, match="size must be a positive int"):
+        vectorized_copy([1], [2], 0, device="cpu")
+    with pytest.raises(InvalidArgumentError, match="sizes must all be positive"):
+        memcpy_batch([16], [64], [0])

@@ -1,0 +1,250 @@
+"""Permute kernels against the torch reference: every conversion, dtype and inner order.
+
+On the CPU they run under Triton's interpreter (the same kernel source that the GPU compiles);
+the ``cuda`` cases run compiled on the GPU, with regions in device or pinned host memory.
+"""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvblocks.errors import (
+    InvalidArgumentError,
+    LayoutFormatError,
+    LengthMismatchError,
+    OverlapError,
+)
+from kvblocks.kernels import Backend, Operand, available, permute, plan_permute
+from kvblocks.kernels import permutes as kp
+from kvblocks.kernels.reference import convert
+from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
+
+from .helpers import (
+    ALL_DTYPES,
+    assert_bits_equal,
+    assert_written,
+    fill_random,
+    gpu_param,
+    scattered,
+)
+
+N, H = InnerOrder.NHD, InnerOrder.HND
+PLACES = [
+    pytest.param(("cpu", "cpu"), id="cpu"),
+    gpu_param(("device", "device")),
+    gpu_param(("pinned", "device")),
+    gpu_param(("device", "pinned")),
+]
+
+# (public function, source operand, destination operand, extra order arguments)
+CONVERSIONS = (
+    [(kp.universal_from_block, Operand.block_stack(o), Operand.universal(), (o,)) for o in (N, H)]
+    + [(kp.block_from_universal, Operand.universal(), Operand.block_stack(o), (o,)) for o in (N, H)]
+    + [
+        (kp.universal_from_operational, Operand.operational(o), Operand.universal(), (o,))
+        for o in (N, H)
+    ]
+    + [
+        (kp.operational_from_universal, Operand.universal(), Operand.operational(o), (o,))
+        for o in (N, H)
+    ]
+    + [
+        (kp.operational_from_block, Operand.block_stack(a), Operand.operational(b), (a, b))
+        for a in (N, H)
+        for b in (N, H)
+    ]
+    + [
+        (kp.block_from_operational, Operand.operational(a), Operand.block_stack(b), (a, b))
+        for a in (N, H)
+        for b in (N, H)
+    ]
+)
+
+
+def _conv_id(case):
+    fn, _, _, orders = case
+    return f"{fn.__name__}-{'-'.join(o.name for o in orders)}"
+
+
+def _operand_views(op: Operand, dims: KvDims, nb: int, where: str, offset: int = 0):
+    if op.stack:
+        shape = dims.region_shape(op.format.inner_order)
+        return scattered(nb * dims.nl * dims.no, shape, dims.dtype, where, offset)
+    return scattered(nb, dims.block_shape(op.format), dims.dtype, where, offset)
+
+
+def _device(places):
+    return "cuda" if "device" in places or "pinned" in places else "cpu"
+
+
+def run_and_check(dims, nb, src_op, dst_op, places, call, offset=0):
+    src, src_table = _operand_views(src_op, dims, nb, places[0], offset)
+    dst, dst_table = _operand_views(dst_op, dims, nb, places[1], offset)
+    fill_random(src, dims.dtype)
+    call(src_table, dst_table)
+    if _device(places) == "cuda":
+        torch.cuda.synchronize()
+    for v in dst:
+        assert_written(v)
+    expected = [torch.empty_like(v, device="cpu") for v in dst]
+    convert(
+        [s.cpu() for s in src],
+        expected,
+        dims,
+        src_op.format,
+        dst_op.format,
+        src_is_stack=src_op.stack,
+        dst_is_stack=dst_op.stack,
+    )
+    for got, want in zip(dst, expected, strict=True):
+        assert_bits_equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", CONVERSIONS, ids=_conv_id)
+def test_named_conversions(case, dtype, places):
+    fn, src_op, dst_op, orders = case
+    dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=dtype)
+    device = _device(places)
+    run_and_check(
+        dims, 3, src_op, dst_op, places, lambda s, d: fn(s, d, dims, *orders, device=device)
+    )
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("nb", [1, 128])
+@pytest.mark.parametrize("case", CONVERSIONS[:4], ids=_conv_id)
+def test_block_counts(case, nb, places):
+    fn, src_op, dst_op, orders = case
+    dims = KvDims(nl=2, no=2, nh=2, nt=4, hd=8, dtype=torch.bfloat16)
+    device = _device(places)
+    run_and_check(
+        dims, nb, src_op, dst_op, places, lambda s, d: fn(s, d, dims, *orders, device=device)
+    )
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("offset", [1, 3])
+@pytest.mark.parametrize("hd", [3, 5, 24])
+@pytest.mark.parametrize("case", CONVERSIONS[::3], ids=_conv_id)
+def test_odd_sizes_and_unaligned_pointers(case, hd, offset, places):
+    """Rows of 6, 10 or 48 bytes, at addresses 2 or 6 bytes past 16-byte alignment."""
+    fn, src_op, dst_op, orders = case
+    dims = KvDims(nl=2, no=2, nh=3, nt=5, hd=hd, dtype=torch.float16)
+    device = _device(places)
+    plan = plan_permute(*_tables(src_op, dst_op, dims, 2, places, offset), dims, device)
+    assert not plan.aligned
+    run_and_check(
+        dims,
+        2,
+        src_op,
+        dst_op,
+        places,
+        lambda s, d: fn(s, d, dims, *orders, device=device),
+        offset,
+    )
+
+
+def _tables(src_op, dst_op, dims, nb, places, offset):
+    _, src_table = _operand_views(src_op, dims, nb, places[0], offset)
+    _, dst_table = _operand_views(dst_op, dims, nb, places[1], offset)
+    return src_table, src_op, dst_table, dst_op
+
+
+FORMATS = st.one_of(
+    st.sampled_from([KvBlockLayout.UniversalTP, KvBlockLayout.UniversalPP]),
+    st.permutations(list(BlockDim)).map(KvBlockLayout.Custom),
+    st.sampled_from(list(InnerOrder)).map(lambda o: o.operational),
+)
+OPERANDS = st.one_of(
+    FORMATS.map(Operand), st.sampled_from(list(InnerOrder)).map(Operand.block_stack)
+)
+
+
+@settings(max_examples=25)
+@given(
+    dims=st.builds(
+        KvDims,
+        nl=st.integers(1, 3),
+        no=st.integers(1, 2),
+        nh=st.integers(1, 4),
+        nt=st.integers(1, 6),
+        hd=st.sampled_from([1, 2, 8, 12, 32]),
+        dtype=st.sampled_from(ALL_DTYPES),
+    ),
+    nb=st.integers(1, 3),
+    src_op=OPERANDS,
+    dst_op=OPERANDS,
+)
+def test_any_operands_random_dims(dims, nb, src_op, dst_op):
+    run_and_check(
+        dims,
+        nb,
+        src_op,
+        dst_op,
+        ("cpu", "cpu"),
+        lambda s, d: permute(s, src_op, d, dst_op, dims, device="cpu"),
+    )
+
+
+@pytest.mark.gpu
+def test_large_block_wide_offsets():
+    """A block past 2**31 elements needs 64-bit offsets inside the kernel."""
+    big = KvDims(nl=66, no=2, nh=32, nt=1024, hd=128, dtype="fp8_e4m3")
+    assert big.block_elems > 2**31
+    if torch.cuda.mem_get_info()[0] < 3 * big.block_bytes:
+        pytest.skip("not enough GPU memory")
+    src = torch.randint(0, 255, (big.block_elems,), dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    kp.operational_from_universal([src.data_ptr()], [dst.data_ptr()], big, N, device="cuda")
+    back = torch.empty_like(src)
+    kp.universal_from_operational([dst.data_ptr()], [back.data_ptr()], big, N, device="cuda")
+    assert torch.equal(back, src)
+
+
+def test_backend_on_this_machine():
+    expected = Backend.TRITON if torch.cuda.is_available() else Backend.INTERPRETER
+    assert available() is expected
+
+
+def test_errors_and_nothing_written():
+    dims = KvDims(nl=2, no=2, nh=2, nt=4, hd=8, dtype=torch.bfloat16)
+    src, src_table = _operand_views(Operand.block_stack(N), dims, 2, "cpu")
+    dst, dst_table = _operand_views(Operand.universal(), dims, 2, "cpu")
+    fill_random(src, dims.dtype)
+    run = kp.universal_from_block
+    cases = [
+        (
+            LengthMismatchError,
+            "src_table must hold a positive multiple of 4",
+            (src_table[:7], dst_table),
+        ),
+        (LengthMismatchError, "dst_table must hold 2 addresses, got 1", (src_table, dst_table[:1])),
+        (InvalidArgumentError, "src_table holds a null address", ([0] + src_table[1:], dst_table)),
+        (
+            InvalidArgumentError,
+            r"dst_table\[1\] = 0x[0-9a-f]+ is not aligned to 2 bytes",
+            (src_table, [dst_table[0], dst_table[1] + 1]),
+        ),
+        (
+            OverlapError,
+            "dst_table entry 0 overlaps a span of src_table",
+            (src_table, [src_table[3], dst_table[1]]),
+        ),
+        (OverlapError, "dst_table entries 0 and 1 overlap", (src_table, [dst_table[0]] * 2)),
+        (InvalidArgumentError, "src_table must hold ints", (["a"] * 8, dst_table)),
+        (InvalidArgumentError, "src_table must be a 1-d int64 tensor", (torch.zeros(8), dst_table)),
+    ]
+    for error, match, (s, d) in cases:
+        with pytest.raises(error, match=match):
+            run(s, d, dims, N, device="cpu")
+    with pytest.raises(InvalidArgumentError, match="dims must be a KvDims"):
+        run(src_table, dst_table, (2, 2, 2, 4, 8), N, device="cpu")
+    with pytest.raises(LayoutFormatError, match="format must state its dimension order"):
+        Operand(KvBlockLayout.Unknown)
+    with pytest.raises(LayoutFormatError, match="block stack must be operational"):
+        Operand(KvBlockLayout.UniversalTP, stack=True)
+    for v in dst:
+        assert bool((v.view(torch.int16) == -1).all()), "a rejected call wrote memory"
