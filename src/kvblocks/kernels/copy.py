@@ -27,7 +27,7 @@ from kvblocks.kernels.backend import Backend, available, default_device
 
 #: Bytes one program copies; tuned on the H100 by bench/copy_tune.py.
 CHUNK_BYTES = 16384
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit

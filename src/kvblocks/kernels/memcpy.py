@@ -22,6 +22,9 @@ from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, KvBlo
 from kvblocks.kernels.addresses import AddressTable, check_disjoint, host_table
 
 _MIN_BATCH_VERSION = 12080  # cudaMemcpyBatchAsync appeared in CUDA 12.8
+# torch's default stream is the null stream (0), which acts as the legacy default stream, as
+# does the handle cudaStreamLegacy (1); cudaStreamPerThread is 2.
+_LEGACY_STREAMS, _PER_THREAD_STREAM = (0, 1), 2
 
 
 def _runtime():
@@ -79,6 +82,10 @@ class MemcpyPlan:
         rt = _runtime()
         handle = (stream or torch.cuda.current_stream()).cuda_stream
         if batched and has_memcpy_batch_async():
+            if handle in _LEGACY_STREAMS:
+                # The batch API refuses the legacy default stream. The per-thread default
+                # stream synchronizes with it both ways, so stream order is kept.
+                handle = _PER_THREAD_STREAM
             attrs = rt.cudaMemcpyAttributes()
             attrs.srcAccessOrder = rt.cudaMemcpySrcAccessOrder.cudaMemcpySrcAccessOrderStream
             count = len(self.src)

@@ -33,15 +33,15 @@ from kvblocks.kernels.addresses import common_alignment
 from kvblocks.kernels.backend import Backend, available
 
 #: Bytes of one block that one program moves; tuned on the H100 by bench/copy_tune.py.
-TILE_BYTES = 16384
-NUM_WARPS = 4
+TILE_BYTES = 8192
+NUM_WARPS = 8
 
 
 @triton.jit
 def _paged_kernel(
     cache_table,
     mapping,
-    num_caches,
+    num_pairs,
     tiles,
     BLOCK_WORDS: tl.constexpr,
     WORD: tl.constexpr,
@@ -49,11 +49,12 @@ def _paged_kernel(
     TILE: tl.constexpr,
     SWAP: tl.constexpr,
 ):
+    # Caches vary slowest, so the programs in flight at once touch few of the cache tensors.
     pid = tl.program_id(0).to(tl.int64)
     tile = pid % tiles
     rest = pid // tiles
-    cache = rest % num_caches
-    pair = rest // num_caches
+    pair = rest % num_pairs
+    cache = rest // num_pairs
     base = tl.load(cache_table + cache).to(tl.pointer_type(WORD))
     base = tl.multiple_of(base, ALIGN)
     a = tl.load(mapping + 2 * pair)
@@ -183,6 +184,8 @@ def _run(key_caches, value_caches, block_mapping, swap: bool) -> None:
         mapping = mapping.to(first.device)
         (swap_blocks_reference if swap else copy_blocks_reference)(caches, mapping)
         return
+    # Pairs are independent; in source order neighbouring programs read neighbouring blocks.
+    mapping = mapping[torch.argsort(mapping[:, 0])]
     block_bytes = first[0].numel() * first.element_size()
     bases = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64)
     align = common_alignment(bases, block_bytes)
@@ -193,7 +196,7 @@ def _run(key_caches, value_caches, block_mapping, swap: bool) -> None:
     _paged_kernel[(mapping.shape[0] * len(caches) * tiles,)](
         bases.to(first.device),
         mapping.to(first.device),
-        len(caches),
+        mapping.shape[0],
         tiles,
         BLOCK_WORDS=block_words,
         WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],

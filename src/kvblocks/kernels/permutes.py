@@ -38,7 +38,7 @@ from kvblocks.kernels.backend import Backend, available, default_device
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
 #: Bytes one program moves (a tile of rows); tuned on the H100 by bench/permute_tune.py.
-TILE_BYTES = 16384
+TILE_BYTES = 32768
 NUM_WARPS = 4
 
 

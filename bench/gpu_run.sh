@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# The whole GPU run: gpu tests, then every benchmark, results under $OUT (default ./out).
+# Usage on a GPU machine: bash bench/gpu_run.sh [suite ...]   (suites: tests kvbench permute paged)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+out="${OUT:-out}"
+mkdir -p "$out"
+suites=("$@")
+[ ${#suites[@]} -gt 0 ] || suites=(tests kvbench permute paged)
+for suite in "${suites[@]}"; do
+    case "$suite" in
+        tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -3 ;;
+        *) python3 -m kvblocks.cli bench "$suite" --csv "$out/$suite.csv" 2>"$out/$suite.log"
+           echo "$suite: rc=$? $(wc -l <"$out/$suite.csv") lines" ;;
+    esac
+done
