@@ -2,19 +2,22 @@
 
 The cache is an engine's: per layer a key and a value tensor ``[num_blocks, nt, nh, hd]``.
 ``pairs`` mappings between distinct blocks are copied or swapped in every cache with one
-launch. Peers measured in the same run: a plain device copy of the same number of bytes (the
+launch, planned once (the checks of the mapping and caches are timed apart, on the host, as
+``plan_us``). Peers measured in the same run: a plain device copy of the same number of bytes (the
 ceiling) and the same work done with torch indexing, one layer and cache at a time.
 Bandwidth counts bytes read plus bytes written (a swap reads and writes both blocks).
 """
 
 from __future__ import annotations
 
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
 
 from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
-from kvblocks.kernels import copy_blocks, swap_blocks
+from kvblocks.kernels import plan_paged
 from kvblocks.kernels.paged import copy_blocks_reference, swap_blocks_reference
 from kvblocks.layout import KvDims
 
@@ -28,6 +31,7 @@ class PagedRow:
     bytes_moved: int
     median_ms: float
     bandwidth_gbps: float
+    plan_us: float
     torch_indexing_gbps: float
     copy_gbps: float
     ratio: float
@@ -45,10 +49,11 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
     caches = keys + values
     cache_block = dims.nt * dims.nh * dims.hd * dims.itemsize
     rows = []
-    for i, (name, op, ref, passes) in enumerate(
+    host_mapping = mapping.cpu()
+    for i, (name, swap, ref, passes) in enumerate(
         [
-            ("copy_blocks", copy_blocks, copy_blocks_reference, 2),
-            ("swap_blocks", swap_blocks, swap_blocks_reference, 4),
+            ("copy_blocks", False, copy_blocks_reference, 2),
+            ("swap_blocks", True, swap_blocks_reference, 4),
         ],
         start=1,
     ):
@@ -79,11 +84,21 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
     return rows
 
 
-def _check(op, ref, keys, values, mapping) -> None:
+def _plan_us(keys, values, mapping, swap: bool, repeats: int = 20) -> float:
+    """Median host time of planning (all the checks), in microseconds."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        plan_paged(keys, values, mapping, swap)
+        times.append((time.perf_counter() - start) * 1e6)
+    return statistics.median(times)
+
+
+def _check(swap: bool, ref, keys, values, mapping) -> None:
     """One more run on a copy of two layers, compared with the reference."""
     k, v = [keys[0].clone(), keys[1].clone()], [values[0].clone(), values[1].clone()]
     expected = [t.clone() for t in k + v]
-    op(k, v, mapping)
+    plan_paged(k, v, mapping, swap).run()
     ref(expected, mapping)
     for got, want in zip(k + v, expected, strict=True):
         if not torch.equal(got, want):

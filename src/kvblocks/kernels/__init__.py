@@ -21,7 +21,7 @@ from kvblocks.kernels.memcpy import (
     memcpy_per_pair,
     plan_memcpy,
 )
-from kvblocks.kernels.paged import copy_blocks, swap_blocks
+from kvblocks.kernels.paged import PagedPlan, copy_blocks, plan_paged, swap_blocks
 from kvblocks.kernels.permutes import (
     Operand,
     PermutePlan,
@@ -41,6 +41,7 @@ __all__ = [
     "CopyPlan",
     "MemcpyPlan",
     "Operand",
+    "PagedPlan",
     "PermutePlan",
     "available",
     "block_from_operational",
@@ -56,6 +57,7 @@ __all__ = [
     "permute",
     "plan_copy",
     "plan_memcpy",
+    "plan_paged",
     "plan_permute",
     "reshard_universal",
     "split_heads",

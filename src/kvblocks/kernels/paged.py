@@ -18,6 +18,7 @@ References: :func:`copy_blocks_reference`, :func:`swap_blocks_reference`.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -173,37 +174,78 @@ def _first_repeat(ids: torch.Tensor) -> int:
     raise AssertionError("no repeat")  # pragma: no cover
 
 
-def _run(key_caches, value_caches, block_mapping, swap: bool) -> None:
+@dataclass(frozen=True)
+class PagedPlan:
+    """A validated copy_blocks or swap_blocks, ready to run any number of times.
+
+    The caches and mapping are fixed at planning; :meth:`run` is one launch (or the reference
+    on a device without kernels), with no checks and no host-device synchronization.
+    """
+
+    caches: tuple[torch.Tensor, ...]
+    mapping: torch.Tensor
+    swap: bool
+    backend: Backend
+    cache_table: torch.Tensor
+    block_words: int
+    align: int
+
+    @property
+    def bytes_moved(self) -> int:
+        """Bytes read plus bytes written by one run (a swap moves both blocks both ways)."""
+        block = self.caches[0][0].numel() * self.caches[0].element_size()
+        return (4 if self.swap else 2) * self.mapping.shape[0] * len(self.caches) * block
+
+    def run(self) -> None:
+        if self.mapping.shape[0] == 0:
+            return
+        if self.backend is Backend.REFERENCE:
+            (swap_blocks_reference if self.swap else copy_blocks_reference)(
+                self.caches, self.mapping
+            )
+            return
+        word_bytes = min(self.align, 4)
+        tile = min(TILE_BYTES // word_bytes, 1 << (self.block_words - 1).bit_length())
+        tiles = triton.cdiv(self.block_words, tile)
+        pairs = self.mapping.shape[0]
+        _paged_kernel[(pairs * len(self.caches) * tiles,)](
+            self.cache_table,
+            self.mapping,
+            pairs,
+            tiles,
+            BLOCK_WORDS=self.block_words,
+            WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
+            ALIGN=self.align,
+            TILE=tile,
+            SWAP=self.swap,
+            num_warps=NUM_WARPS,
+        )
+
+
+def plan_paged(
+    key_caches: Sequence[torch.Tensor],
+    value_caches: Sequence[torch.Tensor],
+    block_mapping: torch.Tensor | Sequence[Sequence[int]],
+    swap: bool = False,
+) -> PagedPlan:
+    """Check the caches and the mapping of a copy_blocks (or, with ``swap``, swap_blocks)."""
     caches = _check_caches(key_caches, value_caches)
     first = caches[0]
     mapping = _check_mapping(block_mapping, first.shape[0], swap)
-    if mapping.shape[0] == 0:
-        return
-    backend = available(first.device)
-    if backend is Backend.REFERENCE:
-        mapping = mapping.to(first.device)
-        (swap_blocks_reference if swap else copy_blocks_reference)(caches, mapping)
-        return
     # Pairs are independent; in source order neighbouring programs read neighbouring blocks.
-    mapping = mapping[torch.argsort(mapping[:, 0])]
+    mapping = mapping[torch.argsort(mapping[:, 0])].to(first.device)
+    backend = available(first.device)
     block_bytes = first[0].numel() * first.element_size()
     bases = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64)
     align = common_alignment(bases, block_bytes)
-    word_bytes = min(align, 4)
-    block_words = block_bytes // word_bytes
-    tile = min(TILE_BYTES // word_bytes, 1 << (block_words - 1).bit_length())
-    tiles = triton.cdiv(block_words, tile)
-    _paged_kernel[(mapping.shape[0] * len(caches) * tiles,)](
+    return PagedPlan(
+        tuple(caches),
+        mapping,
+        swap,
+        backend,
         bases.to(first.device),
-        mapping.to(first.device),
-        mapping.shape[0],
-        tiles,
-        BLOCK_WORDS=block_words,
-        WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
-        ALIGN=align,
-        TILE=tile,
-        SWAP=swap,
-        num_warps=NUM_WARPS,
+        block_bytes // min(align, 4),
+        align,
     )
 
 
@@ -224,7 +266,7 @@ def copy_blocks(
         BlockIdOutOfRangeError, ShapeMismatchError, LengthMismatchError: bad arguments; nothing
             is written.
     """
-    _run(key_caches, value_caches, block_mapping, swap=False)
+    plan_paged(key_caches, value_caches, block_mapping, swap=False).run()
 
 
 def swap_blocks(
@@ -237,4 +279,4 @@ def swap_blocks(
     Raises:
         OverlapError: a block named twice anywhere in the mapping (including ``(a, a)``).
     """
-    _run(key_caches, value_caches, block_mapping, swap=True)
+    plan_paged(key_caches, value_caches, block_mapping, swap=True).run()

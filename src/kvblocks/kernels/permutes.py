@@ -12,6 +12,8 @@ row is contiguous on both sides; the row ``(l, o, t, h)`` sits at
 ``l * SL + o * SO + t * ST + h * SH`` rows from its operand's base (for a block stack, from the
 region's base, with ``SL = SO = 0``). One program handles one tile of one ``(block, layer, outer)``
 region's ``nt * nh`` rows, walked in the source's order so the reads of a tile are one span.
+Programs follow the source's memory order: a block stack's regions layer by layer (the regions
+of one layer sit together in engines' caches), contiguous blocks block by block.
 
 The six conversions of the seed API are below the kernel; :func:`permute` is the general form.
 Their meaning is :func:`kvblocks.kernels.reference.convert`.
@@ -46,6 +48,7 @@ NUM_WARPS = 4
 def _permute_kernel(
     src_table,
     dst_table,
+    nb,
     NL: tl.constexpr,
     NO: tl.constexpr,
     NT: tl.constexpr,
@@ -64,15 +67,21 @@ def _permute_kernel(
     ELEM: tl.constexpr,
     ALIGNED: tl.constexpr,
     WIDE: tl.constexpr,
+    LAYER_MAJOR: tl.constexpr,
     ROWS: tl.constexpr,
     HD_BLOCK: tl.constexpr,
 ):
-    region = tl.program_id(0)  # b * NL * NO + l * NO + o
+    pid = tl.program_id(0)
     tile = tl.program_id(1)
     if WIDE:
-        region = region.to(tl.int64)
-    block = region // (NL * NO)
-    lo = region % (NL * NO)
+        pid = pid.to(tl.int64)
+    if LAYER_MAJOR:  # neighbouring programs: the same (layer, outer) of neighbouring blocks
+        block = pid % nb
+        lo = pid // nb
+    else:  # neighbouring programs: the regions of one block
+        block = pid // (NL * NO)
+        lo = pid % (NL * NO)
+    region = block * (NL * NO) + lo  # index into a block stack's table
     layer = lo // NO
     outer = lo % NO
 
@@ -192,6 +201,7 @@ class PermutePlan:
     src_table: torch.Tensor
     dst_table: torch.Tensor
     aligned: bool
+    layer_major: bool
 
     @property
     def bytes_moved(self) -> int:
@@ -216,6 +226,7 @@ class PermutePlan:
         _permute_kernel[grid](
             self.src_table,
             self.dst_table,
+            self.nb,
             NL=dims.nl,
             NO=dims.no,
             NT=dims.nt,
@@ -234,6 +245,7 @@ class PermutePlan:
             ELEM=getattr(tl, _INT_OF_WIDTH[itemsize]),
             ALIGNED=self.aligned,
             WIDE=wide,
+            LAYER_MAJOR=self.layer_major,
             ROWS=rows,
             HD_BLOCK=hd_block,
             num_warps=NUM_WARPS,
@@ -309,7 +321,9 @@ def plan_permute(
     if backend is Backend.TRITON:
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
-    return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned)
+    return PermutePlan(
+        src, dst, dims, nb, device, backend, src_host, dst_host, aligned, layer_major=src.stack
+    )
 
 
 def permute(
