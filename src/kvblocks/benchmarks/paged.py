@@ -64,9 +64,11 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
         copy_bw = gbps(moved, median_ms(lambda f=flat, o=other: o.copy_(f), warmup, iters))
         del flat, other
         torch_bw = gbps(moved, median_ms(lambda r=ref: r(caches, mapping), warmup, iters))
-        ms = median_ms(lambda o=op: o(keys, values, mapping), warmup, iters)
-        _check(op, ref, keys, values, mapping)
+        plan = plan_paged(keys, values, host_mapping, swap)
+        ms = median_ms(plan.run, warmup, iters)
+        _check(swap, ref, keys, values, host_mapping)
         bw = gbps(moved, ms)
+        plan_us = _plan_us(keys, values, host_mapping, swap)
         rows.append(
             PagedRow(
                 name,
@@ -76,6 +78,7 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
                 moved,
                 round(ms, 4),
                 round(bw, 1),
+                round(plan_us, 1),
                 round(torch_bw, 1),
                 round(copy_bw, 1),
                 round(bw / copy_bw, 3),
