@@ -40,8 +40,8 @@ from kvblocks.kernels.backend import Backend, available, default_device
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
 #: Bytes one program moves (a tile of rows); tuned on the H100 by bench/permute_tune.py.
-TILE_BYTES = 32768
-NUM_WARPS = 4
+TILE_BYTES = 65536
+NUM_WARPS = 8
 
 
 @triton.jit
@@ -113,11 +113,14 @@ def _permute_kernel(
     cols = tl.arange(0, HD_BLOCK)
     src_ptrs = src + src_rows[:, None] * HD + cols[None, :]
     dst_ptrs = dst + dst_rows[:, None] * HD + cols[None, :]
+    # Every byte is touched once: stream it through L2 rather than keep it there.
     if (NT * NH) % ROWS == 0 and HD == HD_BLOCK:
-        tl.store(dst_ptrs, tl.load(src_ptrs))
+        vals = tl.load(src_ptrs, eviction_policy="evict_first")
+        tl.store(dst_ptrs, vals, cache_modifier=".cs")
     else:
         mask = (rows < NT * NH)[:, None] & (cols < HD)[None, :]
-        tl.store(dst_ptrs, tl.load(src_ptrs, mask=mask), mask=mask)
+        vals = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
+        tl.store(dst_ptrs, vals, mask=mask, cache_modifier=".cs")
 
 
 @dataclass(frozen=True)
