@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import statistics
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, fields
 
@@ -24,15 +25,26 @@ def require_gpu() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 50) -> float:
-    """Median GPU time of ``fn`` in milliseconds, over ``iters`` timed calls after ``warmup``.
+#: Least wall time of warm-up. The GPU lowers its clocks while the host compiles or allocates;
+#: a few short calls do not bring them back (seen on the H100: the first case timed after a
+#: pause ran at 65% of the same case timed a moment later).
+WARMUP_MS = 250.0
 
-    Each call is bracketed by CUDA events on the current stream, behind a short GPU sleep so
+
+def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 50) -> float:
+    """Median GPU time of ``fn`` in milliseconds, over ``iters`` timed calls.
+
+    Warm-up runs ``fn`` at least ``warmup`` times and for at least :data:`WARMUP_MS`. Each
+    timed call is bracketed by CUDA events on the current stream, behind a short GPU sleep so
     that the events measure the GPU's work and not the host's launch overhead. Work that the
     host issues more slowly than the GPU runs it (many small calls) still shows its cost.
     """
-    for _ in range(warmup):
+    start, calls = time.perf_counter(), 0
+    while calls < warmup or (time.perf_counter() - start) * 1e3 < WARMUP_MS:
         fn()
+        calls += 1
+        if calls % 8 == 0:
+            torch.cuda.synchronize()
     torch.cuda.synchronize()
     times = []
     for _ in range(iters):
