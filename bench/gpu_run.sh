@@ -8,6 +8,11 @@ out="${OUT:-out}"
 mkdir -p "$out"
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(tests kvbench permute paged)
+# Clocks, power and throttle reasons every 0.5 s, to tell a slow kernel from a slowed GPU.
+nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+    --format=csv -lms 500 >"$out/gpu_clocks.csv" 2>/dev/null &
+smi=$!
+trap 'kill $smi 2>/dev/null' EXIT
 for suite in "${suites[@]}"; do
     case "$suite" in
         tests) python3 -m pytest -q -m gpu tests -p no:cacheprovider 2>&1 | tee "$out/gpu_tests.log" | tail -3 ;;

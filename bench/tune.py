@@ -39,13 +39,13 @@ def tune_permute():
     for nt, nh in ((16, 8), (64, 32)):
         places = _Places(LLAMA.dims(nt).with_heads(nh), 128)
         moved = 2 * 128 * places.dims.block_bytes
-        copy_bw = gbps(moved, median_ms(lambda p=places: p.universal.copy_(p.operational)))
+        copy_bw = gbps(moved, median_ms(lambda p=places: p.universal.copy_(p.operational))[0])
         out("permute", f"copy nt={nt} nh={nh}", "-", "-", round(copy_bw, 1))
         for name, src, dst in cases:
             plan = plan_permute(places.table(src), src, places.table(dst), dst, places.dims)
             for tile, warps in SHAPES:
                 kperm.TILE_BYTES, kperm.NUM_WARPS = tile, warps
-                bw = gbps(moved, median_ms(plan.run, 3, 20))
+                bw = gbps(moved, median_ms(plan.run, warmup=3, iters=20)[0])
                 out("permute", f"{name} nt={nt} nh={nh}", tile, warps, round(bw, 1))
         del places
         torch.cuda.empty_cache()
@@ -71,7 +71,7 @@ def tune_copy():
             nbytes = nb * dims.block_bytes
             for chunk, warps in SHAPES + [(65536, 8), (65536, 16)]:
                 kcopy.CHUNK_BYTES, kcopy.NUM_WARPS = chunk, warps
-                bw = gbps(nbytes, median_ms(plan.run, 3, 20))
+                bw = gbps(nbytes, median_ms(plan.run, warmup=3, iters=20)[0])
                 out("copy", f"{direction} {pattern} N={nb} nt={nt}", chunk, warps, round(bw, 1))
 
 
@@ -85,7 +85,9 @@ def tune_paged():
     moved = 2 * 1024 * 2 * dims.nl * dims.nt * dims.nh * dims.hd * dims.itemsize
     for tile, warps in SHAPES:
         kpaged.TILE_BYTES, kpaged.NUM_WARPS = tile, warps
-        bw = gbps(moved, median_ms(lambda: copy_blocks(keys, values, mapping), 3, 20))
+        bw = gbps(
+            moved, median_ms(lambda: copy_blocks(keys, values, mapping), warmup=3, iters=20)[0]
+        )
         out("paged", "copy_blocks 1024 pairs", tile, warps, round(bw, 1))
 
 

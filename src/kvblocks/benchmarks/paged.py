@@ -3,8 +3,9 @@
 The cache is an engine's: per layer a key and a value tensor ``[num_blocks, nt, nh, hd]``.
 ``pairs`` mappings between distinct blocks are copied or swapped in every cache with one
 launch, planned once (the checks of the mapping and caches are timed apart, on the host, as
-``plan_us``). Peers measured in the same run: a plain device copy of the same number of bytes (the
-ceiling) and the same work done with torch indexing, one layer and cache at a time.
+``plan_us``). Peers, timed interleaved with the kernel: a plain device copy of the same
+number of bytes (the ceiling) and the same work done with torch indexing, one layer and cache
+at a time.
 Bandwidth counts bytes read plus bytes written (a swap reads and writes both blocks).
 """
 
@@ -61,11 +62,16 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
         moved = passes * pairs * len(caches) * cache_block
         flat = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
         other = torch.empty_like(flat)
-        copy_bw = gbps(moved, median_ms(lambda f=flat, o=other: o.copy_(f), warmup, iters))
-        del flat, other
-        torch_bw = gbps(moved, median_ms(lambda r=ref: r(caches, mapping), warmup, iters))
         plan = plan_paged(keys, values, host_mapping, swap)
-        ms = median_ms(plan.run, warmup, iters)
+        ms, copy_ms, torch_ms = median_ms(
+            plan.run,
+            lambda f=flat, o=other: o.copy_(f),
+            lambda r=ref: r(caches, mapping),
+            warmup=warmup,
+            iters=iters,
+        )
+        del flat, other
+        copy_bw, torch_bw = gbps(moved, copy_ms), gbps(moved, torch_ms)
         _check(swap, ref, keys, values, host_mapping)
         bw = gbps(moved, ms)
         plan_us = _plan_us(keys, values, host_mapping, swap)

@@ -31,32 +31,44 @@ def require_gpu() -> torch.device:
 WARMUP_MS = 250.0
 
 
-def median_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 50) -> float:
-    """Median GPU time of ``fn`` in milliseconds, over ``iters`` timed calls.
-
-    Warm-up runs ``fn`` at least ``warmup`` times and for at least :data:`WARMUP_MS`. Each
-    timed call is bracketed by CUDA events on the current stream, behind a short GPU sleep so
-    that the events measure the GPU's work and not the host's launch overhead. Work that the
-    host issues more slowly than the GPU runs it (many small calls) still shows its cost.
-    """
+def _warm(fns: tuple[Callable[[], object], ...], warmup: int) -> None:
     start, calls = time.perf_counter(), 0
     while calls < warmup or (time.perf_counter() - start) * 1e3 < WARMUP_MS:
-        fn()
+        for fn in fns:
+            fn()
         calls += 1
         if calls % 8 == 0:
             torch.cuda.synchronize()
     torch.cuda.synchronize()
-    times = []
+
+
+def _time_once(fn: Callable[[], object]) -> float:
+    start = torch.cuda.Event(enable_timing=True)
+    end = torch.cuda.Event(enable_timing=True)
+    torch.cuda._sleep(LEAD_CYCLES)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def median_ms(*fns: Callable[[], object], warmup: int = 5, iters: int = 50) -> list[float]:
+    """Median GPU time in milliseconds of each of ``fns``, timed in turn ``iters`` times.
+
+    Timing several functions interleaved (a case and its ceiling) gives both the same
+    conditions, which matters because the GPU's clocks drift over a run. Warm-up runs them at
+    least ``warmup`` times and for at least :data:`WARMUP_MS`. Each timed call is bracketed by
+    CUDA events on the current stream, behind a short GPU sleep so that the events measure the
+    GPU's work and not the host's launch overhead. Work that the host issues more slowly than
+    the GPU runs it (many small calls) still shows its cost.
+    """
+    _warm(fns, warmup)
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(iters):
-        start = torch.cuda.Event(enable_timing=True)
-        end = torch.cuda.Event(enable_timing=True)
-        torch.cuda._sleep(LEAD_CYCLES)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
+        for fn, acc in zip(fns, times, strict=True):
+            acc.append(_time_once(fn))
+    return [statistics.median(t) for t in times]
 
 
 def gbps(nbytes: int, ms: float) -> float:
