@@ -14,8 +14,9 @@ import torch
 from kvblocks.errors import BackendUnavailableError
 
 #: GPU cycles of idle work queued ahead of each timed call, so that the host's launch cost is
-#: hidden behind it and the events time the GPU's work alone (about 0.1 ms at 1.98 GHz).
-LEAD_CYCLES = 200_000
+#: hidden behind it and the events time the GPU's work alone (about 1 ms at 1.98 GHz; a
+#: tenth of that was seen to be too short for a Python launch now and then).
+LEAD_CYCLES = 2_000_000
 
 
 def require_gpu() -> torch.device:

@@ -198,6 +198,7 @@ class PermutePlan:
     src_table: torch.Tensor
     dst_table: torch.Tensor
     aligned: bool
+    launch: tuple[tuple[int, int], dict]
 
     @property
     def bytes_moved(self) -> int:
@@ -211,39 +212,8 @@ class PermutePlan:
             self._launch()
 
     def _launch(self) -> None:
-        dims = self.dims
-        itemsize = dims.itemsize
-        hd_block = _next_pow2(dims.hd)
-        rows = max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * itemsize)))
-        grid = (self.nb * dims.nl * dims.no, triton.cdiv(dims.nt * dims.nh, rows))
-        sl, so, st, sh = self.src.row_strides(dims)
-        dl, do, dt, dh = self.dst.row_strides(dims)
-        wide = max(dims.block_elems, self.nb * dims.nl * dims.no) >= 2**31 - 1
-        _permute_kernel[grid](
-            self.src_table,
-            self.dst_table,
-            NL=dims.nl,
-            NO=dims.no,
-            NT=dims.nt,
-            NH=dims.nh,
-            HD=dims.hd,
-            SRC_STACK=self.src.stack,
-            SL=sl,
-            SO=so,
-            ST=st,
-            SH=sh,
-            DST_STACK=self.dst.stack,
-            DL=dl,
-            DO=do,
-            DT=dt,
-            DH=dh,
-            ELEM=getattr(tl, _INT_OF_WIDTH[itemsize]),
-            ALIGNED=self.aligned,
-            WIDE=wide,
-            ROWS=rows,
-            HD_BLOCK=hd_block,
-            num_warps=NUM_WARPS,
-        )
+        grid, constants = self.launch
+        _permute_kernel[grid](self.src_table, self.dst_table, **constants)
 
     def _run_reference(self) -> None:
         dims = self.dims
@@ -258,6 +228,41 @@ class PermutePlan:
             src_is_stack=self.src.stack,
             dst_is_stack=self.dst.stack,
         )
+
+
+def _launch_config(
+    src: Operand, dst: Operand, dims: KvDims, nb: int, aligned: bool
+) -> tuple[tuple[int, int], dict]:
+    """The grid and compile-time constants of a permute, worked out once per plan."""
+    hd_block = _next_pow2(dims.hd)
+    rows = max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * dims.itemsize)))
+    grid = (nb * dims.nl * dims.no, triton.cdiv(dims.nt * dims.nh, rows))
+    sl, so, st, sh = src.row_strides(dims)
+    dl, do, dt, dh = dst.row_strides(dims)
+    constants = dict(
+        NL=dims.nl,
+        NO=dims.no,
+        NT=dims.nt,
+        NH=dims.nh,
+        HD=dims.hd,
+        SRC_STACK=src.stack,
+        SL=sl,
+        SO=so,
+        ST=st,
+        SH=sh,
+        DST_STACK=dst.stack,
+        DL=dl,
+        DO=do,
+        DT=dt,
+        DH=dh,
+        ELEM=getattr(tl, _INT_OF_WIDTH[dims.itemsize]),
+        ALIGNED=aligned,
+        WIDE=max(dims.block_elems, nb * dims.nl * dims.no) >= 2**31 - 1,
+        ROWS=rows,
+        HD_BLOCK=hd_block,
+        num_warps=NUM_WARPS,
+    )
+    return grid, constants
 
 
 def _tensors_at(table: torch.Tensor, nbytes: int, dtype: torch.dtype, device) -> list:
@@ -315,7 +320,8 @@ def plan_permute(
     if backend is Backend.TRITON:
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
-    return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned)
+    launch = _launch_config(src, dst, dims, nb, aligned)
+    return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned, launch)
 
 
 def permute(
