@@ -152,6 +152,8 @@ def run(
                             batched = backend == "memcpy_batch"
                             fn = lambda p=mplan, b=batched: p.run(batched=b)  # noqa: E731
                         ms, bulk_ms = median_ms(fn, bulk, warmup=warmup, iters=iters)
+                        fn()  # the interleaved bulk copy overwrote the destination
+                        torch.cuda.synchronize()
                         _check_sample(src, dst, src_table, dst_table, size)
                         bw, ceiling = gbps(nbytes, ms), gbps(nbytes, bulk_ms)
                         rows.append(
