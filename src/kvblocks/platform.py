@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvblocks.kernels import Backend, available, has_memcpy_batch_async
+
 
 @dataclass(frozen=True)
 class Capability:
@@ -43,14 +45,17 @@ def _cuda_capability() -> Capability:
     )
 
 
-def _triton_capability(gpu: bool) -> Capability:
+def _triton_capability() -> Capability:
     version = _package_version("triton")
     if version is None:
         return Capability("Triton kernels", False, "triton is not installed (extra: gpu)")
-    if gpu:
+    backend = available()
+    if backend is Backend.TRITON:
         return Capability("Triton kernels", True, f"triton {version}, compiled for the GPU")
     return Capability(
-        "Triton kernels", False, f"triton {version}; no GPU, runs only as TRITON_INTERPRET=1"
+        "Triton kernels",
+        False,
+        f"triton {version}; no GPU: kernels run as {backend.value} on the CPU",
     )
 
 
@@ -62,6 +67,10 @@ def _memcpy_batch_capability(gpu: bool) -> Capability:
         )
     if not gpu:
         return Capability("cudaMemcpyBatchAsync", False, f"cuda-bindings {version}; no GPU")
+    if not has_memcpy_batch_async():
+        return Capability(
+            "cudaMemcpyBatchAsync", False, "needs CUDA 12.8+; one cudaMemcpyAsync per pair instead"
+        )
     return Capability("cudaMemcpyBatchAsync", True, f"cuda-bindings {version}")
 
 
@@ -77,7 +86,7 @@ def probe() -> list[Capability]:
             gpu,
             "page-locked, read by kernels directly" if gpu else "needs a CUDA device",
         ),
-        _triton_capability(gpu),
+        _triton_capability(),
         _memcpy_batch_capability(gpu),
         Capability("torch reference path", True, "always available; used where kernels cannot run"),
         Capability(

@@ -18,6 +18,7 @@ _MEASURES = {
     "ceiling_gbps",
     "copy_gbps",
     "ratio",
+    "plan_us",
     "bytes_moved",
     "block_bytes",
     "torch_indexing_gbps",
@@ -50,8 +51,8 @@ def plot_csv(csv_path: str | Path, png_path: str | Path, title: str = "") -> Non
     ax.set_yticks(list(y), labels, fontsize=7)
     ax.invert_yaxis()
     ax.set_xlabel("GB/s")
-    ax.set_title(title or Path(csv_path).stem)
-    ax.legend(loc="lower right")
+    ax.set_title(title or Path(csv_path).stem, loc="right")
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncols=2, frameon=False)
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     plt.close(fig)

@@ -198,7 +198,7 @@ class PermutePlan:
     src_table: torch.Tensor
     dst_table: torch.Tensor
     aligned: bool
-    launch: tuple[tuple[int, int], dict]
+    launch: tuple[tuple[int, int], dict] | None
 
     @property
     def bytes_moved(self) -> int:
@@ -320,7 +320,7 @@ def plan_permute(
     if backend is Backend.TRITON:
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
-    launch = _launch_config(src, dst, dims, nb, aligned)
+    launch = None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
     return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned, launch)
 
 

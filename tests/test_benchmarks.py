@@ -1,0 +1,96 @@
+"""The benchmark suites: plots and reports from CSVs anywhere, the suites themselves on a GPU."""
+
+import csv
+import importlib.util
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kvblocks.benchmarks import kvbench, paged, permute
+from kvblocks.benchmarks.timing import write_csv
+from kvblocks.cli import main
+from kvblocks.layout import KvDims
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "docs" / "results"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_bench_without_gpu_says_so(capsys):
+    assert main(["bench", "permute"]) == 2
+    assert "benchmarks need a CUDA GPU" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["bench", "--from-csv", "x.csv"], "--from-csv needs --plot"),
+        (["bench", "--directions", "h2d,sideways"], "--directions must be a comma-separated"),
+    ],
+)
+def test_bench_argument_errors(capsys, args, message):
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+@pytest.mark.parametrize("suite", ["kvbench", "permute", "paged"])
+def test_plot_from_recorded_csv(tmp_path, suite):
+    png = tmp_path / f"{suite}.png"
+    assert (
+        main(["bench", suite, "--from-csv", str(RESULTS / f"{suite}.csv"), "--plot", str(png)]) == 0
+    )
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_renders_recorded_results():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "report.py"), str(RESULTS)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "universal_from_block/NHD" in proc.stdout
+    assert proc.stdout.count("\n| 16 | 128 |") >= 9  # every kvbench case at 128 blocks
+
+
+def test_recorded_results_are_complete():
+    with open(RESULTS / "permute.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == len(permute.CONVERSIONS) * 6
+    with open(RESULTS / "kvbench.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * len(kvbench.PATTERNS) * len(kvbench.DIRECTIONS) * len(
+        kvbench.BACKENDS
+    )
+
+
+def test_write_csv_header_and_rows():
+    out = io.StringIO()
+    write_csv([paged.PagedRow("copy_blocks", 2, 4, 64, 512, 0.1, 5.0, 10.0, 1.0, 6.0, 0.8)], out)
+    header, row = out.getvalue().splitlines()
+    assert header.startswith("op,num_layers,pairs") and row.startswith("copy_blocks,2,4")
+
+
+@pytest.mark.gpu
+def test_suites_run_small():
+    small = KvDims(nl=2, no=2, nh=2, nt=16, hd=64, dtype="bf16")
+    rows = kvbench.run(
+        lambda nt: small,
+        [16],
+        [1, 3],
+        ["lw_to_fc"],
+        ["h2d", "d2d"],
+        ["kernel", "memcpy_batch"],
+        warmup=1,
+        iters=3,
+    )
+    assert len(rows) == 4 and all(r.bandwidth_gbps > 0 for r in rows)
+    rows = permute.run(nl=2, hd=64, nt_values=[16], nh_values=[2], nb=4, warmup=1, iters=3)
+    assert len(rows) == len(permute.CONVERSIONS)
+    rows = paged.run(small, pairs=8, warmup=1, iters=3)
+    assert [r.op for r in rows] == ["copy_blocks", "swap_blocks"]
