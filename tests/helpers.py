@@ -6,8 +6,6 @@ import ctypes
 
 import torch
 
-from kvblocks.layout import MemoryRegion
-
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
 ALL_DTYPES = FLOAT_DTYPES + FP8_DTYPES
@@ -44,12 +42,6 @@ def assert_bits_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.shape == expected.shape, (actual.shape, expected.shape)
     diff = bits(actual) != bits(expected)
     assert not diff.any(), f"{int(diff.sum())} of {actual.numel()} elements differ"
-
-
-def memory_of(t: torch.Tensor) -> MemoryRegion:
-    """The bytes a contiguous CPU tensor occupies."""
-    assert t.is_contiguous()
-    return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
 
 
 def read_bytes(addr: int, size: int) -> bytes:

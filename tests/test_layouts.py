@@ -21,7 +21,7 @@ from kvblocks.layout import (
     MemoryRegion,
 )
 
-from .helpers import memory_of, read_bytes
+from .helpers import read_bytes
 
 configs = st.builds(
     LayoutConfig,
@@ -99,7 +99,7 @@ def test_fully_contiguous_matches_a_torch_tensor():
         num_blocks=5, num_layers=3, outer_dim=2, page_size=4, inner_dim=6, dtype_width_bytes=4
     )
     t = torch.randn(5, 3, 2, 4 * 6)  # [nb, nl, no, inner]
-    lay = FullyContiguousLayout(cfg, memory_of(t), KvBlockLayout.OperationalNHD)
+    lay = FullyContiguousLayout(cfg, MemoryRegion.of(t), KvBlockLayout.OperationalNHD)
     for b in range(5):
         assert read_bytes(*_span(lay.block_region(b))) == t[b].numpy().tobytes()
         for l in range(3):
@@ -123,7 +123,7 @@ def test_layer_separate_matches_engine_tensors(block_dim):
         (nb, no, nt, nh, hd) if block_dim is BlockDimension.BLOCK_FIRST else (no, nb, nt, nh, hd)
     )
     layers = [torch.randn(shape).to(torch.bfloat16) for _ in range(nl)]
-    lay = LayerSeparateLayout(cfg, [memory_of(t) for t in layers], block_dim)
+    lay = LayerSeparateLayout(cfg, [MemoryRegion.of(t) for t in layers], block_dim)
     for b in range(nb):
         for l in range(nl):
             for o in range(no):
@@ -207,6 +207,13 @@ def test_format_rules():
         uni.region_table([0])
     assert uni.block_region(1).size == cfg.block_bytes
     assert _fc(cfg, fmt=KvBlockLayout.Unknown).region(1, 1, 1).size == cfg.region_bytes
+
+
+def test_memory_region_of_tensor():
+    t = torch.zeros(4, 6, dtype=torch.float16)
+    assert MemoryRegion.of(t) == MemoryRegion(t.data_ptr(), 48)
+    with pytest.raises(InvalidArgumentError, match="tensor must be contiguous"):
+        MemoryRegion.of(t.t())
 
 
 def test_memory_region_overlap():

@@ -29,8 +29,13 @@ import torch
 
 from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
 from kvblocks.kernels import plan_copy, plan_memcpy
-from kvblocks.layout import FullyContiguousLayout, KvDims, LayerSeparateLayout, LayoutConfig
-from kvblocks.layout import MemoryRegion as Region
+from kvblocks.layout import (
+    FullyContiguousLayout,
+    KvDims,
+    LayerSeparateLayout,
+    LayoutConfig,
+    MemoryRegion,
+)
 
 PATTERNS = ("fc_to_fc", "lw_to_fc", "fc_to_lw")
 DIRECTIONS = ("h2d", "d2h", "d2d")
@@ -54,10 +59,6 @@ class KvbenchRow:
     ratio: float
 
 
-def _region(t: torch.Tensor) -> Region:
-    return Region(t.data_ptr(), t.numel() * t.element_size())
-
-
 class _Side:
     """One place blocks live: a fully contiguous and a layer-separate layout of ``num_blocks``."""
 
@@ -75,8 +76,8 @@ class _Side:
         ]
         for t in (self.fc_tensor, *self.lw_tensors):
             t.copy_(torch.randint(0, 256, t.shape, dtype=torch.uint8, device="cuda"))
-        self.fc = FullyContiguousLayout(config, _region(self.fc_tensor))
-        self.lw = LayerSeparateLayout(config, [_region(t) for t in self.lw_tensors])
+        self.fc = FullyContiguousLayout(config, MemoryRegion.of(self.fc_tensor))
+        self.lw = LayerSeparateLayout(config, [MemoryRegion.of(t) for t in self.lw_tensors])
 
     def bytes_at(self, addr: int, size: int) -> torch.Tensor:
         """The ``size`` bytes at ``addr``, as a slice of the tensor that holds them."""

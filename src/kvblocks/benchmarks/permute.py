@@ -82,10 +82,6 @@ class PermuteRow:
     ratio: float
 
 
-def _region(t: torch.Tensor) -> MemoryRegion:
-    return MemoryRegion(t.data_ptr(), t.numel() * t.element_size())
-
-
 class _Places:
     """``nb`` blocks as a block stack, as operational blocks and as universal blocks."""
 
@@ -96,7 +92,7 @@ class _Places:
         self.stack_tensors = [make(per_layer) for _ in range(dims.nl)]
         self.operational = make(nb * dims.block_elems)
         self.universal = make(nb * dims.block_elems)
-        self.stack = LayerSeparateLayout(config, [_region(t) for t in self.stack_tensors])
+        self.stack = LayerSeparateLayout(config, [MemoryRegion.of(t) for t in self.stack_tensors])
         self.dims, self.nb = dims, nb
 
     def table(self, operand: Operand) -> list[int]:

@@ -30,6 +30,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
+import torch
+
 from kvblocks.errors import (
     BlockIdOutOfRangeError,
     InvalidArgumentError,
@@ -54,6 +56,17 @@ class MemoryRegion:
             raise InvalidArgumentError("addr", f"must be a non-negative int, got {self.addr!r}")
         if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:
             raise InvalidArgumentError("size", f"must be a non-negative int, got {self.size!r}")
+
+    @classmethod
+    def of(cls, tensor: torch.Tensor) -> MemoryRegion:
+        """The bytes a contiguous tensor occupies (its storage must outlive the region's use).
+
+        Raises:
+            InvalidArgumentError: the tensor is not contiguous (its bytes are not one span).
+        """
+        if not tensor.is_contiguous():
+            raise InvalidArgumentError("tensor", "must be contiguous to be one memory region")
+        return cls(tensor.data_ptr(), tensor.numel() * tensor.element_size())
 
     @property
     def end(self) -> int:
