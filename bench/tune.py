@@ -42,9 +42,9 @@ def tune_permute():
         copy_bw = gbps(moved, median_ms(lambda p=places: p.universal.copy_(p.operational))[0])
         out("permute", f"copy nt={nt} nh={nh}", "-", "-", round(copy_bw, 1))
         for name, src, dst in cases:
-            plan = plan_permute(places.table(src), src, places.table(dst), dst, places.dims)
             for tile, warps in SHAPES:
-                kperm.TILE_BYTES, kperm.NUM_WARPS = tile, warps
+                kperm.TILE_BYTES, kperm.NUM_WARPS = tile, warps  # read when a plan is made
+                plan = plan_permute(places.table(src), src, places.table(dst), dst, places.dims)
                 bw = gbps(moved, median_ms(plan.run, warmup=3, iters=20)[0])
                 out("permute", f"{name} nt={nt} nh={nh}", tile, warps, round(bw, 1))
         del places

@@ -37,7 +37,7 @@ from kvblocks.kernels.addresses import (
 from kvblocks.kernels.backend import Backend, available, default_device
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
-#: Bytes one program moves (a tile of rows); tuned on the H100 by bench/permute_tune.py.
+#: Bytes one program moves (a tile of rows); tuned on the H100 by bench/tune.py.
 TILE_BYTES = 65536
 NUM_WARPS = 8
 
