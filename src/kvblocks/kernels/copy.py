@@ -25,7 +25,7 @@ from kvblocks.kernels.addresses import (
 )
 from kvblocks.kernels.backend import Backend, available, default_device
 
-#: Bytes one program copies; tuned on the H100 by bench/copy_tune.py.
+#: Bytes one program copies; tuned on the H100 by bench/tune.py.
 CHUNK_BYTES = 16384
 NUM_WARPS = 8
 

@@ -33,7 +33,7 @@ from kvblocks.kernels._triton import tl, triton
 from kvblocks.kernels.addresses import common_alignment
 from kvblocks.kernels.backend import Backend, available
 
-#: Bytes of one block that one program moves; tuned on the H100 by bench/copy_tune.py.
+#: Bytes of one block that one program moves; tuned on the H100 by bench/tune.py.
 TILE_BYTES = 8192
 NUM_WARPS = 8
 
