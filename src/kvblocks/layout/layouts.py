@@ -190,15 +190,27 @@ class Layout(ABC):
         Raises:
             BlockIdOutOfRangeError: a block id or a layer is outside the config.
         """
-        self._check_regions_addressable()
-        cfg = self.config
-        layers = self._layer_range(layers)
-        ids = _block_id_list(block_ids, cfg.num_blocks, "block_ids")
-        offsets = [self._chunk_offset(l, o) for l in layers for o in range(cfg.outer_dim)]
+        ids = _block_id_list(block_ids, self.config.num_blocks, "block_ids")
+        offsets = self.chunk_offsets(layers)
         stride = self.block_stride
         return array("q", [b * stride + off for b in ids for off in offsets])
 
-    def _layer_range(self, layers: range | None) -> range:
+    def chunk_offsets(self, layers: range | None = None) -> list[int]:
+        """Address of region ``(0, l, o)`` for each layer in ``layers`` and each outer, in table
+        order; region ``(b, l, o)`` is ``b * block_stride`` further on."""
+        self._check_regions_addressable()
+        return [
+            self._chunk_offset(l, o)
+            for l in self.layer_range(layers)
+            for o in range(self.config.outer_dim)
+        ]
+
+    def layer_range(self, layers: range | None) -> range:
+        """``layers`` checked against the config (``None`` means all layers).
+
+        Raises:
+            InvalidArgumentError, BlockIdOutOfRangeError: not a non-empty step-1 range inside it.
+        """
         nl = self.config.num_layers
         if layers is None:
             return range(nl)
