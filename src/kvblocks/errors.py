@@ -56,3 +56,30 @@ class OverlapError(InvalidArgumentError):
 
 class BackendUnavailableError(KvBlocksError):
     """A path that this machine cannot run (no GPU, no cuda-bindings, ...)."""
+
+
+class ConfigMismatchError(InvalidArgumentError):
+    """Two layouts whose block shapes differ where a transfer needs them equal."""
+
+
+class StorageError(KvBlocksError):
+    """Storage that cannot be allocated, read or written (a full disk, a read-only path, ...).
+
+    ``path`` is set when the storage is a file.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(message if path is None else f"{path}: {message}")
+
+
+class LayoutReleasedError(KvBlocksError):
+    """A layout or allocation used after it was released."""
+
+
+class TransferError(KvBlocksError):
+    """A transfer that failed while it ran; its notification completes with this error."""
+
+
+class SerializationError(KvBlocksError):
+    """A serialized layout that cannot be read: another format version, or damaged bytes."""

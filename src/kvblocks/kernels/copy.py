@@ -117,6 +117,7 @@ def plan_copy(
     dst_ptrs: AddressTable,
     size: int,
     device: torch.device | str | None = None,
+    check_overlap: bool = True,
 ) -> CopyPlan:
     """Check a batch of copies and prepare it.
 
@@ -125,6 +126,8 @@ def plan_copy(
         dst_ptrs: ``num_pairs`` destination addresses; written by runs.
         size: bytes per pair, > 0.
         device: where the kernel runs (default: the current GPU, else the CPU).
+        check_overlap: False skips the overlap check, for callers that know the destinations
+            overlap neither each other nor the sources.
 
     Raises:
         LengthMismatchError: the two tables differ in length.
@@ -134,7 +137,8 @@ def plan_copy(
         raise InvalidArgumentError("size", f"must be a positive int of bytes, got {size!r}")
     src = host_table(src_ptrs, "src_ptrs")
     dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
-    check_disjoint(src, size, dst, size, "src_ptrs", "dst_ptrs")
+    if check_overlap:
+        check_disjoint(src, size, dst, size, "src_ptrs", "dst_ptrs")
     device = torch.device(device) if device is not None else default_device()
     backend = available(device)
     align = common_alignment(src, dst, size)

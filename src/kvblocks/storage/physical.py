@@ -1,0 +1,308 @@
+"""PhysicalLayout: a layout together with the storage its addresses point into.
+
+Built in the seed's order, each step a method of the builder::
+
+    PhysicalLayout.builder(config)          # sizes
+        .fully_contiguous()                 # or .layer_separate(block_dim)
+        .kv_format(KvBlockLayout.OperationalNHD)   # optional; Unknown by default
+        .allocate_device(0)                 # or allocate_pinned / allocate_system /
+                                            #    allocate_disk(path) / with_external_regions
+        .build()
+
+For memory, the layout's regions are addresses. For disk, the allocations of the layout are
+consecutive segments of one file (each aligned to :data:`~kvblocks.storage.disk.DIRECT_ALIGN`),
+and the layout's "addresses" are offsets into that file.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.errors import (
+    BlockIdOutOfRangeError,
+    InvalidArgumentError,
+    LayoutFormatError,
+    LayoutReleasedError,
+)
+from kvblocks.layout import (
+    BlockDimension,
+    FullyContiguousLayout,
+    KvBlockLayout,
+    LayerSeparateLayout,
+    Layout,
+    LayoutConfig,
+    MemoryRegion,
+)
+from kvblocks.storage.disk import DIRECT_ALIGN, DiskAllocation
+from kvblocks.storage.kinds import StorageKind
+from kvblocks.storage.memory import (
+    Allocation,
+    MemoryAllocation,
+    RemoteAllocation,
+    allocate_device,
+    allocate_pinned,
+    allocate_system,
+    wrap_tensor,
+)
+
+
+class PhysicalLayout:
+    """A :class:`Layout` and the storage behind it. Build one with :meth:`builder`.
+
+    Attributes:
+        layout: the address arithmetic.
+        storage: the kind of storage.
+        allocations: memory allocations (one per region of ``layout.memory``), or the one file.
+    """
+
+    def __init__(self, layout: Layout, storage: StorageKind, allocations: Sequence[Allocation]):
+        self.layout = layout
+        self.storage = storage
+        self.allocations = tuple(allocations)
+
+    @staticmethod
+    def builder(config: LayoutConfig) -> PhysicalLayoutBuilder:
+        """Start building a layout of ``config``."""
+        return PhysicalLayoutBuilder(config)
+
+    @property
+    def config(self) -> LayoutConfig:
+        return self.layout.config
+
+    @property
+    def kv_format(self) -> KvBlockLayout:
+        return self.layout.kv_format
+
+    @property
+    def released(self) -> bool:
+        return any(a.released for a in self.allocations)
+
+    @property
+    def device(self) -> torch.device | None:
+        """Where memory layouts' bytes are (``cuda:N`` or ``cpu``); ``None`` for disk and remote."""
+        first = self.allocations[0]
+        return first.device if isinstance(first, MemoryAllocation) else None
+
+    @property
+    def emulated(self) -> bool:
+        """System memory standing in for device or pinned memory (no GPU here)."""
+        return any(getattr(a, "emulated", False) for a in self.allocations)
+
+    @property
+    def file(self) -> DiskAllocation:
+        """The file of a disk layout."""
+        if self.storage is not StorageKind.DISK:
+            raise InvalidArgumentError("layout", f"is {self.storage.value} storage, not a file")
+        return self.allocations[0]
+
+    def check_alive(self) -> None:
+        """Raise :class:`LayoutReleasedError` if the storage was released."""
+        if self.released:
+            raise LayoutReleasedError("this layout's storage was released; build a new one")
+
+    def release(self) -> None:
+        """Free the storage this layout allocated (external tensors are only let go)."""
+        for allocation in self.allocations:
+            allocation.release()
+
+    def __repr__(self) -> str:
+        return f"PhysicalLayout({self.storage.value}, {self.layout!r})"
+
+
+class PhysicalLayoutBuilder:
+    """Collects the choices of a :class:`PhysicalLayout`; nothing is allocated before build()."""
+
+    def __init__(self, config: LayoutConfig) -> None:
+        if not isinstance(config, LayoutConfig):
+            raise InvalidArgumentError("config", f"must be a LayoutConfig, got {config!r}")
+        self._config = config
+        self._block_dim: BlockDimension | None = None
+        self._fully_contiguous: bool | None = None
+        self._format = KvBlockLayout.Unknown
+        self._memory: tuple | None = None
+
+    def fully_contiguous(self) -> PhysicalLayoutBuilder:
+        """One allocation ``[num_blocks, nl, no, inner]``."""
+        self._fully_contiguous, self._block_dim = True, None
+        return self
+
+    def layer_separate(
+        self, block_dim: BlockDimension = BlockDimension.BLOCK_FIRST
+    ) -> PhysicalLayoutBuilder:
+        """One allocation per layer, block-first or outer-first."""
+        self._fully_contiguous, self._block_dim = False, block_dim
+        return self
+
+    def kv_format(self, fmt: KvBlockLayout) -> PhysicalLayoutBuilder:
+        """The order of dims inside each block (default ``Unknown``)."""
+        if not isinstance(fmt, KvBlockLayout):
+            raise LayoutFormatError("fmt", f"must be a KvBlockLayout, got {fmt!r}")
+        self._format = fmt
+        return self
+
+    def allocate_device(self, device_id: int = 0) -> PhysicalLayoutBuilder:
+        return self._set_memory("device", device_id)
+
+    def allocate_pinned(self) -> PhysicalLayoutBuilder:
+        return self._set_memory("pinned")
+
+    def allocate_system(self) -> PhysicalLayoutBuilder:
+        return self._set_memory("system")
+
+    def allocate_disk(self, path: str | os.PathLike, keep: bool = False) -> PhysicalLayoutBuilder:
+        """A file at ``path`` (created, or truncated); deleted on release unless ``keep``."""
+        return self._set_memory("disk", os.fspath(path), keep)
+
+    def with_external_regions(self, tensors: Sequence[torch.Tensor]) -> PhysicalLayoutBuilder:
+        """Use tensors an engine already owns (one per allocation the layout needs: one for a
+        fully contiguous layout, one per layer for a layer-separate one), without copying."""
+        return self._set_memory("external", list(tensors))
+
+    def with_remote_regions(self, regions: Sequence[MemoryRegion]) -> PhysicalLayoutBuilder:
+        """Regions of another worker's memory, as its serialized layout describes them."""
+        return self._set_memory("remote", list(regions))
+
+    def _set_memory(self, kind: str, *args) -> PhysicalLayoutBuilder:
+        if self._memory is not None:
+            raise InvalidArgumentError(
+                "memory", f"is already chosen ({self._memory[0]}); choose one kind of memory"
+            )
+        self._memory = (kind, *args)
+        return self
+
+    def build(self) -> PhysicalLayout:
+        """Allocate (or wrap) the memory and return the layout.
+
+        Raises:
+            InvalidArgumentError: the layout type or the memory was not chosen.
+            LayoutFormatError: a block format a layer-separate layout cannot hold.
+            StorageError: the memory or the file cannot be allocated.
+        """
+        if self._fully_contiguous is None:
+            raise InvalidArgumentError(
+                "layout type", "is not chosen: call fully_contiguous() or layer_separate()"
+            )
+        if self._memory is None:
+            raise InvalidArgumentError(
+                "memory",
+                "is not chosen: call allocate_device(), allocate_pinned(), allocate_system(),"
+                " allocate_disk() or with_external_regions()",
+            )
+        layout_type = FullyContiguousLayout if self._fully_contiguous else LayerSeparateLayout
+        if not self._fully_contiguous and self._format.dim_order is not None:
+            if not self._format.is_operational():
+                raise LayoutFormatError(
+                    "kv_format",
+                    f"must be operational (NHD or HND) or Unknown for a layer-separate layout,"
+                    f" got {self._format.name}",
+                )
+        sizes = layout_type.required_allocations(self._config)
+        kind, *args = self._memory
+        allocations = self._allocate(kind, args, sizes)
+        try:
+            if kind == "disk":
+                regions = _file_segments(sizes)
+            else:
+                regions = [a.region for a in allocations]
+            layout = self._layout(layout_type, regions)
+        except Exception:
+            for allocation in allocations:
+                allocation.release()
+            raise
+        return PhysicalLayout(layout, allocations[0].kind, allocations)
+
+    def _allocate(self, kind: str, args: list, sizes: list[int]) -> list[Allocation]:
+        if kind == "device":
+            return [allocate_device(size, args[0]) for size in sizes]
+        if kind == "pinned":
+            return [allocate_pinned(size) for size in sizes]
+        if kind == "system":
+            return [allocate_system(size) for size in sizes]
+        if kind == "disk":
+            end = _file_segments(sizes)[-1].end
+            return [DiskAllocation(args[0], end, keep=args[1])]
+        if kind == "remote":
+            return [RemoteAllocation(r) for r in args[0]]
+        tensors = args[0]
+        allocations = [wrap_tensor(t, f"tensors[{i}]") for i, t in enumerate(tensors)]
+        kinds = {a.kind for a in allocations}
+        if len(kinds) > 1:
+            raise InvalidArgumentError(
+                "tensors",
+                f"must all be in one kind of memory, got {sorted(k.value for k in kinds)}",
+            )
+        return allocations
+
+    def _layout(self, layout_type: type[Layout], regions: list[MemoryRegion]) -> Layout:
+        if layout_type is FullyContiguousLayout:
+            if len(regions) != 1:
+                raise InvalidArgumentError(
+                    "tensors",
+                    f"must be one tensor for a fully contiguous layout, got {len(regions)}",
+                )
+            return FullyContiguousLayout(self._config, regions[0], self._format)
+        return LayerSeparateLayout(self._config, regions, self._block_dim, self._format)
+
+
+def _file_segments(sizes: list[int]) -> list[MemoryRegion]:
+    """Consecutive page-aligned segments of one file, one per allocation."""
+    segments, offset = [], 0
+    for size in sizes:
+        segments.append(MemoryRegion(offset, size))
+        offset += -(-size // DIRECT_ALIGN) * DIRECT_ALIGN
+    return segments
+
+
+@dataclass(frozen=True)
+class KvBlocks:
+    """Some blocks of one layout, with an optional override of how their bytes are ordered.
+
+    Attributes:
+        layout: the physical layout holding the blocks.
+        block_ids: the blocks, in order.
+        kv_layout: read the blocks as this format instead of the layout's own; for a
+            layer-separate layout it must be operational.
+    """
+
+    layout: PhysicalLayout
+    block_ids: tuple[int, ...]
+    kv_layout: KvBlockLayout | None = None
+
+    def __init__(
+        self,
+        layout: PhysicalLayout,
+        block_ids: Iterable[int],
+        kv_layout: KvBlockLayout | None = None,
+    ) -> None:
+        ids = tuple(int(b) for b in block_ids)
+        n = layout.config.num_blocks
+        bad = [b for b in ids if not 0 <= b < n]
+        if bad:
+            raise BlockIdOutOfRangeError("block_ids", f"must be in [0, {n}), got {bad[0]}")
+        if kv_layout is not None:
+            if not layout.layout.is_fully_contiguous and not kv_layout.is_operational():
+                raise LayoutFormatError(
+                    "kv_layout",
+                    f"must be operational for a layer-separate layout, got {kv_layout.name}",
+                )
+            if kv_layout == layout.kv_format:
+                kv_layout = None
+        object.__setattr__(self, "layout", layout)
+        object.__setattr__(self, "block_ids", ids)
+        object.__setattr__(self, "kv_layout", kv_layout)
+
+    @property
+    def effective_format(self) -> KvBlockLayout:
+        """The override if given, else the layout's own format."""
+        return self.kv_layout or self.layout.kv_format
+
+    def requires_transform_to(self, other: KvBlocks) -> bool:
+        """Whether moving these blocks into ``other`` needs a permute rather than a copy."""
+        return self.effective_format.requires_transform(other.effective_format)
+
+    def __len__(self) -> int:
+        return len(self.block_ids)

@@ -1,0 +1,51 @@
+"""Moving blocks between registered layouts in any two kinds of storage.
+
+- :class:`TransferManager` (and its builder): registration, ``execute_transfer``.
+- :class:`TransferOptions`, :class:`TransferCapabilities`, :class:`TransferPreferences`,
+  :class:`BounceBuffer`: how to move.
+- :class:`TransferCompleteNotification`: completion to await, wait on, poll or aggregate.
+- :class:`LayoutHandle`, :class:`WorkerAddress`, :class:`SerializedLayout`: naming layouts
+  within and across workers.
+- :mod:`~kvblocks.transfer.verify`: BLAKE3 checksums and fill patterns.
+"""
+
+from kvblocks.transfer.handles import (
+    LayoutHandle,
+    LogicalLayoutDescriptor,
+    LogicalLayoutHandle,
+    WorkerAddress,
+)
+from kvblocks.transfer.manager import TransferConfig, TransferManager, TransferManagerBuilder
+from kvblocks.transfer.notification import TransferCompleteNotification
+from kvblocks.transfer.options import (
+    BounceBuffer,
+    NativeVsNixlPolicy,
+    TransferCapabilities,
+    TransferOptions,
+    TransferPreferences,
+)
+from kvblocks.transfer.serialize import SerializedLayout
+from kvblocks.transfer.strategy import Strategy
+from kvblocks.transfer.verify import FillPattern, block_checksums, fill_blocks, layer_checksums
+
+__all__ = [
+    "BounceBuffer",
+    "FillPattern",
+    "LayoutHandle",
+    "LogicalLayoutDescriptor",
+    "LogicalLayoutHandle",
+    "NativeVsNixlPolicy",
+    "SerializedLayout",
+    "Strategy",
+    "TransferCapabilities",
+    "TransferCompleteNotification",
+    "TransferConfig",
+    "TransferManager",
+    "TransferManagerBuilder",
+    "TransferOptions",
+    "TransferPreferences",
+    "WorkerAddress",
+    "block_checksums",
+    "fill_blocks",
+    "layer_checksums",
+]

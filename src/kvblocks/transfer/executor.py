@@ -1,0 +1,225 @@
+"""The steps a transfer is made of, and how each one runs.
+
+A transfer is a short list of :class:`Hop` s, each moving the same blocks between two
+:class:`Side` s (a layout, block ids in it, and the format its bytes are read or written as):
+
+===============  ===============================================================================
+``GPU``          a copy or permute kernel on a CUDA stream; device and pinned memory
+``COPY_ENGINE``  ``cudaMemcpyBatchAsync`` on a CUDA stream; device and pinned, same format
+``HOST``         the CPU: threaded ``memmove`` (or a permute on the CPU) between host memories
+``DISK_READ``    a file into host memory
+``DISK_WRITE``   host memory into a file
+===============  ===============================================================================
+
+Copies move whole blocks when both sides are fully contiguous and every layer moves, else one
+``(block, layer, outer)`` region at a time. A format change moves all layers through the
+permute kernel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import threading
+from concurrent.futures import Executor
+from dataclasses import dataclass, replace
+from enum import Enum
+
+import torch
+
+from kvblocks.errors import LayoutFormatError
+from kvblocks.kernels import Operand, plan_copy, plan_memcpy, plan_permute
+from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
+from kvblocks.layout.dtypes import DTYPES
+from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
+from kvblocks.storage.disk import merge_spans
+
+#: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
+_DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
+
+
+class HopKind(Enum):
+    GPU = "gpu"
+    COPY_ENGINE = "copy_engine"
+    HOST = "host"
+    DISK_READ = "disk_read"
+    DISK_WRITE = "disk_write"
+
+
+@dataclass(frozen=True)
+class Side:
+    """Blocks ``ids`` (an int64 CPU tensor) of ``physical``, read or written as ``fmt``."""
+
+    physical: PhysicalLayout
+    ids: torch.Tensor
+    fmt: KvBlockLayout
+
+    @property
+    def config(self) -> LayoutConfig:
+        return self.physical.config
+
+    @property
+    def on_gpu(self) -> bool:
+        """Its memory is GPU memory."""
+        device = self.physical.device
+        return device is not None and device.type == "cuda"
+
+    @property
+    def gpu_reachable(self) -> bool:
+        """GPU kernels and copy engines can read and write it (GPU memory, or pinned memory on
+        a machine with a GPU)."""
+        return self.on_gpu or (
+            self.physical.storage is StorageKind.PINNED and not self.physical.emulated
+        )
+
+    def block_addresses(self) -> torch.Tensor:
+        """Start of each block (fully contiguous layouts)."""
+        layout = self.physical.layout
+        return layout.memory[0].addr + self.ids * layout.block_stride
+
+    def region_addresses(self, layers: range) -> torch.Tensor:
+        """Each region of each block over ``layers``, block-major then layer then outer."""
+        if self.fmt.dim_order is not None and not self.fmt.is_operational():
+            raise LayoutFormatError(
+                "layer_range",
+                f"must cover every layer for blocks in {self.fmt.name}: their (layer, outer)"
+                " slices are not contiguous",
+            )
+        layout = self.physical.layout
+        offsets = torch.tensor(layout.chunk_offsets(layers), dtype=torch.int64)
+        return (self.ids[:, None] * layout.block_stride + offsets[None, :]).reshape(-1)
+
+    def operand(self) -> Operand:
+        return Operand(self.fmt, stack=not self.physical.layout.is_fully_contiguous)
+
+    def table(self) -> torch.Tensor:
+        """What a permute kernel takes for this side: region or block addresses."""
+        if self.physical.layout.is_fully_contiguous:
+            return self.block_addresses()
+        return self.region_addresses(range(self.config.num_layers))
+
+
+@dataclass(frozen=True)
+class Hop:
+    kind: HopKind
+    src: Side
+    dst: Side
+
+
+def dims_of(config: LayoutConfig) -> KvDims:
+    """The block dims of a config whose ``num_heads`` is known (for permutes)."""
+    return config.dims(_DTYPE_OF_WIDTH[config.dtype_width_bytes])
+
+
+def copy_pairs(src: Side, dst: Side, layers: range) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Source and destination addresses and the bytes of each pair, for a same-format copy."""
+    full = len(layers) == src.config.num_layers
+    if full and src.physical.layout.is_fully_contiguous and dst.physical.layout.is_fully_contiguous:
+        return src.block_addresses(), dst.block_addresses(), src.config.block_bytes
+    return src.region_addresses(layers), dst.region_addresses(layers), src.config.region_bytes
+
+
+def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) -> None:
+    """Launch the hop's kernel on the current stream of ``device``."""
+    src, dst = hop.src, hop.dst
+    if src.fmt.requires_transform(dst.fmt):
+        plan = plan_permute(
+            src.table(),
+            src.operand(),
+            dst.table(),
+            dst.operand(),
+            dims_of(src.config),
+            device,
+            check_overlap=check_overlap,
+        )
+    else:
+        s, d, size = copy_pairs(src, dst, layers)
+        plan = plan_copy(s, d, size, device, check_overlap=check_overlap)
+    plan.run()
+
+
+def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:
+    """Enqueue the hop's copies on ``stream`` through the copy engines."""
+    s, d, size = copy_pairs(hop.src, hop.dst, layers)
+    plan_memcpy(s, d, size).run(batched=True, stream=stream)
+
+
+def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
+    """Run the hop on the CPU (both sides host memory)."""
+    src, dst = hop.src, hop.dst
+    if src.fmt.requires_transform(dst.fmt):
+        plan_permute(
+            src.table(),
+            src.operand(),
+            dst.table(),
+            dst.operand(),
+            dims_of(src.config),
+            "cpu",
+            check_overlap=False,
+        ).run()
+        return
+    s, d, size = copy_pairs(src, dst, layers)
+    host_copy(s, d, size, pool)
+
+
+def host_copy(src: torch.Tensor, dst: torch.Tensor, size: int, pool: Executor | None) -> None:
+    """``memmove`` of ``size`` bytes per pair, neighbours merged, spread over ``pool``'s threads
+    (``memmove`` through ctypes releases the GIL)."""
+    moves = merge_spans(
+        ((s, d, size) for s, d in zip(src.tolist(), dst.tolist(), strict=True)), max_io=64 << 20
+    )
+
+    def run(part):
+        for s, d, n in part:
+            ctypes.memmove(d, s, n)
+
+    if pool is None or len(moves) < 2:
+        run(moves)
+        return
+    parts = [moves[i::8] for i in range(min(8, len(moves)))]
+    for future in [pool.submit(run, part) for part in parts]:
+        future.result()
+
+
+def run_disk(hop: Hop, layers: range, pool: Executor | None) -> None:
+    """Read a file into host memory (``DISK_READ``) or write host memory into a file."""
+    file_side, memory_side = (
+        (hop.src, hop.dst) if hop.kind is HopKind.DISK_READ else (hop.dst, hop.src)
+    )
+    offsets, addresses, size = copy_pairs(file_side, memory_side, layers)
+    spans = [(o, a, size) for o, a in zip(offsets.tolist(), addresses.tolist(), strict=True)]
+    disk = file_side.physical.file
+    if hop.kind is HopKind.DISK_READ:
+        disk.read(spans, pool)
+    else:
+        disk.write(spans, pool)
+
+
+class BouncePool:
+    """Pinned fully contiguous layouts to stage transfers through, kept for reuse by size."""
+
+    def __init__(self, keep: int = 4) -> None:
+        self._free: dict[int, list[MemoryAllocation]] = {}
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, like: Side, fmt: KvBlockLayout) -> Side:
+        """A pinned side holding ``len(like.ids)`` blocks of ``like``'s config, in ``fmt``."""
+        n = like.ids.numel()
+        config = replace(like.config, num_blocks=n)
+        with self._lock:
+            kept = self._free.get(config.total_bytes)
+            allocation = kept.pop() if kept else None
+        if allocation is None:
+            allocation = allocate_pinned(config.total_bytes)
+        layout = FullyContiguousLayout(config, allocation.region, fmt)
+        physical = PhysicalLayout(layout, StorageKind.PINNED, (allocation,))
+        return Side(physical, torch.arange(n, dtype=torch.int64), fmt)
+
+    def give_back(self, side: Side) -> None:
+        allocation = side.physical.allocations[0]
+        with self._lock:
+            kept = self._free.setdefault(allocation.size, [])
+            if len(kept) < self._keep:
+                kept.append(allocation)
+                return
+        allocation.release()

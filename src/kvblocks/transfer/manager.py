@@ -1,0 +1,499 @@
+"""TransferManager: registers layouts and moves blocks between any two of them.
+
+::
+
+    manager = TransferManager.builder().cuda_device_id(0).build()
+    gpu = manager.register_layout(gpu_layout)
+    host = manager.register_layout(host_layout)
+    notification = manager.execute_transfer(gpu, [0, 1, 2], host, [7, 8, 9])
+    notification.wait()            # or: await notification
+
+Every argument is checked before any work starts; a bad call raises and moves nothing. A
+transfer that stays on the GPU is enqueued on a stream of the pool, ordered after the work
+already queued on the caller's current stream, and completes through a CUDA event. A transfer
+with CPU or disk steps runs on a worker thread and completes through a future; if it fails,
+its notification carries the error and only blocks it names were touched.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import threading
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kvblocks.errors import (
+    BlockIdOutOfRangeError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+    LayoutFormatError,
+    LengthMismatchError,
+    OverlapError,
+    TransferError,
+)
+from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
+from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
+from kvblocks.storage.disk import io_pool
+from kvblocks.transfer.executor import (
+    BouncePool,
+    Hop,
+    HopKind,
+    Side,
+    run_copy_engine,
+    run_disk,
+    run_gpu,
+    run_host,
+)
+from kvblocks.transfer.handles import (
+    LayoutHandle,
+    LogicalLayoutDescriptor,
+    LogicalLayoutHandle,
+    WorkerAddress,
+)
+from kvblocks.transfer.notification import TransferCompleteNotification
+from kvblocks.transfer.options import (
+    TransferCapabilities,
+    TransferOptions,
+    TransferPreferences,
+)
+from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
+from kvblocks.transfer.serialize import SerializedLayout
+from kvblocks.transfer.strategy import Bounce, Route, Strategy, route
+
+_SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
+
+
+@dataclass(frozen=True)
+class TransferConfig:
+    """Settings of a TransferManager (see :class:`TransferManagerBuilder`)."""
+
+    worker_id: int | None = None
+    agent_name: str = "kvblocks"
+    cuda_device_id: int = 0
+    capabilities: TransferCapabilities = field(default_factory=TransferCapabilities)
+    preferences: TransferPreferences = field(default_factory=TransferPreferences)
+    cuda_pool_reserve_size: int = 0
+    cuda_pool_release_threshold: int | None = None
+    io_threads: int = 8
+    workers: int = 4
+
+
+class TransferManagerBuilder:
+    """Fluent settings for a :class:`TransferManager`; each method returns the builder."""
+
+    def __init__(self) -> None:
+        self._config = TransferConfig()
+
+    def _set(self, **changes) -> TransferManagerBuilder:
+        self._config = replace(self._config, **changes)
+        return self
+
+    def worker_id(self, worker_id: int) -> TransferManagerBuilder:
+        """This worker's 64-bit id (random by default)."""
+        return self._set(worker_id=worker_id)
+
+    def agent_name(self, name: str) -> TransferManagerBuilder:
+        return self._set(agent_name=name)
+
+    def cuda_device_id(self, device_id: int) -> TransferManagerBuilder:
+        return self._set(cuda_device_id=device_id)
+
+    def capabilities(self, capabilities: TransferCapabilities) -> TransferManagerBuilder:
+        return self._set(capabilities=capabilities)
+
+    def preferences(self, preferences: TransferPreferences) -> TransferManagerBuilder:
+        return self._set(preferences=preferences)
+
+    def cuda_pool_reserve_size(self, nbytes: int) -> TransferManagerBuilder:
+        """Device memory kept for transfer temporaries from the start."""
+        return self._set(cuda_pool_reserve_size=nbytes)
+
+    def cuda_pool_release_threshold(self, nbytes: int | None) -> TransferManagerBuilder:
+        """Temporaries given back beyond this many kept bytes are freed."""
+        return self._set(cuda_pool_release_threshold=nbytes)
+
+    def io_threads(self, count: int) -> TransferManagerBuilder:
+        """Threads for disk I/O and host copies."""
+        return self._set(io_threads=count)
+
+    def build(self) -> TransferManager:
+        return TransferManager(self._config)
+
+
+class TransferManager:
+    """Moves blocks between registered layouts; see the module documentation."""
+
+    def __init__(self, config: TransferConfig | None = None) -> None:
+        config = config or TransferConfig()
+        for name in ("io_threads", "workers"):
+            value = getattr(config, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
+        worker_id = config.worker_id if config.worker_id is not None else secrets.randbits(64)
+        self.config = replace(config, worker_id=worker_id)
+        self.address = WorkerAddress(worker_id, config.agent_name)
+        if torch.cuda.is_available():
+            count = torch.cuda.device_count()
+            if not 0 <= config.cuda_device_id < count:
+                raise InvalidArgumentError(
+                    "cuda_device_id", f"must be in [0, {count}), got {config.cuda_device_id}"
+                )
+            self.device = torch.device("cuda", config.cuda_device_id)
+            self.streams: StreamPool | None = StreamPool(self.device)
+            self.memory_pool: DeviceMemoryPool | None = DeviceMemoryPool(
+                self.device, config.cuda_pool_reserve_size, config.cuda_pool_release_threshold
+            )
+        else:
+            self.device = torch.device("cpu")
+            self.streams = None
+            self.memory_pool = None
+        self._layouts: dict[LayoutHandle, PhysicalLayout] = {}
+        self._next_id = itertools.count(1)
+        self._lock = threading.Lock()
+        self._bounces = BouncePool()
+        self._io = io_pool(config.io_threads)
+        self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="kvblocks-transfer")
+
+    @staticmethod
+    def builder() -> TransferManagerBuilder:
+        return TransferManagerBuilder()
+
+    # Registration ----------------------------------------------------------------------------
+
+    def register_layout(self, physical: PhysicalLayout) -> LayoutHandle:
+        """Make ``physical`` addressable by transfers; returns its handle on this worker."""
+        if not isinstance(physical, PhysicalLayout):
+            raise InvalidArgumentError("physical", f"must be a PhysicalLayout, got {physical!r}")
+        physical.check_alive()
+        with self._lock:
+            for handle, known in self._layouts.items():
+                if known is physical:
+                    return handle
+            handle = LayoutHandle(self.address.worker_id, next(self._next_id))
+            self._layouts[handle] = physical
+        return handle
+
+    def layout(self, handle: LayoutHandle) -> PhysicalLayout:
+        """The layout registered under ``handle``."""
+        return self._get(handle, "handle")
+
+    def release_layout(self, handle: LayoutHandle) -> None:
+        """Forget ``handle`` and free the storage its layout allocated."""
+        physical = self._get(handle, "handle")
+        with self._lock:
+            del self._layouts[handle]
+        physical.release()
+
+    def export_layout(self, handle: LayoutHandle) -> SerializedLayout:
+        """The description another worker needs to address this layout."""
+        return SerializedLayout.of(self._get(handle, "handle"), self.address)
+
+    def import_layout(self, serialized: SerializedLayout) -> LayoutHandle:
+        """Register another worker's layout (remote storage, moved through NIXL)."""
+        builder = PhysicalLayout.builder(serialized.config).kv_format(serialized.kv_format)
+        if serialized.fully_contiguous:
+            builder.fully_contiguous()
+        else:
+            builder.layer_separate(serialized.block_dim)
+        physical = builder.with_remote_regions(serialized.regions).build()
+        with self._lock:
+            handle = LayoutHandle(serialized.worker.worker_id, next(self._next_id))
+            self._layouts[handle] = physical
+        return handle
+
+    def build_logical_descriptor(
+        self, handle: LayoutHandle, tier: LogicalLayoutHandle
+    ) -> LogicalLayoutDescriptor:
+        """Tie a registered layout to the tier it serves."""
+        self._get(handle, "handle")
+        if not isinstance(tier, LogicalLayoutHandle):
+            raise InvalidArgumentError("tier", f"must be a LogicalLayoutHandle, got {tier!r}")
+        return LogicalLayoutDescriptor(handle, tier)
+
+    def _get(self, handle: LayoutHandle, argument: str) -> PhysicalLayout:
+        if not isinstance(handle, LayoutHandle):
+            raise InvalidArgumentError(argument, f"must be a LayoutHandle, got {handle!r}")
+        physical = self._layouts.get(handle)
+        if physical is None:
+            raise InvalidArgumentError(argument, f"{handle} is not registered with this manager")
+        physical.check_alive()
+        return physical
+
+    # Transfers -------------------------------------------------------------------------------
+
+    def strategy(
+        self, src: LayoutHandle, dst: LayoutHandle, options: TransferOptions | None = None
+    ) -> Strategy:
+        """The strategy a transfer from ``src`` to ``dst`` with ``options`` would take."""
+        options = options or TransferOptions()
+        none = torch.zeros(0, dtype=torch.int64)
+        sides = []
+        for handle, override, name in (
+            (src, options.src_kv_layout, "src"),
+            (dst, options.dst_kv_layout, "dst"),
+        ):
+            physical = self._get(handle, name)
+            sides.append(
+                Side(physical, none, self._format(physical, override, f"{name}_kv_layout"))
+            )
+        return route(*sides, self.config.preferences.copy_engine).strategy
+
+    def execute_transfer(
+        self,
+        src: LayoutHandle,
+        src_ids: Iterable[int] | torch.Tensor,
+        dst: LayoutHandle,
+        dst_ids: Iterable[int] | torch.Tensor,
+        options: TransferOptions | None = None,
+    ) -> TransferCompleteNotification:
+        """Copy blocks ``src_ids`` of ``src`` into blocks ``dst_ids`` of ``dst``.
+
+        Args:
+            src, dst: registered layouts with the same block shape (``num_blocks`` may differ).
+            src_ids, dst_ids: equally many block ids; ``dst_ids`` without repeats.
+            options: layer range, format overrides, bounce buffer, caller stream.
+
+        Returns:
+            A notification to await, wait on or poll.
+
+        Raises:
+            InvalidArgumentError (and subclasses): a bad argument; nothing was moved.
+            BackendUnavailableError: remote layouts (NIXL is not offered here yet).
+        """
+        options = options or TransferOptions()
+        if not isinstance(options, TransferOptions):
+            raise InvalidArgumentError("options", f"must be TransferOptions, got {options!r}")
+        src_side, dst_side, layers = self._prepare(src, src_ids, dst, dst_ids, options)
+        if src_side.ids.numel() == 0:
+            return TransferCompleteNotification.ready()
+        plan = route(src_side, dst_side, self.config.preferences.copy_engine)
+        check_overlap = _share_memory(src_side.physical, dst_side.physical)
+        if plan.strategy.stays_on_gpu:
+            return self._run_on_stream(plan, layers, options, check_overlap)
+        if options.cuda_stream is not None:
+            raise InvalidArgumentError(
+                "cuda_stream",
+                f"applies only to transfers that stay on the GPU, not {plan.strategy.value}",
+            )
+        after = None
+        if self.streams is not None:
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(self.device))
+        bounce = self._bounce_side(options, src_side) if options.bounce_buffer else None
+        future = self._workers.submit(
+            self._run_staged, plan, src_side, layers, after, check_overlap, bounce
+        )
+        return TransferCompleteNotification.from_future(future)
+
+    def _prepare(self, src, src_ids, dst, dst_ids, options: TransferOptions):
+        src_physical = self._get(src, "src")
+        dst_physical = self._get(dst, "dst")
+        s_ids = _ids(src_ids, src_physical.config.num_blocks, "src_ids")
+        d_ids = _ids(dst_ids, dst_physical.config.num_blocks, "dst_ids")
+        if s_ids.numel() != d_ids.numel():
+            raise LengthMismatchError(
+                "dst_ids",
+                f"must hold as many ids as src_ids ({s_ids.numel()}), got {d_ids.numel()}",
+            )
+        _check_same_shape(src_physical.config, dst_physical.config)
+        repeated = _first_repeat(d_ids)
+        if repeated is not None:
+            raise OverlapError("dst_ids", f"names block {repeated} twice")
+        if src_physical is dst_physical and bool(torch.isin(d_ids, s_ids).any()):
+            block = int(d_ids[torch.isin(d_ids, s_ids)][0])
+            raise OverlapError(
+                "dst_ids", f"block {block} is also a source in this layout; move it in two steps"
+            )
+        layers = src_physical.layout.layer_range(options.layer_range)
+        s_fmt = self._format(src_physical, options.src_kv_layout, "src_kv_layout")
+        d_fmt = self._format(dst_physical, options.dst_kv_layout, "dst_kv_layout")
+        if s_fmt.requires_transform(d_fmt):
+            for name, fmt in (("src_kv_layout", s_fmt), ("dst_kv_layout", d_fmt)):
+                if fmt.dim_order is None:
+                    raise LayoutFormatError(
+                        name,
+                        "is Unknown, so the block format cannot be changed: give the layout's"
+                        " kv_format, or this option",
+                    )
+            if src_physical.config.num_heads is None or dst_physical.config.num_heads is None:
+                raise InvalidArgumentError(
+                    "num_heads", "must be set in both layouts' configs to change the block format"
+                )
+            if len(layers) != src_physical.config.num_layers:
+                raise InvalidArgumentError(
+                    "layer_range", "must cover every layer when the block format changes"
+                )
+        return Side(src_physical, s_ids, s_fmt), Side(dst_physical, d_ids, d_fmt), layers
+
+    @staticmethod
+    def _format(physical: PhysicalLayout, override: KvBlockLayout | None, argument: str):
+        if override is None:
+            return physical.kv_format
+        if not isinstance(override, KvBlockLayout):
+            raise LayoutFormatError(argument, f"must be a KvBlockLayout, got {override!r}")
+        if not physical.layout.is_fully_contiguous and not override.is_operational():
+            raise LayoutFormatError(
+                argument, f"must be operational for a layer-separate layout, got {override.name}"
+            )
+        return override
+
+    def _bounce_side(self, options: TransferOptions, like: Side) -> Side:
+        bounce = options.bounce_buffer
+        physical = self._get(bounce.handle, "bounce_buffer")
+        if physical.storage is not StorageKind.PINNED:
+            raise InvalidArgumentError(
+                "bounce_buffer", f"must be a pinned layout, got {physical.storage.value}"
+            )
+        _check_same_shape(like.config, physical.config, "bounce_buffer")
+        ids = _ids(bounce.block_ids, physical.config.num_blocks, "bounce_buffer.block_ids")
+        if ids.numel() != like.ids.numel():
+            raise LengthMismatchError(
+                "bounce_buffer.block_ids",
+                f"must hold one block per moved block ({like.ids.numel()}), got {ids.numel()}",
+            )
+        return Side(physical, ids, physical.kv_format)
+
+    def _gpu_stream(self, hop: Hop) -> tuple[torch.device, torch.cuda.Stream]:
+        gpu = hop.src if hop.src.on_gpu else hop.dst
+        stream = self.streams.h2d() if hop.dst.on_gpu else self.streams.d2h()
+        return gpu.physical.device, stream
+
+    def _run_on_stream(
+        self, plan: Route, layers: range, options: TransferOptions, check_overlap: bool
+    ) -> TransferCompleteNotification:
+        (hop,) = plan.with_buffers({})
+        device, stream = self._gpu_stream(hop)
+        stream = options.cuda_stream or stream  # the pool's stream is skipped then
+        with torch.cuda.device(device):
+            if options.cuda_stream is None:
+                stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+            if options.cuda_stream is not None:
+                return TransferCompleteNotification.ready()
+            done = torch.cuda.Event()
+            done.record(stream)
+        return TransferCompleteNotification.from_event(done)
+
+    @staticmethod
+    def _run_gpu_hop(hop: Hop, layers, device, stream, check_overlap: bool) -> None:
+        if hop.kind is HopKind.COPY_ENGINE:
+            run_copy_engine(hop, layers, stream)
+        else:
+            run_gpu(hop, layers, device, check_overlap)
+
+    def _run_staged(
+        self,
+        plan: Route,
+        src: Side,
+        layers: range,
+        after: torch.cuda.Event | None,
+        check_overlap: bool,
+        bounce: Side | None,
+    ) -> None:
+        buffers: dict[Bounce, Side] = {}
+        pinned, device_temps = [], []  # what this transfer took from the pools
+        try:
+            for needed in plan.bounces():
+                if needed.where == "pinned" and bounce is not None:
+                    buffers[needed] = replace(bounce, fmt=needed.fmt)
+                    bounce = None
+                elif needed.where == "pinned":
+                    buffers[needed] = self._bounces.take(src, needed.fmt)
+                    pinned.append(buffers[needed])
+                else:
+                    buffers[needed] = self._device_temp(src, needed.fmt)
+                    device_temps.append(buffers[needed])
+            for hop in plan.with_buffers(buffers):
+                if hop.kind in (HopKind.GPU, HopKind.COPY_ENGINE):
+                    device, stream = self._gpu_stream(hop)
+                    with torch.cuda.device(device):
+                        if after is not None:
+                            stream.wait_event(after)
+                        with torch.cuda.stream(stream):
+                            self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+                        stream.synchronize()
+                elif hop.kind is HopKind.HOST:
+                    run_host(hop, layers, self._io)
+                else:
+                    run_disk(hop, layers, self._io)
+        except Exception as exc:
+            raise TransferError(f"{plan.strategy.value} transfer failed: {exc}") from exc
+        finally:  # every GPU step was synchronized: the buffers are free to reuse
+            for side in pinned:
+                self._bounces.give_back(side)
+            for side in device_temps:
+                self.memory_pool.release(side.physical.allocations[0].view())
+
+    def _device_temp(self, like: Side, fmt: KvBlockLayout) -> Side:
+        config = replace(like.config, num_blocks=like.ids.numel())
+        buffer = self.memory_pool.acquire(config.total_bytes)
+        allocation = MemoryAllocation(StorageKind.DEVICE, buffer, owned=False)
+        layout = FullyContiguousLayout(config, allocation.region, fmt)
+        physical = PhysicalLayout(layout, StorageKind.DEVICE, (allocation,))
+        return Side(physical, torch.arange(config.num_blocks, dtype=torch.int64), fmt)
+
+    def close(self) -> None:
+        """Finish running transfers and stop the worker threads."""
+        self._workers.shutdown(wait=True)
+        self._io.shutdown(wait=True)
+
+    def __enter__(self) -> TransferManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
+            raise InvalidArgumentError(argument, f"must be a 1-d int tensor, got {value.dtype}")
+        ids = value.detach().to("cpu", torch.int64)
+    else:
+        try:
+            ids = torch.tensor([int(b) for b in value], dtype=torch.int64)
+        except (TypeError, ValueError) as exc:
+            raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
+        raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
+    return ids
+
+
+def _first_repeat(ids: torch.Tensor) -> int | None:
+    if ids.numel() < 2:
+        return None
+    ordered = torch.sort(ids).values
+    same = ordered[1:] == ordered[:-1]
+    return int(ordered[1:][same][0]) if bool(same.any()) else None
+
+
+def _check_same_shape(a: LayoutConfig, b: LayoutConfig, argument: str = "dst") -> None:
+    for name in _SHAPE_FIELDS:
+        if getattr(a, name) != getattr(b, name):
+            raise ConfigMismatchError(
+                argument,
+                f"has {name}={getattr(b, name)} where the source has {getattr(a, name)};"
+                " blocks must have the same shape",
+            )
+    if a.num_heads is not None and b.num_heads is not None and a.num_heads != b.num_heads:
+        raise ConfigMismatchError(
+            argument, f"has num_heads={b.num_heads} where the source has {a.num_heads}"
+        )
+
+
+def _share_memory(a: PhysicalLayout, b: PhysicalLayout) -> bool:
+    """Whether two layouts' memory might overlap (then kernels check every address)."""
+    if a is b:
+        return False  # distinct block ids of one layout never overlap
+    spans = []
+    for physical in (a, b):
+        if physical.storage in (StorageKind.DISK, StorageKind.REMOTE):
+            return False
+        spans.append([alloc.region for alloc in physical.allocations])
+    return any(x.overlaps(y) for x in spans[0] for y in spans[1])

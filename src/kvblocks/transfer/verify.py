@@ -1,0 +1,126 @@
+"""Checksums and fill patterns of blocks, for verifying transfers and for tests.
+
+A block's checksum is BLAKE3 over its bytes as stored, region by region in ``(layer, outer)``
+order (for a fully contiguous layout, simply the block's span). So the same block in a fully
+contiguous and a layer-separate layout of the same format has the same checksum, and the same
+data in two formats (NHD and universal, say) does not. Layer checksums cover the ``no`` regions
+of one layer of one block.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import blake3
+import torch
+
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
+from kvblocks.layout import MemoryRegion
+from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
+
+
+def _spans(physical: PhysicalLayout, block_id: int, layers: range | None) -> list[MemoryRegion]:
+    layout = physical.layout
+    if layout.is_fully_contiguous and layers is None:
+        return [layout.block_region(block_id)]
+    no = layout.config.outer_dim
+    return [layout.region(block_id, l, o) for l in layout.layer_range(layers) for o in range(no)]
+
+
+def read_bytes(physical: PhysicalLayout, region: MemoryRegion) -> bytes:
+    """The bytes of one region of ``physical`` (copied to the host)."""
+    physical.check_alive()
+    if physical.storage is StorageKind.DISK:
+        fd = os.open(physical.file.path, os.O_RDONLY)
+        try:
+            return os.pread(fd, region.size, region.addr)
+        finally:
+            os.close(fd)
+    return _memory_slice(physical, region).cpu().numpy().tobytes()
+
+
+def _memory_slice(physical: PhysicalLayout, region: MemoryRegion) -> torch.Tensor:
+    if physical.storage is StorageKind.REMOTE:
+        raise BackendUnavailableError("remote blocks are checked on the worker that holds them")
+    for allocation in physical.allocations:
+        assert isinstance(allocation, MemoryAllocation)
+        start = region.addr - allocation.region.addr
+        if 0 <= start and start + region.size <= allocation.size:
+            return allocation.view()[start : start + region.size]
+    raise InvalidArgumentError("region", f"{region} is not inside this layout's memory")
+
+
+def block_checksums(physical: PhysicalLayout, block_ids: Sequence[int]) -> list[str]:
+    """BLAKE3 (hex) of each block's bytes."""
+    return [_checksum(physical, _spans(physical, b, None)) for b in block_ids]
+
+
+def layer_checksums(
+    physical: PhysicalLayout, block_ids: Sequence[int], layers: range | None = None
+) -> list[list[str]]:
+    """BLAKE3 (hex) of each ``(block, layer)``: ``result[i][j]`` is block ``block_ids[i]``,
+    layer ``layers[j]``."""
+    layers = physical.layout.layer_range(layers)
+    return [
+        [_checksum(physical, _spans(physical, b, range(l, l + 1))) for l in layers]
+        for b in block_ids
+    ]
+
+
+def _checksum(physical: PhysicalLayout, spans: list[MemoryRegion]) -> str:
+    hasher = blake3.blake3()
+    for span in spans:
+        hasher.update(read_bytes(physical, span))
+    return hasher.hexdigest()
+
+
+@dataclass(frozen=True)
+class FillPattern:
+    """Bytes to fill blocks with: one constant, or a sequence that differs for every block,
+    layer, outer chunk and byte (so a misplaced region is caught)."""
+
+    constant: int | None = None
+
+    @classmethod
+    def sequential(cls) -> FillPattern:
+        return cls(None)
+
+    @classmethod
+    def of_constant(cls, value: int) -> FillPattern:
+        if not 0 <= value <= 255:
+            raise InvalidArgumentError("value", f"must be a byte in [0, 255], got {value}")
+        return cls(value)
+
+    def bytes_for(self, block_id: int, layer: int, outer: int, size: int, device) -> torch.Tensor:
+        if self.constant is not None:
+            return torch.full((size,), self.constant, dtype=torch.uint8, device=device)
+        start = (block_id * 131 + layer * 31 + outer * 17) % 251
+        return ((torch.arange(size, device=device) + start) % 251).to(torch.uint8)
+
+
+def fill_blocks(physical: PhysicalLayout, block_ids: Sequence[int], pattern: FillPattern) -> None:
+    """Write ``pattern`` into ``block_ids``: a fully contiguous block as one span (layer and
+    outer 0 in the pattern), a layer-separate block region by region."""
+    physical.check_alive()
+    layout = physical.layout
+    disk = physical.storage is StorageKind.DISK
+    fd = os.open(physical.file.path, os.O_WRONLY) if disk else None
+    try:
+        for b in block_ids:
+            if layout.is_fully_contiguous:
+                pieces = [(0, 0, layout.block_region(b))]
+            else:
+                nl, no = layout.config.num_layers, layout.config.outer_dim
+                pieces = [(l, o, layout.region(b, l, o)) for l in range(nl) for o in range(no)]
+            for l, o, region in pieces:
+                if disk:
+                    data = pattern.bytes_for(b, l, o, region.size, "cpu")
+                    os.pwrite(fd, data.numpy().tobytes(), region.addr)
+                else:
+                    target = _memory_slice(physical, region)
+                    target.copy_(pattern.bytes_for(b, l, o, region.size, target.device))
+    finally:
+        if fd is not None:
+            os.close(fd)
