@@ -59,7 +59,7 @@ class DiskAllocation(Allocation):
             os.posix_fallocate(self._fd, 0, size)
         except OSError as exc:
             self._close_and_unlink()
-            if exc.errno == errno.ENOSPC:
+            if exc.errno in (errno.ENOSPC, errno.EFBIG):
                 raise StorageError(f"no room for {size} bytes on this disk", self.path) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                 raise StorageError(
