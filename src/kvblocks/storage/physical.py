@@ -16,6 +16,7 @@ and the layout's "addresses" are offsets into that file.
 
 from __future__ import annotations
 
+import operator
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -278,7 +279,10 @@ class KvBlocks:
         block_ids: Iterable[int],
         kv_layout: KvBlockLayout | None = None,
     ) -> None:
-        ids = tuple(int(b) for b in block_ids)
+        try:
+            ids = tuple(operator.index(b) for b in block_ids)
+        except TypeError as exc:
+            raise InvalidArgumentError("block_ids", f"must hold ints: {exc}") from None
         n = layout.config.num_blocks
         bad = [b for b in ids if not 0 <= b < n]
         if bad:

@@ -18,6 +18,7 @@ its notification carries the error and only blocks it names were touched.
 from __future__ import annotations
 
 import itertools
+import operator
 import secrets
 import threading
 from collections.abc import Iterable
@@ -456,7 +457,7 @@ def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
         ids = value.detach().to("cpu", torch.int64)
     else:
         try:
-            ids = torch.tensor([int(b) for b in value], dtype=torch.int64)
+            ids = torch.tensor([operator.index(b) for b in value], dtype=torch.int64)
         except (TypeError, ValueError) as exc:
             raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):

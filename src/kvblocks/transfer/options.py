@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
@@ -63,7 +64,11 @@ class BounceBuffer:
     def from_handle(cls, handle: LayoutHandle, block_ids: Iterable[int]) -> BounceBuffer:
         if not isinstance(handle, LayoutHandle):
             raise InvalidArgumentError("handle", f"must be a LayoutHandle, got {handle!r}")
-        return cls(handle, tuple(int(b) for b in block_ids))
+        try:
+            ids = tuple(operator.index(b) for b in block_ids)
+        except TypeError as exc:
+            raise InvalidArgumentError("block_ids", f"must hold ints: {exc}") from None
+        return cls(handle, ids)
 
 
 @dataclass(frozen=True)

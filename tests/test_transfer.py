@@ -1,0 +1,436 @@
+"""TransferManager: every storage pair, random block maps, layer ranges and format changes,
+verified by checksums (and by bytes against the torch reference for format changes)."""
+
+import asyncio
+import os
+import tempfile
+from concurrent.futures import Future
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kvblocks.errors import (
+    BackendUnavailableError,
+    BlockIdOutOfRangeError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+    LayoutFormatError,
+    LayoutReleasedError,
+    LengthMismatchError,
+    OverlapError,
+    SerializationError,
+    TransferError,
+)
+from kvblocks.kernels.reference import convert
+from kvblocks.layout import KvBlockLayout, LayoutConfig
+from kvblocks.storage import PhysicalLayout, StorageKind
+from kvblocks.transfer import (
+    BounceBuffer,
+    FillPattern,
+    LayoutHandle,
+    LogicalLayoutHandle,
+    SerializedLayout,
+    Strategy,
+    TransferCompleteNotification,
+    TransferManager,
+    TransferOptions,
+    TransferPreferences,
+    block_checksums,
+    fill_blocks,
+    layer_checksums,
+)
+from kvblocks.transfer.pools import DeviceMemoryPool
+from kvblocks.transfer.verify import read_bytes
+
+NHD, HND, UNI = (
+    KvBlockLayout.OperationalNHD,
+    KvBlockLayout.OperationalHND,
+    KvBlockLayout.UniversalTP,
+)
+CFG = LayoutConfig(
+    num_blocks=6,
+    num_layers=3,
+    outer_dim=2,
+    page_size=4,
+    inner_dim=16,
+    dtype_width_bytes=2,
+    num_heads=2,
+)
+KINDS = ["device", "pinned", "system", "disk"]
+POISON = 0xAB
+
+
+@pytest.fixture(scope="module")
+def manager():
+    with TransferManager.builder().worker_id(7).build() as m:
+        yield m
+
+
+def make(manager, kind, fc=True, fmt=NHD, cfg=CFG, folder=None):
+    builder = PhysicalLayout.builder(cfg).kv_format(fmt)
+    builder = builder.fully_contiguous() if fc else builder.layer_separate()
+    if kind == "disk":
+        folder = folder or tempfile.mkdtemp()
+        builder = builder.allocate_disk(os.path.join(folder, f"{os.urandom(4).hex()}.bin"))
+    else:
+        builder = getattr(builder, f"allocate_{kind}")()
+    return manager.register_layout(builder.build())
+
+
+def block_tensor(physical, block_id) -> torch.Tensor:
+    """A block's bytes as stored (regions in (layer, outer) order), as f16 elements."""
+    layout = physical.layout
+    if layout.is_fully_contiguous:
+        raw = read_bytes(physical, layout.block_region(block_id))
+    else:
+        nl, no = layout.config.num_layers, layout.config.outer_dim
+        raw = b"".join(
+            read_bytes(physical, layout.region(block_id, l, o))
+            for l in range(nl)
+            for o in range(no)
+        )
+    return torch.frombuffer(bytearray(raw), dtype=torch.float16)
+
+
+def check_transfer(manager, src, s_ids, dst, d_ids, layers, options=None):
+    """Run a transfer and check every byte it should and should not have written."""
+    sp, dp = manager.layout(src), manager.layout(dst)
+    fill_blocks(sp, range(sp.config.num_blocks), FillPattern.sequential())
+    fill_blocks(dp, range(dp.config.num_blocks), FillPattern.of_constant(POISON))
+    before = layer_checksums(dp, range(dp.config.num_blocks)) if not _universal(dp) else None
+    whole_before = block_checksums(dp, range(dp.config.num_blocks))
+    manager.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
+
+    untouched = [b for b in range(dp.config.num_blocks) if b not in d_ids]
+    assert block_checksums(dp, untouched) == [whole_before[b] for b in untouched]
+    s_fmt = (options and options.src_kv_layout) or sp.kv_format
+    d_fmt = (options and options.dst_kv_layout) or dp.kv_format
+    if s_fmt.requires_transform(d_fmt):
+        dims = CFG.dims(torch.float16)
+        src_blocks = torch.stack([block_tensor(sp, b) for b in s_ids])
+        expected = torch.empty_like(src_blocks)
+        convert(src_blocks, expected, dims, s_fmt, d_fmt)
+        got = torch.stack([block_tensor(dp, b) for b in d_ids])
+        assert torch.equal(got.view(torch.int16), expected.view(torch.int16))
+        return
+    if layers is None or _universal(sp) or _universal(dp):
+        assert block_checksums(dp, d_ids) == block_checksums(sp, s_ids)
+        return
+    moved = layer_checksums(dp, d_ids)
+    wanted = layer_checksums(sp, s_ids)
+    for i, b in enumerate(d_ids):
+        for l in range(dp.config.num_layers):
+            expect = wanted[i][l] if l in layers else before[b][l]
+            assert moved[i][l] == expect, (b, l)
+
+
+def _universal(physical):
+    return physical.kv_format.dim_order is not None and not physical.kv_format.is_operational()
+
+
+FORMAT_PAIRS = [
+    (NHD, NHD),
+    (NHD, HND),
+    (HND, NHD),
+    (NHD, UNI),
+    (UNI, HND),
+    (KvBlockLayout.Unknown, KvBlockLayout.Unknown),
+]
+
+
+@settings(max_examples=40)
+@given(
+    src_kind=st.sampled_from(KINDS),
+    dst_kind=st.sampled_from(KINDS),
+    src_fc=st.booleans(),
+    dst_fc=st.booleans(),
+    formats=st.sampled_from(FORMAT_PAIRS),
+    data=st.data(),
+)
+def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats, data):
+    s_fmt, d_fmt = formats
+    src_fc = src_fc or s_fmt == UNI  # a universal block is one contiguous span
+    dst_fc = dst_fc or d_fmt == UNI
+    n = data.draw(st.integers(1, 4))
+    s_ids = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    d_ids = data.draw(st.permutations(range(6)))[:n]
+    layers = None
+    if not s_fmt.requires_transform(d_fmt) and UNI not in formats:
+        start = data.draw(st.integers(0, 2))
+        layers = range(start, data.draw(st.integers(start + 1, 3)))
+    src = make(manager, src_kind, src_fc, s_fmt)
+    dst = make(manager, dst_kind, dst_fc, d_fmt)
+    try:
+        check_transfer(manager, src, s_ids, dst, d_ids, layers, TransferOptions(layer_range=layers))
+    finally:
+        manager.release_layout(src)
+        manager.release_layout(dst)
+
+
+def test_direct_disk_io_with_page_sized_regions(manager, tmp_path):
+    cfg = LayoutConfig(
+        num_blocks=8,
+        num_layers=2,
+        outer_dim=2,
+        page_size=16,
+        inner_dim=128,
+        dtype_width_bytes=2,
+        num_heads=1,
+    )  # 4 KiB regions
+    host = make(manager, "pinned", True, cfg=cfg)
+    disk = make(manager, "disk", True, cfg=cfg, folder=str(tmp_path))
+    assert manager.layout(disk).file.direct in (True, False)
+    hp, dp = manager.layout(host), manager.layout(disk)
+    fill_blocks(hp, range(8), FillPattern.sequential())
+    manager.execute_transfer(host, [0, 1, 2, 7], disk, [4, 5, 6, 0]).wait()
+    assert block_checksums(dp, [4, 5, 6, 0]) == block_checksums(hp, [0, 1, 2, 7])
+    back = make(manager, "system", False, cfg=cfg)
+    manager.execute_transfer(disk, [4, 5, 6, 0], back, [1, 2, 3, 4]).wait()
+    assert block_checksums(manager.layout(back), [1, 2, 3, 4]) == block_checksums(hp, [0, 1, 2, 7])
+
+
+def test_format_override_and_bounce_buffer(manager, tmp_path):
+    src = make(manager, "system", True, KvBlockLayout.Unknown)
+    dst = make(manager, "disk", True, UNI, folder=str(tmp_path))
+    bounce = make(manager, "pinned", True, KvBlockLayout.Unknown)
+    options = TransferOptions(
+        src_kv_layout=HND, bounce_buffer=BounceBuffer.from_handle(bounce, [3, 4])
+    )
+    assert manager.strategy(src, dst, options) is Strategy.DISK_BOUNCE
+    check_transfer(manager, src, [0, 1], dst, [2, 3], None, options)
+
+
+def test_strategies_on_this_machine(manager, tmp_path):
+    h = {k: make(manager, k, True) for k in KINDS[:3]}
+    h["disk"] = make(manager, "disk", True, folder=str(tmp_path))
+    gpu = torch.cuda.is_available()
+    assert manager.strategy(h["device"], h["pinned"]) is (
+        Strategy.KERNEL if gpu else Strategy.HOST_COPY
+    )
+    assert manager.strategy(h["device"], h["system"]) is (
+        Strategy.PINNED_BOUNCE if gpu else Strategy.HOST_COPY
+    )
+    assert manager.strategy(h["pinned"], h["system"]) is Strategy.HOST_COPY
+    assert manager.strategy(h["system"], h["disk"]) is Strategy.DISK_IO
+    assert manager.strategy(h["device"], h["disk"]) is (
+        Strategy.DISK_BOUNCE if gpu else Strategy.DISK_IO
+    )
+    assert manager.strategy(h["disk"], h["disk"]) is Strategy.DISK_BOUNCE
+
+
+def test_argument_errors_move_nothing(manager):
+    a = make(manager, "system", True, NHD)
+    b = make(manager, "system", False, NHD)
+    other = make(
+        manager,
+        "system",
+        True,
+        NHD,
+        cfg=LayoutConfig(
+            num_blocks=6, num_layers=4, outer_dim=2, page_size=4, inner_dim=16, dtype_width_bytes=2
+        ),
+    )
+    unknown = make(manager, "system", True, KvBlockLayout.Unknown)
+    no_heads = make(
+        manager,
+        "system",
+        True,
+        HND,
+        cfg=LayoutConfig(
+            num_blocks=6, num_layers=3, outer_dim=2, page_size=4, inner_dim=16, dtype_width_bytes=2
+        ),
+    )
+    fill_blocks(manager.layout(b), range(6), FillPattern.of_constant(POISON))
+    before = block_checksums(manager.layout(b), range(6))
+    run = manager.execute_transfer
+    cases = [
+        (lambda: run(LayoutHandle(7, 999), [0], b, [0]), InvalidArgumentError, "is not registered"),
+        (lambda: run(a, [0, 1], b, [0]), LengthMismatchError, "dst_ids must hold as many ids"),
+        (
+            lambda: run(a, [6], b, [0]),
+            BlockIdOutOfRangeError,
+            r"src_ids must be in \[0, 6\), got 6",
+        ),
+        (lambda: run(a, [0], b, [-1]), BlockIdOutOfRangeError, "dst_ids"),
+        (lambda: run(a, [0, 1], b, [2, 2]), OverlapError, "names block 2 twice"),
+        (lambda: run(b, [0, 1], b, [1, 2]), OverlapError, "block 1 is also a source"),
+        (
+            lambda: run(a, [0], other, [0]),
+            ConfigMismatchError,
+            "num_layers=4 where the source has 3",
+        ),
+        (lambda: run(unknown, [0], b, [0]), LayoutFormatError, "is Unknown"),
+        (lambda: run(no_heads, [0], b, [0]), InvalidArgumentError, "num_heads must be set"),
+        (
+            lambda: run(
+                a, [0], b, [0], TransferOptions(layer_range=range(1, 2), dst_kv_layout=HND)
+            ),
+            InvalidArgumentError,
+            "layer_range must cover every layer",
+        ),
+        (
+            lambda: run(a, [0], b, [0], TransferOptions(layer_range=range(2, 5))),
+            BlockIdOutOfRangeError,
+            "layers must be a non-empty range",
+        ),
+        (
+            lambda: run(a, [0], b, [0], TransferOptions(dst_kv_layout=UNI)),
+            LayoutFormatError,
+            "must be operational for a layer-separate layout",
+        ),
+        (lambda: run(a, [0.5], b, [0]), InvalidArgumentError, "src_ids must hold ints"),
+        (lambda: run(a, [0], b, [0], {"layer_range": 1}), InvalidArgumentError, "options must be"),
+    ]
+    for call, error, match in cases:
+        with pytest.raises(error, match=match):
+            call()
+    assert block_checksums(manager.layout(b), range(6)) == before
+    assert manager.execute_transfer(a, [], b, []).poll()
+
+
+def test_released_layout(manager):
+    a = make(manager, "system")
+    b = make(manager, "system")
+    manager.layout(b).release()
+    with pytest.raises(LayoutReleasedError, match="released"):
+        manager.execute_transfer(a, [0], b, [0])
+
+
+def test_failed_transfer_completes_with_error(manager, tmp_path):
+    disk = make(manager, "disk", True, folder=str(tmp_path))
+    host = make(manager, "system", True)
+    hp = manager.layout(host)
+    fill_blocks(hp, range(6), FillPattern.of_constant(POISON))
+    before = block_checksums(hp, range(6))
+    os.truncate(manager.layout(disk).file.path, CFG.block_bytes)  # blocks 1.. are gone
+    note = manager.execute_transfer(disk, [3, 4], host, [0, 1])
+    with pytest.raises(TransferError, match="disk_io transfer failed: .*file ends before byte"):
+        note.wait()
+    assert note.poll() and isinstance(note.exception(), TransferError)
+    assert block_checksums(hp, range(2, 6)) == before[2:]
+
+
+def test_remote_layouts(manager):
+    src = make(manager, "system", False, HND)
+    blob = manager.export_layout(src).to_bytes()
+    remote = manager.import_layout(SerializedLayout.from_bytes(blob))
+    assert manager.layout(remote).storage is StorageKind.REMOTE
+    assert remote.worker_id == 7
+    with pytest.raises(BackendUnavailableError, match="NIXL"):
+        manager.execute_transfer(src, [0], remote, [0])
+    descriptor = manager.build_logical_descriptor(src, LogicalLayoutHandle.G2)
+    assert descriptor.tier is LogicalLayoutHandle.G2 and descriptor.handle == src
+
+
+def test_serialized_layout_round_trip_and_versions(manager):
+    handle = make(manager, "pinned", True, KvBlockLayout.Custom(list(reversed(HND.dim_order))))
+    described = manager.export_layout(handle)
+    again = SerializedLayout.from_bytes(described.to_bytes())
+    assert again == described
+    assert again.worker == manager.address
+    with pytest.raises(SerializationError, match="version 2; this kvblocks reads version 1"):
+        SerializedLayout.from_bytes(described.to_bytes().replace(b'"version":1', b'"version":2'))
+    with pytest.raises(SerializationError, match="no KVBL header"):
+        SerializedLayout.from_bytes(b"{}")
+    with pytest.raises(SerializationError, match="damaged"):
+        SerializedLayout.from_bytes(described.to_bytes()[:40])
+
+
+def test_layout_handles():
+    h = LayoutHandle(0xDEADBEEF, 42)
+    assert LayoutHandle.from_packed(h.packed) == h and h.packed >> 64 == 0xDEADBEEF
+    with pytest.raises(InvalidArgumentError, match="worker_id must be an int"):
+        LayoutHandle(-1, 0)
+    with pytest.raises(InvalidArgumentError, match="value must be an int in"):
+        LayoutHandle.from_packed(1 << 128)
+
+
+def test_registration(manager):
+    physical = PhysicalLayout.builder(CFG).fully_contiguous().allocate_system().build()
+    handle = manager.register_layout(physical)
+    assert manager.register_layout(physical) == handle
+    assert manager.layout(handle) is physical
+    manager.release_layout(handle)
+    assert physical.released
+    with pytest.raises(InvalidArgumentError, match="is not registered"):
+        manager.layout(handle)
+    with pytest.raises(InvalidArgumentError, match="physical must be a PhysicalLayout"):
+        manager.register_layout("layout")
+
+
+def test_notifications():
+    ready = TransferCompleteNotification.ready()
+    assert ready.poll() and not ready.could_yield() and ready.exception() is None
+    ready.wait()
+    future = Future()
+    pending = TransferCompleteNotification.from_future(future)
+    assert pending.could_yield()
+    both = TransferCompleteNotification.aggregate([ready, pending])
+    assert both is pending  # the ready one is dropped
+    with pytest.raises(TimeoutError):
+        pending.wait(timeout=0.01)
+    future.set_result(None)
+    asyncio.run(_await(both))
+    failed = TransferCompleteNotification.failed(OSError("disk gone"))
+    with pytest.raises(TransferError, match="disk gone"):
+        failed.wait()
+    agg = TransferCompleteNotification.aggregate([ready, failed])
+    assert isinstance(agg.exception(), TransferError)
+    f1, f2 = Future(), Future()
+    many = TransferCompleteNotification.aggregate(
+        [TransferCompleteNotification.from_future(f1), TransferCompleteNotification.from_future(f2)]
+    )
+    f1.set_result(None)
+    assert not many.poll()
+    f2.set_exception(ValueError("boom"))
+    with pytest.raises(TransferError, match="boom"):
+        many.wait()
+
+
+async def _await(notification):
+    await notification
+
+
+def test_await_a_real_transfer(manager, tmp_path):
+    src = make(manager, "system")
+    dst = make(manager, "disk", folder=str(tmp_path))
+    fill_blocks(manager.layout(src), range(6), FillPattern.sequential())
+
+    async def main():
+        await manager.execute_transfer(src, [1], dst, [2])
+
+    asyncio.run(main())
+    assert block_checksums(manager.layout(dst), [2]) == block_checksums(manager.layout(src), [1])
+
+
+def test_fill_patterns_distinguish_blocks(manager):
+    h = make(manager, "system", False)
+    p = manager.layout(h)
+    fill_blocks(p, range(6), FillPattern.sequential())
+    sums = block_checksums(p, range(6))
+    assert len(set(sums)) == 6
+    layers = layer_checksums(p, [0])[0]
+    assert len(set(layers)) == 3
+    with pytest.raises(InvalidArgumentError, match="value must be a byte"):
+        FillPattern.of_constant(300)
+
+
+def test_device_memory_pool_reuse_and_threshold():
+    pool = DeviceMemoryPool(torch.device("cpu"), reserve_bytes=1000, release_threshold=1500)
+    assert pool.held_bytes == 1000
+    a = pool.acquire(600)  # from the reserve
+    assert pool.held_bytes == 0 and a.numel() == 600
+    b = pool.acquire(800)  # new
+    pool.release(a)
+    pool.release(b)
+    assert pool.held_bytes == 800  # 1000 + 800 is over 1500: the largest (1000) goes
+    with pytest.raises(InvalidArgumentError, match="reserve_bytes must be a non-negative int"):
+        DeviceMemoryPool(torch.device("cpu"), reserve_bytes=-1)
+
+
+def test_copy_engine_preference_on_cpu_is_harmless():
+    with TransferManager.builder().preferences(TransferPreferences(copy_engine=True)).build() as m:
+        a, b = make(m, "pinned"), make(m, "device", True, HND)
+        check_transfer(m, a, [0, 1], b, [2, 3], None)
