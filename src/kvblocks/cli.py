@@ -191,11 +191,11 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
-BENCH_SUITES = ("kvbench", "permute", "paged")
+BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from kvblocks.benchmarks import kvbench, paged, permute
+    from kvblocks.benchmarks import kvbench, paged, permute, transfers
     from kvblocks.benchmarks.plot import plot_csv
     from kvblocks.benchmarks.timing import gpu_name, write_csv
 
@@ -227,9 +227,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.warmup,
             args.iters,
         )
-    else:
+    elif args.suite == "paged":
         dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
         rows = paged.run(dims, args.pairs, args.warmup, args.iters)
+    else:
+        spec = lookup_model(args.model)
+        run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
+        extra = {"folder": args.disk_dir} if args.suite == "disk" else {}
+        rows = run(
+            lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
+        )
     print(f"# {args.suite} on {gpu_name()}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -255,7 +262,7 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def _add_bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks on the GPU: kvbench (default), permute, paged",
+        help="benchmarks on the GPU: kvbench (default), permute, paged, transfers, disk",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
@@ -279,6 +286,7 @@ def _add_bench_parser(sub) -> None:
         "--kv-heads", type=_int_list, default=[8, 32], metavar="N[,N...]", help="permute: nh"
     )
     bench.add_argument("--pairs", type=_positive_int, default=1024, help="paged: block mappings")
+    bench.add_argument("--disk-dir", help="disk: folder for the files (default: the temp folder)")
     bench.add_argument("--warmup", type=_positive_int, default=5, help="untimed calls first")
     bench.add_argument("--iters", type=_positive_int, default=50, help="timed calls (median)")
     bench.add_argument("--csv", metavar="FILE", help="write the CSV here instead of stdout")
@@ -293,6 +301,8 @@ _BENCH_DEFAULTS = {
     "kvbench": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "permute": {"tokens_per_block": [16, 64, 256], "num_blocks": [128]},
     "paged": {"tokens_per_block": [16], "num_blocks": [1]},
+    "transfers": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
+    "disk": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
 }
 
 

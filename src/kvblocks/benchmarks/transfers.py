@@ -1,0 +1,237 @@
+"""The TransferManager against the paths under it.
+
+``manager``: blocks move between an engine-style layer-separate cache on the GPU and a fully
+contiguous pinned layout (``lw_to_fc`` d2h and ``fc_to_lw`` h2d), once through
+``execute_transfer`` and once through the copy kernel alone with the same address tables.
+``*_gbps`` are GPU time (CUDA events; the manager is given the caller's stream so the events
+see its work), timed interleaved. ``*_wall_gbps`` are wall-clock throughput of calls issued back
+to back on the manager's own streams, which also counts the host's cost per call when it
+exceeds the GPU's; ``call_us`` is that cost, the median host time of one ``execute_transfer``.
+
+``disk``: a fully contiguous pinned layout to and from a file of the same layout, against
+``dd`` with ``oflag=direct`` / ``iflag=direct`` moving the same bytes on the same filesystem in
+the same run (wall clock, median of ``repeats``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
+from kvblocks.kernels import plan_copy
+from kvblocks.layout import KvDims, LayoutConfig
+from kvblocks.storage import PhysicalLayout
+from kvblocks.transfer import FillPattern, TransferManager, TransferOptions, fill_blocks
+
+
+@dataclass(frozen=True)
+class ManagerRow:
+    tokens_per_block: int
+    num_blocks: int
+    direction: str
+    pattern: str
+    total_bytes: int
+    kernel_gbps: float
+    manager_gbps: float
+    ratio: float
+    kernel_wall_gbps: float
+    manager_wall_gbps: float
+    wall_ratio: float
+    call_us: float
+
+
+@dataclass(frozen=True)
+class DiskRow:
+    tokens_per_block: int
+    num_blocks: int
+    direction: str
+    total_bytes: int
+    direct_io: bool
+    kvblocks_gbps: float
+    dd_gbps: float
+    ratio: float
+
+
+def _wall_gbps(fn, nbytes: int, min_seconds: float = 0.2) -> float:
+    """Throughput of ``fn`` called back to back until ``min_seconds`` have passed."""
+    torch.cuda.synchronize()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_seconds or calls < 3:
+        fn()
+        calls += 1
+    torch.cuda.synchronize()
+    return nbytes * calls / (time.perf_counter() - start) / 1e9
+
+
+def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> list[ManagerRow]:
+    device = require_gpu()
+    rows = []
+    total = len(tokens_per_block) * len(num_blocks) * 2
+    step = 0
+    with TransferManager.builder().cuda_device_id(device.index or 0).build() as manager:
+        for nt in tokens_per_block:
+            dims: KvDims = dims_for(nt)
+            most = max(num_blocks)
+            config = LayoutConfig.from_dims(dims, most)
+            gpu = manager.register_layout(
+                PhysicalLayout.builder(config)
+                .layer_separate()
+                .allocate_device(device.index or 0)
+                .build()
+            )
+            host = manager.register_layout(
+                PhysicalLayout.builder(config).fully_contiguous().allocate_pinned().build()
+            )
+            for h in (gpu, host):
+                fill_blocks(manager.layout(h), range(most), FillPattern.sequential())
+            for nb in num_blocks:
+                ids = list(range(nb))
+                nbytes = nb * dims.block_bytes
+                for direction, src, dst, pattern in (
+                    ("d2h", gpu, host, "lw_to_fc"),
+                    ("h2d", host, gpu, "fc_to_lw"),
+                ):
+                    step += 1
+                    progress(step, total, f"manager tpb={nt} N={nb} {direction}")
+                    s_layout, d_layout = manager.layout(src).layout, manager.layout(dst).layout
+                    plan = plan_copy(
+                        s_layout.region_table(ids), d_layout.region_table(ids), dims.region_bytes
+                    )
+                    caller = TransferOptions(cuda_stream=torch.cuda.current_stream())
+
+                    def through_manager(s=src, d=dst, o=caller, i=ids):
+                        manager.execute_transfer(s, i, d, i, o)
+
+                    def on_pool(s=src, d=dst, i=ids):
+                        manager.execute_transfer(s, i, d, i)
+
+                    m_ms, k_ms = median_ms(through_manager, plan.run, warmup=warmup, iters=iters)
+                    k_wall = _wall_gbps(plan.run, nbytes)
+                    m_wall = _wall_gbps(on_pool, nbytes)
+                    rows.append(
+                        ManagerRow(
+                            nt,
+                            nb,
+                            direction,
+                            pattern,
+                            nbytes,
+                            round(gbps(nbytes, k_ms), 2),
+                            round(gbps(nbytes, m_ms), 2),
+                            round(k_ms / m_ms, 3),
+                            round(k_wall, 2),
+                            round(m_wall, 2),
+                            round(m_wall / k_wall, 3),
+                            round(_call_us(manager, src, ids, dst), 1),
+                        )
+                    )
+            manager.release_layout(gpu)
+            manager.release_layout(host)
+    return rows
+
+
+def _call_us(manager: TransferManager, src, ids, dst, repeats: int = 50) -> float:
+    """Median host time of one execute_transfer call (the transfer itself is waited apart)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        note = manager.execute_transfer(src, ids, dst, ids)
+        times.append((time.perf_counter() - start) * 1e6)
+        note.wait()
+    return statistics.median(times)
+
+
+def _dd(args: list[str]) -> float:
+    """Run dd; its wall time in seconds, as dd reports it."""
+    proc = subprocess.run(["dd", *args], capture_output=True, text=True, check=True)
+    match = re.search(r"copied, ([0-9.]+) s", proc.stderr)
+    if match is None:
+        raise RuntimeError(f"cannot read dd's report: {proc.stderr.strip()}")
+    return float(match.group(1))
+
+
+def run_disk(dims_for, tokens_per_block, num_blocks, folder=None, repeats=5) -> list[DiskRow]:
+    require_gpu()
+    folder = folder or tempfile.gettempdir()
+    rows = []
+    total = len(tokens_per_block) * len(num_blocks)
+    step = 0
+    with TransferManager.builder().build() as manager:
+        for nt in tokens_per_block:
+            dims = dims_for(nt)
+            most = max(num_blocks)
+            config = LayoutConfig.from_dims(dims, most)
+            host = manager.register_layout(
+                PhysicalLayout.builder(config).fully_contiguous().allocate_pinned().build()
+            )
+            path = os.path.join(folder, f"kvblocks-bench-{os.getpid()}.bin")
+            disk = manager.register_layout(
+                PhysicalLayout.builder(config).fully_contiguous().allocate_disk(path).build()
+            )
+            direct = manager.layout(disk).file.direct
+            fill_blocks(manager.layout(host), range(most), FillPattern.sequential())
+            dd_file = os.path.join(folder, f"kvblocks-dd-{os.getpid()}.bin")
+            for nb in num_blocks:
+                step += 1
+                progress(step, total, f"disk tpb={nt} N={nb}")
+                ids = list(range(nb))
+                nbytes = nb * dims.block_bytes
+                bs = min(nbytes, 8 << 20)
+                count = -(-nbytes // bs)
+                for direction, src, dst, dd_args in (
+                    (
+                        "pinned_to_disk",
+                        host,
+                        disk,
+                        [
+                            "if=/dev/zero",
+                            f"of={dd_file}",
+                            f"bs={bs}",
+                            f"count={count}",
+                            "oflag=direct",
+                        ],
+                    ),
+                    (
+                        "disk_to_pinned",
+                        disk,
+                        host,
+                        [
+                            f"if={dd_file}",
+                            "of=/dev/null",
+                            f"bs={bs}",
+                            f"count={count}",
+                            "iflag=direct",
+                        ],
+                    ),
+                ):
+                    ours, theirs = [], []
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        manager.execute_transfer(src, ids, dst, ids).wait()
+                        ours.append(time.perf_counter() - start)
+                        theirs.append(_dd(dd_args))
+                    mine = nbytes / statistics.median(ours) / 1e9
+                    dd = bs * count / statistics.median(theirs) / 1e9
+                    rows.append(
+                        DiskRow(
+                            nt,
+                            nb,
+                            direction,
+                            nbytes,
+                            direct,
+                            round(mine, 2),
+                            round(dd, 2),
+                            round(mine / dd, 3),
+                        )
+                    )
+            os.unlink(dd_file)
+            manager.release_layout(host)
+            manager.release_layout(disk)
+    return rows
