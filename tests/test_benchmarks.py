@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, permute
+from kvblocks.benchmarks import kvbench, paged, permute, transfers
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
@@ -94,3 +94,12 @@ def test_suites_run_small():
     assert len(rows) == len(permute.CONVERSIONS)
     rows = paged.run(small, pairs=8, warmup=1, iters=3)
     assert [r.op for r in rows] == ["copy_blocks", "swap_blocks"]
+
+
+@pytest.mark.gpu
+def test_transfer_suites_run_small(tmp_path):
+    small = KvDims(nl=2, no=2, nh=2, nt=16, hd=64, dtype="bf16")
+    rows = transfers.run_manager(lambda nt: small, [16], [1, 4], warmup=1, iters=3)
+    assert len(rows) == 4 and all(r.manager_gbps > 0 and r.call_us > 0 for r in rows)
+    rows = transfers.run_disk(lambda nt: small, [16], [4], folder=str(tmp_path), repeats=1)
+    assert [r.direction for r in rows] == ["pinned_to_disk", "disk_to_pinned"]
