@@ -1,5 +1,6 @@
 """Without Triton, kvblocks imports and every kernel takes the torch reference path."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,7 +43,7 @@ SCRIPT = textwrap.dedent(
 
 def test_without_triton_everything_falls_back():
     proc = subprocess.run(
-        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env={"PATH": ""}
+        [sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=dict(os.environ)
     )
     assert proc.returncode == 0, proc.stderr
     assert "reference ok" in proc.stdout

@@ -200,6 +200,27 @@ class PermutePlan:
     aligned: bool
     launch: tuple[tuple[int, int], dict] | None
 
+    @classmethod
+    def of_checked_tables(
+        cls,
+        src: Operand,
+        src_table: torch.Tensor,
+        dst: Operand,
+        dst_table: torch.Tensor,
+        dims: KvDims,
+        device: torch.device,
+        aligned: bool,
+    ) -> PermutePlan:
+        """A plan over int64 tables already on ``device`` that the caller has checked as
+        :func:`plan_permute` would (lengths, element alignment, no overlap). ``aligned``: every
+        address is a multiple of 16 bytes."""
+        nb = src_table.numel() // src.entries_per_block(dims)
+        backend = available(device)
+        launch = (
+            None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
+        )
+        return cls(src, dst, dims, nb, device, backend, src_table, dst_table, aligned, launch)
+
     @property
     def bytes_moved(self) -> int:
         """Bytes read plus bytes written by one run."""

@@ -26,6 +26,7 @@ from typing import ClassVar
 from kvblocks.errors import LayoutFormatError
 
 _log = logging.getLogger(__name__)
+_warned_unknown = False
 
 
 class BlockDim(Enum):
@@ -108,10 +109,17 @@ class KvBlockLayout:
 
         Two known formats need one when their orders differ. A known and an unknown format
         conservatively do. Two unknown formats do not (bytes are copied as they are), which
-        is logged as a warning because the caller should say what the bytes are.
+        is logged as a warning, once per process, because the caller should say what the
+        bytes are.
         """
         if self.dim_order is None and other.dim_order is None:
-            _log.warning("comparing two Unknown block formats; copying bytes as they are")
+            global _warned_unknown
+            if not _warned_unknown:
+                _warned_unknown = True
+                _log.warning(
+                    "moving blocks between two Unknown block formats: their bytes are copied as"
+                    " they are (say which format they are in to silence this; said once)"
+                )
             return False
         return self.dim_order != other.dim_order
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import threading
+import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from enum import Enum
@@ -27,11 +28,22 @@ from enum import Enum
 import torch
 
 from kvblocks.errors import LayoutFormatError
-from kvblocks.kernels import Operand, plan_copy, plan_memcpy, plan_permute
+from kvblocks.kernels import (
+    CopyPlan,
+    Operand,
+    PermutePlan,
+    available,
+    plan_copy,
+    plan_memcpy,
+    plan_permute,
+)
+from kvblocks.kernels.addresses import common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
 from kvblocks.storage.disk import merge_spans
+
+_CPU = torch.device("cpu")
 
 #: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
 _DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
@@ -71,31 +83,8 @@ class Side:
             self.physical.storage is StorageKind.PINNED and not self.physical.emulated
         )
 
-    def block_addresses(self) -> torch.Tensor:
-        """Start of each block (fully contiguous layouts)."""
-        layout = self.physical.layout
-        return layout.memory[0].addr + self.ids * layout.block_stride
-
-    def region_addresses(self, layers: range) -> torch.Tensor:
-        """Each region of each block over ``layers``, block-major then layer then outer."""
-        if self.fmt.dim_order is not None and not self.fmt.is_operational():
-            raise LayoutFormatError(
-                "layer_range",
-                f"must cover every layer for blocks in {self.fmt.name}: their (layer, outer)"
-                " slices are not contiguous",
-            )
-        layout = self.physical.layout
-        offsets = torch.tensor(layout.chunk_offsets(layers), dtype=torch.int64)
-        return (self.ids[:, None] * layout.block_stride + offsets[None, :]).reshape(-1)
-
     def operand(self) -> Operand:
         return Operand(self.fmt, stack=not self.physical.layout.is_fully_contiguous)
-
-    def table(self) -> torch.Tensor:
-        """What a permute kernel takes for this side: region or block addresses."""
-        if self.physical.layout.is_fully_contiguous:
-            return self.block_addresses()
-        return self.region_addresses(range(self.config.num_layers))
 
 
 @dataclass(frozen=True)
@@ -110,36 +99,115 @@ def dims_of(config: LayoutConfig) -> KvDims:
     return config.dims(_DTYPE_OF_WIDTH[config.dtype_width_bytes])
 
 
-def copy_pairs(src: Side, dst: Side, layers: range) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Source and destination addresses and the bytes of each pair, for a same-format copy."""
-    full = len(layers) == src.config.num_layers
-    if full and src.physical.layout.is_fully_contiguous and dst.physical.layout.is_fully_contiguous:
-        return src.block_addresses(), dst.block_addresses(), src.config.block_bytes
-    return src.region_addresses(layers), dst.region_addresses(layers), src.config.region_bytes
+@dataclass
+class _Addressing:
+    """How one layout's blocks are addressed: ``chunks[c] + block_id * stride``."""
+
+    chunks: torch.Tensor  # int64, on the CPU
+    stride: int
+    align: int  # the largest power of two up to 16 dividing every chunk and the stride
+    on_device: dict
+
+
+#: Per layout (dropped with it), per (first layer, end layer, whole blocks).
+_ADDRESSING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _addressing(side: Side, layers: range, whole_blocks: bool) -> _Addressing:
+    if not whole_blocks and side.fmt.dim_order is not None and not side.fmt.is_operational():
+        raise LayoutFormatError(
+            "layer_range",
+            f"must cover every layer for blocks in {side.fmt.name}: their (layer, outer) slices"
+            " are not contiguous",
+        )
+    per_layout = _ADDRESSING.setdefault(side.physical, {})
+    key = (layers.start, layers.stop, whole_blocks)
+    if key not in per_layout:
+        layout = side.physical.layout
+        offsets = [layout.memory[0].addr] if whole_blocks else layout.chunk_offsets(layers)
+        chunks = torch.tensor(offsets, dtype=torch.int64)
+        align = common_alignment(chunks, layout.block_stride)
+        per_layout[key] = _Addressing(chunks, layout.block_stride, align, {})
+    return per_layout[key]
+
+
+def addresses(
+    side: Side, layers: range, whole_blocks: bool, device: torch.device
+) -> tuple[torch.Tensor, int]:
+    """The side's address table (block-major, then chunk) on ``device``, and its alignment.
+
+    On a GPU only the block ids travel (pinned, without blocking the host); the table is
+    computed there from the layout's chunk offsets, which stay on the device.
+    """
+    a = _addressing(side, layers, whole_blocks)
+    if device.type == "cuda":
+        ids = side.ids.pin_memory().to(device, non_blocking=True)
+        if device not in a.on_device:
+            a.on_device[device] = a.chunks.to(device)
+        chunks = a.on_device[device]
+    else:
+        ids, chunks = side.ids, a.chunks
+    return (ids[:, None] * a.stride + chunks[None, :]).reshape(-1), a.align
+
+
+def copy_pairs(
+    src: Side, dst: Side, layers: range, device: torch.device = _CPU
+) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """Source and destination address tables, the bytes of each pair and the pairs' common
+    alignment, for a same-format copy: whole blocks when both layouts are fully contiguous
+    and every layer moves, else ``(block, layer, outer)`` regions."""
+    whole = (
+        len(layers) == src.config.num_layers
+        and src.physical.layout.is_fully_contiguous
+        and dst.physical.layout.is_fully_contiguous
+    )
+    size = src.config.block_bytes if whole else src.config.region_bytes
+    s, s_align = addresses(src, layers, whole, device)
+    d, d_align = addresses(dst, layers, whole, device)
+    return s, d, size, min(s_align, d_align, common_alignment(size))
+
+
+def permute_tables(
+    src: Side, dst: Side, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Tables for the permute kernel (regions of a block stack, else whole blocks) and whether
+    every address and row is 16-byte aligned."""
+    every = range(src.config.num_layers)
+    s, s_align = addresses(src, every, src.physical.layout.is_fully_contiguous, device)
+    d, d_align = addresses(dst, every, dst.physical.layout.is_fully_contiguous, device)
+    row = dims_of(src.config).hd * src.config.dtype_width_bytes
+    return s, d, min(s_align, d_align, common_alignment(row)) == 16
 
 
 def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) -> None:
-    """Launch the hop's kernel on the current stream of ``device``."""
+    """Launch the hop's kernel on the current stream of ``device``.
+
+    The manager has checked the block ids; only layouts that share memory need the kernels'
+    own address-level overlap check, done from host tables.
+    """
     src, dst = hop.src, hop.dst
-    if src.fmt.requires_transform(dst.fmt):
-        plan = plan_permute(
-            src.table(),
-            src.operand(),
-            dst.table(),
-            dst.operand(),
-            dims_of(src.config),
-            device,
-            check_overlap=check_overlap,
+    dims = dims_of(src.config) if src.fmt.requires_transform(dst.fmt) else None
+    if check_overlap:
+        if dims is not None:
+            s, d, _ = permute_tables(src, dst, _CPU)
+            plan = plan_permute(s, src.operand(), d, dst.operand(), dims, device)
+        else:
+            s, d, size, _ = copy_pairs(src, dst, layers)
+            plan = plan_copy(s, d, size, device)
+    elif dims is not None:
+        s, d, aligned = permute_tables(src, dst, device)
+        plan = PermutePlan.of_checked_tables(
+            src.operand(), s, dst.operand(), d, dims, device, aligned
         )
     else:
-        s, d, size = copy_pairs(src, dst, layers)
-        plan = plan_copy(s, d, size, device, check_overlap=check_overlap)
+        s, d, size, align = copy_pairs(src, dst, layers, device)
+        plan = CopyPlan(s, d, size, align, device, available(device))
     plan.run()
 
 
 def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:
     """Enqueue the hop's copies on ``stream`` through the copy engines."""
-    s, d, size = copy_pairs(hop.src, hop.dst, layers)
+    s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
     plan_memcpy(s, d, size).run(batched=True, stream=stream)
 
 
@@ -147,17 +215,11 @@ def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
     """Run the hop on the CPU (both sides host memory)."""
     src, dst = hop.src, hop.dst
     if src.fmt.requires_transform(dst.fmt):
-        plan_permute(
-            src.table(),
-            src.operand(),
-            dst.table(),
-            dst.operand(),
-            dims_of(src.config),
-            "cpu",
-            check_overlap=False,
-        ).run()
+        s, d, _ = permute_tables(src, dst, _CPU)
+        dims = dims_of(src.config)
+        plan_permute(s, src.operand(), d, dst.operand(), dims, "cpu", check_overlap=False).run()
         return
-    s, d, size = copy_pairs(src, dst, layers)
+    s, d, size, _ = copy_pairs(src, dst, layers)
     host_copy(s, d, size, pool)
 
 
@@ -185,8 +247,8 @@ def run_disk(hop: Hop, layers: range, pool: Executor | None) -> None:
     file_side, memory_side = (
         (hop.src, hop.dst) if hop.kind is HopKind.DISK_READ else (hop.dst, hop.src)
     )
-    offsets, addresses, size = copy_pairs(file_side, memory_side, layers)
-    spans = [(o, a, size) for o, a in zip(offsets.tolist(), addresses.tolist(), strict=True)]
+    offsets, memory, size, _ = copy_pairs(file_side, memory_side, layers)
+    spans = [(o, a, size) for o, a in zip(offsets.tolist(), memory.tolist(), strict=True)]
     disk = file_side.physical.file
     if hop.kind is HopKind.DISK_READ:
         disk.read(spans, pool)

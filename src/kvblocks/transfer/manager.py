@@ -18,9 +18,9 @@ its notification carries the error and only blocks it names were touched.
 from __future__ import annotations
 
 import itertools
-import operator
 import secrets
 import threading
+from array import array
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -457,9 +457,14 @@ def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
         ids = value.detach().to("cpu", torch.int64)
     else:
         try:
-            ids = torch.tensor([operator.index(b) for b in value], dtype=torch.int64)
-        except (TypeError, ValueError) as exc:
+            table = array("q", value)  # parsed in C; refuses floats and strings
+        except (TypeError, OverflowError) as exc:
             raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
+        ids = (
+            torch.frombuffer(table, dtype=torch.int64)
+            if table
+            else torch.zeros(0, dtype=torch.int64)
+        )
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
         bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
         raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
