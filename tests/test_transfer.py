@@ -426,6 +426,8 @@ def test_device_memory_pool_reuse_and_threshold():
     pool.release(a)
     pool.release(b)
     assert pool.held_bytes == 800  # 1000 + 800 is over 1500: the largest (1000) goes
+    with pytest.raises(InvalidArgumentError, match="buffer was not handed out by this pool"):
+        pool.release(torch.zeros(4, dtype=torch.uint8))
     with pytest.raises(InvalidArgumentError, match="reserve_bytes must be a non-negative int"):
         DeviceMemoryPool(torch.device("cpu"), reserve_bytes=-1)
 

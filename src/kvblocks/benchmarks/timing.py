@@ -77,9 +77,13 @@ def gbps(nbytes: int, ms: float) -> float:
     return nbytes / ms / 1e6
 
 
+_START = time.perf_counter()
+
+
 def progress(i: int, total: int, label: str) -> None:
-    """One line on stderr per case, so long runs show where they are."""
-    print(f"[{i}/{total}] {label}", file=sys.stderr, flush=True)
+    """One line on stderr per case, with the seconds since the run began."""
+    elapsed = time.perf_counter() - _START
+    print(f"[{i}/{total} {elapsed:.0f}s] {label}", file=sys.stderr, flush=True)
 
 
 def write_csv(rows: Iterable[object], out) -> None:

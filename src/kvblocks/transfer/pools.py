@@ -64,6 +64,7 @@ class DeviceMemoryPool:
         self.device = device
         self.release_threshold = release_threshold
         self._free: list[torch.Tensor] = []
+        self._lent: dict[int, torch.Tensor] = {}  # address handed out -> its whole buffer
         self._lock = threading.Lock()
         if reserve_bytes:
             self._free.append(torch.empty(reserve_bytes, dtype=torch.uint8, device=device))
@@ -78,16 +79,20 @@ class DeviceMemoryPool:
         with self._lock:
             fits = [t for t in self._free if t.numel() >= nbytes]
             if fits:
-                best = min(fits, key=torch.Tensor.numel)
-                self._free.remove(best)
-                return best[:nbytes]
-        return torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+                whole = min(fits, key=torch.Tensor.numel)
+                self._free = [t for t in self._free if t is not whole]
+            else:
+                whole = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
+            self._lent[whole.data_ptr()] = whole
+        return whole[:nbytes]
 
     def release(self, buffer: torch.Tensor) -> None:
         """Give a buffer from :meth:`acquire` back (its whole underlying allocation)."""
-        base = buffer._base if buffer._base is not None else buffer
         with self._lock:
-            self._free.append(base)
+            whole = self._lent.pop(buffer.data_ptr(), None)
+            if whole is None:
+                raise InvalidArgumentError("buffer", "was not handed out by this pool")
+            self._free.append(whole)
             if self.release_threshold is not None:
                 self._free.sort(key=torch.Tensor.numel)
                 while self._free and self.held_bytes > self.release_threshold:
