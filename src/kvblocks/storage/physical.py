@@ -64,6 +64,9 @@ class PhysicalLayout:
         self.layout = layout
         self.storage = storage
         self.allocations = tuple(allocations)
+        start = min(r.addr for r in layout.memory)
+        #: From the lowest address (or file offset) of the layout to one past its highest.
+        self.span = MemoryRegion(start, max(r.end for r in layout.memory) - start)
 
     @staticmethod
     def builder(config: LayoutConfig) -> PhysicalLayoutBuilder:

@@ -497,9 +497,9 @@ def _share_memory(a: PhysicalLayout, b: PhysicalLayout) -> bool:
     """Whether two layouts' memory might overlap (then kernels check every address)."""
     if a is b:
         return False  # distinct block ids of one layout never overlap
-    spans = []
     for physical in (a, b):
         if physical.storage in (StorageKind.DISK, StorageKind.REMOTE):
             return False
-        spans.append([alloc.region for alloc in physical.allocations])
-    return any(x.overlaps(y) for x in spans[0] for y in spans[1])
+    if not a.span.overlaps(b.span):
+        return False
+    return any(x.overlaps(y) for x in a.layout.memory for y in b.layout.memory)
