@@ -81,8 +81,45 @@ def paged_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def transfers_table(rows: list[dict]) -> str:
+    lines = [
+        "| tpb | blocks | direction | kernel GB/s | manager GB/s | ratio | kernel wall GB/s |"
+        " manager wall GB/s | wall ratio | host us per call |",
+        "|---" * 10 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens_per_block']} | {r['num_blocks']} | {r['direction']} ({r['pattern']}) | "
+            f"{r['kernel_gbps']} | {r['manager_gbps']} | {r['ratio']} | {r['kernel_wall_gbps']} | "
+            f"{r['manager_wall_gbps']} | {r['wall_ratio']} | {float(r['call_us']):.0f} |"
+        )
+    return "\n".join(lines)
+
+
+def disk_table(rows: list[dict]) -> str:
+    lines = [
+        "| tpb | blocks | direction | bytes | O_DIRECT | kvblocks GB/s | dd GB/s | ratio |",
+        "|---" * 8 + "|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['tokens_per_block']} | {r['num_blocks']} | {r['direction']} | "
+            f"{int(r['total_bytes']) / 2**20:.0f} MiB | {r['direct_io']} | {r['kvblocks_gbps']} | "
+            f"{r['dd_gbps']} | {r['ratio']} |"
+        )
+    return "\n".join(lines)
+
+
+SECTIONS = [
+    ("permute.csv", "Permutes", permute_table),
+    ("kvbench.csv", "kvbench", kvbench_table),
+    ("paged.csv", "copy_blocks / swap_blocks", paged_table),
+    ("transfers.csv", "TransferManager: device <-> pinned", transfers_table),
+    ("disk.csv", "TransferManager: pinned <-> disk", disk_table),
+]
+
 if __name__ == "__main__":
     folder = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/results")
-    print("## Permutes\n\n" + permute_table(read(folder / "permute.csv")))
-    print("\n## kvbench\n\n" + kvbench_table(read(folder / "kvbench.csv")))
-    print("\n## copy_blocks / swap_blocks\n\n" + paged_table(read(folder / "paged.csv")))
+    for name, title, table in SECTIONS:
+        if (folder / name).exists():
+            print(f"## {title}\n\n{table(read(folder / name))}\n")

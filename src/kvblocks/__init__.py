@@ -4,6 +4,8 @@ Subpackages, lowest first (each imports only those below it):
 
 - :mod:`kvblocks.layout`: dims, block formats, layouts and their address tables.
 - :mod:`kvblocks.kernels`: layout conversions and copies (torch references; Triton kernels).
+- :mod:`kvblocks.storage`: storage kinds, allocations, physical layouts.
+- :mod:`kvblocks.transfer`: the TransferManager, moving blocks between any two layouts.
 """
 
 from kvblocks.errors import KvBlocksError
