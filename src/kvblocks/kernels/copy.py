@@ -77,11 +77,6 @@ class CopyPlan:
     def num_pairs(self) -> int:
         return self.src_table.numel()
 
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes read plus bytes written by one run."""
-        return 2 * self.num_pairs * self.size
-
     def run(self) -> None:
         if self.num_pairs == 0:
             return

@@ -62,11 +62,6 @@ class MemcpyPlan:
     sizes: list[int]
     cuda: bool
 
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes read plus bytes written by one run."""
-        return 2 * sum(self.sizes)
-
     def run(self, batched: bool = True, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueue the copies on ``stream`` (default: the current stream).
 

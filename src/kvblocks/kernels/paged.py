@@ -190,12 +190,6 @@ class PagedPlan:
     block_words: int
     align: int
 
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes read plus bytes written by one run (a swap moves both blocks both ways)."""
-        block = self.caches[0][0].numel() * self.caches[0].element_size()
-        return (4 if self.swap else 2) * self.mapping.shape[0] * len(self.caches) * block
-
     def run(self) -> None:
         if self.mapping.shape[0] == 0:
             return

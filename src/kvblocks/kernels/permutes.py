@@ -221,11 +221,6 @@ class PermutePlan:
         )
         return cls(src, dst, dims, nb, device, backend, src_table, dst_table, aligned, launch)
 
-    @property
-    def bytes_moved(self) -> int:
-        """Bytes read plus bytes written by one run."""
-        return 2 * self.nb * self.dims.block_bytes
-
     def run(self) -> None:
         if self.backend is Backend.REFERENCE:
             self._run_reference()

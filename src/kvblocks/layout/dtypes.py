@@ -60,8 +60,3 @@ def parse_dtype(value: torch.dtype | str, argument: str = "dtype") -> torch.dtyp
 def dtype_name(dtype: torch.dtype) -> str:
     """The canonical short name of a supported dtype (``torch.bfloat16`` -> ``"bf16"``)."""
     return _NAMES[parse_dtype(dtype)]
-
-
-def dtype_width(dtype: torch.dtype) -> int:
-    """Bytes per element of a supported dtype."""
-    return parse_dtype(dtype).itemsize

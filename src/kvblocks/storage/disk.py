@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import torch
@@ -184,8 +184,3 @@ def merge_spans(spans: Iterable[Span], max_io: int = MAX_IO_BYTES) -> list[Span]
 def io_pool(threads: int = 8) -> ThreadPoolExecutor:
     """A thread pool for disk I/O (reads and writes release the GIL)."""
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="kvblocks-disk")
-
-
-def spans(file_offsets: Sequence[int], addresses: Sequence[int], size: int) -> list[Span]:
-    """Pair file offsets with memory addresses, ``size`` bytes each."""
-    return [(o, a, size) for o, a in zip(file_offsets, addresses, strict=True)]

@@ -22,8 +22,3 @@ class StorageKind(Enum):
     """A file on local disk (tier G3)."""
     REMOTE = "remote"
     """Another worker's memory, reached through NIXL (tier G4)."""
-
-    @property
-    def is_host_memory(self) -> bool:
-        """Pinned or system memory: addresses the CPU can read."""
-        return self in (StorageKind.PINNED, StorageKind.SYSTEM)
