@@ -110,12 +110,23 @@ def disk_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def pool_table(rows: list[dict]) -> str:
+    lines = ["| operation | blocks | median us | blocks per second |", "|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['operation']} | {r['blocks']} | {r['median_us']} | "
+            f"{int(r['blocks_per_second']):,} |"
+        )
+    return "\n".join(lines)
+
+
 SECTIONS = [
     ("permute.csv", "Permutes", permute_table),
     ("kvbench.csv", "kvbench", kvbench_table),
     ("paged.csv", "copy_blocks / swap_blocks", paged_table),
     ("transfers.csv", "TransferManager: device <-> pinned", transfers_table),
     ("disk.csv", "TransferManager: pinned <-> disk", disk_table),
+    ("pool.csv", "Block pool (CPU)", pool_table),
 ]
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, permute, transfers
+from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
@@ -103,3 +103,9 @@ def test_transfer_suites_run_small(tmp_path):
     assert len(rows) == 4 and all(r.manager_gbps > 0 and r.call_us > 0 for r in rows)
     rows = transfers.run_disk(lambda nt: small, [16], [4], folder=str(tmp_path), repeats=1)
     assert [r.direction for r in rows] == ["pinned_to_disk", "disk_to_pinned"]
+
+
+def test_pool_suite_runs_on_the_cpu(capsys):
+    rows = pool.run(block_size=4, sequence_blocks=50, batch=8, repeats=3)
+    assert [r.operation for r in rows][0] == "allocate+free (batch 8)"
+    assert all(r.blocks_per_second > 0 for r in rows)

@@ -6,6 +6,7 @@ Subpackages, lowest first (each imports only those below it):
 - :mod:`kvblocks.kernels`: layout conversions and copies (torch references; Triton kernels).
 - :mod:`kvblocks.storage`: storage kinds, allocations, physical layouts.
 - :mod:`kvblocks.transfer`: the TransferManager, moving blocks between any two layouts.
+- :mod:`kvblocks.pool`: the block pool, sequence hashes and prefix reuse.
 """
 
 from kvblocks.errors import KvBlocksError

@@ -191,20 +191,22 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
-BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk")
+BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "pool")
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from kvblocks.benchmarks import kvbench, paged, permute, transfers
+    from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
     from kvblocks.benchmarks.plot import plot_csv
-    from kvblocks.benchmarks.timing import gpu_name, write_csv
+    from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
     if args.from_csv:
         if not args.plot:
             raise InvalidArgumentError("--from-csv", "needs --plot PNG to say where to draw")
         plot_csv(args.from_csv, args.plot)
         return
-    if args.suite == "kvbench":
+    if args.suite == "pool":
+        rows = pool.run(args.tokens_per_block[0])
+    elif args.suite == "kvbench":
         spec = lookup_model(args.model)
         rows = kvbench.run(
             lambda nt: spec.dims(nt, args.dtype),
@@ -237,7 +239,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         rows = run(
             lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
         )
-    print(f"# {args.suite} on {gpu_name()}", file=sys.stderr)
+    where = cpu_name() if args.suite == "pool" else gpu_name()
+    print(f"# {args.suite} on {where}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
             write_csv(rows, f)
@@ -262,7 +265,7 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def _add_bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks on the GPU: kvbench (default), permute, paged, transfers, disk",
+        help="benchmarks: kvbench (default), permute, paged, transfers, disk (GPU); pool (CPU)",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
@@ -303,6 +306,7 @@ _BENCH_DEFAULTS = {
     "paged": {"tokens_per_block": [16], "num_blocks": [1]},
     "transfers": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "disk": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
+    "pool": {"tokens_per_block": [16], "num_blocks": [1000]},
 }
 
 

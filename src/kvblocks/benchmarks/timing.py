@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import os
+import platform
 import statistics
 import sys
 import time
@@ -95,6 +97,19 @@ def write_csv(rows: Iterable[object], out) -> None:
     writer.writeheader()
     for row in rows:
         writer.writerow(asdict(row))
+
+
+def cpu_name() -> str:
+    """The CPU's model name, and how many cores this process may use."""
+    model = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next(
+                line.split(":", 1)[1].strip() for line in f if line.startswith("model name")
+            )
+    except (OSError, StopIteration):
+        pass
+    return f"{model}, {len(os.sched_getaffinity(0))} cores"
 
 
 def gpu_name() -> str:
