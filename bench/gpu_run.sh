@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU run: gpu tests, then every benchmark, results under $OUT (default ./out).
 # Usage on a GPU machine: bash bench/gpu_run.sh [suite ...]
-# (suites: tests kvbench permute paged transfers disk)
+# (suites: tests kvbench permute paged transfers disk demo)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -16,6 +16,11 @@ smi=$!
 trap 'kill $smi 2>/dev/null' EXIT
 for suite in "${suites[@]}"; do
     case "$suite" in
+        demo) for model in llama-3.2-1b llama-3.1-8b; do
+                  python3 -m kvblocks.cli demo --model "$model" --json \
+                      >"$out/demo-$model.json" 2>"$out/demo-$model.log"
+                  echo "demo $model: rc=$?"
+              done ;;
         tests) python3 -m pytest -q -m "gpu or not gpu" tests -p no:cacheprovider 2>&1 \
                | tee "$out/gpu_tests.log" | tail -3 ;;
         *) python3 -m kvblocks.cli bench "$suite" --csv "$out/$suite.csv" 2>"$out/$suite.log"

@@ -3,6 +3,7 @@
 ``kvblocks info``   block sizes, formats, layouts for a model, and the hardware paths here.
 ``kvblocks models`` the models ``--model`` knows.
 ``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
+``kvblocks demo``   a multi-turn chat workload through a BlockManager with G1, G2 and G3.
 
 Results go to stdout (``--json`` for machines), errors to stderr with exit status 2.
 """
@@ -56,6 +57,16 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
     return value
 
 
@@ -310,6 +321,135 @@ _BENCH_DEFAULTS = {
 }
 
 
+def _cmd_demo(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
+    from kvblocks.pool import BlockManager, BlockManagerConfig
+
+    if args.model is None and args.layers is None:
+        args.model = "llama-3.2-1b"
+    spec = _model_from_args(args)
+    workload = ChatWorkload(
+        conversations=args.conversations,
+        turns=args.turns,
+        system_prompts=args.system_prompts,
+        system_tokens=args.system_tokens,
+        seed=args.seed,
+    )
+    size = args.tokens_per_block
+    longest = -(-workload.max_tokens() // size)
+    stored = workload.conversations * longest
+    g1 = args.g1_blocks or max(2 * longest, stored // 8)
+    g2 = stored // 3 if args.g2_blocks is None else args.g2_blocks
+    g3 = (stored + stored // 4) if args.g3_blocks is None else args.g3_blocks
+    if g1 < longest:
+        raise InvalidArgumentError(
+            "--g1-blocks", f"must hold one conversation ({longest} blocks), got {g1}"
+        )
+    if g3 and not g2:
+        raise InvalidArgumentError("--g3-blocks", "needs --g2-blocks > 0 to stage through")
+    with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
+        base = BlockManagerConfig(
+            num_layers=spec.num_layers,
+            num_kv_heads=spec.num_kv_heads,
+            head_dim=spec.head_dim,
+            outer_dim=spec.outer_dim,
+            block_size=size,
+            dtype=args.dtype,
+        )
+        config = BlockManagerConfig(
+            **{
+                f: getattr(base, f)
+                for f in (
+                    "num_layers",
+                    "num_kv_heads",
+                    "head_dim",
+                    "outer_dim",
+                    "block_size",
+                    "dtype",
+                )
+            },
+            device_blocks=g1,
+            enable_offload=g2 > 0,
+            host_cache_gb=g2 * base.block_bytes / 2**30,
+            disk_cache_gb=g3 * base.block_bytes / 2**30,
+            offload_path=args.offload_path or scratch,
+        )
+        publisher = None
+        if args.zmq:
+            from kvblocks.pool.publishers import ZmqPublisher
+
+            publisher = ZmqPublisher(args.zmq)
+        log = sys.stderr if args.json else sys.stdout
+        with BlockManager(config, publisher=publisher) as manager:
+            mib = config.block_bytes / 2**20
+            if not args.quiet:
+                turns = workload.conversations * workload.turns
+                print(f"kvblocks demo: {spec.name}, {config.describe()}", file=log)
+                print(
+                    f"workload: {workload.conversations} conversations x {workload.turns} turns"
+                    f" = {turns} requests, {workload.system_prompts} shared system prompts of"
+                    f" {workload.system_tokens} tokens (seed {workload.seed})",
+                    file=log,
+                )
+                for tier in manager.tiers:
+                    n = manager.pool(tier).num_blocks
+                    where = manager.layout(tier).storage.value
+                    print(
+                        f"  {tier.name} {tier.medium:<4} {n:>7,} blocks {n * mib:>9,.1f} MiB"
+                        f" ({where})",
+                        file=log,
+                    )
+            progress = None if args.quiet else progress_bar()
+            result = run_demo(manager, workload, progress, verify=not args.no_verify)
+        if publisher is not None:
+            publisher.close()
+    if args.json:
+        print(json.dumps({k: v for k, v in result.to_json().items() if k != "timeline"}, indent=2))
+    else:
+        for line in result.summary():
+            print(line)
+    if args.plot:
+        plot_demo(result, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _add_demo_parser(sub) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="replay a multi-turn chat workload through G1/G2/G3",
+        description="Replay a seeded multi-turn chat workload with shared system prompts"
+        " through a BlockManager whose G1 overflows; print hit rates per tier, blocks and"
+        " bytes moved, bandwidth and prefill tokens saved. Tier sizes default to fractions of"
+        " what the workload stores.",
+    )
+    demo.add_argument("--model", help="model dims (default llama-3.2-1b)")
+    demo.add_argument("--layers", type=_positive_int, help="nl, instead of --model")
+    demo.add_argument("--kv-heads", type=_positive_int, help="nh, instead of --model")
+    demo.add_argument("--head-dim", type=_positive_int, help="hd, instead of --model")
+    demo.add_argument("--outer", type=_positive_int, default=2, help="no (default 2)")
+    demo.add_argument("--dtype", default="bf16", help="element type (default bf16)")
+    demo.add_argument("--tokens-per-block", type=_positive_int, default=16, help="default 16")
+    demo.add_argument("--conversations", type=_positive_int, default=24, help="default 24")
+    demo.add_argument("--turns", type=_positive_int, default=5, help="per conversation (5)")
+    demo.add_argument("--system-prompts", type=_positive_int, default=4, help="shared (4)")
+    demo.add_argument("--system-tokens", type=_positive_int, default=512, help="each (512)")
+    demo.add_argument("--seed", type=int, default=0, help="workload seed (default 0)")
+    demo.add_argument("--g1-blocks", type=_positive_int, help="G1 (device) blocks")
+    demo.add_argument(
+        "--g2-blocks", type=_non_negative_int, help="G2 (pinned host) blocks; 0: none"
+    )
+    demo.add_argument("--g3-blocks", type=_non_negative_int, help="G3 (disk) blocks; 0: none")
+    demo.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    demo.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
+    demo.add_argument("--no-verify", action="store_true", help="skip checking hit blocks' bytes")
+    demo.add_argument("--plot", metavar="PNG", help="draw hit rate and occupancy over time")
+    demo.add_argument("--json", action="store_true", help="print the results as JSON")
+    demo.add_argument("--quiet", action="store_true", help="no header, no progress")
+    demo.set_defaults(func=_cmd_demo)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvblocks", description="KV cache blocks: layouts, kernels, tiers."
@@ -351,6 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_cmd_models)
     _add_bench_parser(sub)
+    _add_demo_parser(sub)
     return parser
 
 

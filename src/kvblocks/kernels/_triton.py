@@ -5,6 +5,10 @@ only an annotation; :func:`kvblocks.kernels.backend.available` then reports the 
 reference, and no kernel is ever launched.
 """
 
+import os
+import threading
+from contextlib import nullcontext
+
 try:
     import triton
     import triton.language as tl
@@ -21,4 +25,9 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     triton = SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=object)
 
-__all__ = ["HAS_TRITON", "tl", "triton"]
+#: Held around every kernel launch. Triton's interpreter (``TRITON_INTERPRET=1``) swaps
+#: module-level functions while a kernel runs, so two threads must not run kernels at once
+#: under it; on a GPU launches need no lock.
+LAUNCH_LOCK = threading.Lock() if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+
+__all__ = ["HAS_TRITON", "LAUNCH_LOCK", "tl", "triton"]

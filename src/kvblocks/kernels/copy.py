@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.kernels._triton import tl, triton
+from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import (
     AddressTable,
     check_disjoint,
@@ -94,17 +94,18 @@ class CopyPlan:
         words = self.size // word_bytes
         chunk = max(1, min(CHUNK_BYTES // word_bytes, 1 << (words - 1).bit_length()))
         chunks_per_pair = triton.cdiv(words, chunk)
-        _copy_kernel[(self.num_pairs * chunks_per_pair,)](
-            self.src_table,
-            self.dst_table,
-            words,
-            chunks_per_pair,
-            WORD=word,
-            ALIGN=self.align,
-            CHUNK=chunk,
-            EVEN=words % chunk == 0,
-            num_warps=NUM_WARPS,
-        )
+        with LAUNCH_LOCK:
+            _copy_kernel[(self.num_pairs * chunks_per_pair,)](
+                self.src_table,
+                self.dst_table,
+                words,
+                chunks_per_pair,
+                WORD=word,
+                ALIGN=self.align,
+                CHUNK=chunk,
+                EVEN=words % chunk == 0,
+                num_warps=NUM_WARPS,
+            )
 
 
 def plan_copy(

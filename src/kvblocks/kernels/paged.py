@@ -29,7 +29,7 @@ from kvblocks.errors import (
     OverlapError,
     ShapeMismatchError,
 )
-from kvblocks.kernels._triton import tl, triton
+from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import common_alignment
 from kvblocks.kernels.backend import Backend, available
 
@@ -202,18 +202,19 @@ class PagedPlan:
         tile = min(TILE_BYTES // word_bytes, 1 << (self.block_words - 1).bit_length())
         tiles = triton.cdiv(self.block_words, tile)
         pairs = self.mapping.shape[0]
-        _paged_kernel[(pairs * len(self.caches) * tiles,)](
-            self.cache_table,
-            self.mapping,
-            pairs,
-            tiles,
-            BLOCK_WORDS=self.block_words,
-            WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
-            ALIGN=self.align,
-            TILE=tile,
-            SWAP=self.swap,
-            num_warps=NUM_WARPS,
-        )
+        with LAUNCH_LOCK:
+            _paged_kernel[(pairs * len(self.caches) * tiles,)](
+                self.cache_table,
+                self.mapping,
+                pairs,
+                tiles,
+                BLOCK_WORDS=self.block_words,
+                WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
+                ALIGN=self.align,
+                TILE=tile,
+                SWAP=self.swap,
+                num_warps=NUM_WARPS,
+            )
 
 
 def plan_paged(

@@ -25,7 +25,7 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError, LayoutFormatError, LengthMismatchError
 from kvblocks.kernels import reference
-from kvblocks.kernels._triton import tl, triton
+from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import (
     AddressTable,
     check_alignment,
@@ -229,7 +229,8 @@ class PermutePlan:
 
     def _launch(self) -> None:
         grid, constants = self.launch
-        _permute_kernel[grid](self.src_table, self.dst_table, **constants)
+        with LAUNCH_LOCK:
+            _permute_kernel[grid](self.src_table, self.dst_table, **constants)
 
     def _run_reference(self) -> None:
         dims = self.dims

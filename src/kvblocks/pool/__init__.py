@@ -1,20 +1,53 @@
-"""The block pool: which blocks exist, who holds them, and which contents they cache.
+"""The block manager: which blocks exist, who holds them, where they live, what changed.
 
 - :mod:`~kvblocks.pool.hashing`: sequence hashes, deterministic across processes and machines.
-- :class:`BlockPool`: allocation, sharing, registration, prefix lookup and LRU eviction.
+- :class:`BlockPool`: the blocks of one tier: allocation, sharing, prefix lookup, LRU eviction.
+- :class:`BlockManager`: tiers G1/G2/G3 with offload and onboard, configured by
+  :class:`BlockManagerConfig`.
+- :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
+  :mod:`~kvblocks.pool.publishers`).
+- :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError, PoolExhaustedError
+from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig
+from kvblocks.pool.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    EventPublisher,
+    InProcessPublisher,
+)
 from kvblocks.pool.hashing import HASH_KEY, ROOT_HASH, block_hash, root_hash, sequence_hashes
+from kvblocks.pool.manager import BlockManager, PrefixHit
+from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
+from kvblocks.pool.tier import Tier
 
 __all__ = [
+    "CPU_CACHE_ENV",
+    "DISK_CACHE_ENV",
     "HASH_KEY",
     "ROOT_HASH",
+    "AllBlocksCleared",
+    "BlockManager",
+    "BlockManagerConfig",
     "BlockPool",
+    "BlockRemoved",
     "BlockState",
     "BlockStateError",
+    "BlockStored",
+    "EventBatch",
+    "EventPublisher",
+    "InProcessPublisher",
     "PoolExhaustedError",
+    "PoolMetrics",
+    "PrefixHit",
+    "Tier",
+    "TierOccupancy",
     "block_hash",
+    "prometheus_registry",
     "root_hash",
     "sequence_hashes",
+    "serve_metrics",
 ]

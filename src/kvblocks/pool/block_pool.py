@@ -108,6 +108,11 @@ class BlockPool:
         return len(self._free) + len(self._inactive)
 
     @property
+    def num_cached(self) -> int:
+        """Blocks findable by sequence hash (registered or inactive)."""
+        return len(self._by_hash)
+
+    @property
     def num_in_use(self) -> int:
         return self.num_blocks - self.num_available
 
@@ -254,22 +259,42 @@ class BlockPool:
 
     def evict(self, n: int) -> list[int]:
         """Drop up to ``n`` inactive blocks, least recently used first; returns their hashes."""
-        inactive, state = self._inactive, self._state
-        dropped = []
-        while inactive and len(dropped) < n:
-            b = next(iter(inactive))
-            del inactive[b]
-            h = self._hash[b]
-            del self._by_hash[h]
-            self._hash[b] = None
-            self._tokens[b] = 0
-            state[b] = BlockState.FREE
-            self._free.append(b)
-            dropped.append(h)
-        self.evictions += len(dropped)
-        if dropped and self.on_evict is not None:
-            self.on_evict(dropped)
+        inactive = self._inactive
+        dropped = [self._drop(next(iter(inactive))) for _ in range(min(n, len(inactive)))]
+        self._dropped(dropped)
         return dropped
+
+    def discard(self, block_ids: Sequence[int]) -> list[int]:
+        """Drop these inactive blocks now, whatever their place in the eviction order (their
+        contents turned out bad, say); returns their hashes.
+
+        Raises:
+            BlockStateError: a block is not inactive (nothing changes).
+        """
+        self._check_ids(block_ids)
+        for b in block_ids:
+            if b not in self._inactive:
+                raise BlockStateError(
+                    f"block {b} is {self.state(b).name}: only an inactive block can be discarded"
+                )
+        dropped = [self._drop(b) for b in dict.fromkeys(block_ids)]
+        self._dropped(dropped)
+        return dropped
+
+    def _drop(self, b: int) -> int:
+        del self._inactive[b]
+        h = self._hash[b]
+        del self._by_hash[h]
+        self._hash[b] = None
+        self._tokens[b] = 0
+        self._state[b] = BlockState.FREE
+        self._free.append(b)
+        return h
+
+    def _dropped(self, hashes: list[int]) -> None:
+        self.evictions += len(hashes)
+        if hashes and self.on_evict is not None:
+            self.on_evict(hashes)
 
     def clear(self) -> list[int]:
         """Evict every inactive block; returns their hashes (blocks in use are untouched)."""

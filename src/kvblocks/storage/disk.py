@@ -40,33 +40,41 @@ class DiskAllocation(Allocation):
         path: the file; its directory must exist and be writable.
         size: bytes to reserve.
         keep: keep the file on release (by default it is deleted).
+        reuse: keep the contents of an existing file at ``path`` (grown to ``size`` if
+            shorter) instead of truncating it, so a layout can find what an earlier process
+            stored.
 
     Raises:
         StorageError: the directory is missing or not writable, or the disk has no room.
     """
 
-    def __init__(self, path: str | os.PathLike, size: int, keep: bool = False) -> None:
+    def __init__(
+        self, path: str | os.PathLike, size: int, keep: bool = False, reuse: bool = False
+    ) -> None:
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
             raise InvalidArgumentError("size", f"must be a positive number of bytes, got {size!r}")
         super().__init__(StorageKind.DISK, size)
         self.path = os.fspath(path)
         self.keep = keep
+        flags = os.O_RDWR | os.O_CREAT | (0 if reuse else os.O_TRUNC)
         try:
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            self._fd = os.open(self.path, flags, 0o600)
         except OSError as exc:
             raise StorageError(f"cannot create the file: {exc.strerror}", self.path) from None
         try:
             os.posix_fallocate(self._fd, 0, size)
         except OSError as exc:
-            self._close_and_unlink()
-            if exc.errno in (errno.ENOSPC, errno.EFBIG):
-                raise StorageError(f"no room for {size} bytes on this disk", self.path) from None
             if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                self._close(unlink=not reuse)
+                if exc.errno in (errno.ENOSPC, errno.EFBIG):
+                    raise StorageError(
+                        f"no room for {size} bytes on this disk", self.path
+                    ) from None
                 raise StorageError(
                     f"cannot reserve {size} bytes: {exc.strerror}", self.path
                 ) from None
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.ftruncate(self._fd, size)
+            if os.fstat(self._fd).st_size < size:
+                os.ftruncate(self._fd, size)
         self._direct_fd = self._open_direct()
 
     def _open_direct(self) -> int | None:
@@ -148,8 +156,10 @@ class DiskAllocation(Allocation):
                 )
             done += n
 
-    def _close_and_unlink(self) -> None:
+    def _close(self, unlink: bool) -> None:
         os.close(self._fd)
+        if not unlink:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -158,10 +168,7 @@ class DiskAllocation(Allocation):
     def _free(self) -> None:
         if self._direct_fd is not None:
             os.close(self._direct_fd)
-        if self.keep:
-            os.close(self._fd)
-        else:
-            self._close_and_unlink()
+        self._close(unlink=not self.keep)
 
 
 def merge_spans(spans: Iterable[Span], max_io: int = MAX_IO_BYTES) -> list[Span]:

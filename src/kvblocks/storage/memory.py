@@ -96,9 +96,9 @@ class MemoryAllocation(Allocation):
 
 
 def _aligned_host(size: int, pin: bool) -> torch.Tensor:
-    if pin:  # cudaHostAlloc returns page-aligned memory
-        return torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    raw = torch.empty(size + HOST_ALIGN, dtype=torch.uint8)
+    # torch's caching host allocator may hand out pinned memory that is not page aligned
+    # (seen on torch 2.11), so pinned memory is over-allocated and sliced like the rest.
+    raw = torch.empty(size + HOST_ALIGN, dtype=torch.uint8, pin_memory=pin)
     skip = -raw.data_ptr() % HOST_ALIGN
     return raw[skip : skip + size]
 

@@ -157,9 +157,12 @@ class PhysicalLayoutBuilder:
     def allocate_system(self) -> PhysicalLayoutBuilder:
         return self._set_memory("system")
 
-    def allocate_disk(self, path: str | os.PathLike, keep: bool = False) -> PhysicalLayoutBuilder:
-        """A file at ``path`` (created, or truncated); deleted on release unless ``keep``."""
-        return self._set_memory("disk", os.fspath(path), keep)
+    def allocate_disk(
+        self, path: str | os.PathLike, keep: bool = False, reuse: bool = False
+    ) -> PhysicalLayoutBuilder:
+        """A file at ``path`` (created, or truncated unless ``reuse``: then an existing file's
+        bytes stay); deleted on release unless ``keep``."""
+        return self._set_memory("disk", os.fspath(path), keep, reuse)
 
     def with_external_regions(self, tensors: Sequence[torch.Tensor]) -> PhysicalLayoutBuilder:
         """Use tensors an engine already owns (one per allocation the layout needs: one for a
@@ -228,7 +231,7 @@ class PhysicalLayoutBuilder:
             return [allocate_system(size) for size in sizes]
         if kind == "disk":
             end = _file_segments(sizes)[-1].end
-            return [DiskAllocation(args[0], end, keep=args[1])]
+            return [DiskAllocation(args[0], end, keep=args[1], reuse=args[2])]
         if kind == "remote":
             return [RemoteAllocation(r) for r in args[0]]
         tensors = args[0]

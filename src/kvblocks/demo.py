@@ -1,0 +1,328 @@
+"""The demo: a multi-turn chat workload replayed through a BlockManager whose G1 overflows.
+
+Conversations share a few system prompts; each turn sends the whole history plus a new user
+message, and the reply joins the history. Every request looks up its prompt's cached prefix
+(onboarding it from G2 or G3), "computes" the KV of the rest by writing a pattern derived from
+each block's sequence hash, and registers the new full blocks. Because the pattern follows the
+hash, every block a lookup returns is checked against what was computed for it.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from kvblocks.errors import InvalidArgumentError, KvBlocksError
+from kvblocks.pool import BlockManager, PrefixHit, Tier, sequence_hashes
+
+#: Token ids are drawn from [0, VOCAB).
+VOCAB = 32_000
+
+
+@dataclass(frozen=True)
+class ChatWorkload:
+    """A seeded multi-turn chat workload.
+
+    Attributes:
+        conversations: conversations, interleaved at random.
+        turns: requests per conversation.
+        system_prompts: distinct system prompts the conversations share.
+        system_tokens: tokens of each system prompt.
+        user_tokens: (min, max) tokens of a user message.
+        reply_tokens: (min, max) tokens of a reply.
+        seed: the random seed; the same seed gives the same workload.
+    """
+
+    conversations: int = 24
+    turns: int = 5
+    system_prompts: int = 4
+    system_tokens: int = 512
+    user_tokens: tuple[int, int] = (32, 128)
+    reply_tokens: tuple[int, int] = (64, 192)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("conversations", "turns", "system_prompts", "system_tokens"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
+        for name in ("user_tokens", "reply_tokens"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise InvalidArgumentError(name, f"must be 1 <= min <= max, got {(low, high)}")
+
+    def requests(self) -> list[ChatTurn]:
+        """Every turn of every conversation, in the order they arrive."""
+        rng = random.Random(self.seed)
+        systems = [_tokens(rng, self.system_tokens) for _ in range(self.system_prompts)]
+        system_of = [rng.randrange(self.system_prompts) for _ in range(self.conversations)]
+        order = [c for c in range(self.conversations) for _ in range(self.turns)]
+        rng.shuffle(order)
+        turn_of: Counter[int] = Counter()
+        turns = []
+        for c in order:
+            turns.append(
+                ChatTurn(
+                    conversation=c,
+                    turn=turn_of[c],
+                    system=systems[system_of[c]] if turn_of[c] == 0 else [],
+                    user=_tokens(rng, rng.randint(*self.user_tokens)),
+                    reply=_tokens(rng, rng.randint(*self.reply_tokens)),
+                )
+            )
+            turn_of[c] += 1
+        return turns
+
+    def max_tokens(self) -> int:
+        """The most tokens one conversation can reach."""
+        return self.system_tokens + self.turns * (self.user_tokens[1] + self.reply_tokens[1])
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """One request: its conversation, turn number, and the tokens it adds to the history."""
+
+    conversation: int
+    turn: int
+    system: list[int]
+    user: list[int]
+    reply: list[int]
+
+
+@dataclass(frozen=True)
+class Sample:
+    """The state after one request: cumulative hits and tier occupancy (cached / total)."""
+
+    request: int
+    looked_up: int
+    hits: dict[str, int]
+    occupancy: dict[str, float]
+
+
+@dataclass
+class DemoResult:
+    """What a demo run did."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    saved_tokens: int = 0
+    looked_up_blocks: int = 0
+    hits: dict[str, int] = field(default_factory=dict)
+    moved: list[dict] = field(default_factory=list)
+    verified_blocks: int = 0
+    seconds: float = 0.0
+    timeline: list[Sample] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> list[str]:
+        """The lines the demo prints."""
+        looked = max(self.looked_up_blocks, 1)
+        missed = self.looked_up_blocks - sum(self.hits.values())
+        rates = "  ".join(f"{tier} {100 * n / looked:.1f}%" for tier, n in self.hits.items())
+        lines = [
+            f"prefix hits: {rates}  miss {100 * missed / looked:.1f}%"
+            f"  (of {self.looked_up_blocks} looked-up blocks)",
+            f"prefill tokens saved: {self.saved_tokens:,} of {self.prompt_tokens:,}"
+            f" ({100 * self.saved_tokens / max(self.prompt_tokens, 1):.1f}%)",
+        ]
+        for m in self.moved:
+            rate = m["bytes"] / m["seconds"] / 1e9 if m["seconds"] else 0.0
+            lines.append(
+                f"{m['kind']:>7} {m['src']:>4} -> {m['dst']:<4} {m['blocks']:>7,} blocks"
+                f" {m['bytes'] / 2**20:>9,.1f} MiB  {rate:6.2f} GB/s"
+            )
+        lines.append(
+            f"verified {self.verified_blocks:,} hit blocks against what was computed for them;"
+            f" {self.requests} requests in {self.seconds:.2f} s"
+        )
+        return lines
+
+
+def _tokens(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(VOCAB) for _ in range(n)]
+
+
+def write_pattern(tensors: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> None:
+    """Write block ``blocks[i]``'s "KV": in layer ``l``, element ``e`` is
+    ``(e + (hashes[i] >> l) % 997) % 251`` (exact in every float type)."""
+    if not blocks:
+        return
+    for layer, t in enumerate(tensors):
+        t[torch.tensor(blocks, dtype=torch.long, device=t.device)] = _pattern(t, hashes, layer)
+
+
+def count_mismatches(tensors: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> int:
+    """How many of ``blocks`` do not hold :func:`write_pattern`'s bytes for their hash."""
+    if not blocks:
+        return 0
+    bad = torch.zeros(len(blocks), dtype=torch.bool, device=tensors[0].device)
+    for layer, t in enumerate(tensors):
+        got = t[torch.tensor(blocks, dtype=torch.long, device=t.device)]
+        bad |= (got != _pattern(t, hashes, layer)).flatten(1).any(dim=1)
+    return int(bad.sum())
+
+
+def _pattern(t: torch.Tensor, hashes: list[int], layer: int) -> torch.Tensor:
+    per_block = t[0].numel()
+    offsets = torch.tensor([(h >> layer) % 997 for h in hashes], device=t.device)
+    values = (torch.arange(per_block, device=t.device)[None, :] + offsets[:, None]) % 251
+    return values.to(t.dtype).view(len(hashes), *t.shape[1:])
+
+
+def run_demo(
+    manager: BlockManager,
+    workload: ChatWorkload,
+    progress: Callable[[int, int], None] | None = None,
+    verify: bool = True,
+) -> DemoResult:
+    """Replay ``workload`` through ``manager``.
+
+    Raises:
+        KvBlocksError: a hit block did not hold what was computed for it, or G1 cannot hold
+            one request.
+    """
+    size = manager.config.block_size
+    turns = workload.requests()
+    history: dict[int, list[int]] = {}
+    result = DemoResult()
+    hits: Counter[Tier] = Counter()
+    start = time.perf_counter()
+    for i, turn in enumerate(turns):
+        prompt = history.get(turn.conversation, []) + turn.system + turn.user
+        hit = manager.lookup(prompt)
+        if verify:
+            _verify(manager, hit)
+            result.verified_blocks += len(hit.block_ids)
+        final = prompt + turn.reply
+        full = len(final) // size
+        new = manager.allocate(-(-len(final) // size) - len(hit.block_ids))
+        start_token = len(hit.block_ids) * size
+        computed = new[: full - len(hit.block_ids)]
+        tokens = final[start_token : full * size]
+        hashes = sequence_hashes(tokens, size, parent=hit.last_hash)
+        write_pattern(manager.device_tensors, computed, hashes)
+        manager.register(computed, tokens, parent_hash=hit.last_hash)
+        manager.free(hit.block_ids + new)
+        history[turn.conversation] = final
+        result.requests += 1
+        result.prompt_tokens += len(prompt)
+        result.saved_tokens += hit.num_tokens
+        result.looked_up_blocks += len(prompt) // size
+        hits.update(hit.from_tier)
+        result.timeline.append(_sample(manager, i, result.looked_up_blocks, hits))
+        if progress is not None:
+            progress(i + 1, len(turns))
+    manager.flush()
+    result.seconds = time.perf_counter() - start
+    result.hits = {t.name: hits[t] for t in manager.tiers}
+    result.moved = _moved(manager)
+    return result
+
+
+def _verify(manager: BlockManager, hit: PrefixHit) -> None:
+    bad = count_mismatches(manager.device_tensors, hit.block_ids, hit.hashes)
+    if bad:
+        raise KvBlocksError(f"{bad} of {len(hit.block_ids)} hit blocks hold the wrong bytes")
+
+
+def _sample(manager: BlockManager, i: int, looked_up: int, hits: Counter[Tier]) -> Sample:
+    occupancy = manager.occupancy()
+    return Sample(
+        request=i,
+        looked_up=looked_up,
+        hits={t.name: hits[t] for t in manager.tiers},
+        occupancy={t.name: o.cached / o.total for t, o in occupancy.items()},
+    )
+
+
+def _moved(manager: BlockManager) -> list[dict]:
+    metrics = manager.metrics
+    rows = []
+    for kind, blocks, nbytes in (
+        ("offload", metrics.offload_blocks, metrics.offload_bytes),
+        ("onboard", metrics.onboard_blocks, metrics.onboard_bytes),
+    ):
+        for (src, dst), count in sorted(blocks.items(), key=lambda kv: kv[0][0].name):
+            rows.append(
+                {
+                    "kind": kind,
+                    "src": src.name,
+                    "dst": dst.name,
+                    "blocks": count,
+                    "bytes": nbytes[(src, dst)],
+                    "seconds": metrics.transfer_latency[(src, dst)].total,
+                }
+            )
+    return rows
+
+
+def progress_bar(out=None) -> Callable[[int, int], None]:
+    """A progress callback writing to ``out`` (stderr by default): a redrawn bar on a
+    terminal, a line per 10% elsewhere."""
+    out = out if out is not None else sys.stderr
+    tty = out.isatty()
+    start = time.perf_counter()
+    shown = [-1]
+
+    def update(done: int, total: int) -> None:
+        elapsed = time.perf_counter() - start
+        if tty:
+            filled = 30 * done // total
+            bar = "#" * filled + "." * (30 - filled)
+            end = "\n" if done == total else ""
+            print(
+                f"\r[{bar}] {done}/{total} requests {elapsed:.1f}s", end=end, file=out, flush=True
+            )
+        elif 10 * done // total > shown[0]:
+            shown[0] = 10 * done // total
+            print(f"{done}/{total} requests {elapsed:.1f}s", file=out, flush=True)
+
+    return update
+
+
+def plot_demo(result: DemoResult, path: str, window: int = 20) -> None:
+    """A PNG of the hit rate per tier (over the last ``window`` requests) and of each tier's
+    occupancy, per request."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from kvblocks.errors import BackendUnavailableError
+
+        raise BackendUnavailableError(
+            "matplotlib is not installed: pip install 'kvblocks[plot]'"
+        ) from None
+    samples = result.timeline
+    x = [s.request + 1 for s in samples]
+    tiers = list(samples[0].hits) if samples else []
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for tier in tiers:
+        rates = []
+        for i, s in enumerate(samples):
+            before = samples[i - window] if i >= window else None
+            looked = s.looked_up - (before.looked_up if before else 0)
+            hit = s.hits[tier] - (before.hits[tier] if before else 0)
+            rates.append(100 * hit / looked if looked else 0.0)
+        top.plot(x, rates, label=f"{tier} hits")
+        bottom.plot(x, [100 * s.occupancy[tier] for s in samples], label=tier)
+    top.set_ylabel(f"% of looked-up blocks\n(last {window} requests)")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.set_ylabel("% of tier cached")
+    bottom.set_xlabel("request")
+    bottom.legend(loc="upper left")
+    bottom.grid(alpha=0.3)
+    fig.suptitle("kvblocks demo: prefix hits and tier occupancy")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

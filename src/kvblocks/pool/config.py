@@ -1,0 +1,199 @@
+"""BlockManagerConfig: the sizes of a block and of each tier.
+
+The host (G2) and disk (G3) tiers are sized in GiB; their defaults come from the environment::
+
+    KVBLOCKS_CPU_CACHE_GB    pinned host memory for G2 (default 0: no G2)
+    KVBLOCKS_DISK_CACHE_GB   disk space for G3, in ``offload_path`` (default 0: no G3)
+
+An argument given to :meth:`BlockManagerConfig.from_env` wins over the environment.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, fields
+
+import torch
+
+from kvblocks.errors import InvalidArgumentError
+from kvblocks.layout import KvBlockLayout, KvDims, LayoutConfig, dtype_name
+from kvblocks.layout.dtypes import parse_dtype
+
+#: Environment variable for the G2 size in GiB.
+CPU_CACHE_ENV = "KVBLOCKS_CPU_CACHE_GB"
+#: Environment variable for the G3 size in GiB.
+DISK_CACHE_ENV = "KVBLOCKS_DISK_CACHE_GB"
+
+
+@dataclass(frozen=True)
+class BlockManagerConfig:
+    """What a :class:`~kvblocks.pool.BlockManager` manages.
+
+    Attributes:
+        num_layers: model layers (``nl``).
+        num_kv_heads: KV heads on this worker (``nh``).
+        head_dim: elements per head (``hd``).
+        block_size: tokens per block (``nt``).
+        outer_dim: 2 for separate K and V, 1 for a latent cache (``no``).
+        dtype: element type of the cache (``"bf16"``, ``torch.float16``, ...).
+        device_blocks: G1 blocks; ``None`` takes ``gpu_memory_fraction`` of the GPU's free
+            memory (it must be given on a machine without a GPU).
+        gpu_memory_fraction: share of free GPU memory G1 takes when ``device_blocks`` is None.
+        enable_offload: offload registered blocks to G2 and G3 and onboard them back on a
+            prefix hit; without it only G1 exists.
+        host_cache_gb: G2 size in GiB (pinned host memory).
+        disk_cache_gb: G3 size in GiB (a file in ``offload_path``); needs a G2 to stage through.
+        offload_path: directory of the G3 file and its journal.
+        device_id: the GPU of G1.
+        device_format: the order inside a G1 block (an operational format: engines compute in it).
+        storage_format: the order inside G2 and G3 blocks (``UniversalTP`` by default, so a
+            stored block can be served to any tensor-parallel split).
+    """
+
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    block_size: int = 64
+    outer_dim: int = 2
+    dtype: torch.dtype | str = "bf16"
+    device_blocks: int | None = None
+    gpu_memory_fraction: float = 0.9
+    enable_offload: bool = False
+    host_cache_gb: float = 0.0
+    disk_cache_gb: float = 0.0
+    offload_path: str = "/tmp"
+    device_id: int = 0
+    device_format: KvBlockLayout = KvBlockLayout.OperationalNHD
+    storage_format: KvBlockLayout = KvBlockLayout.UniversalTP
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "outer_dim"):
+            _check_positive_int(name, getattr(self, name))
+        if self.device_blocks is not None:
+            _check_positive_int("device_blocks", self.device_blocks)
+        if isinstance(self.device_id, bool) or not isinstance(self.device_id, int):
+            raise InvalidArgumentError("device_id", f"must be an int, got {self.device_id!r}")
+        if self.device_id < 0:
+            raise InvalidArgumentError("device_id", f"must be >= 0, got {self.device_id}")
+        object.__setattr__(self, "dtype", parse_dtype(self.dtype, "dtype"))
+        fraction = self.gpu_memory_fraction
+        if not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+            raise InvalidArgumentError(
+                "gpu_memory_fraction", f"must be in (0, 1], got {fraction!r}"
+            )
+        for name in ("host_cache_gb", "disk_cache_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InvalidArgumentError(name, f"must be a number of GiB, got {value!r}")
+            if not math.isfinite(value) or value < 0:
+                raise InvalidArgumentError(name, f"must be finite and >= 0, got {value!r}")
+        if not isinstance(self.enable_offload, bool):
+            raise InvalidArgumentError(
+                "enable_offload", f"must be True or False, got {self.enable_offload!r}"
+            )
+        if not self.device_format.is_operational():
+            raise InvalidArgumentError(
+                "device_format",
+                f"must be OperationalNHD or OperationalHND, got {self.device_format.name}",
+            )
+        if self.storage_format.dim_order is None:
+            raise InvalidArgumentError(
+                "storage_format", f"must be a known format, got {self.storage_format.name}"
+            )
+        if self.enable_offload:
+            if self.host_blocks == 0:
+                raise InvalidArgumentError(
+                    "host_cache_gb",
+                    f"must hold at least one block ({self.block_bytes} bytes) when"
+                    f" enable_offload is set (got {self.host_cache_gb} GiB; or set"
+                    f" {CPU_CACHE_ENV})",
+                )
+            if self.disk_cache_gb and self.disk_blocks == 0:
+                raise InvalidArgumentError(
+                    "disk_cache_gb",
+                    f"must hold at least one block ({self.block_bytes} bytes) or be 0,"
+                    f" got {self.disk_cache_gb} GiB",
+                )
+            if self.disk_blocks and not os.path.isdir(self.offload_path):
+                raise InvalidArgumentError(
+                    "offload_path", f"must be an existing directory, got {self.offload_path!r}"
+                )
+
+    @classmethod
+    def from_env(cls, **kwargs) -> BlockManagerConfig:
+        """A config whose ``host_cache_gb`` and ``disk_cache_gb`` default to the environment
+        (:data:`CPU_CACHE_ENV`, :data:`DISK_CACHE_ENV`); offload is enabled when either is
+        set and ``enable_offload`` is not given.
+
+        Raises:
+            InvalidArgumentError: an unknown field, or an environment value that is not a
+                non-negative number (the message names the variable).
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(kwargs) - known)
+        if unknown:
+            raise InvalidArgumentError(
+                unknown[0], f"is not a config field; fields: {sorted(known)}"
+            )
+        for name, env in (("host_cache_gb", CPU_CACHE_ENV), ("disk_cache_gb", DISK_CACHE_ENV)):
+            if name not in kwargs and os.environ.get(env, "").strip():
+                kwargs[name] = _env_gb(env)
+        if "enable_offload" not in kwargs:
+            kwargs["enable_offload"] = bool(kwargs.get("host_cache_gb") or 0)
+        return cls(**kwargs)
+
+    def dims(self) -> KvDims:
+        """The block dims: ``[nl, no, nt, nh, hd]`` elements of :attr:`dtype`."""
+        return KvDims(
+            nl=self.num_layers,
+            no=self.outer_dim,
+            nh=self.num_kv_heads,
+            nt=self.block_size,
+            hd=self.head_dim,
+            dtype=self.dtype,
+        )
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes of one block (all layers, K and V)."""
+        return self.dims().block_bytes
+
+    def layout_config(self, num_blocks: int) -> LayoutConfig:
+        return LayoutConfig.from_dims(self.dims(), num_blocks)
+
+    @property
+    def host_blocks(self) -> int:
+        """G2 blocks that ``host_cache_gb`` holds."""
+        return int(self.host_cache_gb * 2**30) // self.block_bytes
+
+    @property
+    def disk_blocks(self) -> int:
+        """G3 blocks that ``disk_cache_gb`` holds (0 without offload)."""
+        if not self.enable_offload:
+            return 0
+        return int(self.disk_cache_gb * 2**30) // self.block_bytes
+
+    def describe(self) -> str:
+        """One line: the block shape and size."""
+        return (
+            f"{self.num_layers} layers x {self.outer_dim} x {self.block_size} tokens x"
+            f" {self.num_kv_heads} heads x {self.head_dim} {dtype_name(self.dtype)}"
+            f" = {self.block_bytes} bytes per block"
+        )
+
+
+def _check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
+
+
+def _env_gb(env: str) -> float:
+    text = os.environ[env]
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidArgumentError(env, f"must be a number of GiB, got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgumentError(env, f"must be finite and >= 0, got {text!r}")
+    return value

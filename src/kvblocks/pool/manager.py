@@ -1,0 +1,794 @@
+"""BlockManager: the KV cache of one worker over tiers G1 (device), G2 (pinned host), G3 (disk).
+
+An engine talks to it in four calls::
+
+    hit = manager.lookup(prompt)                     # cached prefix, onboarded into G1, held
+    new = manager.allocate(blocks_needed - len(hit.block_ids))
+    ...                                              # the engine computes KV into G1 blocks
+    manager.register(full_blocks, their_tokens, parent_hash=hit.last_hash)
+    manager.free(hit.block_ids + new)                # the request ends; cached blocks stay
+
+With offload enabled, every block registered in G1 is copied to G2 by a background thread, and
+every block stored in G2 is copied on to G3, so a tier that evicts (least recently used first)
+loses nothing a lower tier holds. :meth:`BlockManager.lookup` finds the longest prefix across
+the tiers and copies the G2 and G3 part back into G1 (G3 blocks through G2, their checksums
+checked on the way: a corrupted block is dropped and counts as a miss).
+
+Blocks are held (reference counted in their :class:`BlockPool`) while a transfer reads or
+writes them, so no transfer ever races an eviction. All bookkeeping runs under one lock; the
+copies themselves run outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import torch
+
+from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
+from kvblocks.pool.config import BlockManagerConfig
+from kvblocks.pool.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    EventBatch,
+    EventPublisher,
+    KvEvent,
+)
+from kvblocks.pool.hashing import sequence_hashes
+from kvblocks.pool.journal import Journal, StoredBlock
+from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
+from kvblocks.pool.tier import Tier
+from kvblocks.storage import PhysicalLayout
+from kvblocks.transfer import LayoutHandle, TransferManager, block_checksums
+
+log = logging.getLogger("kvblocks.pool")
+
+#: Most blocks one background offload moves at once.
+OFFLOAD_BATCH = 256
+
+_WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """The cached prefix :meth:`BlockManager.lookup` found, in G1 and held for the caller.
+
+    Attributes:
+        block_ids: G1 blocks holding the prefix, in order; free them when the request ends.
+        hashes: their sequence hashes (``hashes[-1]`` is the parent of the next block).
+        block_size: tokens per block.
+        from_tier: how many of the blocks were found in each tier.
+        misses: full blocks of the lookup found in no tier.
+    """
+
+    block_ids: list[int]
+    hashes: list[int]
+    block_size: int
+    from_tier: dict[Tier, int] = field(default_factory=dict)
+    misses: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens whose KV the caller need not compute."""
+        return len(self.block_ids) * self.block_size
+
+    @property
+    def last_hash(self) -> int | None:
+        """The hash to pass as ``parent_hash`` when registering the blocks after the prefix."""
+        return self.hashes[-1] if self.hashes else None
+
+
+@dataclass
+class _TierState:
+    tier: Tier
+    pool: BlockPool
+    physical: PhysicalLayout
+    handle: LayoutHandle
+
+
+@dataclass
+class _Offload:
+    """Blocks of ``src`` (held for this job) to copy one tier down."""
+
+    src: Tier
+    block_ids: list[int]
+    hashes: list[int]
+    ready: torch.cuda.Event | None = None
+
+
+@dataclass
+class _Onboarding:
+    """A planned onboard: held sources in G2 or G3, and the G1 destinations (held)."""
+
+    blocks: list[tuple[Tier, int]]
+    dst: list[int]
+
+
+@dataclass(frozen=True)
+class _ChainInfo:
+    """What an event needs of a cached block besides its hash."""
+
+    parent: int | None
+    token_ids: tuple[int, ...]
+
+
+class BlockManager:
+    """The tiers, pools, offload thread, events and metrics of one worker.
+
+    Args:
+        config: sizes of blocks and tiers.
+        publisher: where KV events go (none by default).
+        device_tensors: the engine's own G1 cache, one contiguous tensor per layer shaped
+            ``[num_blocks, no, nt, nh, hd]`` (``device_format`` NHD) or ``[num_blocks, no, nh, nt,
+            hd]`` (HND); by default the manager allocates them (see :attr:`device_tensors`).
+        transfer: a TransferManager to move blocks with (one is built by default).
+
+    Raises:
+        InvalidArgumentError: a bad config or tensors that do not match it.
+        StorageError: a tier cannot be allocated.
+    """
+
+    def __init__(
+        self,
+        config: BlockManagerConfig,
+        *,
+        publisher: EventPublisher | None = None,
+        device_tensors: Sequence[torch.Tensor] | None = None,
+        transfer: TransferManager | None = None,
+    ) -> None:
+        if not isinstance(config, BlockManagerConfig):
+            raise InvalidArgumentError("config", f"must be a BlockManagerConfig, got {config!r}")
+        self.config = config
+        self.block_bytes = config.block_bytes
+        self._lock = threading.RLock()
+        self._publish_lock = threading.Lock()
+        self._publisher = publisher
+        self._pending: list[KvEvent] = []
+        self._chains: dict[int, _ChainInfo] = {}
+        self._tiers: dict[Tier, _TierState] = {}
+        self._journal: Journal | None = None
+        self._failures: list[BaseException] = []
+        self.metrics = PoolMetrics(self.occupancy)
+        self._owns_transfer = transfer is None
+        self._transfer = transfer or (
+            TransferManager.builder().cuda_device_id(config.device_id).build()
+        )
+        try:
+            self.device_tensors = self._device_tensors(device_tensors)
+            self._add_tier(Tier.G1, self._g1_layout())
+            if config.enable_offload:
+                layout = self._storage_builder(config.host_blocks).allocate_pinned().build()
+                self._add_tier(Tier.G2, layout)
+                if config.disk_blocks:
+                    self._open_disk_tier()
+        except BaseException:
+            self._release_tiers()
+            raise
+        self._queue: queue.Queue[_Offload | None] = queue.Queue()
+        self._worker = None
+        if config.enable_offload:
+            self._worker = threading.Thread(
+                target=self._offload_loop, name="kvblocks-offload", daemon=True
+            )
+            self._worker.start()
+        self._publish()
+
+    # Set-up ------------------------------------------------------------------------------------
+
+    def _device_tensors(self, tensors: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
+        config = self.config
+        dims = config.dims()
+        inner = dims.region_shape(config.device_format.inner_order)
+        if tensors is None:
+            num_blocks = config.device_blocks or self._blocks_from_gpu_memory()
+            device = (
+                torch.device("cuda", config.device_id)
+                if torch.cuda.is_available()
+                else torch.device("cpu")
+            )
+            shape = (num_blocks, dims.no, *inner)
+            return [torch.zeros(shape, dtype=dims.dtype, device=device) for _ in range(dims.nl)]
+        tensors = list(tensors)
+        if len(tensors) != dims.nl:
+            raise InvalidArgumentError(
+                "device_tensors", f"must be one tensor per layer ({dims.nl}), got {len(tensors)}"
+            )
+        num_blocks = tensors[0].shape[0] if tensors[0].dim() else 0
+        expected = (num_blocks, dims.no, *inner)
+        for i, t in enumerate(tensors):
+            if tuple(t.shape) != expected or t.dtype != dims.dtype:
+                raise InvalidArgumentError(
+                    f"device_tensors[{i}]",
+                    f"must be {list(expected)} of {dims.dtype}, got {list(t.shape)} of {t.dtype}",
+                )
+        if config.device_blocks is not None and config.device_blocks != num_blocks:
+            raise InvalidArgumentError(
+                "device_tensors",
+                f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
+            )
+        return tensors
+
+    def _blocks_from_gpu_memory(self) -> int:
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("device_blocks", "must be given on a machine without a GPU")
+        free, _ = torch.cuda.mem_get_info(self.config.device_id)
+        blocks = int(free * self.config.gpu_memory_fraction) // self.block_bytes
+        if blocks < 1:
+            raise InvalidArgumentError(
+                "gpu_memory_fraction",
+                f"leaves no room for one block of {self.block_bytes} bytes ({free} bytes free)",
+            )
+        return blocks
+
+    def _g1_layout(self) -> PhysicalLayout:
+        config = self.config
+        return (
+            PhysicalLayout.builder(config.layout_config(self.device_tensors[0].shape[0]))
+            .layer_separate()
+            .kv_format(config.device_format)
+            .with_external_regions(self.device_tensors)
+            .build()
+        )
+
+    def _storage_builder(self, num_blocks: int):
+        return (
+            PhysicalLayout.builder(self.config.layout_config(num_blocks))
+            .fully_contiguous()
+            .kv_format(self.config.storage_format)
+        )
+
+    def _open_disk_tier(self) -> None:
+        config = self.config
+        slots = config.disk_blocks
+        fingerprint = {
+            "layout": [
+                config.num_layers,
+                config.outer_dim,
+                config.block_size,
+                config.num_kv_heads,
+                config.head_dim,
+                str(config.dtype),
+            ],
+            "format": config.storage_format.name,
+            "slots": slots,
+        }
+        name = os.path.join(config.offload_path, f"kvblocks-g3-{self._g3_name(fingerprint)}")
+        self._journal = Journal(name + ".journal", fingerprint, slots)
+        stored = list(self._journal.blocks.values())
+        layout = (
+            self._storage_builder(slots)
+            .allocate_disk(name + ".bin", keep=True, reuse=bool(stored))
+            .build()
+        )
+        state = self._add_tier(Tier.G3, layout)
+        pool = state.pool
+        if stored:  # blocks an earlier process stored: cached and inactive, oldest first
+            ids = pool.allocate(slots)
+            restored = [b.slot for b in stored]
+            for block in stored:
+                pool.fill(block.slot, config.block_size)
+                pool.register(block.slot, block.seq_hash)
+                self._chains[block.seq_hash] = _ChainInfo(block.parent, block.token_ids)
+            unused = set(ids) - set(restored)
+            pool.free([b for b in ids if b in unused] + restored)
+            self._emit_stored(Tier.G3, [b.seq_hash for b in stored])
+
+    @staticmethod
+    def _g3_name(fingerprint: dict) -> str:
+        layout = fingerprint["layout"]
+        return "x".join(str(v) for v in layout[:5]) + f"-{fingerprint['slots']}"
+
+    def _add_tier(self, tier: Tier, physical: PhysicalLayout) -> _TierState:
+        pool = BlockPool(
+            physical.config.num_blocks,
+            self.config.block_size,
+            on_evict=lambda hashes, tier=tier: self._on_evict(tier, hashes),
+        )
+        handle = self._transfer.register_layout(physical)
+        state = _TierState(tier, pool, physical, handle)
+        self._tiers[tier] = state
+        return state
+
+    # Queries -----------------------------------------------------------------------------------
+
+    @property
+    def tiers(self) -> list[Tier]:
+        """The tiers this manager has, fastest first."""
+        return list(self._tiers)
+
+    def pool(self, tier: Tier) -> BlockPool:
+        """The block pool of ``tier`` (read it; change blocks only through the manager)."""
+        return self._tier(tier).pool
+
+    def layout(self, tier: Tier) -> PhysicalLayout:
+        """The physical layout of ``tier``'s memory."""
+        return self._tier(tier).physical
+
+    def occupancy(self) -> dict[Tier, TierOccupancy]:
+        """Blocks per tier: held, free or evictable, cached, total."""
+        with self._lock:
+            return {
+                t: TierOccupancy(
+                    s.pool.num_in_use, s.pool.num_available, s.pool.num_cached, s.pool.num_blocks
+                )
+                for t, s in self._tiers.items()
+            }
+
+    def _tier(self, tier: Tier) -> _TierState:
+        state = self._tiers.get(tier)
+        if state is None:
+            raise InvalidArgumentError("tier", f"{tier} is not configured; have {self.tiers}")
+        return state
+
+    # The engine's calls ------------------------------------------------------------------------
+
+    def lookup(self, token_ids: Sequence[int], *, salt: int = 0) -> PrefixHit:
+        """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
+
+        G1 hits are shared; G2 and G3 hits are copied into newly allocated G1 blocks (as many
+        as G1 can make room for), G3 blocks through G2 with their checksums checked. The
+        returned blocks are held for the caller and their bytes are in place on return.
+        """
+        hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
+        g1 = self._tiers[Tier.G1].pool
+        with self._lock:
+            held = g1.match_sequence_hashes(hashes)
+            g1.acquire(held)
+            short = g1.num_available < len(hashes) - len(held)
+        if short:  # blocks waiting to be offloaded come back once the offload ends
+            self._drain()
+        with self._lock:
+            sources = self._lower_tier_hits(hashes[len(held) :])
+        from_tier = {Tier.G1: len(held)}
+        if sources.blocks:
+            onboarded = self._onboard(hashes[len(held) : len(held) + len(sources.blocks)], sources)
+            held += onboarded
+            for tier, _ in sources.blocks[: len(onboarded)]:
+                from_tier[tier] = from_tier.get(tier, 0) + 1
+        misses = len(hashes) - len(held)
+        self.metrics.record_lookup(from_tier, misses)
+        self._publish()
+        return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
+
+    def allocate(self, n: int) -> list[int]:
+        """``n`` empty G1 blocks held for the caller (inactive cached blocks are evicted, least
+        recently used first, to make room).
+
+        Raises:
+            PoolExhaustedError: fewer than ``n`` blocks are free or evictable.
+        """
+        start = time.perf_counter()
+        g1 = self._tiers[Tier.G1].pool
+        with self._lock:
+            short = n > g1.num_available
+            if not short:
+                ids = g1.allocate(n)
+        if short:  # blocks waiting to be offloaded come back once the offload ends
+            self._drain()
+            with self._lock:
+                ids = g1.allocate(n)
+        self.metrics.record_allocation(time.perf_counter() - start)
+        self._publish()
+        return ids
+
+    def register(
+        self,
+        block_ids: Sequence[int],
+        token_ids: Sequence[int],
+        *,
+        parent_hash: int | None = None,
+        salt: int = 0,
+    ) -> list[int]:
+        """Record that G1 ``block_ids`` now hold the KV of ``token_ids`` (``block_size`` tokens
+        each, in order) and make them findable; returns their sequence hashes.
+
+        ``parent_hash`` is the hash of the block before ``block_ids[0]`` (``PrefixHit.last_hash``,
+        or the last hash an earlier ``register`` of this sequence returned); None starts a
+        sequence. A block whose hash another G1 block already caches stays unregistered (it is
+        freed normally). With offload, the new blocks are copied to G2 in the background, after
+        the work queued so far on the current CUDA stream.
+        """
+        size = self.config.block_size
+        if len(token_ids) != len(block_ids) * size:
+            raise InvalidArgumentError(
+                "token_ids",
+                f"must hold {size} tokens per block, {len(block_ids) * size} in all,"
+                f" got {len(token_ids)}",
+            )
+        hashes = sequence_hashes(token_ids, size, parent=parent_hash, salt=salt)
+        g1 = self._tiers[Tier.G1].pool
+        new_blocks, new_hashes = [], []
+        with self._lock:
+            for b in block_ids:
+                state = g1.state(b)
+                if state not in _WRITABLE or g1.refcount(b) != 1:
+                    raise BlockStateError(
+                        f"block {b} is {state.name} with {g1.refcount(b)} holders: only a block"
+                        " allocated to the caller and not yet registered can be registered"
+                    )
+            if len(set(block_ids)) != len(block_ids):
+                raise InvalidArgumentError("block_ids", "must not name a block twice")
+            for b in block_ids:
+                missing = size - g1.tokens(b)
+                if missing:
+                    g1.fill(b, missing)
+            parent = parent_hash
+            for i, (b, h) in enumerate(zip(block_ids, hashes, strict=True)):
+                self._chains.setdefault(
+                    h, _ChainInfo(parent, tuple(token_ids[i * size : (i + 1) * size]))
+                )
+                parent = h
+                if g1.register(b, h) == b:
+                    new_blocks.append(b)
+                    new_hashes.append(h)
+            self._emit_stored(Tier.G1, new_hashes)
+            if new_blocks and self._worker is not None:
+                g1.acquire(new_blocks)
+                self._queue.put(_Offload(Tier.G1, new_blocks, new_hashes, self._ready_event()))
+        self._publish()
+        return hashes
+
+    def free(self, block_ids: Sequence[int]) -> None:
+        """Drop the caller's hold on G1 blocks; registered ones stay cached (inactive)."""
+        with self._lock:
+            self._tiers[Tier.G1].pool.free(block_ids)
+        self._publish()
+
+    def clear(self) -> None:
+        """Drop every cached block nobody holds, in every tier (waits for offloads first)."""
+        self.flush()
+        with self._lock:
+            for state in self._tiers.values():
+                state.pool.clear()
+            self._pending.append(AllBlocksCleared())
+        self._publish()
+
+    def flush(self, timeout: float | None = None) -> None:
+        """Wait until every offload queued so far has finished and publish pending events.
+
+        Raises:
+            TransferError: an offload failed since the last flush (its blocks were not stored
+                in the lower tier; nothing else was lost).
+            TimeoutError: ``timeout`` seconds passed first.
+        """
+        self._drain(timeout)
+        self._publish()
+        with self._lock:
+            failures, self._failures = self._failures, []
+        if failures:
+            raise TransferError(
+                f"{len(failures)} offload batch(es) failed; the first: {failures[0]!r}"
+            )
+
+    def _drain(self, timeout: float | None = None) -> None:
+        """Wait until the offload queue is empty and idle."""
+        if self._worker is None:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._queue.all_tasks_done:
+            while self._queue.unfinished_tasks:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise TimeoutError(f"offloads still running after {timeout} s")
+                self._queue.all_tasks_done.wait(left)
+
+    def close(self) -> None:
+        """Finish the offloads, publish the last events and release every tier (the G3 file
+        and its journal stay for the next process)."""
+        if self._worker is not None:
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
+        self._publish()
+        self._release_tiers()
+
+    def __enter__(self) -> BlockManager:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _release_tiers(self) -> None:
+        for state in self._tiers.values():
+            self._transfer.release_layout(state.handle)
+            state.physical.release()
+        self._tiers.clear()
+        if self._journal is not None:
+            self._journal.close()
+            self._journal = None
+        if self._owns_transfer:
+            self._transfer.close()
+            self._owns_transfer = False
+
+    # Onboarding --------------------------------------------------------------------------------
+
+    def _lower_tier_hits(self, hashes: list[int]) -> _Onboarding:
+        """Plan copying the prefix of ``hashes`` that G2 or G3 cache into G1, as far as G1 has
+        room: the sources are acquired and the G1 destinations allocated. Under the lock."""
+        found: list[tuple[Tier, int]] = []
+        for h in hashes:
+            for tier in (Tier.G2, Tier.G3):
+                state = self._tiers.get(tier)
+                block = state.pool.lookup(h) if state is not None else None
+                if block is not None:
+                    found.append((tier, block))
+                    break
+            else:
+                break
+        found = found[: self._tiers[Tier.G1].pool.num_available]
+        for tier in (Tier.G2, Tier.G3):
+            blocks = [b for t, b in found if t is tier]
+            if blocks:
+                self._tiers[tier].pool.acquire(blocks)
+        return _Onboarding(found, self._tiers[Tier.G1].pool.allocate(len(found)))
+
+    def _onboard(self, hashes: list[int], plan: _Onboarding) -> list[int]:
+        """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
+        G2 has room for) and on into G1, G2 blocks straight into G1. Returns the G1 blocks
+        (held), fewer than planned if a G3 block fails its checksum."""
+        sources, dst = plan.blocks, plan.dst
+        g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
+        g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
+        g2_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G2]
+        keep, done = len(sources), 0
+        try:
+            while done < len(g3_at):
+                with self._lock:
+                    room = min(g2.num_available, len(g3_at) - done)
+                    staging = g2.allocate(room)
+                if room == 0:  # G2 is all held: serve the prefix up to here
+                    keep = g3_at[done]
+                    break
+                at = g3_at[done : done + room]
+                done += room
+                good = self._stage_from_disk(
+                    [sources[i][1] for i in at], staging, [hashes[i] for i in at]
+                )
+                try:
+                    targets = [dst[i] for i in at[:good]]
+                    self._copy(Tier.G2, staging[:good], Tier.G1, targets, onboard=True)
+                finally:
+                    with self._lock:
+                        g2.free(staging[:good])
+                if good < room:
+                    keep = at[good]
+                    break
+            self._copy(
+                Tier.G2,
+                [sources[i][1] for i in g2_at if i < keep],
+                Tier.G1,
+                [dst[i] for i in g2_at if i < keep],
+                onboard=True,
+            )
+        except BaseException:
+            with self._lock:
+                g1.free(dst)
+                g2.free([sources[i][1] for i in g2_at])
+                self._release_g3([sources[i][1] for i in g3_at[done:]])
+            raise
+        with self._lock:
+            g2.free([sources[i][1] for i in g2_at])
+            self._release_g3([sources[i][1] for i in g3_at[done:]])
+            g1.free(dst[keep:])
+            result, stored = [], []
+            for b, h in zip(dst[:keep], hashes[:keep], strict=True):
+                g1.fill(b, self.config.block_size)
+                cached = g1.register(b, h)
+                if cached != b:  # another lookup onboarded it meanwhile: share that one
+                    g1.acquire([cached])
+                    g1.free([b])
+                else:
+                    stored.append(h)
+                result.append(cached)
+            self._emit_stored(Tier.G1, stored)
+        return result
+
+    def _release_g3(self, slots: list[int]) -> None:
+        if slots:
+            self._tiers[Tier.G3].pool.free(slots)
+
+    def _stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
+        """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
+        journal; registers the good prefix in G2 (still held) and returns its length. The G3
+        holds and the staging blocks after the good prefix are let go; bad blocks leave G3."""
+        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
+        try:
+            self._copy(Tier.G3, slots, Tier.G2, staging, onboard=True)
+            sums = block_checksums(self._tiers[Tier.G2].physical, staging)
+        except BaseException:
+            with self._lock:
+                g3.free(slots)
+                g2.free(staging)
+            raise
+        with self._lock:
+            expected = [self._journal.blocks[h].checksum for h in hashes]
+            good = next(
+                (i for i, (a, b) in enumerate(zip(sums, expected, strict=True)) if a != b),
+                len(slots),
+            )
+            bad = [s for s, a, b in zip(slots, sums, expected, strict=True) if a != b]
+            g3.free(slots)
+            if bad:
+                log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
+                self.metrics.record_corrupt(len(bad))
+                g3.discard(bad)
+            stored = []
+            for b, h in zip(staging[:good], hashes[:good], strict=True):
+                g2.fill(b, self.config.block_size)
+                if g2.register(b, h) == b:
+                    stored.append(h)
+            g2.free(staging[good:])
+            self._emit_stored(Tier.G2, stored)
+        return good
+
+    # Offloading --------------------------------------------------------------------------------
+
+    def _ready_event(self) -> torch.cuda.Event | None:
+        device = self.device_tensors[0].device
+        if device.type != "cuda":
+            return None
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        return event
+
+    def _offload_loop(self) -> None:
+        stream = None
+        device = self.device_tensors[0].device
+        if device.type == "cuda":
+            stream = torch.cuda.Stream(device)
+        while True:
+            job = self._queue.get()
+            if job is None:
+                self._queue.task_done()
+                return
+            jobs = [job]
+            while sum(len(j.block_ids) for j in jobs) < OFFLOAD_BATCH:
+                try:
+                    more = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if more is None:
+                    self._queue.put(None)
+                    self._queue.task_done()
+                    break
+                jobs.append(more)
+            try:
+                for event in [j.ready for j in jobs if j.ready is not None]:
+                    stream.wait_event(event)
+                merged = _Offload(
+                    Tier.G1,
+                    [b for j in jobs for b in j.block_ids],
+                    [h for j in jobs for h in j.hashes],
+                )
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    self._offload(merged)
+            except BaseException as exc:
+                log.exception("offload failed")
+                with self._lock:
+                    self._failures.append(exc)
+            finally:
+                for _ in jobs:
+                    self._queue.task_done()
+            self._publish()
+
+    def _offload(self, job: _Offload) -> None:
+        """Copy ``job``'s held blocks one tier down (and on to G3 from G2), in rounds as large
+        as the lower tier has room for; frees the holds."""
+        dst_tier = Tier.G2 if job.src is Tier.G1 else Tier.G3
+        src = self._tiers[job.src].pool
+        dst_state = self._tiers.get(dst_tier)
+        if dst_state is None:
+            with self._lock:
+                src.free(job.block_ids)
+            return
+        dst = dst_state.pool
+        pending = list(zip(job.block_ids, job.hashes, strict=True))
+        while pending:
+            with self._lock:
+                todo = [(b, h) for b, h in pending if dst.lookup(h) is None]
+                src.free([b for b, h in pending if dst.lookup(h) is not None])
+                room = min(len(todo), dst.num_available)
+                if room == 0:  # every lower-tier block is held: these stay in the upper tier
+                    src.free([b for b, _ in todo])
+                    if todo:
+                        log.warning("%s full: %d block(s) not offloaded", dst_tier, len(todo))
+                    return
+                batch, pending = todo[:room], todo[room:]
+                dst_ids = dst.allocate(room)
+            self._offload_batch(job.src, batch, dst_tier, dst_ids)
+
+    def _offload_batch(
+        self, src_tier: Tier, blocks: list[tuple[int, int]], dst_tier: Tier, dst_ids: list[int]
+    ) -> None:
+        src, dst_state = self._tiers[src_tier].pool, self._tiers[dst_tier]
+        dst = dst_state.pool
+        src_ids = [b for b, _ in blocks]
+        hashes = [h for _, h in blocks]
+        try:
+            sums = None
+            if dst_tier is Tier.G3:
+                sums = block_checksums(self._tiers[Tier.G2].physical, src_ids)
+            self._copy(src_tier, src_ids, dst_tier, dst_ids, onboard=False)
+            if dst_tier is Tier.G3:
+                dst_state.physical.file.sync()
+                self._journal.record_stored(
+                    [
+                        StoredBlock(h, slot, s, self._chains[h].parent, self._chains[h].token_ids)
+                        for h, slot, s in zip(hashes, dst_ids, sums, strict=True)
+                    ]
+                )
+        except BaseException:
+            with self._lock:
+                src.free(src_ids)
+                dst.free(dst_ids)
+            raise
+        with self._lock:
+            stored_blocks, stored = [], []
+            for b, h in zip(dst_ids, hashes, strict=True):
+                dst.fill(b, self.config.block_size)
+                if dst.register(b, h) == b:
+                    stored_blocks.append(b)
+                    stored.append(h)
+            self._emit_stored(dst_tier, stored)
+            src.free(src_ids)
+            cascade = dst_tier is Tier.G2 and Tier.G3 in self._tiers and stored_blocks
+            if cascade:
+                dst.acquire(stored_blocks)
+            dst.free(dst_ids)
+        if cascade:
+            self._offload(_Offload(Tier.G2, stored_blocks, stored))
+
+    def _copy(self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool) -> None:
+        if not src_ids:
+            return
+        start = time.perf_counter()
+        self._transfer.execute_transfer(
+            self._tiers[src].handle, src_ids, self._tiers[dst].handle, dst_ids
+        ).wait()
+        seconds = time.perf_counter() - start
+        nbytes = len(src_ids) * self.block_bytes
+        self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)
+
+    # Events ------------------------------------------------------------------------------------
+
+    def _on_evict(self, tier: Tier, hashes: list[int]) -> None:
+        """A pool dropped cached blocks (under the lock)."""
+        self.metrics.record_evictions(tier, len(hashes))
+        if tier is Tier.G3:
+            self._journal.record_removed(hashes)
+        self._pending.append(BlockRemoved(tuple(hashes), tier))
+        for h in hashes:
+            if not any(s.pool.lookup(h) is not None for s in self._tiers.values()):
+                self._chains.pop(h, None)
+
+    def _emit_stored(self, tier: Tier, hashes: list[int]) -> None:
+        """One BlockStored per run of ``hashes`` that chain parent to child (under the lock)."""
+        run: list[int] = []
+        for h in hashes:
+            if run and self._chains[h].parent != run[-1]:
+                self._pending.append(self._stored(tier, run))
+                run = []
+            run.append(h)
+        if run:
+            self._pending.append(self._stored(tier, run))
+
+    def _stored(self, tier: Tier, run: list[int]) -> BlockStored:
+        tokens = tuple(t for h in run for t in self._chains[h].token_ids)
+        parent = self._chains[run[0]].parent
+        return BlockStored(tuple(run), parent, tokens, self.config.block_size, tier)
+
+    def _publish(self) -> None:
+        with self._publish_lock:
+            with self._lock:
+                events, self._pending = self._pending, []
+            if events and self._publisher is not None:
+                self._publisher.publish(EventBatch(time.time(), tuple(events)))

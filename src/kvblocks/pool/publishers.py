@@ -1,0 +1,216 @@
+"""Network publishers of KV events: ZMQ (vLLM's wire protocol) and NATS.
+
+Both send each :class:`~kvblocks.pool.events.EventBatch` as msgpack of its wire form. They need
+the ``events`` extra (``pip install 'kvblocks[events]'``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import deque
+
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, TransferError
+from kvblocks.pool.events import EventBatch, EventPublisher
+
+#: The seq frame that ends a replay.
+REPLAY_END = -1
+
+
+def _msgpack():
+    try:
+        import msgpack
+    except ImportError:
+        raise BackendUnavailableError(
+            "msgpack is not installed: pip install 'kvblocks[events]'"
+        ) from None
+    return msgpack
+
+
+def encode_batch(batch: EventBatch) -> bytes:
+    """The msgpack bytes of a batch."""
+    return _msgpack().packb(batch.to_wire(), use_bin_type=True)
+
+
+def decode_batch(payload: bytes) -> EventBatch:
+    """A batch from :func:`encode_batch`'s bytes."""
+    return EventBatch.from_wire(_msgpack().unpackb(payload, raw=False))
+
+
+class ZmqPublisher(EventPublisher):
+    """A ZMQ PUB socket speaking vLLM's KV event protocol.
+
+    Each batch is one multipart message ``[topic, seq, payload]``: ``seq`` counts batches from 0
+    as an 8-byte big-endian int, ``payload`` is :func:`encode_batch`. With ``replay_endpoint``,
+    a ROUTER socket answers a request holding an 8-byte start seq with ``[seq, payload]`` for
+    every kept batch from there on, then ``[-1, b""]``; the last ``buffer_batches`` batches are
+    kept.
+
+    Args:
+        endpoint: where the PUB socket binds (``"tcp://*:5557"``) or, with ``connect``,
+            connects.
+        topic: the first frame of every message.
+        replay_endpoint: where the replay socket binds; None for no replay.
+        buffer_batches: batches kept for replay.
+    """
+
+    def __init__(
+        self,
+        endpoint: str = "tcp://*:5557",
+        topic: str = "kv-events",
+        replay_endpoint: str | None = None,
+        buffer_batches: int = 10_000,
+        connect: bool = False,
+    ) -> None:
+        try:
+            import zmq
+        except ImportError:
+            raise BackendUnavailableError(
+                "pyzmq is not installed: pip install 'kvblocks[events]'"
+            ) from None
+        _msgpack()
+        if isinstance(buffer_batches, bool) or not isinstance(buffer_batches, int):
+            raise InvalidArgumentError("buffer_batches", f"must be an int, got {buffer_batches!r}")
+        if buffer_batches < 1:
+            raise InvalidArgumentError("buffer_batches", f"must be >= 1, got {buffer_batches}")
+        self._zmq = zmq
+        self._context = zmq.Context.instance()
+        self._topic = topic.encode()
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._kept: deque[tuple[int, bytes]] = deque(maxlen=buffer_batches)
+        self._pub = self._context.socket(zmq.PUB)
+        self._pub.setsockopt(zmq.LINGER, 1000)
+        try:
+            (self._pub.connect if connect else self._pub.bind)(endpoint)
+        except zmq.ZMQError as exc:
+            self._pub.close(0)
+            raise InvalidArgumentError("endpoint", f"cannot use {endpoint!r}: {exc}") from None
+        self.endpoint = self._pub.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._replay_thread = None
+        self.replay_endpoint = None
+        if replay_endpoint is not None:
+            router = self._context.socket(zmq.ROUTER)
+            try:
+                router.bind(replay_endpoint)
+            except zmq.ZMQError as exc:
+                router.close(0)
+                self._pub.close(0)
+                raise InvalidArgumentError(
+                    "replay_endpoint", f"cannot bind {replay_endpoint!r}: {exc}"
+                ) from None
+            self.replay_endpoint = router.getsockopt_string(zmq.LAST_ENDPOINT)
+            self._replay_thread = threading.Thread(
+                target=self._serve_replay, args=(router,), name="kvblocks-zmq-replay", daemon=True
+            )
+            self._replay_thread.start()
+
+    def publish(self, batch: EventBatch) -> None:
+        payload = encode_batch(batch)
+        with self._lock:
+            seq = self._seq
+            self._seq += 1
+            self._kept.append((seq, payload))
+            self._pub.send_multipart((self._topic, seq.to_bytes(8, "big"), payload))
+
+    def _serve_replay(self, router) -> None:
+        zmq = self._zmq
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        try:
+            while not self._stop.is_set():
+                if not poller.poll(100):
+                    continue
+                client, *_, start = router.recv_multipart()
+                first = int.from_bytes(start, "big")
+                with self._lock:
+                    kept = [(s, p) for s, p in self._kept if s >= first]
+                for seq, payload in kept:
+                    router.send_multipart((client, b"", seq.to_bytes(8, "big"), payload))
+                end = REPLAY_END.to_bytes(8, "big", signed=True)
+                router.send_multipart((client, b"", end, b""))
+        finally:
+            router.close(0)
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._replay_thread is not None:
+            self._replay_thread.join()
+        with self._lock:
+            if not self._pub.closed:
+                self._pub.close()
+
+
+class NatsPublisher(EventPublisher):
+    """Publishes each batch's msgpack bytes on a NATS subject (core NATS, no persistence).
+
+    The connection runs on its own asyncio loop in a background thread, so :meth:`publish` can
+    be called from any thread and does not wait for the server.
+
+    Args:
+        url: the server, ``"nats://127.0.0.1:4222"``.
+        subject: the subject batches go to.
+        connect_timeout: seconds to wait for the first connection.
+
+    Raises:
+        TransferError: no server answered in time.
+    """
+
+    def __init__(
+        self,
+        url: str = "nats://127.0.0.1:4222",
+        subject: str = "kv-events",
+        connect_timeout: float = 5.0,
+    ) -> None:
+        try:
+            import nats
+        except ImportError:
+            raise BackendUnavailableError(
+                "nats-py is not installed: pip install 'kvblocks[events]'"
+            ) from None
+        _msgpack()
+        if not subject or " " in subject:
+            raise InvalidArgumentError("subject", f"must be a NATS subject, got {subject!r}")
+        self.subject = subject
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="kvblocks-nats", daemon=True
+        )
+        self._thread.start()
+        connecting = asyncio.run_coroutine_threadsafe(
+            nats.connect(
+                url,
+                connect_timeout=connect_timeout,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+            ),
+            self._loop,
+        )
+        try:
+            self._client = connecting.result(connect_timeout + 1)
+        except Exception as exc:
+            self._stop_loop()
+            raise TransferError(f"cannot connect to NATS at {url}: {exc!r}") from None
+
+    def publish(self, batch: EventBatch) -> None:
+        payload = encode_batch(batch)
+        asyncio.run_coroutine_threadsafe(self._client.publish(self.subject, payload), self._loop)
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        asyncio.run_coroutine_threadsafe(self._client.drain(), self._loop).result(10)
+        self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        async def cancel_the_rest() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join()
+        self._loop.close()

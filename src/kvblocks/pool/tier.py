@@ -1,0 +1,20 @@
+"""The memory tiers a block can be cached in."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class Tier(Enum):
+    """Where a cached block lives. The value is the ``medium`` named in KV events."""
+
+    G1 = "GPU"
+    """Device memory the engine computes in (system memory on a machine without a GPU)."""
+    G2 = "CPU"
+    """Pinned host memory."""
+    G3 = "DISK"
+    """A file on local disk."""
+
+    @property
+    def medium(self) -> str:
+        return self.value

@@ -1,0 +1,84 @@
+"""The demo: its workload, its checks of hit blocks, and the ``kvblocks demo`` command."""
+
+import json
+
+import pytest
+import torch
+
+from kvblocks.cli import main
+from kvblocks.demo import ChatWorkload, count_mismatches, write_pattern
+from kvblocks.errors import InvalidArgumentError
+
+SMALL = [
+    *("--layers", "2", "--kv-heads", "2", "--head-dim", "16"),
+    *("--conversations", "6", "--turns", "3", "--system-prompts", "2", "--system-tokens", "64"),
+]
+BLOCK_BYTES = 2 * 2 * 16 * 2 * 16 * 2
+
+
+def test_workload_is_seeded_and_keeps_turn_order():
+    workload = ChatWorkload(conversations=5, turns=4, system_prompts=2, seed=3)
+    first, again = workload.requests(), workload.requests()
+    assert first == again and first != ChatWorkload(conversations=5, turns=4, seed=4).requests()
+    assert len(first) == 20
+    for c in range(5):
+        turns = [t for t in first if t.conversation == c]
+        assert [t.turn for t in turns] == [0, 1, 2, 3]
+        assert len(turns[0].system) == 512 and all(not t.system for t in turns[1:])
+    systems = {tuple(t.system) for t in first if t.system}
+    assert len(systems) <= 2  # conversations share the system prompts
+    with pytest.raises(InvalidArgumentError, match="user_tokens"):
+        ChatWorkload(user_tokens=(10, 5))
+
+
+def test_pattern_check_catches_a_changed_element():
+    tensors = [torch.full((6, 2, 4, 2, 8), float("nan"), dtype=torch.bfloat16) for _ in range(3)]
+    hashes = [2**64 - 1, 12345, 99]
+    write_pattern(tensors, [1, 4, 5], hashes)
+    assert count_mismatches(tensors, [1, 4, 5], hashes) == 0
+    assert count_mismatches(tensors, [4, 1, 5], hashes) == 2  # swapped blocks
+    tensors[2][5, 1, 3, 1, 7] += 1
+    assert count_mismatches(tensors, [1, 4, 5], hashes) == 1
+
+
+def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
+    plot = tmp_path / "demo.png"
+    args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
+    assert main([*args, "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] == 18
+    assert result["hits"]["G1"] > 0 and result["hits"]["G2"] > 0 and result["hits"]["G3"] > 0
+    assert result["verified_blocks"] == sum(result["hits"].values())
+    assert 0 < result["saved_tokens"] < result["prompt_tokens"]
+    moved = {(m["kind"], m["src"], m["dst"]): m for m in result["moved"]}
+    assert moved[("offload", "G1", "G2")]["blocks"] > 0
+    assert (
+        moved[("onboard", "G3", "G2")]["bytes"]
+        == moved[("onboard", "G3", "G2")]["blocks"] * BLOCK_BYTES
+    )
+    assert plot.stat().st_size > 10_000
+
+
+def test_demo_prints_a_summary_and_progress(capsys):
+    assert main(["demo", *SMALL, "--g2-blocks", "0", "--g3-blocks", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "G1 GPU" in captured.out and "G2" not in captured.out.split("prefix hits")[0]
+    assert "prefill tokens saved" in captured.out and "18/18 requests" in captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["--g1-blocks", "3"], "--g1-blocks"),
+        (["--g2-blocks", "0", "--g3-blocks", "10"], "--g3-blocks"),
+        (["--model", "nope"], "nope"),
+    ],
+)
+def test_demo_rejects_bad_sizes(capsys, args, named):
+    assert main(["demo", *SMALL, *args]) == 2
+    assert named in capsys.readouterr().err
+
+
+def test_demo_needs_every_size_without_a_model(capsys):
+    assert main(["demo", "--layers", "2", "--quiet"]) == 2
+    assert "--kv-heads" in capsys.readouterr().err

@@ -1,0 +1,476 @@
+"""BlockManager: tiers, offload and onboard, the G3 journal, crash safety, corruption."""
+
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.pool import (
+    AllBlocksCleared,
+    BlockManager,
+    BlockManagerConfig,
+    BlockRemoved,
+    BlockStateError,
+    BlockStored,
+    InProcessPublisher,
+    PoolExhaustedError,
+    Tier,
+    sequence_hashes,
+)
+from kvblocks.transfer import block_checksums
+
+BS = 4  # tokens per block
+
+
+def make_config(tmp_path, g1=8, g2=12, g3=40, **overrides) -> BlockManagerConfig:
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BS, dtype="bf16")
+    fields.update(overrides)
+    block = BlockManagerConfig(**fields).block_bytes
+    return BlockManagerConfig(
+        **fields,
+        device_blocks=g1,
+        enable_offload=g2 > 0,
+        host_cache_gb=g2 * block / 2**30,
+        disk_cache_gb=g3 * block / 2**30,
+        offload_path=str(tmp_path),
+    )
+
+
+def write_random(manager: BlockManager, blocks: list[int], gen: torch.Generator) -> None:
+    """Random KV into G1 blocks, every layer."""
+    for t in manager.device_tensors:
+        data = torch.randn((len(blocks), *t.shape[1:]), generator=gen).to(t.dtype)
+        t[torch.tensor(blocks, dtype=torch.long, device=t.device)] = data.to(t.device)
+
+
+def store(manager, tokens, gen):
+    """A request: look up, allocate the rest, write it, register, free. Returns the G1
+    checksum of each full block, by hash."""
+    hit = manager.lookup(tokens)
+    full = len(tokens) // BS
+    new = manager.allocate(full - len(hit.block_ids))
+    write_random(manager, new, gen)
+    hashes = manager.register(
+        new, tokens[len(hit.block_ids) * BS : full * BS], parent_hash=hit.last_hash
+    )
+    blocks = hit.block_ids + new
+    sums = dict(
+        zip(hit.hashes + hashes, block_checksums(manager.layout(Tier.G1), blocks), strict=True)
+    )
+    manager.free(blocks)
+    return sums
+
+
+def evict_g1(manager):
+    """Fill G1 with unrelated blocks so every cached G1 block is evicted."""
+    blocks = manager.allocate(manager.pool(Tier.G1).num_blocks)
+    manager.free(blocks)
+
+
+def check_all_pools(manager):
+    for tier in manager.tiers:
+        manager.pool(tier).check_invariants()
+
+
+def tokens_of(seed, n):
+    rng = random.Random(seed)
+    return [rng.randrange(50_000) for _ in range(n)]
+
+
+# Config ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("num_layers", 0),
+        ("head_dim", 1.5),
+        ("block_size", -1),
+        ("device_blocks", 0),
+        ("gpu_memory_fraction", 0),
+        ("gpu_memory_fraction", 1.5),
+        ("host_cache_gb", -1),
+        ("disk_cache_gb", float("nan")),
+        ("dtype", "int3"),
+        ("enable_offload", "yes"),
+    ],
+)
+def test_config_rejects_bad_values_naming_them(field, value):
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, device_blocks=4)
+    fields[field] = value
+    with pytest.raises(InvalidArgumentError, match=field):
+        BlockManagerConfig(**fields)
+
+
+def test_config_offload_needs_a_host_tier_and_a_directory(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="host_cache_gb"):
+        BlockManagerConfig(num_layers=2, num_kv_heads=2, head_dim=16, enable_offload=True)
+    with pytest.raises(InvalidArgumentError, match="offload_path"):
+        BlockManagerConfig(
+            num_layers=2,
+            num_kv_heads=2,
+            head_dim=16,
+            enable_offload=True,
+            host_cache_gb=0.01,
+            disk_cache_gb=0.01,
+            offload_path=str(tmp_path / "missing"),
+        )
+
+
+def test_config_from_env(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVBLOCKS_CPU_CACHE_GB", "0.5")
+    monkeypatch.setenv("KVBLOCKS_DISK_CACHE_GB", "2")
+    config = BlockManagerConfig.from_env(
+        num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, offload_path=str(tmp_path)
+    )
+    assert (config.host_cache_gb, config.disk_cache_gb, config.enable_offload) == (0.5, 2.0, True)
+    assert config.host_blocks == (2**29) // config.block_bytes
+    assert config.block_bytes == 4 * 2 * 16 * 8 * 128 * 2
+    explicit = BlockManagerConfig.from_env(
+        num_layers=4, num_kv_heads=8, head_dim=128, host_cache_gb=0.25, offload_path=str(tmp_path)
+    )
+    assert explicit.host_cache_gb == 0.25  # an argument wins over the environment
+    monkeypatch.setenv("KVBLOCKS_CPU_CACHE_GB", "lots")
+    with pytest.raises(InvalidArgumentError, match="KVBLOCKS_CPU_CACHE_GB"):
+        BlockManagerConfig.from_env(num_layers=4, num_kv_heads=8, head_dim=128)
+    monkeypatch.setenv("KVBLOCKS_CPU_CACHE_GB", "-1")
+    with pytest.raises(InvalidArgumentError, match="KVBLOCKS_CPU_CACHE_GB"):
+        BlockManagerConfig.from_env(num_layers=4, num_kv_heads=8, head_dim=128)
+    with pytest.raises(InvalidArgumentError, match="num_blocks"):
+        BlockManagerConfig.from_env(num_layers=4, num_kv_heads=8, head_dim=128, num_blocks=3)
+
+
+def test_manager_needs_device_blocks_without_a_gpu(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU sizes G1 itself")
+    with pytest.raises(InvalidArgumentError, match="device_blocks"):
+        BlockManager(BlockManagerConfig(num_layers=2, num_kv_heads=2, head_dim=16))
+
+
+def test_device_tensors_must_match_the_config(tmp_path):
+    config = make_config(tmp_path, g2=0, g3=0)
+    good = [torch.zeros(8, 2, BS, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    with BlockManager(config, device_tensors=good) as manager:
+        assert manager.device_tensors[0] is good[0]
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\]"):
+        BlockManager(config, device_tensors=[good[0], good[1].float()])
+    with pytest.raises(InvalidArgumentError, match="one tensor per layer"):
+        BlockManager(config, device_tensors=good[:1])
+
+
+# Round trips -----------------------------------------------------------------------------------
+
+
+def test_g1_only_shares_prefixes_and_evicts_lru(tmp_path):
+    config = make_config(tmp_path, g1=8, g2=0, g3=0)
+    gen = torch.Generator().manual_seed(0)
+    with BlockManager(config) as manager:
+        assert manager.tiers == [Tier.G1]
+        a = tokens_of(1, 3 * BS + 1)
+        store(manager, a, gen)
+        hit = manager.lookup(a + [5] * BS)
+        assert len(hit.block_ids) == 3 and hit.from_tier == {Tier.G1: 3} and hit.misses == 1
+        assert hit.num_tokens == 3 * BS
+        manager.free(hit.block_ids)
+        evict_g1(manager)
+        assert manager.lookup(a).block_ids == []
+        assert manager.metrics.evictions[Tier.G1] == 3
+        check_all_pools(manager)
+
+
+def test_round_trip_through_g2_and_g3_returns_identical_bytes(tmp_path):
+    config = make_config(tmp_path, g1=8, g2=6, g3=64)
+    gen = torch.Generator().manual_seed(1)
+    with BlockManager(config) as manager:
+        sequences = [tokens_of(s, 6 * BS) for s in range(5)]
+        expected = {}
+        for tokens in sequences:
+            expected.update(store(manager, tokens, gen))
+        manager.flush()
+        assert manager.pool(Tier.G3).num_cached == 30  # every block reached the disk
+        for tokens in reversed(sequences):  # the last one is still in G2
+            evict_g1(manager)
+            hit = manager.lookup(tokens)
+            assert len(hit.block_ids) == 6, hit
+            assert sum(hit.from_tier.values()) == 6 and hit.from_tier.get(Tier.G1, 0) == 0
+            got = block_checksums(manager.layout(Tier.G1), hit.block_ids)
+            assert got == [expected[h] for h in hit.hashes]
+            manager.free(hit.block_ids)
+            check_all_pools(manager)
+        assert manager.metrics.hits[Tier.G3] > 0 and manager.metrics.hits[Tier.G2] > 0
+        assert manager.metrics.corrupt_blocks == 0
+
+
+def test_lookup_shares_g1_blocks_and_partial_hits(tmp_path):
+    config = make_config(tmp_path, g1=16, g2=16, g3=0)
+    gen = torch.Generator().manual_seed(2)
+    with BlockManager(config) as manager:
+        base = tokens_of(3, 4 * BS)
+        store(manager, base, gen)
+        manager.flush()  # the offload's hold is gone
+        first = manager.lookup(base)
+        second = manager.lookup(base[: 2 * BS] + tokens_of(4, 2 * BS))
+        assert second.block_ids == first.block_ids[:2]
+        assert manager.pool(Tier.G1).refcount(first.block_ids[0]) == 2
+        manager.free(first.block_ids)
+        manager.free(second.block_ids)
+        check_all_pools(manager)
+
+
+def test_register_validates_before_changing_anything(tmp_path):
+    config = make_config(tmp_path, g2=0, g3=0)
+    with BlockManager(config) as manager:
+        blocks = manager.allocate(2)
+        with pytest.raises(InvalidArgumentError, match="token_ids"):
+            manager.register(blocks, list(range(BS)))
+        with pytest.raises(InvalidArgumentError, match="block_ids"):
+            manager.register([blocks[0], blocks[0]], list(range(2 * BS)))
+        free_block = next(b for b in range(8) if b not in blocks)
+        with pytest.raises(BlockStateError, match=f"block {free_block}"):
+            manager.register([blocks[0], free_block], list(range(2 * BS)))
+        assert manager.pool(Tier.G1).num_cached == 0
+        manager.register(blocks, list(range(2 * BS)))
+        with pytest.raises(BlockStateError):
+            manager.register(blocks, list(range(2 * BS)))
+        with pytest.raises(PoolExhaustedError):
+            manager.allocate(7)
+        manager.free(blocks)
+        check_all_pools(manager)
+
+
+def test_offload_skips_what_the_lower_tier_has_and_keeps_pools_consistent(tmp_path):
+    config = make_config(tmp_path, g1=12, g2=8, g3=16)
+    gen = torch.Generator().manual_seed(5)
+    with BlockManager(config) as manager:
+        rng = random.Random(7)
+        prompts = [tokens_of(s, 2 * BS) for s in range(3)]
+        for step in range(40):
+            tokens = rng.choice(prompts) + tokens_of(100 + step % 9, rng.randrange(0, 3 * BS))
+            store(manager, tokens, gen)
+            if step % 10 == 9:
+                manager.flush()
+                check_all_pools(manager)
+        manager.flush()
+        check_all_pools(manager)
+        occupancy = manager.occupancy()
+        assert all(o.allocated == 0 for o in occupancy.values())
+        assert occupancy[Tier.G2].cached <= 8 and occupancy[Tier.G3].cached <= 16
+
+
+# Events ----------------------------------------------------------------------------------------
+
+
+def test_events_follow_the_blocks(tmp_path):
+    publisher = InProcessPublisher()
+    batches = []
+    publisher.subscribe(batches.append)
+    config = make_config(tmp_path, g1=4, g2=8, g3=0)
+    gen = torch.Generator().manual_seed(3)
+    with BlockManager(config, publisher=publisher) as manager:
+        tokens = tokens_of(9, 3 * BS)
+        hashes = sequence_hashes(tokens, BS)
+        store(manager, tokens, gen)
+        manager.flush()
+        events = [e for b in batches for e in b.events]
+        assert events[0] == BlockStored(tuple(hashes), None, tuple(tokens), BS, Tier.G1)
+        assert events[1] == BlockStored(tuple(hashes), None, tuple(tokens), BS, Tier.G2)
+        evict_g1(manager)
+        manager.flush()
+        removed = [e for b in batches for e in b.events if isinstance(e, BlockRemoved)]
+        assert removed == [BlockRemoved(tuple(hashes), Tier.G1)]
+        more = tokens + tokens_of(10, BS)
+        store(manager, more, gen)  # 3 blocks onboarded from G2, one new
+        manager.clear()
+    events = [e for b in batches for e in b.events]
+    onboarded = events[events.index(removed[0]) + 1]
+    assert onboarded.tier is Tier.G1 and onboarded.block_hashes == tuple(hashes)
+    new = next(e for e in events if isinstance(e, BlockStored) and len(e.block_hashes) == 1)
+    assert new.parent_block_hash == hashes[-1] and new.token_ids == tuple(more[3 * BS :])
+    assert isinstance(events[-1], AllBlocksCleared)
+
+
+def test_wire_form_round_trips():
+    from kvblocks.pool import EventBatch
+
+    batch = EventBatch(
+        12.5,
+        (
+            BlockStored((1, 2**64 - 1), None, tuple(range(8)), 4, Tier.G2),
+            BlockRemoved((3,), Tier.G3),
+            AllBlocksCleared(),
+        ),
+        data_parallel_rank=2,
+    )
+    assert EventBatch.from_wire(batch.to_wire()) == batch
+
+
+# Disk tier: restarts, crashes, corruption ---------------------------------------------------------
+
+
+def test_g3_survives_a_restart(tmp_path):
+    config = make_config(tmp_path, g1=8, g2=4, g3=32)
+    gen = torch.Generator().manual_seed(4)
+    tokens = tokens_of(11, 5 * BS)
+    with BlockManager(config) as manager:
+        expected = store(manager, tokens, gen)
+        manager.flush()
+    publisher = InProcessPublisher()
+    batches = []
+    publisher.subscribe(batches.append)
+    with BlockManager(config, publisher=publisher) as manager:
+        assert [e.tier for b in batches for e in b.events] == [Tier.G3]  # announced on start
+        assert manager.pool(Tier.G3).num_cached == 5
+        hit = manager.lookup(tokens)
+        assert hit.from_tier.get(Tier.G3) == 5
+        got = block_checksums(manager.layout(Tier.G1), hit.block_ids)
+        assert got == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+    other = make_config(tmp_path, g1=8, g2=4, g3=32, head_dim=32)  # another model: a new file
+    with BlockManager(other) as manager:
+        assert manager.pool(Tier.G3).num_cached == 0
+
+
+def test_corrupted_disk_block_is_a_miss(tmp_path):
+    publisher = InProcessPublisher()
+    batches = []
+    publisher.subscribe(batches.append)
+    config = make_config(tmp_path, g1=8, g2=4, g3=32)
+    gen = torch.Generator().manual_seed(6)
+    tokens = tokens_of(12, 4 * BS)
+    with BlockManager(config, publisher=publisher) as manager:
+        expected = store(manager, tokens, gen)
+        manager.flush()
+        hashes = sequence_hashes(tokens, BS)
+        evict_g1(manager)
+        filler = [tokens_of(50 + i, 4 * BS) for i in range(2)]  # push the blocks out of G2
+        for f in filler:
+            store(manager, f, gen)
+        manager.flush()
+        evict_g1(manager)
+        assert all(manager.pool(Tier.G2).lookup(h) is None for h in hashes)
+        g3 = manager.layout(Tier.G3)
+        slot = manager.pool(Tier.G3).lookup(hashes[2])
+        region = g3.layout.block_region(slot)
+        with open(g3.file.path, "r+b") as f:
+            f.seek(region.addr + 100)
+            byte = f.read(1)
+            f.seek(region.addr + 100)
+            f.write(bytes([byte[0] ^ 0xFF]))
+        hit = manager.lookup(tokens)
+        assert len(hit.block_ids) == 2 and hit.misses == 2
+        got = block_checksums(manager.layout(Tier.G1), hit.block_ids)
+        assert got == [expected[h] for h in hashes[:2]]
+        assert manager.metrics.corrupt_blocks == 1
+        assert manager.pool(Tier.G3).lookup(hashes[2]) is None
+        assert manager.pool(Tier.G3).lookup(hashes[3]) is not None  # intact, still cached
+        manager.free(hit.block_ids)
+        check_all_pools(manager)
+    removed = [e for b in batches for e in b.events if isinstance(e, BlockRemoved)]
+    assert BlockRemoved((hashes[2],), Tier.G3) in removed
+
+
+CRASHING_OFFLOAD = textwrap.dedent(
+    """
+    import os, sys, time, torch
+    from kvblocks.pool import BlockManager, BlockManagerConfig, sequence_hashes
+    from kvblocks.storage import disk
+
+    path, bs = sys.argv[1], 4
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, block_size=bs)
+    block = BlockManagerConfig(**fields).block_bytes
+    config = BlockManagerConfig(**fields, device_blocks=16, enable_offload=True,
+                                host_cache_gb=16 * block / 2**30,
+                                disk_cache_gb=64 * block / 2**30, offload_path=path)
+
+    def content(h, layer):  # what block h holds in every layer
+        n = 2 * bs * 2 * 16
+        return ((torch.arange(n) + (h >> layer) % 997) % 251).to(torch.bfloat16)
+
+    def request(manager, tokens):
+        blocks = manager.allocate(len(tokens) // bs)
+        for l, t in enumerate(manager.device_tensors):
+            for b, h in zip(blocks, sequence_hashes(tokens, bs)):
+                t[b] = content(h, l).view(t.shape[1:]).to(t.device)
+        manager.register(blocks, tokens)
+        manager.free(blocks)
+
+    with BlockManager(config) as manager:
+        request(manager, list(range(1000, 1000 + 4 * bs)))
+        manager.flush()  # 4 blocks fully stored
+        write = disk.DiskAllocation._io
+        def torn(self, span, is_write):
+            offset, addr, size = span
+            if is_write:  # write half, then die mid-offload
+                write(self, (offset, addr, size // 2), is_write)
+                print("MID", flush=True)
+                time.sleep(60)
+            write(self, span, is_write)
+        disk.DiskAllocation._io = torn
+        request(manager, list(range(2000, 2000 + 4 * bs)))
+        time.sleep(60)
+    """
+)
+
+
+def test_killed_offload_leaves_no_incomplete_block_registered(tmp_path):
+    script = tmp_path / "crash.py"
+    script.write_text(CRASHING_OFFLOAD)
+    child = subprocess.Popen(  # the environment conftest set up: the interpreter without a GPU
+        [sys.executable, str(script), str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert child.stdout.readline().strip() == "MID"
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+    fields = dict(num_layers=2, num_kv_heads=2, head_dim=16, block_size=BS)
+    block = BlockManagerConfig(**fields).block_bytes
+    config = BlockManagerConfig(
+        **fields,
+        device_blocks=16,
+        enable_offload=True,
+        host_cache_gb=16 * block / 2**30,
+        disk_cache_gb=64 * block / 2**30,
+        offload_path=str(tmp_path),
+    )
+    first = sequence_hashes(list(range(1000, 1000 + 4 * BS)), BS)
+    torn = sequence_hashes(list(range(2000, 2000 + 4 * BS)), BS)
+    with BlockManager(config) as manager:
+        g3 = manager.pool(Tier.G3)
+        assert [g3.lookup(h) is not None for h in first] == [True] * 4
+        assert [g3.lookup(h) for h in torn] == [None] * 4  # the torn write is not registered
+        view = manager.layout(Tier.G3).file.view().view(torch.bfloat16)
+        layout = manager.layout(Tier.G3).layout
+        for h in first:  # and what is registered is whole
+            region = layout.block_region(g3.lookup(h))
+            stored = view[region.addr // 2 : region.end // 2].view(2, 2, 2, BS, 16)
+            for layer in range(2):  # universal format: [nh, nl, no, nt, hd]
+                expected = (torch.arange(2 * BS * 2 * 16) + (h >> layer) % 997) % 251
+                expected = expected.to(torch.bfloat16).view(2, BS, 2, 16).permute(2, 0, 1, 3)
+                assert torch.equal(stored[:, layer], expected)
+        hit = manager.lookup(list(range(2000, 2000 + 4 * BS)))
+        assert hit.block_ids == [] and hit.misses == 4
+
+
+def test_failed_offload_is_reported_by_flush(tmp_path, monkeypatch):
+    config = make_config(tmp_path, g1=8, g2=8, g3=0)
+    gen = torch.Generator().manual_seed(8)
+    with BlockManager(config) as manager:
+
+        def broken(*args, **kwargs):
+            raise OSError("the copy failed")
+
+        monkeypatch.setattr(manager._transfer, "execute_transfer", broken)
+        store(manager, tokens_of(13, 2 * BS), gen)
+        with pytest.raises(TransferError, match="the copy failed"):
+            manager.flush()
+        monkeypatch.undo()
+        manager.flush()  # reported once
+        check_all_pools(manager)
+        assert manager.occupancy()[Tier.G2].cached == 0
+        assert manager.occupancy()[Tier.G1].cached == 2  # G1 lost nothing
