@@ -663,7 +663,7 @@ class BlockManager:
                 jobs.append(more)
             try:
                 for event in [j.ready for j in jobs if j.ready is not None]:
-                    stream.wait_event(event)
+                    event.synchronize()  # the engine has written the blocks' KV
                 merged = _Offload(
                     Tier.G1,
                     [b for j in jobs for b in j.block_ids],
