@@ -72,6 +72,14 @@ def evict_g1(manager):
     manager.free(blocks)
 
 
+def recording_publisher():
+    """An in-process publisher and the list its batches are appended to."""
+    publisher = InProcessPublisher()
+    batches = []
+    publisher.subscribe(batches.append)
+    return publisher, batches
+
+
 def check_all_pools(manager):
     for tier in manager.tiers:
         manager.pool(tier).check_invariants()
@@ -266,9 +274,7 @@ def test_offload_skips_what_the_lower_tier_has_and_keeps_pools_consistent(tmp_pa
 
 
 def test_events_follow_the_blocks(tmp_path):
-    publisher = InProcessPublisher()
-    batches = []
-    publisher.subscribe(batches.append)
+    publisher, batches = recording_publisher()
     config = make_config(tmp_path, g1=4, g2=8, g3=0)
     gen = torch.Generator().manual_seed(3)
     with BlockManager(config, publisher=publisher) as manager:
@@ -319,9 +325,7 @@ def test_g3_survives_a_restart(tmp_path):
     with BlockManager(config) as manager:
         expected = store(manager, tokens, gen)
         manager.flush()
-    publisher = InProcessPublisher()
-    batches = []
-    publisher.subscribe(batches.append)
+    publisher, batches = recording_publisher()
     with BlockManager(config, publisher=publisher) as manager:
         assert [e.tier for b in batches for e in b.events] == [Tier.G3]  # announced on start
         assert manager.pool(Tier.G3).num_cached == 5
@@ -336,9 +340,7 @@ def test_g3_survives_a_restart(tmp_path):
 
 
 def test_corrupted_disk_block_is_a_miss(tmp_path):
-    publisher = InProcessPublisher()
-    batches = []
-    publisher.subscribe(batches.append)
+    publisher, batches = recording_publisher()
     config = make_config(tmp_path, g1=8, g2=4, g3=32)
     gen = torch.Generator().manual_seed(6)
     tokens = tokens_of(12, 4 * BS)

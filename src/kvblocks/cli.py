@@ -50,24 +50,23 @@ def _int_list(text: str) -> list[int]:
     return values
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive int, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str):
+    """An argparse type: an int >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "a positive int")
+_non_negative_int = _int_at_least(0, "an int >= 0")
 
 
 def _model_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -322,6 +321,7 @@ _BENCH_DEFAULTS = {
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
+    import dataclasses
     import tempfile
 
     from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
@@ -358,18 +358,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             block_size=size,
             dtype=args.dtype,
         )
-        config = BlockManagerConfig(
-            **{
-                f: getattr(base, f)
-                for f in (
-                    "num_layers",
-                    "num_kv_heads",
-                    "head_dim",
-                    "outer_dim",
-                    "block_size",
-                    "dtype",
-                )
-            },
+        config = dataclasses.replace(
+            base,
             device_blocks=g1,
             enable_offload=g2 > 0,
             host_cache_gb=g2 * base.block_bytes / 2**30,

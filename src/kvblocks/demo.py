@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.pool import BlockManager, PrefixHit, Tier, sequence_hashes
 
@@ -49,9 +50,7 @@ class ChatWorkload:
 
     def __post_init__(self) -> None:
         for name in ("conversations", "turns", "system_prompts", "system_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
+            positive_int(getattr(self, name), name)
         for name in ("user_tokens", "reply_tokens"):
             low, high = getattr(self, name)
             if not 1 <= low <= high:
@@ -105,6 +104,18 @@ class Sample:
     occupancy: dict[str, float]
 
 
+@dataclass(frozen=True)
+class Moved:
+    """Blocks copied one way between two tiers, and the seconds those transfers took."""
+
+    kind: str  # "offload" (down a tier) or "onboard" (up, on a hit)
+    src: str
+    dst: str
+    blocks: int
+    bytes: int
+    seconds: float
+
+
 @dataclass
 class DemoResult:
     """What a demo run did."""
@@ -114,7 +125,7 @@ class DemoResult:
     saved_tokens: int = 0
     looked_up_blocks: int = 0
     hits: dict[str, int] = field(default_factory=dict)
-    moved: list[dict] = field(default_factory=list)
+    moved: list[Moved] = field(default_factory=list)
     verified_blocks: int = 0
     seconds: float = 0.0
     timeline: list[Sample] = field(default_factory=list)
@@ -134,10 +145,10 @@ class DemoResult:
             f" ({100 * self.saved_tokens / max(self.prompt_tokens, 1):.1f}%)",
         ]
         for m in self.moved:
-            rate = m["bytes"] / m["seconds"] / 1e9 if m["seconds"] else 0.0
+            rate = m.bytes / m.seconds / 1e9 if m.seconds else 0.0
             lines.append(
-                f"{m['kind']:>7} {m['src']:>4} -> {m['dst']:<4} {m['blocks']:>7,} blocks"
-                f" {m['bytes'] / 2**20:>9,.1f} MiB  {rate:6.2f} GB/s"
+                f"{m.kind:>7} {m.src:>4} -> {m.dst:<4} {m.blocks:>7,} blocks"
+                f" {m.bytes / 2**20:>9,.1f} MiB  {rate:6.2f} GB/s"
             )
         lines.append(
             f"verified {self.verified_blocks:,} hit blocks against what was computed for them;"
@@ -243,7 +254,7 @@ def _sample(manager: BlockManager, i: int, looked_up: int, hits: Counter[Tier]) 
     )
 
 
-def _moved(manager: BlockManager) -> list[dict]:
+def _moved(manager: BlockManager) -> list[Moved]:
     metrics = manager.metrics
     rows = []
     for kind, blocks, nbytes in (
@@ -251,16 +262,8 @@ def _moved(manager: BlockManager) -> list[dict]:
         ("onboard", metrics.onboard_blocks, metrics.onboard_bytes),
     ):
         for (src, dst), count in sorted(blocks.items(), key=lambda kv: kv[0][0].name):
-            rows.append(
-                {
-                    "kind": kind,
-                    "src": src.name,
-                    "dst": dst.name,
-                    "blocks": count,
-                    "bytes": nbytes[(src, dst)],
-                    "seconds": metrics.transfer_latency[(src, dst)].total,
-                }
-            )
+            seconds = metrics.transfer_latency[(src, dst)].total
+            rows.append(Moved(kind, src.name, dst.name, count, nbytes[(src, dst)], seconds))
     return rows
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError, ShapeMismatchError
-from kvblocks.layout._checks import positive_int
 from kvblocks.layout.dims import KvDims
 
 DTYPE_WIDTHS = (1, 2, 4, 8)

@@ -6,8 +6,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import LayoutFormatError
-from kvblocks.layout._checks import positive_int
 from kvblocks.layout.block_format import BlockDim, InnerOrder, KvBlockLayout
 from kvblocks.layout.dtypes import parse_dtype
 

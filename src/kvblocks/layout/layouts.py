@@ -32,6 +32,7 @@ from enum import Enum
 
 import torch
 
+from kvblocks.checks import index_in_range
 from kvblocks.errors import (
     BlockIdOutOfRangeError,
     InvalidArgumentError,
@@ -39,7 +40,6 @@ from kvblocks.errors import (
     LengthMismatchError,
     ShapeMismatchError,
 )
-from kvblocks.layout._checks import index_in_range
 from kvblocks.layout.block_format import KvBlockLayout
 from kvblocks.layout.config import LayoutConfig
 

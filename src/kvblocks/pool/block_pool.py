@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from enum import IntEnum
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import BlockIdOutOfRangeError, InvalidArgumentError, KvBlocksError
 
 
@@ -64,11 +65,8 @@ class BlockPool:
         block_size: int,
         on_evict: Callable[[list[int]], None] | None = None,
     ) -> None:
-        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
-        self.num_blocks = num_blocks
-        self.block_size = block_size
+        self.num_blocks = positive_int(num_blocks, "num_blocks")
+        self.block_size = positive_int(block_size, "block_size")
         self.on_evict = on_evict
         self._state = bytearray(num_blocks)  # BlockState per block; all FREE
         self._ref = [0] * num_blocks

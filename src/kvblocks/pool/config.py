@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.layout import KvBlockLayout, KvDims, LayoutConfig, dtype_name
 from kvblocks.layout.dtypes import parse_dtype
@@ -69,9 +70,9 @@ class BlockManagerConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "outer_dim"):
-            _check_positive_int(name, getattr(self, name))
+            positive_int(getattr(self, name), name)
         if self.device_blocks is not None:
-            _check_positive_int("device_blocks", self.device_blocks)
+            positive_int(self.device_blocks, "device_blocks")
         if isinstance(self.device_id, bool) or not isinstance(self.device_id, int):
             raise InvalidArgumentError("device_id", f"must be an int, got {self.device_id!r}")
         if self.device_id < 0:
@@ -181,11 +182,6 @@ class BlockManagerConfig:
             f" {self.num_kv_heads} heads x {self.head_dim} {dtype_name(self.dtype)}"
             f" = {self.block_bytes} bytes per block"
         )
-
-
-def _check_positive_int(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
 
 
 def _env_gb(env: str) -> float:

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 
 import blake3
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError
 
 #: The 32-byte key of every sequence hash (version 1 of the scheme).
@@ -54,8 +55,7 @@ def sequence_hashes(
     Raises:
         InvalidArgumentError: a bad block size, or a token id outside ``[0, 2**32)``.
     """
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise InvalidArgumentError("block_size", f"must be a positive int, got {block_size!r}")
+    positive_int(block_size, "block_size")
     hashes = []
     previous = root_hash(salt) if parent is None else parent
     for start in range(0, len(token_ids) - block_size + 1, block_size):

@@ -347,7 +347,7 @@ class BlockManager:
         if short:  # blocks waiting to be offloaded come back once the offload ends
             self._drain()
         with self._lock:
-            sources = self._lower_tier_hits(hashes[len(held) :])
+            sources = self._plan_onboard(hashes[len(held) :])
         from_tier = {Tier.G1: len(held)}
         if sources.blocks:
             onboarded = self._onboard(hashes[len(held) : len(held) + len(sources.blocks)], sources)
@@ -417,17 +417,14 @@ class BlockManager:
                     )
             if len(set(block_ids)) != len(block_ids):
                 raise InvalidArgumentError("block_ids", "must not name a block twice")
-            for b in block_ids:
-                missing = size - g1.tokens(b)
-                if missing:
-                    g1.fill(b, missing)
-            parent = parent_hash
-            for i, (b, h) in enumerate(zip(block_ids, hashes, strict=True)):
+            parents = [parent_hash, *hashes][: len(hashes)]
+            for i, (h, parent) in enumerate(zip(hashes, parents, strict=True)):
                 self._chains.setdefault(
                     h, _ChainInfo(parent, tuple(token_ids[i * size : (i + 1) * size]))
                 )
-                parent = h
-                if g1.register(b, h) == b:
+            cached = self._cache(g1, block_ids, hashes)
+            for b, h, c in zip(block_ids, hashes, cached, strict=True):
+                if c == b:
                     new_blocks.append(b)
                     new_hashes.append(h)
             self._emit_stored(Tier.G1, new_hashes)
@@ -511,7 +508,7 @@ class BlockManager:
 
     # Onboarding --------------------------------------------------------------------------------
 
-    def _lower_tier_hits(self, hashes: list[int]) -> _Onboarding:
+    def _plan_onboard(self, hashes: list[int]) -> _Onboarding:
         """Plan copying the prefix of ``hashes`` that G2 or G3 cache into G1, as far as G1 has
         room: the sources are acquired and the G1 destinations allocated. Under the lock."""
         found: list[tuple[Tier, int]] = []
@@ -579,18 +576,29 @@ class BlockManager:
             g2.free([sources[i][1] for i in g2_at])
             self._release_g3([sources[i][1] for i in g3_at[done:]])
             g1.free(dst[keep:])
-            result, stored = [], []
-            for b, h in zip(dst[:keep], hashes[:keep], strict=True):
-                g1.fill(b, self.config.block_size)
-                cached = g1.register(b, h)
-                if cached != b:  # another lookup onboarded it meanwhile: share that one
-                    g1.acquire([cached])
+            result = self._cache(g1, dst[:keep], hashes[:keep])
+            for b, c in zip(dst[:keep], result, strict=True):
+                if c != b:  # another lookup onboarded it meanwhile: share that one
+                    g1.acquire([c])
                     g1.free([b])
-                else:
-                    stored.append(h)
-                result.append(cached)
-            self._emit_stored(Tier.G1, stored)
+            self._emit_stored(
+                Tier.G1,
+                [h for b, c, h in zip(dst[:keep], result, hashes[:keep], strict=True) if c == b],
+            )
         return result
+
+    def _cache(self, pool: BlockPool, blocks: list[int], hashes: list[int]) -> list[int]:
+        """Mark held ``blocks`` full and register each under its hash; returns, per block, the
+        block that caches the hash from now on (itself, or one that already did, in which case
+        it stays unregistered). Under the lock."""
+        size = self.config.block_size
+        cached = []
+        for b, h in zip(blocks, hashes, strict=True):
+            missing = size - pool.tokens(b)
+            if missing:
+                pool.fill(b, missing)
+            cached.append(pool.register(b, h))
+        return cached
 
     def _release_g3(self, slots: list[int]) -> None:
         if slots:
@@ -610,24 +618,26 @@ class BlockManager:
                 g2.free(staging)
             raise
         with self._lock:
-            expected = [self._journal.blocks[h].checksum for h in hashes]
-            good = next(
-                (i for i, (a, b) in enumerate(zip(sums, expected, strict=True)) if a != b),
-                len(slots),
-            )
-            bad = [s for s, a, b in zip(slots, sums, expected, strict=True) if a != b]
+            matches = [
+                s == self._journal.blocks[h].checksum for s, h in zip(sums, hashes, strict=True)
+            ]
+            good = matches.index(False) if False in matches else len(slots)
+            bad = [s for s, ok in zip(slots, matches, strict=True) if not ok]
             g3.free(slots)
             if bad:
                 log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
                 self.metrics.record_corrupt(len(bad))
                 g3.discard(bad)
-            stored = []
-            for b, h in zip(staging[:good], hashes[:good], strict=True):
-                g2.fill(b, self.config.block_size)
-                if g2.register(b, h) == b:
-                    stored.append(h)
+            cached = self._cache(g2, staging[:good], hashes[:good])
             g2.free(staging[good:])
-            self._emit_stored(Tier.G2, stored)
+            self._emit_stored(
+                Tier.G2,
+                [
+                    h
+                    for b, c, h in zip(staging[:good], cached, hashes[:good], strict=True)
+                    if c == b
+                ],
+            )
         return good
 
     # Offloading --------------------------------------------------------------------------------
@@ -694,8 +704,10 @@ class BlockManager:
         pending = list(zip(job.block_ids, job.hashes, strict=True))
         while pending:
             with self._lock:
-                todo = [(b, h) for b, h in pending if dst.lookup(h) is None]
-                src.free([b for b, h in pending if dst.lookup(h) is not None])
+                todo, present = [], []
+                for b, h in pending:
+                    (todo if dst.lookup(h) is None else present).append((b, h))
+                src.free([b for b, _ in present])
                 room = min(len(todo), dst.num_available)
                 if room == 0:  # every lower-tier block is held: these stay in the upper tier
                     src.free([b for b, _ in todo])
@@ -732,12 +744,10 @@ class BlockManager:
                 dst.free(dst_ids)
             raise
         with self._lock:
-            stored_blocks, stored = [], []
-            for b, h in zip(dst_ids, hashes, strict=True):
-                dst.fill(b, self.config.block_size)
-                if dst.register(b, h) == b:
-                    stored_blocks.append(b)
-                    stored.append(h)
+            cached = self._cache(dst, dst_ids, hashes)
+            new = [(b, h) for b, c, h in zip(dst_ids, cached, hashes, strict=True) if c == b]
+            stored_blocks = [b for b, _ in new]
+            stored = [h for _, h in new]
             self._emit_stored(dst_tier, stored)
             src.free(src_ids)
             cascade = dst_tier is Tier.G2 and Tier.G3 in self._tiers and stored_blocks

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import (
     BlockIdOutOfRangeError,
     ConfigMismatchError,
@@ -131,9 +132,7 @@ class TransferManager:
     def __init__(self, config: TransferConfig | None = None) -> None:
         config = config or TransferConfig()
         for name in ("io_threads", "workers"):
-            value = getattr(config, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise InvalidArgumentError(name, f"must be a positive int, got {value!r}")
+            positive_int(getattr(config, name), name)
         worker_id = config.worker_id if config.worker_id is not None else secrets.randbits(64)
         self.config = replace(config, worker_id=worker_id)
         self.address = WorkerAddress(worker_id, config.agent_name)

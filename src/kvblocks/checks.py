@@ -1,4 +1,4 @@
-"""Argument checks shared by the layout classes; each raises naming the argument."""
+"""Argument checks shared across the package; each raises naming the argument."""
 
 from __future__ import annotations
 
