@@ -1,6 +1,9 @@
 """The demo: its workload, its checks of hit blocks, and the ``kvblocks demo`` command."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -82,3 +85,19 @@ def test_demo_rejects_bad_sizes(capsys, args, named):
 def test_demo_needs_every_size_without_a_model(capsys):
     assert main(["demo", "--layers", "2", "--quiet"]) == 2
     assert "--kv-heads" in capsys.readouterr().err
+
+
+def test_demo_runs_without_numpy():
+    """A plain install (README's main job) has neither numpy nor Triton's interpreter."""
+    code = (
+        "import sys; sys.modules['numpy'] = None\n"
+        "from kvblocks.cli import main\n"
+        f"sys.exit(main(['demo', *{SMALL!r}, '--g1-blocks', '80', '--g2-blocks', '60',"
+        " '--quiet']))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "G3 -> G2" in proc.stdout and "verified" in proc.stdout

@@ -9,6 +9,7 @@ of one layer of one block.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,7 +39,13 @@ def read_bytes(physical: PhysicalLayout, region: MemoryRegion) -> bytes:
             return os.pread(fd, region.size, region.addr)
         finally:
             os.close(fd)
-    return _memory_slice(physical, region).cpu().numpy().tobytes()
+    return bytes(_host_buffer(_memory_slice(physical, region).cpu()))
+
+
+def _host_buffer(tensor: torch.Tensor) -> memoryview:
+    """A contiguous CPU uint8 tensor's bytes as a buffer, without a copy (and without numpy,
+    which a plain install need not have)."""
+    return memoryview((ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())).cast("B")
 
 
 def _memory_slice(physical: PhysicalLayout, region: MemoryRegion) -> torch.Tensor:
@@ -82,7 +89,7 @@ def _checksum(physical: PhysicalLayout, spans: list[MemoryRegion]) -> str:
     host = device is not None and device.type == "cpu"
     for span in spans:
         if host:  # hashed in place, no copy
-            hasher.update(_memory_slice(physical, span).numpy())
+            hasher.update(_host_buffer(_memory_slice(physical, span)))
         else:
             hasher.update(read_bytes(physical, span))
     return hasher.hexdigest()
@@ -129,7 +136,7 @@ def fill_blocks(physical: PhysicalLayout, block_ids: Sequence[int], pattern: Fil
             for l, o, region in pieces:
                 if disk:
                     data = pattern.bytes_for(b, l, o, region.size, "cpu")
-                    os.pwrite(fd, data.numpy().tobytes(), region.addr)
+                    os.pwrite(fd, _host_buffer(data), region.addr)
                 else:
                     target = _memory_slice(physical, region)
                     target.copy_(pattern.bytes_for(b, l, o, region.size, target.device))
