@@ -39,12 +39,14 @@ def read_bytes(physical: PhysicalLayout, region: MemoryRegion) -> bytes:
             return os.pread(fd, region.size, region.addr)
         finally:
             os.close(fd)
-    return bytes(_host_buffer(_memory_slice(physical, region).cpu()))
+    host = _memory_slice(physical, region).cpu()  # kept alive while its bytes are copied
+    return bytes(_host_buffer(host))
 
 
 def _host_buffer(tensor: torch.Tensor) -> memoryview:
     """A contiguous CPU uint8 tensor's bytes as a buffer, without a copy (and without numpy,
-    which a plain install need not have)."""
+    which a plain install need not have). The buffer does not keep ``tensor`` alive: the caller
+    must, while the buffer is used."""
     return memoryview((ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())).cast("B")
 
 
