@@ -7,12 +7,15 @@ from hypothesis import strategies as st
 
 from kvblocks.errors import InvalidArgumentError, LengthMismatchError, OverlapError
 from kvblocks.kernels import (
+    CopyPlan,
+    available,
     has_memcpy_batch_async,
     memcpy_batch,
     memcpy_per_pair,
     plan_copy,
     vectorized_copy,
 )
+from kvblocks.kernels.addresses import StridedTable, common_alignment
 
 from .helpers import alloc, gpu_param
 
@@ -97,6 +100,35 @@ def test_vectorized_copy_random(num_pairs, size, src_off, dst_off):
         src_off,
         dst_off,
     )
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("per_block,size", [(1, 4096), (3, 1000), (5, 37)])
+def test_copy_from_strided_tables(per_block, size, places):
+    """Chunk ``c`` of block ``b`` at ``bases[c] + b * stride``: the kernel expands the tables."""
+    space = (size + 64) // 16 * 16
+    nblocks, stride = 9, per_block * space + 64
+    src_buf = alloc(nblocks * stride, torch.uint8, places[0])
+    dst_buf = alloc(nblocks * stride, torch.uint8, places[1])
+    src_buf.copy_(torch.randint(0, 256, (src_buf.numel(),), dtype=torch.uint8))
+    dst_buf.fill_(0xAB)
+    offsets = torch.randperm(per_block) * space + 48
+    src_ids = torch.randperm(nblocks)[:6]
+    dst_ids = torch.randperm(nblocks)[:6]
+    device = torch.device(_device(places))
+    src, dst = (
+        StridedTable(ids.to(device), (buf.data_ptr() + offsets).to(device), stride)
+        for ids, buf in ((src_ids, src_buf), (dst_ids, dst_buf))
+    )
+    align = common_alignment(src.expand(), dst.expand(), size)
+    CopyPlan(src, dst, size, align, device, available(device)).run()
+    expected = torch.full((nblocks * stride,), 0xAB, dtype=torch.uint8)
+    src_host = src_buf.cpu()
+    for s_id, d_id in zip(src_ids.tolist(), dst_ids.tolist(), strict=True):
+        for offset in offsets.tolist():
+            d, s = d_id * stride + offset, s_id * stride + offset
+            expected[d : d + size] = src_host[s : s + size]
+    assert torch.equal(dst_buf.cpu(), expected)
 
 
 @pytest.mark.parametrize("places", PLACES)

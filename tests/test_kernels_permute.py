@@ -17,6 +17,7 @@ from kvblocks.errors import (
 )
 from kvblocks.kernels import Backend, Operand, available, permute, plan_permute
 from kvblocks.kernels import permutes as kp
+from kvblocks.kernels.addresses import StridedTable
 from kvblocks.kernels.reference import convert
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
@@ -26,6 +27,8 @@ from .helpers import (
     assert_written,
     fill_random,
     gpu_param,
+    poisoned,
+    random_tensor,
     scattered,
 )
 
@@ -145,6 +148,74 @@ def test_odd_sizes_and_unaligned_pointers(case, hd, offset, places):
         lambda s, d: fn(s, d, dims, *orders, device=device),
         offset,
     )
+
+
+def _strided_operand(op: Operand, dims: KvDims, nblocks: int, where: str):
+    """All ``nblocks`` blocks of ``op`` in one poisoned buffer: a block stack layer-major (one
+    run of regions per ``(layer, outer)``, as an engine's per-layer caches), else block-major.
+    Returns the buffer and the table's bases and stride."""
+    if op.stack:
+        shape = (dims.nl * dims.no, nblocks, *dims.region_shape(op.format.inner_order))
+    else:
+        shape = (nblocks, *dims.block_shape(op.format))
+    buf = poisoned(shape, dims.dtype, "cuda" if where != "cpu" else "cpu")
+    if where == "pinned":
+        buf = buf.cpu().pin_memory()
+    if op.stack:
+        bases = torch.tensor([buf[i].data_ptr() for i in range(dims.nl * dims.no)])
+        return buf, bases, dims.region_bytes
+    return buf, torch.tensor([buf.data_ptr()]), dims.block_bytes
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize(
+    "src_op,dst_op",
+    [
+        (Operand.block_stack(H), Operand.universal()),
+        (Operand.universal(), Operand.block_stack(N)),
+        (Operand.operational(N), Operand.block_stack(H)),
+    ],
+    ids=["stack-to-universal", "universal-to-stack", "operational-to-stack"],
+)
+def test_permute_from_strided_tables(src_op, dst_op, places):
+    """Tables given as per-block bases and block ids: the kernel expands them."""
+    dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
+    nblocks = 7
+    device = torch.device(_device(places))
+    src_buf, src_bases, src_stride = _strided_operand(src_op, dims, nblocks, places[0])
+    dst_buf, dst_bases, dst_stride = _strided_operand(dst_op, dims, nblocks, places[1])
+    src_buf.copy_(random_tensor(src_buf.shape, dims.dtype))
+    src_ids, dst_ids = torch.randperm(nblocks)[:4], torch.randperm(nblocks)[:4]
+    plan = kp.PermutePlan.of_checked_tables(
+        src_op,
+        StridedTable(src_ids.to(device), src_bases.to(device), src_stride),
+        dst_op,
+        StridedTable(dst_ids.to(device), dst_bases.to(device), dst_stride),
+        dims,
+        device,
+        aligned=True,
+    )
+    expected = dst_buf.cpu().clone()
+    convert(
+        [v.cpu() for b in src_ids.tolist() for v in _views_of(src_buf, src_op, b)],
+        [v for b in dst_ids.tolist() for v in _views_of(expected, dst_op, b)],
+        dims,
+        src_op.format,
+        dst_op.format,
+        src_is_stack=src_op.stack,
+        dst_is_stack=dst_op.stack,
+    )
+    plan.run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    assert_bits_equal(dst_buf.cpu(), expected)
+    for b in dst_ids.tolist():
+        for v in _views_of(dst_buf, dst_op, b):
+            assert_written(v.cpu())
+
+
+def _views_of(buf: torch.Tensor, op: Operand, block: int) -> list[torch.Tensor]:
+    return list(buf[:, block]) if op.stack else [buf[block]]
 
 
 def _tables(src_op, dst_op, dims, nb, places, offset):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from kvblocks.errors import BlockIdOutOfRangeError, InvalidArgumentError
 
 
@@ -19,3 +21,15 @@ def index_in_range(value: object, limit: int, argument: str) -> int:
     if not 0 <= value < limit:
         raise BlockIdOutOfRangeError(argument, f"must be in [0, {limit}), got {value}")
     return value
+
+
+def first_repeat(values: Sequence[int]) -> int | None:
+    """The first value that occurs a second time, or None when all differ."""
+    if len(set(values)) == len(values):
+        return None
+    seen = set()
+    for value in values:
+        if value in seen:
+            return value
+        seen.add(value)
+    return None

@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 
 import torch
@@ -29,7 +30,13 @@ from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
 from kvblocks.kernels import plan_copy
 from kvblocks.layout import KvDims, LayoutConfig
 from kvblocks.storage import PhysicalLayout
-from kvblocks.transfer import FillPattern, TransferManager, TransferOptions, fill_blocks
+from kvblocks.transfer import (
+    FillPattern,
+    TransferCompleteNotification,
+    TransferManager,
+    TransferOptions,
+    fill_blocks,
+)
 
 
 @dataclass(frozen=True)
@@ -60,15 +67,31 @@ class DiskRow:
     ratio: float
 
 
-def _wall_gbps(fn, nbytes: int, min_seconds: float = 0.2) -> float:
-    """Throughput of ``fn`` called back to back until ``min_seconds`` have passed."""
+def _wall_gbps(fn, nbytes: int, min_seconds: float = 0.2, depth: int = 4) -> float:
+    """Throughput of ``fn`` called back to back until ``min_seconds`` have passed.
+
+    ``fn`` returns a notification of its work. At most ``depth`` calls are in flight: the
+    host waits for the oldest before issuing more, so that it cannot queue far more work
+    than the time allows (its calls take far less time than large transfers).
+    """
     torch.cuda.synchronize()
+    in_flight: deque[TransferCompleteNotification] = deque()
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < min_seconds or calls < 3:
-        fn()
+        in_flight.append(fn())
         calls += 1
+        if len(in_flight) > depth:
+            in_flight.popleft().wait()
     torch.cuda.synchronize()
     return nbytes * calls / (time.perf_counter() - start) / 1e9
+
+
+def _on_current_stream(fn) -> TransferCompleteNotification:
+    """Run ``fn`` (which enqueues GPU work on the current stream) and notify its end."""
+    fn()
+    event = torch.cuda.Event()
+    event.record()
+    return TransferCompleteNotification.from_event(event)
 
 
 def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> list[ManagerRow]:
@@ -111,10 +134,10 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
                         manager.execute_transfer(s, i, d, i, o)
 
                     def on_pool(s=src, d=dst, i=ids):
-                        manager.execute_transfer(s, i, d, i)
+                        return manager.execute_transfer(s, i, d, i)
 
                     m_ms, k_ms = median_ms(through_manager, plan.run, warmup=warmup, iters=iters)
-                    k_wall = _wall_gbps(plan.run, nbytes)
+                    k_wall = _wall_gbps(lambda p=plan: _on_current_stream(p.run), nbytes)
                     m_wall = _wall_gbps(on_pool, nbytes)
                     rows.append(
                         ManagerRow(

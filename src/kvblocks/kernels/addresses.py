@@ -1,8 +1,10 @@
-"""Address tables: conversion to host int64 tensors, the checks run before any launch, and
-tensors over raw addresses for the reference path.
+"""Address tables: conversion to host int64 tensors, the checks run before any launch, the
+strided form kernels read, and tensors over raw addresses for the reference path.
 
 A table is anything holding int addresses: ``array('q')`` (what layouts build), a list of ints,
-or an integer torch tensor (a CUDA tensor is copied to the host once, to be checked).
+or an integer torch tensor (a CUDA tensor is copied to the host once, to be checked). Kernels
+read tables as :class:`StridedTable` s, which a layout's blocks give without building the flat
+table: only the block ids change from one transfer to the next.
 """
 
 from __future__ import annotations
@@ -10,14 +12,62 @@ from __future__ import annotations
 import ctypes
 from array import array
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 from kvblocks.errors import InvalidArgumentError, LengthMismatchError, OverlapError
+from kvblocks.kernels._triton import tl, triton
 
 AddressTable = Sequence[int] | array | torch.Tensor
 
 _INT_DTYPES = (torch.int64, torch.int32, torch.uint64)
+
+
+@dataclass(frozen=True)
+class StridedTable:
+    """An address table in factored form, expanded by the kernel that reads it.
+
+    Entry ``e`` is ``bases[e % per_block] + ids[e // per_block] * stride``, for
+    ``0 <= e < len(ids) * per_block``.
+
+    Attributes:
+        ids: ``[n]`` int64 block ids (or any multipliers of ``stride``).
+        bases: ``[per_block]`` int64 addresses of one block's chunks when its id is 0.
+        stride: bytes from one block id to the next.
+
+    A flat table is ``StridedTable.flat(table)``: ``ids = table``, ``bases = [0]``,
+    ``stride = 1``. Both tensors live where the kernel runs.
+    """
+
+    ids: torch.Tensor
+    bases: torch.Tensor
+    stride: int
+
+    @classmethod
+    def flat(cls, table: torch.Tensor) -> StridedTable:
+        return cls(table, table.new_zeros(1), 1)
+
+    @property
+    def per_block(self) -> int:
+        return self.bases.numel()
+
+    def __len__(self) -> int:
+        return self.ids.numel() * self.per_block
+
+    def expand(self) -> torch.Tensor:
+        """The flat table: ``[len(self)]`` int64, block-major, on the tables' device."""
+        return (self.ids[:, None] * self.stride + self.bases[None, :]).reshape(-1)
+
+    def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """What kernels take for one table: ``ids, bases, stride, per_block``."""
+        return self.ids, self.bases, self.stride, self.per_block
+
+
+@triton.jit
+def table_entry(ids, bases, stride, per_block, e):
+    """Entry ``e`` (int64) of a :class:`StridedTable` passed as its :meth:`kernel_args`."""
+    return tl.load(bases + e % per_block) + tl.load(ids + e // per_block) * stride
 
 
 def host_table(

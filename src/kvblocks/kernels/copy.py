@@ -18,9 +18,11 @@ from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import (
     AddressTable,
+    StridedTable,
     check_disjoint,
     common_alignment,
     host_table,
+    table_entry,
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
@@ -32,8 +34,14 @@ NUM_WARPS = 8
 
 @triton.jit
 def _copy_kernel(
-    src_table,
-    dst_table,
+    src_ids,
+    src_bases,
+    src_stride,
+    src_per_block,
+    dst_ids,
+    dst_bases,
+    dst_stride,
+    dst_per_block,
     words,
     chunks_per_pair,
     WORD: tl.constexpr,
@@ -44,10 +52,10 @@ def _copy_kernel(
     pid = tl.program_id(0).to(tl.int64)
     pair = pid // chunks_per_pair
     chunk = pid % chunks_per_pair
-    src = tl.load(src_table + pair).to(tl.pointer_type(WORD))
-    dst = tl.load(dst_table + pair).to(tl.pointer_type(WORD))
-    src = tl.multiple_of(src, ALIGN)
-    dst = tl.multiple_of(dst, ALIGN)
+    src = table_entry(src_ids, src_bases, src_stride, src_per_block, pair)
+    dst = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, pair)
+    src = tl.multiple_of(src.to(tl.pointer_type(WORD)), ALIGN)
+    dst = tl.multiple_of(dst.to(tl.pointer_type(WORD)), ALIGN)
     offs = chunk * CHUNK + tl.arange(0, CHUNK)
     if EVEN:
         tl.store(dst + offs, tl.load(src + offs))
@@ -64,10 +72,14 @@ def copy_reference(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
 
 @dataclass(frozen=True)
 class CopyPlan:
-    """A validated batch of same-size copies, ready to run any number of times."""
+    """A validated batch of same-size copies, ready to run any number of times.
 
-    src_table: torch.Tensor
-    dst_table: torch.Tensor
+    ``src`` and ``dst`` hold ``num_pairs`` addresses each, on ``device`` for the Triton
+    backends; ``align`` divides every address and ``size``.
+    """
+
+    src: StridedTable
+    dst: StridedTable
     size: int
     align: int
     device: torch.device
@@ -75,19 +87,16 @@ class CopyPlan:
 
     @property
     def num_pairs(self) -> int:
-        return self.src_table.numel()
+        return len(self.src)
+
+    def _spans(self, table: StridedTable) -> list[torch.Tensor]:
+        return [tensor_at(a, self.size, torch.uint8, self.device) for a in table.expand().tolist()]
 
     def run(self) -> None:
         if self.num_pairs == 0:
             return
         if self.backend is Backend.REFERENCE:
-            src = [
-                tensor_at(a, self.size, torch.uint8, self.device) for a in self.src_table.tolist()
-            ]
-            dst = [
-                tensor_at(a, self.size, torch.uint8, self.device) for a in self.dst_table.tolist()
-            ]
-            copy_reference(src, dst)
+            copy_reference(self._spans(self.src), self._spans(self.dst))
             return
         word_bytes = min(self.align, 4)
         word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes]
@@ -96,8 +105,8 @@ class CopyPlan:
         chunks_per_pair = triton.cdiv(words, chunk)
         with LAUNCH_LOCK:
             _copy_kernel[(self.num_pairs * chunks_per_pair,)](
-                self.src_table,
-                self.dst_table,
+                *self.src.kernel_args(),
+                *self.dst.kernel_args(),
                 words,
                 chunks_per_pair,
                 WORD=word,
@@ -140,7 +149,7 @@ def plan_copy(
     align = common_alignment(src, dst, size)
     if backend is Backend.TRITON:
         src, dst = src.to(device), dst.to(device)
-    return CopyPlan(src, dst, size, align, device, backend)
+    return CopyPlan(StridedTable.flat(src), StridedTable.flat(dst), size, align, device, backend)
 
 
 def vectorized_copy(

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kvblocks.checks import first_repeat
 from kvblocks.errors import (
     BlockIdOutOfRangeError,
     InvalidArgumentError,
@@ -142,19 +143,17 @@ def _check_mapping(block_mapping, num_blocks: int, swap: bool) -> torch.Tensor:
             f"block_mapping[{i}, {j}]", f"must be in [0, {num_blocks}), got {int(mapping[i, j])}"
         )
     if swap:
-        ids = mapping.flatten()
-        if torch.unique(ids).numel() != ids.numel():
-            dup = _first_repeat(ids)
+        dup = first_repeat(mapping.flatten().tolist())
+        if dup is not None:
             raise OverlapError(
                 "block_mapping",
                 f"names block {dup} twice; each block may take part in one swap only",
             )
     else:
         src, dst = mapping[:, 0], mapping[:, 1]
-        if torch.unique(dst).numel() != dst.numel():
-            raise OverlapError(
-                "block_mapping", f"writes block {_first_repeat(dst)} twice (column 1 repeats)"
-            )
+        dup = first_repeat(dst.tolist())
+        if dup is not None:
+            raise OverlapError("block_mapping", f"writes block {dup} twice (column 1 repeats)")
         both = torch.isin(dst, src)
         if bool(both.any()):
             block = int(dst[both][0])
@@ -163,15 +162,6 @@ def _check_mapping(block_mapping, num_blocks: int, swap: bool) -> torch.Tensor:
                 f"uses block {block} as both a source and a destination; copy in two calls",
             )
     return mapping
-
-
-def _first_repeat(ids: torch.Tensor) -> int:
-    seen = set()
-    for v in ids.tolist():
-        if v in seen:
-            return v
-        seen.add(v)
-    raise AssertionError("no repeat")  # pragma: no cover
 
 
 @dataclass(frozen=True)

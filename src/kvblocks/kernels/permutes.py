@@ -28,10 +28,12 @@ from kvblocks.kernels import reference
 from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import (
     AddressTable,
+    StridedTable,
     check_alignment,
     check_disjoint,
     common_alignment,
     host_table,
+    table_entry,
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
@@ -44,8 +46,14 @@ NUM_WARPS = 8
 
 @triton.jit
 def _permute_kernel(
-    src_table,
-    dst_table,
+    src_ids,
+    src_bases,
+    src_stride,
+    src_per_block,
+    dst_ids,
+    dst_bases,
+    dst_stride,
+    dst_per_block,
     NL: tl.constexpr,
     NO: tl.constexpr,
     NT: tl.constexpr,
@@ -89,14 +97,14 @@ def _permute_kernel(
     src_rows = t * ST + h * SH
     dst_rows = t * DT + h * DH
     if SRC_STACK:
-        src_addr = tl.load(src_table + region)
+        src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, region)
     else:
-        src_addr = tl.load(src_table + block)
+        src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, block)
         src_rows += layer * SL + outer * SO
     if DST_STACK:
-        dst_addr = tl.load(dst_table + region)
+        dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, region)
     else:
-        dst_addr = tl.load(dst_table + block)
+        dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, block)
         dst_rows += layer * DL + outer * DO
     src = src_addr.to(tl.pointer_type(ELEM))
     dst = dst_addr.to(tl.pointer_type(ELEM))
@@ -186,7 +194,9 @@ class PermutePlan:
     """A validated permute, ready to run any number of times.
 
     Build one with :func:`plan_permute`; :meth:`run` launches on the current stream of the
-    plan's device (CUDA) or runs on the CPU.
+    plan's device (CUDA) or runs on the CPU. ``src_table`` and ``dst_table`` hold each
+    operand's table (:meth:`Operand.entries_per_block` entries per block), on ``device`` for
+    the Triton backends.
     """
 
     src: Operand
@@ -195,8 +205,8 @@ class PermutePlan:
     nb: int
     device: torch.device
     backend: Backend
-    src_table: torch.Tensor
-    dst_table: torch.Tensor
+    src_table: StridedTable
+    dst_table: StridedTable
     aligned: bool
     launch: tuple[tuple[int, int], dict] | None
 
@@ -204,17 +214,17 @@ class PermutePlan:
     def of_checked_tables(
         cls,
         src: Operand,
-        src_table: torch.Tensor,
+        src_table: StridedTable,
         dst: Operand,
-        dst_table: torch.Tensor,
+        dst_table: StridedTable,
         dims: KvDims,
         device: torch.device,
         aligned: bool,
     ) -> PermutePlan:
-        """A plan over int64 tables already on ``device`` that the caller has checked as
+        """A plan over tables already on ``device`` that the caller has checked as
         :func:`plan_permute` would (lengths, element alignment, no overlap). ``aligned``: every
         address is a multiple of 16 bytes."""
-        nb = src_table.numel() // src.entries_per_block(dims)
+        nb = len(src_table) // src.entries_per_block(dims)
         backend = available(device)
         launch = (
             None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
@@ -230,7 +240,9 @@ class PermutePlan:
     def _launch(self) -> None:
         grid, constants = self.launch
         with LAUNCH_LOCK:
-            _permute_kernel[grid](self.src_table, self.dst_table, **constants)
+            _permute_kernel[grid](
+                *self.src_table.kernel_args(), *self.dst_table.kernel_args(), **constants
+            )
 
     def _run_reference(self) -> None:
         dims = self.dims
@@ -282,8 +294,8 @@ def _launch_config(
     return grid, constants
 
 
-def _tensors_at(table: torch.Tensor, nbytes: int, dtype: torch.dtype, device) -> list:
-    return [tensor_at(addr, nbytes, dtype, device) for addr in table.tolist()]
+def _tensors_at(table: StridedTable, nbytes: int, dtype: torch.dtype, device) -> list:
+    return [tensor_at(addr, nbytes, dtype, device) for addr in table.expand().tolist()]
 
 
 def plan_permute(
@@ -342,7 +354,18 @@ def plan_permute(
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
     launch = None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
-    return PermutePlan(src, dst, dims, nb, device, backend, src_host, dst_host, aligned, launch)
+    return PermutePlan(
+        src,
+        dst,
+        dims,
+        nb,
+        device,
+        backend,
+        StridedTable.flat(src_host),
+        StridedTable.flat(dst_host),
+        aligned,
+        launch,
+    )
 
 
 def permute(

@@ -37,7 +37,7 @@ from kvblocks.kernels import (
     plan_memcpy,
     plan_permute,
 )
-from kvblocks.kernels.addresses import common_alignment
+from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
@@ -101,12 +101,21 @@ def dims_of(config: LayoutConfig) -> KvDims:
 
 @dataclass
 class _Addressing:
-    """How one layout's blocks are addressed: ``chunks[c] + block_id * stride``."""
+    """How one layout's blocks are addressed: chunk ``c`` of block ``b`` is at
+    ``chunks[c] + b * stride``."""
 
     chunks: torch.Tensor  # int64, on the CPU
     stride: int
     align: int  # the largest power of two up to 16 dividing every chunk and the stride
-    on_device: dict
+    on_device: dict[torch.device, torch.Tensor]
+
+    def chunks_on(self, device: torch.device) -> torch.Tensor:
+        """``chunks`` on ``device``, copied there once."""
+        if device.type == "cpu":
+            return self.chunks
+        if device not in self.on_device:
+            self.on_device[device] = self.chunks.to(device)
+        return self.on_device[device]
 
 
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
@@ -131,28 +140,36 @@ def _addressing(side: Side, layers: range, whole_blocks: bool) -> _Addressing:
     return per_layout[key]
 
 
-def addresses(
-    side: Side, layers: range, whole_blocks: bool, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """The side's address table (block-major, then chunk) on ``device``, and its alignment.
+def _tables(
+    src: Side,
+    dst: Side,
+    layers: range,
+    whole: tuple[bool, bool],
+    device: torch.device,
+) -> tuple[StridedTable, StridedTable, int]:
+    """Both sides' address tables on ``device`` (whole blocks or ``(block, layer, outer)``
+    regions, per side), and the largest power of two up to 16 dividing every address.
 
-    On a GPU only the block ids travel (pinned, without blocking the host); the table is
-    computed there from the layout's chunk offsets, which stay on the device.
+    Only the block ids travel to a GPU, both sides' in one copy from pinned memory that does
+    not block the host; the kernel computes the addresses from them and the layouts' chunk
+    offsets, which stay on the device.
     """
-    a = _addressing(side, layers, whole_blocks)
     if device.type == "cuda":
-        ids = side.ids.pin_memory().to(device, non_blocking=True)
-        if device not in a.on_device:
-            a.on_device[device] = a.chunks.to(device)
-        chunks = a.on_device[device]
+        both = torch.stack((src.ids, dst.ids)).pin_memory().to(device, non_blocking=True)
+        ids = (both[0], both[1])
     else:
-        ids, chunks = side.ids, a.chunks
-    return (ids[:, None] * a.stride + chunks[None, :]).reshape(-1), a.align
+        ids = (src.ids, dst.ids)
+    tables, align = [], 16
+    for side, side_ids, side_whole in zip((src, dst), ids, whole, strict=True):
+        a = _addressing(side, layers, side_whole)
+        tables.append(StridedTable(side_ids, a.chunks_on(device), a.stride))
+        align = min(align, a.align)
+    return tables[0], tables[1], align
 
 
 def copy_pairs(
     src: Side, dst: Side, layers: range, device: torch.device = _CPU
-) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+) -> tuple[StridedTable, StridedTable, int, int]:
     """Source and destination address tables, the bytes of each pair and the pairs' common
     alignment, for a same-format copy: whole blocks when both layouts are fully contiguous
     and every layer moves, else ``(block, layer, outer)`` regions."""
@@ -162,21 +179,19 @@ def copy_pairs(
         and dst.physical.layout.is_fully_contiguous
     )
     size = src.config.block_bytes if whole else src.config.region_bytes
-    s, s_align = addresses(src, layers, whole, device)
-    d, d_align = addresses(dst, layers, whole, device)
-    return s, d, size, min(s_align, d_align, common_alignment(size))
+    s, d, align = _tables(src, dst, layers, (whole, whole), device)
+    return s, d, size, min(align, common_alignment(size))
 
 
 def permute_tables(
-    src: Side, dst: Side, device: torch.device
-) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    src: Side, dst: Side, device: torch.device = _CPU
+) -> tuple[StridedTable, StridedTable, bool]:
     """Tables for the permute kernel (regions of a block stack, else whole blocks) and whether
     every address and row is 16-byte aligned."""
-    every = range(src.config.num_layers)
-    s, s_align = addresses(src, every, src.physical.layout.is_fully_contiguous, device)
-    d, d_align = addresses(dst, every, dst.physical.layout.is_fully_contiguous, device)
+    whole = (src.physical.layout.is_fully_contiguous, dst.physical.layout.is_fully_contiguous)
+    s, d, align = _tables(src, dst, range(src.config.num_layers), whole, device)
     row = dims_of(src.config).hd * src.config.dtype_width_bytes
-    return s, d, min(s_align, d_align, common_alignment(row)) == 16
+    return s, d, min(align, common_alignment(row)) == 16
 
 
 def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) -> None:
@@ -189,11 +204,11 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
     dims = dims_of(src.config) if src.fmt.requires_transform(dst.fmt) else None
     if check_overlap:
         if dims is not None:
-            s, d, _ = permute_tables(src, dst, _CPU)
-            plan = plan_permute(s, src.operand(), d, dst.operand(), dims, device)
+            s, d, _ = permute_tables(src, dst)
+            plan = plan_permute(s.expand(), src.operand(), d.expand(), dst.operand(), dims, device)
         else:
             s, d, size, _ = copy_pairs(src, dst, layers)
-            plan = plan_copy(s, d, size, device)
+            plan = plan_copy(s.expand(), d.expand(), size, device)
     elif dims is not None:
         s, d, aligned = permute_tables(src, dst, device)
         plan = PermutePlan.of_checked_tables(
@@ -208,19 +223,21 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
 def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:
     """Enqueue the hop's copies on ``stream`` through the copy engines."""
     s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
-    plan_memcpy(s, d, size).run(batched=True, stream=stream)
+    plan_memcpy(s.expand(), d.expand(), size).run(batched=True, stream=stream)
 
 
 def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
     """Run the hop on the CPU (both sides host memory)."""
     src, dst = hop.src, hop.dst
     if src.fmt.requires_transform(dst.fmt):
-        s, d, _ = permute_tables(src, dst, _CPU)
+        s, d, _ = permute_tables(src, dst)
         dims = dims_of(src.config)
-        plan_permute(s, src.operand(), d, dst.operand(), dims, "cpu", check_overlap=False).run()
+        plan_permute(
+            s.expand(), src.operand(), d.expand(), dst.operand(), dims, "cpu", check_overlap=False
+        ).run()
         return
     s, d, size, _ = copy_pairs(src, dst, layers)
-    host_copy(s, d, size, pool)
+    host_copy(s.expand(), d.expand(), size, pool)
 
 
 def host_copy(src: torch.Tensor, dst: torch.Tensor, size: int, pool: Executor | None) -> None:
@@ -248,7 +265,10 @@ def run_disk(hop: Hop, layers: range, pool: Executor | None) -> None:
         (hop.src, hop.dst) if hop.kind is HopKind.DISK_READ else (hop.dst, hop.src)
     )
     offsets, memory, size, _ = copy_pairs(file_side, memory_side, layers)
-    spans = [(o, a, size) for o, a in zip(offsets.tolist(), memory.tolist(), strict=True)]
+    spans = [
+        (o, a, size)
+        for o, a in zip(offsets.expand().tolist(), memory.expand().tolist(), strict=True)
+    ]
     disk = file_side.physical.file
     if hop.kind is HopKind.DISK_READ:
         disk.read(spans, pool)

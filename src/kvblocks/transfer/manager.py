@@ -27,7 +27,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvblocks.checks import positive_int
+from kvblocks.checks import first_repeat, positive_int
 from kvblocks.errors import (
     BlockIdOutOfRangeError,
     ConfigMismatchError,
@@ -300,7 +300,7 @@ class TransferManager:
                 f"must hold as many ids as src_ids ({s_ids.numel()}), got {d_ids.numel()}",
             )
         _check_same_shape(src_physical.config, dst_physical.config)
-        repeated = _first_repeat(d_ids)
+        repeated = first_repeat(d_ids.tolist())
         if repeated is not None:
             raise OverlapError("dst_ids", f"names block {repeated} twice")
         if src_physical is dst_physical and bool(torch.isin(d_ids, s_ids).any()):
@@ -468,14 +468,6 @@ def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
         bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
         raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
     return ids
-
-
-def _first_repeat(ids: torch.Tensor) -> int | None:
-    if ids.numel() < 2:
-        return None
-    ordered = torch.sort(ids).values
-    same = ordered[1:] == ordered[:-1]
-    return int(ordered[1:][same][0]) if bool(same.any()) else None
 
 
 def _check_same_shape(a: LayoutConfig, b: LayoutConfig, argument: str = "dst") -> None:
