@@ -44,6 +44,7 @@ def tune_permute():
         for name, src, dst in cases:
             for tile, warps in SHAPES:
                 kperm.TILE_BYTES, kperm.NUM_WARPS = tile, warps  # read when a plan is made
+                kperm._constants.cache_clear()
                 plan = plan_permute(places.table(src), src, places.table(dst), dst, places.dims)
                 bw = gbps(moved, median_ms(plan.run, warmup=3, iters=20)[0])
                 out("permute", f"{name} nt={nt} nh={nh}", tile, warps, round(bw, 1))

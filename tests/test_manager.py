@@ -171,6 +171,23 @@ def test_device_tensors_must_match_the_config(tmp_path):
         BlockManager(config, device_tensors=good[:1])
 
 
+@pytest.mark.gpu
+def test_warm_up_leaves_the_engines_cache_as_it_was(tmp_path):
+    """On a GPU the manager moves block 0 to G2 and back at construction (compiling both
+    directions' kernels); the engine's tensors keep their bytes."""
+    config = make_config(tmp_path)
+    gen = torch.Generator().manual_seed(3)
+    tensors = [
+        torch.randn(8, 2, BS, 2, 16, generator=gen).to(torch.bfloat16).cuda() for _ in range(2)
+    ]
+    before = [t.clone() for t in tensors]
+    with BlockManager(config, device_tensors=tensors) as manager:
+        torch.cuda.synchronize()
+        for t, b in zip(manager.device_tensors, before, strict=True):
+            assert torch.equal(t.view(torch.int16), b.view(torch.int16))
+        assert manager.pool(Tier.G1).num_available == 8
+
+
 # Round trips -----------------------------------------------------------------------------------
 
 

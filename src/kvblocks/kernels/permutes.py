@@ -19,6 +19,7 @@ Their meaning is :func:`kvblocks.kernels.reference.convert`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -262,10 +263,21 @@ class PermutePlan:
 def _launch_config(
     src: Operand, dst: Operand, dims: KvDims, nb: int, aligned: bool
 ) -> tuple[tuple[int, int], dict]:
-    """The grid and compile-time constants of a permute, worked out once per plan."""
+    """The grid and compile-time constants of a permute."""
+    tiles, constants = _constants(
+        src, dst, dims, aligned, wide=max(dims.block_elems, nb * dims.nl * dims.no) >= 2**31 - 1
+    )
+    return (nb * dims.nl * dims.no, tiles), constants
+
+
+@functools.lru_cache(maxsize=256)
+def _constants(
+    src: Operand, dst: Operand, dims: KvDims, aligned: bool, wide: bool
+) -> tuple[int, dict]:
+    """Tiles per region and the kernel's constants, worked out once per kind of permute
+    (transfers repeat the same few)."""
     hd_block = _next_pow2(dims.hd)
     rows = max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * dims.itemsize)))
-    grid = (nb * dims.nl * dims.no, triton.cdiv(dims.nt * dims.nh, rows))
     sl, so, st, sh = src.row_strides(dims)
     dl, do, dt, dh = dst.row_strides(dims)
     constants = dict(
@@ -286,12 +298,12 @@ def _launch_config(
         DH=dh,
         ELEM=getattr(tl, _INT_OF_WIDTH[dims.itemsize]),
         ALIGNED=aligned,
-        WIDE=max(dims.block_elems, nb * dims.nl * dims.no) >= 2**31 - 1,
+        WIDE=wide,
         ROWS=rows,
         HD_BLOCK=hd_block,
         num_warps=NUM_WARPS,
     )
-    return grid, constants
+    return triton.cdiv(dims.nt * dims.nh, rows), constants
 
 
 def _tensors_at(table: StridedTable, nbytes: int, dtype: torch.dtype, device) -> list:

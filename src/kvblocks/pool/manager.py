@@ -170,6 +170,7 @@ class BlockManager:
                 self._add_tier(Tier.G2, layout)
                 if config.disk_blocks:
                     self._open_disk_tier()
+                self._warm_up()
         except BaseException:
             self._release_tiers()
             raise
@@ -183,6 +184,17 @@ class BlockManager:
         self._publish()
 
     # Set-up ------------------------------------------------------------------------------------
+
+    def _warm_up(self) -> None:
+        """On a GPU, move G1's block 0 to G2 and back once, so that the kernels of both
+        directions are compiled and loaded (about 0.7 s on a first run) before the first
+        offload or onboard needs them. Every block is free here, and the round trip leaves
+        block 0's bytes as they were."""
+        if self.device_tensors[0].device.type != "cuda":
+            return
+        g1, g2 = self._tiers[Tier.G1].handle, self._tiers[Tier.G2].handle
+        self._transfer.execute_transfer(g1, [0], g2, [0]).wait()
+        self._transfer.execute_transfer(g2, [0], g1, [0]).wait()
 
     def _device_tensors(self, tensors: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         config = self.config

@@ -155,8 +155,14 @@ def _tables(
     offsets, which stay on the device.
     """
     if device.type == "cuda":
-        both = torch.stack((src.ids, dst.ids)).pin_memory().to(device, non_blocking=True)
-        ids = (both[0], both[1])
+        n = src.ids.numel()
+        # An even row length starts both rows 16-byte aligned whatever the count, so the
+        # kernels (which Triton compiles per pointer alignment) are compiled once.
+        staged = torch.empty((2, n + n % 2), dtype=torch.int64, pin_memory=True)
+        staged[0, :n] = src.ids
+        staged[1, :n] = dst.ids
+        both = staged.to(device, non_blocking=True)
+        ids = (both[0, :n], both[1, :n])
     else:
         ids = (src.ids, dst.ids)
     tables, align = [], 16
