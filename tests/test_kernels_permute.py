@@ -4,6 +4,8 @@ On the CPU they run under Triton's interpreter (the same kernel source that the 
 the ``cuda`` cases run compiled on the GPU, with regions in device or pinned host memory.
 """
 
+import dataclasses
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -177,8 +179,10 @@ def _strided_operand(op: Operand, dims: KvDims, nblocks: int, where: str):
     ],
     ids=["stack-to-universal", "universal-to-stack", "operational-to-stack"],
 )
-def test_permute_from_strided_tables(src_op, dst_op, places):
-    """Tables given as per-block bases and block ids: the kernel expands them."""
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+def test_permute_from_strided_tables(src_op, dst_op, places, reference):
+    """Tables given as per-block bases and block ids: the kernel expands them, and the torch
+    reference (what runs on a CPU without Triton's interpreter) moves whole rows of blocks."""
     dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
     nblocks = 7
     device = torch.device(_device(places))
@@ -195,6 +199,8 @@ def test_permute_from_strided_tables(src_op, dst_op, places):
         device,
         aligned=True,
     )
+    if reference:
+        plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
     expected = dst_buf.cpu().clone()
     convert(
         [v.cpu() for b in src_ids.tolist() for v in _views_of(src_buf, src_op, b)],

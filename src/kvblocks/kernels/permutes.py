@@ -247,6 +247,14 @@ class PermutePlan:
 
     def _run_reference(self) -> None:
         dims = self.dims
+        if self.device.type == "cpu":
+            src_rows = _block_rows(self.src_table, self.src.span_bytes(dims), dims.dtype)
+            dst_rows = _block_rows(self.dst_table, self.dst.span_bytes(dims), dims.dtype)
+            if src_rows is not None and dst_rows is not None:
+                blocks = _gather_rows(src_rows, self.src_table.ids)
+                converted = reference.permute_blocks(blocks, dims, self.src.format, self.dst.format)
+                _scatter_rows(dst_rows, self.dst_table.ids, converted)
+                return
         src = _tensors_at(self.src_table, self.src.span_bytes(dims), dims.dtype, self.device)
         dst = _tensors_at(self.dst_table, self.dst.span_bytes(dims), dims.dtype, self.device)
         reference.convert(
@@ -304,6 +312,35 @@ def _constants(
         num_warps=NUM_WARPS,
     )
     return triton.cdiv(dims.nt * dims.nh, rows), constants
+
+
+def _block_rows(table: StridedTable, nbytes: int, dtype: torch.dtype) -> list | None:
+    """For a layout's table in CPU memory, one view per chunk of a block, ``[max_id + 1,
+    nbytes / itemsize]``, whose row ``b`` is that chunk of block ``b``; so the reference moves
+    whole rows instead of making a tensor per entry. None for a flat table (its stride of 1 is
+    less than an entry) or a stride that is not a whole number of elements."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if table.stride < nbytes or table.stride % itemsize or table.ids.numel() == 0:
+        return None
+    rows = int(table.ids.max()) + 1
+    span = (rows - 1) * table.stride + nbytes
+    shape, strides = (rows, nbytes // itemsize), (table.stride // itemsize, 1)
+    return [
+        tensor_at(base, span, dtype, torch.device("cpu")).as_strided(shape, strides)
+        for base in table.bases.tolist()
+    ]
+
+
+def _gather_rows(rows: list[torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """``[len(ids), len(rows) * row elements]``: each block's chunks side by side."""
+    return torch.stack([r.index_select(0, ids) for r in rows], dim=1).reshape(ids.numel(), -1)
+
+
+def _scatter_rows(rows: list[torch.Tensor], ids: torch.Tensor, values: torch.Tensor) -> None:
+    """Write ``values`` (as :func:`_gather_rows` returns them) into the rows of blocks ``ids``."""
+    chunks = values.view(ids.numel(), len(rows), -1)
+    for c, r in enumerate(rows):
+        r.index_copy_(0, ids, chunks[:, c])
 
 
 def _tensors_at(table: StridedTable, nbytes: int, dtype: torch.dtype, device) -> list:

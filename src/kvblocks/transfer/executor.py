@@ -236,11 +236,9 @@ def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
     """Run the hop on the CPU (both sides host memory)."""
     src, dst = hop.src, hop.dst
     if src.fmt.requires_transform(dst.fmt):
-        s, d, _ = permute_tables(src, dst)
+        s, d, aligned = permute_tables(src, dst)
         dims = dims_of(src.config)
-        plan_permute(
-            s.expand(), src.operand(), d.expand(), dst.operand(), dims, "cpu", check_overlap=False
-        ).run()
+        PermutePlan.of_checked_tables(src.operand(), s, dst.operand(), d, dims, _CPU, aligned).run()
         return
     s, d, size, _ = copy_pairs(src, dst, layers)
     host_copy(s.expand(), d.expand(), size, pool)
