@@ -319,7 +319,7 @@ def _block_rows(table: StridedTable, nbytes: int, dtype: torch.dtype) -> list | 
     nbytes / itemsize]``, whose row ``b`` is that chunk of block ``b``; so the reference moves
     whole rows instead of making a tensor per entry. None for a flat table (its stride of 1 is
     less than an entry) or a stride that is not a whole number of elements."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if table.stride < nbytes or table.stride % itemsize or table.ids.numel() == 0:
         return None
     rows = int(table.ids.max()) + 1
