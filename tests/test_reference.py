@@ -239,3 +239,25 @@ def test_no_write_on_invalid_call():
     with pytest.raises(UnsupportedDtypeError):
         ref.universal_from_block(regions, out, dims, InnerOrder.NHD)
     assert bits(out).eq(-1).all()
+
+
+@given(
+    st.lists(st.integers(1, 4), min_size=1, max_size=6).flatmap(
+        lambda shape: st.tuples(st.just(shape), st.permutations(range(len(shape))))
+    )
+)
+def test_merged_axes_permute_the_same_elements(case):
+    shape, perm = case
+    x = torch.randperm(torch.Size(shape).numel()).view(shape)
+    merged, merged_perm = ref.merge_axes(shape, perm)
+    assert len(merged) == len(merged_perm) <= len(shape)
+    assert torch.Size(merged).numel() == x.numel()
+    assert torch.equal(x.reshape(merged).permute(merged_perm).flatten(), x.permute(perm).flatten())
+
+
+def test_merged_axes_of_block_stack_to_universal():
+    # [nb, nl, no, nt, nh, hd] -> [nb, nh, nl, no, nt, hd] is one transpose of two axes.
+    assert ref.merge_axes([3, 4, 2, 16, 8, 64], [0, 4, 1, 2, 3, 5]) == (
+        [3, 128, 8, 64],
+        [0, 2, 1, 3],
+    )

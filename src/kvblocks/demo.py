@@ -166,26 +166,43 @@ def write_pattern(tensors: list[torch.Tensor], blocks: list[int], hashes: list[i
     ``(e + (hashes[i] >> l) % 997) % 251`` (exact in every float type)."""
     if not blocks:
         return
+    ramp = _ramp(tensors[0])
+    index = torch.tensor(blocks, dtype=torch.long, device=tensors[0].device)
     for layer, t in enumerate(tensors):
-        t[torch.tensor(blocks, dtype=torch.long, device=t.device)] = _pattern(t, hashes, layer)
+        t.index_copy_(0, index, _pattern(ramp, t, hashes, layer))
 
 
 def count_mismatches(tensors: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> int:
     """How many of ``blocks`` do not hold :func:`write_pattern`'s bytes for their hash."""
     if not blocks:
         return 0
+    ramp = _ramp(tensors[0])
+    index = torch.tensor(blocks, dtype=torch.long, device=tensors[0].device)
     bad = torch.zeros(len(blocks), dtype=torch.bool, device=tensors[0].device)
     for layer, t in enumerate(tensors):
-        got = t[torch.tensor(blocks, dtype=torch.long, device=t.device)]
-        bad |= (got != _pattern(t, hashes, layer)).flatten(1).any(dim=1)
+        got = _bits(t.index_select(0, index))
+        want = _bits(_pattern(ramp, t, hashes, layer))
+        if not torch.equal(got, want):
+            bad |= (got != want).flatten(1).any(dim=1)
     return int(bad.sum())
 
 
-def _pattern(t: torch.Tensor, hashes: list[int], layer: int) -> torch.Tensor:
+def _ramp(t: torch.Tensor) -> torch.Tensor:
+    """``(arange(per_block + 996) % 251)`` in ``t``'s dtype: the pattern of a block with offset
+    ``o`` is the slice ``[o, o + per_block)``."""
+    return (torch.arange(t[0].numel() + 996, device=t.device) % 251).to(t.dtype)
+
+
+def _pattern(ramp: torch.Tensor, t: torch.Tensor, hashes: list[int], layer: int) -> torch.Tensor:
     per_block = t[0].numel()
-    offsets = torch.tensor([(h >> layer) % 997 for h in hashes], device=t.device)
-    values = (torch.arange(per_block, device=t.device)[None, :] + offsets[:, None]) % 251
-    return values.to(t.dtype).view(len(hashes), *t.shape[1:])
+    rows = [ramp.narrow(0, (h >> layer) % 997, per_block) for h in hashes]
+    return torch.stack(rows).view(len(hashes), *t.shape[1:])
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """``t`` viewed as integers of its element size, to compare bit for bit (faster than float
+    compares on a CPU)."""
+    return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 
 def run_demo(
