@@ -109,3 +109,26 @@ def test_pool_suite_runs_on_the_cpu(capsys):
     rows = pool.run(block_size=4, sequence_blocks=50, batch=8, repeats=3)
     assert [r.operation for r in rows][0] == "allocate+free (batch 8)"
     assert all(r.blocks_per_second > 0 for r in rows)
+
+
+def _bench_module(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("strided", [True, False])
+@pytest.mark.parametrize("programs", [1, 3, 8])
+def test_h2d_limits_probe_kernel_copies_every_pair(strided, programs):
+    """bench/h2d_limits.py's persistent copy (run on the CPU by Triton's interpreter)."""
+    h2d_limits = _bench_module("h2d_limits")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    src = torch.randint(0, 256, (5, 4096), dtype=torch.uint8, device=device)
+    dst = torch.full_like(src, 0xFF)
+    order = [3, 0, 4, 1, 2]
+    src_table = torch.tensor([src[i].data_ptr() for i in range(5)], device=device)
+    dst_table = torch.tensor([dst[j].data_ptr() for j in order], device=device)
+    h2d_limits.persistent_copy(src_table, dst_table, 4096, 1024, programs, strided)
+    for i, j in enumerate(order):
+        assert torch.equal(dst[j], src[i])
