@@ -194,6 +194,7 @@ def _ramp(t: torch.Tensor) -> torch.Tensor:
 
 
 def _pattern(ramp: torch.Tensor, t: torch.Tensor, hashes: list[int], layer: int) -> torch.Tensor:
+    """``[len(hashes), *t.shape[1:]]``: the block of each hash in ``layer``, in ``t``'s dtype."""
     per_block = t[0].numel()
     rows = [ramp.narrow(0, (h >> layer) % 997, per_block) for h in hashes]
     return torch.stack(rows).view(len(hashes), *t.shape[1:])

@@ -126,8 +126,7 @@ def permute_blocks(
 ) -> torch.Tensor:
     """Reorder ``[nb, block_elems]`` from ``src_format`` to ``dst_format``; a new contiguous tensor.
 
-    Both formats must state their dimension order (not ``Unknown``). ``blocks`` may also be any
-    ``[nb, ...]`` view that reshapes to the source format without a copy.
+    Both formats must state their dimension order (not ``Unknown``).
     """
     src_shape = dims.block_shape(src_format)
     dims.block_shape(dst_format)
@@ -141,9 +140,14 @@ def permute_blocks(
 
 
 def merge_axes(shape: Sequence[int], perm: Sequence[int]) -> tuple[list[int], list[int]]:
-    """The same permutation of a contiguous ``shape`` with fewer axes: source axes that stay
-    neighbours, in order, after ``perm`` become one. ``x.reshape(shape).permute(perm)`` then
-    holds the same elements in the same order, and copies faster (fewer, longer loops)."""
+    """Fewer axes for the same permutation: source axes that stay neighbours, in order, under
+    ``perm`` become one.
+
+    Returns ``(merged_shape, merged_perm)`` such that, for any contiguous ``x`` of ``shape``,
+    ``x.reshape(merged_shape).permute(merged_perm)`` lists the elements of ``x.permute(perm)``
+    in the same order. Torch copies the merged form faster (fewer, longer loops): a block stack
+    to universal, ``[nb, nl, no, nt, nh, hd] -> [nb, nh, nl, no, nt, hd]``, becomes one
+    transpose, ``[nb, nl*no*nt, nh, hd] -> [nb, nh, nl*no*nt, hd]``."""
     runs: list[list[int]] = []
     for axis in perm:
         if runs and runs[-1][-1] + 1 == axis:
