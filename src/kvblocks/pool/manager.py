@@ -418,7 +418,6 @@ class BlockManager:
             )
         hashes = sequence_hashes(token_ids, size, parent=parent_hash, salt=salt)
         g1 = self._tiers[Tier.G1].pool
-        new_blocks, new_hashes = [], []
         with self._lock:
             for b in block_ids:
                 state = g1.state(b)
@@ -434,11 +433,8 @@ class BlockManager:
                 self._chains.setdefault(
                     h, _ChainInfo(parent, tuple(token_ids[i * size : (i + 1) * size]))
                 )
-            cached = self._cache(g1, block_ids, hashes)
-            for b, h, c in zip(block_ids, hashes, cached, strict=True):
-                if c == b:
-                    new_blocks.append(b)
-                    new_hashes.append(h)
+            _, new = self._cache(g1, block_ids, hashes)
+            new_blocks, new_hashes = [b for b, _ in new], [h for _, h in new]
             self._emit_stored(Tier.G1, new_hashes)
             if new_blocks and self._worker is not None:
                 g1.acquire(new_blocks)
@@ -588,29 +584,31 @@ class BlockManager:
             g2.free([sources[i][1] for i in g2_at])
             self._release_g3([sources[i][1] for i in g3_at[done:]])
             g1.free(dst[keep:])
-            result = self._cache(g1, dst[:keep], hashes[:keep])
+            result, new = self._cache(g1, dst[:keep], hashes[:keep])
             for b, c in zip(dst[:keep], result, strict=True):
                 if c != b:  # another lookup onboarded it meanwhile: share that one
                     g1.acquire([c])
                     g1.free([b])
-            self._emit_stored(
-                Tier.G1,
-                [h for b, c, h in zip(dst[:keep], result, hashes[:keep], strict=True) if c == b],
-            )
+            self._emit_stored(Tier.G1, [h for _, h in new])
         return result
 
-    def _cache(self, pool: BlockPool, blocks: list[int], hashes: list[int]) -> list[int]:
-        """Mark held ``blocks`` full and register each under its hash; returns, per block, the
+    def _cache(
+        self, pool: BlockPool, blocks: list[int], hashes: list[int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Mark held ``blocks`` full and register each under its hash. Returns, per block, the
         block that caches the hash from now on (itself, or one that already did, in which case
-        it stays unregistered). Under the lock."""
+        it stays unregistered), and the ``(block, hash)`` pairs newly cached by their own block.
+        Under the lock."""
         size = self.config.block_size
-        cached = []
+        cached, new = [], []
         for b, h in zip(blocks, hashes, strict=True):
             missing = size - pool.tokens(b)
             if missing:
                 pool.fill(b, missing)
             cached.append(pool.register(b, h))
-        return cached
+            if cached[-1] == b:
+                new.append((b, h))
+        return cached, new
 
     def _release_g3(self, slots: list[int]) -> None:
         if slots:
@@ -640,16 +638,9 @@ class BlockManager:
                 log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
                 self.metrics.record_corrupt(len(bad))
                 g3.discard(bad)
-            cached = self._cache(g2, staging[:good], hashes[:good])
+            _, new = self._cache(g2, staging[:good], hashes[:good])
             g2.free(staging[good:])
-            self._emit_stored(
-                Tier.G2,
-                [
-                    h
-                    for b, c, h in zip(staging[:good], cached, hashes[:good], strict=True)
-                    if c == b
-                ],
-            )
+            self._emit_stored(Tier.G2, [h for _, h in new])
         return good
 
     # Offloading --------------------------------------------------------------------------------
@@ -756,8 +747,7 @@ class BlockManager:
                 dst.free(dst_ids)
             raise
         with self._lock:
-            cached = self._cache(dst, dst_ids, hashes)
-            new = [(b, h) for b, c, h in zip(dst_ids, cached, hashes, strict=True) if c == b]
+            _, new = self._cache(dst, dst_ids, hashes)
             stored_blocks = [b for b, _ in new]
             stored = [h for _, h in new]
             self._emit_stored(dst_tier, stored)
