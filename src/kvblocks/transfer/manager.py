@@ -303,8 +303,9 @@ class TransferManager:
         repeated = first_repeat(d_ids.tolist())
         if repeated is not None:
             raise OverlapError("dst_ids", f"names block {repeated} twice")
-        if src_physical is dst_physical and bool(torch.isin(d_ids, s_ids).any()):
-            block = int(d_ids[torch.isin(d_ids, s_ids)][0])
+        shared = torch.isin(d_ids, s_ids) if src_physical is dst_physical else None
+        if shared is not None and bool(shared.any()):
+            block = int(d_ids[shared][0])
             raise OverlapError(
                 "dst_ids", f"block {block} is also a source in this layout; move it in two steps"
             )
