@@ -8,19 +8,26 @@ bulk pinned copy of the same bytes (the copy engine) so both see the same clocks
   (block, layer, outer);
 - ``src-sorted``: the same kernel, pairs sorted by source address (reads walk host memory in
   order);
-- ``persistent``: :func:`_persistent_copy`, a fixed grid of ``programs`` programs looping over
-  the chunks, either strided (program ``p`` takes chunks ``p, p + G, ...``, so chunks in flight
-  are neighbours in the table) or each a contiguous range; 16 and 32 KiB chunks.
+- ``persistent``: :func:`_persistent_copy`, a fixed grid of ``programs`` programs (from an
+  eighth of the SMs to eight per SM) looping over the chunks, either strided (program ``p``
+  takes chunks ``p, p + G, ...``, so chunks in flight are neighbours in the table) or each a
+  contiguous range; 16 and 32 KiB chunks;
+- ``pages``: the shipped kernel copying one contiguous 640 MiB host buffer in 32 KiB pairs,
+  from ``cudaHostAlloc`` memory and from memory in 2 MiB pages (transparent huge pages,
+  registered with ``cudaHostRegister``), each against its own bulk copy.
 
-If the SMs' reads were limited by how many are in flight or by the order they touch host
-pages, some variant would move more; a ratio to the bulk copy that stays put across all of them
-points at the reads themselves. Every variant's result is checked before it is reported.
+If the SMs' reads were limited by how many are in flight, by the order they touch host pages
+or by how many pages they touch (address translation), some variant would move more; a ratio
+to the bulk copy that stays put across all of them points at the reads themselves. Every
+variant's result is checked before it is reported.
 
 CSV on stdout: gpu, pattern, variant, programs, chunk_bytes, kernel_gbps, bulk_gbps, ratio.
 Usage: python bench/h2d_limits.py > h2d-limits.csv   (needs a CUDA GPU)
 """
 
+import ctypes
 import functools
+import mmap
 import sys
 
 import torch
@@ -33,7 +40,9 @@ from kvblocks.models import lookup_model
 
 NUM_BLOCKS = 128
 CHUNKS = (16384, 32768)
-PROGRAMS_PER_SM = (1, 2, 4, 8)
+PROGRAMS_PER_SM = (0.125, 0.5, 1, 2, 4, 8)
+HUGE_PAGE = 2 << 20
+MADV_HUGEPAGE = 14
 
 
 @triton.jit
@@ -83,8 +92,46 @@ def persistent_copy(
     )
 
 
+def _anon_huge_bytes() -> int:
+    with open("/proc/meminfo") as f:
+        line = next(line for line in f if line.startswith("AnonHugePages:"))
+    return int(line.split()[1]) * 1024
+
+
+def huge_page_host(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of random host bytes in 2 MiB pages, registered with CUDA as pinned memory
+    (the tensor keeps its mapping alive), or None, saying why on stderr, where this Linux gives
+    no transparent huge pages."""
+    buf = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    raw = torch.frombuffer(buf, dtype=torch.uint8)
+    start = -raw.data_ptr() % HUGE_PAGE
+    host = raw[start : start + nbytes]
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    before = _anon_huge_bytes()
+    if libc.madvise(host.data_ptr(), nbytes, MADV_HUGEPAGE) != 0:
+        print(f"no huge pages: madvise errno {ctypes.get_errno()}", file=sys.stderr)
+        return None
+    host.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    if _anon_huge_bytes() - before < nbytes // 2:
+        print("no huge pages: the kernel backed the buffer with small pages", file=sys.stderr)
+        return None
+    status = torch.cuda.cudart().cudaHostRegister(host.data_ptr(), nbytes, 0)
+    if status != torch.cuda.cudart().cudaError.success:
+        print(f"no huge pages: cudaHostRegister said {status}", file=sys.stderr)
+        return None
+    return host
+
+
 def out(*fields) -> None:
     print(",".join(str(f) for f in fields), flush=True)
+
+
+def out_row(gpu, pattern, variant, programs, chunk, nbytes: int, ms: float, bulk_ms: float):
+    """One CSV row: ``nbytes`` moved in ``ms`` by the variant and ``bulk_ms`` by the bulk copy."""
+    kernel_bw, bulk_bw = gbps(nbytes, ms), gbps(nbytes, bulk_ms)
+    ratio = round(kernel_bw / bulk_bw, 4)
+    out(gpu, pattern, variant, programs, chunk, round(kernel_bw, 2), round(bulk_bw, 2), ratio)
 
 
 def main() -> None:
@@ -107,17 +154,7 @@ def main() -> None:
         fn()
         torch.cuda.synchronize()
         _check_sample(host, dev, src_table, dst_table, size)
-        kernel_bw, bulk_bw = gbps(nbytes, ms), gbps(nbytes, bulk_ms)
-        out(
-            gpu,
-            pattern,
-            variant,
-            programs,
-            chunk,
-            round(kernel_bw, 2),
-            round(bulk_bw, 2),
-            round(kernel_bw / bulk_bw, 4),
-        )
+        out_row(gpu, pattern, variant, programs, chunk, nbytes, ms, bulk_ms)
 
     out("gpu", "pattern", "variant", "programs", "chunk_bytes", "kernel_gbps", "bulk_gbps", "ratio")
     for pattern in ("lw_to_fc", "fc_to_lw"):
@@ -130,11 +167,40 @@ def main() -> None:
         s, d = src.to(device), dst.to(device)
         for chunk in CHUNKS:
             for strided in (True, False):
-                for programs in (k * sms for k in PROGRAMS_PER_SM):
+                for programs in (max(1, round(k * sms)) for k in PROGRAMS_PER_SM):
                     variant = "persistent-" + ("strided" if strided else "ranges")
                     fn = functools.partial(persistent_copy, s, d, size, chunk, programs, strided)
                     report(pattern, variant, programs, chunk, fn, src_list, dst_list, size)
                     print(f"{pattern} {variant} {programs} {chunk}", file=sys.stderr)
+    _pages(gpu, device, nbytes)
+
+
+def _pages(gpu: str, device: torch.device, nbytes: int) -> None:
+    """The ``pages`` rows: one contiguous host buffer copied in 32 KiB pairs by the shipped
+    kernel, from cudaHostAlloc memory and from 2 MiB pages."""
+    chunk = CHUNKS[-1]
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    pinned = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
+    hosts = {"cudaHostAlloc": pinned}
+    huge = huge_page_host(nbytes)
+    if huge is not None:
+        hosts["2MiB-pages"] = huge
+    offsets = torch.arange(0, nbytes, chunk)
+    for variant, host in hosts.items():
+        plan = plan_copy(host.data_ptr() + offsets, dst.data_ptr() + offsets, chunk, device)
+
+        def bulk(host=host):
+            dst.copy_(host, non_blocking=True)
+
+        ms, bulk_ms = median_ms(plan.run, bulk, iters=50)
+        dst.zero_()
+        plan.run()
+        if not torch.equal(dst.cpu(), host):
+            raise AssertionError(f"pages {variant}: the copy differs from its source")
+        out_row(gpu, "pages", variant, "-", chunk, nbytes, ms, bulk_ms)
+        print(f"pages {variant}", file=sys.stderr)
+    if huge is not None:
+        torch.cuda.cudart().cudaHostUnregister(huge.data_ptr())
 
 
 if __name__ == "__main__":
