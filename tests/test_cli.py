@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from kvblocks.cli import format_bytes, main
 
@@ -59,6 +60,20 @@ def test_info_custom_dims_and_tp(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["dims"]["nh"] == 4
     assert report["sizes"][0]["block_bytes"] == 4 * 2 * 32 * 4 * 64 * 4
+
+
+def test_info_without_a_model_lists_the_hardware_paths(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Hardware paths here:")
+    assert "torch reference path" in out
+    assert "Block formats" not in out
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report) == ["capabilities"]
+    names = {c["name"]: c["available"] for c in report["capabilities"]}
+    assert names["torch reference path"] is True
+    assert names["CUDA GPU"] is torch.cuda.is_available()
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """The ``kvblocks`` command.
 
-``kvblocks info``   block sizes, formats, layouts for a model, and the hardware paths here.
+``kvblocks info``   the hardware paths here; with a model, its block sizes, formats and layouts.
 ``kvblocks models`` the models ``--model`` knows.
 ``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
 ``kvblocks demo``   a multi-turn chat workload through a BlockManager with G1, G2 and G3.
@@ -82,7 +82,18 @@ def _model_from_args(args: argparse.Namespace) -> ModelSpec:
     return ModelSpec("custom", args.layers, args.kv_heads, args.head_dim, args.outer)
 
 
+def _capabilities() -> list[dict]:
+    return [{"name": c.name, "available": c.available, "detail": c.detail} for c in probe()]
+
+
+def _names_a_model(args: argparse.Namespace) -> bool:
+    return any(v is not None for v in (args.model, args.layers, args.kv_heads, args.head_dim))
+
+
 def _info_report(args: argparse.Namespace) -> dict:
+    """What ``kvblocks info`` prints: the hardware paths, and the model's sizes if it names one."""
+    if not _names_a_model(args):
+        return {"capabilities": _capabilities()}
     spec = _model_from_args(args)
     all_dims = [spec.dims(nt, args.dtype, args.tp) for nt in args.tokens_per_block]
     first = all_dims[0]
@@ -114,9 +125,7 @@ def _info_report(args: argparse.Namespace) -> dict:
             "fully_contiguous": FullyContiguousLayout.required_allocations(config),
             "layer_separate": LayerSeparateLayout.required_allocations(config),
         },
-        "capabilities": [
-            {"name": c.name, "available": c.available, "detail": c.detail} for c in probe()
-        ],
+        "capabilities": _capabilities(),
     }
 
 
@@ -142,6 +151,16 @@ def _formats(dims: KvDims) -> list[dict]:
 
 
 def _print_info(report: dict) -> None:
+    if "dims" in report:
+        _print_model(report)
+        print()
+    print("Hardware paths here:")
+    for c in report["capabilities"]:
+        mark = "yes" if c["available"] else "no "
+        print(f"  [{mark}] {c['name']:<24} {c['detail']}")
+
+
+def _print_model(report: dict) -> None:
     d = report["dims"]
     tp = f" on each of tp={report['tp']} ranks" if report["tp"] > 1 else ""
     print(
@@ -165,11 +184,6 @@ def _print_info(report: dict) -> None:
     print(f"Layouts of {lay['num_blocks']} blocks (nt={lay['nt']}):")
     print(f"  fully contiguous   1 allocation of {format_bytes(fc[0])}, [nb, nl, no, inner]")
     print(f"  layer separate     {len(ls)} allocations of {format_bytes(ls[0])}, [nb, no, inner]")
-    print()
-    print("Hardware paths here:")
-    for c in report["capabilities"]:
-        mark = "yes" if c["available"] else "no "
-        print(f"  [{mark}] {c['name']:<24} {c['detail']}")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:
@@ -447,7 +461,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kvblocks {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    info = sub.add_parser("info", help="block sizes, formats, layouts and hardware paths")
+    info = sub.add_parser(
+        "info",
+        help="hardware paths; with a model, block sizes, formats and layouts",
+        description="The hardware paths kvblocks can use here; given a model (--model, or"
+        " --layers, --kv-heads and --head-dim), also its block sizes, formats and layouts.",
+    )
     info.add_argument("--model", help="a known model (see `kvblocks models`)")
     info.add_argument("--layers", type=_positive_int, help="nl, when no --model is given")
     info.add_argument(
