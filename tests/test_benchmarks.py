@@ -29,22 +29,42 @@ def test_bench_without_gpu_says_so(capsys):
     "args,message",
     [
         (["bench", "--from-csv", "x.csv"], "--from-csv needs --plot"),
+        (["bench", "--from-csv", "{tmp}/none.csv", "--plot", "x.png"], "--from-csv names no file"),
+        (["bench", "pool", "--plot", "x.png"], "--plot needs --csv"),
+        (["bench", "pool", "--csv", "{tmp}/no/x.csv"], "--csv is in a folder that does not exist"),
+        (["bench", "pool", "--csv", "{tmp}"], "--csv names a folder, not a file"),
         (["bench", "--directions", "h2d,sideways"], "--directions must be a comma-separated"),
     ],
 )
-def test_bench_argument_errors(capsys, args, message):
-    assert main(args) == 2
-    assert message in capsys.readouterr().err
+def test_bench_argument_errors(capsys, tmp_path, args, message):
+    """Bad arguments stop the command before any benchmark runs (the pool suite would run on
+    this CPU), with status 2 and nothing on stdout."""
+    assert main([a.replace("{tmp}", str(tmp_path)) for a in args]) == 2
+    captured = capsys.readouterr()
+    assert message in captured.err
+    assert captured.out == ""
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
-@pytest.mark.parametrize("suite", ["kvbench", "permute", "paged"])
+@pytest.mark.parametrize("suite", ["kvbench", "permute", "paged", "transfers", "disk", "pool"])
 def test_plot_from_recorded_csv(tmp_path, suite):
     png = tmp_path / f"{suite}.png"
     assert (
         main(["bench", suite, "--from-csv", str(RESULTS / f"{suite}.csv"), "--plot", str(png)]) == 0
     )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
+@pytest.mark.parametrize(
+    "text,message", [("a,b\n", "holds no rows"), ("case,speed\nx,1\n", "has none of the columns")]
+)
+def test_plot_of_a_csv_it_cannot_draw(capsys, tmp_path, text, message):
+    (tmp_path / "odd.csv").write_text(text)
+    args = ["bench", "--from-csv", str(tmp_path / "odd.csv"), "--plot", str(tmp_path / "x.png")]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_report_renders_recorded_results():

@@ -2,6 +2,7 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -80,6 +81,33 @@ def test_demo_prints_a_summary_and_progress(capsys):
 def test_demo_rejects_bad_sizes(capsys, args, named):
     assert main(["demo", *SMALL, *args]) == 2
     assert named in capsys.readouterr().err
+
+
+def test_demo_checks_its_plot_path_before_running(capsys, tmp_path):
+    assert main(["demo", *SMALL, "--plot", str(tmp_path / "no" / "demo.png")]) == 2
+    captured = capsys.readouterr()
+    assert "--plot is in a folder that does not exist" in captured.err
+    assert "requests" not in captured.err and captured.out == ""
+
+
+def test_demo_stops_on_ctrl_c_with_status_130():
+    """SIGINT mid-run: the demo stops, threads and all, with no traceback (as Unix tools do)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvblocks.cli", "demo"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    first = proc.stderr.readline()
+    while "requests" not in first:
+        first = proc.stderr.readline()
+        assert first, "the demo ended before its first progress line"
+    proc.send_signal(signal.SIGINT)
+    rest = proc.stderr.read()
+    assert proc.wait(timeout=60) == 130
+    assert "Traceback" not in rest
 
 
 def test_demo_needs_every_size_without_a_model(capsys):

@@ -5,7 +5,8 @@
 ``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
 ``kvblocks demo``   a multi-turn chat workload through a BlockManager with G1, G2 and G3.
 
-Results go to stdout (``--json`` for machines), errors to stderr with exit status 2.
+Results go to stdout (``--json`` for machines), errors to stderr with exit status 2; file
+arguments are checked before any long work. Ctrl-C ends a command with status 130.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from kvblocks import __version__
+from kvblocks.benchmarks.plot import require_matplotlib
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.layout import (
     NAMED_FORMATS,
@@ -218,14 +220,43 @@ def _cmd_models(args: argparse.Namespace) -> None:
 BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "pool")
 
 
+def _check_output(flag: str, path: str | None) -> None:
+    """Fail before any long work if ``path`` (given with ``flag``) cannot be a file we write."""
+    if path is None:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise InvalidArgumentError(flag, f"is in a folder that does not exist: {folder}")
+    if os.path.isdir(path):
+        raise InvalidArgumentError(flag, f"names a folder, not a file: {path}")
+
+
+def _check_plot(path: str | None) -> None:
+    """``--plot PNG``: a file we can write, and matplotlib to draw it."""
+    if path is not None:
+        _check_output("--plot", path)
+        require_matplotlib()
+
+
+def _check_bench_files(args: argparse.Namespace) -> None:
+    """Every file argument of ``kvblocks bench``, checked before a benchmark runs."""
+    if args.from_csv and not args.plot:
+        raise InvalidArgumentError("--from-csv", "needs --plot PNG to say where to draw")
+    if args.from_csv and not os.path.isfile(args.from_csv):
+        raise InvalidArgumentError("--from-csv", f"names no file: {args.from_csv}")
+    if args.plot and not (args.csv or args.from_csv):
+        raise InvalidArgumentError("--plot", "needs --csv FILE to draw from")
+    _check_output("--csv", args.csv)
+    _check_plot(args.plot)
+
+
 def _cmd_bench(args: argparse.Namespace) -> None:
     from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
     from kvblocks.benchmarks.plot import plot_csv
     from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
+    _check_bench_files(args)
     if args.from_csv:
-        if not args.plot:
-            raise InvalidArgumentError("--from-csv", "needs --plot PNG to say where to draw")
         plot_csv(args.from_csv, args.plot)
         return
     if args.suite == "pool":
@@ -271,9 +302,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     else:
         write_csv(rows, sys.stdout)
     if args.plot:
-        if not args.csv:
-            raise InvalidArgumentError("--plot", "needs --csv FILE to draw from")
-        plot_csv(args.csv, args.plot, f"kvblocks {args.suite} on {gpu_name()}")
+        plot_csv(args.csv, args.plot, f"kvblocks {args.suite} on {where}")
 
 
 def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
@@ -341,6 +370,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
     from kvblocks.pool import BlockManager, BlockManagerConfig
 
+    _check_plot(args.plot)
     if args.model is None and args.layers is None:
         args.model = "llama-3.2-1b"
     spec = _model_from_args(args)
@@ -516,6 +546,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KvBlocksError as exc:
         print(f"kvblocks {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: no traceback; 128 + SIGINT, as shells report it.
+        return 130
     except BrokenPipeError:
         # The reader went away (`kvblocks info | head`): stop quietly, as Unix tools do.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

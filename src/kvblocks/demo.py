@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from kvblocks.benchmarks.plot import pyplot
 from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.pool import BlockManager, PrefixHit, Tier, sequence_hashes
@@ -312,17 +313,7 @@ def progress_bar(out=None) -> Callable[[int, int], None]:
 def plot_demo(result: DemoResult, path: str, window: int = 20) -> None:
     """A PNG of the hit rate per tier (over the last ``window`` requests) and of each tier's
     occupancy, per request."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        from kvblocks.errors import BackendUnavailableError
-
-        raise BackendUnavailableError(
-            "matplotlib is not installed: pip install 'kvblocks[plot]'"
-        ) from None
+    plt = pyplot()
     samples = result.timeline
     x = [s.request + 1 for s in samples]
     tiers = list(samples[0].hits) if samples else []
