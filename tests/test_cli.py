@@ -108,9 +108,10 @@ def test_models(capsys):
     assert rows["deepseek-v3"]["no"] == 1
 
 
-def test_console_script_runs():
+@pytest.mark.parametrize("module", ["kvblocks.cli", "kvblocks"])
+def test_console_script_runs(module):
     proc = subprocess.run(
-        [sys.executable, "-m", "kvblocks.cli", "info", "--model", "llama-3.1-8b"],
+        [sys.executable, "-m", module, "info", "--model", "llama-3.1-8b"],
         capture_output=True,
         text=True,
         check=True,
