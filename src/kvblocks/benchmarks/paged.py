@@ -1,11 +1,11 @@
 """copy_blocks / swap_blocks on a paged cache, against a plain device copy of the same bytes.
 
 The cache is an engine's: per layer a key and a value tensor ``[num_blocks, nt, nh, hd]``.
-``pairs`` mappings between distinct blocks are copied or swapped in every cache with one
-launch, planned once (the checks of the mapping and caches are timed apart, on the host, as
-``plan_us``). Peers, timed interleaved with the kernel: a plain device copy of the same
-number of bytes (the ceiling) and the same work done with torch indexing, one layer and cache
-at a time.
+``pairs`` mappings between distinct blocks are copied or swapped in every cache (or copied
+into a second set of caches of the same shape) with one launch, planned once (the checks of
+the mapping and caches are timed apart, on the host, as ``plan_us``). Peers, timed interleaved
+with the kernel: a plain device copy of the same number of bytes (the ceiling) and the same
+work done with torch indexing, one layer and cache at a time.
 Bandwidth counts bytes read plus bytes written (a swap reads and writes both blocks).
 """
 
@@ -38,6 +38,24 @@ class PagedRow:
     ratio: float
 
 
+@dataclass(frozen=True)
+class _Case:
+    name: str
+    swap: bool
+    #: Copy into a second set of caches (``dst_key_caches`` / ``dst_value_caches``).
+    across: bool
+    #: Block-sized passes over memory per pair and cache: a copy reads one and writes one, a
+    #: swap reads and writes two.
+    passes: int
+
+
+CASES = (
+    _Case("copy_blocks", False, False, 2),
+    _Case("swap_blocks", True, False, 4),
+    _Case("copy_blocks to other caches", False, True, 2),
+)
+
+
 def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> list[PagedRow]:
     require_gpu()
     num_blocks = 2 * pairs
@@ -51,33 +69,37 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
     cache_block = dims.nt * dims.nh * dims.hd * dims.itemsize
     rows = []
     host_mapping = mapping.cpu()
-    for i, (name, swap, ref, passes) in enumerate(
-        [
-            ("copy_blocks", False, copy_blocks_reference, 2),
-            ("swap_blocks", True, swap_blocks_reference, 4),
-        ],
-        start=1,
-    ):
-        progress(i, 2, f"{name} {pairs} pairs x {len(caches)} caches")
-        moved = passes * pairs * len(caches) * cache_block
+    for i, case in enumerate(CASES, start=1):
+        progress(i, len(CASES), f"{case.name} {pairs} pairs x {len(caches)} caches")
+        dst = ([make() for _ in keys], [make() for _ in values]) if case.across else (None, None)
+        dst_caches = dst[0] + dst[1] if case.across else caches
+        moved = case.passes * pairs * len(caches) * cache_block
         flat = torch.empty(moved // 2, dtype=torch.uint8, device="cuda")
         other = torch.empty_like(flat)
-        plan = plan_paged(keys, values, host_mapping, swap)
+        plan = plan_paged(keys, values, host_mapping, case.swap, *dst)
+
+        def by_indexing(case=case, dst_caches=dst_caches):
+            if case.swap:
+                swap_blocks_reference(caches, mapping)
+            else:
+                copy_blocks_reference(caches, mapping, dst_caches)
+
         ms, copy_ms, torch_ms = median_ms(
             plan.run,
             lambda f=flat, o=other: o.copy_(f),
-            lambda r=ref: r(caches, mapping),
+            by_indexing,
             warmup=warmup,
             iters=iters,
         )
         del flat, other
         copy_bw, torch_bw = gbps(moved, copy_ms), gbps(moved, torch_ms)
-        _check(swap, ref, keys, values, host_mapping)
+        _check(case, keys, values, host_mapping)
         bw = gbps(moved, ms)
-        plan_us = _plan_us(keys, values, host_mapping, swap)
+        plan_us = _plan_us(keys, values, host_mapping, case.swap, dst)
+        del dst, dst_caches
         rows.append(
             PagedRow(
-                name,
+                case.name,
                 dims.nl,
                 pairs,
                 cache_block,
@@ -93,22 +115,27 @@ def run(dims: KvDims, pairs: int = 1024, warmup: int = 5, iters: int = 50) -> li
     return rows
 
 
-def _plan_us(keys, values, mapping, swap: bool, repeats: int = 20) -> float:
+def _plan_us(keys, values, mapping, swap: bool, dst, repeats: int = 20) -> float:
     """Median host time of planning (all the checks), in microseconds."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        plan_paged(keys, values, mapping, swap)
+        plan_paged(keys, values, mapping, swap, *dst)
         times.append((time.perf_counter() - start) * 1e6)
     return statistics.median(times)
 
 
-def _check(swap: bool, ref, keys, values, mapping) -> None:
-    """One more run on a copy of two layers, compared with the reference."""
+def _check(case: _Case, keys, values, mapping) -> None:
+    """One more run on copies of two layers, compared with the reference."""
     k, v = [keys[0].clone(), keys[1].clone()], [values[0].clone(), values[1].clone()]
-    expected = [t.clone() for t in k + v]
-    plan_paged(k, v, mapping, swap).run()
-    ref(expected, mapping)
-    for got, want in zip(k + v, expected, strict=True):
+    dst = ([t.clone() for t in k], [t.clone() for t in v]) if case.across else (None, None)
+    dst_caches = dst[0] + dst[1] if case.across else k + v
+    expected = [t.clone() for t in dst_caches]
+    plan_paged(k, v, mapping, case.swap, *dst).run()
+    if case.swap:
+        swap_blocks_reference(expected, mapping)
+    else:
+        copy_blocks_reference([t.clone() for t in k + v], mapping, expected)
+    for got, want in zip(dst_caches, expected, strict=True):
         if not torch.equal(got, want):
-            raise AssertionError("the kernel's result differs from the reference")
+            raise AssertionError(f"{case.name}: the kernel's result differs from the reference")

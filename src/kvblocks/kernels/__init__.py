@@ -7,7 +7,8 @@ interpreter, or through the torch reference; :func:`available` says which.
 - :mod:`~kvblocks.kernels.permutes`: block stack / operational / universal conversions.
 - :mod:`~kvblocks.kernels.copy`: ``vectorized_copy`` over pointer pairs.
 - :mod:`~kvblocks.kernels.memcpy`: ``memcpy_batch`` through the copy engines.
-- :mod:`~kvblocks.kernels.paged`: ``copy_blocks`` / ``swap_blocks`` on paged caches.
+- :mod:`~kvblocks.kernels.paged`: ``copy_blocks`` / ``copy_single_block`` / ``swap_blocks`` on
+  paged caches.
 - :mod:`~kvblocks.kernels.reference`, :mod:`~kvblocks.kernels.reshard`: torch references and
   tensor-parallel resharding.
 """
@@ -21,7 +22,13 @@ from kvblocks.kernels.memcpy import (
     memcpy_per_pair,
     plan_memcpy,
 )
-from kvblocks.kernels.paged import PagedPlan, copy_blocks, plan_paged, swap_blocks
+from kvblocks.kernels.paged import (
+    PagedPlan,
+    copy_blocks,
+    copy_single_block,
+    plan_paged,
+    swap_blocks,
+)
 from kvblocks.kernels.permutes import (
     Operand,
     PermutePlan,
@@ -47,6 +54,7 @@ __all__ = [
     "block_from_operational",
     "block_from_universal",
     "copy_blocks",
+    "copy_single_block",
     "has_memcpy_batch_async",
     "is_stub_build",
     "join_heads",
