@@ -143,15 +143,14 @@ def _check_caches(key_caches, value_caches, names=("key_caches", "value_caches")
     return caches, cache_names
 
 
-def _byte_range(t: torch.Tensor) -> tuple[int, int]:
-    return t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()
+def _check_disjoint(spans: list[tuple[int, int, str]]) -> None:
+    """No two caches share a byte (a cache named twice would be copied or swapped twice).
 
-
-def _check_disjoint(caches: list[torch.Tensor], names: list[str]) -> None:
-    """No two caches share a byte (a cache named twice would be copied or swapped twice)."""
-    spans = sorted((*_byte_range(c), name) for c, name in zip(caches, names, strict=True))
-    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
-        if start < end:
+    ``spans``: each cache's ``(first byte address, size in bytes, name)``.
+    """
+    spans = sorted(spans)
+    for (start, size, first), (next_start, _, second) in zip(spans, spans[1:], strict=False):
+        if next_start < start + size:
             raise OverlapError(second, f"overlaps {first}; each cache must be its own memory")
 
 
@@ -204,20 +203,20 @@ def _check_mapping(block_mapping, num_blocks: int, num_dst_blocks: int, rule: _R
     return mapping
 
 
-def _kernel_device(caches: list[torch.Tensor]) -> torch.device:
-    """Where the launch runs: the GPU of any cache on one, else the caches' device."""
-    return next((c.device for c in caches if c.is_cuda), caches[0].device)
+def _kernel_device(caches: list[torch.Tensor], dst_caches: list[torch.Tensor]) -> torch.device:
+    """Where the launch runs: the GPU of either list of caches (each on one device), else the
+    caches' device."""
+    return dst_caches[0].device if dst_caches[0].is_cuda else caches[0].device
 
 
 def _check_reachable(caches: list[torch.Tensor], names: list[str], device: torch.device) -> None:
-    """On a GPU, every cache is on that GPU or in pinned host memory (read over PCIe)."""
-    if device.type != "cuda":
+    """On a GPU, a list of caches (all on one device) is on that GPU or in pinned host memory
+    (read or written over PCIe)."""
+    if device.type != "cuda" or caches[0].device == device:
         return
+    if caches[0].is_cuda:
+        raise InvalidArgumentError(names[0], f"is on {caches[0].device}; other caches on {device}")
     for cache, name in zip(caches, names, strict=True):
-        if cache.device == device:
-            continue
-        if cache.is_cuda:
-            raise InvalidArgumentError(name, f"is on {cache.device}; the other caches on {device}")
         if not cache.is_pinned():
             raise InvalidArgumentError(
                 name, "is in pageable host memory; a GPU reaches host caches only when pinned"
@@ -292,28 +291,33 @@ def plan_paged(
         if swap:
             raise InvalidArgumentError("dst_key_caches", "is for copies; swaps are in place")
         dst_caches, dst_names, rule = _check_destinations(caches, dst_key_caches, dst_value_caches)
-    _check_disjoint(caches, names)
-    if rule is _Rule.COPY_ACROSS:
-        _check_disjoint(caches + dst_caches, names + dst_names)
     first = caches[0]
+    ptrs = [c.data_ptr() for c in caches]
+    dst_ptrs = [c.data_ptr() for c in dst_caches]
+    spans = [(p, first.nbytes, name) for p, name in zip(ptrs, names, strict=True)]
+    if rule is _Rule.COPY_ACROSS:
+        size = dst_caches[0].nbytes
+        spans += [(p, size, name) for p, name in zip(dst_ptrs, dst_names, strict=True)]
+    _check_disjoint(spans)
     mapping = _check_mapping(block_mapping, first.shape[0], dst_caches[0].shape[0], rule)
-    device = _kernel_device(caches + dst_caches)
-    _check_reachable(caches + dst_caches, names + dst_names, device)
+    device = _kernel_device(caches, dst_caches)
+    _check_reachable(caches, names, device)
+    _check_reachable(dst_caches, dst_names, device)
     # Pairs are independent; in source order neighbouring programs read neighbouring blocks.
     mapping = mapping[torch.argsort(mapping[:, 0])].to(device)
     backend = available(device)
     block_bytes = first[0].numel() * first.element_size()
-    bases = torch.tensor([c.data_ptr() for c in caches], dtype=torch.int64)
-    dst_bases = torch.tensor([c.data_ptr() for c in dst_caches], dtype=torch.int64)
-    align = common_alignment(bases, dst_bases, block_bytes)
+    tables = torch.tensor([ptrs, dst_ptrs], dtype=torch.int64)
+    align = common_alignment(tables, block_bytes)
+    tables = tables.to(device)
     return PagedPlan(
         tuple(caches),
         tuple(dst_caches),
         mapping,
         swap,
         backend,
-        bases.to(device),
-        dst_bases.to(device),
+        tables[0],
+        tables[1],
         block_bytes // min(align, 4),
         align,
     )
@@ -335,7 +339,10 @@ def _check_destinations(caches, dst_key_caches, dst_value_caches):
             f"holds {dst_first.dtype} blocks of {list(dst_first.shape[1:])}, the source caches"
             f" {first.dtype} blocks of {list(first.shape[1:])}",
         )
-    if all(_byte_range(d) == _byte_range(c) for d, c in zip(dst, caches, strict=True)):
+    if all(
+        d.data_ptr() == c.data_ptr() and d.nbytes == c.nbytes
+        for d, c in zip(dst, caches, strict=True)
+    ):
         return caches, dst_names, _Rule.COPY_IN_PLACE
     return dst, dst_names, _Rule.COPY_ACROSS
 
