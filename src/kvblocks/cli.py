@@ -18,7 +18,7 @@ import sys
 from collections.abc import Sequence
 
 from kvblocks import __version__
-from kvblocks.benchmarks.plot import require_matplotlib
+from kvblocks.benchmarks.plot import plot_csv, require_matplotlib
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.layout import (
     NAMED_FORMATS,
@@ -252,7 +252,6 @@ def _check_bench_files(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
-    from kvblocks.benchmarks.plot import plot_csv
     from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
     _check_bench_files(args)

@@ -130,12 +130,13 @@ def _check(case: _Case, keys, values, mapping) -> None:
     k, v = [keys[0].clone(), keys[1].clone()], [values[0].clone(), values[1].clone()]
     dst = ([t.clone() for t in k], [t.clone() for t in v]) if case.across else (None, None)
     dst_caches = dst[0] + dst[1] if case.across else k + v
+    sources = [t.clone() for t in k + v]
     expected = [t.clone() for t in dst_caches]
     plan_paged(k, v, mapping, case.swap, *dst).run()
     if case.swap:
         swap_blocks_reference(expected, mapping)
     else:
-        copy_blocks_reference([t.clone() for t in k + v], mapping, expected)
+        copy_blocks_reference(sources, mapping, expected)
     for got, want in zip(dst_caches, expected, strict=True):
         if not torch.equal(got, want):
             raise AssertionError(f"{case.name}: the kernel's result differs from the reference")
