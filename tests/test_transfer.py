@@ -94,9 +94,13 @@ def block_tensor(physical, block_id) -> torch.Tensor:
     return torch.frombuffer(bytearray(raw), dtype=torch.float16)
 
 
-def check_transfer(manager, src, s_ids, dst, d_ids, layers, options=None):
-    """Run a transfer and check every byte it should and should not have written."""
-    sp, dp = manager.layout(src), manager.layout(dst)
+def check_transfer(manager, src, s_ids, dst, d_ids, layers, options=None, peers=None):
+    """Run a transfer and check every byte it should and should not have written.
+
+    ``peers`` maps handles of remote layouts to the layouts behind them (in this process)."""
+    peers = peers or {}
+    sp = peers[src] if src in peers else manager.layout(src)
+    dp = peers[dst] if dst in peers else manager.layout(dst)
     fill_blocks(sp, range(sp.config.num_blocks), FillPattern.sequential())
     fill_blocks(dp, range(dp.config.num_blocks), FillPattern.of_constant(POISON))
     before = layer_checksums(dp, range(dp.config.num_blocks)) if not _universal(dp) else None
@@ -330,8 +334,8 @@ def test_serialized_layout_round_trip_and_versions(manager):
     again = SerializedLayout.from_bytes(described.to_bytes())
     assert again == described
     assert again.worker == manager.address
-    with pytest.raises(SerializationError, match="version 2; this kvblocks reads version 1"):
-        SerializedLayout.from_bytes(described.to_bytes().replace(b'"version":1', b'"version":2'))
+    with pytest.raises(SerializationError, match="version 1; this kvblocks reads version 2"):
+        SerializedLayout.from_bytes(described.to_bytes().replace(b'"version":2', b'"version":1'))
     with pytest.raises(SerializationError, match="no KVBL header"):
         SerializedLayout.from_bytes(b"{}")
     with pytest.raises(SerializationError, match="damaged"):

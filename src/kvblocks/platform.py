@@ -6,13 +6,13 @@ Probing never fails: a missing piece is reported as unavailable with the reason.
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import os
 from dataclasses import dataclass
 
 import torch
 
 from kvblocks.kernels import Backend, available, has_memcpy_batch_async
+from kvblocks.remote import installed_package
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ def probe() -> list[Capability]:
     """Report every path kvblocks can use to hold and move blocks on this machine."""
     cuda = _cuda_capability()
     gpu = cuda.available
-    nixl = importlib.util.find_spec("nixl") is not None
+    nixl = installed_package()
     return [
         cuda,
         Capability(
@@ -96,7 +96,7 @@ def probe() -> list[Capability]:
         ),
         Capability(
             "NIXL remote transfers",
-            nixl,
-            "nixl importable" if nixl else "nixl is not installed (extra: remote)",
+            nixl is not None,
+            f"{nixl} installed" if nixl else "nixl is not installed (extra: remote)",
         ),
     ]

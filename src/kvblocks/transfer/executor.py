@@ -9,6 +9,8 @@ A transfer is a short list of :class:`Hop` s, each moving the same blocks betwee
 ``HOST``         the CPU: threaded ``memmove`` (or a permute on the CPU) between host memories
 ``DISK_READ``    a file into host memory
 ``DISK_WRITE``   host memory into a file
+``NIXL_READ``    another worker's memory into local memory, through NIXL; same format
+``NIXL_WRITE``   local memory into another worker's, through NIXL; same format
 ===============  ===============================================================================
 
 Copies move whole blocks when both sides are fully contiguous and every layer moves, else one
@@ -40,6 +42,7 @@ from kvblocks.kernels import (
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
+from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
 from kvblocks.storage.disk import merge_spans
 
@@ -55,6 +58,8 @@ class HopKind(Enum):
     HOST = "host"
     DISK_READ = "disk_read"
     DISK_WRITE = "disk_write"
+    NIXL_READ = "nixl_read"
+    NIXL_WRITE = "nixl_write"
 
 
 @dataclass(frozen=True)
@@ -280,12 +285,38 @@ def run_disk(hop: Hop, layers: range, pool: Executor | None) -> None:
         disk.write(spans, pool)
 
 
-class BouncePool:
-    """Pinned fully contiguous layouts to stage transfers through, kept for reuse by size."""
+def run_nixl(
+    hop: Hop, layers: range, agent: NixlAgent, target: RemoteMemory, message: bytes | None
+) -> None:
+    """Move the hop's regions with one NIXL READ (remote source) or WRITE (remote destination)
+    of ``target``, neighbouring regions merged; returns when the bytes have moved."""
+    read = hop.kind is HopKind.NIXL_READ
+    local = hop.dst if read else hop.src
+    s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
+    local_addrs, remote_addrs = (d, s) if read else (s, d)
+    pairs = zip(remote_addrs.expand().tolist(), local_addrs.expand().tolist(), strict=True)
+    spans = merge_spans((r, a, size) for r, a in pairs)
+    device = local.physical.device
+    gpu = device is not None and device.type == "cuda"
+    device_id = (device.index or 0) if gpu else 0
+    remote = [(r, n, target.device_id) for r, _, n in spans]
+    mine = [(a, n, device_id) for _, a, n in spans]
+    op = NixlOp.READ if read else NixlOp.WRITE
+    agent.transfer(op, mine, MemKind.VRAM if gpu else MemKind.DRAM, remote, target, message)
 
-    def __init__(self, keep: int = 4) -> None:
+
+class BouncePool:
+    """Pinned fully contiguous layouts to stage transfers through, kept for reuse by size.
+
+    Given a NIXL ``agent``, every buffer is registered with it when allocated and deregistered
+    before it is freed, so NIXL can read and write it.
+    """
+
+    def __init__(self, keep: int = 4, agent: NixlAgent | None = None) -> None:
         self._free: dict[int, list[MemoryAllocation]] = {}
         self._keep = keep
+        self._agent = agent
+        self._registrations: dict[MemoryAllocation, object] = {}
         self._lock = threading.Lock()
 
     def take(self, like: Side, fmt: KvBlockLayout) -> Side:
@@ -297,6 +328,10 @@ class BouncePool:
             allocation = kept.pop() if kept else None
         if allocation is None:
             allocation = allocate_pinned(config.total_bytes)
+            if self._agent is not None:
+                registration = self._agent.register([allocation.region], MemKind.DRAM, 0)
+                with self._lock:
+                    self._registrations[allocation] = registration
         layout = FullyContiguousLayout(config, allocation.region, fmt)
         physical = PhysicalLayout(layout, StorageKind.PINNED, (allocation,))
         return Side(physical, torch.arange(n, dtype=torch.int64), fmt)
@@ -308,4 +343,7 @@ class BouncePool:
             if len(kept) < self._keep:
                 kept.append(allocation)
                 return
+            registration = self._registrations.pop(allocation, None)
+        if registration is not None:
+            self._agent.deregister(registration)
         allocation.release()

@@ -11,8 +11,12 @@
 Every argument is checked before any work starts; a bad call raises and moves nothing. A
 transfer that stays on the GPU is enqueued on a stream of the pool, ordered after the work
 already queued on the caller's current stream, and completes through a CUDA event. A transfer
-with CPU or disk steps runs on a worker thread and completes through a future; if it fails,
-its notification carries the error and only blocks it names were touched.
+with CPU, disk or NIXL steps runs on a worker thread and completes through a future; if it
+fails, its notification carries the error and only blocks it names were touched.
+
+Built with ``.nixl_backend("UCX")``, the manager has a NIXL agent named after ``agent_name``:
+it registers every memory layout with it, ``export_layout`` carries the agent's metadata, and
+a transfer between a local layout and one from ``import_layout`` is a NIXL READ or WRITE.
 """
 
 from __future__ import annotations
@@ -29,15 +33,18 @@ import torch
 
 from kvblocks.checks import first_repeat, positive_int
 from kvblocks.errors import (
+    BackendUnavailableError,
     BlockIdOutOfRangeError,
     ConfigMismatchError,
     InvalidArgumentError,
     LayoutFormatError,
+    LayoutReleasedError,
     LengthMismatchError,
     OverlapError,
     TransferError,
 )
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
+from kvblocks.remote import MemKind, NixlAgent, RemoteMemory
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
 from kvblocks.transfer.executor import (
@@ -49,6 +56,7 @@ from kvblocks.transfer.executor import (
     run_disk,
     run_gpu,
     run_host,
+    run_nixl,
 )
 from kvblocks.transfer.handles import (
     LayoutHandle,
@@ -64,7 +72,7 @@ from kvblocks.transfer.options import (
 )
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
 from kvblocks.transfer.serialize import SerializedLayout
-from kvblocks.transfer.strategy import Bounce, Route, Strategy, route
+from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
 
 _SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
 
@@ -82,6 +90,7 @@ class TransferConfig:
     cuda_pool_release_threshold: int | None = None
     io_threads: int = 8
     workers: int = 4
+    nixl_backends: tuple[str, ...] = ()
 
 
 class TransferManagerBuilder:
@@ -117,6 +126,16 @@ class TransferManagerBuilder:
     def cuda_pool_release_threshold(self, nbytes: int | None) -> TransferManagerBuilder:
         """Temporaries given back beyond this many kept bytes are freed."""
         return self._set(cuda_pool_release_threshold=nbytes)
+
+    def nixl_backend(self, name: str) -> TransferManagerBuilder:
+        """Give the manager a NIXL agent with this backend plugin (``"UCX"``, ``"LIBFABRIC"``,
+        ...; case does not matter); call again to add another."""
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("nixl_backend", f"must be a plugin name, got {name!r}")
+        backends = self._config.nixl_backends
+        if name.upper() in backends:
+            return self
+        return self._set(nixl_backends=(*backends, name.upper()))
 
     def io_threads(self, count: int) -> TransferManagerBuilder:
         """Threads for disk I/O and host copies."""
@@ -154,7 +173,18 @@ class TransferManager:
         self._layouts: dict[LayoutHandle, PhysicalLayout] = {}
         self._next_id = itertools.count(1)
         self._lock = threading.Lock()
-        self._bounces = BouncePool()
+        #: This worker's NIXL agent; ``None`` unless the config names NIXL backends.
+        self.nixl = None
+        if config.nixl_backends:
+            self.nixl = NixlAgent(config.agent_name, config.nixl_backends)
+        self._policy = RoutePolicy(
+            copy_engine=config.preferences.copy_engine,
+            nixl=self.nixl is not None,
+            gpu_rdma=config.capabilities.allow_gpu_rdma,
+        )
+        self._registrations: dict[LayoutHandle, object] = {}
+        self._remote: dict[PhysicalLayout, RemoteMemory] = {}
+        self._bounces = BouncePool(agent=self.nixl)
         self._io = io_pool(config.io_threads)
         self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="kvblocks-transfer")
 
@@ -165,7 +195,11 @@ class TransferManager:
     # Registration ----------------------------------------------------------------------------
 
     def register_layout(self, physical: PhysicalLayout) -> LayoutHandle:
-        """Make ``physical`` addressable by transfers; returns its handle on this worker."""
+        """Make ``physical`` addressable by transfers; returns its handle on this worker.
+
+        With a NIXL agent, a memory layout is also registered with NIXL (so other workers can
+        reach it once they import its export).
+        """
         if not isinstance(physical, PhysicalLayout):
             raise InvalidArgumentError("physical", f"must be a PhysicalLayout, got {physical!r}")
         physical.check_alive()
@@ -175,6 +209,15 @@ class TransferManager:
                     return handle
             handle = LayoutHandle(self.address.worker_id, next(self._next_id))
             self._layouts[handle] = physical
+        if self.nixl is not None and physical.storage not in (StorageKind.DISK, StorageKind.REMOTE):
+            device = physical.device
+            gpu = device.type == "cuda"
+            kind = MemKind.VRAM if gpu else MemKind.DRAM
+            registration = self.nixl.register(
+                physical.layout.memory, kind, (device.index or 0) if gpu else 0
+            )
+            with self._lock:
+                self._registrations[handle] = registration
         return handle
 
     def layout(self, handle: LayoutHandle) -> PhysicalLayout:
@@ -186,24 +229,75 @@ class TransferManager:
         physical = self._get(handle, "handle")
         with self._lock:
             del self._layouts[handle]
+            registration = self._registrations.pop(handle, None)
+            target = self._remote.pop(physical, None)
+        if registration is not None:
+            self.nixl.deregister(registration)
+        if target is not None:
+            self.nixl.forget(target.agent, physical)
         physical.release()
 
     def export_layout(self, handle: LayoutHandle) -> SerializedLayout:
-        """The description another worker needs to address this layout."""
-        return SerializedLayout.of(self._get(handle, "handle"), self.address)
+        """The description another worker needs to address this layout (with the NIXL
+        metadata of its memory, where the manager has an agent)."""
+        physical = self._get(handle, "handle")
+        registration = self._registrations.get(handle)
+        metadata = self.nixl.metadata(registration) if registration is not None else None
+        return SerializedLayout.of(physical, self.address, metadata)
 
     def import_layout(self, serialized: SerializedLayout) -> LayoutHandle:
-        """Register another worker's layout (remote storage, moved through NIXL)."""
+        """Register another worker's layout as remote storage, moved through NIXL.
+
+        Without a NIXL agent here, or NIXL metadata in ``serialized``, the layout is known
+        but transfers to and from it raise :class:`BackendUnavailableError`.
+
+        Raises:
+            InvalidArgumentError: ``serialized`` describes a file or a remote layout (other
+                workers reach only memory), or is not a SerializedLayout.
+            SerializationError: NIXL could not load its metadata.
+        """
+        if not isinstance(serialized, SerializedLayout):
+            raise InvalidArgumentError(
+                "serialized", f"must be a SerializedLayout, got {serialized!r}"
+            )
+        if serialized.storage in (StorageKind.DISK, StorageKind.REMOTE):
+            raise InvalidArgumentError(
+                "serialized",
+                f"describes {serialized.storage.value} storage; other workers reach only memory",
+            )
         builder = PhysicalLayout.builder(serialized.config).kv_format(serialized.kv_format)
         if serialized.fully_contiguous:
             builder.fully_contiguous()
         else:
             builder.layer_separate(serialized.block_dim)
         physical = builder.with_remote_regions(serialized.regions).build()
+        target = None
+        if self.nixl is not None and serialized.nixl_metadata is not None:
+            gpu = serialized.device_id
+            kind = MemKind.DRAM if gpu is None else MemKind.VRAM
+            target = RemoteMemory(serialized.worker.agent_name, kind, gpu or 0)
+            self.nixl.connect(
+                target.agent, physical, target, serialized.regions, serialized.nixl_metadata
+            )
         with self._lock:
             handle = LayoutHandle(serialized.worker.worker_id, next(self._next_id))
             self._layouts[handle] = physical
+            if target is not None:
+                self._remote[physical] = target
         return handle
+
+    def nixl_notifications(self) -> dict[str, list[bytes]]:
+        """Messages other workers' NIXL transfers delivered here (their
+        ``nixl_write_notification``) since the last call, by their agent names.
+
+        Raises:
+            BackendUnavailableError: the manager has no NIXL agent.
+        """
+        if self.nixl is None:
+            raise BackendUnavailableError(
+                "this manager has no NIXL agent: build it with .nixl_backend('UCX')"
+            )
+        return self.nixl.notifications()
 
     def build_logical_descriptor(
         self, handle: LayoutHandle, tier: LogicalLayoutHandle
@@ -240,7 +334,7 @@ class TransferManager:
             sides.append(
                 Side(physical, none, self._format(physical, override, f"{name}_kv_layout"))
             )
-        return route(*sides, self.config.preferences.copy_engine).strategy
+        return route(*sides, self._policy).strategy
 
     def execute_transfer(
         self,
@@ -262,7 +356,8 @@ class TransferManager:
 
         Raises:
             InvalidArgumentError (and subclasses): a bad argument; nothing was moved.
-            BackendUnavailableError: remote layouts (NIXL is not offered here yet).
+            BackendUnavailableError: a remote layout, and no NIXL agent here or no NIXL
+                metadata in its import.
         """
         options = options or TransferOptions()
         if not isinstance(options, TransferOptions):
@@ -270,7 +365,8 @@ class TransferManager:
         src_side, dst_side, layers = self._prepare(src, src_ids, dst, dst_ids, options)
         if src_side.ids.numel() == 0:
             return TransferCompleteNotification.ready()
-        plan = route(src_side, dst_side, self.config.preferences.copy_engine)
+        plan = route(src_side, dst_side, self._policy)
+        message = self._nixl_message(options, plan, src_side, dst_side)
         check_overlap = _share_memory(src_side.physical, dst_side.physical)
         if plan.strategy.stays_on_gpu:
             return self._run_on_stream(plan, layers, options, check_overlap)
@@ -285,9 +381,35 @@ class TransferManager:
             after.record(torch.cuda.current_stream(self.device))
         bounce = self._bounce_side(options, src_side) if options.bounce_buffer else None
         future = self._workers.submit(
-            self._run_staged, plan, src_side, layers, after, check_overlap, bounce
+            self._run_staged, plan, src_side, layers, after, check_overlap, bounce, message
         )
         return TransferCompleteNotification.from_future(future)
+
+    def _nixl_message(
+        self, options: TransferOptions, plan: Route, src: Side, dst: Side
+    ) -> bytes | None:
+        """The checked ``nixl_write_notification``; checks that a remote side was imported
+        with NIXL metadata."""
+        nixl = plan.strategy in (Strategy.NIXL, Strategy.NIXL_BOUNCE)
+        message = options.nixl_write_notification
+        if message is not None and (not nixl or not isinstance(message, bytes)):
+            problem = "must be bytes" if nixl else "applies only to transfers with a remote layout"
+            raise InvalidArgumentError("nixl_write_notification", f"{problem}, got {message!r}")
+        for side, name in ((src, "src"), (dst, "dst")):
+            if side.physical.storage is not StorageKind.REMOTE:
+                continue
+            target = self._remote.get(side.physical)
+            if target is None:
+                raise BackendUnavailableError(
+                    f"{name} was imported without NIXL metadata (its worker has no NIXL agent"
+                    " or this manager had none): export and import it again"
+                )
+            if not self.nixl.holds(target.agent, side.physical):
+                raise LayoutReleasedError(
+                    f"{name}: its worker registered other memory over this layout since it was"
+                    " imported; export and import it again"
+                )
+        return message
 
     def _prepare(self, src, src_ids, dst, dst_ids, options: TransferOptions):
         src_physical = self._get(src, "src")
@@ -395,6 +517,7 @@ class TransferManager:
         after: torch.cuda.Event | None,
         check_overlap: bool,
         bounce: Side | None,
+        message: bytes | None,
     ) -> None:
         buffers: dict[Bounce, Side] = {}
         pinned, device_temps = [], []  # what this transfer took from the pools
@@ -418,6 +541,11 @@ class TransferManager:
                         with torch.cuda.stream(stream):
                             self._run_gpu_hop(hop, layers, device, stream, check_overlap)
                         stream.synchronize()
+                elif hop.kind in (HopKind.NIXL_READ, HopKind.NIXL_WRITE):
+                    if after is not None:  # the engine's writes of GPU memory NIXL reads
+                        after.synchronize()
+                    remote = hop.src if hop.kind is HopKind.NIXL_READ else hop.dst
+                    run_nixl(hop, layers, self.nixl, self._remote[remote.physical], message)
                 elif hop.kind is HopKind.HOST:
                     run_host(hop, layers, self._io)
                 else:

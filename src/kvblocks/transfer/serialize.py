@@ -7,6 +7,7 @@ different releases fail clearly rather than misread each other's layouts.
 
 from __future__ import annotations
 
+import base64
 import json
 from dataclasses import dataclass
 
@@ -18,17 +19,21 @@ from kvblocks.layout import (
     LayoutConfig,
     MemoryRegion,
 )
+from kvblocks.remote import NixlMetadata
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer.handles import WorkerAddress
 
 MAGIC = b"KVBL"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass(frozen=True)
 class SerializedLayout:
-    """What another worker needs to address a layout: who holds it, its storage, sizes, format
-    and the regions (addresses or file offsets) of its allocations."""
+    """What another worker needs to address a layout: who holds it, its storage, sizes,
+    format, the regions (addresses or file offsets) of its allocations, the GPU of GPU memory
+    (``None`` for host memory, also for device layouts of a worker without a GPU), and the NIXL
+    metadata that lets the other worker's agent reach this one (``None`` where this worker has
+    no NIXL agent)."""
 
     worker: WorkerAddress
     storage: StorageKind
@@ -37,11 +42,19 @@ class SerializedLayout:
     block_dim: BlockDimension | None
     kv_format: KvBlockLayout
     regions: tuple[MemoryRegion, ...]
+    device_id: int | None = None
+    nixl_metadata: NixlMetadata | None = None
     version: int = VERSION
 
     @classmethod
-    def of(cls, physical: PhysicalLayout, worker: WorkerAddress) -> SerializedLayout:
+    def of(
+        cls,
+        physical: PhysicalLayout,
+        worker: WorkerAddress,
+        nixl_metadata: NixlMetadata | None = None,
+    ) -> SerializedLayout:
         layout = physical.layout
+        device = physical.device
         return cls(
             worker=worker,
             storage=physical.storage,
@@ -50,6 +63,8 @@ class SerializedLayout:
             block_dim=getattr(layout, "block_dim", None),
             kv_format=physical.kv_format,
             regions=layout.memory,
+            device_id=(device.index or 0) if device is not None and device.type == "cuda" else None,
+            nixl_metadata=nixl_metadata,
         )
 
     def to_bytes(self) -> bytes:
@@ -76,6 +91,8 @@ class SerializedLayout:
                 else None,
             },
             "regions": [[r.addr, r.size] for r in self.regions],
+            "device_id": self.device_id,
+            "nixl_metadata": _encode_nixl(self.nixl_metadata),
         }
         return MAGIC + json.dumps(body, separators=(",", ":")).encode()
 
@@ -112,6 +129,26 @@ class SerializedLayout:
                 block_dim=BlockDimension(body["block_dim"]) if body["block_dim"] else None,
                 kv_format=kv_format,
                 regions=tuple(MemoryRegion(a, s) for a, s in body["regions"]),
+                device_id=body["device_id"],
+                nixl_metadata=_decode_nixl(body["nixl_metadata"]),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SerializationError(f"the serialized layout is damaged: {exc!r}") from None
+
+
+def _encode_nixl(metadata: NixlMetadata | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    return {
+        "with_connection": base64.b64encode(metadata.with_connection).decode(),
+        "memory": base64.b64encode(metadata.memory).decode(),
+    }
+
+
+def _decode_nixl(body: dict[str, str] | None) -> NixlMetadata | None:
+    if body is None:
+        return None
+    return NixlMetadata(
+        base64.b64decode(body["with_connection"], validate=True),
+        base64.b64decode(body["memory"], validate=True),
+    )

@@ -2,7 +2,8 @@
 
 Storage falls in four classes: GPU memory, host memory (pinned or system; on a machine without
 a GPU, device and pinned layouts are host memory too), files, and remote memory. Pinned memory
-on a machine with a GPU is also reachable by GPU kernels and copy engines.
+on a machine with a GPU is also reachable by GPU kernels and copy engines. Remote memory is
+another worker's, read or written by this worker's NIXL agent.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from kvblocks.errors import BackendUnavailableError
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.storage import StorageKind
 from kvblocks.transfer.executor import Hop, HopKind, Side
@@ -31,6 +32,11 @@ class Strategy(Enum):
     """A file to or from host memory, direct; same format."""
     DISK_BOUNCE = "disk_bounce"
     """A file to or from device memory (or with a format change) through a pinned bounce."""
+    NIXL = "nixl"
+    """One NIXL READ or WRITE between local memory and another worker's; same format."""
+    NIXL_BOUNCE = "nixl_bounce"
+    """NIXL to or from a pinned bounce, and a local step between the bounce and the layout
+    (a format change, a file, or GPU memory without ``allow_gpu_rdma``)."""
 
     @property
     def stays_on_gpu(self) -> bool:
@@ -69,20 +75,42 @@ class Route:
         return [Hop(kind, buffers.get(a, a), buffers.get(b, b)) for kind, a, b in self.hops]
 
 
-def route(src: Side, dst: Side, copy_engine: bool) -> Route:
+@dataclass(frozen=True)
+class RoutePolicy:
+    """What the manager allows a route to use.
+
+    Attributes:
+        copy_engine: prefer ``cudaMemcpyBatchAsync`` to kernels between device and pinned.
+        nixl: this worker has a NIXL agent (remote layouts can move).
+        gpu_rdma: NIXL may read and write GPU memory directly (else through pinned memory).
+    """
+
+    copy_engine: bool = False
+    nixl: bool = False
+    gpu_rdma: bool = False
+
+
+def route(src: Side, dst: Side, policy: RoutePolicy) -> Route:
     """The strategy and hops that move ``src`` into ``dst``.
 
-    Args:
-        copy_engine: prefer ``cudaMemcpyBatchAsync`` to kernels between device and pinned.
-
     Raises:
-        BackendUnavailableError: remote storage (it moves through NIXL, not offered here yet).
+        BackendUnavailableError: a remote layout, and this worker has no NIXL agent.
+        InvalidArgumentError: both layouts are remote.
     """
-    for side in (src, dst):
-        if side.physical.storage is StorageKind.REMOTE:
-            raise BackendUnavailableError(
-                "remote layouts move through NIXL, which this installation does not offer"
+    remote_src = src.physical.storage is StorageKind.REMOTE
+    remote_dst = dst.physical.storage is StorageKind.REMOTE
+    if remote_src or remote_dst:
+        if remote_src and remote_dst:
+            raise InvalidArgumentError(
+                "dst", "is remote, like the source: one side of a transfer must be this worker's"
             )
+        if not policy.nixl:
+            raise BackendUnavailableError(
+                "remote layouts move through NIXL: build the TransferManager with"
+                " .nixl_backend('UCX') (extra: remote)"
+            )
+        return _remote_route(src, dst, remote_src, policy.gpu_rdma)
+    copy_engine = policy.copy_engine
     change = src.fmt.requires_transform(dst.fmt)
     src_file = src.physical.storage is StorageKind.DISK
     dst_file = dst.physical.storage is StorageKind.DISK
@@ -129,3 +157,38 @@ def route(src: Side, dst: Side, copy_engine: bool) -> Route:
     if src.on_gpu:  # into pageable system memory
         return Route(Strategy.PINNED_BOUNCE, ((H.GPU, src, written_as), (H.HOST, written_as, dst)))
     return Route(Strategy.PINNED_BOUNCE, ((H.HOST, src, read_as), (H.GPU, read_as, dst)))
+
+
+def _remote_route(src: Side, dst: Side, remote_src: bool, gpu_rdma: bool) -> Route:
+    """NIXL straight between the local layout and the remote one where it can, else through a
+    pinned bounce holding the blocks in the remote layout's format."""
+    local, remote = (dst, src) if remote_src else (src, dst)
+    nixl = HopKind.NIXL_READ if remote_src else HopKind.NIXL_WRITE
+    storage = local.physical.storage
+    direct = (
+        not src.fmt.requires_transform(dst.fmt)
+        and storage is not StorageKind.DISK
+        and (gpu_rdma or not local.on_gpu)
+    )
+    if direct:
+        return Route(Strategy.NIXL, ((nixl, src, dst),))
+    staged = Bounce("pinned", remote.fmt)
+    if remote_src:
+        return Route(Strategy.NIXL_BOUNCE, ((nixl, src, staged), *_local_hops(staged, dst)))
+    return Route(Strategy.NIXL_BOUNCE, (*_local_hops(src, staged), (nixl, staged, dst)))
+
+
+def _local_hops(src: End, dst: End) -> tuple[tuple[HopKind, End, End], ...]:
+    """Between a pinned bounce and a local layout (either way round)."""
+    H = HopKind
+    local = dst if isinstance(src, Bounce) else src
+    if local.physical.storage is StorageKind.DISK:
+        file_fmt = Bounce("pinned", local.fmt)
+        if local is dst:
+            if src.fmt.requires_transform(dst.fmt):
+                return ((H.HOST, src, file_fmt), (H.DISK_WRITE, file_fmt, dst))
+            return ((H.DISK_WRITE, src, dst),)
+        if src.fmt.requires_transform(dst.fmt):
+            return ((H.DISK_READ, src, file_fmt), (H.HOST, file_fmt, dst))
+        return ((H.DISK_READ, src, dst),)
+    return ((H.GPU if local.on_gpu else H.HOST, src, dst),)

@@ -1,0 +1,292 @@
+"""A NIXL agent: registers local memory, loads other workers' metadata, READs and WRITEs.
+
+One :class:`NixlAgent` per TransferManager. Another worker's memory is addressed by its NIXL
+agent name, its kind (``DRAM`` or ``VRAM``) and, for ``VRAM``, its GPU. Each registration is
+exported as :class:`NixlMetadata`: the first one loaded from an agent brings its connection
+info, later ones only add memory (NIXL refuses connection info for an agent it already knows,
+and memory overlapping memory it holds; see :meth:`NixlAgent.connect`).
+
+Descriptors are ``(address, bytes, device id)`` tuples, as NIXL takes them: a list per side,
+entry ``i`` of the local list paired with entry ``i`` of the remote list.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from types import ModuleType
+
+from kvblocks.errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    SerializationError,
+    TransferError,
+)
+from kvblocks.layout import MemoryRegion
+
+#: Where the NIXL Python API may be found: the ``nixl`` package picks the build for the CUDA
+#: version torch reports; a build installed on its own is importable by its own name.
+_API_MODULES = ("nixl._api", "nixl_cu13._api", "nixl_cu12._api")
+
+#: ``(address, bytes, device id)``: one region of a transfer.
+Descriptor = tuple[int, int, int]
+
+#: Seconds between polls of a running transfer, growing from the first to the last.
+_POLL_FIRST, _POLL_LAST = 20e-6, 1e-3
+
+
+class MemKind(Enum):
+    """NIXL's names for the memory a descriptor points into."""
+
+    DRAM = "DRAM"
+    """Host memory (pinned or pageable)."""
+    VRAM = "VRAM"
+    """GPU memory."""
+
+
+class NixlOp(Enum):
+    READ = "READ"
+    """Bytes of the remote descriptors into the local ones."""
+    WRITE = "WRITE"
+    """Bytes of the local descriptors into the remote ones."""
+
+
+@dataclass(frozen=True)
+class NixlMetadata:
+    """What another agent loads to reach one registration of this agent.
+
+    Attributes:
+        with_connection: the agent's connection info and the registered memory.
+        memory: the registered memory only (for an agent that is already connected).
+    """
+
+    with_connection: bytes = field(repr=False)
+    memory: bytes = field(repr=False)
+
+
+@dataclass(frozen=True)
+class RemoteMemory:
+    """Where another worker's layout lives: its agent, memory kind and GPU (0 for ``DRAM``)."""
+
+    agent: str
+    kind: MemKind
+    device_id: int
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """One registration of another agent, as loaded here."""
+
+    kind: MemKind
+    regions: tuple[MemoryRegion, ...]
+    metadata: NixlMetadata
+
+    def overlaps(self, other: _Loaded) -> bool:
+        return self.kind is other.kind and any(
+            a.overlaps(b) for a in self.regions for b in other.regions
+        )
+
+
+@dataclass
+class _Peer:
+    """What NIXL holds for another agent since this agent connected to it: the registrations
+    of live imports by key, and those of released ones."""
+
+    live: dict[object, _Loaded]
+    released: list[_Loaded]
+
+
+def load_api() -> ModuleType:
+    """The NIXL Python API module.
+
+    Raises:
+        BackendUnavailableError: NIXL is not installed.
+    """
+    for name in _API_MODULES:
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    raise BackendUnavailableError(
+        "NIXL is not installed: pip install 'kvblocks[remote]' (or nixl-cu12 / nixl-cu13)"
+    )
+
+
+def installed_package() -> str | None:
+    """The first NIXL package found installed (without importing it), or ``None``."""
+    for name in _API_MODULES:
+        package = name.split(".")[0]
+        if importlib.util.find_spec(package) is not None:
+            return package
+    return None
+
+
+def nixl_available() -> bool:
+    """Whether the NIXL Python API can be imported here."""
+    try:
+        load_api()
+    except BackendUnavailableError:
+        return False
+    return True
+
+
+class NixlAgent:
+    """This worker's NIXL agent (see the module documentation). Thread safe: every call into
+    NIXL holds one lock, and a transfer in progress is polled without it held."""
+
+    def __init__(self, name: str, backends: Sequence[str]) -> None:
+        """Create the agent ``name`` with ``backends`` (plugin names such as ``"UCX"``).
+
+        Raises:
+            BackendUnavailableError: NIXL is missing, or it has no plugin of that name.
+        """
+        api = load_api()
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError("agent_name", f"must be a non-empty str, got {name!r}")
+        self.name = name
+        self._lock = threading.Lock()
+        self._peers: dict[str, _Peer] = {}
+        self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(backends)))
+        missing = [b for b in backends if b not in self._agent.backends]
+        if missing:
+            plugins = ", ".join(self._agent.get_plugin_list()) or "none"
+            raise BackendUnavailableError(
+                f"NIXL has no backend {missing[0]!r} here (plugins found: {plugins})"
+            )
+
+    def metadata(self, registration) -> NixlMetadata:
+        """What another agent loads to reach ``registration`` (from :meth:`register`)."""
+        with self._lock:
+            return NixlMetadata(
+                bytes(self._agent.get_partial_agent_metadata(registration, True)),
+                bytes(self._agent.get_partial_agent_metadata(registration, False)),
+            )
+
+    def register(self, regions: Sequence[MemoryRegion], kind: MemKind, device_id: int):
+        """Register ``regions`` for transfers; returns what :meth:`deregister` takes."""
+        rows = [(r.addr, r.size, device_id, "") for r in regions]
+        with self._lock:
+            return self._agent.register_memory(rows, kind.value)
+
+    def deregister(self, registration) -> None:
+        with self._lock:
+            self._agent.deregister_memory(registration)
+
+    def connect(
+        self,
+        agent: str,
+        key: object,
+        memory: RemoteMemory,
+        regions: Sequence[MemoryRegion],
+        metadata: NixlMetadata,
+    ) -> None:
+        """Load the metadata of one registration of ``agent`` (its ``regions`` of ``memory``),
+        kept under ``key`` (one per import), connecting to the agent the first time.
+
+        NIXL keeps what it loaded for an agent until it disconnects from it, and keeps the
+        first registration it saw of any region. Memory that overlaps memory loaded before
+        (freed by the agent and registered again since) therefore starts the connection
+        again: this registration with the connection info, then every other one kept that
+        does not overlap it; those that do are dropped (:meth:`holds` says false for them).
+        Transfers to the agent running at that moment may fail.
+
+        Raises:
+            SerializationError: NIXL could not load it.
+        """
+        new = _Loaded(memory.kind, tuple(regions), metadata)
+        with self._lock:
+            peer = self._peers.get(agent)
+            if peer is None:
+                self._load(agent, metadata.with_connection)
+                self._peers[agent] = _Peer({key: new}, [])
+                return
+            if not any(new.overlaps(old) for old in [*peer.live.values(), *peer.released]):
+                self._load(agent, metadata.memory)
+                peer.live[key] = new
+                return
+            self._agent.remove_remote_agent(agent)
+            self._load(agent, metadata.with_connection)
+            kept = {k: old for k, old in peer.live.items() if not new.overlaps(old)}
+            for old in kept.values():
+                self._load(agent, old.metadata.memory)
+            self._peers[agent] = _Peer({**kept, key: new}, [])
+
+    def _load(self, agent: str, metadata: bytes) -> None:
+        try:
+            self._agent.add_remote_agent(metadata)
+        except Exception as exc:  # NIXL raises its own error classes
+            raise SerializationError(
+                f"NIXL could not load the metadata of agent {agent!r}: {exc!r}"
+            ) from exc
+
+    def holds(self, agent: str, key: object) -> bool:
+        """Whether the registration kept under ``key`` is still loaded (see :meth:`connect`)."""
+        with self._lock:
+            peer = self._peers.get(agent)
+            return peer is not None and key in peer.live
+
+    def forget(self, agent: str, key: object) -> None:
+        """Stop keeping the registration under ``key`` (its import was released); NIXL still
+        holds its regions until the next reconnection."""
+        with self._lock:
+            peer = self._peers.get(agent)
+            loaded = peer.live.pop(key, None) if peer is not None else None
+            if loaded is not None:
+                peer.released.append(loaded)
+
+    def transfer(
+        self,
+        op: NixlOp,
+        local: list[Descriptor],
+        local_kind: MemKind,
+        remote: list[Descriptor],
+        target: RemoteMemory,
+        notification: bytes | None = None,
+    ) -> None:
+        """Move ``local`` regions to or from ``remote`` regions of ``target``; returns when the
+        bytes have moved.
+
+        Args:
+            notification: delivered to the remote agent once the bytes have moved.
+
+        Raises:
+            TransferError: NIXL refused the transfer or reported it failed.
+        """
+        with self._lock:
+            try:
+                handle = self._agent.initialize_xfer(
+                    op.value,
+                    self._agent.get_xfer_descs(local, local_kind.value),
+                    self._agent.get_xfer_descs(remote, target.kind.value),
+                    target.agent,
+                    notification or b"",
+                )
+                state = self._agent.transfer(handle)
+            except Exception as exc:  # NIXL raises its own error classes
+                raise TransferError(f"NIXL {op.value} to {target.agent!r}: {exc!r}") from exc
+        try:
+            pause = _POLL_FIRST
+            while state == "PROC":
+                time.sleep(pause)
+                pause = min(pause * 2, _POLL_LAST)
+                with self._lock:
+                    state = self._agent.check_xfer_state(handle)
+            if state != "DONE":
+                raise TransferError(f"NIXL {op.value} to {target.agent!r} failed ({state})")
+        finally:
+            with self._lock:
+                self._agent.release_xfer_handle(handle)
+
+    def notifications(self) -> dict[str, list[bytes]]:
+        """Messages that arrived from other agents since the last call, by agent name."""
+        with self._lock:
+            new = self._agent.get_new_notifs()
+        return {
+            (k.decode() if isinstance(k, bytes) else k): [bytes(m) for m in v]
+            for k, v in new.items()
+        }
