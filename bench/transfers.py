@@ -1,8 +1,10 @@
 """The TransferManager's benchmarks: `kvblocks bench transfers` (device<->pinned through the
-manager against the kernel alone) and `kvblocks bench disk` (pinned<->disk against dd).
+manager against the kernel alone), `kvblocks bench disk` (pinned<->disk against dd) and
+`kvblocks bench remote` (device<->another worker's pinned memory through NIXL against the local
+path; needs NIXL).
 
 Usage: python bench/transfers.py OUT_DIR [kvblocks bench options]
-writes OUT_DIR/transfers.csv and OUT_DIR/disk.csv.
+writes OUT_DIR/transfers.csv, OUT_DIR/disk.csv and OUT_DIR/remote.csv.
 """
 
 import sys
@@ -14,6 +16,6 @@ if __name__ == "__main__":
     out = Path(sys.argv[1] if len(sys.argv) > 1 else "out")
     out.mkdir(parents=True, exist_ok=True)
     status = 0
-    for suite in ("transfers", "disk"):
+    for suite in ("transfers", "disk", "remote"):
         status |= main(["bench", suite, "--csv", str(out / f"{suite}.csv"), *sys.argv[2:]])
     sys.exit(status)

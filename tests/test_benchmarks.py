@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
+from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, transfers
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
+from kvblocks.remote import nixl_available
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
@@ -46,7 +47,9 @@ def test_bench_argument_errors(capsys, tmp_path, args, message):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
-@pytest.mark.parametrize("suite", ["kvbench", "permute", "paged", "transfers", "disk", "pool"])
+@pytest.mark.parametrize(
+    "suite", ["kvbench", "permute", "paged", "transfers", "disk", "remote", "pool"]
+)
 def test_plot_from_recorded_csv(tmp_path, suite):
     png = tmp_path / f"{suite}.png"
     assert (
@@ -124,6 +127,16 @@ def test_transfer_suites_run_small(tmp_path):
     assert len(rows) == 4 and all(r.manager_gbps > 0 and r.call_us > 0 for r in rows)
     rows = transfers.run_disk(lambda nt: small, [16], [4], folder=str(tmp_path), repeats=1)
     assert [r.direction for r in rows] == ["pinned_to_disk", "disk_to_pinned"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not nixl_available(), reason="needs NIXL")
+def test_remote_suite_runs_small():
+    small = KvDims(nl=2, no=2, nh=2, nt=16, hd=64, dtype="bf16")
+    rows = remote.run(lambda nt: small, [16], [1, 4], warmup=1, iters=2)
+    assert len(rows) == 2 * 2 * len(remote.ROUTES)
+    assert {(r.route, r.strategy) for r in rows} == {("direct", "nixl"), ("staged", "nixl_bounce")}
+    assert all(r.nixl_gbps > 0 and r.local_gbps > 0 for r in rows)
 
 
 def test_pool_suite_runs_on_the_cpu(capsys):

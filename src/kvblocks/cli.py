@@ -217,7 +217,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
-BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "pool")
+BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "remote", "pool")
 
 
 def _check_output(flag: str, path: str | None) -> None:
@@ -251,7 +251,7 @@ def _check_bench_files(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from kvblocks.benchmarks import kvbench, paged, permute, pool, transfers
+    from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, transfers
     from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
     _check_bench_files(args)
@@ -286,6 +286,11 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     elif args.suite == "paged":
         dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
         rows = paged.run(dims, args.pairs, args.warmup, args.iters)
+    elif args.suite == "remote":
+        spec = lookup_model(args.model)
+        rows = remote.run(
+            lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks
+        )
     else:
         spec = lookup_model(args.model)
         run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
@@ -317,7 +322,8 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def _add_bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: kvbench (default), permute, paged, transfers, disk (GPU); pool (CPU)",
+        help="benchmarks: kvbench (default), permute, paged, transfers, disk, remote (GPU;"
+        " remote also needs NIXL); pool (CPU)",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
@@ -358,6 +364,7 @@ _BENCH_DEFAULTS = {
     "paged": {"tokens_per_block": [16], "num_blocks": [1]},
     "transfers": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "disk": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
+    "remote": {"tokens_per_block": [16], "num_blocks": [1, 128]},
     "pool": {"tokens_per_block": [16], "num_blocks": [1000]},
 }
 

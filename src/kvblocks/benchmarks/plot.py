@@ -21,12 +21,13 @@ class Measure:
 
 
 #: The measures plots know, in order of preference: a CSV is drawn with the first whose
-#: columns it has (kvbench and paged, permute, transfers, disk, pool).
+#: columns it has (kvbench and paged, permute, transfers, disk, remote, pool).
 MEASURES = (
     Measure("bandwidth_gbps", "ceiling_gbps", "ceiling (same run)", "GB/s"),
     Measure("bandwidth_gbps", "copy_gbps", "device copy (same run)", "GB/s"),
     Measure("manager_gbps", "kernel_gbps", "kernel alone (same run)", "GB/s"),
     Measure("kvblocks_gbps", "dd_gbps", "dd (same run)", "GB/s"),
+    Measure("nixl_gbps", "nixl_alone_gbps", "NIXL alone (same run)", "GB/s"),
     Measure("blocks_per_second", None, "", "blocks/s"),
 )
 
@@ -47,6 +48,9 @@ _RESULTS = {
     "manager_wall_gbps",
     "kvblocks_gbps",
     "dd_gbps",
+    "nixl_gbps",
+    "nixl_alone_gbps",
+    "local_gbps",
     "blocks_per_second",
     "ratio",
     "wall_ratio",
