@@ -135,10 +135,11 @@ def run(dims_for, tokens_per_block, num_blocks, warmup=1, iters=5) -> list[Remot
                             lambda s=s, d=d, i=ids: here.execute_transfer(s, i, d, i).wait()
                             for s, d in pairs
                         ]
-                        nixl, mine = (_median_gbps(f, nbytes, warmup, iters) for f in runs)
+                        # NIXL alone first: its WRITE leaves other bytes in the remote layout.
                         alone = _nixl_alone(
                             here, there, behind, op, route == "direct", nbytes, warmup, iters
                         )
+                        nixl, mine = (_median_gbps(f, nbytes, warmup, iters) for f in runs)
                         r_src, r_dst = pairs[0]
                         rows.append(
                             RemoteRow(
