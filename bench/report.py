@@ -127,6 +127,26 @@ def disk_table(rows: list[dict]) -> str:
     return markdown(columns, body)
 
 
+def remote_table(rows: list[dict]) -> str:
+    columns = ["tpb", "blocks", "op", "route (strategy)", "bytes", "kvblocks GB/s"]
+    columns += ["NIXL alone GB/s", "ratio", "local path GB/s"]
+    body = [
+        [
+            r["tokens_per_block"],
+            r["num_blocks"],
+            f"{r['op']} ({r['pattern']})",
+            f"{r['route']} ({r['strategy']})",
+            f"{int(r['total_bytes']) / 2**20:.0f} MiB",
+            r["nixl_gbps"],
+            r["nixl_alone_gbps"],
+            r["ratio"],
+            r["local_gbps"],
+        ]
+        for r in rows
+    ]
+    return markdown(columns, body)
+
+
 def pool_table(rows: list[dict]) -> str:
     body = [
         [r["operation"], r["blocks"], r["median_us"], f"{int(r['blocks_per_second']):,}"]
@@ -141,6 +161,7 @@ SECTIONS = [
     ("paged.csv", "copy_blocks / swap_blocks", paged_table),
     ("transfers.csv", "TransferManager: device <-> pinned", transfers_table),
     ("disk.csv", "TransferManager: pinned <-> disk", disk_table),
+    ("remote.csv", "TransferManager: device <-> another worker (NIXL)", remote_table),
     ("pool.csv", "Block pool (CPU)", pool_table),
 ]
 
