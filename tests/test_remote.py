@@ -24,11 +24,13 @@ from kvblocks.remote import nixl_available
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer import (
     FillPattern,
+    NativeVsNixlPolicy,
     SerializedLayout,
     Strategy,
     TransferCapabilities,
     TransferManager,
     TransferOptions,
+    TransferPreferences,
     block_checksums,
     fill_blocks,
 )
@@ -136,7 +138,8 @@ def test_peer_metadata_is_refreshed_on_each_import(pair):
     later, later_behind = peer_layout(here, there, "system", True, HND)  # registered after
     src = make(here, "pinned", True, HND)
     fill_blocks(here.layout(src), range(6), FillPattern.sequential())
-    for remote, behind in ((later, later_behind), (first, first_behind)):
+    again = here.import_layout(there.export_layout(first_behind))  # the same layout twice
+    for remote, behind in ((later, later_behind), (first, first_behind), (again, first_behind)):
         here.execute_transfer(src, [0, 5], remote, [3, 1]).wait(timeout=60)
         assert block_checksums(there.layout(behind), [3, 1]) == block_checksums(
             here.layout(src), [0, 5]
@@ -236,6 +239,12 @@ def test_backend_names_are_checked():
         TransferManager.builder().agent_name("kvblocks-test-bad").nixl_backend(
             "no-such-plugin"
         ).build()
+
+
+def test_nixl_for_local_transfers_is_refused():
+    prefer = TransferPreferences(native_vs_nixl=NativeVsNixlPolicy.PREFER_NIXL)
+    with pytest.raises(InvalidArgumentError, match="PREFER_NIXL is not offered"):
+        TransferManager.builder().preferences(prefer).build()
 
 
 def test_missing_nixl_is_reported(monkeypatch):

@@ -205,7 +205,11 @@ class NixlAgent:
                 self._load(agent, metadata.with_connection)
                 self._peers[agent] = _Peer({key: new}, [])
                 return
-            if not any(new.overlaps(old) for old in [*peer.live.values(), *peer.released]):
+            loaded = [*peer.live.values(), *peer.released]
+            if any(old.metadata == metadata for old in loaded):  # the same registration again
+                peer.live[key] = new
+                return
+            if not any(new.overlaps(old) for old in loaded):
                 self._load(agent, metadata.memory)
                 peer.live[key] = new
                 return

@@ -66,6 +66,7 @@ from kvblocks.transfer.handles import (
 )
 from kvblocks.transfer.notification import TransferCompleteNotification
 from kvblocks.transfer.options import (
+    NativeVsNixlPolicy,
     TransferCapabilities,
     TransferOptions,
     TransferPreferences,
@@ -152,6 +153,12 @@ class TransferManager:
         config = config or TransferConfig()
         for name in ("io_threads", "workers"):
             positive_int(getattr(config, name), name)
+        if config.preferences.native_vs_nixl is NativeVsNixlPolicy.PREFER_NIXL:
+            raise InvalidArgumentError(
+                "preferences.native_vs_nixl",
+                "PREFER_NIXL is not offered: transfers between this worker's memories take the"
+                " native paths (remote layouts always move through NIXL)",
+            )
         worker_id = config.worker_id if config.worker_id is not None else secrets.randbits(64)
         self.config = replace(config, worker_id=worker_id)
         self.address = WorkerAddress(worker_id, config.agent_name)

@@ -15,11 +15,16 @@ from kvblocks.transfer.handles import LayoutHandle
 
 
 class NativeVsNixlPolicy(Enum):
-    """Whether transfers between local memories go through kvblocks' own paths or NIXL."""
+    """Whether transfers between this worker's memories go through kvblocks' own paths
+    (kernels, copy engines, host copies) or NIXL. Transfers with a remote layout always go
+    through NIXL."""
 
     PREFER_NATIVE = "prefer_native"
     PREFER_NIXL = "prefer_nixl"
+    """Not offered: a TransferManager refuses it (NIXL loopback between local memories is
+    slower than the native paths on every machine measured)."""
     AUTOMATIC = "automatic"
+    """The native paths (what ``PREFER_NATIVE`` does)."""
 
 
 @dataclass(frozen=True)
@@ -29,7 +34,9 @@ class TransferCapabilities:
     Attributes:
         allow_gds: GPU Direct Storage between GPU and disk (not used yet: disk traffic always
             goes through a pinned bounce buffer).
-        allow_gpu_rdma: GPU memory sent to other workers without host staging (with NIXL).
+        allow_gpu_rdma: NIXL reads and writes GPU memory itself in transfers with other
+            workers (worth it with RDMA or NVLink between them); otherwise GPU memory is staged
+            through pinned memory by the copy kernel.
     """
 
     allow_gds: bool = False
