@@ -38,13 +38,12 @@ from kvblocks.errors import (
     ConfigMismatchError,
     InvalidArgumentError,
     LayoutFormatError,
-    LayoutReleasedError,
     LengthMismatchError,
     OverlapError,
     TransferError,
 )
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
-from kvblocks.remote import MemKind, NixlAgent, RemoteMemory
+from kvblocks.remote import NixlAgent
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
 from kvblocks.transfer.executor import (
@@ -71,6 +70,7 @@ from kvblocks.transfer.options import (
     TransferOptions,
     TransferPreferences,
 )
+from kvblocks.transfer.peers import Peers
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
 from kvblocks.transfer.serialize import SerializedLayout
 from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
@@ -181,16 +181,16 @@ class TransferManager:
         self._next_id = itertools.count(1)
         self._lock = threading.Lock()
         #: This worker's NIXL agent; ``None`` unless the config names NIXL backends.
-        self.nixl = None
+        self.nixl: NixlAgent | None = None
+        self._peers: Peers | None = None
         if config.nixl_backends:
             self.nixl = NixlAgent(config.agent_name, config.nixl_backends)
+            self._peers = Peers(self.nixl)
         self._policy = RoutePolicy(
             copy_engine=config.preferences.copy_engine,
             nixl=self.nixl is not None,
             gpu_rdma=config.capabilities.allow_gpu_rdma,
         )
-        self._registrations: dict[LayoutHandle, object] = {}
-        self._remote: dict[PhysicalLayout, RemoteMemory] = {}
         self._bounces = BouncePool(agent=self.nixl)
         self._io = io_pool(config.io_threads)
         self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="kvblocks-transfer")
@@ -216,15 +216,13 @@ class TransferManager:
                     return handle
             handle = LayoutHandle(self.address.worker_id, next(self._next_id))
             self._layouts[handle] = physical
-        if self.nixl is not None and physical.storage not in (StorageKind.DISK, StorageKind.REMOTE):
-            device = physical.device
-            gpu = device.type == "cuda"
-            kind = MemKind.VRAM if gpu else MemKind.DRAM
-            registration = self.nixl.register(
-                physical.layout.memory, kind, (device.index or 0) if gpu else 0
-            )
-            with self._lock:
-                self._registrations[handle] = registration
+        if self._peers is not None:
+            try:
+                self._peers.register(handle, physical)
+            except BaseException:
+                with self._lock:
+                    del self._layouts[handle]
+                raise
         return handle
 
     def layout(self, handle: LayoutHandle) -> PhysicalLayout:
@@ -236,20 +234,15 @@ class TransferManager:
         physical = self._get(handle, "handle")
         with self._lock:
             del self._layouts[handle]
-            registration = self._registrations.pop(handle, None)
-            target = self._remote.pop(physical, None)
-        if registration is not None:
-            self.nixl.deregister(registration)
-        if target is not None:
-            self.nixl.forget(target.agent, physical)
+        if self._peers is not None:
+            self._peers.release(handle, physical)
         physical.release()
 
     def export_layout(self, handle: LayoutHandle) -> SerializedLayout:
         """The description another worker needs to address this layout (with the NIXL
         metadata of its memory, where the manager has an agent)."""
         physical = self._get(handle, "handle")
-        registration = self._registrations.get(handle)
-        metadata = self.nixl.metadata(registration) if registration is not None else None
+        metadata = self._peers.metadata(handle) if self._peers is not None else None
         return SerializedLayout.of(physical, self.address, metadata)
 
     def import_layout(self, serialized: SerializedLayout) -> LayoutHandle:
@@ -278,19 +271,11 @@ class TransferManager:
         else:
             builder.layer_separate(serialized.block_dim)
         physical = builder.with_remote_regions(serialized.regions).build()
-        target = None
-        if self.nixl is not None and serialized.nixl_metadata is not None:
-            gpu = serialized.device_id
-            kind = MemKind.DRAM if gpu is None else MemKind.VRAM
-            target = RemoteMemory(serialized.worker.agent_name, kind, gpu or 0)
-            self.nixl.connect(
-                target.agent, physical, target, serialized.regions, serialized.nixl_metadata
-            )
+        if self._peers is not None:
+            self._peers.add_import(physical, serialized)
         with self._lock:
             handle = LayoutHandle(serialized.worker.worker_id, next(self._next_id))
             self._layouts[handle] = physical
-            if target is not None:
-                self._remote[physical] = target
         return handle
 
     def nixl_notifications(self) -> dict[str, list[bytes]]:
@@ -403,19 +388,8 @@ class TransferManager:
             problem = "must be bytes" if nixl else "applies only to transfers with a remote layout"
             raise InvalidArgumentError("nixl_write_notification", f"{problem}, got {message!r}")
         for side, name in ((src, "src"), (dst, "dst")):
-            if side.physical.storage is not StorageKind.REMOTE:
-                continue
-            target = self._remote.get(side.physical)
-            if target is None:
-                raise BackendUnavailableError(
-                    f"{name} was imported without NIXL metadata (its worker has no NIXL agent"
-                    " or this manager had none): export and import it again"
-                )
-            if not self.nixl.holds(target.agent, side.physical):
-                raise LayoutReleasedError(
-                    f"{name}: its worker registered other memory over this layout since it was"
-                    " imported; export and import it again"
-                )
+            if side.physical.storage is StorageKind.REMOTE:
+                self._peers.target(side.physical, name)
         return message
 
     def _prepare(self, src, src_ids, dst, dst_ids, options: TransferOptions):
@@ -551,8 +525,11 @@ class TransferManager:
                 elif hop.kind in (HopKind.NIXL_READ, HopKind.NIXL_WRITE):
                     if after is not None:  # the engine's writes of GPU memory NIXL reads
                         after.synchronize()
-                    remote = hop.src if hop.kind is HopKind.NIXL_READ else hop.dst
-                    run_nixl(hop, layers, self.nixl, self._remote[remote.physical], message)
+                    remote, name = (
+                        (hop.src, "src") if hop.kind is HopKind.NIXL_READ else (hop.dst, "dst")
+                    )
+                    target = self._peers.target(remote.physical, name)
+                    run_nixl(hop, layers, self.nixl, target, message)
                 elif hop.kind is HopKind.HOST:
                     run_host(hop, layers, self._io)
                 else:
