@@ -3,8 +3,9 @@
 One :class:`NixlAgent` per TransferManager. Another worker's memory is addressed by its NIXL
 agent name, its kind (``DRAM`` or ``VRAM``) and, for ``VRAM``, its GPU. Each registration is
 exported as :class:`NixlMetadata`: the first one loaded from an agent brings its connection
-info, later ones only add memory (NIXL refuses connection info for an agent it already knows,
-and memory overlapping memory it holds; see :meth:`NixlAgent.connect`).
+info, later ones only add memory. (NIXL refuses connection info that differs from what it
+loaded for an agent, and UCX's changes as the agent's transports come up; NIXL also keeps the
+first registration it saw of any region: see :meth:`NixlAgent.connect`.)
 
 Descriptors are ``(address, bytes, device id)`` tuples, as NIXL takes them: a list per side,
 entry ``i`` of the local list paired with entry ``i`` of the remote list.
