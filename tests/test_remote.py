@@ -24,6 +24,7 @@ from kvblocks.remote import nixl_available
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer import (
     FillPattern,
+    LogicalLayoutHandle,
     NativeVsNixlPolicy,
     SerializedLayout,
     Strategy,
@@ -129,6 +130,22 @@ def test_write_notification_reaches_the_peer(pair):
         time.sleep(0.001)
     assert got == [tag]
     assert block_checksums(there.layout(behind), [4]) == block_checksums(here.layout(src), [2])
+
+
+@needs_nixl
+def test_a_peer_tier_resolves_to_its_import(pair):
+    here, there = pair
+    behind = make(there, "pinned", True)
+    there.build_logical_descriptor(behind, LogicalLayoutHandle.G2)
+    here.import_layout(there.export_layout(behind))
+    remote = here.resolve(there.address.worker_id, LogicalLayoutHandle.G2)
+    src = make(here, "system", False)
+    fill_blocks(here.layout(src), range(6), FillPattern.sequential())
+    here.execute_transfer(src, [3], remote, [1]).wait(timeout=60)
+    assert block_checksums(there.layout(behind), [1]) == block_checksums(here.layout(src), [3])
+    for handle in (remote, src):
+        here.release_layout(handle)
+    there.release_layout(behind)
 
 
 @needs_nixl

@@ -328,6 +328,37 @@ def test_remote_layouts(manager):
     assert descriptor.tier is LogicalLayoutHandle.G2 and descriptor.handle == src
 
 
+def test_tiers_resolve_on_this_worker_and_on_importers():
+    G1, G2, G4 = LogicalLayoutHandle.G1, LogicalLayoutHandle.G2, LogicalLayoutHandle.G4
+    with (
+        TransferManager.builder().worker_id(1).build() as a,
+        TransferManager.builder().worker_id(2).build() as b,
+    ):
+        g1, other = make(a, "device", True), make(a, "system", True)
+        assert a.build_logical_descriptor(g1, G1).handle == g1
+        assert a.resolve(1, G1) == g1
+        g2 = make(b, "pinned", True)
+        b.build_logical_descriptor(g2, G2)
+        described = SerializedLayout.from_bytes(b.export_layout(g2).to_bytes())
+        assert described.tier is G2
+        first = a.import_layout(described)
+        assert a.resolve(2, G2) == first
+        again = a.import_layout(described)  # a newer import replaces the older
+        assert a.resolve(2, G2) == again
+        with pytest.raises(InvalidArgumentError, match="no layout of worker 2 serving G1"):
+            a.resolve(2, G1)
+        with pytest.raises(InvalidArgumentError, match="tier G1 is served by"):
+            a.build_logical_descriptor(other, G1)
+        with pytest.raises(InvalidArgumentError, match="serves G1 already"):
+            a.build_logical_descriptor(g1, G2)
+        with pytest.raises(InvalidArgumentError, match="another worker's layout"):
+            a.build_logical_descriptor(again, G4)
+        a.release_layout(g1)
+        with pytest.raises(InvalidArgumentError, match="no layout of worker 1 serving G1"):
+            a.resolve(1, G1)
+        assert a.build_logical_descriptor(other, G1).handle == other
+
+
 def test_serialized_layout_round_trip_and_versions(manager):
     handle = make(manager, "pinned", True, KvBlockLayout.Custom(list(reversed(HND.dim_order))))
     described = manager.export_layout(handle)

@@ -178,6 +178,8 @@ class TransferManager:
             self.streams = None
             self.memory_pool = None
         self._layouts: dict[LayoutHandle, PhysicalLayout] = {}
+        #: Which layout serves each tier, per worker id (this one's and imported ones).
+        self._tiers: dict[tuple[int, LogicalLayoutHandle], LayoutHandle] = {}
         self._next_id = itertools.count(1)
         self._lock = threading.Lock()
         #: This worker's NIXL agent; ``None`` unless the config names NIXL backends.
@@ -234,6 +236,7 @@ class TransferManager:
         physical = self._get(handle, "handle")
         with self._lock:
             del self._layouts[handle]
+            self._tiers = {key: h for key, h in self._tiers.items() if h != handle}
         if self._peers is not None:
             self._peers.release(handle, physical)
         physical.release()
@@ -243,7 +246,8 @@ class TransferManager:
         metadata of its memory, where the manager has an agent)."""
         physical = self._get(handle, "handle")
         metadata = self._peers.metadata(handle) if self._peers is not None else None
-        return SerializedLayout.of(physical, self.address, metadata)
+        tier = self._tier_of(handle)
+        return SerializedLayout.of(physical, self.address, metadata, tier)
 
     def import_layout(self, serialized: SerializedLayout) -> LayoutHandle:
         """Register another worker's layout as remote storage, moved through NIXL.
@@ -276,6 +280,8 @@ class TransferManager:
         with self._lock:
             handle = LayoutHandle(serialized.worker.worker_id, next(self._next_id))
             self._layouts[handle] = physical
+            if serialized.tier is not None:  # a newer import of the worker's tier replaces one
+                self._tiers[(serialized.worker.worker_id, serialized.tier)] = handle
         return handle
 
     def nixl_notifications(self) -> dict[str, list[bytes]]:
@@ -294,11 +300,54 @@ class TransferManager:
     def build_logical_descriptor(
         self, handle: LayoutHandle, tier: LogicalLayoutHandle
     ) -> LogicalLayoutDescriptor:
-        """Tie a registered layout to the tier it serves."""
+        """Tie a layout of this worker to the tier it serves: its exports then name the tier,
+        and :meth:`resolve` finds it by tier here and on the workers that import it.
+
+        Raises:
+            InvalidArgumentError: another layout of this worker serves ``tier``, this one serves
+                another tier, or ``handle`` is an imported layout.
+        """
         self._get(handle, "handle")
         if not isinstance(tier, LogicalLayoutHandle):
             raise InvalidArgumentError("tier", f"must be a LogicalLayoutHandle, got {tier!r}")
+        if handle.worker_id != self.address.worker_id:
+            raise InvalidArgumentError("handle", f"{handle} is another worker's layout")
+        key = (handle.worker_id, tier)
+        with self._lock:
+            current = self._tiers.get(key)
+            served = self._tier_of(handle)
+            if current not in (None, handle):
+                raise InvalidArgumentError(
+                    "tier", f"{tier.value} is served by {current}; release that layout first"
+                )
+            if served not in (None, tier):
+                raise InvalidArgumentError("handle", f"{handle} serves {served.value} already")
+            self._tiers[key] = handle
         return LogicalLayoutDescriptor(handle, tier)
+
+    def resolve(self, worker_id: int, tier: LogicalLayoutHandle) -> LayoutHandle:
+        """The layout that serves ``tier`` on worker ``worker_id`` (this one, or one whose
+        export this manager imported), so that callers can say "G1 of worker A -> G2 of B".
+
+        Raises:
+            InvalidArgumentError: no such layout is known here.
+        """
+        if not isinstance(tier, LogicalLayoutHandle):
+            raise InvalidArgumentError("tier", f"must be a LogicalLayoutHandle, got {tier!r}")
+        handle = self._tiers.get((worker_id, tier))
+        if handle is None:
+            raise InvalidArgumentError(
+                "tier",
+                f"no layout of worker {worker_id:x} serving {tier.value} is known here"
+                " (build_logical_descriptor there, then export and import the layout)",
+            )
+        return handle
+
+    def _tier_of(self, handle: LayoutHandle) -> LogicalLayoutHandle | None:
+        for (_, tier), known in list(self._tiers.items()):
+            if known == handle:
+                return tier
+        return None
 
     def _get(self, handle: LayoutHandle, argument: str) -> PhysicalLayout:
         if not isinstance(handle, LayoutHandle):

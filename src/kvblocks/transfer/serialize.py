@@ -21,7 +21,7 @@ from kvblocks.layout import (
 )
 from kvblocks.remote import NixlMetadata
 from kvblocks.storage import PhysicalLayout, StorageKind
-from kvblocks.transfer.handles import WorkerAddress
+from kvblocks.transfer.handles import LogicalLayoutHandle, WorkerAddress
 
 MAGIC = b"KVBL"
 VERSION = 2
@@ -33,7 +33,7 @@ class SerializedLayout:
     format, the regions (addresses or file offsets) of its allocations, the GPU of GPU memory
     (``None`` for host memory, also for device layouts of a worker without a GPU), and the NIXL
     metadata that lets the other worker's agent reach this one (``None`` where this worker has
-    no NIXL agent)."""
+    no NIXL agent), and the tier the layout serves (``None`` if none was given)."""
 
     worker: WorkerAddress
     storage: StorageKind
@@ -44,6 +44,7 @@ class SerializedLayout:
     regions: tuple[MemoryRegion, ...]
     device_id: int | None = None
     nixl_metadata: NixlMetadata | None = None
+    tier: LogicalLayoutHandle | None = None
     version: int = VERSION
 
     @classmethod
@@ -52,6 +53,7 @@ class SerializedLayout:
         physical: PhysicalLayout,
         worker: WorkerAddress,
         nixl_metadata: NixlMetadata | None = None,
+        tier: LogicalLayoutHandle | None = None,
     ) -> SerializedLayout:
         layout = physical.layout
         device = physical.device
@@ -65,6 +67,7 @@ class SerializedLayout:
             regions=layout.memory,
             device_id=(device.index or 0) if device is not None and device.type == "cuda" else None,
             nixl_metadata=nixl_metadata,
+            tier=tier,
         )
 
     def to_bytes(self) -> bytes:
@@ -93,6 +96,7 @@ class SerializedLayout:
             "regions": [[r.addr, r.size] for r in self.regions],
             "device_id": self.device_id,
             "nixl_metadata": _encode_nixl(self.nixl_metadata),
+            "tier": self.tier.value if self.tier is not None else None,
         }
         return MAGIC + json.dumps(body, separators=(",", ":")).encode()
 
@@ -131,6 +135,7 @@ class SerializedLayout:
                 regions=tuple(MemoryRegion(a, s) for a, s in body["regions"]),
                 device_id=body["device_id"],
                 nixl_metadata=_decode_nixl(body["nixl_metadata"]),
+                tier=LogicalLayoutHandle(body["tier"]) if body["tier"] is not None else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise SerializationError(f"the serialized layout is damaged: {exc!r}") from None
