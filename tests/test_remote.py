@@ -3,6 +3,8 @@ exchange serialized layouts and READ / WRITE each other's blocks. Every storage 
 local side, both layouts' kinds of memory, format changes (staged through pinned memory),
 layer ranges, notifications and the errors; bytes checked as in test_transfer."""
 
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -18,7 +20,7 @@ from kvblocks.errors import (
     LayoutReleasedError,
     TransferError,
 )
-from kvblocks.layout import MemoryRegion
+from kvblocks.layout import KvBlockLayout, MemoryRegion
 from kvblocks.remote import nixl as nixl_module
 from kvblocks.remote import nixl_available
 from kvblocks.storage import PhysicalLayout, StorageKind
@@ -256,6 +258,78 @@ def test_backend_names_are_checked():
         TransferManager.builder().agent_name("kvblocks-test-bad").nixl_backend(
             "no-such-plugin"
         ).build()
+
+
+_CHILD_WORKER = """
+import sys
+from kvblocks.layout import LayoutConfig
+from kvblocks.storage import PhysicalLayout
+from kvblocks.transfer import (
+    FillPattern, SerializedLayout, TransferManager, TransferOptions, fill_blocks,
+)
+cfg = LayoutConfig(**{config})
+with TransferManager.builder().agent_name(sys.argv[1]).nixl_backend("UCX").build() as m:
+    src = m.register_layout(PhysicalLayout.builder(cfg).layer_separate().allocate_system().build())
+    fill_blocks(m.layout(src), range(6), FillPattern.sequential())
+    theirs = m.import_layout(SerializedLayout.from_bytes(bytes.fromhex(sys.stdin.readline())))
+    note = TransferOptions(nixl_write_notification=b"written")
+    m.execute_transfer(src, [0, 2], theirs, [5, 1], note).wait(timeout=60)
+    print(m.export_layout(src).to_bytes().hex(), flush=True)
+    sys.stdin.readline()  # keep the layout alive until the parent has read it
+"""
+
+
+@needs_nixl
+def test_workers_in_two_processes(pair):
+    """The parent imports a child process's layout and the child the parent's, through their
+    serialized bytes: the child writes into the parent's layout, the parent reads the child's."""
+    here, _ = pair
+    fields = ("num_blocks", "num_layers", "outer_dim", "page_size", "inner_dim")
+    config = {f: getattr(CFG, f) for f in (*fields, "dtype_width_bytes", "num_heads")}
+    code = _CHILD_WORKER.replace("{config}", repr(config))
+    agent = f"kvblocks-test-child-{uuid.uuid4().hex[:6]}"
+    dst = make(here, "system", True, KvBlockLayout.Unknown)
+    fill_blocks(here.layout(dst), range(6), FillPattern.of_constant(0xAB))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code, agent],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        child.stdin.write(here.export_layout(dst).to_bytes().hex() + "\n")
+        child.stdin.flush()
+        theirs = here.import_layout(
+            SerializedLayout.from_bytes(bytes.fromhex(child.stdout.readline()))
+        )
+        back = make(here, "system", False, KvBlockLayout.Unknown)
+        here.execute_transfer(theirs, [0, 2], back, [3, 4]).wait(timeout=60)
+        assert block_checksums(here.layout(dst), [5, 1]) == block_checksums(
+            here.layout(back), [3, 4]
+        )
+        got, deadline = [], time.monotonic() + 30
+        while not got and time.monotonic() < deadline:
+            got += here.nixl_notifications().get(agent, [])
+            time.sleep(0.001)
+        assert got == [b"written"]
+        untouched = block_checksums(here.layout(dst), [0, 2, 3, 4])
+        assert len(set(untouched)) == 1  # the poison, in every block the child did not write
+    finally:
+        child.stdin.write("\n")
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
+
+
+@needs_nixl
+def test_nixl_logs_stay_off_standard_output():
+    code = (
+        "from kvblocks.transfer import TransferManager\n"
+        "TransferManager.builder().agent_name('quiet').nixl_backend('UCX').build().close()\n"
+        "print('only this')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout == "only this\n"
+    assert "NIXL" in proc.stderr
 
 
 def test_nixl_for_local_transfers_is_refused():

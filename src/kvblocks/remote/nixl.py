@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -105,14 +107,21 @@ class _Peer:
 def load_api() -> ModuleType:
     """The NIXL Python API module.
 
+    NIXL's Python logger writes to standard output; it is pointed at standard error here, so
+    that a program's output (such as the CSV of ``kvblocks bench``) stays its own.
+
     Raises:
         BackendUnavailableError: NIXL is not installed.
     """
     for name in _API_MODULES:
         try:
-            return importlib.import_module(name)
+            api = importlib.import_module(name)
         except ImportError:
             continue
+        for handler in logging.getLogger("nixl").handlers:
+            if isinstance(handler, logging.StreamHandler) and handler.stream is sys.stdout:
+                handler.setStream(sys.stderr)
+        return api
     raise BackendUnavailableError(
         "NIXL is not installed: pip install 'kvblocks[remote]' (or nixl-cu12 / nixl-cu13)"
     )
