@@ -124,13 +124,18 @@ def test_write_notification_reaches_the_peer(pair):
     remote, behind = peer_layout(here, there, "pinned", False, NHD)
     fill_blocks(here.layout(src), range(6), FillPattern.sequential())
     tag = uuid.uuid4().bytes
-    options = TransferOptions(nixl_write_notification=tag)
-    here.execute_transfer(src, [2], remote, [4], options).wait(timeout=60)
+    other = uuid.uuid4().bytes
+    for message in (other, tag):
+        options = TransferOptions(nixl_write_notification=message)
+        here.execute_transfer(src, [2], remote, [4], options).wait(timeout=60)
+    there.wait_for_nixl_notification(here.nixl.name, tag, timeout=30)
+    with pytest.raises(TimeoutError, match="no message"):
+        there.wait_for_nixl_notification(here.nixl.name, tag, timeout=0.05)  # taken already
     got, deadline = [], time.monotonic() + 30
-    while not got and time.monotonic() < deadline:  # it may arrive just after the bytes
+    while not got and time.monotonic() < deadline:  # the other one, kept for this call
         got += there.nixl_notifications().get(here.nixl.name, [])
         time.sleep(0.001)
-    assert got == [tag]
+    assert got == [other]
     assert block_checksums(there.layout(behind), [4]) == block_checksums(here.layout(src), [2])
 
 
@@ -243,6 +248,8 @@ def test_remote_errors_name_the_problem(pair, tmp_path):
             here.execute_transfer(local, [0], bare, [0])
         with pytest.raises(BackendUnavailableError, match="no NIXL agent"):
             plain.nixl_notifications()
+        with pytest.raises(BackendUnavailableError, match="no NIXL agent"):
+            plain.wait_for_nixl_notification("anyone", b"x", timeout=0)
         assert plain.export_layout(make(plain, "pinned", True)).nixl_metadata is None
     for handle in (remote, other, local, bare):
         here.release_layout(handle)
@@ -307,11 +314,7 @@ def test_workers_in_two_processes(pair):
         assert block_checksums(here.layout(dst), [5, 1]) == block_checksums(
             here.layout(back), [3, 4]
         )
-        got, deadline = [], time.monotonic() + 30
-        while not got and time.monotonic() < deadline:
-            got += here.nixl_notifications().get(agent, [])
-            time.sleep(0.001)
-        assert got == [b"written"]
+        here.wait_for_nixl_notification(agent, b"written", timeout=30)
         untouched = block_checksums(here.layout(dst), [0, 2, 3, 4])
         assert len(set(untouched)) == 1  # the poison, in every block the child did not write
     finally:

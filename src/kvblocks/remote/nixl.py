@@ -161,6 +161,7 @@ class NixlAgent:
         self.name = name
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
+        self._inbox: dict[str, list[bytes]] = {}
         self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(backends)))
         missing = [b for b in backends if b not in self._agent.backends]
         if missing:
@@ -297,10 +298,36 @@ class NixlAgent:
                 self._agent.release_xfer_handle(handle)
 
     def notifications(self) -> dict[str, list[bytes]]:
-        """Messages that arrived from other agents since the last call, by agent name."""
+        """Messages that arrived from other agents and were not yet returned (by this call or
+        :meth:`wait_for`), by agent name, oldest first."""
         with self._lock:
-            new = self._agent.get_new_notifs()
-        return {
-            (k.decode() if isinstance(k, bytes) else k): [bytes(m) for m in v]
-            for k, v in new.items()
-        }
+            self._collect()
+            inbox, self._inbox = self._inbox, {}
+        return inbox
+
+    def wait_for(self, agent: str, message: bytes, timeout: float | None = None) -> None:
+        """Wait until ``message`` from ``agent`` arrives, and take it out of the messages
+        :meth:`notifications` returns (others stay there).
+
+        Raises:
+            TimeoutError: it did not arrive within ``timeout`` seconds.
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = _POLL_FIRST
+        while True:
+            with self._lock:
+                self._collect()
+                waiting = self._inbox.get(agent, [])
+                if message in waiting:
+                    waiting.remove(message)
+                    return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"no message {message!r} from agent {agent!r} in {timeout} s")
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_LAST)
+
+    def _collect(self) -> None:
+        """Move newly arrived messages into the inbox (the lock held)."""
+        for name, messages in self._agent.get_new_notifs().items():
+            key = name.decode() if isinstance(name, bytes) else name
+            self._inbox.setdefault(key, []).extend(bytes(m) for m in messages)

@@ -286,16 +286,33 @@ class TransferManager:
 
     def nixl_notifications(self) -> dict[str, list[bytes]]:
         """Messages other workers' NIXL transfers delivered here (their
-        ``nixl_write_notification``) since the last call, by their agent names.
+        ``nixl_write_notification``) and not returned before, by their agent names.
 
         Raises:
             BackendUnavailableError: the manager has no NIXL agent.
         """
+        return self._agent().notifications()
+
+    def wait_for_nixl_notification(
+        self, agent: str, message: bytes, timeout: float | None = None
+    ) -> None:
+        """Wait until ``message`` arrives from the worker whose NIXL agent is ``agent`` (its
+        ``WorkerAddress.agent_name``): the bytes its transfer carried have then landed here.
+
+        Raises:
+            BackendUnavailableError: the manager has no NIXL agent.
+            TimeoutError: the message did not arrive within ``timeout`` seconds.
+        """
+        if not isinstance(message, bytes):
+            raise InvalidArgumentError("message", f"must be bytes, got {message!r}")
+        self._agent().wait_for(agent, message, timeout)
+
+    def _agent(self) -> NixlAgent:
         if self.nixl is None:
             raise BackendUnavailableError(
                 "this manager has no NIXL agent: build it with .nixl_backend('UCX')"
             )
-        return self.nixl.notifications()
+        return self.nixl
 
     def build_logical_descriptor(
         self, handle: LayoutHandle, tier: LogicalLayoutHandle
