@@ -225,11 +225,13 @@ class NixlAgent:
                 peer.live[key] = new
                 return
             self._agent.remove_remote_agent(agent)
+            del self._peers[agent]  # should a load fail, the next import starts afresh
             self._load(agent, metadata.with_connection)
-            kept = {k: old for k, old in peer.live.items() if not new.overlaps(old)}
-            for old in kept.values():
-                self._load(agent, old.metadata.memory)
-            self._peers[agent] = _Peer({**kept, key: new}, [])
+            again = self._peers[agent] = _Peer({key: new}, [])
+            for other, old in peer.live.items():
+                if not new.overlaps(old):
+                    self._load(agent, old.metadata.memory)
+                    again.live[other] = old
 
     def _load(self, agent: str, metadata: bytes) -> None:
         try:
