@@ -87,9 +87,8 @@ def test_recorded_results_are_complete():
     assert len(rows) == len(permute.CONVERSIONS) * 6
     with open(RESULTS / "kvbench.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * len(kvbench.PATTERNS) * len(kvbench.DIRECTIONS) * len(
-        kvbench.BACKENDS
-    )
+    cases = len(kvbench.DIRECTIONS) * (len(kvbench.BACKENDS) - 1) + 1  # staged: h2d only
+    assert len(rows) == 2 * 2 * len(kvbench.PATTERNS) * cases
 
 
 def test_write_csv_header_and_rows():
@@ -108,11 +107,12 @@ def test_suites_run_small():
         [1, 3],
         ["lw_to_fc"],
         ["h2d", "d2d"],
-        ["kernel", "memcpy_batch"],
+        ["kernel", "memcpy_batch", "staged"],
         warmup=1,
         iters=3,
     )
-    assert len(rows) == 1 * 2 * 1 * 2 * 2 and all(r.bandwidth_gbps > 0 for r in rows)
+    assert len(rows) == 1 * 2 * 1 * (2 * 2 + 1) and all(r.bandwidth_gbps > 0 for r in rows)
+    assert [r.direction for r in rows if r.backend == "staged"] == ["h2d", "h2d"]
     rows = permute.run(nl=2, hd=64, nt_values=[16], nh_values=[2], nb=4, warmup=1, iters=3)
     assert len(rows) == len(permute.CONVERSIONS)
     rows = paged.run(small, pairs=8, warmup=1, iters=3)

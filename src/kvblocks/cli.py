@@ -340,7 +340,7 @@ def _add_bench_parser(sub) -> None:
     )
     bench.add_argument("--patterns", default="fc_to_fc,lw_to_fc,fc_to_lw", help="kvbench")
     bench.add_argument("--directions", default="h2d,d2h,d2d", help="kvbench")
-    bench.add_argument("--backends", default="kernel,memcpy_batch,memcpy", help="kvbench")
+    bench.add_argument("--backends", default="kernel,memcpy_batch,memcpy,staged", help="kvbench")
     bench.add_argument("--layers", type=_positive_int, default=32, help="permute: nl (default 32)")
     bench.add_argument("--head-dim", type=_positive_int, default=128, help="permute: hd")
     bench.add_argument(

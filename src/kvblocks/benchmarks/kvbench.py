@@ -14,7 +14,9 @@ fc_to_lw    the reverse
 
 Directions: ``h2d`` (source in pinned host memory), ``d2h``, ``d2d``. Backends: ``kernel``
 (:func:`vectorized_copy`, which reads or writes pinned host memory itself), ``memcpy_batch``
-(one ``cudaMemcpyBatchAsync``), ``memcpy`` (one ``cudaMemcpyAsync`` per pair).
+(one ``cudaMemcpyBatchAsync``), ``memcpy`` (one ``cudaMemcpyAsync`` per pair), and for ``h2d``
+only ``staged`` (:func:`~kvblocks.kernels.plan_staged_h2d`: the copy engine moves the sources'
+contiguous runs into device memory in bulk and the copy kernel places each pair from there).
 
 Each row also carries its ceiling, timed interleaved with it: one bulk copy of the same bytes
 (pinned host<->device for h2d/d2h, device copy for d2d), and the row's ratio to it.
@@ -28,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
-from kvblocks.kernels import plan_copy, plan_memcpy
+from kvblocks.kernels import plan_copy, plan_memcpy, plan_staged_h2d
 from kvblocks.layout import (
     FullyContiguousLayout,
     KvDims,
@@ -39,7 +41,10 @@ from kvblocks.layout import (
 
 PATTERNS = ("fc_to_fc", "lw_to_fc", "fc_to_lw")
 DIRECTIONS = ("h2d", "d2h", "d2d")
-BACKENDS = ("kernel", "memcpy_batch", "memcpy")
+BACKENDS = ("kernel", "memcpy_batch", "memcpy", "staged")
+
+#: The directions each backend runs in (``staged`` is a host-to-device path).
+_BACKEND_DIRECTIONS = {"staged": ("h2d",)}
 
 
 @dataclass(frozen=True)
@@ -119,9 +124,8 @@ def run(
 ) -> list[KvbenchRow]:
     """Measure every combination; ``dims_for(nt)`` gives the block dims for ``nt`` tokens."""
     device = require_gpu()
-    total = (
-        len(tokens_per_block) * len(num_blocks) * len(patterns) * len(directions) * len(backends)
-    )
+    cases = [(d, b) for d in directions for b in backends if d in _BACKEND_DIRECTIONS.get(b, (d,))]
+    total = len(tokens_per_block) * len(num_blocks) * len(patterns) * len(cases)
     rows, step = [], 0
     for nt in tokens_per_block:
         dims = dims_for(nt)
@@ -143,11 +147,15 @@ def run(
                 for pattern in patterns:
                     src_table, dst_table, size = _pairs(pattern, src, dst, ids)
                     for backend in backends:
+                        if direction not in _BACKEND_DIRECTIONS.get(backend, (direction,)):
+                            continue
                         step += 1
                         progress(step, total, f"tpb={nt} N={nb} {pattern} {direction} {backend}")
                         if backend == "kernel":
                             plan = plan_copy(src_table, dst_table, size, device)
                             fn = plan.run
+                        elif backend == "staged":
+                            fn = plan_staged_h2d(src_table, dst_table, size, device).run
                         else:
                             mplan = plan_memcpy(src_table, dst_table, size)
                             batched = backend == "memcpy_batch"

@@ -42,6 +42,7 @@ from kvblocks.kernels.permutes import (
     universal_from_operational,
 )
 from kvblocks.kernels.reshard import join_heads, reshard_universal, split_heads
+from kvblocks.kernels.staged import StagedPlan, plan_staged_h2d
 
 __all__ = [
     "Backend",
@@ -50,6 +51,7 @@ __all__ = [
     "Operand",
     "PagedPlan",
     "PermutePlan",
+    "StagedPlan",
     "available",
     "block_from_operational",
     "block_from_universal",
@@ -67,6 +69,7 @@ __all__ = [
     "plan_memcpy",
     "plan_paged",
     "plan_permute",
+    "plan_staged_h2d",
     "reshard_universal",
     "split_heads",
     "swap_blocks",
