@@ -6,6 +6,7 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError, OverlapError
 from kvblocks.kernels import plan_staged_h2d
+from kvblocks.layout import MemoryRegion
 
 from .helpers import gpu_param
 
@@ -40,7 +41,8 @@ def test_staged_copy_places_every_pair(where, num_pairs, size, piece_bytes):
     src_buf, srcs = _sources(num_pairs, size, where)
     dst_buf, dsts = _destinations(num_pairs, size, where)
     device = "cuda" if where == "gpu" else "cpu"
-    plan = plan_staged_h2d(srcs, dsts, size, device, piece_bytes=piece_bytes)
+    held = [MemoryRegion.of(src_buf)]
+    plan = plan_staged_h2d(srcs, dsts, size, held, device, piece_bytes=piece_bytes)
     assert len(plan.pieces) == -(-num_pairs // (piece_bytes // size))
     for _ in range(2):  # a plan runs again, over the same slots
         dst_buf.fill_(POISON)
@@ -55,17 +57,37 @@ def test_staged_copy_places_every_pair(where, num_pairs, size, piece_bytes):
         assert torch.equal(got, expected)
 
 
+def test_runs_stop_where_an_allocation_ends():
+    """Two allocations back to back: the copy engine must get one span in each, not one
+    across both (CUDA refuses a copy spanning two pinned allocations)."""
+    buf = torch.randint(0, 256, (8192,), dtype=torch.uint8)
+    dst = torch.zeros(8192, dtype=torch.uint8)
+    a, b = buf.data_ptr(), dst.data_ptr()
+    halves = [MemoryRegion(a, 4096), MemoryRegion(a + 4096, 4096)]
+    srcs = [a + i * 1024 for i in range(8)]
+    plan = plan_staged_h2d(srcs, [b + i * 1024 for i in range(8)], 1024, halves, "cpu")
+    (piece,) = plan.pieces
+    assert piece.fill.sizes == [4096, 4096]
+    plan.run()
+    assert torch.equal(dst, buf)
+    whole = plan_staged_h2d(srcs, [b + i * 1024 for i in range(8)], 1024, [MemoryRegion(a, 8192)])
+    assert whole.pieces[0].fill.sizes == [8192]
+
+
 def test_staged_copy_checks_its_arguments():
     src = torch.zeros(4096, dtype=torch.uint8)
     dst = torch.zeros(4096, dtype=torch.uint8)
     a, b = src.data_ptr(), dst.data_ptr()
+    held = [MemoryRegion.of(src)]
     with pytest.raises(InvalidArgumentError, match="size must be a positive byte count"):
-        plan_staged_h2d([a], [b], 0, "cpu")
+        plan_staged_h2d([a], [b], 0, held, "cpu")
     with pytest.raises(InvalidArgumentError, match="piece_bytes must be an int of at least"):
-        plan_staged_h2d([a], [b], 64, "cpu", piece_bytes=32)
+        plan_staged_h2d([a], [b], 64, held, "cpu", piece_bytes=32)
+    with pytest.raises(InvalidArgumentError, match="no allocation of src_allocations holds"):
+        plan_staged_h2d([a + 4090], [b], 64, held, "cpu")
     with pytest.raises(OverlapError):
-        plan_staged_h2d([a, a + 64], [b, b + 32], 64, "cpu")
+        plan_staged_h2d([a, a + 64], [b, b + 32], 64, held, "cpu")
     before = dst.clone()
     with pytest.raises(InvalidArgumentError):
-        plan_staged_h2d([a, a + 64], [b], 64, "cpu")
+        plan_staged_h2d([a, a + 64], [b], 64, held, "cpu")
     assert torch.equal(dst, before)

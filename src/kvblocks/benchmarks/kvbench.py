@@ -84,6 +84,10 @@ class _Side:
         self.fc = FullyContiguousLayout(config, MemoryRegion.of(self.fc_tensor))
         self.lw = LayerSeparateLayout(config, [MemoryRegion.of(t) for t in self.lw_tensors])
 
+    def allocations(self) -> list[MemoryRegion]:
+        """The tensors' memory."""
+        return [MemoryRegion.of(t) for t in (self.fc_tensor, *self.lw_tensors)]
+
     def bytes_at(self, addr: int, size: int) -> torch.Tensor:
         """The ``size`` bytes at ``addr``, as a slice of the tensor that holds them."""
         for t in (self.fc_tensor, *self.lw_tensors):
@@ -155,7 +159,8 @@ def run(
                             plan = plan_copy(src_table, dst_table, size, device)
                             fn = plan.run
                         elif backend == "staged":
-                            fn = plan_staged_h2d(src_table, dst_table, size, device).run
+                            held = src.allocations()
+                            fn = plan_staged_h2d(src_table, dst_table, size, held, device).run
                         else:
                             mplan = plan_memcpy(src_table, dst_table, size)
                             batched = backend == "memcpy_batch"

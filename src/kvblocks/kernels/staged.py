@@ -22,14 +22,18 @@ On a machine without a GPU the same plan runs with ``memmove`` and the copy kern
 
 from __future__ import annotations
 
+import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels.addresses import AddressTable, check_disjoint, host_table
+from kvblocks.kernels.backend import default_device
 from kvblocks.kernels.copy import CopyPlan, plan_copy
 from kvblocks.kernels.memcpy import MemcpyPlan, plan_memcpy
+from kvblocks.layout import MemoryRegion
 
 #: Bytes of one piece (and of one staging slot).
 PIECE_BYTES = 32 << 20
@@ -82,19 +86,29 @@ def plan_staged_h2d(
     src_ptrs: AddressTable,
     dst_ptrs: AddressTable,
     size: int,
+    src_allocations: Sequence[MemoryRegion],
     device: torch.device | str | None = None,
-    piece_bytes: int = PIECE_BYTES,
+    piece_bytes: int | None = None,
 ) -> StagedPlan:
     """Check ``num_pairs`` copies of ``size`` bytes from host memory (``src_ptrs``) to device
     memory (``dst_ptrs``) and plan them staged (see the module documentation).
 
+    Args:
+        src_allocations: the pinned allocations the sources lie in. A run of sources is cut
+            where one allocation ends, even if the next begins there: the copy engine refuses
+            a copy that spans two allocations.
+        piece_bytes: bytes of a piece and of each of the two staging slots (default: 32 MiB,
+            or ``size`` where that is larger).
+
     Raises:
         InvalidArgumentError: tables of different lengths, a size that is not positive, a
-            ``piece_bytes`` smaller than ``size``, or destinations overlapping each other or a
-            source.
+            ``piece_bytes`` smaller than ``size``, a source outside ``src_allocations``, or
+            destinations overlapping each other or a source.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError("size", f"must be a positive byte count, got {size!r}")
+    if piece_bytes is None:
+        piece_bytes = max(PIECE_BYTES, size)
     if isinstance(piece_bytes, bool) or not isinstance(piece_bytes, int) or piece_bytes < size:
         raise InvalidArgumentError(
             "piece_bytes", f"must be an int of at least size ({size}), got {piece_bytes!r}"
@@ -103,9 +117,12 @@ def plan_staged_h2d(
     dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
     sizes = torch.full_like(src, size)
     check_disjoint(src, sizes, dst, sizes, "src_ptrs", "dst_ptrs")
-    device = torch.device(device) if device is not None else _default_device()
+    device = torch.device(device) if device is not None else default_device()
     order = torch.argsort(src, stable=True)
-    pieces = _cut(src[order].tolist(), dst[order].tolist(), size, piece_bytes // size * size)
+    srcs = src[order].tolist()
+    within = _allocation_of(srcs, size, src_allocations)
+    limit = piece_bytes // size * size
+    pieces = _cut(srcs, dst[order].tolist(), within, size, limit)
     slot_bytes = max((p[2] for p in pieces), default=0)
     slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in pieces[:2]]
     plans = []
@@ -121,16 +138,33 @@ def plan_staged_h2d(
     return StagedPlan(plans, slots)
 
 
-def _cut(srcs: list[int], dsts: list[int], size: int, limit: int):
+def _allocation_of(srcs: list[int], size: int, allocations: Sequence[MemoryRegion]) -> list[int]:
+    """For each source (sorted), the index of the allocation (sorted by address) holding it."""
+    regions = sorted(allocations, key=lambda r: r.addr)
+    starts = [r.addr for r in regions]
+    found = []
+    for s in srcs:
+        i = bisect.bisect_right(starts, s) - 1
+        if i < 0 or s + size > regions[i].end:
+            raise InvalidArgumentError(
+                "src_ptrs",
+                f"has {s:#x} (+{size} bytes), which no allocation of src_allocations holds",
+            )
+        found.append(i)
+    return found
+
+
+def _cut(srcs: list[int], dsts: list[int], within: list[int], size: int, limit: int):
     """Pieces of pairs sorted by source: ``(spans, pairs, bytes)``, where a span is ``(host
-    address, bytes, slot offset)`` and a pair ``(slot offset, destination)``."""
+    address, bytes, slot offset)`` and a pair ``(slot offset, destination)``. A span stays in
+    one allocation (``within[i]`` is pair ``i``'s)."""
     pieces, spans, pairs, used = [], [], [], 0
-    for s, d in zip(srcs, dsts, strict=True):
+    for i, (s, d) in enumerate(zip(srcs, dsts, strict=True)):
         if used + size > limit:
             pieces.append((spans, pairs, used))
             spans, pairs, used = [], [], 0
         last = spans[-1] if spans else None
-        if last is not None and last[0] + last[1] == s:
+        if last is not None and last[0] + last[1] == s and within[i] == within[i - 1]:
             spans[-1] = (last[0], last[1] + size, last[2])
         else:
             spans.append((s, size, used))
@@ -139,7 +173,3 @@ def _cut(srcs: list[int], dsts: list[int], size: int, limit: int):
     if pairs:
         pieces.append((spans, pairs, used))
     return pieces
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
