@@ -57,14 +57,16 @@ def kvbench_table(rows: list[dict]) -> str:
         size_text = f"{size // 1024} KiB" if size < 1 << 20 else f"{size / 2**20:.0f} MiB"
         cells = [
             f"{float(b[x]['bandwidth_gbps']):.1f}" if x in b else "-"
-            for x in ("kernel", "memcpy_batch", "memcpy")
+            for x in ("kernel", "memcpy_batch", "memcpy", "staged")
         ]
+        staged = f"{float(b['staged']['ratio']):.3f}" if "staged" in b else "-"
         body.append(
             [tpb, nb, pattern, direction, f"{k['num_copies']} x {size_text}", *cells]
-            + [f"{float(k['ceiling_gbps']):.1f}", f"{float(k['ratio']):.3f}"]
+            + [f"{float(k['ceiling_gbps']):.1f}", f"{float(k['ratio']):.3f}", staged]
         )
     columns = ["tpb", "blocks", "pattern", "dir", "copies x size", "kernel GB/s"]
-    columns += ["memcpy_batch GB/s", "memcpy GB/s", "bulk copy GB/s", "kernel / bulk"]
+    columns += ["memcpy_batch GB/s", "memcpy GB/s", "staged GB/s", "bulk copy GB/s"]
+    columns += ["kernel / bulk", "staged / bulk"]
     return markdown(columns, body)
 
 
