@@ -61,7 +61,8 @@ class StagedPlan:
 
     def run(self, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueue the copy: fills on a side stream, placements on ``stream`` (default: the
-        current one), which the whole copy is ordered on, before and after."""
+        current one), which the whole copy is ordered on, before and after. Runs of one plan
+        share its slots: give them one stream (or streams ordered one after the other)."""
         if self._side is None:
             for piece in self.pieces:
                 piece.fill.run()
