@@ -5,7 +5,6 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels import plan_staged_h2d
-from kvblocks.transfer import executor
 from kvblocks.transfer import (
     FillPattern,
     Strategy,
@@ -13,6 +12,7 @@ from kvblocks.transfer import (
     TransferOptions,
     TransferPreferences,
     block_checksums,
+    executor,
     fill_blocks,
 )
 from kvblocks.transfer.verify import read_bytes
