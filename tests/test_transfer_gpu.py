@@ -5,6 +5,7 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels import plan_staged_h2d
+from kvblocks.transfer import executor
 from kvblocks.transfer import (
     FillPattern,
     Strategy,
@@ -12,7 +13,6 @@ from kvblocks.transfer import (
     TransferOptions,
     TransferPreferences,
     block_checksums,
-    executor,
     fill_blocks,
 )
 from kvblocks.transfer.verify import read_bytes
