@@ -4,8 +4,6 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.kernels import plan_staged_h2d
-from kvblocks.transfer import executor
 from kvblocks.transfer import (
     FillPattern,
     Strategy,
@@ -116,25 +114,3 @@ def test_stream_pool_round_robin(manager):
     assert len({s.cuda_stream for s in streams}) == 4
     assert streams[0].cuda_stream == streams[4].cuda_stream
     assert manager.streams.d2h().cuda_stream not in {s.cuda_stream for s in streams}
-
-
-@pytest.mark.parametrize("layers", [None, range(1, 3)])
-@pytest.mark.parametrize("fcs", [(True, True), (False, True), (True, False), (False, False)])
-def test_large_pinned_to_device_copies_go_staged(manager, monkeypatch, fcs, layers):
-    """With the size limits lowered, pinned -> device copies of the same format take the
-    staged path (copy engine, then the copy kernel) and land exactly where the kernel would."""
-    planned = []
-
-    def counting(*args, **kwargs):
-        planned.append(args[2])
-        return plan_staged_h2d(*args, **kwargs)
-
-    monkeypatch.setattr(executor, "STAGED_MIN_BYTES", 0)
-    monkeypatch.setattr(executor, "STAGED_MIN_RUN", 0)
-    monkeypatch.setattr(executor, "plan_staged_h2d", counting)
-    src = make(manager, "pinned", fcs[0], NHD)
-    dst = make(manager, "device", fcs[1], NHD)
-    check_transfer(
-        manager, src, [5, 0, 3, 4], dst, [1, 2, 4, 0], layers, TransferOptions(layer_range=layers)
-    )
-    assert len(planned) == 1

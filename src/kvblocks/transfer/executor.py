@@ -34,12 +34,10 @@ from kvblocks.kernels import (
     CopyPlan,
     Operand,
     PermutePlan,
-    StagedPlan,
     available,
     plan_copy,
     plan_memcpy,
     plan_permute,
-    plan_staged_h2d,
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
@@ -49,13 +47,6 @@ from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allo
 from kvblocks.storage.disk import merge_spans
 
 _CPU = torch.device("cpu")
-
-#: Pinned -> device copies of at least this many bytes, in runs of at least ``STAGED_MIN_RUN``
-#: bytes in host memory, go through :func:`~kvblocks.kernels.plan_staged_h2d` (99% of a bulk
-#: copy on an H100, against 93% for the kernel reading pinned memory; for one 5 MiB block the
-#: kernel is faster, and planning costs the host a few ms for thousands of regions).
-STAGED_MIN_BYTES = 128 << 20
-STAGED_MIN_RUN = 1 << 20
 
 #: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
 _DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
@@ -235,25 +226,9 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
             src.operand(), s, dst.operand(), d, dims, device, aligned
         )
     else:
-        plan = _staged(hop, layers, device)
-        if plan is None:
-            s, d, size, align = copy_pairs(src, dst, layers, device)
-            plan = CopyPlan(s, d, size, align, device, available(device))
+        s, d, size, align = copy_pairs(src, dst, layers, device)
+        plan = CopyPlan(s, d, size, align, device, available(device))
     plan.run()
-
-
-def _staged(hop: Hop, layers: range, device: torch.device) -> StagedPlan | None:
-    """A staged plan for a large pinned -> device copy whose sources form long runs (where it
-    beats the copy kernel reading pinned memory itself), else ``None``."""
-    src, dst = hop.src, hop.dst
-    if not (dst.on_gpu and src.gpu_reachable and not src.on_gpu):
-        return None
-    s, d, size, _ = copy_pairs(src, dst, layers)
-    if len(s) * size < STAGED_MIN_BYTES:
-        return None
-    held = src.physical.layout.memory
-    plan = plan_staged_h2d(s.expand(), d.expand(), size, held, device, check_overlap=False)
-    return plan if plan.mean_run >= STAGED_MIN_RUN else None
 
 
 def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:
