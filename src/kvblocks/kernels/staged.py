@@ -22,16 +22,21 @@ On a machine without a GPU the same plan runs with ``memmove`` and the copy kern
 
 from __future__ import annotations
 
-import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.kernels.addresses import AddressTable, check_disjoint, host_table
-from kvblocks.kernels.backend import default_device
-from kvblocks.kernels.copy import CopyPlan, plan_copy
+from kvblocks.kernels.addresses import (
+    AddressTable,
+    StridedTable,
+    check_disjoint,
+    common_alignment,
+    host_table,
+)
+from kvblocks.kernels.backend import available, default_device
+from kvblocks.kernels.copy import CopyPlan
 from kvblocks.kernels.memcpy import MemcpyPlan, plan_memcpy
 from kvblocks.layout import MemoryRegion
 
@@ -90,6 +95,7 @@ def plan_staged_h2d(
     src_allocations: Sequence[MemoryRegion],
     device: torch.device | str | None = None,
     piece_bytes: int | None = None,
+    check_overlap: bool = True,
 ) -> StagedPlan:
     """Check ``num_pairs`` copies of ``size`` bytes from host memory (``src_ptrs``) to device
     memory (``dst_ptrs``) and plan them staged (see the module documentation).
@@ -100,6 +106,8 @@ def plan_staged_h2d(
             a copy that spans two allocations.
         piece_bytes: bytes of a piece and of each of the two staging slots (default: 32 MiB,
             or ``size`` where that is larger).
+        check_overlap: check that no destination overlaps another or a source (callers that
+            know it, from block ids, skip the cost).
 
     Raises:
         InvalidArgumentError: tables of different lengths, a size that is not positive, a
@@ -116,61 +124,68 @@ def plan_staged_h2d(
         )
     src = host_table(src_ptrs, "src_ptrs")
     dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
-    sizes = torch.full_like(src, size)
-    check_disjoint(src, sizes, dst, sizes, "src_ptrs", "dst_ptrs")
+    if check_overlap:
+        sizes = torch.full_like(src, size)
+        check_disjoint(src, sizes, dst, sizes, "src_ptrs", "dst_ptrs")
     device = torch.device(device) if device is not None else default_device()
     order = torch.argsort(src, stable=True)
-    srcs = src[order].tolist()
+    srcs, dsts = src[order], dst[order]
     within = _allocation_of(srcs, size, src_allocations)
-    limit = piece_bytes // size * size
-    pieces = _cut(srcs, dst[order].tolist(), within, size, limit)
-    slot_bytes = max((p[2] for p in pieces), default=0)
-    slots = [torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in pieces[:2]]
+    per_piece = piece_bytes // size
+    n = srcs.numel()
+    index = torch.arange(n)
+    piece = index // per_piece
+    offset = (index % per_piece) * size  # in the piece's slot
+    new_span = torch.ones(n, dtype=torch.bool)  # where a run of sources starts
+    new_span[1:] = (
+        (srcs[1:] != srcs[:-1] + size) | (within[1:] != within[:-1]) | (piece[1:] != piece[:-1])
+    )
+    first = new_span.nonzero().flatten()
+    span_bytes = torch.diff(first, append=torch.tensor([n])) * size
+    pieces = -(-n // per_piece)
+    bounds = torch.searchsorted(piece[first], torch.arange(pieces + 1)).tolist()
+    slot_bytes = min(n, per_piece) * size
+    slots = [
+        torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(min(pieces, 2))
+    ]
+    bases = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64)
+    staged = bases[piece % 2] + offset
+    place_src = staged.to(device)
+    place_dst = dsts.to(device)
+    align = common_alignment(torch.cat([staged, dsts]), size)
+    backend = available(device)
     plans = []
-    for i, (spans, pairs, _) in enumerate(pieces):
-        base = slots[i % len(slots)].data_ptr()
+    for p in range(pieces):
+        spans = first[bounds[p] : bounds[p + 1]]
         fill = plan_memcpy(
-            [s for s, _, _ in spans], [base + o for _, _, o in spans], [n for _, n, _ in spans]
+            srcs[spans], bases[p % 2] + offset[spans], span_bytes[bounds[p] : bounds[p + 1]]
         )
-        place = plan_copy(
-            [base + o for o, _ in pairs], [d for _, d in pairs], size, device, check_overlap=False
+        part = slice(p * per_piece, min(n, (p + 1) * per_piece))
+        place = CopyPlan(
+            StridedTable.flat(place_src[part]),
+            StridedTable.flat(place_dst[part]),
+            size,
+            align,
+            device,
+            backend,
         )
         plans.append(_Piece(fill, place))
     return StagedPlan(plans, slots)
 
 
-def _allocation_of(srcs: list[int], size: int, allocations: Sequence[MemoryRegion]) -> list[int]:
-    """For each source (sorted), the index of the allocation (sorted by address) holding it."""
+def _allocation_of(
+    srcs: torch.Tensor, size: int, allocations: Sequence[MemoryRegion]
+) -> torch.Tensor:
+    """For each source, the index of the allocation (sorted by address) holding it."""
     regions = sorted(allocations, key=lambda r: r.addr)
-    starts = [r.addr for r in regions]
-    found = []
-    for s in srcs:
-        i = bisect.bisect_right(starts, s) - 1
-        if i < 0 or s + size > regions[i].end:
-            raise InvalidArgumentError(
-                "src_ptrs",
-                f"has {s:#x} (+{size} bytes), which no allocation of src_allocations holds",
-            )
-        found.append(i)
+    starts = torch.tensor([r.addr for r in regions], dtype=torch.int64)
+    ends = torch.tensor([r.end for r in regions], dtype=torch.int64)
+    found = torch.searchsorted(starts, srcs, right=True) - 1
+    inside = (found >= 0) & (srcs + size <= ends[found.clamp(min=0)])
+    if not bool(inside.all()):
+        bad = int(srcs[~inside][0])
+        raise InvalidArgumentError(
+            "src_ptrs",
+            f"has {bad:#x} (+{size} bytes), which no allocation of src_allocations holds",
+        )
     return found
-
-
-def _cut(srcs: list[int], dsts: list[int], within: list[int], size: int, limit: int):
-    """Pieces of pairs sorted by source: ``(spans, pairs, bytes)``, where a span is ``(host
-    address, bytes, slot offset)`` and a pair ``(slot offset, destination)``. A span stays in
-    one allocation (``within[i]`` is pair ``i``'s)."""
-    pieces, spans, pairs, used = [], [], [], 0
-    for i, (s, d) in enumerate(zip(srcs, dsts, strict=True)):
-        if used + size > limit:
-            pieces.append((spans, pairs, used))
-            spans, pairs, used = [], [], 0
-        last = spans[-1] if spans else None
-        if last is not None and last[0] + last[1] == s and within[i] == within[i - 1]:
-            spans[-1] = (last[0], last[1] + size, last[2])
-        else:
-            spans.append((s, size, used))
-        pairs.append((used, d))
-        used += size
-    if pairs:
-        pieces.append((spans, pairs, used))
-    return pieces
