@@ -87,6 +87,8 @@ def test_staged_copy_checks_its_arguments():
         plan_staged_h2d([a + 4090], [b], 64, held, "cpu")
     with pytest.raises(OverlapError):
         plan_staged_h2d([a, a + 64], [b, b + 32], 64, held, "cpu")
+    unchecked = plan_staged_h2d([a, a + 64], [b, b + 32], 64, held, "cpu", check_overlap=False)
+    assert len(unchecked.pieces) == 1  # the caller vouched for its destinations
     before = dst.clone()
     with pytest.raises(InvalidArgumentError):
         plan_staged_h2d([a, a + 64], [b], 64, held, "cpu")
