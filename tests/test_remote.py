@@ -37,7 +37,17 @@ from kvblocks.transfer import (
     block_checksums,
     fill_blocks,
 )
-from tests.test_transfer import CFG, FORMAT_PAIRS, HND, KINDS, NHD, UNI, check_transfer, make
+from tests.test_transfer import (
+    CFG,
+    FORMAT_PAIRS,
+    HND,
+    KINDS,
+    NHD,
+    UNI,
+    check_transfer,
+    draw_blocks,
+    make,
+)
 
 needs_nixl = pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
 GPU = torch.cuda.is_available()
@@ -84,13 +94,7 @@ def test_every_local_storage_to_and_from_a_peer(
     src_fc, dst_fc = (remote_fc, local_fc) if read else (local_fc, remote_fc)
     src_fc = src_fc or s_fmt == UNI
     dst_fc = dst_fc or d_fmt == UNI
-    n = data.draw(st.integers(1, 4))
-    s_ids = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
-    d_ids = data.draw(st.permutations(range(6)))[:n]
-    layers = None
-    if not s_fmt.requires_transform(d_fmt) and UNI not in formats:
-        start = data.draw(st.integers(0, 2))
-        layers = range(start, data.draw(st.integers(start + 1, 3)))
+    s_ids, d_ids, layers = draw_blocks(data, formats)
     if read:
         remote, behind = peer_layout(here, there, remote_kind, src_fc, s_fmt)
         src, dst = remote, make(here, local_kind, dst_fc, d_fmt)

@@ -130,6 +130,20 @@ def check_transfer(manager, src, s_ids, dst, d_ids, layers, options=None, peers=
             assert moved[i][l] == expect, (b, l)
 
 
+def draw_blocks(data, formats):
+    """Source ids of CFG's 6 blocks (repeats allowed), as many distinct destination ids, and a
+    layer range where the formats allow one (a copy, no universal side), else None."""
+    s_fmt, d_fmt = formats
+    n = data.draw(st.integers(1, 4))
+    s_ids = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
+    d_ids = data.draw(st.permutations(range(6)))[:n]
+    layers = None
+    if not s_fmt.requires_transform(d_fmt) and UNI not in formats:
+        start = data.draw(st.integers(0, 2))
+        layers = range(start, data.draw(st.integers(start + 1, 3)))
+    return s_ids, d_ids, layers
+
+
 def _universal(physical):
     return physical.kv_format.dim_order is not None and not physical.kv_format.is_operational()
 
@@ -157,13 +171,7 @@ def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats
     s_fmt, d_fmt = formats
     src_fc = src_fc or s_fmt == UNI  # a universal block is one contiguous span
     dst_fc = dst_fc or d_fmt == UNI
-    n = data.draw(st.integers(1, 4))
-    s_ids = data.draw(st.lists(st.integers(0, 5), min_size=n, max_size=n))
-    d_ids = data.draw(st.permutations(range(6)))[:n]
-    layers = None
-    if not s_fmt.requires_transform(d_fmt) and UNI not in formats:
-        start = data.draw(st.integers(0, 2))
-        layers = range(start, data.draw(st.integers(start + 1, 3)))
+    s_ids, d_ids, layers = draw_blocks(data, formats)
     src = make(manager, src_kind, src_fc, s_fmt)
     dst = make(manager, dst_kind, dst_fc, d_fmt)
     try:

@@ -27,7 +27,7 @@ import torch
 
 from kvblocks.benchmarks.timing import progress, require_gpu
 from kvblocks.layout import KvDims, LayoutConfig, MemoryRegion
-from kvblocks.remote import MemKind, NixlOp, RemoteMemory, load_api
+from kvblocks.remote import MemKind, NixlOp, RemoteMemory, load_api, memory_of
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     FillPattern,
@@ -70,10 +70,9 @@ def _median_gbps(fn, nbytes: int, warmup: int, iters: int) -> float:
 def _nixl_alone(here, there, behind, op: NixlOp, on_gpu: bool, nbytes: int, warmup, iters):
     """NIXL moving ``nbytes`` in one descriptor between a fresh buffer here and the start of
     the other worker's layout ``behind``."""
-    device = here.device if on_gpu else "cpu"
+    device = here.device if on_gpu else torch.device("cpu")
     buffer = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=not on_gpu)
-    kind = MemKind.VRAM if on_gpu else MemKind.DRAM
-    index = (here.device.index or 0) if on_gpu else 0
+    kind, index = memory_of(device)
     registration = here.nixl.register([MemoryRegion(buffer.data_ptr(), nbytes)], kind, index)
     target = RemoteMemory(there.nixl.name, MemKind.DRAM, 0)
     remote = [(there.layout(behind).layout.memory[0].addr, nbytes, 0)]

@@ -14,6 +14,7 @@ from kvblocks.remote.nixl import (
     RemoteMemory,
     installed_package,
     load_api,
+    memory_of,
     nixl_available,
 )
 
@@ -25,5 +26,6 @@ __all__ = [
     "RemoteMemory",
     "installed_package",
     "load_api",
+    "memory_of",
     "nixl_available",
 ]

@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from types import ModuleType
@@ -102,6 +102,22 @@ class _Peer:
 
     live: dict[object, _Loaded]
     released: list[_Loaded]
+
+
+def memory_of(device) -> tuple[MemKind, int]:
+    """NIXL's memory kind and device id for memory on ``device`` (a torch device; ``None`` or
+    a CPU device for host memory)."""
+    if device is not None and device.type == "cuda":
+        return MemKind.VRAM, device.index or 0
+    return MemKind.DRAM, 0
+
+
+def _pauses() -> Iterator[float]:
+    """Seconds to sleep between polls: doubling from the first to the last, then the last."""
+    pause = _POLL_FIRST
+    while True:
+        yield pause
+        pause = min(pause * 2, _POLL_LAST)
 
 
 def load_api() -> ModuleType:
@@ -287,10 +303,9 @@ class NixlAgent:
             except Exception as exc:  # NIXL raises its own error classes
                 raise TransferError(f"NIXL {op.value} to {target.agent!r}: {exc!r}") from exc
         try:
-            pause = _POLL_FIRST
+            pauses = _pauses()
             while state == "PROC":
-                time.sleep(pause)
-                pause = min(pause * 2, _POLL_LAST)
+                time.sleep(next(pauses))
                 with self._lock:
                     state = self._agent.check_xfer_state(handle)
             if state != "DONE":
@@ -315,7 +330,7 @@ class NixlAgent:
             TimeoutError: it did not arrive within ``timeout`` seconds.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = _POLL_FIRST
+        pauses = _pauses()
         while True:
             with self._lock:
                 self._collect()
@@ -325,8 +340,7 @@ class NixlAgent:
                     return
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no message {message!r} from agent {agent!r} in {timeout} s")
-            time.sleep(pause)
-            pause = min(pause * 2, _POLL_LAST)
+            time.sleep(next(pauses))
 
     def _collect(self) -> None:
         """Move newly arrived messages into the inbox (the lock held)."""

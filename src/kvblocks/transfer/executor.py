@@ -42,7 +42,7 @@ from kvblocks.kernels import (
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
-from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory
+from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory, memory_of
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
 from kvblocks.storage.disk import merge_spans
 
@@ -296,13 +296,10 @@ def run_nixl(
     local_addrs, remote_addrs = (d, s) if read else (s, d)
     pairs = zip(remote_addrs.expand().tolist(), local_addrs.expand().tolist(), strict=True)
     spans = merge_spans((r, a, size) for r, a in pairs)
-    device = local.physical.device
-    gpu = device is not None and device.type == "cuda"
-    device_id = (device.index or 0) if gpu else 0
+    kind, device_id = memory_of(local.physical.device)
     remote = [(r, n, target.device_id) for r, _, n in spans]
     mine = [(a, n, device_id) for _, a, n in spans]
-    op = NixlOp.READ if read else NixlOp.WRITE
-    agent.transfer(op, mine, MemKind.VRAM if gpu else MemKind.DRAM, remote, target, message)
+    agent.transfer(NixlOp.READ if read else NixlOp.WRITE, mine, kind, remote, target, message)
 
 
 class BouncePool:

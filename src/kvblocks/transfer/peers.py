@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 
 from kvblocks.errors import BackendUnavailableError, LayoutReleasedError
-from kvblocks.remote import MemKind, NixlAgent, NixlMetadata, RemoteMemory
+from kvblocks.remote import MemKind, NixlAgent, NixlMetadata, RemoteMemory, memory_of
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer.handles import LayoutHandle
 from kvblocks.transfer.serialize import SerializedLayout
@@ -30,12 +30,8 @@ class Peers:
         """Register a local memory layout's allocations with NIXL (files are not offered)."""
         if physical.storage in (StorageKind.DISK, StorageKind.REMOTE):
             return
-        device = physical.device
-        gpu = device.type == "cuda"
-        kind = MemKind.VRAM if gpu else MemKind.DRAM
-        registration = self.agent.register(
-            physical.layout.memory, kind, (device.index or 0) if gpu else 0
-        )
+        kind, device_id = memory_of(physical.device)
+        registration = self.agent.register(physical.layout.memory, kind, device_id)
         with self._lock:
             self._registrations[handle] = registration
 

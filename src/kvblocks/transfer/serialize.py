@@ -19,7 +19,7 @@ from kvblocks.layout import (
     LayoutConfig,
     MemoryRegion,
 )
-from kvblocks.remote import NixlMetadata
+from kvblocks.remote import MemKind, NixlMetadata, memory_of
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer.handles import LogicalLayoutHandle, WorkerAddress
 
@@ -56,7 +56,7 @@ class SerializedLayout:
         tier: LogicalLayoutHandle | None = None,
     ) -> SerializedLayout:
         layout = physical.layout
-        device = physical.device
+        kind, index = memory_of(physical.device)
         return cls(
             worker=worker,
             storage=physical.storage,
@@ -65,7 +65,7 @@ class SerializedLayout:
             block_dim=getattr(layout, "block_dim", None),
             kv_format=physical.kv_format,
             regions=layout.memory,
-            device_id=(device.index or 0) if device is not None and device.type == "cuda" else None,
+            device_id=index if kind is MemKind.VRAM else None,
             nixl_metadata=nixl_metadata,
             tier=tier,
         )
