@@ -43,7 +43,7 @@ def test_staged_copy_places_every_pair(where, num_pairs, size, piece_bytes):
     device = "cuda" if where == "gpu" else "cpu"
     held = [MemoryRegion.of(src_buf)]
     plan = plan_staged_h2d(srcs, dsts, size, held, device, piece_bytes=piece_bytes)
-    assert len(plan.pieces) == -(-num_pairs // (piece_bytes // size))
+    assert plan.num_pieces == -(-num_pairs // (piece_bytes // size))
     for _ in range(2):  # a plan runs again, over the same slots
         dst_buf.fill_(POISON)
         plan.run()
@@ -66,12 +66,12 @@ def test_runs_stop_where_an_allocation_ends():
     halves = [MemoryRegion(a, 4096), MemoryRegion(a + 4096, 4096)]
     srcs = [a + i * 1024 for i in range(8)]
     plan = plan_staged_h2d(srcs, [b + i * 1024 for i in range(8)], 1024, halves, "cpu")
-    (piece,) = plan.pieces
-    assert piece.fill.sizes == [4096, 4096]
+    assert plan.num_pieces == 1
+    assert plan.fill(0).sizes == [4096, 4096]
     plan.run()
     assert torch.equal(dst, buf)
     whole = plan_staged_h2d(srcs, [b + i * 1024 for i in range(8)], 1024, [MemoryRegion(a, 8192)])
-    assert whole.pieces[0].fill.sizes == [8192]
+    assert whole.fill(0).sizes == [8192]
 
 
 def test_staged_copy_checks_its_arguments():
@@ -88,7 +88,7 @@ def test_staged_copy_checks_its_arguments():
     with pytest.raises(OverlapError):
         plan_staged_h2d([a, a + 64], [b, b + 32], 64, held, "cpu")
     unchecked = plan_staged_h2d([a, a + 64], [b, b + 32], 64, held, "cpu", check_overlap=False)
-    assert len(unchecked.pieces) == 1  # the caller vouched for its destinations
+    assert unchecked.num_pieces == 1  # the caller vouched for its destinations
     before = dst.clone()
     with pytest.raises(InvalidArgumentError):
         plan_staged_h2d([a, a + 64], [b], 64, held, "cpu")

@@ -230,6 +230,18 @@ def test_strategies_on_this_machine(manager, tmp_path):
         Strategy.DISK_BOUNCE if gpu else Strategy.DISK_IO
     )
     assert manager.strategy(h["disk"], h["disk"]) is Strategy.DISK_BOUNCE
+    every = CFG.num_blocks
+    assert manager.strategy(h["device"], h["pinned"], num_blocks=every) is (
+        Strategy.KERNEL if gpu else Strategy.HOST_COPY  # 6 blocks are fewer than 16 MiB
+    )
+    with pytest.raises(InvalidArgumentError, match="num_blocks must be a positive int"):
+        manager.strategy(h["device"], h["pinned"], num_blocks=0)
+
+
+def test_copy_engine_threshold_is_checked():
+    prefs = TransferPreferences(copy_engine_min_bytes=-1)
+    with pytest.raises(InvalidArgumentError, match="copy_engine_min_bytes must be an int >= 0"):
+        TransferManager.builder().preferences(prefs).build()
 
 
 def test_argument_errors_move_nothing(manager):

@@ -15,7 +15,7 @@ from kvblocks.transfer import (
 )
 from kvblocks.transfer.verify import read_bytes
 
-from .test_transfer import FORMAT_PAIRS, HND, NHD, UNI, check_transfer, make
+from .test_transfer import CFG, FORMAT_PAIRS, HND, NHD, UNI, check_transfer, make
 
 pytestmark = pytest.mark.gpu
 
@@ -114,3 +114,29 @@ def test_stream_pool_round_robin(manager):
     assert len({s.cuda_stream for s in streams}) == 4
     assert streams[0].cuda_stream == streams[4].cuda_stream
     assert manager.streams.d2h().cuda_stream not in {s.cuda_stream for s in streams}
+
+
+@pytest.mark.parametrize("kinds", [("device", "pinned"), ("pinned", "device")])
+def test_large_whole_block_transfers_take_the_copy_engine(kinds):
+    """From ``copy_engine_min_bytes`` up, whole blocks between device and pinned memory move
+    through the copy engine; fewer bytes, regions, a layer range or a format change stay with
+    the kernels."""
+    block = CFG.block_bytes
+    prefs = TransferPreferences(copy_engine_min_bytes=3 * block)
+    with TransferManager.builder().preferences(prefs).build() as m:
+        src = make(m, kinds[0], True, NHD)
+        dst = make(m, kinds[1], True, NHD)
+        assert m.strategy(src, dst, num_blocks=3) is Strategy.COPY_ENGINE
+        assert m.strategy(src, dst, num_blocks=2) is Strategy.KERNEL
+        some_layers = TransferOptions(layer_range=range(1, 3))
+        assert m.strategy(src, dst, some_layers, num_blocks=6) is Strategy.KERNEL
+        universal = TransferOptions(dst_kv_layout=UNI)
+        assert m.strategy(src, dst, universal, num_blocks=6) is Strategy.KERNEL
+        regions = make(m, kinds[1], False, NHD)
+        assert m.strategy(src, regions, num_blocks=6) is Strategy.KERNEL
+        check_transfer(m, src, [5, 0, 3, 1], dst, [2, 4, 0, 5], None)
+    off = TransferPreferences(copy_engine_min_bytes=None)
+    with TransferManager.builder().preferences(off).build() as m:
+        src = make(m, kinds[0], True, NHD)
+        dst = make(m, kinds[1], True, NHD)
+        assert m.strategy(src, dst, num_blocks=CFG.num_blocks) is Strategy.KERNEL

@@ -14,6 +14,13 @@ def positive_int(value: object, argument: str) -> int:
     return value
 
 
+def non_negative_int(value: object, argument: str) -> int:
+    """Return ``value`` if it is an int >= 0 (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise InvalidArgumentError(argument, f"must be an int >= 0, got {value!r}")
+    return value
+
+
 def index_in_range(value: object, limit: int, argument: str) -> int:
     """Return ``value`` if it is an int in ``[0, limit)``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -1,8 +1,9 @@
 """The TransferManager against the paths under it.
 
-``manager``: blocks move between an engine-style layer-separate cache on the GPU and a fully
-contiguous pinned layout (``lw_to_fc`` d2h and ``fc_to_lw`` h2d), once through
-``execute_transfer`` and once through the copy kernel alone with the same address tables.
+``manager``: blocks move between a fully contiguous pinned layout and, on the GPU, an
+engine-style layer-separate cache (``lw_to_fc`` d2h and ``fc_to_lw`` h2d) or a fully contiguous
+layout (``fc_to_fc``, whole blocks), once through ``execute_transfer`` (``strategy`` says which
+path it took) and once through the copy kernel alone with the same address tables.
 ``*_gbps`` are GPU time (CUDA events; the manager is given the caller's stream so the events
 see its work), timed interleaved. ``*_wall_gbps`` are wall-clock throughput of calls issued back
 to back on the manager's own streams, which also counts the host's cost per call when it
@@ -45,6 +46,7 @@ class ManagerRow:
     num_blocks: int
     direction: str
     pattern: str
+    strategy: str
     total_bytes: int
     kernel_gbps: float
     manager_gbps: float
@@ -97,23 +99,24 @@ def _on_current_stream(fn) -> TransferCompleteNotification:
 def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> list[ManagerRow]:
     device = require_gpu()
     rows = []
-    total = len(tokens_per_block) * len(num_blocks) * 2
+    total = len(tokens_per_block) * len(num_blocks) * 4
     step = 0
     with TransferManager.builder().cuda_device_id(device.index or 0).build() as manager:
         for nt in tokens_per_block:
             dims: KvDims = dims_for(nt)
             most = max(num_blocks)
             config = LayoutConfig.from_dims(dims, most)
+            index = device.index or 0
             gpu = manager.register_layout(
-                PhysicalLayout.builder(config)
-                .layer_separate()
-                .allocate_device(device.index or 0)
-                .build()
+                PhysicalLayout.builder(config).layer_separate().allocate_device(index).build()
+            )
+            gpu_fc = manager.register_layout(
+                PhysicalLayout.builder(config).fully_contiguous().allocate_device(index).build()
             )
             host = manager.register_layout(
                 PhysicalLayout.builder(config).fully_contiguous().allocate_pinned().build()
             )
-            for h in (gpu, host):
+            for h in (gpu, gpu_fc, host):
                 fill_blocks(manager.layout(h), range(most), FillPattern.sequential())
             for nb in num_blocks:
                 ids = list(range(nb))
@@ -121,6 +124,8 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
                 for direction, src, dst, pattern in (
                     ("d2h", gpu, host, "lw_to_fc"),
                     ("h2d", host, gpu, "fc_to_lw"),
+                    ("d2h", gpu_fc, host, "fc_to_fc"),
+                    ("h2d", host, gpu_fc, "fc_to_fc"),
                 ):
                     step += 1
                     progress(step, total, f"manager tpb={nt} N={nb} {direction}")
@@ -145,6 +150,7 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
                             nb,
                             direction,
                             pattern,
+                            manager.strategy(src, dst, num_blocks=nb).value,
                             nbytes,
                             round(gbps(nbytes, k_ms), 2),
                             round(gbps(nbytes, m_ms), 2),
@@ -155,8 +161,8 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
                             round(_call_us(manager, src, ids, dst), 1),
                         )
                     )
-            manager.release_layout(gpu)
-            manager.release_layout(host)
+            for h in (gpu, gpu_fc, host):
+                manager.release_layout(h)
     return rows
 
 

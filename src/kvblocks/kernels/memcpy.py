@@ -35,6 +35,23 @@ def _runtime():
     return runtime
 
 
+def has_cuda_bindings() -> bool:
+    """Whether cuda-bindings, which the copy-engine paths call, is installed."""
+    return _runtime() is not None
+
+
+def require_cuda_bindings() -> None:
+    """Raise where a GPU is present but cuda-bindings is not.
+
+    Raises:
+        BackendUnavailableError: the copy engines cannot be driven here.
+    """
+    if torch.cuda.is_available() and not has_cuda_bindings():
+        raise BackendUnavailableError(
+            "memcpy on a GPU needs cuda-bindings (pip install kvblocks[gpu])"
+        )
+
+
 @functools.cache
 def has_memcpy_batch_async() -> bool:
     """True where a GPU, cuda-bindings and a CUDA 12.8+ driver and runtime are all present."""
@@ -114,12 +131,8 @@ def plan_memcpy(
     if size_t.numel() and int(size_t.min()) < 1:
         raise InvalidArgumentError("sizes", "must all be positive byte counts")
     check_disjoint(src, size_t, dst, size_t, "src_ptrs", "dst_ptrs")
-    cuda = torch.cuda.is_available()
-    if cuda and _runtime() is None:
-        raise BackendUnavailableError(
-            "memcpy on a GPU needs cuda-bindings (pip install kvblocks[gpu])"
-        )
-    return MemcpyPlan(src.tolist(), dst.tolist(), size_t.tolist(), cuda)
+    require_cuda_bindings()
+    return MemcpyPlan(src.tolist(), dst.tolist(), size_t.tolist(), torch.cuda.is_available())
 
 
 def memcpy_batch(

@@ -7,23 +7,25 @@ working together.
 
 The copy kernel reading pinned memory itself moves about 93% of what one bulk copy-engine
 transfer does (SM-issued PCIe reads; ``docs/performance.md``), and the copy engine is slow for
-many small pairs. Here the pairs' sources, sorted by address, are merged into spans contiguous
+many small pairs. Here the pairs' sources, in address order, are merged into spans contiguous
 in host memory, which the copy engine moves in bulk into a staging slot; the copy kernel then
-places each pair from the slot at device-copy speed. The spans are cut into pieces of at most
-``piece_bytes`` (at pair boundaries) that go through two slots in turn, so that the kernel
-places piece ``i`` while the copy engine fills the other slot with piece ``i + 1``.
+places each pair from the slot at device-copy speed. The pairs are cut into pieces of at most
+``piece_bytes`` that go through two slots in turn, so that the kernel places piece ``i`` while
+the copy engine fills the other slot with piece ``i + 1``.
 
 Worth it where the sources form long runs in host memory (a fully contiguous layout, or a
-layer-separate one read for consecutive block ids); pairs scattered in host memory give the
-copy engine short spans, which it moves slowly.
+layer-separate one read for consecutive block ids) and the copy is large (tens of MiB): pairs
+scattered in host memory give the copy engine short spans, which it moves slowly, and a small
+copy does not overlap the two steps for long.
 
-On a machine without a GPU the same plan runs with ``memmove`` and the copy kernel's CPU path.
+Planning is a few vector operations over the pairs and never waits for the GPU, so a plan can
+be made per transfer. On a machine without a GPU the same plan runs with ``memmove`` and the
+copy kernel's CPU path.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
@@ -37,54 +39,104 @@ from kvblocks.kernels.addresses import (
 )
 from kvblocks.kernels.backend import available, default_device
 from kvblocks.kernels.copy import CopyPlan
-from kvblocks.kernels.memcpy import MemcpyPlan, plan_memcpy
+from kvblocks.kernels.memcpy import MemcpyPlan, require_cuda_bindings
 from kvblocks.layout import MemoryRegion
 
 #: Bytes of one piece (and of one staging slot).
 PIECE_BYTES = 32 << 20
 
 
-@dataclass(frozen=True)
-class _Piece:
-    fill: MemcpyPlan
-    """Host spans into the piece's slot, through the copy engine."""
-    place: CopyPlan
-    """Each pair from the slot to its destination, through the copy kernel."""
-
-
 class StagedPlan:
     """A validated staged copy (see the module documentation), ready to run any number of
-    times. Holds its two staging slots (``2 * piece_bytes`` of device memory at most)."""
+    times.
 
-    def __init__(self, pieces: list[_Piece], slots: list[torch.Tensor]) -> None:
-        self.pieces = pieces
-        self._slots = slots  # the memory the plans point into
-        cuda = bool(slots) and slots[0].device.type == "cuda"
-        self._side = torch.cuda.Stream(slots[0].device) if cuda else None
-        self._filled = [torch.cuda.Event() for _ in slots] if cuda else []
-        self._placed = [torch.cuda.Event() for _ in slots] if cuda else []
+    Pair ``i`` of the plan (in staging order) lands at ``dst[i]``; piece ``p`` holds pairs
+    ``[p * per_piece, (p + 1) * per_piece)`` and is filled by the spans
+    ``[bounds[p], bounds[p + 1])``. Holds its two staging slots (``2 * per_piece * size`` bytes
+    of device memory at most).
+    """
+
+    def __init__(
+        self,
+        spans: tuple[list[int], list[int], list[int]],
+        bounds: list[int],
+        dst: torch.Tensor,
+        size: int,
+        per_piece: int,
+        slots: torch.Tensor,
+        align: int,
+    ) -> None:
+        self._span_src, self._span_offset, self._span_bytes = spans
+        self._bounds = bounds
+        self._dst = dst  # [num_pairs] int64 destination addresses, where the kernel runs
+        self.size = size
+        self.per_piece = per_piece
+        self._slots = slots  # [2, per_piece * size] uint8 (one row when one piece)
+        self._align = align
+        device = slots.device
+        self._backend = available(device)
+        self._slot_bases = [torch.full((1,), row.data_ptr(), device=device) for row in slots]
+        self._index = torch.arange(min(per_piece, dst.numel()), device=device)
+        self._cuda = device.type == "cuda"
+        self._filled = [torch.cuda.Event() for _ in slots] if self._cuda else []
+        self._placed = [torch.cuda.Event() for _ in slots] if self._cuda else []
+        self._ready = torch.cuda.Event() if self._cuda else None
+        if self._ready is not None:  # the tables above are written on the current stream
+            self._ready.record(torch.cuda.current_stream(device))
+
+    @property
+    def num_pairs(self) -> int:
+        return self._dst.numel()
+
+    @property
+    def num_pieces(self) -> int:
+        return len(self._bounds) - 1
+
+    def fill(self, piece: int) -> MemcpyPlan:
+        """The copy-engine copies of piece ``piece``: its host spans into its slot."""
+        first, end = self._bounds[piece], self._bounds[piece + 1]
+        base = self._slots[piece % len(self._slots)].data_ptr()
+        return MemcpyPlan(
+            self._span_src[first:end],
+            [base + offset for offset in self._span_offset[first:end]],
+            self._span_bytes[first:end],
+            self._cuda,
+        )
+
+    def place(self, piece: int) -> CopyPlan:
+        """The copy kernel of piece ``piece``: each of its pairs from the slot to its place."""
+        pairs = self._dst[piece * self.per_piece : (piece + 1) * self.per_piece]
+        bases = self._slot_bases[piece % len(self._slots)]
+        slot = StridedTable(self._index[: pairs.numel()], bases, self.size)
+        device = self._slots.device
+        return CopyPlan(
+            slot, StridedTable.flat(pairs), self.size, self._align, device, self._backend
+        )
 
     def run(self, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueue the copy: fills on a side stream, placements on ``stream`` (default: the
         current one), which the whole copy is ordered on, before and after. Runs of one plan
         share its slots: give them one stream (or streams ordered one after the other)."""
-        if self._side is None:
-            for piece in self.pieces:
-                piece.fill.run()
-                piece.place.run()
+        if not self._cuda:
+            for piece in range(self.num_pieces):
+                self.fill(piece).run()
+                self.place(piece).run()
             return
-        main = stream or torch.cuda.current_stream(self._slots[0].device)
-        side = self._side
+        main = stream or torch.cuda.current_stream(self._slots.device)
+        main.wait_event(self._ready)
+        side = torch.cuda.Stream(self._slots.device)
         side.wait_stream(main)  # after the sources are written and earlier runs placed
-        for i, piece in enumerate(self.pieces):
-            slot = i % len(self._slots)
-            if i >= len(self._slots):
+        for used_on in (main, side):  # the slots outlive this plan until both are done
+            self._slots.record_stream(used_on)
+        for piece in range(self.num_pieces):
+            slot = piece % len(self._slots)
+            if piece >= len(self._slots):
                 side.wait_event(self._placed[slot])  # the kernel is done reading the slot
-            piece.fill.run(batched=True, stream=side)
+            self.fill(piece).run(batched=True, stream=side)
             self._filled[slot].record(side)
             main.wait_event(self._filled[slot])
             with torch.cuda.stream(main):
-                piece.place.run()
+                self.place(piece).run()
             self._placed[slot].record(main)
 
 
@@ -113,7 +165,9 @@ def plan_staged_h2d(
         InvalidArgumentError: tables of different lengths, a size that is not positive, a
             ``piece_bytes`` smaller than ``size``, a source outside ``src_allocations``, or
             destinations overlapping each other or a source.
+        BackendUnavailableError: a GPU, and no cuda-bindings to drive its copy engines.
     """
+    require_cuda_bindings()
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError("size", f"must be a positive byte count, got {size!r}")
     if piece_bytes is None:
@@ -129,48 +183,32 @@ def plan_staged_h2d(
         check_disjoint(src, sizes, dst, sizes, "src_ptrs", "dst_ptrs")
     device = torch.device(device) if device is not None else default_device()
     order = torch.argsort(src, stable=True)
-    srcs, dsts = src[order], dst[order]
-    within = _allocation_of(srcs, size, src_allocations)
-    per_piece = piece_bytes // size
-    n = srcs.numel()
+    src, dst = src[order], dst[order]
+    within = _allocation_of(src, size, src_allocations)
+    n = src.numel()
+    per_piece = min(piece_bytes // size, max(n, 1))
     index = torch.arange(n)
     piece = index // per_piece
-    offset = (index % per_piece) * size  # in the piece's slot
     new_span = torch.ones(n, dtype=torch.bool)  # where a run of sources starts
     new_span[1:] = (
-        (srcs[1:] != srcs[:-1] + size) | (within[1:] != within[:-1]) | (piece[1:] != piece[:-1])
+        (src[1:] != src[:-1] + size) | (within[1:] != within[:-1]) | (piece[1:] != piece[:-1])
     )
     first = new_span.nonzero().flatten()
     span_bytes = torch.diff(first, append=torch.tensor([n])) * size
+    span_offset = (first % per_piece) * size
     pieces = -(-n // per_piece)
     bounds = torch.searchsorted(piece[first], torch.arange(pieces + 1)).tolist()
-    slot_bytes = min(n, per_piece) * size
-    slots = [
-        torch.empty(slot_bytes, dtype=torch.uint8, device=device) for _ in range(min(pieces, 2))
-    ]
-    bases = torch.tensor([t.data_ptr() for t in slots], dtype=torch.int64)
-    staged = bases[piece % 2] + offset
-    place_src = staged.to(device)
-    place_dst = dsts.to(device)
-    align = common_alignment(torch.cat([staged, dsts]), size)
-    backend = available(device)
-    plans = []
-    for p in range(pieces):
-        spans = first[bounds[p] : bounds[p + 1]]
-        fill = plan_memcpy(
-            srcs[spans], bases[p % 2] + offset[spans], span_bytes[bounds[p] : bounds[p + 1]]
-        )
-        part = slice(p * per_piece, min(n, (p + 1) * per_piece))
-        place = CopyPlan(
-            StridedTable.flat(place_src[part]),
-            StridedTable.flat(place_dst[part]),
-            size,
-            align,
-            device,
-            backend,
-        )
-        plans.append(_Piece(fill, place))
-    return StagedPlan(plans, slots)
+    slots = torch.empty((min(pieces, 2), per_piece * size), dtype=torch.uint8, device=device)
+    align = common_alignment(dst, size, slots.data_ptr(), slots.stride(0))
+    spans = (src[first].tolist(), span_offset.tolist(), span_bytes.tolist())
+    return StagedPlan(spans, bounds, _to(dst, device), size, per_piece, slots, align)
+
+
+def _to(table: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``table`` on ``device``, through pinned memory so that the host does not wait."""
+    if device.type != "cuda":
+        return table
+    return table.pin_memory().to(device, non_blocking=True)
 
 
 def _allocation_of(

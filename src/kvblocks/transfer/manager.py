@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvblocks.checks import first_repeat, positive_int
+from kvblocks.checks import first_repeat, non_negative_int, positive_int
 from kvblocks.errors import (
     BackendUnavailableError,
     BlockIdOutOfRangeError,
@@ -42,6 +42,7 @@ from kvblocks.errors import (
     OverlapError,
     TransferError,
 )
+from kvblocks.kernels.memcpy import has_cuda_bindings
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
@@ -188,10 +189,14 @@ class TransferManager:
         if config.nixl_backends:
             self.nixl = NixlAgent(config.agent_name, config.nixl_backends)
             self._peers = Peers(self.nixl)
+        least = config.preferences.copy_engine_min_bytes
+        if least is not None:
+            non_negative_int(least, "preferences.copy_engine_min_bytes")
         self._policy = RoutePolicy(
             copy_engine=config.preferences.copy_engine,
             nixl=self.nixl is not None,
             gpu_rdma=config.capabilities.allow_gpu_rdma,
+            copy_engine_min_bytes=least if has_cuda_bindings() else None,
         )
         self._bounces = BouncePool(agent=self.nixl)
         self._io = io_pool(config.io_threads)
@@ -378,21 +383,25 @@ class TransferManager:
     # Transfers -------------------------------------------------------------------------------
 
     def strategy(
-        self, src: LayoutHandle, dst: LayoutHandle, options: TransferOptions | None = None
+        self,
+        src: LayoutHandle,
+        dst: LayoutHandle,
+        options: TransferOptions | None = None,
+        num_blocks: int = 1,
     ) -> Strategy:
-        """The strategy a transfer from ``src`` to ``dst`` with ``options`` would take."""
+        """The strategy a transfer of ``num_blocks`` blocks from ``src`` to ``dst`` with
+        ``options`` would take (large pinned -> device copies take another than small ones)."""
         options = options or TransferOptions()
-        none = torch.zeros(0, dtype=torch.int64)
+        ids = torch.zeros(positive_int(num_blocks, "num_blocks"), dtype=torch.int64)
         sides = []
         for handle, override, name in (
             (src, options.src_kv_layout, "src"),
             (dst, options.dst_kv_layout, "dst"),
         ):
             physical = self._get(handle, name)
-            sides.append(
-                Side(physical, none, self._format(physical, override, f"{name}_kv_layout"))
-            )
-        return route(*sides, self._policy).strategy
+            sides.append(Side(physical, ids, self._format(physical, override, f"{name}_kv_layout")))
+        layers = sides[0].physical.layout.layer_range(options.layer_range)
+        return route(*sides, self._policy, layers).strategy
 
     def execute_transfer(
         self,
@@ -423,7 +432,7 @@ class TransferManager:
         src_side, dst_side, layers = self._prepare(src, src_ids, dst, dst_ids, options)
         if src_side.ids.numel() == 0:
             return TransferCompleteNotification.ready()
-        plan = route(src_side, dst_side, self._policy)
+        plan = route(src_side, dst_side, self._policy, layers)
         message = self._nixl_message(options, plan, src_side, dst_side)
         check_overlap = _share_memory(src_side.physical, dst_side.physical)
         if plan.strategy.stays_on_gpu:

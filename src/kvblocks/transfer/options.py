@@ -13,6 +13,10 @@ from kvblocks.errors import InvalidArgumentError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.transfer.handles import LayoutHandle
 
+#: Default of ``TransferPreferences.copy_engine_min_bytes``: where the copy engine overtook the
+#: kernels on an H100 (docs/performance.md).
+COPY_ENGINE_MIN_BYTES = 16 << 20
+
 
 class NativeVsNixlPolicy(Enum):
     """Whether transfers between this worker's memories go through kvblocks' own paths
@@ -53,10 +57,16 @@ class TransferPreferences:
             kernels. Faster for whole contiguous blocks (55 against 51 GB/s h2d on an H100),
             much slower for many small regions; a format change then runs on the GPU from a
             temporary of the device memory pool.
+        copy_engine_min_bytes: same-format transfers of whole blocks (both layouts fully
+            contiguous, every layer) between device and pinned memory of at least this many
+            bytes use the copy engine, as ``copy_engine`` does (55 against 51 GB/s h2d on an
+            H100 from 16 MiB up). ``None`` leaves them to the kernels. Needs cuda-bindings
+            (extra ``gpu``); without it the kernels move them.
     """
 
     native_vs_nixl: NativeVsNixlPolicy = NativeVsNixlPolicy.AUTOMATIC
     copy_engine: bool = False
+    copy_engine_min_bytes: int | None = COPY_ENGINE_MIN_BYTES
 
 
 @dataclass(frozen=True)

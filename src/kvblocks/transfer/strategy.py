@@ -21,7 +21,8 @@ class Strategy(Enum):
     KERNEL = "kernel"
     """One copy or permute kernel: device<->device, device<->pinned (zero copy)."""
     COPY_ENGINE = "copy_engine"
-    """cudaMemcpyBatchAsync: device<->pinned when preferred, same format."""
+    """cudaMemcpyBatchAsync: device<->pinned, same format, when preferred or for whole blocks
+    of at least ``copy_engine_min_bytes``."""
     COPY_ENGINE_PERMUTE = "copy_engine_permute"
     """Copy engine into (or out of) a device temporary, permute kernel on the device."""
     HOST_COPY = "host_copy"
@@ -83,15 +84,20 @@ class RoutePolicy:
         copy_engine: prefer ``cudaMemcpyBatchAsync`` to kernels between device and pinned.
         nixl: this worker has a NIXL agent (remote layouts can move).
         gpu_rdma: NIXL may read and write GPU memory directly (else through pinned memory).
+        copy_engine_min_bytes: same-format transfers of whole blocks between device and
+            pinned memory of at least this many bytes use the copy engine (``None``: only when
+            ``copy_engine`` says so).
     """
 
     copy_engine: bool = False
     nixl: bool = False
     gpu_rdma: bool = False
+    copy_engine_min_bytes: int | None = None
 
 
-def route(src: Side, dst: Side, policy: RoutePolicy) -> Route:
-    """The strategy and hops that move ``src`` into ``dst``.
+def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None) -> Route:
+    """The strategy and hops that move layers ``layers`` (default: all) of ``src`` into
+    ``dst``.
 
     Raises:
         BackendUnavailableError: a remote layout, and this worker has no NIXL agent.
@@ -143,6 +149,9 @@ def route(src: Side, dst: Side, policy: RoutePolicy) -> Route:
     if not (src.on_gpu or dst.on_gpu):
         return Route(Strategy.HOST_COPY, ((H.HOST, src, dst),))
     if src.gpu_reachable and dst.gpu_reachable:
+        copy_engine = copy_engine or (
+            not change and _whole_blocks(src, dst, layers) and _large(src, policy, layers)
+        )
         if not copy_engine or (src.on_gpu and dst.on_gpu):
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         if not change:
@@ -157,6 +166,21 @@ def route(src: Side, dst: Side, policy: RoutePolicy) -> Route:
     if src.on_gpu:  # into pageable system memory
         return Route(Strategy.PINNED_BOUNCE, ((H.GPU, src, written_as), (H.HOST, written_as, dst)))
     return Route(Strategy.PINNED_BOUNCE, ((H.HOST, src, read_as), (H.GPU, read_as, dst)))
+
+
+def _large(src: Side, policy: RoutePolicy, layers: range | None) -> bool:
+    """Whether the transfer moves at least ``policy.copy_engine_min_bytes``."""
+    config = src.config
+    layers = range(config.num_layers) if layers is None else layers
+    nbytes = src.ids.numel() * len(layers) * config.outer_dim * config.region_bytes
+    least = policy.copy_engine_min_bytes
+    return least is not None and nbytes >= least
+
+
+def _whole_blocks(src: Side, dst: Side, layers: range | None) -> bool:
+    """Whether every block moves as one span (both layouts fully contiguous, every layer)."""
+    every = layers is None or len(layers) == src.config.num_layers
+    return every and all(s.physical.layout.is_fully_contiguous for s in (src, dst))
 
 
 def _remote_route(src: Side, dst: Side, remote_src: bool, gpu_rdma: bool) -> Route:
