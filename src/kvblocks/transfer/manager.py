@@ -390,7 +390,8 @@ class TransferManager:
         num_blocks: int = 1,
     ) -> Strategy:
         """The strategy a transfer of ``num_blocks`` blocks from ``src`` to ``dst`` with
-        ``options`` would take (large pinned -> device copies take another than small ones)."""
+        ``options`` would take (whole blocks between device and pinned memory take the copy
+        engine from ``copy_engine_min_bytes`` up, the kernel below)."""
         options = options or TransferOptions()
         ids = torch.zeros(positive_int(num_blocks, "num_blocks"), dtype=torch.int64)
         sides = []
