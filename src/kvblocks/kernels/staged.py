@@ -81,12 +81,8 @@ class StagedPlan:
         self._filled = [torch.cuda.Event() for _ in slots] if self._cuda else []
         self._placed = [torch.cuda.Event() for _ in slots] if self._cuda else []
         self._ready = torch.cuda.Event() if self._cuda else None
-        if self._ready is not None:  # the tables above are written on the current stream
+        if self._cuda:  # the tables above are written on the current stream
             self._ready.record(torch.cuda.current_stream(device))
-
-    @property
-    def num_pairs(self) -> int:
-        return self._dst.numel()
 
     @property
     def num_pieces(self) -> int:

@@ -178,17 +178,20 @@ def _tables(
     return tables[0], tables[1], align
 
 
+def whole_blocks(src: Side, dst: Side, layers: range) -> bool:
+    """Whether a same-format copy moves each block as one span: both layouts fully contiguous,
+    every layer."""
+    every = len(layers) == src.config.num_layers
+    return every and all(s.physical.layout.is_fully_contiguous for s in (src, dst))
+
+
 def copy_pairs(
     src: Side, dst: Side, layers: range, device: torch.device = _CPU
 ) -> tuple[StridedTable, StridedTable, int, int]:
     """Source and destination address tables, the bytes of each pair and the pairs' common
     alignment, for a same-format copy: whole blocks when both layouts are fully contiguous
     and every layer moves, else ``(block, layer, outer)`` regions."""
-    whole = (
-        len(layers) == src.config.num_layers
-        and src.physical.layout.is_fully_contiguous
-        and dst.physical.layout.is_fully_contiguous
-    )
+    whole = whole_blocks(src, dst, layers)
     size = src.config.block_bytes if whole else src.config.region_bytes
     s, d, align = _tables(src, dst, layers, (whole, whole), device)
     return s, d, size, min(align, common_alignment(size))

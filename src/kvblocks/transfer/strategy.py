@@ -14,7 +14,7 @@ from enum import Enum
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.storage import StorageKind
-from kvblocks.transfer.executor import Hop, HopKind, Side
+from kvblocks.transfer.executor import Hop, HopKind, Side, whole_blocks
 
 
 class Strategy(Enum):
@@ -117,6 +117,7 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
             )
         return _remote_route(src, dst, remote_src, policy.gpu_rdma)
     copy_engine = policy.copy_engine
+    layers = range(src.config.num_layers) if layers is None else layers
     change = src.fmt.requires_transform(dst.fmt)
     src_file = src.physical.storage is StorageKind.DISK
     dst_file = dst.physical.storage is StorageKind.DISK
@@ -150,7 +151,7 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
         return Route(Strategy.HOST_COPY, ((H.HOST, src, dst),))
     if src.gpu_reachable and dst.gpu_reachable:
         copy_engine = copy_engine or (
-            not change and _whole_blocks(src, dst, layers) and _large(src, policy, layers)
+            not change and whole_blocks(src, dst, layers) and _large(src, policy, layers)
         )
         if not copy_engine or (src.on_gpu and dst.on_gpu):
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
@@ -168,19 +169,12 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     return Route(Strategy.PINNED_BOUNCE, ((H.HOST, src, read_as), (H.GPU, read_as, dst)))
 
 
-def _large(src: Side, policy: RoutePolicy, layers: range | None) -> bool:
+def _large(src: Side, policy: RoutePolicy, layers: range) -> bool:
     """Whether the transfer moves at least ``policy.copy_engine_min_bytes``."""
     config = src.config
-    layers = range(config.num_layers) if layers is None else layers
     nbytes = src.ids.numel() * len(layers) * config.outer_dim * config.region_bytes
     least = policy.copy_engine_min_bytes
     return least is not None and nbytes >= least
-
-
-def _whole_blocks(src: Side, dst: Side, layers: range | None) -> bool:
-    """Whether every block moves as one span (both layouts fully contiguous, every layer)."""
-    every = layers is None or len(layers) == src.config.num_layers
-    return every and all(s.physical.layout.is_fully_contiguous for s in (src, dst))
 
 
 def _remote_route(src: Side, dst: Side, remote_src: bool, gpu_rdma: bool) -> Route:
