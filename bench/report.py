@@ -151,6 +151,37 @@ def remote_table(rows: list[dict]) -> str:
     return markdown(columns, body)
 
 
+def sharing_table(rows: list[dict]) -> str:
+    columns = [
+        "tpb",
+        "blocks",
+        "bytes",
+        "lookup from the peer ms",
+        "its NIXL read ms",
+        "lookup from local G2 ms",
+        "NIXL alone ms",
+        "GB/s",
+        "parts GB/s",
+        "ratio",
+    ]
+    body = [
+        [
+            r["tokens_per_block"],
+            r["num_blocks"],
+            f"{int(r['total_bytes']) / 2**20:.0f} MiB",
+            r["peer_lookup_ms"],
+            r["peer_read_ms"],
+            r["local_lookup_ms"],
+            r["nixl_alone_ms"],
+            r["sharing_gbps"],
+            r["parts_gbps"],
+            r["ratio"],
+        ]
+        for r in rows
+    ]
+    return markdown(columns, body)
+
+
 def pool_table(rows: list[dict]) -> str:
     body = [
         [r["operation"], r["blocks"], r["median_us"], f"{int(r['blocks_per_second']):,}"]
@@ -166,6 +197,7 @@ SECTIONS = [
     ("transfers.csv", "TransferManager: device <-> pinned", transfers_table),
     ("disk.csv", "TransferManager: pinned <-> disk", disk_table),
     ("remote.csv", "TransferManager: device <-> another worker (NIXL)", remote_table),
+    ("sharing.csv", "BlockManager: prefix lookups served by another worker (G4)", sharing_table),
     ("pool.csv", "Block pool (CPU)", pool_table),
 ]
 

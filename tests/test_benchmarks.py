@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, transfers
+from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, sharing, transfers
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
@@ -48,7 +48,7 @@ def test_bench_argument_errors(capsys, tmp_path, args, message):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 @pytest.mark.parametrize(
-    "suite", ["kvbench", "permute", "paged", "transfers", "disk", "remote", "pool"]
+    "suite", ["kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "pool"]
 )
 def test_plot_from_recorded_csv(tmp_path, suite):
     png = tmp_path / f"{suite}.png"
@@ -138,6 +138,15 @@ def test_remote_suite_runs_small():
     assert len(rows) == 2 * 2 * len(remote.ROUTES)
     assert {(r.route, r.strategy) for r in rows} == {("direct", "nixl"), ("staged", "nixl_bounce")}
     assert all(r.nixl_gbps > 0 and r.local_gbps > 0 for r in rows)
+
+
+@pytest.mark.skipif(not nixl_available(), reason="needs NIXL")
+def test_sharing_suite_runs_small():
+    pytest.importorskip("zmq")
+    small = KvDims(nl=2, no=2, nh=2, nt=4, hd=16, dtype="bf16")
+    rows = sharing.run(lambda nt: small, [4], [1, 3], warmup=1, iters=2)
+    assert [(r.num_blocks, r.total_bytes) for r in rows] == [(1, 1024), (3, 3072)]
+    assert all(r.peer_lookup_ms > r.peer_read_ms > 0 and r.nixl_alone_ms > 0 for r in rows)
 
 
 def test_pool_suite_runs_on_the_cpu(capsys):

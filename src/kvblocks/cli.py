@@ -217,7 +217,7 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
-BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "remote", "pool")
+BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "pool")
 
 
 def _check_output(flag: str, path: str | None) -> None:
@@ -251,7 +251,7 @@ def _check_bench_files(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, transfers
+    from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, sharing, transfers
     from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
     _check_bench_files(args)
@@ -286,11 +286,10 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     elif args.suite == "paged":
         dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
         rows = paged.run(dims, args.pairs, args.warmup, args.iters)
-    elif args.suite == "remote":
+    elif args.suite in ("remote", "sharing"):
         spec = lookup_model(args.model)
-        rows = remote.run(
-            lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks
-        )
+        run = remote.run if args.suite == "remote" else sharing.run
+        rows = run(lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks)
     else:
         spec = lookup_model(args.model)
         run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
@@ -298,7 +297,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         rows = run(
             lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
         )
-    where = cpu_name() if args.suite == "pool" else gpu_name()
+    on_cpu = args.suite == "pool" or (args.suite == "sharing" and gpu_name() == "no GPU")
+    where = cpu_name() if on_cpu else gpu_name()
     print(f"# {args.suite} on {where}", file=sys.stderr)
     if args.csv:
         with open(args.csv, "w", newline="") as f:
@@ -323,7 +323,7 @@ def _add_bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: kvbench (default), permute, paged, transfers, disk, remote (GPU;"
-        " remote also needs NIXL); pool (CPU)",
+        " remote also needs NIXL); sharing (NIXL; a GPU where there is one); pool (CPU)",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
@@ -365,6 +365,7 @@ _BENCH_DEFAULTS = {
     "transfers": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "disk": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "remote": {"tokens_per_block": [16], "num_blocks": [1, 128]},
+    "sharing": {"tokens_per_block": [16], "num_blocks": [1, 8, 64]},
     "pool": {"tokens_per_block": [16], "num_blocks": [1000]},
 }
 

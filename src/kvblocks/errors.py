@@ -83,3 +83,8 @@ class TransferError(KvBlocksError):
 
 class SerializationError(KvBlocksError):
     """A serialized layout that cannot be read: another format version, or damaged bytes."""
+
+
+class PeerError(KvBlocksError):
+    """Another worker that did not answer in time, answered with an error, or speaks another
+    version of the block-sharing protocol."""

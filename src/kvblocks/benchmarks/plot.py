@@ -21,13 +21,14 @@ class Measure:
 
 
 #: The measures plots know, in order of preference: a CSV is drawn with the first whose
-#: columns it has (kvbench and paged, permute, transfers, disk, remote, pool).
+#: columns it has (kvbench and paged, permute, transfers, disk, remote, sharing, pool).
 MEASURES = (
     Measure("bandwidth_gbps", "ceiling_gbps", "ceiling (same run)", "GB/s"),
     Measure("bandwidth_gbps", "copy_gbps", "device copy (same run)", "GB/s"),
     Measure("manager_gbps", "kernel_gbps", "kernel alone (same run)", "GB/s"),
     Measure("kvblocks_gbps", "dd_gbps", "dd (same run)", "GB/s"),
     Measure("nixl_gbps", "nixl_alone_gbps", "NIXL alone (same run)", "GB/s"),
+    Measure("sharing_gbps", "parts_gbps", "NIXL alone + local lookup (same run)", "GB/s"),
     Measure("blocks_per_second", None, "", "blocks/s"),
 )
 
@@ -52,6 +53,12 @@ _RESULTS = {
     "nixl_alone_gbps",
     "local_gbps",
     "blocks_per_second",
+    "peer_lookup_ms",
+    "peer_read_ms",
+    "local_lookup_ms",
+    "nixl_alone_ms",
+    "sharing_gbps",
+    "parts_gbps",
     "ratio",
     "wall_ratio",
     "plan_us",

@@ -67,11 +67,12 @@ def _median_gbps(fn, nbytes: int, warmup: int, iters: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
-def _nixl_alone(here, there, behind, op: NixlOp, on_gpu: bool, nbytes: int, warmup, iters):
+def nixl_alone_gbps(here, there, behind, op: NixlOp, on_gpu: bool, nbytes: int, warmup, iters):
     """NIXL moving ``nbytes`` in one descriptor between a fresh buffer here and the start of
     the other worker's layout ``behind``."""
     device = here.device if on_gpu else torch.device("cpu")
-    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=not on_gpu)
+    pinned = not on_gpu and torch.cuda.is_available()
+    buffer = torch.empty(nbytes, dtype=torch.uint8, device=device, pin_memory=pinned)
     kind, index = memory_of(device)
     registration = here.nixl.register([MemoryRegion(buffer.data_ptr(), nbytes)], kind, index)
     target = RemoteMemory(there.nixl.name, MemKind.DRAM, 0)
@@ -135,7 +136,7 @@ def run(dims_for, tokens_per_block, num_blocks, warmup=1, iters=5) -> list[Remot
                             for s, d in pairs
                         ]
                         # NIXL alone first: its WRITE leaves other bytes in the remote layout.
-                        alone = _nixl_alone(
+                        alone = nixl_alone_gbps(
                             here, there, behind, op, route == "direct", nbytes, warmup, iters
                         )
                         nixl, mine = (_median_gbps(f, nbytes, warmup, iters) for f in runs)

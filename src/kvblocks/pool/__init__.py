@@ -3,7 +3,8 @@
 - :mod:`~kvblocks.pool.hashing`: sequence hashes, deterministic across processes and machines.
 - :class:`BlockPool`: the blocks of one tier: allocation, sharing, prefix lookup, LRU eviction.
 - :class:`BlockManager`: tiers G1/G2/G3 with offload and onboard, configured by
-  :class:`BlockManagerConfig`.
+  :class:`BlockManagerConfig`, and G4: blocks read from other workers' G2
+  (:mod:`~kvblocks.pool.sharing`).
 - :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
   :mod:`~kvblocks.pool.publishers`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.

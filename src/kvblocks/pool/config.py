@@ -50,6 +50,9 @@ class BlockManagerConfig:
         device_format: the order inside a G1 block (an operational format: engines compute in it).
         storage_format: the order inside G2 and G3 blocks (``UniversalTP`` by default, so a
             stored block can be served to any tensor-parallel split).
+        nixl_backend: the NIXL backend plugin (``"UCX"``, ...) of the manager's own
+            TransferManager, needed to share G2 blocks with other workers (tier G4); None
+            for no NIXL agent.
     """
 
     num_layers: int
@@ -67,6 +70,7 @@ class BlockManagerConfig:
     device_id: int = 0
     device_format: KvBlockLayout = KvBlockLayout.OperationalNHD
     storage_format: KvBlockLayout = KvBlockLayout.UniversalTP
+    nixl_backend: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim", "block_size", "outer_dim"):
@@ -101,6 +105,12 @@ class BlockManagerConfig:
         if self.storage_format.dim_order is None:
             raise InvalidArgumentError(
                 "storage_format", f"must be a known format, got {self.storage_format.name}"
+            )
+        if self.nixl_backend is not None and (
+            not isinstance(self.nixl_backend, str) or not self.nixl_backend
+        ):
+            raise InvalidArgumentError(
+                "nixl_backend", f"must be a NIXL plugin name or None, got {self.nixl_backend!r}"
             )
         if self.enable_offload:
             if self.host_blocks == 0:

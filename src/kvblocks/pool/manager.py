@@ -1,4 +1,5 @@
-"""BlockManager: the KV cache of one worker over tiers G1 (device), G2 (pinned host), G3 (disk).
+"""BlockManager: the KV cache of one worker over tiers G1 (device), G2 (pinned host), G3 (disk),
+and G4: what other workers' G2 caches.
 
 An engine talks to it in four calls::
 
@@ -12,7 +13,10 @@ With offload enabled, every block registered in G1 is copied to G2 by a backgrou
 every block stored in G2 is copied on to G3, so a tier that evicts (least recently used first)
 loses nothing a lower tier holds. :meth:`BlockManager.lookup` finds the longest prefix across
 the tiers and copies the G2 and G3 part back into G1 (G3 blocks through G2, their checksums
-checked on the way: a corrupted block is dropped and counts as a miss).
+checked on the way: a corrupted block is dropped and counts as a miss). With peers
+(:meth:`BlockManager.add_peer`; :meth:`BlockManager.serve` on their side), the blocks after the
+local prefix are read from the peer that caches the most of them into G2 (one NIXL READ) and
+onboarded from there (see :mod:`kvblocks.pool.sharing` for the conversation).
 
 Blocks are held (reference counted in their :class:`BlockPool`) while a transfer reads or
 writes them, so no transfer ever races an eviction. All bookkeeping runs under one lock; the
@@ -24,6 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import secrets
 import threading
 import time
 from collections.abc import Sequence
@@ -32,7 +37,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.errors import (
+    BackendUnavailableError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+    KvBlocksError,
+    PeerError,
+    TransferError,
+)
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
 from kvblocks.pool.config import BlockManagerConfig
 from kvblocks.pool.events import (
@@ -46,14 +58,25 @@ from kvblocks.pool.events import (
 from kvblocks.pool.hashing import sequence_hashes
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
+from kvblocks.pool.sharing import BlockServer, BlockShape, Lease, PeerClient
 from kvblocks.pool.tier import Tier
 from kvblocks.storage import PhysicalLayout
-from kvblocks.transfer import LayoutHandle, TransferManager, block_checksums
+from kvblocks.transfer import (
+    LayoutHandle,
+    LogicalLayoutHandle,
+    SerializedLayout,
+    TransferManager,
+    block_checksums,
+)
 
 log = logging.getLogger("kvblocks.pool")
 
 #: Most blocks one background offload moves at once.
 OFFLOAD_BATCH = 256
+#: Seconds a peer holds the blocks it leases to a lookup (released as soon as they are read).
+PEER_LEASE_S = 10.0
+#: Seconds a peer that failed is left alone before it is asked again.
+PEER_RETRY_S = 5.0
 
 _WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
 
@@ -113,6 +136,19 @@ class _Onboarding:
     dst: list[int]
 
 
+@dataclass
+class _Peer:
+    """A worker whose G2 this manager reads from (its tier G4)."""
+
+    client: PeerClient
+    handle: LayoutHandle
+    """Its G2 layout, imported."""
+    server: int
+    """The id its server gave in hello; a lease with another id means it restarted."""
+    retry_at: float = 0.0
+    """Monotonic time before which it is not asked (set when it fails)."""
+
+
 @dataclass(frozen=True)
 class _ChainInfo:
     """What an event needs of a cached block besides its hash."""
@@ -158,10 +194,10 @@ class BlockManager:
         self._journal: Journal | None = None
         self._failures: list[BaseException] = []
         self.metrics = PoolMetrics(self.occupancy)
+        self._server: BlockServer | None = None
+        self._peers: dict[str, _Peer] = {}
         self._owns_transfer = transfer is None
-        self._transfer = transfer or (
-            TransferManager.builder().cuda_device_id(config.device_id).build()
-        )
+        self._transfer = transfer or self._build_transfer(config)
         try:
             self.device_tensors = self._device_tensors(device_tensors)
             self._add_tier(Tier.G1, self._g1_layout())
@@ -184,6 +220,13 @@ class BlockManager:
         self._publish()
 
     # Set-up ------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _build_transfer(config: BlockManagerConfig) -> TransferManager:
+        builder = TransferManager.builder().cuda_device_id(config.device_id)
+        if config.nixl_backend is not None:  # agents of one process need distinct names
+            builder.agent_name(f"kvblocks-{secrets.token_hex(6)}").nixl_backend(config.nixl_backend)
+        return builder.build()
 
     def _warm_up(self) -> None:
         """On a GPU, move G1's block 0 to G2 and back once, so that the kernels of both
@@ -347,7 +390,9 @@ class BlockManager:
         """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
 
         G1 hits are shared; G2 and G3 hits are copied into newly allocated G1 blocks (as many
-        as G1 can make room for), G3 blocks through G2 with their checksums checked. The
+        as G1 can make room for), G3 blocks through G2 with their checksums checked. Where the
+        local tiers' prefix ends, the peers (:meth:`add_peer`) are asked for the blocks that
+        follow, which are read into G2 (and stay cached there) and copied on into G1. The
         returned blocks are held for the caller and their bytes are in place on return.
         """
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
@@ -358,14 +403,22 @@ class BlockManager:
             short = g1.num_available < len(hashes) - len(held)
         if short:  # blocks waiting to be offloaded come back once the offload ends
             self._drain()
-        with self._lock:
-            sources = self._plan_onboard(hashes[len(held) :])
-        from_tier = {Tier.G1: len(held)}
-        if sources.blocks:
-            onboarded = self._onboard(hashes[len(held) : len(held) + len(sources.blocks)], sources)
-            held += onboarded
-            for tier, _ in sources.blocks[: len(onboarded)]:
-                from_tier[tier] = from_tier.get(tier, 0) + 1
+        fetched = self._fetch_from_peers(hashes, token_ids, len(held)) if self._peers else {}
+        try:
+            with self._lock:
+                sources = self._plan_onboard(hashes[len(held) :])
+            from_tier = {Tier.G1: len(held)}
+            if sources.blocks:
+                start = len(held)
+                onboarded = self._onboard(hashes[start : start + len(sources.blocks)], sources)
+                held += onboarded
+                for i, (tier, _) in enumerate(sources.blocks[: len(onboarded)]):
+                    source = Tier.G4 if hashes[start + i] in fetched else tier
+                    from_tier[source] = from_tier.get(source, 0) + 1
+        finally:
+            if fetched:
+                with self._lock:
+                    self._tiers[Tier.G2].pool.free(list(fetched.values()))
         misses = len(hashes) - len(held)
         self.metrics.record_lookup(from_tier, misses)
         self._publish()
@@ -487,8 +540,13 @@ class BlockManager:
                 self._queue.all_tasks_done.wait(left)
 
     def close(self) -> None:
-        """Finish the offloads, publish the last events and release every tier (the G3 file
-        and its journal stay for the next process)."""
+        """Stop serving peers, finish the offloads, publish the last events and release every
+        tier (the G3 file and its journal stay for the next process)."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for endpoint in list(self._peers):
+            self.remove_peer(endpoint)
         if self._worker is not None:
             self._queue.put(None)
             self._worker.join()
@@ -643,6 +701,215 @@ class BlockManager:
             self._emit_stored(Tier.G2, [h for _, h in new])
         return good
 
+    # Sharing with other workers (G4) ----------------------------------------------------------
+
+    def serve(self, endpoint: str = "tcp://*:5600") -> str:
+        """Serve the blocks cached in G2 to other workers' managers (their tier G4) from a
+        background thread, until :meth:`close`. Returns the endpoint bound (a port of ``*``
+        picks a free one). Anyone who reaches the endpoint can read the served blocks.
+
+        Raises:
+            InvalidArgumentError: no G2 (offload is off), already serving, or ``endpoint``
+                cannot be bound.
+            BackendUnavailableError: no NIXL agent (set ``config.nixl_backend``), or no
+                pyzmq / msgpack.
+        """
+        g2 = self._shared_g2("serve")
+        if self._server is not None:
+            raise InvalidArgumentError(
+                "endpoint", f"this manager serves at {self._server.endpoint} already"
+            )
+        self._transfer.build_logical_descriptor(g2.handle, LogicalLayoutHandle.G2)
+        layout = self._transfer.export_layout(g2.handle).to_bytes()
+        self._server = BlockServer(
+            endpoint, BlockShape.of(self.config), layout, self._lease_g2, self._release_g2
+        )
+        return self._server.endpoint
+
+    def add_peer(self, endpoint: str, timeout: float = 1.0) -> None:
+        """Ask the manager serving at ``endpoint`` (see :meth:`serve`) for the blocks of a
+        prefix that no local tier caches, on every lookup from now on. A peer that does not
+        answer within ``timeout`` seconds, or whose blocks cannot be read, is left alone for
+        :data:`PEER_RETRY_S` seconds (a warning is logged); the lookup goes on without it.
+
+        Raises:
+            PeerError: no answer within ``timeout``, or another protocol version.
+            ConfigMismatchError: the peer keeps blocks of another shape (names the field).
+            InvalidArgumentError: no G2 (offload is off), or ``endpoint`` is a peer already.
+            BackendUnavailableError: no NIXL agent (set ``config.nixl_backend``), or no
+                pyzmq / msgpack.
+        """
+        self._shared_g2("add_peer")
+        if endpoint in self._peers:
+            raise InvalidArgumentError("endpoint", f"{endpoint!r} is a peer already")
+        client = PeerClient(endpoint, timeout)
+        try:
+            peer = self._connect(client)
+        except BaseException:
+            client.close()
+            raise
+        with self._lock:
+            self._peers[endpoint] = peer
+
+    def remove_peer(self, endpoint: str) -> None:
+        """Stop asking the peer at ``endpoint``."""
+        with self._lock:
+            peer = self._peers.pop(endpoint, None)
+        if peer is None:
+            raise InvalidArgumentError("endpoint", f"{endpoint!r} is not a peer; have {self.peers}")
+        peer.client.close()
+        self._transfer.release_layout(peer.handle)
+
+    @property
+    def peers(self) -> list[str]:
+        """The endpoints of the peers, in the order they are asked."""
+        return list(self._peers)
+
+    def _shared_g2(self, call: str) -> _TierState:
+        state = self._tiers.get(Tier.G2)
+        if state is None:
+            raise InvalidArgumentError(
+                "config.enable_offload",
+                f"{call} shares G2 blocks: enable offload with a host cache",
+            )
+        if self._transfer.nixl is None:
+            raise BackendUnavailableError(
+                f'{call} needs a NIXL agent: set config.nixl_backend ("UCX") or pass a'
+                " TransferManager built with .nixl_backend(...)"
+            )
+        return state
+
+    def _connect(self, client: PeerClient) -> _Peer:
+        """Say hello to ``client``'s server, check its block shape and import its G2."""
+        info = client.hello()
+        difference = BlockShape.of(self.config).difference(info.shape)
+        if difference is not None:
+            raise ConfigMismatchError(
+                "endpoint", f"{client.endpoint} keeps blocks of another shape ({difference})"
+            )
+        handle = self._transfer.import_layout(SerializedLayout.from_bytes(info.layout))
+        return _Peer(client, handle, info.server)
+
+    def _lease_g2(self, hashes: list[int]) -> list[int]:
+        """Hold the longest prefix of ``hashes`` G2 caches, for a peer (server thread)."""
+        with self._lock:
+            pool = self._tiers[Tier.G2].pool
+            blocks = pool.match_sequence_hashes(hashes)
+            pool.acquire(blocks)
+        return blocks
+
+    def _release_g2(self, blocks: list[int]) -> None:
+        with self._lock:
+            self._tiers[Tier.G2].pool.free(blocks)
+
+    def _fetch_from_peers(
+        self, hashes: list[int], token_ids: Sequence[int], start: int
+    ) -> dict[int, int]:
+        """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part G2
+        or G3 cache) that a peer caches, as many as G1 and G2 have room for. Returns hash ->
+        G2 block, each held once more for the caller."""
+        g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
+        lower = [self._tiers[t].pool for t in (Tier.G2, Tier.G3) if t in self._tiers]
+        with self._lock:
+            end = start
+            while end < len(hashes) and any(p.lookup(hashes[end]) is not None for p in lower):
+                end += 1
+            room = min(g1.num_available - (end - start), g2.num_available)
+        wanted = hashes[end : end + max(room, 0)]
+        leased = self._lease_from_peers(wanted) if wanted else None
+        if leased is None:
+            return {}
+        peer, lease = leased
+        try:
+            return self._read_from_peer(peer, lease, hashes, token_ids, end)
+        finally:
+            self._let_go(peer, lease)
+
+    def _lease_from_peers(self, hashes: list[int]) -> tuple[_Peer, Lease] | None:
+        """The longest non-empty lease of a prefix of ``hashes`` a peer grants; the peers
+        asked before are let go of theirs."""
+        best: tuple[_Peer, Lease] | None = None
+        now = time.monotonic()
+        for endpoint, peer in list(self._peers.items()):
+            if peer.retry_at > now:
+                continue
+            leased = self._lease_from(endpoint, peer, hashes)
+            if leased is None:
+                continue
+            if best is None or len(leased[1].block_ids) > len(best[1].block_ids):
+                if best is not None:
+                    self._let_go(*best)
+                best = leased
+            else:
+                self._let_go(*leased)
+            if len(best[1].block_ids) == len(hashes):
+                break
+        return best if best is not None and best[1].block_ids else None
+
+    def _lease_from(
+        self, endpoint: str, peer: _Peer, hashes: list[int]
+    ) -> tuple[_Peer, Lease] | None:
+        """One peer's lease; a peer that restarted since its hello is greeted again (its G2
+        imported anew) and asked once more. None if it fails."""
+        try:
+            lease = peer.client.lease(hashes, PEER_LEASE_S)
+            if lease.server == peer.server:
+                return peer, lease
+            self._let_go(peer, lease)
+            fresh = self._connect(peer.client)
+            with self._lock:
+                if self._peers.get(endpoint) is peer:
+                    self._peers[endpoint] = fresh
+            self._transfer.release_layout(peer.handle)
+            return fresh, fresh.client.lease(hashes, PEER_LEASE_S)
+        except KvBlocksError as exc:
+            self._peer_failed(peer, exc)
+            return None
+
+    def _read_from_peer(
+        self, peer: _Peer, lease: Lease, hashes: list[int], token_ids: Sequence[int], at: int
+    ) -> dict[int, int]:
+        """Copy ``lease``'s blocks (the hashes from ``hashes[at]`` on) into new G2 blocks and
+        cache them there; returns hash -> G2 block, held. A failed read counts against the
+        peer and returns nothing."""
+        g2 = self._tiers[Tier.G2].pool
+        with self._lock:  # G2 may have filled since the lease was asked for
+            staging = g2.allocate(min(len(lease.block_ids), g2.num_available))
+        try:
+            self._copy(Tier.G4, list(lease.block_ids[: len(staging)]), Tier.G2, staging, True, peer)
+        except BaseException as exc:
+            with self._lock:
+                g2.free(staging)
+            if not isinstance(exc, KvBlocksError):
+                raise
+            self._peer_failed(peer, exc)
+            return {}
+        size = self.config.block_size
+        got = hashes[at : at + len(staging)]
+        with self._lock:
+            for i in range(at, at + len(staging)):
+                tokens = tuple(token_ids[i * size : (i + 1) * size])
+                self._chains.setdefault(hashes[i], _ChainInfo(hashes[i - 1] if i else None, tokens))
+            cached, new = self._cache(g2, staging, got)
+            for b, c in zip(staging, cached, strict=True):
+                if c != b:  # another lookup cached it meanwhile: hold that one instead
+                    g2.acquire([c])
+                    g2.free([b])
+            self._emit_stored(Tier.G2, [h for _, h in new])
+        return dict(zip(got, cached, strict=True))
+
+    def _let_go(self, peer: _Peer, lease: Lease) -> None:
+        try:
+            peer.client.release(lease)
+        except PeerError as exc:  # the server lets it go when it expires
+            self._peer_failed(peer, exc)
+
+    def _peer_failed(self, peer: _Peer, exc: BaseException) -> None:
+        log.warning(
+            "peer %s: %s; not asked again for %s s", peer.client.endpoint, exc, PEER_RETRY_S
+        )
+        peer.retry_at = time.monotonic() + PEER_RETRY_S
+
     # Offloading --------------------------------------------------------------------------------
 
     def _ready_event(self) -> torch.cuda.Event | None:
@@ -759,13 +1026,15 @@ class BlockManager:
         if cascade:
             self._offload(_Offload(Tier.G2, stored_blocks, stored))
 
-    def _copy(self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool) -> None:
+    def _copy(
+        self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: _Peer | None = None
+    ) -> None:
+        """Copy blocks between tiers and count it; ``peer`` is the worker of a G4 source."""
         if not src_ids:
             return
         start = time.perf_counter()
-        self._transfer.execute_transfer(
-            self._tiers[src].handle, src_ids, self._tiers[dst].handle, dst_ids
-        ).wait()
+        source = peer.handle if peer is not None else self._tiers[src].handle
+        self._transfer.execute_transfer(source, src_ids, self._tiers[dst].handle, dst_ids).wait()
         seconds = time.perf_counter() - start
         nbytes = len(src_ids) * self.block_bytes
         self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)

@@ -160,6 +160,7 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                 )
                 for tier in occupancy:
                     evictions.add_metric([tier.medium], metrics.evictions[tier])
+                for tier in [*occupancy, *(t for t in metrics.hits if t not in occupancy)]:
                     hits.add_metric([tier.medium], metrics.hits[tier])
                 yield evictions
                 yield hits

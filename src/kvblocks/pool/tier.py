@@ -14,6 +14,9 @@ class Tier(Enum):
     """Pinned host memory."""
     G3 = "DISK"
     """A file on local disk."""
+    G4 = "REMOTE"
+    """Another worker's G2, read through NIXL. Blocks read from it are cached in this worker's
+    G2, so G4 shows only in hit counts and transfer metrics, never in KV events."""
 
     @property
     def medium(self) -> str:

@@ -1,0 +1,305 @@
+"""Sharing cached blocks between workers: the conversation behind tier G4.
+
+A worker serves the blocks cached in its G2 tier (:meth:`BlockManager.serve
+<kvblocks.pool.BlockManager.serve>`); a worker that adds it as a peer (:meth:`BlockManager.add_peer
+<kvblocks.pool.BlockManager.add_peer>`) asks it for the blocks of a prefix that no local tier
+holds and reads them into its own G2 with one NIXL READ. This module is the conversation
+between the two: a :class:`BlockServer` on the serving side, a :class:`PeerClient` per peer on
+the other. It needs the ``events`` extra (pyzmq, msgpack).
+
+Requests and replies are msgpack arrays over ZMQ (a REQ socket per peer, one ROUTER socket on
+the serving side), one reply per request::
+
+    ["hello", version]          -> ["ok", version, server, shape, layout]
+    ["lease", hashes, seconds]  -> ["ok", lease_id, block_ids, server]
+    ["release", lease_id]       -> ["ok"]
+    anything else               -> ["error", message]
+
+``server`` is a random 64-bit id the server drew when it started: a client that sees another
+one in a lease than in its hello is talking to a restarted server and must say hello again
+(the layout it imported describes memory that is gone). ``shape`` is the server's
+:class:`BlockShape` as a map, ``layout`` the bytes of its G2 layout's
+:class:`~kvblocks.transfer.SerializedLayout` (NIXL metadata included). A lease holds
+the longest prefix of ``hashes`` that the server's G2 caches (``block_ids`` in prefix order,
+possibly none; ``lease_id`` 0 then) so that no eviction rewrites those blocks while the client
+reads them; the server lets them go on ``release`` or after ``seconds`` (at most
+:data:`MAX_LEASE_S`), whichever comes first.
+
+Peers are trusted: anyone who reaches the endpoint can read the served blocks.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, fields
+
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, PeerError
+from kvblocks.layout import dtype_name
+from kvblocks.pool.config import BlockManagerConfig
+
+log = logging.getLogger("kvblocks.pool")
+
+#: The protocol version; a peer speaking another one is refused by name.
+VERSION = 1
+#: The longest a server holds leased blocks for a client that never releases them, seconds.
+MAX_LEASE_S = 60.0
+#: How often the server's thread looks for expired leases, seconds.
+_POLL_S = 0.05
+
+_U64 = 2**64
+
+
+def _zmq_msgpack():
+    try:
+        import msgpack
+        import zmq
+    except ImportError:
+        raise BackendUnavailableError(
+            "pyzmq and msgpack are needed to share blocks: pip install 'kvblocks[events]'"
+        ) from None
+    return zmq, msgpack
+
+
+@dataclass(frozen=True)
+class BlockShape:
+    """What two workers must agree on to share blocks: the block's dims and element type
+    (sequence hashes also depend on ``block_size``)."""
+
+    num_layers: int
+    outer_dim: int
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+    dtype: str
+
+    @classmethod
+    def of(cls, config: BlockManagerConfig) -> BlockShape:
+        return cls(
+            config.num_layers,
+            config.outer_dim,
+            config.block_size,
+            config.num_kv_heads,
+            config.head_dim,
+            dtype_name(config.dtype),
+        )
+
+    @classmethod
+    def from_wire(cls, value: object) -> BlockShape:
+        names = [f.name for f in fields(cls)]
+        if not isinstance(value, dict) or sorted(value) != sorted(names):
+            raise PeerError(f"the peer sent a block shape without the fields {names}: {value!r}")
+        return cls(**value)
+
+    def difference(self, other: BlockShape) -> str | None:
+        """The first field in which ``other`` differs, as ``"field: mine vs other"``."""
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine != theirs:
+                return f"{f.name}: {mine!r} here, {theirs!r} at the peer"
+        return None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Blocks a server holds for one client: ``block_ids`` in the server's G2, in the order of
+    the hashes asked for. ``lease_id`` 0 is an empty lease (nothing to release); ``server`` is
+    the id of the server that granted it."""
+
+    lease_id: int
+    block_ids: tuple[int, ...]
+    server: int
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """A server's answer to hello: its id, its block shape and its serialized G2 layout."""
+
+    server: int
+    shape: BlockShape
+    layout: bytes
+
+
+@dataclass
+class _Held:
+    block_ids: list[int]
+    deadline: float
+
+
+class BlockServer:
+    """Answers peers' requests for the blocks of one G2 tier, from a background thread.
+
+    Args:
+        endpoint: where the ROUTER socket binds (``"tcp://*:5600"``; a port of ``*`` picks a
+            free one: read :attr:`endpoint`).
+        shape: the served blocks' shape.
+        layout: the served G2 layout's SerializedLayout, as bytes.
+        lease: holds the longest cached prefix of the given hashes; returns its block ids.
+        release: lets held block ids go.
+
+    Raises:
+        InvalidArgumentError: ``endpoint`` cannot be bound.
+        BackendUnavailableError: pyzmq or msgpack is missing.
+    """
+
+    def __init__(
+        self,
+        endpoint: str,
+        shape: BlockShape,
+        layout: bytes,
+        lease: Callable[[list[int]], list[int]],
+        release: Callable[[list[int]], None],
+    ) -> None:
+        zmq, self._msgpack = _zmq_msgpack()
+        #: What every peer that says hello is told (with a fresh server id).
+        self.info = PeerInfo(secrets.randbits(64), shape, layout)
+        self._lease, self._release = lease, release
+        self._leases: dict[int, _Held] = {}
+        self._ids = itertools.count(1)
+        self._socket = zmq.Context.instance().socket(zmq.ROUTER)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        try:
+            self._socket.bind(endpoint)
+        except zmq.ZMQError as exc:
+            self._socket.close(0)
+            raise InvalidArgumentError("endpoint", f"cannot bind {endpoint!r}: {exc}") from None
+        #: The endpoint bound, with the port chosen.
+        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="kvblocks-peers", daemon=True)
+        self._thread.start()
+
+    @property
+    def num_leases(self) -> int:
+        """Leases held now."""
+        return len(self._leases)
+
+    def close(self) -> None:
+        """Stop answering and let every held lease go."""
+        self._stop.set()
+        self._thread.join()
+
+    def _serve(self) -> None:
+        try:
+            while not self._stop.is_set():
+                if self._socket.poll(int(_POLL_S * 1000)):
+                    client, empty, payload = self._socket.recv_multipart()
+                    reply = self._msgpack.packb(self._answer(payload), use_bin_type=True)
+                    self._socket.send_multipart((client, empty, reply))
+                self._expire(time.monotonic())
+        finally:
+            self._expire(float("inf"))
+            self._socket.close(0)
+
+    def _expire(self, now: float) -> None:
+        for lease_id in [i for i, held in self._leases.items() if held.deadline <= now]:
+            self._release(self._leases.pop(lease_id).block_ids)
+
+    def _answer(self, payload: bytes) -> list:
+        try:
+            request = self._msgpack.unpackb(payload, raw=False)
+        except Exception:
+            return ["error", "the request is not msgpack"]
+        try:
+            match request:
+                case ["hello", int(version)]:
+                    if version != VERSION:
+                        problem = f"protocol version {version}; this worker speaks {VERSION}"
+                        return ["error", problem]
+                    info = self.info
+                    return ["ok", VERSION, info.server, asdict(info.shape), info.layout]
+                case ["lease", list(hashes), int(seconds) | float(seconds)]:
+                    return self._grant(hashes, seconds)
+                case ["release", int(lease_id)]:
+                    held = self._leases.pop(lease_id, None)
+                    if held is not None:
+                        self._release(held.block_ids)
+                    return ["ok"]
+            return ["error", f"unknown request {request!r:.100}"]
+        except Exception as exc:  # one bad request must not stop the server
+            log.exception("answering a peer failed")
+            return ["error", f"{type(exc).__name__}: {exc}"]
+
+    def _grant(self, hashes: list, seconds: float) -> list:
+        if not all(isinstance(h, int) and 0 <= h < _U64 for h in hashes):
+            return ["error", "hashes must be unsigned 64-bit ints"]
+        if not seconds > 0:
+            return ["error", f"a lease must last > 0 seconds, got {seconds}"]
+        blocks = self._lease(hashes)
+        if not blocks:
+            return ["ok", 0, [], self.info.server]
+        lease_id = next(self._ids)
+        deadline = time.monotonic() + min(seconds, MAX_LEASE_S)
+        self._leases[lease_id] = _Held(blocks, deadline)
+        return ["ok", lease_id, blocks, self.info.server]
+
+
+class PeerClient:
+    """Requests to one :class:`BlockServer`. Safe to call from several threads (requests are
+    sent one at a time).
+
+    Args:
+        endpoint: the server's endpoint (``"tcp://host:5600"``).
+        timeout: seconds to wait for each reply.
+
+    Every request raises :class:`PeerError` when no reply comes within ``timeout`` or the
+    server answers with an error.
+    """
+
+    def __init__(self, endpoint: str, timeout: float = 1.0) -> None:
+        self._zmq, self._msgpack = _zmq_msgpack()
+        if not isinstance(endpoint, str) or "://" not in endpoint:
+            raise InvalidArgumentError("endpoint", f"must be a ZMQ endpoint, got {endpoint!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise InvalidArgumentError("timeout", f"must be > 0 seconds, got {timeout!r}")
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self._lock = threading.Lock()
+        self._socket = None
+
+    def hello(self) -> PeerInfo:
+        _, version, server, shape, layout = self._request(["hello", VERSION], 5)
+        if version != VERSION:
+            raise PeerError(f"{self.endpoint} speaks protocol version {version}, not {VERSION}")
+        return PeerInfo(server, BlockShape.from_wire(shape), layout)
+
+    def lease(self, hashes: Sequence[int], seconds: float) -> Lease:
+        """Hold the longest prefix of ``hashes`` the server caches, for at most ``seconds``."""
+        request = ["lease", list(hashes), float(seconds)]
+        _, lease_id, block_ids, server = self._request(request, 4)
+        return Lease(lease_id, tuple(block_ids), server)
+
+    def release(self, lease: Lease) -> None:
+        if lease.lease_id:
+            self._request(["release", lease.lease_id], 1)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._socket is not None:
+                self._socket.close(0)
+                self._socket = None
+
+    def _request(self, request: list, length: int) -> list:
+        """Send ``request``; the reply, an ``"ok"`` array of ``length`` items."""
+        zmq = self._zmq
+        with self._lock:
+            if self._socket is None:
+                self._socket = zmq.Context.instance().socket(zmq.REQ)
+                self._socket.setsockopt(zmq.LINGER, 0)
+                self._socket.connect(self.endpoint)
+            self._socket.send(self._msgpack.packb(request, use_bin_type=True))
+            if not self._socket.poll(int(self.timeout * 1000)):
+                self._socket.close(0)  # a REQ socket that missed its reply cannot send again
+                self._socket = None
+                raise PeerError(f"{self.endpoint} did not answer within {self.timeout} s")
+            reply = self._msgpack.unpackb(self._socket.recv(), raw=False)
+        if isinstance(reply, list) and len(reply) == 2 and reply[0] == "error":
+            raise PeerError(f"{self.endpoint}: {reply[1]}")
+        if not isinstance(reply, list) or len(reply) != length or reply[0] != "ok":
+            problem = f"a reply this protocol does not know: {reply!r:.200}"
+            raise PeerError(f"{self.endpoint} sent {problem}")
+        return reply

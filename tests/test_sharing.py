@@ -1,0 +1,346 @@
+"""Sharing cached blocks between workers (tier G4): the protocol on its own, then BlockManagers
+in this process, each with its own NIXL agent, reading each other's G2 on lookups."""
+
+import importlib.util
+import logging
+import time
+import uuid
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvblocks.errors import (
+    BackendUnavailableError,
+    ConfigMismatchError,
+    InvalidArgumentError,
+    PeerError,
+)
+from kvblocks.pool import (
+    BlockManager,
+    BlockStored,
+    Tier,
+    prometheus_registry,
+    sequence_hashes,
+)
+from kvblocks.pool.sharing import MAX_LEASE_S, VERSION, BlockServer, BlockShape, PeerClient
+from kvblocks.remote import nixl_available
+from tests.helpers import assert_bits_equal, bits
+from tests.test_manager import (
+    BS,
+    evict_g1,
+    make_config,
+    recording_publisher,
+    tokens_of,
+    write_random,
+)
+
+pytest.importorskip("zmq")
+pytest.importorskip("msgpack")
+needs_nixl = pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+
+SHAPE = BlockShape(2, 2, BS, 2, 16, "bf16")
+LOCAL = "tcp://127.0.0.1:*"
+
+
+class FakeTier:
+    """A G2 stand-in for the server: hashes 1..n cached as blocks 100+h; holds counted."""
+
+    def __init__(self, cached: int) -> None:
+        self.cached = cached
+        self.held: list[int] = []
+
+    def lease(self, hashes):
+        blocks = []
+        for h in hashes:
+            if not 1 <= h <= self.cached:
+                break
+            blocks.append(100 + h)
+        self.held += blocks
+        return blocks
+
+    def release(self, blocks):
+        for b in blocks:
+            self.held.remove(b)
+
+
+@pytest.fixture
+def served():
+    """(server, client, tier) over a fake tier caching hashes 1..5."""
+    tier = FakeTier(5)
+    server = BlockServer(LOCAL, SHAPE, b"layout", tier.lease, tier.release)
+    client = PeerClient(server.endpoint, timeout=2.0)
+    yield server, client, tier
+    client.close()
+    server.close()
+
+
+def test_hello_lease_and_release(served):
+    server, client, tier = served
+    info = client.hello()
+    assert (info.shape, info.layout, info.server) == (SHAPE, b"layout", server.info.server)
+    lease = client.lease([1, 2, 3, 9, 4], 5.0)
+    assert lease.block_ids == (101, 102, 103) and lease.server == info.server
+    assert tier.held == [101, 102, 103] and server.num_leases == 1
+    empty = client.lease([7, 1], 5.0)
+    assert (empty.lease_id, empty.block_ids) == (0, ())
+    client.release(lease)
+    client.release(empty)
+    assert tier.held == [] and server.num_leases == 0
+
+
+def test_a_lease_expires_and_close_lets_every_lease_go():
+    tier = FakeTier(5)
+    server = BlockServer(LOCAL, SHAPE, b"", tier.lease, tier.release)
+    client = PeerClient(server.endpoint, timeout=2.0)
+    try:
+        client.lease([1, 2], 0.1)
+        client.lease([1], MAX_LEASE_S * 10)  # held for MAX_LEASE_S at most
+        assert len(tier.held) == 3
+        deadline = time.monotonic() + 5
+        while len(tier.held) > 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert tier.held == [101] and server.num_leases == 1
+    finally:
+        client.close()
+        server.close()
+    assert tier.held == []
+
+
+@pytest.mark.parametrize(
+    "request_, problem",
+    [
+        (["hello", VERSION + 1], "protocol version"),
+        (["lease", [-1], 1.0], "unsigned 64-bit"),
+        (["lease", [1], 0], "> 0 seconds"),
+        (["steal", 1], "unknown request"),
+    ],
+)
+def test_bad_requests_are_answered_with_errors(served, request_, problem):
+    server, client, tier = served
+    with pytest.raises(PeerError, match=problem):
+        client._request(request_, 1)
+    assert client.lease([1], 1.0).block_ids == (101,)  # the server still answers
+    assert tier.held == [101]
+
+
+def test_a_server_that_does_not_answer_times_out():
+    client = PeerClient("tcp://127.0.0.1:9", timeout=0.2)
+    start = time.monotonic()
+    with pytest.raises(PeerError, match="did not answer within 0.2 s"):
+        client.hello()
+    assert time.monotonic() - start < 2
+    client.close()
+
+
+def test_client_and_server_check_their_arguments():
+    with pytest.raises(InvalidArgumentError, match="endpoint"):
+        PeerClient("localhost:5600")
+    with pytest.raises(InvalidArgumentError, match="timeout"):
+        PeerClient(LOCAL, timeout=0)
+    with pytest.raises(InvalidArgumentError, match="endpoint"):
+        BlockServer("nowhere", SHAPE, b"", list, print)
+
+
+def test_block_shape_names_the_first_difference(tmp_path):
+    shape = BlockShape.of(make_config(tmp_path))
+    assert shape == SHAPE and shape.difference(SHAPE) is None
+    other = replace(SHAPE, head_dim=32)
+    assert shape.difference(other) == "head_dim: 16 here, 32 at the peer"
+
+
+# BlockManagers sharing blocks ------------------------------------------------------------
+
+
+def worker(tmp_path, publisher=None, **overrides) -> BlockManager:
+    directory = tmp_path / uuid.uuid4().hex[:8]
+    directory.mkdir()
+    config = make_config(directory, g3=0, nixl_backend="UCX", **overrides)
+    return BlockManager(config, publisher=publisher)
+
+
+def poison_g1(manager: BlockManager) -> None:
+    for t in manager.device_tensors:
+        bits(t).fill_(-1)
+
+
+def g1_blocks(manager: BlockManager, blocks: list[int]) -> list[torch.Tensor]:
+    index = torch.tensor(blocks, dtype=torch.long, device=manager.device_tensors[0].device)
+    return [t[index].cpu() for t in manager.device_tensors]
+
+
+def store(manager: BlockManager, tokens: list[int], gen: torch.Generator) -> list[torch.Tensor]:
+    """Write random KV for ``tokens`` (whole blocks) into G1, register, free, wait for the
+    offload to G2. Returns the blocks' KV per layer."""
+    blocks = manager.allocate(len(tokens) // BS)
+    write_random(manager, blocks, gen)
+    manager.register(blocks, tokens)
+    kv = g1_blocks(manager, blocks)
+    manager.free(blocks)
+    manager.flush()
+    return kv
+
+
+def held(manager: BlockManager, tier: Tier) -> int:
+    return manager.pool(tier).num_in_use
+
+
+@needs_nixl
+@pytest.mark.parametrize("local_blocks", [0, 2])
+def test_lookup_reads_the_rest_of_a_prefix_from_a_peer(tmp_path, local_blocks):
+    gen = torch.Generator().manual_seed(local_blocks)
+    publisher, batches = recording_publisher()
+    tokens = tokens_of(1, 6 * BS + 3)
+    with worker(tmp_path) as there, worker(tmp_path, publisher) as here:
+        kv = store(there, tokens[: 6 * BS], gen)
+        if local_blocks:  # the first blocks are cached here too (in G2), with the same KV
+            blocks = here.allocate(local_blocks)
+            for t, layer in zip(here.device_tensors, kv, strict=True):
+                t[torch.tensor(blocks, device=t.device)] = layer[:local_blocks].to(t.device)
+            here.register(blocks, tokens[: local_blocks * BS])
+            here.free(blocks)
+            here.flush()
+            evict_g1(here)
+        here.add_peer(there.serve(LOCAL))
+        assert here.peers == [there._server.endpoint]
+        poison_g1(here)
+        batches.clear()
+
+        hit = here.lookup(tokens)
+
+        expected = {Tier.G1: 0, Tier.G2: local_blocks, Tier.G4: 6 - local_blocks}
+        assert {t: n for t, n in hit.from_tier.items() if n or t is Tier.G1} == {
+            t: n for t, n in expected.items() if n or t is Tier.G1
+        }
+        assert len(hit.block_ids) == 6 and hit.misses == 0
+        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        hashes = sequence_hashes(tokens, BS)
+        assert all(here.pool(Tier.G2).lookup(h) is not None for h in hashes)
+        assert held(there, Tier.G2) == 0 and there._server.num_leases == 0
+        here.free(hit.block_ids)
+        assert held(here, Tier.G2) == 0 and held(here, Tier.G1) == 0
+        stored = [e for b in batches for e in b.events if isinstance(e, BlockStored)]
+        in_g2 = [e for e in stored if e.tier is Tier.G2]
+        assert [h for e in in_g2 for h in e.block_hashes] == hashes[local_blocks:]
+        assert in_g2[0].parent_block_hash == (hashes[local_blocks - 1] if local_blocks else None)
+        assert list(in_g2[0].token_ids) == tokens[local_blocks * BS : 6 * BS]
+        assert here.metrics.hits[Tier.G4] == 6 - local_blocks
+        assert here.metrics.onboard_blocks[(Tier.G4, Tier.G2)] == 6 - local_blocks
+        if importlib.util.find_spec("prometheus_client"):
+            from prometheus_client import generate_latest
+
+            text = generate_latest(prometheus_registry(here.metrics)).decode()
+            assert f'kvbm_hits_total{{tier="REMOTE"}} {6.0 - local_blocks}' in text
+            assert 'kvbm_onboard_blocks_total{dst="CPU",src="REMOTE"}' in text
+
+        again = here.lookup(tokens)  # now cached here
+        assert again.from_tier == {Tier.G1: 6}
+        here.free(again.block_ids)
+
+
+@needs_nixl
+def test_the_peer_with_the_longest_prefix_serves_it(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    tokens = tokens_of(2, 5 * BS)
+    with worker(tmp_path) as short, worker(tmp_path) as full, worker(tmp_path) as here:
+        store(short, tokens[: 2 * BS], gen)
+        kv = store(full, tokens, gen)
+        here.add_peer(short.serve(LOCAL))
+        here.add_peer(full.serve(LOCAL))
+        poison_g1(here)
+        hit = here.lookup(tokens)
+        assert hit.from_tier[Tier.G4] == 5
+        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        for other in (short, full):
+            assert held(other, Tier.G2) == 0 and other._server.num_leases == 0
+        here.free(hit.block_ids)
+
+
+@needs_nixl
+def test_leased_blocks_are_not_evicted(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    tokens = tokens_of(3, 4 * BS)
+    with worker(tmp_path, g1=20) as there:
+        store(there, tokens, gen)
+        client = PeerClient(there.serve(LOCAL), timeout=2.0)
+        lease = client.lease(sequence_hashes(tokens, BS), 30.0)
+        assert len(lease.block_ids) == 4
+        for seed in range(10, 13):  # 12 more blocks through a G2 of 12: evictions
+            store(there, tokens_of(seed, 4 * BS), gen)
+        g2 = there.pool(Tier.G2)
+        assert [g2.lookup(h) for h in sequence_hashes(tokens, BS)] == list(lease.block_ids)
+        client.release(lease)
+        assert held(there, Tier.G2) == 0
+        client.close()
+
+
+@needs_nixl
+def test_a_peer_that_goes_away_is_a_miss_then_left_alone(tmp_path, caplog):
+    gen = torch.Generator().manual_seed(4)
+    tokens = tokens_of(4, 3 * BS)
+    with worker(tmp_path) as here:
+        there = worker(tmp_path)
+        store(there, tokens, gen)
+        here.add_peer(there.serve(LOCAL), timeout=0.3)
+        there.close()
+        with caplog.at_level(logging.WARNING, logger="kvblocks.pool"):
+            hit = here.lookup(tokens)
+        assert hit.block_ids == [] and hit.misses == 3
+        assert "did not answer within 0.3 s" in caplog.text
+        start = time.monotonic()
+        assert here.lookup(tokens).misses == 3
+        assert time.monotonic() - start < 0.2  # not asked again yet
+
+
+@needs_nixl
+def test_a_restarted_peer_is_greeted_again(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(5)
+    tokens = tokens_of(5, 3 * BS)
+    with worker(tmp_path) as here:
+        first = worker(tmp_path)
+        endpoint = first.serve(LOCAL)
+        here.add_peer(endpoint)
+        first.close()
+        with worker(tmp_path) as second:
+            kv = store(second, tokens, gen)
+            second.serve(endpoint)  # same address, new memory and NIXL agent
+            poison_g1(here)
+            hit = here.lookup(tokens)
+            assert hit.from_tier[Tier.G4] == 3
+            for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
+                assert_bits_equal(layer_got, layer_kv)
+            assert here._peers[endpoint].server == second._server.info.server
+            here.free(hit.block_ids)
+
+
+@needs_nixl
+def test_sharing_checks_its_arguments(tmp_path):
+    with worker(tmp_path) as here, worker(tmp_path, head_dim=32) as other:
+        endpoint = here.serve(LOCAL)
+        with pytest.raises(InvalidArgumentError, match="serves at"):
+            here.serve(LOCAL)
+        with pytest.raises(ConfigMismatchError, match="head_dim: 32 here, 16 at the peer"):
+            other.add_peer(endpoint)
+        assert other.peers == []
+        with worker(tmp_path) as third:
+            third.add_peer(endpoint)
+            with pytest.raises(InvalidArgumentError, match="a peer already"):
+                third.add_peer(endpoint)
+            third.remove_peer(endpoint)
+            with pytest.raises(InvalidArgumentError, match="not a peer"):
+                third.remove_peer(endpoint)
+        with pytest.raises(PeerError, match="did not answer"):
+            here.add_peer("tcp://127.0.0.1:9", timeout=0.2)
+    with pytest.raises(InvalidArgumentError, match="nixl_backend"):
+        make_config(tmp_path, nixl_backend="")
+
+
+def test_sharing_needs_a_host_tier_and_a_nixl_agent(tmp_path):
+    with BlockManager(make_config(tmp_path, g2=0, g3=0)) as g1_only:
+        with pytest.raises(InvalidArgumentError, match="enable offload"):
+            g1_only.serve(LOCAL)
+    with BlockManager(make_config(tmp_path, g3=0)) as no_agent:
+        with pytest.raises(BackendUnavailableError, match="nixl_backend"):
+            no_agent.add_peer(LOCAL)
