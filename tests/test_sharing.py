@@ -124,6 +124,19 @@ def test_bad_requests_are_answered_with_errors(served, request_, problem):
     assert tier.held == [101]
 
 
+def test_a_request_that_is_not_from_a_req_socket_is_ignored(served):
+    import zmq
+
+    server, client, tier = served
+    stray = zmq.Context.instance().socket(zmq.DEALER)
+    stray.setsockopt(zmq.LINGER, 0)
+    stray.connect(server.endpoint)
+    stray.send(b"no empty frame")
+    assert client.lease([1, 2], 1.0).block_ids == (101, 102)
+    assert not stray.poll(200)  # nothing was sent back
+    stray.close(0)
+
+
 def test_a_server_that_does_not_answer_times_out():
     client = PeerClient("tcp://127.0.0.1:9", timeout=0.2)
     start = time.monotonic()
@@ -237,6 +250,30 @@ def test_lookup_reads_the_rest_of_a_prefix_from_a_peer(tmp_path, local_blocks):
         again = here.lookup(tokens)  # now cached here
         assert again.from_tier == {Tier.G1: 6}
         here.free(again.block_ids)
+
+
+@needs_nixl
+def test_reading_from_a_peer_does_not_evict_the_prefix_it_extends(tmp_path):
+    """G2 here is full and its least recently used blocks are the local prefix: staging the
+    peer's blocks must evict other blocks, not those."""
+    gen = torch.Generator().manual_seed(6)
+    tokens = tokens_of(6, 6 * BS)
+    with worker(tmp_path) as there, worker(tmp_path) as here:
+        kv = store(there, tokens, gen)
+        store(here, tokens[: 2 * BS], gen)
+        for seed in (60, 61):  # 10 newer blocks fill here's G2 of 12
+            store(here, tokens_of(seed, 5 * BS), gen)
+        evict_g1(here)
+        assert here.pool(Tier.G2).num_cached == 12
+        here.add_peer(there.serve(LOCAL))
+        poison_g1(here)
+        hit = here.lookup(tokens)
+        assert {t: n for t, n in hit.from_tier.items() if n} == {Tier.G2: 2, Tier.G4: 4}
+        got = g1_blocks(here, hit.block_ids)
+        for layer_got, layer_kv in zip(got, kv, strict=True):
+            assert_bits_equal(layer_got[2:], layer_kv[2:])
+        here.free(hit.block_ids)
+        assert held(here, Tier.G2) == 0
 
 
 @needs_nixl

@@ -806,24 +806,38 @@ class BlockManager:
         self, hashes: list[int], token_ids: Sequence[int], start: int
     ) -> dict[int, int]:
         """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part G2
-        or G3 cache) that a peer caches, as many as G1 and G2 have room for. Returns hash ->
-        G2 block, each held once more for the caller."""
+        or G3 cache) that a peer caches, as many as G1 and G2 have room for. The local
+        prefix's G2 blocks are held meanwhile, and room is left in G2 to stage its G3 blocks,
+        so that the read does not evict the prefix it extends. Returns hash -> G2 block, each
+        held once more for the caller."""
         g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
-        lower = [self._tiers[t].pool for t in (Tier.G2, Tier.G3) if t in self._tiers]
+        g3 = self._tiers[Tier.G3].pool if Tier.G3 in self._tiers else None
         with self._lock:
-            end = start
-            while end < len(hashes) and any(p.lookup(hashes[end]) is not None for p in lower):
-                end += 1
-            room = min(g1.num_available - (end - start), g2.num_available)
-        wanted = hashes[end : end + max(room, 0)]
-        leased = self._lease_from_peers(wanted) if wanted else None
-        if leased is None:
-            return {}
-        peer, lease = leased
+            kept, on_disk = [], 0
+            for h in hashes[start:]:
+                block = g2.lookup(h)
+                if block is not None:
+                    kept.append(block)
+                elif g3 is not None and g3.lookup(h) is not None:
+                    on_disk += 1
+                else:
+                    break
+            g2.acquire(kept)
+            end = start + len(kept) + on_disk
+            room = min(g1.num_available - (end - start), g2.num_available - on_disk)
         try:
-            return self._read_from_peer(peer, lease, hashes, token_ids, end)
+            wanted = hashes[end : end + max(room, 0)]
+            leased = self._lease_from_peers(wanted) if wanted else None
+            if leased is None:
+                return {}
+            peer, lease = leased
+            try:
+                return self._read_from_peer(peer, lease, hashes, token_ids, end)
+            finally:
+                self._let_go(peer, lease)
         finally:
-            self._let_go(peer, lease)
+            with self._lock:
+                g2.free(kept)
 
     def _lease_from_peers(self, hashes: list[int]) -> tuple[_Peer, Lease] | None:
         """The longest non-empty lease of a prefix of ``hashes`` a peer grants; the peers

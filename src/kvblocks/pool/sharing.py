@@ -187,7 +187,11 @@ class BlockServer:
         try:
             while not self._stop.is_set():
                 if self._socket.poll(int(_POLL_S * 1000)):
-                    client, empty, payload = self._socket.recv_multipart()
+                    frames = self._socket.recv_multipart()
+                    if len(frames) != 3:  # not a REQ socket's request: nobody to answer
+                        log.warning("a peer sent %d frames, not 3; ignored", len(frames))
+                        continue
+                    client, empty, payload = frames
                     reply = self._msgpack.packb(self._answer(payload), use_bin_type=True)
                     self._socket.send_multipart((client, empty, reply))
                 self._expire(time.monotonic())
