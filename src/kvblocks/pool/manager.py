@@ -877,7 +877,7 @@ class BlockManager:
             self._transfer.release_layout(peer.handle)
             return fresh, fresh.client.lease(hashes, PEER_LEASE_S)
         except KvBlocksError as exc:
-            self._peer_failed(peer, exc)
+            self._peer_failed(self._peers.get(endpoint, peer), exc)
             return None
 
     def _read_from_peer(
