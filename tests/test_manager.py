@@ -493,3 +493,30 @@ def test_failed_offload_is_reported_by_flush(tmp_path, monkeypatch):
         check_all_pools(manager)
         assert manager.occupancy()[Tier.G2].cached == 0
         assert manager.occupancy()[Tier.G1].cached == 2  # G1 lost nothing
+
+
+def test_failed_onboard_leaves_no_block_held(tmp_path, monkeypatch):
+    """A lookup whose copy from G2 fails raises, and the G1 hits it had taken are let go
+    (the caller got no blocks to free)."""
+    config = make_config(tmp_path, g1=8, g2=8, g3=0)
+    gen = torch.Generator().manual_seed(9)
+    tokens = tokens_of(14, 4 * BS)
+    with BlockManager(config) as manager:
+        store(manager, tokens, gen)
+        manager.flush()
+        evict_g1(manager)
+        store(manager, tokens[: 2 * BS], gen)  # blocks 0-1 in G1 again, 2-3 only in G2
+
+        def broken(*args, **kwargs):
+            raise OSError("the copy failed")
+
+        monkeypatch.setattr(manager._transfer, "execute_transfer", broken)
+        with pytest.raises(OSError, match="the copy failed"):
+            manager.lookup(tokens)
+        monkeypatch.undo()
+        check_all_pools(manager)
+        assert manager.occupancy()[Tier.G1].allocated == 0
+        assert manager.occupancy()[Tier.G2].allocated == 0
+        hit = manager.lookup(tokens)
+        assert hit.from_tier == {Tier.G1: 2, Tier.G2: 2}
+        manager.free(hit.block_ids)

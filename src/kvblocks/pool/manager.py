@@ -403,6 +403,22 @@ class BlockManager:
             short = g1.num_available < len(hashes) - len(held)
         if short:  # blocks waiting to be offloaded come back once the offload ends
             self._drain()
+        try:
+            from_tier = self._onboard_after(held, hashes, token_ids)
+        except BaseException:  # the caller gets no blocks to free: let the G1 hits go
+            with self._lock:
+                g1.free(held)
+            raise
+        misses = len(hashes) - len(held)
+        self.metrics.record_lookup(from_tier, misses)
+        self._publish()
+        return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
+
+    def _onboard_after(
+        self, held: list[int], hashes: list[int], token_ids: Sequence[int]
+    ) -> dict[Tier, int]:
+        """Extend the held G1 prefix ``held`` (in place) with the blocks after it that G2, G3
+        or a peer caches; returns how many blocks came from each tier."""
         fetched = self._fetch_from_peers(hashes, token_ids, len(held)) if self._peers else {}
         try:
             with self._lock:
@@ -415,14 +431,11 @@ class BlockManager:
                 for i, (tier, _) in enumerate(sources.blocks[: len(onboarded)]):
                     source = Tier.G4 if hashes[start + i] in fetched else tier
                     from_tier[source] = from_tier.get(source, 0) + 1
+            return from_tier
         finally:
             if fetched:
                 with self._lock:
                     self._tiers[Tier.G2].pool.free(list(fetched.values()))
-        misses = len(hashes) - len(held)
-        self.metrics.record_lookup(from_tier, misses)
-        self._publish()
-        return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
 
     def allocate(self, n: int) -> list[int]:
         """``n`` empty G1 blocks held for the caller (inactive cached blocks are evicted, least
