@@ -1,8 +1,11 @@
 """Sharing cached blocks between workers (tier G4): the protocol on its own, then BlockManagers
 in this process, each with its own NIXL agent, reading each other's G2 on lookups."""
 
+import dataclasses
 import importlib.util
 import logging
+import subprocess
+import sys
 import time
 import uuid
 from dataclasses import replace
@@ -25,6 +28,7 @@ from kvblocks.pool import (
 )
 from kvblocks.pool.sharing import MAX_LEASE_S, VERSION, BlockServer, BlockShape, PeerClient
 from kvblocks.remote import nixl_available
+from kvblocks.transfer import block_checksums
 from tests.helpers import assert_bits_equal, bits
 from tests.test_manager import (
     BS,
@@ -274,6 +278,52 @@ def test_reading_from_a_peer_does_not_evict_the_prefix_it_extends(tmp_path):
             assert_bits_equal(layer_got[2:], layer_kv[2:])
         here.free(hit.block_ids)
         assert held(here, Tier.G2) == 0
+
+
+_CHILD_WORKER = """
+import sys, torch
+from kvblocks.pool import BlockManager, BlockManagerConfig, Tier
+from kvblocks.transfer import block_checksums
+config = BlockManagerConfig(**{config})
+tokens = list(range(100, 100 + 4 * config.block_size))
+with BlockManager(config) as manager:
+    blocks = manager.allocate(4)
+    gen = torch.Generator().manual_seed(7)
+    for t in manager.device_tensors:
+        kv = torch.randn((4, *t.shape[1:]), generator=gen).to(t.dtype).to(t.device)
+        t[torch.tensor(blocks, device=t.device)] = kv
+    manager.register(blocks, tokens)
+    sums = block_checksums(manager.layout(Tier.G1), blocks)
+    manager.free(blocks)
+    manager.flush()
+    print(manager.serve("tcp://127.0.0.1:*"), *sums, flush=True)
+    sys.stdin.readline()
+"""
+
+
+@needs_nixl
+def test_a_peer_in_another_process(tmp_path):
+    config = make_config(tmp_path, g3=0, nixl_backend="UCX")
+    fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    fields.update(dtype="bf16", device_format=None, storage_format=None)  # the defaults
+    fields = {name: value for name, value in fields.items() if value is not None}
+    code = _CHILD_WORKER.replace("{config}", repr(fields))
+    child = subprocess.Popen(
+        [sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        endpoint, *sums = child.stdout.readline().split()
+        with BlockManager(config) as here:
+            here.add_peer(endpoint, timeout=30)
+            poison_g1(here)
+            hit = here.lookup(list(range(100, 100 + 4 * BS)) + [1, 2])
+            assert hit.from_tier == {Tier.G1: 0, Tier.G4: 4}
+            assert block_checksums(here.layout(Tier.G1), hit.block_ids) == sums
+            here.free(hit.block_ids)
+    finally:
+        child.stdin.write("\n")
+        child.stdin.close()
+        assert child.wait(timeout=60) == 0
 
 
 @needs_nixl
