@@ -32,6 +32,7 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -77,6 +78,8 @@ OFFLOAD_BATCH = 256
 PEER_LEASE_S = 10.0
 #: Seconds a peer that failed is left alone before it is asked again.
 PEER_RETRY_S = 5.0
+#: Peers asked at once (more are asked in turns).
+PEER_THREADS = 8
 
 _WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
 
@@ -196,6 +199,8 @@ class BlockManager:
         self.metrics = PoolMetrics(self.occupancy)
         self._server: BlockServer | None = None
         self._peers: dict[str, _Peer] = {}
+        #: Threads that ask the peers at once and send releases while lookups go on.
+        self._asking: ThreadPoolExecutor | None = None
         self._owns_transfer = transfer is None
         self._transfer = transfer or self._build_transfer(config)
         try:
@@ -558,6 +563,9 @@ class BlockManager:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._asking is not None:  # the releases still queued are sent first
+            self._asking.shutdown(wait=True)
+            self._asking = None
         for endpoint in list(self._peers):
             self.remove_peer(endpoint)
         if self._worker is not None:
@@ -763,6 +771,8 @@ class BlockManager:
             raise
         with self._lock:
             self._peers[endpoint] = peer
+            if self._asking is None:
+                self._asking = ThreadPoolExecutor(PEER_THREADS, "kvblocks-peers")
 
     def remove_peer(self, endpoint: str) -> None:
         """Stop asking the peer at ``endpoint``."""
@@ -847,31 +857,26 @@ class BlockManager:
             try:
                 return self._read_from_peer(peer, lease, hashes, token_ids, end)
             finally:
-                self._let_go(peer, lease)
+                self._asking.submit(self._let_go, peer, lease)
         finally:
             with self._lock:
                 g2.free(kept)
 
     def _lease_from_peers(self, hashes: list[int]) -> tuple[_Peer, Lease] | None:
-        """The longest non-empty lease of a prefix of ``hashes`` a peer grants; the peers
-        asked before are let go of theirs."""
-        best: tuple[_Peer, Lease] | None = None
+        """The longest non-empty lease of a prefix of ``hashes`` any peer grants (the first
+        peer's on a tie); the peers are asked at once and the others let go of theirs."""
         now = time.monotonic()
-        for endpoint, peer in list(self._peers.items()):
-            if peer.retry_at > now:
-                continue
-            leased = self._lease_from(endpoint, peer, hashes)
-            if leased is None:
-                continue
-            if best is None or len(leased[1].block_ids) > len(best[1].block_ids):
-                if best is not None:
-                    self._let_go(*best)
-                best = leased
-            else:
-                self._let_go(*leased)
-            if len(best[1].block_ids) == len(hashes):
-                break
-        return best if best is not None and best[1].block_ids else None
+        asked = [(e, p) for e, p in list(self._peers.items()) if p.retry_at <= now]
+        if len(asked) == 1:
+            answers = [self._lease_from(*asked[0], hashes)]
+        else:
+            answers = list(self._asking.map(lambda ep: self._lease_from(*ep, hashes), asked))
+        granted = [a for a in answers if a is not None and a[1].block_ids]
+        best = max(granted, key=lambda a: len(a[1].block_ids), default=None)
+        for answer in answers:
+            if answer is not None and answer is not best:
+                self._asking.submit(self._let_go, *answer)
+        return best
 
     def _lease_from(
         self, endpoint: str, peer: _Peer, hashes: list[int]
