@@ -453,3 +453,16 @@ def test_sharing_needs_a_host_tier_and_a_nixl_agent(tmp_path):
     with BlockManager(make_config(tmp_path, g3=0)) as no_agent:
         with pytest.raises(BackendUnavailableError, match="nixl_backend"):
             no_agent.add_peer(LOCAL)
+
+
+def test_info_says_what_sharing_needs(monkeypatch):
+    from kvblocks import platform
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        platform.importlib.util, "find_spec", lambda name: None if name == "zmq" else real(name)
+    )
+    monkeypatch.setattr(platform, "installed_package", lambda: None)
+    (sharing,) = [c for c in platform.probe() if c.name == "block sharing (G4)"]
+    assert not sharing.available
+    assert sharing.detail == "needs nixl (extra: remote), pyzmq (extra: events)"

@@ -1,4 +1,5 @@
-"""What this machine offers for moving KV blocks: GPU, pinned memory, Triton, batch copies, NIXL.
+"""What this machine offers for moving KV blocks: GPU, pinned memory, Triton, batch copies, NIXL,
+and sharing blocks with other workers.
 
 Probing never fails: a missing piece is reported as unavailable with the reason.
 """
@@ -6,6 +7,7 @@ Probing never fails: a missing piece is reported as unavailable with the reason.
 from __future__ import annotations
 
 import importlib.metadata
+import importlib.util
 import os
 from dataclasses import dataclass
 
@@ -74,6 +76,20 @@ def _memcpy_batch_capability(gpu: bool) -> Capability:
     return Capability("cudaMemcpyBatchAsync", True, f"cuda-bindings {version}")
 
 
+def _sharing_capability(nixl: str | None) -> Capability:
+    needs = [] if nixl else ["nixl (extra: remote)"]
+    needs += [
+        f"{package} (extra: events)"
+        for module, package in (("zmq", "pyzmq"), ("msgpack", "msgpack"))
+        if importlib.util.find_spec(module) is None
+    ]
+    if needs:
+        return Capability("block sharing (G4)", False, "needs " + ", ".join(needs))
+    return Capability(
+        "block sharing (G4)", True, "BlockManager.serve / add_peer: peers' G2 through NIXL"
+    )
+
+
 def probe() -> list[Capability]:
     """Report every path kvblocks can use to hold and move blocks on this machine."""
     cuda = _cuda_capability()
@@ -99,4 +115,5 @@ def probe() -> list[Capability]:
             nixl is not None,
             f"{nixl} installed" if nixl else "nixl is not installed (extra: remote)",
         ),
+        _sharing_capability(nixl),
     ]
