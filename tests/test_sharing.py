@@ -99,7 +99,7 @@ def test_a_lease_expires_and_close_lets_every_lease_go():
     client = PeerClient(server.endpoint, timeout=2.0)
     try:
         client.lease([1, 2], 0.1)
-        client.lease([1], MAX_LEASE_S * 10)  # held for MAX_LEASE_S at most
+        client.lease([1], MAX_LEASE_S * 10)  # outlives the test: close lets it go
         assert len(tier.held) == 3
         deadline = time.monotonic() + 5
         while len(tier.held) > 1 and time.monotonic() < deadline:
@@ -156,7 +156,7 @@ def test_client_and_server_check_their_arguments():
     with pytest.raises(InvalidArgumentError, match="timeout"):
         PeerClient(LOCAL, timeout=0)
     with pytest.raises(InvalidArgumentError, match="endpoint"):
-        BlockServer("nowhere", SHAPE, b"", list, print)
+        BlockServer("nowhere", SHAPE, b"", FakeTier(1).lease, FakeTier(1).release)
 
 
 def test_block_shape_names_the_first_difference(tmp_path):

@@ -300,7 +300,11 @@ class PeerClient:
                 self._socket.close(0)  # a REQ socket that missed its reply cannot send again
                 self._socket = None
                 raise PeerError(f"{self.endpoint} did not answer within {self.timeout} s")
-            reply = self._msgpack.unpackb(self._socket.recv(), raw=False)
+            payload = self._socket.recv()
+        try:
+            reply = self._msgpack.unpackb(payload, raw=False)
+        except Exception:
+            raise PeerError(f"{self.endpoint} sent a reply that is not msgpack") from None
         if isinstance(reply, list) and len(reply) == 2 and reply[0] == "error":
             raise PeerError(f"{self.endpoint}: {reply[1]}")
         if not isinstance(reply, list) or len(reply) != length or reply[0] != "ok":
