@@ -1,5 +1,6 @@
 """The demo: its workload, its checks of hit blocks, and the ``kvblocks demo`` command."""
 
+import importlib.util
 import json
 import os
 import signal
@@ -12,6 +13,7 @@ import torch
 from kvblocks.cli import main
 from kvblocks.demo import ChatWorkload, count_mismatches, write_pattern
 from kvblocks.errors import InvalidArgumentError
+from kvblocks.remote import nixl_available
 
 SMALL = [
     *("--layers", "2", "--kv-heads", "2", "--head-dim", "16"),
@@ -63,6 +65,22 @@ def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+@pytest.mark.skipif(
+    not nixl_available() or importlib.util.find_spec("zmq") is None,
+    reason="workers share blocks through NIXL and ZMQ",
+)
+def test_demo_with_two_workers_hits_the_other_ones_blocks(capsys, tmp_path):
+    plot = tmp_path / "demo.png"
+    args = ["demo", *SMALL, "--workers", "2", "--g1-blocks", "80", "--g2-blocks", "60"]
+    assert main([*args, "--json", "--quiet", "--plot", str(plot)]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["requests"] == 18 and result["hits"]["G4"] > 0
+    assert result["verified_blocks"] == sum(result["hits"].values())
+    moved = {(m["kind"], m["src"], m["dst"]): m for m in result["moved"]}
+    assert moved[("onboard", "G4", "G2")]["blocks"] == result["hits"]["G4"]
+    assert plot.stat().st_size > 10_000
+
+
 def test_demo_prints_a_summary_and_progress(capsys):
     assert main(["demo", *SMALL, "--g2-blocks", "0", "--g3-blocks", "0"]) == 0
     captured = capsys.readouterr()
@@ -76,6 +94,7 @@ def test_demo_prints_a_summary_and_progress(capsys):
         (["--g1-blocks", "3"], "--g1-blocks"),
         (["--g2-blocks", "0", "--g3-blocks", "10"], "--g3-blocks"),
         (["--model", "nope"], "nope"),
+        (["--workers", "2", "--g2-blocks", "0", "--g3-blocks", "0"], "--workers"),
     ],
 )
 def test_demo_rejects_bad_sizes(capsys, args, named):

@@ -12,6 +12,8 @@ arguments are checked before any long work. Ctrl-C ends a command with status 13
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import sys
@@ -371,7 +373,6 @@ _BENCH_DEFAULTS = {
 
 
 def _cmd_demo(args: argparse.Namespace) -> None:
-    import dataclasses
     import tempfile
 
     from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
@@ -400,6 +401,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         )
     if g3 and not g2:
         raise InvalidArgumentError("--g3-blocks", "needs --g2-blocks > 0 to stage through")
+    if args.workers > 1 and not g2:
+        raise InvalidArgumentError("--workers", "needs --g2-blocks > 0: workers share G2 blocks")
     with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
         base = BlockManagerConfig(
             num_layers=spec.num_layers,
@@ -416,6 +419,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             host_cache_gb=g2 * base.block_bytes / 2**30,
             disk_cache_gb=g3 * base.block_bytes / 2**30,
             offload_path=args.offload_path or scratch,
+            nixl_backend="UCX" if args.workers > 1 else None,
         )
         publisher = None
         if args.zmq:
@@ -423,7 +427,20 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
             publisher = ZmqPublisher(args.zmq)
         log = sys.stderr if args.json else sys.stdout
-        with BlockManager(config, publisher=publisher) as manager:
+        with contextlib.ExitStack() as stack:
+            managers = [
+                stack.enter_context(
+                    BlockManager(_worker_config(config, i, args.workers), publisher=publisher)
+                )
+                for i in range(args.workers)
+            ]
+            if args.workers > 1:
+                endpoints = [m.serve("tcp://127.0.0.1:*") for m in managers]
+                for manager, mine in zip(managers, endpoints, strict=True):
+                    for endpoint in endpoints:
+                        if endpoint != mine:
+                            manager.add_peer(endpoint)
+            manager = managers[0]
             mib = config.block_bytes / 2**20
             if not args.quiet:
                 turns = workload.conversations * workload.turns
@@ -434,6 +451,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                     f" {workload.system_tokens} tokens (seed {workload.seed})",
                     file=log,
                 )
+                if args.workers > 1:
+                    print(
+                        f"{args.workers} workers, each with the tiers below, peers of each other"
+                        f" (G4); request i goes to worker i mod {args.workers}",
+                        file=log,
+                    )
                 for tier in manager.tiers:
                     n = manager.pool(tier).num_blocks
                     where = manager.layout(tier).storage.value
@@ -443,7 +466,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                         file=log,
                     )
             progress = None if args.quiet else progress_bar()
-            result = run_demo(manager, workload, progress, verify=not args.no_verify)
+            result = run_demo(managers, workload, progress, verify=not args.no_verify)
         if publisher is not None:
             publisher.close()
     if args.json:
@@ -454,6 +477,15 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.plot:
         plot_demo(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _worker_config(config, index: int, workers: int):
+    """Worker ``index``'s config: its own folder for G3 when there are several."""
+    if workers == 1 or not config.disk_cache_gb:
+        return config
+    folder = os.path.join(config.offload_path, f"worker-{index}")
+    os.makedirs(folder, exist_ok=True)
+    return dataclasses.replace(config, offload_path=folder)
 
 
 def _add_demo_parser(sub) -> None:
@@ -483,6 +515,12 @@ def _add_demo_parser(sub) -> None:
     )
     demo.add_argument("--g3-blocks", type=_non_negative_int, help="G3 (disk) blocks; 0: none")
     demo.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    demo.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        help="workers that share G2 blocks through NIXL (G4); request i goes to worker i mod N",
+    )
     demo.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
     demo.add_argument("--no-verify", action="store_true", help="skip checking hit blocks' bytes")
     demo.add_argument("--plot", metavar="PNG", help="draw hit rate and occupancy over time")

@@ -5,6 +5,10 @@ message, and the reply joins the history. Every request looks up its prompt's ca
 (onboarding it from G2 or G3), "computes" the KV of the rest by writing a pattern derived from
 each block's sequence hash, and registers the new full blocks. Because the pattern follows the
 hash, every block a lookup returns is checked against what was computed for it.
+
+With several workers (BlockManagers that are each other's peers), request ``i`` goes to worker
+``i mod n``, as a router that knows nothing of caches would send it: a conversation's earlier
+turns are then on another worker, and come back as G4 hits.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import random
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -208,24 +212,27 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def run_demo(
-    manager: BlockManager,
+    managers: Sequence[BlockManager],
     workload: ChatWorkload,
     progress: Callable[[int, int], None] | None = None,
     verify: bool = True,
 ) -> DemoResult:
-    """Replay ``workload`` through ``manager``.
+    """Replay ``workload`` through ``managers`` (one per worker; request ``i`` goes to
+    ``managers[i % len(managers)]``).
 
     Raises:
         KvBlocksError: a hit block did not hold what was computed for it, or G1 cannot hold
             one request.
     """
-    size = manager.config.block_size
+    size = managers[0].config.block_size
+    tiers = [*managers[0].tiers, *([Tier.G4] if managers[0].peers else [])]
     turns = workload.requests()
     history: dict[int, list[int]] = {}
     result = DemoResult()
     hits: Counter[Tier] = Counter()
     start = time.perf_counter()
     for i, turn in enumerate(turns):
+        manager = managers[i % len(managers)]
         prompt = history.get(turn.conversation, []) + turn.system + turn.user
         hit = manager.lookup(prompt)
         if verify:
@@ -247,13 +254,14 @@ def run_demo(
         result.saved_tokens += hit.num_tokens
         result.looked_up_blocks += len(prompt) // size
         hits.update(hit.from_tier)
-        result.timeline.append(_sample(manager, i, result.looked_up_blocks, hits))
+        result.timeline.append(_sample(managers, tiers, i, result.looked_up_blocks, hits))
         if progress is not None:
             progress(i + 1, len(turns))
-    manager.flush()
+    for manager in managers:
+        manager.flush()
     result.seconds = time.perf_counter() - start
-    result.hits = {t.name: hits[t] for t in manager.tiers}
-    result.moved = _moved(manager)
+    result.hits = {t.name: hits[t] for t in tiers}
+    result.moved = _moved(managers)
     return result
 
 
@@ -263,26 +271,49 @@ def _verify(manager: BlockManager, hit: PrefixHit) -> None:
         raise KvBlocksError(f"{bad} of {len(hit.block_ids)} hit blocks hold the wrong bytes")
 
 
-def _sample(manager: BlockManager, i: int, looked_up: int, hits: Counter[Tier]) -> Sample:
-    occupancy = manager.occupancy()
+def _sample(
+    managers: Sequence[BlockManager],
+    tiers: list[Tier],
+    i: int,
+    looked_up: int,
+    hits: Counter[Tier],
+) -> Sample:
+    """Hits so far, and each local tier's share cached over all workers."""
+    cached: Counter[Tier] = Counter()
+    total: Counter[Tier] = Counter()
+    for manager in managers:
+        for tier, o in manager.occupancy().items():
+            cached[tier] += o.cached
+            total[tier] += o.total
     return Sample(
         request=i,
         looked_up=looked_up,
-        hits={t.name: hits[t] for t in manager.tiers},
-        occupancy={t.name: o.cached / o.total for t, o in occupancy.items()},
+        hits={t.name: hits[t] for t in tiers},
+        occupancy={t.name: cached[t] / total[t] for t in total},
     )
 
 
-def _moved(manager: BlockManager) -> list[Moved]:
-    metrics = manager.metrics
+def _moved(managers: Sequence[BlockManager]) -> list[Moved]:
+    """Blocks, bytes and seconds of the copies each way between two tiers, over all workers:
+    offloads first, then onboards, each by source tier."""
+    blocks: Counter[tuple[str, Tier, Tier]] = Counter()
+    nbytes: Counter[tuple[str, Tier, Tier]] = Counter()
+    seconds: Counter[tuple[str, Tier, Tier]] = Counter()
+    for manager in managers:
+        m = manager.metrics
+        for kind, counts, sizes in (
+            ("offload", m.offload_blocks, m.offload_bytes),
+            ("onboard", m.onboard_blocks, m.onboard_bytes),
+        ):
+            for (src, dst), count in counts.items():
+                key = (kind, src, dst)
+                blocks[key] += count
+                nbytes[key] += sizes[(src, dst)]
+                seconds[key] += m.transfer_latency[(src, dst)].total
     rows = []
-    for kind, blocks, nbytes in (
-        ("offload", metrics.offload_blocks, metrics.offload_bytes),
-        ("onboard", metrics.onboard_blocks, metrics.onboard_bytes),
-    ):
-        for (src, dst), count in sorted(blocks.items(), key=lambda kv: kv[0][0].name):
-            seconds = metrics.transfer_latency[(src, dst)].total
-            rows.append(Moved(kind, src.name, dst.name, count, nbytes[(src, dst)], seconds))
+    for key in sorted(blocks, key=lambda k: (k[0] != "offload", k[1].name)):
+        kind, src, dst = key
+        rows.append(Moved(kind, src.name, dst.name, blocks[key], nbytes[key], seconds[key]))
     return rows
 
 
@@ -326,7 +357,8 @@ def plot_demo(result: DemoResult, path: str, window: int = 20) -> None:
             hit = s.hits[tier] - (before.hits[tier] if before else 0)
             rates.append(100 * hit / looked if looked else 0.0)
         top.plot(x, rates, label=f"{tier} hits")
-        bottom.plot(x, [100 * s.occupancy[tier] for s in samples], label=tier)
+        if tier in samples[0].occupancy:  # G4 is other workers' G2: no occupancy of its own
+            bottom.plot(x, [100 * s.occupancy[tier] for s in samples], label=tier)
     top.set_ylabel(f"% of looked-up blocks\n(last {window} requests)")
     top.legend(loc="upper left")
     top.grid(alpha=0.3)
