@@ -4,8 +4,10 @@ in this process, each with its own NIXL agent, reading each other's G2 on lookup
 import dataclasses
 import importlib.util
 import logging
+import random
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import replace
@@ -13,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kvblocks.demo import count_mismatches, write_pattern
 from kvblocks.errors import (
     BackendUnavailableError,
     ConfigMismatchError,
@@ -32,6 +35,7 @@ from kvblocks.transfer import block_checksums
 from tests.helpers import assert_bits_equal, bits
 from tests.test_manager import (
     BS,
+    check_all_pools,
     evict_g1,
     make_config,
     recording_publisher,
@@ -466,3 +470,58 @@ def test_info_says_what_sharing_needs(monkeypatch):
     (sharing,) = [c for c in platform.probe() if c.name == "block sharing (G4)"]
     assert not sharing.available
     assert sharing.detail == "needs nixl (extra: remote), pyzmq (extra: events)"
+
+
+@needs_nixl
+def test_concurrent_lookups_while_peers_store_and_evict(tmp_path):
+    """Three workers, each the others' peer, each running requests from two threads at once
+    (look up, compute the rest, register, free) over prefixes that overlap: every hit holds
+    the KV computed for its hash, whichever tier or worker it came from, and when all is done
+    no block is held anywhere."""
+    prompts = [tokens_of(100 + p, 6 * BS) for p in range(4)]
+    workers = [worker(tmp_path, g1=24) for _ in range(3)]
+    errors = []
+    try:
+        endpoints = [w.serve(LOCAL) for w in workers]
+        for w, mine in zip(workers, endpoints, strict=True):
+            for endpoint in endpoints:
+                if endpoint != mine:
+                    w.add_peer(endpoint, timeout=5)
+
+        def requests(w: BlockManager, seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(12):
+                    prompt = rng.choice(prompts)[: BS * rng.randint(2, 6)]
+                    prompt = prompt + tokens_of(rng.randrange(10**6), BS * rng.randint(0, 2))
+                    hit = w.lookup(prompt)
+                    assert count_mismatches(w.device_tensors, hit.block_ids, hit.hashes) == 0
+                    rest = w.allocate(len(prompt) // BS - len(hit.block_ids))
+                    tokens = prompt[len(hit.block_ids) * BS :]
+                    hashes = sequence_hashes(tokens, BS, parent=hit.last_hash)
+                    write_pattern(w.device_tensors, rest, hashes)
+                    w.register(rest, tokens, parent_hash=hit.last_hash)
+                    w.free(hit.block_ids + rest)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [
+            threading.Thread(target=requests, args=(w, 10 * i + j))
+            for i, w in enumerate(workers)
+            for j in range(2)
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors
+        for w in workers:
+            w.flush()
+        for w in workers:
+            assert let_go(w)
+            check_all_pools(w)
+            assert held(w, Tier.G1) == 0
+        assert sum(w.metrics.hits[Tier.G4] for w in workers) > 0
+    finally:
+        for w in workers:
+            w.close()
