@@ -29,7 +29,14 @@ from kvblocks.pool import (
     prometheus_registry,
     sequence_hashes,
 )
-from kvblocks.pool.sharing import MAX_LEASE_S, VERSION, BlockServer, BlockShape, PeerClient
+from kvblocks.pool.sharing import (
+    MAX_LEASE_S,
+    VERSION,
+    BlockChain,
+    BlockServer,
+    BlockShape,
+    PeerClient,
+)
 from kvblocks.remote import nixl_available
 from kvblocks.transfer import block_checksums
 from tests.helpers import assert_bits_equal, bits
@@ -52,11 +59,28 @@ LOCAL = "tcp://127.0.0.1:*"
 
 
 class FakeTier:
-    """A G2 stand-in for the server: hashes 1..n cached as blocks 100+h; holds counted."""
+    """A G2 stand-in for the server: hashes 1..n cached as blocks 100+h; holds counted;
+    reservations get blocks 200, 201, ... for hashes it does not cache."""
 
     def __init__(self, cached: int) -> None:
         self.cached = cached
         self.held: list[int] = []
+        self.committed: list[tuple[int, BlockChain]] = []
+        self.abandoned: list[int] = []
+        self._next = 200
+
+    def reserve(self, chains):
+        blocks = []
+        for c in chains:
+            blocks.append(-1 if 1 <= c.seq_hash <= self.cached else self._next)
+            self._next += blocks[-1] >= 0
+        return blocks
+
+    def commit(self, blocks, chains):
+        self.committed += zip(blocks, chains, strict=True)
+
+    def abandon(self, blocks):
+        self.abandoned += blocks
 
     def lease(self, hashes):
         blocks = []
@@ -76,7 +100,7 @@ class FakeTier:
 def served():
     """(server, client, tier) over a fake tier caching hashes 1..5."""
     tier = FakeTier(5)
-    server = BlockServer(LOCAL, SHAPE, b"layout", tier.lease, tier.release)
+    server = BlockServer(LOCAL, SHAPE, b"layout", tier, stores=True)
     client = PeerClient(server.endpoint, timeout=2.0)
     yield server, client, tier
     client.close()
@@ -87,6 +111,7 @@ def test_hello_lease_and_release(served):
     server, client, tier = served
     info = client.hello()
     assert (info.shape, info.layout, info.server) == (SHAPE, b"layout", server.info.server)
+    assert info.stores
     lease = client.lease([1, 2, 3, 9, 4], 5.0)
     assert lease.block_ids == (101, 102, 103) and lease.server == info.server
     assert tier.held == [101, 102, 103] and server.num_leases == 1
@@ -97,9 +122,43 @@ def test_hello_lease_and_release(served):
     assert tier.held == [] and server.num_leases == 0
 
 
+def test_reserve_commit_and_abandon(served):
+    server, client, tier = served
+    chains = [BlockChain(h, h - 1 or None, (h,) * BS) for h in (1, 7, 8)]
+    kept = client.reserve(chains, 5.0)
+    assert kept.block_ids == (-1, 200, 201) and server.num_leases == 1
+    client.commit(kept)
+    assert tier.committed == [(200, chains[1]), (201, chains[2])] and server.num_leases == 0
+    dropped = client.reserve(chains[1:2], 5.0)
+    client.release(dropped)
+    lapsed = client.reserve(chains[2:], 0.05)
+    deadline = time.monotonic() + 5
+    while len(tier.abandoned) < 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert tier.abandoned == [202, 203] and server.num_leases == 0
+    with pytest.raises(PeerError, match="no reservation"):
+        client.commit(lapsed)
+    assert len(tier.committed) == 2
+    with pytest.raises(PeerError, match="chains must be"):
+        client._request(["reserve", [[1, None, "abc"]], 1.0], 4)
+
+
+def test_a_server_that_does_not_store_refuses_reservations():
+    tier = FakeTier(0)
+    server = BlockServer(LOCAL, SHAPE, b"", tier)
+    client = PeerClient(server.endpoint, timeout=2.0)
+    try:
+        assert not client.hello().stores
+        with pytest.raises(PeerError, match="does not store"):
+            client.reserve([BlockChain(5, None, (1,) * BS)], 1.0)
+    finally:
+        client.close()
+        server.close()
+
+
 def test_a_lease_expires_and_close_lets_every_lease_go():
     tier = FakeTier(5)
-    server = BlockServer(LOCAL, SHAPE, b"", tier.lease, tier.release)
+    server = BlockServer(LOCAL, SHAPE, b"", tier)
     client = PeerClient(server.endpoint, timeout=2.0)
     try:
         client.lease([1, 2], 0.1)
@@ -160,7 +219,7 @@ def test_client_and_server_check_their_arguments():
     with pytest.raises(InvalidArgumentError, match="timeout"):
         PeerClient(LOCAL, timeout=0)
     with pytest.raises(InvalidArgumentError, match="endpoint"):
-        BlockServer("nowhere", SHAPE, b"", FakeTier(1).lease, FakeTier(1).release)
+        BlockServer("nowhere", SHAPE, b"", FakeTier(1))
 
 
 def test_block_shape_names_the_first_difference(tmp_path):
@@ -352,14 +411,16 @@ def test_the_peer_with_the_longest_prefix_serves_it(tmp_path):
         store(short, tokens[: 2 * BS], gen)
         kv = store(full, tokens, gen)
         for peer in (short, full):
+            endpoint = peer.serve(LOCAL)
+            served = peer._server._tier
 
-            def slow(hashes, lease=peer._lease_g2):
+            def slow(hashes, lease=served.lease):
                 arrivals.append(time.monotonic())
                 time.sleep(0.5)
                 return lease(hashes)
 
-            peer._lease_g2 = slow
-            here.add_peer(peer.serve(LOCAL))
+            served.lease = slow
+            here.add_peer(endpoint)
         poison_g1(here)
         hit = here.lookup(tokens)
         assert len(arrivals) == 2 and abs(arrivals[1] - arrivals[0]) < 0.25
@@ -369,6 +430,58 @@ def test_the_peer_with_the_longest_prefix_serves_it(tmp_path):
         for other in (short, full):
             assert let_go(other)
         here.free(hit.block_ids)
+
+
+@needs_nixl
+def test_blocks_offloaded_to_a_peer_that_stores_are_served_to_others(tmp_path):
+    """A worker offloads to a peer that stores (a shared cache); a third worker, which knows
+    only that peer, gets the blocks from it, bit for bit."""
+    gen = torch.Generator().manual_seed(7)
+    tokens = tokens_of(7, 5 * BS)
+    publisher, batches = recording_publisher()
+    with (
+        worker(tmp_path, publisher) as cache,
+        worker(tmp_path) as writer,
+        worker(tmp_path) as reader,
+    ):
+        endpoint = cache.serve(LOCAL, stores=True)
+        writer.add_peer(endpoint, offload=True)
+        reader.add_peer(endpoint)
+        kv = store(writer, tokens, gen)
+        assert let_go(cache)
+        hashes = sequence_hashes(tokens, BS)
+        g2 = [cache.pool(Tier.G2).lookup(h) for h in hashes]
+        assert None not in g2
+        assert block_checksums(cache.layout(Tier.G2), g2) == block_checksums(
+            writer.layout(Tier.G2), [writer.pool(Tier.G2).lookup(h) for h in hashes]
+        )
+        stored = [e for b in batches for e in b.events if isinstance(e, BlockStored)]
+        assert [h for e in stored for h in e.block_hashes] == hashes
+        assert stored[0].parent_block_hash is None and list(stored[0].token_ids) == tokens
+        assert writer.metrics.offload_blocks[(Tier.G2, Tier.G4)] == 5
+        store(writer, tokens, gen)  # the cache has them: nothing is written again
+        assert writer.metrics.offload_blocks[(Tier.G2, Tier.G4)] == 5
+
+        poison_g1(reader)
+        hit = reader.lookup(tokens)
+        assert hit.from_tier[Tier.G4] == 5
+        for layer_got, layer_kv in zip(g1_blocks(reader, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        reader.free(hit.block_ids)
+        assert let_go(cache)
+
+
+@needs_nixl
+def test_offloading_to_a_peer_that_goes_away_loses_nothing_here(tmp_path, caplog):
+    gen = torch.Generator().manual_seed(8)
+    with worker(tmp_path) as here:
+        cache = worker(tmp_path)
+        here.add_peer(cache.serve(LOCAL, stores=True), timeout=0.3, offload=True)
+        cache.close()
+        with caplog.at_level(logging.WARNING, logger="kvblocks.pool"):
+            store(here, tokens_of(8, 3 * BS), gen)  # flush raises nothing
+        assert "did not answer" in caplog.text
+        assert here.pool(Tier.G2).num_cached == 3 and held(here, Tier.G2) == 0
 
 
 @needs_nixl
@@ -446,6 +559,10 @@ def test_sharing_checks_its_arguments(tmp_path):
                 third.remove_peer(endpoint)
         with pytest.raises(PeerError, match="did not answer"):
             here.add_peer("tcp://127.0.0.1:9", timeout=0.2)
+        with worker(tmp_path) as fourth:
+            with pytest.raises(InvalidArgumentError, match="does not store"):
+                fourth.add_peer(endpoint, offload=True)
+            assert fourth.peers == []
     with pytest.raises(InvalidArgumentError, match="nixl_backend"):
         make_config(tmp_path, nixl_backend="")
 
@@ -491,7 +608,7 @@ def test_concurrent_lookups_while_peers_store_and_evict(tmp_path):
         def requests(w: BlockManager, seed: int) -> None:
             rng = random.Random(seed)
             try:
-                for _ in range(12):
+                for _ in range(8):
                     prompt = rng.choice(prompts)[: BS * rng.randint(2, 6)]
                     prompt = prompt + tokens_of(rng.randrange(10**6), BS * rng.randint(0, 2))
                     hit = w.lookup(prompt)

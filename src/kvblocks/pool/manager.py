@@ -59,7 +59,7 @@ from kvblocks.pool.events import (
 from kvblocks.pool.hashing import sequence_hashes
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
-from kvblocks.pool.sharing import BlockServer, BlockShape, Lease, PeerClient
+from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease, PeerClient
 from kvblocks.pool.tier import Tier
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
@@ -148,6 +148,8 @@ class _Peer:
     """Its G2 layout, imported."""
     server: int
     """The id its server gave in hello; a lease with another id means it restarted."""
+    offload: bool = False
+    """Blocks stored in this worker's G2 are also written to the peer's."""
     retry_at: float = 0.0
     """Monotonic time before which it is not asked (set when it fails)."""
 
@@ -724,10 +726,15 @@ class BlockManager:
 
     # Sharing with other workers (G4) ----------------------------------------------------------
 
-    def serve(self, endpoint: str = "tcp://*:5600") -> str:
+    def serve(self, endpoint: str = "tcp://*:5600", stores: bool = False) -> str:
         """Serve the blocks cached in G2 to other workers' managers (their tier G4) from a
         background thread, until :meth:`close`. Returns the endpoint bound (a port of ``*``
         picks a free one). Anyone who reaches the endpoint can read the served blocks.
+
+        With ``stores``, this worker also takes the blocks that peers offload to it
+        (``add_peer(..., offload=True)`` there): they are written into G2 (evicting the least
+        recently used blocks as any allocation does), cached there and announced with
+        ``BlockStored``, and served to every peer like its own.
 
         Raises:
             InvalidArgumentError: no G2 (offload is off), already serving, or ``endpoint``
@@ -742,21 +749,26 @@ class BlockManager:
             )
         self._transfer.build_logical_descriptor(g2.handle, LogicalLayoutHandle.G2)
         layout = self._transfer.export_layout(g2.handle).to_bytes()
-        self._server = BlockServer(
-            endpoint, BlockShape.of(self.config), layout, self._lease_g2, self._release_g2
-        )
+        shape = BlockShape.of(self.config)
+        self._server = BlockServer(endpoint, shape, layout, _ServedG2(self), stores)
         return self._server.endpoint
 
-    def add_peer(self, endpoint: str, timeout: float = 1.0) -> None:
+    def add_peer(self, endpoint: str, timeout: float = 1.0, offload: bool = False) -> None:
         """Ask the manager serving at ``endpoint`` (see :meth:`serve`) for the blocks of a
         prefix that no local tier caches, on every lookup from now on. A peer that does not
-        answer within ``timeout`` seconds, or whose blocks cannot be read, is left alone for
-        :data:`PEER_RETRY_S` seconds (a warning is logged); the lookup goes on without it.
+        answer within ``timeout`` seconds, or whose blocks cannot be read or written, is left
+        alone for :data:`PEER_RETRY_S` seconds (a warning is logged); the lookup or offload
+        goes on without it.
+
+        With ``offload``, every block this worker stores in G2 is also written to the peer's
+        G2 by the offload thread (the peer must serve with ``stores=True``), as it is written
+        on to G3: a peer with a large host memory becomes a cache shared by its peers.
 
         Raises:
             PeerError: no answer within ``timeout``, or another protocol version.
             ConfigMismatchError: the peer keeps blocks of another shape (names the field).
-            InvalidArgumentError: no G2 (offload is off), or ``endpoint`` is a peer already.
+            InvalidArgumentError: no G2 (offload is off), ``endpoint`` is a peer already, or
+                ``offload`` to a peer that does not store other workers' blocks.
             BackendUnavailableError: no NIXL agent (set ``config.nixl_backend``), or no
                 pyzmq / msgpack.
         """
@@ -765,7 +777,7 @@ class BlockManager:
             raise InvalidArgumentError("endpoint", f"{endpoint!r} is a peer already")
         client = PeerClient(endpoint, timeout)
         try:
-            peer = self._connect(client)
+            peer = self._connect(client, offload)
         except BaseException:
             client.close()
             raise
@@ -802,28 +814,23 @@ class BlockManager:
             )
         return state
 
-    def _connect(self, client: PeerClient) -> _Peer:
-        """Say hello to ``client``'s server, check its block shape and import its G2."""
+    def _connect(self, client: PeerClient, offload: bool) -> _Peer:
+        """Say hello to ``client``'s server, check its block shape (and that it stores blocks,
+        for ``offload``) and import its G2."""
         info = client.hello()
         difference = BlockShape.of(self.config).difference(info.shape)
         if difference is not None:
             raise ConfigMismatchError(
                 "endpoint", f"{client.endpoint} keeps blocks of another shape ({difference})"
             )
+        if offload and not info.stores:
+            raise InvalidArgumentError(
+                "offload",
+                f"{client.endpoint} does not store other workers' blocks (serve there with"
+                " stores=True)",
+            )
         handle = self._transfer.import_layout(SerializedLayout.from_bytes(info.layout))
-        return _Peer(client, handle, info.server)
-
-    def _lease_g2(self, hashes: list[int]) -> list[int]:
-        """Hold the longest prefix of ``hashes`` G2 caches, for a peer (server thread)."""
-        with self._lock:
-            pool = self._tiers[Tier.G2].pool
-            blocks = pool.match_sequence_hashes(hashes)
-            pool.acquire(blocks)
-        return blocks
-
-    def _release_g2(self, blocks: list[int]) -> None:
-        with self._lock:
-            self._tiers[Tier.G2].pool.free(blocks)
+        return _Peer(client, handle, info.server, offload)
 
     def _fetch_from_peers(
         self, hashes: list[int], token_ids: Sequence[int], start: int
@@ -888,7 +895,7 @@ class BlockManager:
             if lease.server == peer.server:
                 return peer, lease
             self._let_go(peer, lease)
-            fresh = self._connect(peer.client)
+            fresh = self._connect(peer.client, peer.offload)
             with self._lock:
                 if self._peers.get(endpoint) is peer:
                     self._peers[endpoint] = fresh
@@ -929,6 +936,28 @@ class BlockManager:
                     g2.free([b])
             self._emit_stored(Tier.G2, [h for _, h in new])
         return dict(zip(got, cached, strict=True))
+
+    def _push(self, peers: list[_Peer], blocks: list[int], hashes: list[int]) -> None:
+        """Write held G2 ``blocks`` to each offload peer's G2: a reservation, one NIXL WRITE
+        of the blocks it does not cache, a commit. A peer that fails is left alone for a
+        while; its reservation lapses unregistered."""
+        chains = []
+        with self._lock:
+            for h in hashes:
+                info = self._chains[h]
+                chains.append(BlockChain(h, info.parent, info.token_ids))
+        now = time.monotonic()
+        for peer in peers:
+            if peer.retry_at > now:
+                continue
+            try:
+                lease = peer.client.reserve(chains, PEER_LEASE_S)
+                pairs = [(b, r) for b, r in zip(blocks, lease.block_ids, strict=True) if r >= 0]
+                src, dst = [b for b, _ in pairs], [r for _, r in pairs]
+                self._copy(Tier.G2, src, Tier.G4, dst, onboard=False, peer=peer)
+                peer.client.commit(lease)
+            except KvBlocksError as exc:
+                self._peer_failed(peer, exc)
 
     def _let_go(self, peer: _Peer, lease: Lease) -> None:
         try:
@@ -1054,19 +1083,29 @@ class BlockManager:
             cascade = dst_tier is Tier.G2 and Tier.G3 in self._tiers and stored_blocks
             if cascade:
                 dst.acquire(stored_blocks)
+            targets = [p for p in self._peers.values() if p.offload] if dst_tier is Tier.G2 else []
+            if targets and stored_blocks:
+                dst.acquire(stored_blocks)
             dst.free(dst_ids)
+        if targets and stored_blocks:
+            try:
+                self._push(targets, stored_blocks, stored)
+            finally:
+                with self._lock:
+                    dst.free(stored_blocks)
         if cascade:
             self._offload(_Offload(Tier.G2, stored_blocks, stored))
 
     def _copy(
         self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: _Peer | None = None
     ) -> None:
-        """Copy blocks between tiers and count it; ``peer`` is the worker of a G4 source."""
+        """Copy blocks between tiers and count it; ``peer`` is the worker of a G4 side."""
         if not src_ids:
             return
         start = time.perf_counter()
-        source = peer.handle if peer is not None else self._tiers[src].handle
-        self._transfer.execute_transfer(source, src_ids, self._tiers[dst].handle, dst_ids).wait()
+        source = peer.handle if src is Tier.G4 else self._tiers[src].handle
+        destination = peer.handle if dst is Tier.G4 else self._tiers[dst].handle
+        self._transfer.execute_transfer(source, src_ids, destination, dst_ids).wait()
         seconds = time.perf_counter() - start
         nbytes = len(src_ids) * self.block_bytes
         self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)
@@ -1105,3 +1144,53 @@ class BlockManager:
                 events, self._pending = self._pending, []
             if events and self._publisher is not None:
                 self._publisher.publish(EventBatch(time.time(), tuple(events)))
+
+
+class _ServedG2:
+    """A manager's G2 as its :class:`~kvblocks.pool.sharing.BlockServer` acts on it (called
+    from the server's thread)."""
+
+    def __init__(self, manager: BlockManager) -> None:
+        self._manager = manager
+
+    @property
+    def _pool(self) -> BlockPool:
+        return self._manager._tiers[Tier.G2].pool
+
+    def lease(self, hashes: list[int]) -> list[int]:
+        with self._manager._lock:
+            blocks = self._pool.match_sequence_hashes(hashes)
+            self._pool.acquire(blocks)
+        return blocks
+
+    def release(self, blocks: list[int]) -> None:
+        with self._manager._lock:
+            self._pool.free(blocks)
+
+    def reserve(self, chains: list[BlockChain]) -> list[int]:
+        size = self._manager.config.block_size
+        for chain in chains:
+            if len(chain.token_ids) != size:
+                raise InvalidArgumentError(
+                    "chains", f"blocks hold {size} tokens here, got {len(chain.token_ids)}"
+                )
+        with self._manager._lock:
+            todo = [i for i, c in enumerate(chains) if self._pool.lookup(c.seq_hash) is None]
+            ids = self._pool.allocate(min(len(todo), self._pool.num_available))
+        blocks = [-1] * len(chains)
+        for i, b in zip(todo, ids, strict=False):  # todo may be longer: G2 had less room
+            blocks[i] = b
+        return blocks
+
+    def commit(self, blocks: list[int], chains: list[BlockChain]) -> None:
+        manager = self._manager
+        with manager._lock:
+            for c in chains:
+                manager._chains.setdefault(c.seq_hash, _ChainInfo(c.parent, c.token_ids))
+            _, new = manager._cache(self._pool, blocks, [c.seq_hash for c in chains])
+            manager._emit_stored(Tier.G2, [h for _, h in new])
+            self._pool.free(blocks)
+        manager._publish()
+
+    def abandon(self, blocks: list[int]) -> None:
+        self.release(blocks)

@@ -3,16 +3,19 @@
 A worker serves the blocks cached in its G2 tier (:meth:`BlockManager.serve
 <kvblocks.pool.BlockManager.serve>`); a worker that adds it as a peer (:meth:`BlockManager.add_peer
 <kvblocks.pool.BlockManager.add_peer>`) asks it for the blocks of a prefix that no local tier
-holds and reads them into its own G2 with one NIXL READ. This module is the conversation
-between the two: a :class:`BlockServer` on the serving side, a :class:`PeerClient` per peer on
-the other. It needs the ``events`` extra (pyzmq, msgpack).
+holds and reads them into its own G2 with one NIXL READ; a server that stores blocks for others
+also takes the blocks a peer offloads to it, written with one NIXL WRITE. This module is the
+conversation between the two: a :class:`BlockServer` on the serving side, a :class:`PeerClient`
+per peer on the other. It needs the ``events`` extra (pyzmq, msgpack).
 
 Requests and replies are msgpack arrays over ZMQ (a REQ socket per peer, one ROUTER socket on
 the serving side), one reply per request::
 
-    ["hello", version]          -> ["ok", version, server, shape, layout]
+    ["hello", version]          -> ["ok", version, server, shape, layout, stores]
     ["lease", hashes, seconds]  -> ["ok", lease_id, block_ids, server]
     ["release", lease_id]       -> ["ok"]
+    ["reserve", chains, seconds] -> ["ok", lease_id, block_ids, server]   (a server that stores)
+    ["commit", lease_id]        -> ["ok"]
     anything else               -> ["error", message]
 
 ``server`` is a random 64-bit id the server drew when it started: a client that sees another
@@ -25,6 +28,13 @@ possibly none; ``lease_id`` 0 then) so that no eviction rewrites those blocks wh
 reads them; the server lets them go on ``release`` or after ``seconds`` (at most
 :data:`MAX_LEASE_S`), whichever comes first.
 
+A reservation is the write side: ``chains`` are ``[hash, parent, token_ids]`` of blocks a peer
+offers (the parent hash and tokens are what the server's KV events announce); ``block_ids``
+has, per chain, an empty G2 block held for the peer to write, or -1 where the server caches
+that hash already or has no room. ``commit`` registers the written blocks under their hashes;
+``release`` or the end of ``seconds`` drops them unregistered, so a peer that fails halfway
+leaves nothing half written findable. ``stores`` in hello says whether the server takes them.
+
 Peers are trusted: anyone who reaches the endpoint can read the served blocks.
 """
 
@@ -35,8 +45,9 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
+from typing import Protocol
 
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, PeerError
 from kvblocks.layout import dtype_name
@@ -51,7 +62,9 @@ MAX_LEASE_S = 60.0
 #: How often the server's thread looks for expired leases, seconds.
 _POLL_S = 0.05
 
-_U64 = 2**64
+
+def _u64(value: int) -> bool:
+    return 0 <= value < 2**64
 
 
 def _zmq_msgpack():
@@ -105,10 +118,36 @@ class BlockShape:
 
 
 @dataclass(frozen=True)
+class BlockChain:
+    """A block offered to a peer: its hash, the hash before it (None at a sequence's start)
+    and its tokens."""
+
+    seq_hash: int
+    parent: int | None
+    token_ids: tuple[int, ...]
+
+    def to_wire(self) -> list:
+        return [self.seq_hash, self.parent, list(self.token_ids)]
+
+    @classmethod
+    def from_wire(cls, value: object) -> BlockChain:
+        """Raises InvalidArgumentError for anything but ``[u64, u64 | None, [int, ...]]``."""
+        match value:
+            case [int(h), None | int() as parent, list(tokens)] if (
+                _u64(h)
+                and (parent is None or _u64(parent))
+                and all(isinstance(t, int) for t in tokens)
+            ):
+                return cls(h, parent, tuple(tokens))
+        raise InvalidArgumentError("chains", f"must be [hash, parent, tokens], got {value!r:.100}")
+
+
+@dataclass(frozen=True)
 class Lease:
     """Blocks a server holds for one client: ``block_ids`` in the server's G2, in the order of
-    the hashes asked for. ``lease_id`` 0 is an empty lease (nothing to release); ``server`` is
-    the id of the server that granted it."""
+    the hashes asked for (for a reservation, one per chain, -1 where none was reserved).
+    ``lease_id`` 0 is an empty lease (nothing to release); ``server`` is the id of the server
+    that granted it."""
 
     lease_id: int
     block_ids: tuple[int, ...]
@@ -117,17 +156,41 @@ class Lease:
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """A server's answer to hello: its id, its block shape and its serialized G2 layout."""
+    """A server's answer to hello: its id, its block shape, its serialized G2 layout, and
+    whether it stores blocks other workers offload to it."""
 
     server: int
     shape: BlockShape
     layout: bytes
+    stores: bool
+
+
+class ServedTier(Protocol):
+    """The G2 tier a :class:`BlockServer` serves (its BlockManager's)."""
+
+    def lease(self, hashes: list[int]) -> list[int]:
+        """Hold the longest prefix of ``hashes`` cached; its block ids."""
+
+    def release(self, blocks: list[int]) -> None:
+        """Let leased blocks go."""
+
+    def reserve(self, chains: list[BlockChain]) -> list[int]:
+        """Per chain, an empty block held to be written, or -1 (cached already, or no room)."""
+
+    def commit(self, blocks: list[int], chains: list[BlockChain]) -> None:
+        """Register written reserved blocks under their chains' hashes and let them go."""
+
+    def abandon(self, blocks: list[int]) -> None:
+        """Let reserved blocks go unregistered."""
 
 
 @dataclass
 class _Held:
+    """A lease (``chains`` None) or a reservation, and when the server lets it go."""
+
     block_ids: list[int]
     deadline: float
+    chains: list[BlockChain] | None = None
 
 
 class BlockServer:
@@ -138,8 +201,8 @@ class BlockServer:
             free one: read :attr:`endpoint`).
         shape: the served blocks' shape.
         layout: the served G2 layout's SerializedLayout, as bytes.
-        lease: holds the longest cached prefix of the given hashes; returns its block ids.
-        release: lets held block ids go.
+        tier: the G2 tier the requests act on.
+        stores: take reservations (blocks peers offload here); refused otherwise.
 
     Raises:
         InvalidArgumentError: ``endpoint`` cannot be bound.
@@ -151,13 +214,13 @@ class BlockServer:
         endpoint: str,
         shape: BlockShape,
         layout: bytes,
-        lease: Callable[[list[int]], list[int]],
-        release: Callable[[list[int]], None],
+        tier: ServedTier,
+        stores: bool = False,
     ) -> None:
         zmq, self._msgpack = _zmq_msgpack()
         #: What every peer that says hello is told (with a fresh server id).
-        self.info = PeerInfo(secrets.randbits(64), shape, layout)
-        self._lease, self._release = lease, release
+        self.info = PeerInfo(secrets.randbits(64), shape, layout, stores)
+        self._tier = tier
         self._leases: dict[int, _Held] = {}
         self._ids = itertools.count(1)
         self._socket = zmq.Context.instance().socket(zmq.ROUTER)
@@ -201,7 +264,13 @@ class BlockServer:
 
     def _expire(self, now: float) -> None:
         for lease_id in [i for i, held in self._leases.items() if held.deadline <= now]:
-            self._release(self._leases.pop(lease_id).block_ids)
+            self._let_go(self._leases.pop(lease_id))
+
+    def _let_go(self, held: _Held) -> None:
+        if held.chains is None:
+            self._tier.release(held.block_ids)
+        else:
+            self._tier.abandon([b for b in held.block_ids if b >= 0])
 
     def _answer(self, payload: bytes) -> list:
         try:
@@ -215,30 +284,56 @@ class BlockServer:
                         problem = f"protocol version {version}; this worker speaks {VERSION}"
                         return ["error", problem]
                     info = self.info
-                    return ["ok", VERSION, info.server, asdict(info.shape), info.layout]
+                    shape = asdict(info.shape)
+                    return ["ok", VERSION, info.server, shape, info.layout, info.stores]
                 case ["lease", list(hashes), int(seconds) | float(seconds)]:
                     return self._grant(hashes, seconds)
+                case ["reserve", list(chains), int(seconds) | float(seconds)]:
+                    return self._reserve(chains, seconds)
+                case ["commit", int(lease_id)]:
+                    return self._commit(lease_id)
                 case ["release", int(lease_id)]:
                     held = self._leases.pop(lease_id, None)
                     if held is not None:
-                        self._release(held.block_ids)
+                        self._let_go(held)
                     return ["ok"]
             return ["error", f"unknown request {request!r:.100}"]
+        except InvalidArgumentError as exc:
+            return ["error", str(exc)]
         except Exception as exc:  # one bad request must not stop the server
             log.exception("answering a peer failed")
             return ["error", f"{type(exc).__name__}: {exc}"]
 
     def _grant(self, hashes: list, seconds: float) -> list:
-        if not all(isinstance(h, int) and 0 <= h < _U64 for h in hashes):
+        if not all(isinstance(h, int) and _u64(h) for h in hashes):
             return ["error", "hashes must be unsigned 64-bit ints"]
         if not seconds > 0:
             return ["error", f"a lease must last > 0 seconds, got {seconds}"]
-        blocks = self._lease(hashes)
-        if not blocks:
-            return ["ok", 0, [], self.info.server]
+        return self._hold(self._tier.lease(hashes), seconds, None)
+
+    def _reserve(self, wire: list, seconds: float) -> list:
+        if not self.info.stores:
+            return ["error", "this worker does not store other workers' blocks"]
+        if not seconds > 0:
+            return ["error", f"a reservation must last > 0 seconds, got {seconds}"]
+        chains = [BlockChain.from_wire(c) for c in wire]
+        return self._hold(self._tier.reserve(chains), seconds, chains)
+
+    def _commit(self, lease_id: int) -> list:
+        held = self._leases.get(lease_id)
+        if held is None or held.chains is None:
+            return ["error", f"no reservation {lease_id} (it may have expired)"]
+        del self._leases[lease_id]
+        kept = [(b, c) for b, c in zip(held.block_ids, held.chains, strict=True) if b >= 0]
+        self._tier.commit([b for b, _ in kept], [c for _, c in kept])
+        return ["ok"]
+
+    def _hold(self, blocks: list[int], seconds: float, chains: list[BlockChain] | None) -> list:
+        if not any(b >= 0 for b in blocks):
+            return ["ok", 0, blocks, self.info.server]
         lease_id = next(self._ids)
         deadline = time.monotonic() + min(seconds, MAX_LEASE_S)
-        self._leases[lease_id] = _Held(blocks, deadline)
+        self._leases[lease_id] = _Held(blocks, deadline, chains)
         return ["ok", lease_id, blocks, self.info.server]
 
 
@@ -266,10 +361,10 @@ class PeerClient:
         self._socket = None
 
     def hello(self) -> PeerInfo:
-        _, version, server, shape, layout = self._request(["hello", VERSION], 5)
+        _, version, server, shape, layout, stores = self._request(["hello", VERSION], 6)
         if version != VERSION:
             raise PeerError(f"{self.endpoint} speaks protocol version {version}, not {VERSION}")
-        return PeerInfo(server, BlockShape.from_wire(shape), layout)
+        return PeerInfo(server, BlockShape.from_wire(shape), layout, bool(stores))
 
     def lease(self, hashes: Sequence[int], seconds: float) -> Lease:
         """Hold the longest prefix of ``hashes`` the server caches, for at most ``seconds``."""
@@ -277,7 +372,19 @@ class PeerClient:
         _, lease_id, block_ids, server = self._request(request, 4)
         return Lease(lease_id, tuple(block_ids), server)
 
+    def reserve(self, chains: Sequence[BlockChain], seconds: float) -> Lease:
+        """Empty blocks of the server's G2 held for writing ``chains`` (-1 where none)."""
+        request = ["reserve", [c.to_wire() for c in chains], float(seconds)]
+        _, lease_id, block_ids, server = self._request(request, 4)
+        return Lease(lease_id, tuple(block_ids), server)
+
+    def commit(self, lease: Lease) -> None:
+        """Register a reservation's written blocks at the server."""
+        if lease.lease_id:
+            self._request(["commit", lease.lease_id], 1)
+
     def release(self, lease: Lease) -> None:
+        """Let a lease go, or drop a reservation unregistered."""
         if lease.lease_id:
             self._request(["release", lease.lease_id], 1)
 
