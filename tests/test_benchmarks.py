@@ -147,6 +147,7 @@ def test_sharing_suite_runs_small():
     rows = sharing.run(lambda nt: small, [4], [1, 3], warmup=1, iters=2)
     assert [(r.num_blocks, r.total_bytes) for r in rows] == [(1, 1024), (3, 3072)]
     assert all(r.peer_lookup_ms > r.peer_read_ms > 0 and r.nixl_alone_ms > 0 for r in rows)
+    assert all(r.peer_write_ms > 0 and r.nixl_alone_write_ms > 0 for r in rows)
 
 
 def test_pool_suite_runs_on_the_cpu(capsys):

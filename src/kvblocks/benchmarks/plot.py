@@ -57,6 +57,8 @@ _RESULTS = {
     "peer_read_ms",
     "local_lookup_ms",
     "nixl_alone_ms",
+    "peer_write_ms",
+    "nixl_alone_write_ms",
     "sharing_gbps",
     "parts_gbps",
     "ratio",

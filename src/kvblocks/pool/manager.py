@@ -16,7 +16,8 @@ the tiers and copies the G2 and G3 part back into G1 (G3 blocks through G2, thei
 checked on the way: a corrupted block is dropped and counts as a miss). With peers
 (:meth:`BlockManager.add_peer`; :meth:`BlockManager.serve` on their side), the blocks after the
 local prefix are read from the peer that caches the most of them into G2 (one NIXL READ) and
-onboarded from there (see :mod:`kvblocks.pool.sharing` for the conversation).
+onboarded from there; a peer added with ``offload=True`` also receives every block stored in
+G2 (one NIXL WRITE, beside the write to G3). :mod:`kvblocks.pool.sharing` is the conversation.
 
 Blocks are held (reference counted in their :class:`BlockPool`) while a transfer reads or
 writes them, so no transfer ever races an eviction. All bookkeeping runs under one lock; the
