@@ -604,6 +604,12 @@ def test_concurrent_lookups_while_peers_store_and_evict(tmp_path):
             for endpoint in endpoints:
                 if endpoint != mine:
                     w.add_peer(endpoint, timeout=5)
+        for prompt in prompts[:2]:  # the others' first lookups of these find them in G4
+            blocks = workers[0].allocate(6)
+            write_pattern(workers[0].device_tensors, blocks, sequence_hashes(prompt, BS))
+            workers[0].register(blocks, prompt)
+            workers[0].free(blocks)
+        workers[0].flush()
 
         def requests(w: BlockManager, seed: int) -> None:
             rng = random.Random(seed)

@@ -566,15 +566,15 @@ class BlockManager:
         if self._server is not None:
             self._server.close()
             self._server = None
+        if self._worker is not None:  # its offloads may still write to peers
+            self._queue.put(None)
+            self._worker.join()
+            self._worker = None
         if self._asking is not None:  # the releases still queued are sent first
             self._asking.shutdown(wait=True)
             self._asking = None
         for endpoint in list(self._peers):
             self.remove_peer(endpoint)
-        if self._worker is not None:
-            self._queue.put(None)
-            self._worker.join()
-            self._worker = None
         self._publish()
         self._release_tiers()
 
@@ -951,6 +951,7 @@ class BlockManager:
         for peer in peers:
             if peer.retry_at > now:
                 continue
+            lease = None
             try:
                 lease = peer.client.reserve(chains, PEER_LEASE_S)
                 pairs = [(b, r) for b, r in zip(blocks, lease.block_ids, strict=True) if r >= 0]
@@ -959,6 +960,8 @@ class BlockManager:
                 peer.client.commit(lease)
             except KvBlocksError as exc:
                 self._peer_failed(peer, exc)
+                if lease is not None:  # drop the reservation now rather than when it lapses
+                    self._let_go(peer, lease)
 
     def _let_go(self, peer: _Peer, lease: Lease) -> None:
         try:
