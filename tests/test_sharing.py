@@ -21,6 +21,7 @@ from kvblocks.errors import (
     ConfigMismatchError,
     InvalidArgumentError,
     PeerError,
+    TransferError,
 )
 from kvblocks.pool import (
     BlockManager,
@@ -482,6 +483,28 @@ def test_offloading_to_a_peer_that_goes_away_loses_nothing_here(tmp_path, caplog
             store(here, tokens_of(8, 3 * BS), gen)  # flush raises nothing
         assert "did not answer" in caplog.text
         assert here.pool(Tier.G2).num_cached == 3 and held(here, Tier.G2) == 0
+
+
+@needs_nixl
+def test_a_failed_write_to_a_peer_leaves_nothing_there(tmp_path, monkeypatch, caplog):
+    gen = torch.Generator().manual_seed(9)
+    with worker(tmp_path) as cache, worker(tmp_path) as writer:
+        writer.add_peer(cache.serve(LOCAL, stores=True), offload=True)
+        peer_g2 = writer._peers[writer.peers[0]].handle
+        execute = writer._transfer.execute_transfer
+
+        def failing(src, src_ids, dst, dst_ids, options=None):
+            if dst == peer_g2:
+                raise TransferError("the wire broke")
+            return execute(src, src_ids, dst, dst_ids, options)
+
+        monkeypatch.setattr(writer._transfer, "execute_transfer", failing)
+        with caplog.at_level(logging.WARNING, logger="kvblocks.pool"):
+            store(writer, tokens_of(9, 3 * BS), gen)
+        assert "the wire broke" in caplog.text
+        assert let_go(cache, timeout=2.0)  # dropped at once, not after the lease time
+        assert cache.pool(Tier.G2).num_cached == 0
+        assert writer.pool(Tier.G2).num_cached == 3
 
 
 @needs_nixl
