@@ -397,13 +397,3 @@ def test_nixl_is_found_without_importing_it():
     (nixl,) = [c for c in probe() if c.name == "NIXL remote transfers"]
     assert nixl.available == (nixl_module.installed_package() is not None)
     assert nixl.available or "not installed" in nixl.detail
-
-
-@needs_nixl
-def test_closing_the_manager_lets_its_agent_go():
-    """A closed manager's NIXL agent is released (its progress thread stops with it)."""
-    manager = nixl_manager()
-    agent = manager.nixl
-    manager.close()
-    with pytest.raises(LayoutReleasedError, match="was closed"):
-        agent.notifications()

@@ -27,7 +27,6 @@ from types import ModuleType
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
-    LayoutReleasedError,
     SerializationError,
     TransferError,
 )
@@ -180,42 +179,30 @@ class NixlAgent:
         self._peers: dict[str, _Peer] = {}
         self._inbox: dict[str, list[bytes]] = {}
         self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(backends)))
-        missing = [b for b in backends if b not in self._live().backends]
+        missing = [b for b in backends if b not in self._agent.backends]
         if missing:
-            plugins = ", ".join(self._live().get_plugin_list()) or "none"
+            plugins = ", ".join(self._agent.get_plugin_list()) or "none"
             raise BackendUnavailableError(
                 f"NIXL has no backend {missing[0]!r} here (plugins found: {plugins})"
             )
-
-    def _live(self):
-        """The NIXL agent object, until :meth:`close`."""
-        if self._agent is None:
-            raise LayoutReleasedError(f"the NIXL agent {self.name!r} was closed")
-        return self._agent
-
-    def close(self) -> None:
-        """Let the NIXL agent go: its threads stop and its registrations end once nothing
-        else holds it. Later calls raise :class:`LayoutReleasedError`."""
-        with self._lock:
-            self._agent = None
 
     def metadata(self, registration) -> NixlMetadata:
         """What another agent loads to reach ``registration`` (from :meth:`register`)."""
         with self._lock:
             return NixlMetadata(
-                bytes(self._live().get_partial_agent_metadata(registration, True)),
-                bytes(self._live().get_partial_agent_metadata(registration, False)),
+                bytes(self._agent.get_partial_agent_metadata(registration, True)),
+                bytes(self._agent.get_partial_agent_metadata(registration, False)),
             )
 
     def register(self, regions: Sequence[MemoryRegion], kind: MemKind, device_id: int):
         """Register ``regions`` for transfers; returns what :meth:`deregister` takes."""
         rows = [(r.addr, r.size, device_id, "") for r in regions]
         with self._lock:
-            return self._live().register_memory(rows, kind.value)
+            return self._agent.register_memory(rows, kind.value)
 
     def deregister(self, registration) -> None:
         with self._lock:
-            self._live().deregister_memory(registration)
+            self._agent.deregister_memory(registration)
 
     def connect(
         self,
@@ -253,7 +240,7 @@ class NixlAgent:
                 self._load(agent, metadata.memory)
                 peer.live[key] = new
                 return
-            self._live().remove_remote_agent(agent)
+            self._agent.remove_remote_agent(agent)
             del self._peers[agent]  # should a load fail, the next import starts afresh
             self._load(agent, metadata.with_connection)
             again = self._peers[agent] = _Peer({key: new}, [])
@@ -264,7 +251,7 @@ class NixlAgent:
 
     def _load(self, agent: str, metadata: bytes) -> None:
         try:
-            self._live().add_remote_agent(metadata)
+            self._agent.add_remote_agent(metadata)
         except Exception as exc:  # NIXL raises its own error classes
             raise SerializationError(
                 f"NIXL could not load the metadata of agent {agent!r}: {exc!r}"
@@ -305,14 +292,14 @@ class NixlAgent:
         """
         with self._lock:
             try:
-                handle = self._live().initialize_xfer(
+                handle = self._agent.initialize_xfer(
                     op.value,
-                    self._live().get_xfer_descs(local, local_kind.value),
-                    self._live().get_xfer_descs(remote, target.kind.value),
+                    self._agent.get_xfer_descs(local, local_kind.value),
+                    self._agent.get_xfer_descs(remote, target.kind.value),
                     target.agent,
                     notification or b"",
                 )
-                state = self._live().transfer(handle)
+                state = self._agent.transfer(handle)
             except Exception as exc:  # NIXL raises its own error classes
                 raise TransferError(f"NIXL {op.value} to {target.agent!r}: {exc!r}") from exc
         try:
@@ -320,12 +307,12 @@ class NixlAgent:
             while state == "PROC":
                 time.sleep(next(pauses))
                 with self._lock:
-                    state = self._live().check_xfer_state(handle)
+                    state = self._agent.check_xfer_state(handle)
             if state != "DONE":
                 raise TransferError(f"NIXL {op.value} to {target.agent!r} failed ({state})")
         finally:
             with self._lock:
-                self._live().release_xfer_handle(handle)
+                self._agent.release_xfer_handle(handle)
 
     def notifications(self) -> dict[str, list[bytes]]:
         """Messages that arrived from other agents and were not yet returned (by this call or
@@ -357,6 +344,6 @@ class NixlAgent:
 
     def _collect(self) -> None:
         """Move newly arrived messages into the inbox (the lock held)."""
-        for name, messages in self._live().get_new_notifs().items():
+        for name, messages in self._agent.get_new_notifs().items():
             key = name.decode() if isinstance(name, bytes) else name
             self._inbox.setdefault(key, []).extend(bytes(m) for m in messages)

@@ -627,11 +627,9 @@ class TransferManager:
         return Side(physical, torch.arange(config.num_blocks, dtype=torch.int64), fmt)
 
     def close(self) -> None:
-        """Finish running transfers, stop the worker threads and let the NIXL agent go."""
+        """Finish running transfers and stop the worker threads."""
         self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
-        if self.nixl is not None:
-            self.nixl.close()
 
     def __enter__(self) -> TransferManager:
         return self
