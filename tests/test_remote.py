@@ -397,3 +397,15 @@ def test_nixl_is_found_without_importing_it():
     (nixl,) = [c for c in probe() if c.name == "NIXL remote transfers"]
     assert nixl.available == (nixl_module.installed_package() is not None)
     assert nixl.available or "not installed" in nixl.detail
+
+
+@needs_nixl
+def test_idle_agents_leave_the_cpu_alone():
+    """An agent's progress thread waits for messages: two idle agents use almost no CPU
+    (NIXL's default makes each spin a core)."""
+    agents = [nixl_module.NixlAgent(f"idle-{uuid.uuid4().hex[:8]}", ["UCX"]) for _ in range(2)]
+    time.sleep(0.2)  # threads started
+    cpu, wall = time.process_time(), time.perf_counter()
+    time.sleep(1.0)
+    share = (time.process_time() - cpu) / (time.perf_counter() - wall)
+    assert share < 0.3, f"{len(agents)} idle agents used {share:.2f} CPU seconds a second"

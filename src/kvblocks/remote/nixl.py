@@ -13,6 +13,7 @@ entry ``i`` of the local list paired with entry ``i`` of the remote list.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
@@ -22,7 +23,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 from kvblocks.errors import (
     BackendUnavailableError,
@@ -41,6 +42,12 @@ Descriptor = tuple[int, int, int]
 
 #: Seconds between polls of a running transfer, growing from the first to the last.
 _POLL_FIRST, _POLL_LAST = 20e-6, 1e-3
+
+#: Microseconds an agent's progress thread waits for a message before it polls anyway.
+#: NIXL's Python API asks for 0, which makes the thread spin a core for as long as the agent
+#: lives; the thread also wakes as soon as a message arrives, so a longer wait costs idle CPU
+#: nothing and transfers no latency (NIXL rounds it up to whole milliseconds).
+PROGRESS_WAIT_US = 1000
 
 
 class MemKind(Enum):
@@ -143,6 +150,37 @@ def load_api() -> ModuleType:
     )
 
 
+@functools.cache
+def _waiting_agent(api: ModuleType) -> type:
+    """``api.nixl_agent`` whose progress thread waits :data:`PROGRESS_WAIT_US` between polls.
+
+    The API's constructor fills a ``nixlBind.nixlAgentConfig`` and sets its ``pthrDelay`` to 0;
+    this class runs that same constructor with a config type that raises the wait and changes
+    nothing else. A NIXL release that builds its agents another way gets its own class back.
+    """
+    bindings = getattr(api, "nixlBind", None)
+    constructor = api.nixl_agent.__init__
+    if bindings is None or "nixlBind" not in constructor.__code__.co_names:
+        return api.nixl_agent
+
+    class WaitingConfig(bindings.nixlAgentConfig):
+        def __setattr__(self, name: str, value) -> None:
+            if name == "pthrDelay":
+                value = max(value, PROGRESS_WAIT_US)
+            super().__setattr__(name, value)
+
+    names = SimpleNamespace(**vars(bindings))
+    names.nixlAgentConfig = WaitingConfig
+    waiting_init = type(constructor)(
+        constructor.__code__,
+        {**vars(api), "nixlBind": names},
+        constructor.__name__,
+        constructor.__defaults__,
+        constructor.__closure__,
+    )
+    return type("nixl_agent", (api.nixl_agent,), {"__init__": waiting_init})
+
+
 def installed_package() -> str | None:
     """The first NIXL package found installed (without importing it), or ``None``."""
     for name in _API_MODULES:
@@ -178,7 +216,8 @@ class NixlAgent:
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
         self._inbox: dict[str, list[bytes]] = {}
-        self._agent = api.nixl_agent(name, api.nixl_agent_config(backends=list(backends)))
+        config = api.nixl_agent_config(backends=list(backends))
+        self._agent = _waiting_agent(api)(name, config)
         missing = [b for b in backends if b not in self._agent.backends]
         if missing:
             plugins = ", ".join(self._agent.get_plugin_list()) or "none"
