@@ -3,6 +3,7 @@ exchange serialized layouts and READ / WRITE each other's blocks. Every storage 
 local side, both layouts' kinds of memory, format changes (staged through pinned memory),
 layer ranges, notifications and the errors; bytes checked as in test_transfer."""
 
+import os
 import subprocess
 import sys
 import time
@@ -409,3 +410,30 @@ def test_idle_agents_leave_the_cpu_alone():
     time.sleep(1.0)
     share = (time.process_time() - cpu) / (time.perf_counter() - wall)
     assert share < 0.3, f"{len(agents)} idle agents used {share:.2f} CPU seconds a second"
+
+
+@needs_nixl
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_closing_managers_closes_their_agents():
+    """Closed managers leave no NIXL thread behind, even with memory still registered and a
+    peer connected; their agents refuse later calls."""
+    threads = len(os.listdir("/proc/self/task"))
+    here, there = nixl_manager(), nixl_manager()
+    remote, behind = peer_layout(here, there, "pinned", True, NHD)
+    check_transfer(
+        here,
+        make(here, "pinned"),
+        [0, 2],
+        remote,
+        [1, 3],
+        None,
+        peers={remote: there.layout(behind)},
+    )
+    agent = here.nixl
+    there.close()
+    here.close()
+    here.close()
+    assert len(os.listdir("/proc/self/task")) == threads
+    with pytest.raises(BackendUnavailableError, match="was closed"):
+        agent.notifications()
+    here.release_layout(remote)

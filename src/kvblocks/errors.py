@@ -55,7 +55,7 @@ class OverlapError(InvalidArgumentError):
 
 
 class BackendUnavailableError(KvBlocksError):
-    """A path that this machine cannot run (no GPU, no cuda-bindings, ...)."""
+    """A path that this machine cannot run (no GPU, no cuda-bindings, a closed NIXL agent, ...)."""
 
 
 class ConfigMismatchError(InvalidArgumentError):

@@ -216,14 +216,38 @@ class NixlAgent:
         self._lock = threading.Lock()
         self._peers: dict[str, _Peer] = {}
         self._inbox: dict[str, list[bytes]] = {}
+        self._registered: dict[int, object] = {}  # id -> registration, until deregistered
         config = api.nixl_agent_config(backends=list(backends))
-        self._agent = _waiting_agent(api)(name, config)
-        missing = [b for b in backends if b not in self._agent.backends]
+        self._nixl = _waiting_agent(api)(name, config)
+        missing = [b for b in backends if b not in self._nixl.backends]
         if missing:
-            plugins = ", ".join(self._agent.get_plugin_list()) or "none"
+            plugins = ", ".join(self._nixl.get_plugin_list()) or "none"
             raise BackendUnavailableError(
                 f"NIXL has no backend {missing[0]!r} here (plugins found: {plugins})"
             )
+
+    @property
+    def _agent(self):
+        """NIXL's agent object, until :meth:`close`."""
+        if self._nixl is None:
+            raise BackendUnavailableError(f"the NIXL agent {self.name!r} was closed")
+        return self._nixl
+
+    def close(self) -> None:
+        """Deregister the memory still registered, disconnect from every agent and let NIXL's
+        agent go (its progress thread stops with it). Idempotent; the memory must still be
+        allocated. Later calls raise :class:`BackendUnavailableError`; :meth:`deregister`
+        becomes a no-op."""
+        with self._lock:
+            if self._nixl is None:
+                return
+            for registration in self._registered.values():
+                self._nixl.deregister_memory(registration)
+            for agent in self._peers:
+                self._nixl.remove_remote_agent(agent)
+            self._registered.clear()
+            self._peers.clear()
+            self._nixl = None
 
     def metadata(self, registration) -> NixlMetadata:
         """What another agent loads to reach ``registration`` (from :meth:`register`)."""
@@ -237,11 +261,15 @@ class NixlAgent:
         """Register ``regions`` for transfers; returns what :meth:`deregister` takes."""
         rows = [(r.addr, r.size, device_id, "") for r in regions]
         with self._lock:
-            return self._agent.register_memory(rows, kind.value)
+            registration = self._agent.register_memory(rows, kind.value)
+            self._registered[id(registration)] = registration
+            return registration
 
     def deregister(self, registration) -> None:
+        """End ``registration`` (from :meth:`register`); after :meth:`close`, nothing to do."""
         with self._lock:
-            self._agent.deregister_memory(registration)
+            if self._registered.pop(id(registration), None) is not None:
+                self._agent.deregister_memory(registration)
 
     def connect(
         self,

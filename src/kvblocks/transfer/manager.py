@@ -627,9 +627,12 @@ class TransferManager:
         return Side(physical, torch.arange(config.num_blocks, dtype=torch.int64), fmt)
 
     def close(self) -> None:
-        """Finish running transfers and stop the worker threads."""
+        """Finish running transfers, stop the worker threads and close the NIXL agent (the
+        layouts it registered must still be allocated)."""
         self._workers.shutdown(wait=True)
         self._io.shutdown(wait=True)
+        if self.nixl is not None:
+            self.nixl.close()
 
     def __enter__(self) -> TransferManager:
         return self
