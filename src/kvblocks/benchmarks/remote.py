@@ -67,6 +67,11 @@ def _median_gbps(fn, nbytes: int, warmup: int, iters: int) -> float:
     return nbytes / statistics.median(times) / 1e9
 
 
+def _three_digits(gbps: float) -> float:
+    """``gbps`` to three significant digits (a slow link's few MB/s must not read 0.0)."""
+    return float(f"{gbps:.3g}")
+
+
 def nixl_alone_gbps(here, there, behind, op: NixlOp, on_gpu: bool, nbytes: int, warmup, iters):
     """NIXL moving ``nbytes`` in one descriptor between a fresh buffer here and the start of
     the other worker's layout ``behind``."""
@@ -150,9 +155,9 @@ def run(dims_for, tokens_per_block, num_blocks, warmup=1, iters=5) -> list[Remot
                                 route,
                                 here.strategy(r_src, r_dst).value,
                                 nbytes,
-                                round(nixl, 2),
-                                round(alone, 2),
-                                round(mine, 2),
+                                _three_digits(nixl),
+                                _three_digits(alone),
+                                _three_digits(mine),
                                 round(nixl / alone, 3),
                             )
                         )
