@@ -81,6 +81,18 @@ def test_demo_with_two_workers_hits_the_other_ones_blocks(capsys, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+def test_demo_writes_fewer_blocks_to_disk_with_a_disk_filter(capsys):
+    args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
+    written = []
+    for uses in ("1", "2"):
+        assert main([*args, "--disk-min-uses", uses]) == 0
+        result = json.loads(capsys.readouterr().out)
+        moved = {(m["kind"], m["src"], m["dst"]): m["blocks"] for m in result["moved"]}
+        written.append(moved[("offload", "G2", "G3")])
+        assert result["verified_blocks"] == sum(result["hits"].values())
+    assert 0 < written[1] < written[0]
+
+
 def test_demo_prints_a_summary_and_progress(capsys):
     assert main(["demo", *SMALL, "--g2-blocks", "0", "--g3-blocks", "0"]) == 0
     captured = capsys.readouterr()
@@ -95,6 +107,7 @@ def test_demo_prints_a_summary_and_progress(capsys):
         (["--g2-blocks", "0", "--g3-blocks", "10"], "--g3-blocks"),
         (["--model", "nope"], "nope"),
         (["--workers", "2", "--g2-blocks", "0", "--g3-blocks", "0"], "--workers"),
+        (["--disk-min-uses", "2", "--g3-blocks", "0"], "--disk-min-uses"),
     ],
 )
 def test_demo_rejects_bad_sizes(capsys, args, named):

@@ -376,7 +376,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     import tempfile
 
     from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
-    from kvblocks.pool import BlockManager, BlockManagerConfig
+    from kvblocks.pool import BlockManager, BlockManagerConfig, FrequencyFilter, Tier
 
     _check_plot(args.plot)
     if args.model is None and args.layers is None:
@@ -401,6 +401,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         )
     if g3 and not g2:
         raise InvalidArgumentError("--g3-blocks", "needs --g2-blocks > 0 to stage through")
+    if args.disk_min_uses > 1 and not g3:
+        raise InvalidArgumentError("--disk-min-uses", "filters G3 writes: needs --g3-blocks > 0")
     if args.workers > 1 and not g2:
         raise InvalidArgumentError("--workers", "needs --g2-blocks > 0: workers share G2 blocks")
     with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
@@ -430,7 +432,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         with contextlib.ExitStack() as stack:
             managers = [
                 stack.enter_context(
-                    BlockManager(_worker_config(config, i, args.workers), publisher=publisher)
+                    BlockManager(
+                        _worker_config(config, i, args.workers),
+                        publisher=publisher,
+                        disk_filter=(
+                            FrequencyFilter(args.disk_min_uses) if args.disk_min_uses > 1 else None
+                        ),
+                    )
                 )
                 for i in range(args.workers)
             ]
@@ -463,6 +471,12 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                     print(
                         f"  {tier.name} {tier.medium:<4} {n:>7,} blocks {n * mib:>9,.1f} MiB"
                         f" ({where})",
+                        file=log,
+                    )
+                if args.disk_min_uses > 1 and Tier.G3 in manager.tiers:
+                    print(
+                        f"  G3 takes a block from its use number {args.disk_min_uses} on"
+                        " (registrations and lookup hits count)",
                         file=log,
                     )
             progress = None if args.quiet else progress_bar()
@@ -515,6 +529,13 @@ def _add_demo_parser(sub) -> None:
     )
     demo.add_argument("--g3-blocks", type=_non_negative_int, help="G3 (disk) blocks; 0: none")
     demo.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    demo.add_argument(
+        "--disk-min-uses",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="write a block to G3 from its Nth use on (default 1: every block)",
+    )
     demo.add_argument(
         "--workers",
         type=_positive_int,

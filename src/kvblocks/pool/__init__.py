@@ -7,6 +7,7 @@
   (:mod:`~kvblocks.pool.sharing`).
 - :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
   :mod:`~kvblocks.pool.publishers`).
+- :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
@@ -23,6 +24,7 @@ from kvblocks.pool.events import (
 from kvblocks.pool.hashing import HASH_KEY, ROOT_HASH, block_hash, root_hash, sequence_hashes
 from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
+from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
 from kvblocks.pool.tier import Tier
 
 __all__ = [
@@ -40,7 +42,9 @@ __all__ = [
     "BlockStored",
     "EventBatch",
     "EventPublisher",
+    "FrequencyFilter",
     "InProcessPublisher",
+    "OffloadFilter",
     "PoolExhaustedError",
     "PoolMetrics",
     "PrefixHit",

@@ -60,6 +60,7 @@ from kvblocks.pool.events import (
 from kvblocks.pool.hashing import sequence_hashes
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
+from kvblocks.pool.offload_filter import OffloadFilter
 from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease, PeerClient
 from kvblocks.pool.tier import Tier
 from kvblocks.storage import PhysicalLayout
@@ -173,6 +174,8 @@ class BlockManager:
             ``[num_blocks, no, nt, nh, hd]`` (``device_format`` NHD) or ``[num_blocks, no, nh, nt,
             hd]`` (HND); by default the manager allocates them (see :attr:`device_tensors`).
         transfer: a TransferManager to move blocks with (one is built by default).
+        disk_filter: which blocks stored in G2 are also written to G3
+            (:mod:`~kvblocks.pool.offload_filter`); every one by default.
 
     Raises:
         InvalidArgumentError: a bad config or tensors that do not match it.
@@ -186,9 +189,17 @@ class BlockManager:
         publisher: EventPublisher | None = None,
         device_tensors: Sequence[torch.Tensor] | None = None,
         transfer: TransferManager | None = None,
+        disk_filter: OffloadFilter | None = None,
     ) -> None:
         if not isinstance(config, BlockManagerConfig):
             raise InvalidArgumentError("config", f"must be a BlockManagerConfig, got {config!r}")
+        if disk_filter is not None and not all(
+            callable(getattr(disk_filter, name, None)) for name in ("use", "passes")
+        ):
+            raise InvalidArgumentError(
+                "disk_filter", f"must have use() and passes() (OffloadFilter), got {disk_filter!r}"
+            )
+        self._disk_filter = disk_filter
         self.config = config
         self.block_bytes = config.block_bytes
         self._lock = threading.RLock()
@@ -418,6 +429,8 @@ class BlockManager:
                 g1.free(held)
             raise
         misses = len(hashes) - len(held)
+        with self._lock:
+            self._note_uses(hashes[: len(held)])
         self.metrics.record_lookup(from_tier, misses)
         self._publish()
         return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
@@ -513,6 +526,7 @@ class BlockManager:
             if new_blocks and self._worker is not None:
                 g1.acquire(new_blocks)
                 self._queue.put(_Offload(Tier.G1, new_blocks, new_hashes, self._ready_event()))
+            self._note_uses(hashes)
         self._publish()
         return hashes
 
@@ -691,6 +705,22 @@ class BlockManager:
             if cached[-1] == b:
                 new.append((b, h))
         return cached, new
+
+    def _note_uses(self, hashes: list[int]) -> None:
+        """Count a use of each hash with the disk filter, and write to G3 the blocks that G2
+        holds and that pass from this use on (they were kept off the disk until now). Under the
+        lock."""
+        if self._disk_filter is None:
+            return
+        passed = self._disk_filter.use(hashes)
+        if not passed or Tier.G3 not in self._tiers or self._worker is None:
+            return
+        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
+        late = [(b, h) for h in passed if (b := g2.lookup(h)) is not None and g3.lookup(h) is None]
+        if late:
+            blocks = [b for b, _ in late]
+            g2.acquire(blocks)
+            self._queue.put(_Offload(Tier.G2, blocks, [h for _, h in late]))
 
     def _release_g3(self, slots: list[int]) -> None:
         if slots:
@@ -1007,23 +1037,32 @@ class BlockManager:
                     break
                 jobs.append(more)
             try:
-                for event in [j.ready for j in jobs if j.ready is not None]:
-                    event.synchronize()  # the engine has written the blocks' KV
-                merged = _Offload(
-                    Tier.G1,
-                    [b for j in jobs for b in j.block_ids],
-                    [h for j in jobs for h in j.hashes],
-                )
-                with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                    self._offload(merged)
-            except BaseException as exc:
-                log.exception("offload failed")
-                with self._lock:
-                    self._failures.append(exc)
+                for src in (Tier.G1, Tier.G2):  # G2 jobs: blocks the disk filter let pass late
+                    same = [j for j in jobs if j.src is src]
+                    if same:
+                        self._offload_merged(src, same, stream)
             finally:
                 for _ in jobs:
                     self._queue.task_done()
             self._publish()
+
+    def _offload_merged(
+        self, src: Tier, jobs: list[_Offload], stream: torch.cuda.Stream | None
+    ) -> None:
+        """Run ``jobs`` (all from ``src``) as one; a failure is logged and kept for
+        :meth:`flush` to raise."""
+        merged = _Offload(
+            src, [b for j in jobs for b in j.block_ids], [h for j in jobs for h in j.hashes]
+        )
+        try:
+            for event in [j.ready for j in jobs if j.ready is not None]:
+                event.synchronize()  # the engine has written the blocks' KV
+            with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                self._offload(merged)
+        except BaseException as exc:
+            log.exception("offload failed")
+            with self._lock:
+                self._failures.append(exc)
 
     def _offload(self, job: _Offload) -> None:
         """Copy ``job``'s held blocks one tier down (and on to G3 from G2), in rounds as large
@@ -1084,9 +1123,11 @@ class BlockManager:
             stored = [h for _, h in new]
             self._emit_stored(dst_tier, stored)
             src.free(src_ids)
-            cascade = dst_tier is Tier.G2 and Tier.G3 in self._tiers and stored_blocks
-            if cascade:
-                dst.acquire(stored_blocks)
+            to_disk = []
+            if dst_tier is Tier.G2 and Tier.G3 in self._tiers:
+                to_disk = [(b, h) for b, h in new if self._to_disk(h)]
+                self.metrics.record_disk_filtered(len(new) - len(to_disk))
+                dst.acquire([b for b, _ in to_disk])
             targets = [p for p in self._peers.values() if p.offload] if dst_tier is Tier.G2 else []
             if targets and stored_blocks:
                 dst.acquire(stored_blocks)
@@ -1097,8 +1138,12 @@ class BlockManager:
             finally:
                 with self._lock:
                     dst.free(stored_blocks)
-        if cascade:
-            self._offload(_Offload(Tier.G2, stored_blocks, stored))
+        if to_disk:
+            self._offload(_Offload(Tier.G2, [b for b, _ in to_disk], [h for _, h in to_disk]))
+
+    def _to_disk(self, sequence_hash: int) -> bool:
+        """Whether a block stored in G2 goes on to G3 now (the disk filter's say)."""
+        return self._disk_filter is None or self._disk_filter.passes(sequence_hash)
 
     def _copy(
         self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: _Peer | None = None

@@ -20,6 +20,8 @@ name                                type       meaning
 ``kvbm_onboard_bytes{src,dst}``     counter    their bytes
 ``kvbm_transfer_latency{src,dst}``  histogram  seconds per transfer batch
 ``kvbm_corrupt_blocks``             counter    G3 blocks whose checksum did not match
+``kvbm_disk_filtered_blocks``       counter    blocks stored in G2 that the disk filter kept
+                                               off G3 (for then)
 ==================================  =========  ===============================================
 
 prometheus_client writes counters with a ``_total`` suffix (``kvbm_eviction_count_total``).
@@ -80,6 +82,7 @@ class PoolMetrics:
         self.onboard_bytes: Counter[tuple[Tier, Tier]] = Counter()
         self.transfer_latency: dict[tuple[Tier, Tier], Histogram] = {}
         self.corrupt_blocks = 0
+        self.disk_filtered_blocks = 0
 
     def occupancy(self) -> dict[Tier, TierOccupancy]:
         """Blocks per tier, read now."""
@@ -110,6 +113,10 @@ class PoolMetrics:
     def record_corrupt(self, count: int) -> None:
         with self._lock:
             self.corrupt_blocks += count
+
+    def record_disk_filtered(self, count: int) -> None:
+        with self._lock:
+            self.disk_filtered_blocks += count
 
 
 def prometheus_registry(metrics: PoolMetrics, registry=None):
@@ -171,6 +178,11 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                     "kvbm_corrupt_blocks",
                     "G3 blocks whose checksum did not match",
                     value=metrics.corrupt_blocks,
+                )
+                yield CounterMetricFamily(
+                    "kvbm_disk_filtered_blocks",
+                    "Blocks stored in G2 that the disk filter kept off G3 (for then)",
+                    value=metrics.disk_filtered_blocks,
                 )
                 for name, counter, doc in (
                     ("kvbm_offload_blocks", metrics.offload_blocks, "Blocks copied down a tier"),
