@@ -27,8 +27,9 @@ class OffloadFilter(Protocol):
     manager's lock: keep both methods quick and do not call back into the manager."""
 
     def use(self, hashes: Sequence[int]) -> list[int]:
-        """Count one use of each of ``hashes``; return those that pass from this use on
-        (each hash at most once over the filter's life, so it is written once)."""
+        """Count one use of each of ``hashes``; return those that pass from this use on (the
+        manager writes each to G3 if G2 holds it and G3 does not, so returning a hash again is
+        harmless)."""
 
     def passes(self, sequence_hash: int) -> bool:
         """Whether the block with this hash is to be written to disk now."""
