@@ -429,8 +429,7 @@ class BlockManager:
                 g1.free(held)
             raise
         misses = len(hashes) - len(held)
-        with self._lock:
-            self._note_uses(hashes[: len(held)])
+        self._note_uses(hashes[: len(held)])
         self.metrics.record_lookup(from_tier, misses)
         self._publish()
         return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
@@ -515,11 +514,7 @@ class BlockManager:
                     )
             if len(set(block_ids)) != len(block_ids):
                 raise InvalidArgumentError("block_ids", "must not name a block twice")
-            parents = [parent_hash, *hashes][: len(hashes)]
-            for i, (h, parent) in enumerate(zip(hashes, parents, strict=True)):
-                self._chains.setdefault(
-                    h, _ChainInfo(parent, tuple(token_ids[i * size : (i + 1) * size]))
-                )
+            self._remember_chains(hashes, token_ids, parent_hash)
             _, new = self._cache(g1, block_ids, hashes)
             new_blocks, new_hashes = [b for b, _ in new], [h for _, h in new]
             self._emit_stored(Tier.G1, new_hashes)
@@ -706,21 +701,34 @@ class BlockManager:
                 new.append((b, h))
         return cached, new
 
+    def _remember_chains(
+        self, hashes: list[int], token_ids: Sequence[int], parent: int | None
+    ) -> None:
+        """Keep each block's parent hash and tokens (``block_size`` tokens per hash, in
+        order; ``parent`` is the hash before ``hashes[0]``) for events and G3's journal. Under
+        the lock."""
+        size = self.config.block_size
+        parents = [parent, *hashes][: len(hashes)]
+        for i, (h, p) in enumerate(zip(hashes, parents, strict=True)):
+            self._chains.setdefault(h, _ChainInfo(p, tuple(token_ids[i * size : (i + 1) * size])))
+
     def _note_uses(self, hashes: list[int]) -> None:
         """Count a use of each hash with the disk filter, and write to G3 the blocks that G2
-        holds and that pass from this use on (they were kept off the disk until now). Under the
-        lock."""
+        holds and that pass from this use on (they were kept off the disk until now)."""
         if self._disk_filter is None:
             return
-        passed = self._disk_filter.use(hashes)
-        if not passed or Tier.G3 not in self._tiers or self._worker is None:
-            return
-        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
-        late = [(b, h) for h in passed if (b := g2.lookup(h)) is not None and g3.lookup(h) is None]
-        if late:
-            blocks = [b for b, _ in late]
-            g2.acquire(blocks)
-            self._queue.put(_Offload(Tier.G2, blocks, [h for _, h in late]))
+        with self._lock:
+            passed = self._disk_filter.use(hashes)
+            if not passed or Tier.G3 not in self._tiers or self._worker is None:
+                return
+            g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
+            late = [
+                (b, h) for h in passed if (b := g2.lookup(h)) is not None and g3.lookup(h) is None
+            ]
+            if late:
+                blocks = [b for b, _ in late]
+                g2.acquire(blocks)
+                self._queue.put(_Offload(Tier.G2, blocks, [h for _, h in late]))
 
     def _release_g3(self, slots: list[int]) -> None:
         if slots:
@@ -957,9 +965,8 @@ class BlockManager:
         size = self.config.block_size
         got = hashes[at : at + len(staging)]
         with self._lock:
-            for i in range(at, at + len(staging)):
-                tokens = tuple(token_ids[i * size : (i + 1) * size])
-                self._chains.setdefault(hashes[i], _ChainInfo(hashes[i - 1] if i else None, tokens))
+            tokens = token_ids[at * size : (at + len(staging)) * size]
+            self._remember_chains(got, tokens, hashes[at - 1] if at else None)
             cached, new = self._cache(g2, staging, got)
             for b, c in zip(staging, cached, strict=True):
                 if c != b:  # another lookup cached it meanwhile: hold that one instead
