@@ -64,6 +64,12 @@ def test_fully_contiguous_addresses(cfg, base):
     assert lay.block_region(ids[0]) == MemoryRegion(
         base + ids[0] * cfg.block_bytes, cfg.block_bytes
     )
+    last = cfg.num_layers - 1
+    for layers in (range(last, cfg.num_layers), range(0, max(last, 1))):
+        some = list(lay.region_table(ids, layers))
+        assert some == [
+            lay.region(b, l, o).addr for b in ids for l in layers for o in range(cfg.outer_dim)
+        ]
 
 
 @given(cfg=configs, block_dim=st.sampled_from(BlockDimension), data=st.data())

@@ -296,6 +296,8 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         spec = lookup_model(args.model)
         run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
         extra = {"folder": args.disk_dir} if args.suite == "disk" else {}
+        if args.suite == "transfers":
+            extra = {"copy_engine": args.copy_engine}
         rows = run(
             lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
         )
@@ -339,6 +341,11 @@ def _add_bench_parser(sub) -> None:
     )
     bench.add_argument(
         "--num-blocks", type=_int_list, metavar="N[,N...]", help="kvbench: 1,128; permute: 128"
+    )
+    bench.add_argument(
+        "--copy-engine",
+        action="store_true",
+        help="transfers: a manager that prefers the copy engine (staged transfers)",
     )
     bench.add_argument("--patterns", default="fc_to_fc,lw_to_fc,fc_to_lw", help="kvbench")
     bench.add_argument("--directions", default="h2d,d2h,d2d", help="kvbench")

@@ -3,7 +3,8 @@
 ``manager``: blocks move between a fully contiguous pinned layout and, on the GPU, an
 engine-style layer-separate cache (``lw_to_fc`` d2h and ``fc_to_lw`` h2d) or a fully contiguous
 layout (``fc_to_fc``, whole blocks), once through ``execute_transfer`` (``strategy`` says which
-path it took) and once through the copy kernel alone with the same address tables.
+path it took; with ``copy_engine`` the manager prefers the copy engine, which stages the
+layer-separate cases) and once through the copy kernel alone with the same address tables.
 ``*_gbps`` are GPU time (CUDA events; the manager is given the caller's stream so the events
 see its work), timed interleaved. ``*_wall_gbps`` are wall-clock throughput of calls issued back
 to back on the manager's own streams, which also counts the host's cost per call when it
@@ -36,6 +37,8 @@ from kvblocks.transfer import (
     TransferCompleteNotification,
     TransferManager,
     TransferOptions,
+    TransferPreferences,
+    block_checksums,
     fill_blocks,
 )
 
@@ -96,12 +99,18 @@ def _on_current_stream(fn) -> TransferCompleteNotification:
     return TransferCompleteNotification.from_event(event)
 
 
-def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> list[ManagerRow]:
+def run_manager(
+    dims_for, tokens_per_block, num_blocks, warmup=5, iters=50, copy_engine: bool = False
+) -> list[ManagerRow]:
+    """Rows of the manager against the kernel alone; ``copy_engine`` builds the manager with
+    ``TransferPreferences(copy_engine=True)`` (its staged transfers)."""
     device = require_gpu()
     rows = []
     total = len(tokens_per_block) * len(num_blocks) * 4
     step = 0
-    with TransferManager.builder().cuda_device_id(device.index or 0).build() as manager:
+    builder = TransferManager.builder().cuda_device_id(device.index or 0)
+    builder = builder.preferences(TransferPreferences(copy_engine=copy_engine))
+    with builder.build() as manager:
         for nt in tokens_per_block:
             dims: KvDims = dims_for(nt)
             most = max(num_blocks)
@@ -144,6 +153,7 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
                     m_ms, k_ms = median_ms(through_manager, plan.run, warmup=warmup, iters=iters)
                     k_wall = _wall_gbps(lambda p=plan: _on_current_stream(p.run), nbytes)
                     m_wall = _wall_gbps(on_pool, nbytes)
+                    _check_moved(manager, src, dst, ids)
                     rows.append(
                         ManagerRow(
                             nt,
@@ -164,6 +174,16 @@ def run_manager(dims_for, tokens_per_block, num_blocks, warmup=5, iters=50) -> l
             for h in (gpu, gpu_fc, host):
                 manager.release_layout(h)
     return rows
+
+
+def _check_moved(manager: TransferManager, src, dst, ids: list[int]) -> None:
+    """Move ``ids`` once more over poisoned destinations and compare a sample of blocks."""
+    sample = sorted({ids[0], ids[len(ids) // 2], ids[-1]})
+    fill_blocks(manager.layout(dst), sample, FillPattern.of_constant(0xAB))
+    manager.execute_transfer(src, ids, dst, ids).wait()
+    got = block_checksums(manager.layout(dst), sample)
+    if got != block_checksums(manager.layout(src), sample):
+        raise RuntimeError(f"the manager moved blocks {sample} wrongly: the figures are void")
 
 
 def _call_us(manager: TransferManager, src, ids, dst, repeats: int = 50) -> float:

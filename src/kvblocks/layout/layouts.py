@@ -257,6 +257,14 @@ class FullyContiguousLayout(Layout):
         cfg = self.config
         return self.memory[0].addr + (layer_id * cfg.outer_dim + outer_id) * cfg.region_bytes
 
+    def chunk_offsets(self, layers: range | None = None) -> list[int]:
+        self._check_regions_addressable()
+        layers = self.layer_range(layers)
+        cfg = self.config
+        step = cfg.region_bytes
+        first = self.memory[0].addr + layers.start * cfg.outer_dim * step
+        return list(range(first, first + len(layers) * cfg.outer_dim * step, step))
+
     def block_region(self, block_id: int) -> MemoryRegion:
         """The whole of one block."""
         index_in_range(block_id, self.config.num_blocks, "block_id")

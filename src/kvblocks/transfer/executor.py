@@ -112,15 +112,21 @@ class _Addressing:
     chunks: torch.Tensor  # int64, on the CPU
     stride: int
     align: int  # the largest power of two up to 16 dividing every chunk and the stride
-    on_device: dict[torch.device, torch.Tensor]
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event]]
 
     def chunks_on(self, device: torch.device) -> torch.Tensor:
-        """``chunks`` on ``device``, copied there once."""
+        """``chunks`` on ``device``, for work on its current stream. Copied there once,
+        without blocking the host; every stream that reads the copy waits for it on the GPU."""
         if device.type == "cpu":
             return self.chunks
         if device not in self.on_device:
-            self.on_device[device] = self.chunks.to(device)
-        return self.on_device[device]
+            copied = self.chunks.pin_memory().to(device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(device))
+            self.on_device[device] = (copied, done)
+        copied, done = self.on_device[device]
+        torch.cuda.current_stream(device).wait_event(done)
+        return copied
 
 
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
@@ -215,23 +221,31 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
     own address-level overlap check, done from host tables.
     """
     src, dst = hop.src, hop.dst
-    dims = dims_of(src.config) if src.fmt.requires_transform(dst.fmt) else None
-    if check_overlap:
-        if dims is not None:
-            s, d, _ = permute_tables(src, dst)
-            plan = plan_permute(s.expand(), src.operand(), d.expand(), dst.operand(), dims, device)
-        else:
-            s, d, size, _ = copy_pairs(src, dst, layers)
-            plan = plan_copy(s.expand(), d.expand(), size, device)
-    elif dims is not None:
+    if not check_overlap:
+        gpu_plan(src, dst, layers, device).run()
+        return
+    if src.fmt.requires_transform(dst.fmt):
+        s, d, _ = permute_tables(src, dst)
+        dims = dims_of(src.config)
+        plan = plan_permute(s.expand(), src.operand(), d.expand(), dst.operand(), dims, device)
+    else:
+        s, d, size, _ = copy_pairs(src, dst, layers)
+        plan = plan_copy(s.expand(), d.expand(), size, device)
+    plan.run()
+
+
+def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
+    """The copy kernel (same format) or the permute kernel from ``src`` to ``dst``, over tables
+    on ``device`` (block-major: entry rows of block ``i`` come from ``ids[i]`` of each side),
+    without an address-level overlap check."""
+    if src.fmt.requires_transform(dst.fmt):
         s, d, aligned = permute_tables(src, dst, device)
-        plan = PermutePlan.of_checked_tables(
+        dims = dims_of(src.config)
+        return PermutePlan.of_checked_tables(
             src.operand(), s, dst.operand(), d, dims, device, aligned
         )
-    else:
-        s, d, size, align = copy_pairs(src, dst, layers, device)
-        plan = CopyPlan(s, d, size, align, device, available(device))
-    plan.run()
+    s, d, size, align = copy_pairs(src, dst, layers, device)
+    return CopyPlan(s, d, size, align, device, available(device))
 
 
 def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:

@@ -43,9 +43,9 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.memcpy import has_cuda_bindings
-from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
+from kvblocks.layout import KvBlockLayout, LayoutConfig
 from kvblocks.remote import NixlAgent
-from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
+from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
 from kvblocks.transfer.executor import (
     BouncePool,
@@ -74,6 +74,7 @@ from kvblocks.transfer.options import (
 from kvblocks.transfer.peers import Peers
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
 from kvblocks.transfer.serialize import SerializedLayout
+from kvblocks.transfer.staging import run_staged, staging_bytes
 from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
 
 _SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
@@ -449,7 +450,7 @@ class TransferManager:
             after.record(torch.cuda.current_stream(self.device))
         bounce = self._bounce_side(options, src_side) if options.bounce_buffer else None
         future = self._workers.submit(
-            self._run_staged, plan, src_side, layers, after, check_overlap, bounce, message
+            self._run_steps, plan, src_side, layers, after, check_overlap, bounce, message
         )
         return TransferCompleteNotification.from_future(future)
 
@@ -537,27 +538,45 @@ class TransferManager:
             )
         return Side(physical, ids, physical.kv_format)
 
-    def _gpu_stream(self, hop: Hop) -> tuple[torch.device, torch.cuda.Stream]:
-        gpu = hop.src if hop.src.on_gpu else hop.dst
-        stream = self.streams.h2d() if hop.dst.on_gpu else self.streams.d2h()
+    def _gpu_stream(self, src: Side, dst: Side) -> tuple[torch.device, torch.cuda.Stream]:
+        """The GPU of a GPU step from ``src`` to ``dst``, and the pool stream it runs on."""
+        gpu = src if src.on_gpu else dst
+        stream = self.streams.h2d() if dst.on_gpu else self.streams.d2h()
         return gpu.physical.device, stream
 
     def _run_on_stream(
         self, plan: Route, layers: range, options: TransferOptions, check_overlap: bool
     ) -> TransferCompleteNotification:
-        (hop,) = plan.with_buffers({})
-        device, stream = self._gpu_stream(hop)
+        device, stream = self._gpu_stream(plan.hops[0][1], plan.hops[-1][2])
         stream = options.cuda_stream or stream  # the pool's stream is skipped then
         with torch.cuda.device(device):
             if options.cuda_stream is None:
                 stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
-                self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+                if plan.strategy is Strategy.STAGED:
+                    done = self._run_staged_on(plan, stream)
+                else:
+                    (hop,) = plan.with_buffers({})
+                    self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+                    done = None
             if options.cuda_stream is not None:
                 return TransferCompleteNotification.ready()
-            done = torch.cuda.Event()
-            done.record(stream)
+            if done is None:
+                done = torch.cuda.Event()
+                done.record(stream)
         return TransferCompleteNotification.from_event(done)
+
+    def _run_staged_on(self, plan: Route, stream: torch.cuda.Stream) -> torch.cuda.Event:
+        """Enqueue a staged transfer on ``stream`` (and a copy stream of the pool), through
+        slots from the memory pool; returns the event that marks it done."""
+        (_, src, _), (_, _, dst) = plan.hops
+        (slot,) = plan.bounces()
+        buffer = self.memory_pool.acquire(staging_bytes(src))
+        run_staged(src, dst, slot.fmt, buffer, stream, self.streams.copy())
+        done = torch.cuda.Event()
+        done.record(stream)
+        self.memory_pool.release_after(buffer, done)
+        return done
 
     @staticmethod
     def _run_gpu_hop(hop: Hop, layers, device, stream, check_overlap: bool) -> None:
@@ -566,7 +585,7 @@ class TransferManager:
         else:
             run_gpu(hop, layers, device, check_overlap)
 
-    def _run_staged(
+    def _run_steps(
         self,
         plan: Route,
         src: Side,
@@ -591,7 +610,7 @@ class TransferManager:
                     device_temps.append(buffers[needed])
             for hop in plan.with_buffers(buffers):
                 if hop.kind in (HopKind.GPU, HopKind.COPY_ENGINE):
-                    device, stream = self._gpu_stream(hop)
+                    device, stream = self._gpu_stream(hop.src, hop.dst)
                     with torch.cuda.device(device):
                         if after is not None:
                             stream.wait_event(after)
@@ -615,16 +634,6 @@ class TransferManager:
         finally:  # every GPU step was synchronized: the buffers are free to reuse
             for side in pinned:
                 self._bounces.give_back(side)
-            for side in device_temps:
-                self.memory_pool.release(side.physical.allocations[0].view())
-
-    def _device_temp(self, like: Side, fmt: KvBlockLayout) -> Side:
-        config = replace(like.config, num_blocks=like.ids.numel())
-        buffer = self.memory_pool.acquire(config.total_bytes)
-        allocation = MemoryAllocation(StorageKind.DEVICE, buffer, owned=False)
-        layout = FullyContiguousLayout(config, allocation.region, fmt)
-        physical = PhysicalLayout(layout, StorageKind.DEVICE, (allocation,))
-        return Side(physical, torch.arange(config.num_blocks, dtype=torch.int64), fmt)
 
     def close(self) -> None:
         """Finish running transfers, stop the worker threads and close the NIXL agent (the

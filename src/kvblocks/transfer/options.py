@@ -54,9 +54,13 @@ class TransferPreferences:
     Attributes:
         native_vs_nixl: see :class:`NativeVsNixlPolicy`.
         copy_engine: move device<->pinned blocks with ``cudaMemcpyBatchAsync`` instead of
-            kernels. Faster for whole contiguous blocks (55 against 51 GB/s h2d on an H100),
-            much slower for many small regions; a format change then runs on the GPU from a
-            temporary of the device memory pool.
+            kernels reading or writing pinned memory. Where both sides have the same spans
+            (whole blocks on both, or regions on both) the copy engine moves them directly
+            (55 against 51 GB/s h2d on an H100 for whole blocks, much slower for many small
+            regions); whole pinned blocks and a layer-separate device layout, or a format
+            change, are staged through slots from the device memory pool (``STAGED``: the
+            copy engine and a kernel overlapped, up to 7% faster than the kernel alone into
+            the GPU for 128 blocks, docs/performance.md).
         copy_engine_min_bytes: same-format transfers of whole blocks (both layouts fully
             contiguous, every layer) between device and pinned memory of at least this many
             bytes use the copy engine, as ``copy_engine`` does (55 against 51 GB/s h2d on an

@@ -11,19 +11,23 @@ from kvblocks.errors import InvalidArgumentError
 
 H2D_STREAMS = 4
 D2H_STREAMS = 4
+COPY_STREAMS = 2
 
 
 class StreamPool:
     """``H2D_STREAMS`` streams for transfers into the GPU and ``D2H_STREAMS`` out of it, handed
-    out round robin (device-to-device transfers use the host-to-device ones). Created on first
-    use, so a machine without a GPU never touches CUDA."""
+    out round robin (device-to-device transfers use the host-to-device ones), and
+    ``COPY_STREAMS`` for the copy-engine steps of staged transfers. Created on first use, so a
+    machine without a GPU never touches CUDA."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._h2d: list[torch.cuda.Stream] = []
         self._d2h: list[torch.cuda.Stream] = []
+        self._copy: list[torch.cuda.Stream] = []
         self._next_h2d = itertools.count()
         self._next_d2h = itertools.count()
+        self._next_copy = itertools.count()
         self._lock = threading.Lock()
 
     def _streams(self) -> None:
@@ -31,6 +35,7 @@ class StreamPool:
             if not self._h2d:
                 self._h2d = [torch.cuda.Stream(self.device) for _ in range(H2D_STREAMS)]
                 self._d2h = [torch.cuda.Stream(self.device) for _ in range(D2H_STREAMS)]
+                self._copy = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)]
 
     def h2d(self) -> torch.cuda.Stream:
         """The next stream for work that moves bytes into the GPU (or within it)."""
@@ -42,12 +47,19 @@ class StreamPool:
         self._streams()
         return self._d2h[next(self._next_d2h) % D2H_STREAMS]
 
+    def copy(self) -> torch.cuda.Stream:
+        """The next stream for the copy-engine steps of a staged transfer (beside the stream
+        its kernels run on)."""
+        self._streams()
+        return self._copy[next(self._next_copy) % COPY_STREAMS]
+
 
 class DeviceMemoryPool:
     """Byte buffers on one GPU for transfer temporaries (staging blocks before a permute).
 
     ``reserve_bytes`` are allocated up front and kept; buffers given back are kept for reuse
-    until the pool holds more than ``release_threshold`` bytes, past which they are freed.
+    until the pool holds more than ``release_threshold`` bytes, past which they are freed. A
+    buffer given back with :meth:`release_after` is kept aside until its GPU work is done.
     """
 
     def __init__(
@@ -65,18 +77,22 @@ class DeviceMemoryPool:
         self.release_threshold = release_threshold
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}  # address handed out -> its whole buffer
+        self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # given back, in use
         self._lock = threading.Lock()
         if reserve_bytes:
             self._free.append(torch.empty(reserve_bytes, dtype=torch.uint8, device=device))
 
     @property
     def held_bytes(self) -> int:
-        """Bytes kept for reuse (not handed out)."""
-        return sum(t.numel() for t in self._free)
+        """Bytes kept for reuse (not handed out, and free of GPU work)."""
+        with self._lock:
+            self._reclaim()
+            return sum(t.numel() for t in self._free)
 
     def acquire(self, nbytes: int) -> torch.Tensor:
         """A ``uint8`` buffer of ``nbytes`` (a slice of a kept one where one is big enough)."""
         with self._lock:
+            self._reclaim()
             fits = [t for t in self._free if t.numel() >= nbytes]
             if fits:
                 whole = min(fits, key=torch.Tensor.numel)
@@ -89,11 +105,33 @@ class DeviceMemoryPool:
     def release(self, buffer: torch.Tensor) -> None:
         """Give a buffer from :meth:`acquire` back (its whole underlying allocation)."""
         with self._lock:
-            whole = self._lent.pop(buffer.data_ptr(), None)
-            if whole is None:
-                raise InvalidArgumentError("buffer", "was not handed out by this pool")
-            self._free.append(whole)
-            if self.release_threshold is not None:
-                self._free.sort(key=torch.Tensor.numel)
-                while self._free and self.held_bytes > self.release_threshold:
-                    self._free.pop()
+            self._keep(self._take_back(buffer))
+
+    def release_after(self, buffer: torch.Tensor, done: torch.cuda.Event) -> None:
+        """Give a buffer back that GPU work still uses: it is reused once ``done`` (an event
+        recorded after that work) has completed."""
+        with self._lock:
+            self._pending.append((done, self._take_back(buffer)))
+
+    def _take_back(self, buffer: torch.Tensor) -> torch.Tensor:
+        whole = self._lent.pop(buffer.data_ptr(), None)
+        if whole is None:
+            raise InvalidArgumentError("buffer", "was not handed out by this pool")
+        return whole
+
+    def _keep(self, whole: torch.Tensor) -> None:
+        self._free.append(whole)
+        if self.release_threshold is not None:
+            self._free.sort(key=torch.Tensor.numel)
+            while self._free and sum(t.numel() for t in self._free) > self.release_threshold:
+                self._free.pop()
+
+    def _reclaim(self) -> None:
+        """Keep the buffers whose GPU work has completed."""
+        still = []
+        for event, whole in self._pending:
+            if event.query():
+                self._keep(whole)
+            else:
+                still.append((event, whole))
+        self._pending = still

@@ -14,17 +14,20 @@ from enum import Enum
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.storage import StorageKind
-from kvblocks.transfer.executor import Hop, HopKind, Side, whole_blocks
+from kvblocks.transfer.executor import Hop, HopKind, Side
 
 
 class Strategy(Enum):
     KERNEL = "kernel"
     """One copy or permute kernel: device<->device, device<->pinned (zero copy)."""
     COPY_ENGINE = "copy_engine"
-    """cudaMemcpyBatchAsync: device<->pinned, same format, when preferred or for whole blocks
-    of at least ``copy_engine_min_bytes``."""
-    COPY_ENGINE_PERMUTE = "copy_engine_permute"
-    """Copy engine into (or out of) a device temporary, permute kernel on the device."""
+    """cudaMemcpyBatchAsync: device<->pinned, same format and the same spans on both sides,
+    when preferred or for whole blocks of at least ``copy_engine_min_bytes``."""
+    STAGED = "staged"
+    """Through slots of device memory, a few blocks at a time: the copy engine between pinned
+    memory and a slot, a copy or permute kernel between the slot and the device layout, the
+    two overlapped. When the copy engine is preferred and the two sides differ: whole pinned
+    blocks and a layer-separate device layout, or a format change."""
     HOST_COPY = "host_copy"
     """CPU threads: between host memories (a permute on the CPU for a format change)."""
     PINNED_BOUNCE = "pinned_bounce"
@@ -42,7 +45,7 @@ class Strategy(Enum):
     @property
     def stays_on_gpu(self) -> bool:
         """Whether the transfer is only GPU work on a stream (no CPU or disk steps)."""
-        return self in (Strategy.KERNEL, Strategy.COPY_ENGINE)
+        return self in (Strategy.KERNEL, Strategy.COPY_ENGINE, Strategy.STAGED)
 
 
 @dataclass(frozen=True)
@@ -150,20 +153,23 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     if not (src.on_gpu or dst.on_gpu):
         return Route(Strategy.HOST_COPY, ((H.HOST, src, dst),))
     if src.gpu_reachable and dst.gpu_reachable:
-        copy_engine = copy_engine or (
-            not change and whole_blocks(src, dst, layers) and _large(src, policy, layers)
-        )
-        if not copy_engine or (src.on_gpu and dst.on_gpu):
+        if src.on_gpu and dst.on_gpu:
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
-        if not change:
+        device, pinned = (src, dst) if src.on_gpu else (dst, src)
+        blocks = len(layers) == src.config.num_layers and pinned.physical.layout.is_fully_contiguous
+        spans = not change and (device.physical.layout.is_fully_contiguous or not blocks)
+        if not copy_engine:  # the kernels, but the copy engine for large whole blocks
+            large = blocks and spans and _large(src, policy, layers)
+            hop = (H.COPY_ENGINE if large else H.GPU, src, dst)
+            return Route(Strategy.COPY_ENGINE if large else Strategy.KERNEL, (hop,))
+        if spans:  # the same spans on both sides
             return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
-        if src.on_gpu:  # permute on the device, then the copy engine out
-            temp = Bounce("device", dst.fmt)
-            hops = ((H.GPU, src, temp), (H.COPY_ENGINE, temp, dst))
-        else:  # the copy engine in, then permute on the device
-            temp = Bounce("device", src.fmt)
-            hops = ((H.COPY_ENGINE, src, temp), (H.GPU, temp, dst))
-        return Route(Strategy.COPY_ENGINE_PERMUTE, hops)
+        slot = Bounce("device", pinned.fmt)  # slots hold blocks as the pinned side does
+        if src.on_gpu:  # a kernel into a slot, then the copy engine out
+            hops = ((H.GPU, src, slot), (H.COPY_ENGINE, slot, dst))
+        else:  # the copy engine into a slot, then a kernel into place
+            hops = ((H.COPY_ENGINE, src, slot), (H.GPU, slot, dst))
+        return Route(Strategy.STAGED, hops)
     if src.on_gpu:  # into pageable system memory
         return Route(Strategy.PINNED_BOUNCE, ((H.GPU, src, written_as), (H.HOST, written_as, dst)))
     return Route(Strategy.PINNED_BOUNCE, ((H.HOST, src, read_as), (H.GPU, read_as, dst)))

@@ -1,0 +1,267 @@
+"""Staged transfers (copy engine <-> device slots <-> kernel), their routing and the memory
+pool that lends their slots. On a machine without a GPU the same pipeline runs with ``memmove``
+and the kernels' CPU paths, piece by piece, so its meaning is checked everywhere; on a GPU the
+same tests run it on CUDA streams."""
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from kvblocks.errors import InvalidArgumentError
+from kvblocks.kernels.reference import convert
+from kvblocks.layout import LayoutConfig
+from kvblocks.storage import PhysicalLayout
+from kvblocks.transfer import Strategy, staging
+from kvblocks.transfer.executor import Side
+from kvblocks.transfer.pools import DeviceMemoryPool
+from kvblocks.transfer.strategy import Bounce, RoutePolicy, route
+
+from .test_transfer import CFG, HND, NHD, UNI, block_tensor
+
+POISON = 0xAB
+BIG = replace(CFG, num_blocks=9)
+
+
+def layout(kind: str, fc: bool, fmt, cfg: LayoutConfig = BIG) -> PhysicalLayout:
+    builder = PhysicalLayout.builder(cfg).kv_format(fmt)
+    builder = builder.fully_contiguous() if fc else builder.layer_separate()
+    return getattr(builder, f"allocate_{kind}")().build()
+
+
+def fill(physical: PhysicalLayout, value: int | None) -> None:
+    """Random bytes (``None``) or ``value`` in every byte of the layout."""
+    for allocation in physical.allocations:
+        view = allocation.view()
+        if value is None:
+            view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8))
+        else:
+            view.fill_(value)
+
+
+def expected_blocks(src: PhysicalLayout, ids, dst_fmt) -> torch.Tensor:
+    """The blocks ``ids`` of ``src`` as ``dst_fmt`` stores them, as f16 elements per block."""
+    blocks = torch.stack([block_tensor(src, b) for b in ids])
+    if not src.kv_format.requires_transform(dst_fmt):
+        return blocks
+    out = torch.empty_like(blocks)
+    convert(blocks, out, CFG.dims(torch.float16), src.kv_format, dst_fmt)
+    return out
+
+
+@pytest.fixture
+def small_pieces(monkeypatch):
+    """Pieces of two blocks, so that 5 blocks go in 3 pieces and both slots are reused."""
+    monkeypatch.setattr(staging, "PIECE_BYTES", 2 * BIG.block_bytes)
+
+
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("formats", [(NHD, NHD), (NHD, HND), (UNI, NHD), (HND, UNI)])
+@pytest.mark.parametrize("device_fc", [False, True], ids=["device-regions", "device-whole"])
+def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_fc):
+    pinned_fmt, device_fmt = formats
+    pinned = layout("pinned", True, pinned_fmt)
+    device = layout("device", device_fc or device_fmt == UNI, device_fmt)
+    src, dst = (pinned, device) if into_device else (device, pinned)
+    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+    fill(src, None)
+    fill(dst, POISON)
+    want = expected_blocks(src, s_ids, dst.kv_format)
+    untouched = [b for b in range(BIG.num_blocks) if b not in d_ids]
+    before = torch.stack([block_tensor(dst, b) for b in untouched])
+    src_side = Side(src, torch.tensor(s_ids), src.kv_format)
+    dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
+    assert staging.blocks_per_piece(src_side) == 2
+    nbytes = staging.staging_bytes(src_side)
+    assert nbytes == 4 * BIG.block_bytes  # two slots of two blocks
+    gpu = torch.cuda.is_available()  # the pipeline on streams there, step by step here
+    buffer = torch.full((nbytes,), POISON, dtype=torch.uint8, device="cuda" if gpu else "cpu")
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
+    staging.run_staged(src_side, dst_side, pinned_fmt, buffer, *streams)
+    if gpu:
+        torch.cuda.synchronize()
+    got = torch.stack([block_tensor(dst, b) for b in d_ids])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    after = torch.stack([block_tensor(dst, b) for b in untouched])
+    assert torch.equal(after.view(torch.int16), before.view(torch.int16))
+
+
+def test_slot_sizes():
+    pinned = layout("pinned", True, NHD)
+    one = Side(pinned, torch.tensor([3]), NHD)
+    assert staging.blocks_per_piece(one) == 1
+    assert staging.staging_bytes(one) == BIG.block_bytes  # one piece: one slot
+    every = Side(pinned, torch.arange(9), NHD)
+    assert staging.blocks_per_piece(every) == 9  # 9 small blocks fit in one piece
+    assert staging.staging_bytes(every) == 9 * BIG.block_bytes
+
+
+class _OnGpu(Side):
+    on_gpu = True
+    gpu_reachable = True
+
+
+class _Pinned(Side):
+    on_gpu = False
+    gpu_reachable = True
+
+
+def _side(cls, fc: bool, fmt, n: int = 6) -> Side:
+    return cls(layout("pinned", fc, fmt, CFG), torch.arange(n), fmt)
+
+
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+def test_routes_between_device_and_pinned(into_device):
+    """The routing table, with sides that say they are GPU memory and pinned memory."""
+    large = RoutePolicy(copy_engine_min_bytes=3 * CFG.block_bytes)
+
+    def strategy(device: Side, pinned: Side, policy=large, layers=None):
+        ends = (pinned, device) if into_device else (device, pinned)
+        return route(*ends, policy, layers)
+
+    whole, regions = _side(_OnGpu, True, NHD), _side(_OnGpu, False, NHD)
+    blocks, universal = _side(_Pinned, True, NHD), _side(_Pinned, True, UNI)
+    # By default the kernels, but the copy engine for large whole blocks on both sides.
+    assert strategy(whole, blocks).strategy is Strategy.COPY_ENGINE
+    assert strategy(regions, blocks).strategy is Strategy.KERNEL
+    assert strategy(whole, universal).strategy is Strategy.KERNEL
+    two = (_side(_OnGpu, True, NHD, n=2), _side(_Pinned, True, NHD, n=2))
+    assert strategy(*two).strategy is Strategy.KERNEL
+    assert strategy(whole, blocks, layers=range(1, 3)).strategy is Strategy.KERNEL
+    assert strategy(whole, blocks, RoutePolicy()).strategy is Strategy.KERNEL
+    # Preferring the copy engine: direct where both sides have the same spans, else staged
+    # through slots in the pinned side's format (whole pinned blocks for a layer-separate
+    # device layout, or a format change), whatever the size.
+    prefer = RoutePolicy(copy_engine=True)
+    staged = strategy(regions, blocks, prefer)
+    assert staged.strategy is Strategy.STAGED
+    kinds = ["copy_engine", "gpu"] if into_device else ["gpu", "copy_engine"]
+    assert [hop[0].value for hop in staged.hops] == kinds
+    assert staged.bounces() == [Bounce("device", NHD)]
+    assert strategy(*two, prefer).strategy is Strategy.COPY_ENGINE
+    assert strategy(whole, universal, prefer).bounces() == [Bounce("device", UNI)]
+    assert strategy(whole, blocks, prefer).strategy is Strategy.COPY_ENGINE
+    some = strategy(regions, blocks, prefer, range(1, 3))  # regions on both sides
+    assert some.strategy is Strategy.COPY_ENGINE
+    pinned_regions = (_side(_Pinned, False, NHD), _side(_Pinned, False, HND))
+    assert strategy(regions, pinned_regions[0], prefer).strategy is Strategy.COPY_ENGINE
+    assert strategy(regions, pinned_regions[1], prefer).strategy is Strategy.STAGED
+    # Between two GPU layouts the kernel, whatever the size.
+    assert route(whole, regions, large).strategy is Strategy.KERNEL
+    assert route(whole, regions, prefer).strategy is Strategy.KERNEL
+
+
+class _Event:
+    """Stands in for a CUDA event: done when the test says so."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def query(self) -> bool:
+        return self.done
+
+
+def test_pool_keeps_buffers_in_use_aside():
+    pool = DeviceMemoryPool(torch.device("cpu"))
+    buffer = pool.acquire(1000)
+    event = _Event()
+    pool.release_after(buffer, event)
+    assert pool.held_bytes == 0
+    other = pool.acquire(1000)
+    assert other.data_ptr() != buffer.data_ptr()  # still in use: not lent again
+    event.done = True
+    assert pool.held_bytes == 1000
+    again = pool.acquire(500)
+    assert again.data_ptr() == buffer.data_ptr()
+    pool.release(other)
+    with pytest.raises(InvalidArgumentError, match="buffer was not handed out by this pool"):
+        pool.release_after(other, _Event())
+
+
+def _manager(copy_engine: bool = True):
+    from kvblocks.transfer import TransferManager, TransferPreferences
+
+    prefs = TransferPreferences(copy_engine=copy_engine, copy_engine_min_bytes=3 * BIG.block_bytes)
+    return TransferManager.builder().preferences(prefs).build()
+
+
+def _checked_transfer(manager, src, s_ids, dst, d_ids, options=None):
+    """Random source, poisoned destination; the transfer's blocks and only those change."""
+    sp, dp = manager.layout(src), manager.layout(dst)
+    fill(sp, None)
+    fill(dp, POISON)
+    want = expected_blocks(sp, s_ids, dp.kv_format)
+    untouched = [b for b in range(BIG.num_blocks) if b not in d_ids]
+    manager.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
+    got = torch.stack([block_tensor(dp, b) for b in d_ids])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    for b in untouched:
+        assert bool((block_tensor(dp, b).view(torch.uint8) == POISON).all()), b
+
+
+def _register(manager, kind, fc, fmt):
+    return manager.register_layout(layout(kind, fc, fmt))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("formats", [(NHD, NHD), (NHD, HND), (UNI, NHD)])
+def test_manager_stages_transfers(small_pieces, formats):
+    pinned_fmt, device_fmt = formats
+    with _manager() as m:
+        pinned = _register(m, "pinned", True, pinned_fmt)
+        device = _register(m, "device", False, device_fmt)
+        for src, dst in ((pinned, device), (device, pinned)):
+            assert m.strategy(src, dst, num_blocks=5) is Strategy.STAGED
+            _checked_transfer(m, src, [8, 0, 3, 4, 7], dst, [2, 5, 0, 8, 6])
+        assert m.memory_pool.held_bytes >= 4 * BIG.block_bytes  # the slots came back
+    with _manager(copy_engine=False) as m:
+        pinned = _register(m, "pinned", True, pinned_fmt)
+        device = _register(m, "device", False, device_fmt)
+        assert m.strategy(pinned, device, num_blocks=5) is Strategy.KERNEL
+
+
+@pytest.mark.gpu
+def test_staged_transfers_in_both_directions_at_once(small_pieces):
+    """Staged transfers queued together on the pool's streams, each through its own slots."""
+    with _manager() as m:
+        ids = list(range(BIG.num_blocks))
+        moves = []  # (src, dst) handles: 4 into the GPU and 4 out of it
+        for _ in range(4):
+            moves.append((_register(m, "pinned", True, NHD), _register(m, "device", False, HND)))
+            moves.append((_register(m, "device", False, HND), _register(m, "pinned", True, NHD)))
+        wanted = []
+        for src, dst in moves:
+            fill(m.layout(src), None)
+            fill(m.layout(dst), POISON)
+            wanted.append(expected_blocks(m.layout(src), ids, m.layout(dst).kv_format))
+        notes = [m.execute_transfer(src, ids, dst, ids[::-1]) for src, dst in moves]
+        for note in notes:
+            note.wait(timeout=60)
+        for (_, dst), want in zip(moves, wanted, strict=True):
+            got = torch.stack([block_tensor(m.layout(dst), b) for b in ids[::-1]])
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_staged_transfers_follow_the_callers_stream(small_pieces):
+    from kvblocks.transfer import TransferOptions
+
+    with _manager() as m:
+        pinned = _register(m, "pinned", True, HND)
+        device = _register(m, "device", False, NHD)
+        ids = [0, 1, 2, 3, 4]
+        assert m.strategy(device, pinned, num_blocks=len(ids)) is Strategy.STAGED
+        torch.cuda._sleep(20_000_000)  # the fill below lands well after the call returns
+        fill(m.layout(device), 7)
+        m.execute_transfer(device, ids, pinned, ids).wait(timeout=60)
+        for b in ids:
+            assert bool((block_tensor(m.layout(pinned), b).view(torch.uint8) == 7).all())
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            torch.cuda._sleep(20_000_000)
+            fill(m.layout(device), 9)
+            note = m.execute_transfer(device, ids, pinned, ids, TransferOptions(cuda_stream=stream))
+        assert note.poll()  # the caller owns synchronization
+        stream.synchronize()
+        for b in ids:
+            assert bool((block_tensor(m.layout(pinned), b).view(torch.uint8) == 9).all())
