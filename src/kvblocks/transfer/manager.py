@@ -596,18 +596,15 @@ class TransferManager:
         message: bytes | None,
     ) -> None:
         buffers: dict[Bounce, Side] = {}
-        pinned, device_temps = [], []  # what this transfer took from the pools
+        pinned = []  # what this transfer took from the pool
         try:
-            for needed in plan.bounces():
-                if needed.where == "pinned" and bounce is not None:
+            for needed in plan.bounces():  # pinned bounces (device slots are STAGED's)
+                if bounce is not None:
                     buffers[needed] = replace(bounce, fmt=needed.fmt)
                     bounce = None
-                elif needed.where == "pinned":
+                else:
                     buffers[needed] = self._bounces.take(src, needed.fmt)
                     pinned.append(buffers[needed])
-                else:
-                    buffers[needed] = self._device_temp(src, needed.fmt)
-                    device_temps.append(buffers[needed])
             for hop in plan.with_buffers(buffers):
                 if hop.kind in (HopKind.GPU, HopKind.COPY_ENGINE):
                     device, stream = self._gpu_stream(hop.src, hop.dst)
