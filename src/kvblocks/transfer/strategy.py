@@ -14,7 +14,7 @@ from enum import Enum
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.storage import StorageKind
-from kvblocks.transfer.executor import Hop, HopKind, Side
+from kvblocks.transfer.executor import Hop, HopKind, Side, whole_blocks
 
 
 class Strategy(Enum):
@@ -155,14 +155,16 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     if src.gpu_reachable and dst.gpu_reachable:
         if src.on_gpu and dst.on_gpu:
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
-        device, pinned = (src, dst) if src.on_gpu else (dst, src)
-        blocks = len(layers) == src.config.num_layers and pinned.physical.layout.is_fully_contiguous
-        spans = not change and (device.physical.layout.is_fully_contiguous or not blocks)
+        whole = not change and whole_blocks(src, dst, layers)
         if not copy_engine:  # the kernels, but the copy engine for large whole blocks
-            large = blocks and spans and _large(src, policy, layers)
+            large = whole and _large(src, policy, layers)
             hop = (H.COPY_ENGINE if large else H.GPU, src, dst)
             return Route(Strategy.COPY_ENGINE if large else Strategy.KERNEL, (hop,))
-        if spans:  # the same spans on both sides
+        pinned = dst if src.on_gpu else src
+        pinned_blocks = (
+            len(layers) == src.config.num_layers and pinned.physical.layout.is_fully_contiguous
+        )
+        if whole or not (change or pinned_blocks):  # the same spans on both sides
             return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
         slot = Bounce("device", pinned.fmt)  # slots hold blocks as the pinned side does
         if src.on_gpu:  # a kernel into a slot, then the copy engine out
