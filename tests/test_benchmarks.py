@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, sharing, transfers
+from kvblocks.benchmarks import kvbench, paged, peers, permute, pool, remote, sharing, transfers
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
@@ -48,7 +48,8 @@ def test_bench_argument_errors(capsys, tmp_path, args, message):
 
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 @pytest.mark.parametrize(
-    "suite", ["kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "pool"]
+    "suite",
+    ["kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "peers", "pool"],
 )
 def test_plot_from_recorded_csv(tmp_path, suite):
     png = tmp_path / f"{suite}.png"
@@ -148,6 +149,22 @@ def test_sharing_suite_runs_small():
     assert [(r.num_blocks, r.total_bytes) for r in rows] == [(1, 1024), (3, 3072)]
     assert all(r.peer_lookup_ms > r.peer_read_ms > 0 and r.nixl_alone_ms > 0 for r in rows)
     assert all(r.peer_write_ms > 0 and r.nixl_alone_write_ms > 0 for r in rows)
+
+
+@pytest.mark.skipif(not nixl_available(), reason="needs NIXL")
+def test_peers_suite_runs_small():
+    """Every peer is asked on every lookup without news; with news none is asked for a prompt
+    no peer caches and one for a prompt one peer caches."""
+    pytest.importorskip("zmq")
+    small = KvDims(nl=2, no=2, nh=2, nt=4, hd=16, dtype="bf16")
+    rows = peers.run(lambda nt: small, 4, 3, peers=[1, 3], warmup=1, iters=3)
+    assert [(r.peers, r.case, r.num_blocks) for r in rows] == [
+        (p, case, 3) for p in (1, 3) for case in ("miss", "hit")
+    ]
+    for r in rows:
+        assert r.ask_all_requests == r.peers
+        assert r.news_requests == (r.case == "hit")
+        assert r.ask_all_ms > 0 and r.news_ms > 0
 
 
 def test_pool_suite_runs_on_the_cpu(capsys):

@@ -69,12 +69,16 @@ def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
     not nixl_available() or importlib.util.find_spec("zmq") is None,
     reason="workers share blocks through NIXL and ZMQ",
 )
-def test_demo_with_two_workers_hits_the_other_ones_blocks(capsys, tmp_path):
+@pytest.mark.parametrize("news", [False, True])
+def test_demo_with_two_workers_hits_the_other_ones_blocks(capsys, tmp_path, news):
     plot = tmp_path / "demo.png"
     args = ["demo", *SMALL, "--workers", "2", "--g1-blocks", "80", "--g2-blocks", "60"]
+    args += ["--peer-news"] if news else []
     assert main([*args, "--json", "--quiet", "--plot", str(plot)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["requests"] == 18 and result["hits"]["G4"] > 0
+    assert result["peer_requests"] > 0
+    assert (result["peer_requests_spared"] > 0) == news
     assert result["verified_blocks"] == sum(result["hits"].values())
     moved = {(m["kind"], m["src"], m["dst"]): m for m in result["moved"]}
     assert moved[("onboard", "G4", "G2")]["blocks"] == result["hits"]["G4"]
@@ -108,6 +112,7 @@ def test_demo_prints_a_summary_and_progress(capsys):
         (["--model", "nope"], "nope"),
         (["--workers", "2", "--g2-blocks", "0", "--g3-blocks", "0"], "--workers"),
         (["--disk-min-uses", "2", "--g3-blocks", "0"], "--disk-min-uses"),
+        (["--peer-news"], "--peer-news"),
     ],
 )
 def test_demo_rejects_bad_sizes(capsys, args, named):

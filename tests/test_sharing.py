@@ -64,7 +64,7 @@ class FakeTier:
     reservations get blocks 200, 201, ... for hashes it does not cache."""
 
     def __init__(self, cached: int) -> None:
-        self.cached = cached
+        self.num_cached = cached
         self.held: list[int] = []
         self.committed: list[tuple[int, BlockChain]] = []
         self.abandoned: list[int] = []
@@ -73,7 +73,7 @@ class FakeTier:
     def reserve(self, chains):
         blocks = []
         for c in chains:
-            blocks.append(-1 if 1 <= c.seq_hash <= self.cached else self._next)
+            blocks.append(-1 if 1 <= c.seq_hash <= self.num_cached else self._next)
             self._next += blocks[-1] >= 0
         return blocks
 
@@ -86,7 +86,7 @@ class FakeTier:
     def lease(self, hashes):
         blocks = []
         for h in hashes:
-            if not 1 <= h <= self.cached:
+            if not 1 <= h <= self.num_cached:
                 break
             blocks.append(100 + h)
         self.held += blocks
@@ -95,6 +95,9 @@ class FakeTier:
     def release(self, blocks):
         for b in blocks:
             self.held.remove(b)
+
+    def cached(self):
+        return list(range(1, self.num_cached + 1))
 
 
 @pytest.fixture
@@ -112,7 +115,10 @@ def test_hello_lease_and_release(served):
     server, client, tier = served
     info = client.hello()
     assert (info.shape, info.layout, info.server) == (SHAPE, b"layout", server.info.server)
-    assert info.stores
+    assert info.stores and info.news == server.info.news
+    assert client.holds() == (0, [1, 2, 3, 4, 5])
+    server.announce([(False, (5,))])
+    assert client.holds() == (1, [1, 2, 3, 4, 5])  # changes are announced after they happen
     lease = client.lease([1, 2, 3, 9, 4], 5.0)
     assert lease.block_ids == (101, 102, 103) and lease.server == info.server
     assert tier.held == [101, 102, 103] and server.num_leases == 1
@@ -401,8 +407,69 @@ def test_a_peer_in_another_process(tmp_path):
         assert child.wait(timeout=60) == 0
 
 
+def count_leases(peer: BlockManager, arrivals: list, delay: float = 0.0) -> None:
+    """Append ``(peer, time)`` to ``arrivals`` for each lease request ``peer`` answers, after
+    ``delay`` seconds."""
+    served = peer._server._tier
+
+    def counted(hashes, lease=served.lease):
+        arrivals.append((peer, time.monotonic()))
+        time.sleep(delay)
+        return lease(hashes)
+
+    served.lease = counted
+
+
+def wait_for_news(here: BlockManager, endpoint: str, tokens: list[int], n: int) -> None:
+    """Wait until ``here`` hears from the peer at ``endpoint`` that it caches ``n`` blocks of
+    ``tokens`` (from the first)."""
+    deadline = time.monotonic() + 5.0
+    while (said := here.peer_prefixes(tokens)[endpoint]) != n:
+        assert time.monotonic() < deadline, (said, n)
+        time.sleep(0.01)
+
+
 @needs_nixl
-def test_the_peer_with_the_longest_prefix_serves_it(tmp_path):
+def test_only_the_peer_whose_news_has_the_longest_prefix_is_asked(tmp_path):
+    gen = torch.Generator().manual_seed(2)
+    tokens = tokens_of(2, 5 * BS)
+    arrivals = []
+    with (
+        worker(tmp_path) as empty,
+        worker(tmp_path) as short,
+        worker(tmp_path) as full,
+        worker(tmp_path) as here,
+    ):
+        store(short, tokens[: 2 * BS], gen)
+        kv = store(full, tokens, gen)
+        for peer, n in ((empty, 0), (short, 2), (full, 5)):
+            endpoint = peer.serve(LOCAL)
+            count_leases(peer, arrivals)
+            here.add_peer(endpoint, news=True)
+            wait_for_news(here, endpoint, tokens, n)
+        poison_g1(here)
+        hit = here.lookup(tokens)
+        assert [p for p, _ in arrivals] == [full]
+        assert (here.metrics.peer_requests, here.metrics.peer_requests_spared) == (1, 2)
+        assert hit.from_tier[Tier.G4] == 5
+        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        assert let_go(full)
+        here.free(hit.block_ids)
+
+        nowhere = here.lookup(tokens_of(3, 4 * BS))  # no peer caches its first block
+        assert nowhere.misses == 4 and len(arrivals) == 1
+        assert (here.metrics.peer_requests, here.metrics.peer_requests_spared) == (1, 5)
+        if importlib.util.find_spec("prometheus_client"):
+            from prometheus_client import generate_latest
+
+            text = generate_latest(prometheus_registry(here.metrics)).decode()
+            assert "kvbm_peer_requests_total 1.0" in text
+            assert "kvbm_peer_requests_spared_total 5.0" in text
+
+
+@needs_nixl
+def test_peers_not_followed_are_asked_at_once(tmp_path):
     """Both peers are asked at once (each takes 0.5 s to answer here: their requests arrive
     together); the longer answer wins and the other lease is let go."""
     gen = torch.Generator().manual_seed(2)
@@ -413,18 +480,11 @@ def test_the_peer_with_the_longest_prefix_serves_it(tmp_path):
         kv = store(full, tokens, gen)
         for peer in (short, full):
             endpoint = peer.serve(LOCAL)
-            served = peer._server._tier
-
-            def slow(hashes, lease=served.lease):
-                arrivals.append(time.monotonic())
-                time.sleep(0.5)
-                return lease(hashes)
-
-            served.lease = slow
+            count_leases(peer, arrivals, delay=0.5)
             here.add_peer(endpoint)
         poison_g1(here)
         hit = here.lookup(tokens)
-        assert len(arrivals) == 2 and abs(arrivals[1] - arrivals[0]) < 0.25
+        assert len(arrivals) == 2 and abs(arrivals[1][1] - arrivals[0][1]) < 0.25
         assert hit.from_tier[Tier.G4] == 5
         for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
             assert_bits_equal(layer_got, layer_kv)
@@ -447,7 +507,7 @@ def test_blocks_offloaded_to_a_peer_that_stores_are_served_to_others(tmp_path):
     ):
         endpoint = cache.serve(LOCAL, stores=True)
         writer.add_peer(endpoint, offload=True)
-        reader.add_peer(endpoint)
+        reader.add_peer(endpoint, news=True)
         kv = store(writer, tokens, gen)
         assert let_go(cache)
         hashes = sequence_hashes(tokens, BS)
@@ -463,6 +523,7 @@ def test_blocks_offloaded_to_a_peer_that_stores_are_served_to_others(tmp_path):
         store(writer, tokens, gen)  # the cache has them: nothing is written again
         assert writer.metrics.offload_blocks[(Tier.G2, Tier.G4)] == 5
 
+        wait_for_news(reader, endpoint, tokens, 5)  # the cache announces what it takes
         poison_g1(reader)
         hit = reader.lookup(tokens)
         assert hit.from_tier[Tier.G4] == 5
@@ -470,6 +531,23 @@ def test_blocks_offloaded_to_a_peer_that_stores_are_served_to_others(tmp_path):
             assert_bits_equal(layer_got, layer_kv)
         reader.free(hit.block_ids)
         assert let_go(cache)
+
+
+@needs_nixl
+def test_news_follows_what_a_peer_stores_and_evicts(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    tokens = tokens_of(9, 4 * BS)
+    with worker(tmp_path) as there, worker(tmp_path) as here:
+        store(there, tokens[: 2 * BS], gen)  # before: the snapshot has them
+        endpoint = there.serve(LOCAL)
+        here.add_peer(endpoint, news=True)
+        assert here.peer_prefixes(tokens) == {endpoint: 2}
+        store(there, tokens, gen)  # after: the news has them
+        wait_for_news(here, endpoint, tokens, 4)
+        there.clear()
+        wait_for_news(here, endpoint, tokens, 0)
+        assert here.lookup(tokens).misses == 4
+        assert here.metrics.peer_requests == 0
 
 
 @needs_nixl
@@ -544,17 +622,21 @@ def test_a_peer_that_goes_away_is_a_miss_then_left_alone(tmp_path, caplog):
 
 
 @needs_nixl
-def test_a_restarted_peer_is_greeted_again(tmp_path, monkeypatch):
+@pytest.mark.parametrize("same_news", [False, True])
+def test_a_restarted_peer_is_greeted_again(tmp_path, same_news):
+    """Its news said bye (and, on the same news endpoint, comes from another server id): it is
+    asked again, which greets it."""
     gen = torch.Generator().manual_seed(5)
     tokens = tokens_of(5, 3 * BS)
+    news = f"ipc://{tmp_path}/news" if same_news else None
     with worker(tmp_path) as here:
         first = worker(tmp_path)
-        endpoint = first.serve(LOCAL)
-        here.add_peer(endpoint)
+        endpoint = first.serve(LOCAL, news_endpoint=news)
+        here.add_peer(endpoint, news=True)
         first.close()
         with worker(tmp_path) as second:
             kv = store(second, tokens, gen)
-            second.serve(endpoint)  # same address, new memory and NIXL agent
+            second.serve(endpoint, news_endpoint=news)  # same address, new memory and agent
             poison_g1(here)
             hit = here.lookup(tokens)
             assert hit.from_tier[Tier.G4] == 3

@@ -219,7 +219,17 @@ def _cmd_models(args: argparse.Namespace) -> None:
         print(f"{r['name']:<16} {r['nl']:>4} {r['nh']:>4} {r['hd']:>4} {r['no']:>3}")
 
 
-BENCH_SUITES = ("kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "pool")
+BENCH_SUITES = (
+    "kvbench",
+    "permute",
+    "paged",
+    "transfers",
+    "disk",
+    "remote",
+    "sharing",
+    "peers",
+    "pool",
+)
 
 
 def _check_output(flag: str, path: str | None) -> None:
@@ -253,7 +263,16 @@ def _check_bench_files(args: argparse.Namespace) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> None:
-    from kvblocks.benchmarks import kvbench, paged, permute, pool, remote, sharing, transfers
+    from kvblocks.benchmarks import (
+        kvbench,
+        paged,
+        peers,
+        permute,
+        pool,
+        remote,
+        sharing,
+        transfers,
+    )
     from kvblocks.benchmarks.timing import cpu_name, gpu_name, write_csv
 
     _check_bench_files(args)
@@ -288,6 +307,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     elif args.suite == "paged":
         dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
         rows = paged.run(dims, args.pairs, args.warmup, args.iters)
+    elif args.suite == "peers":
+        spec = lookup_model(args.model)
+        rows = peers.run(
+            lambda nt: spec.dims(nt, args.dtype),
+            args.tokens_per_block[0],
+            args.num_blocks[0],
+            args.peers,
+            args.warmup,
+            args.iters,
+        )
     elif args.suite in ("remote", "sharing"):
         spec = lookup_model(args.model)
         run = remote.run if args.suite == "remote" else sharing.run
@@ -301,7 +330,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         rows = run(
             lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
         )
-    on_cpu = args.suite == "pool" or (args.suite == "sharing" and gpu_name() == "no GPU")
+    on_cpu = args.suite == "pool" or (args.suite in ("sharing", "peers") and gpu_name() == "no GPU")
     where = cpu_name() if on_cpu else gpu_name()
     print(f"# {args.suite} on {where}", file=sys.stderr)
     if args.csv:
@@ -327,7 +356,7 @@ def _add_bench_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
         help="benchmarks: kvbench (default), permute, paged, transfers, disk, remote (GPU;"
-        " remote also needs NIXL); sharing (NIXL; a GPU where there is one); pool (CPU)",
+        " remote also needs NIXL); sharing, peers (NIXL; a GPU where there is one); pool (CPU)",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=BENCH_SUITES, default="kvbench")
@@ -356,6 +385,9 @@ def _add_bench_parser(sub) -> None:
         "--kv-heads", type=_int_list, default=[8, 32], metavar="N[,N...]", help="permute: nh"
     )
     bench.add_argument("--pairs", type=_positive_int, default=1024, help="paged: block mappings")
+    bench.add_argument(
+        "--peers", type=_int_list, default=[1, 2, 4, 8], metavar="N[,N...]", help="peers: P"
+    )
     bench.add_argument("--disk-dir", help="disk: folder for the files (default: the temp folder)")
     bench.add_argument("--warmup", type=_positive_int, default=5, help="untimed calls first")
     bench.add_argument("--iters", type=_positive_int, default=50, help="timed calls (median)")
@@ -375,6 +407,7 @@ _BENCH_DEFAULTS = {
     "disk": {"tokens_per_block": [16, 64], "num_blocks": [1, 128]},
     "remote": {"tokens_per_block": [16], "num_blocks": [1, 128]},
     "sharing": {"tokens_per_block": [16], "num_blocks": [1, 8, 64]},
+    "peers": {"tokens_per_block": [16], "num_blocks": [8]},
     "pool": {"tokens_per_block": [16], "num_blocks": [1000]},
 }
 
@@ -412,6 +445,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         raise InvalidArgumentError("--disk-min-uses", "filters G3 writes: needs --g3-blocks > 0")
     if args.workers > 1 and not g2:
         raise InvalidArgumentError("--workers", "needs --g2-blocks > 0: workers share G2 blocks")
+    if args.peer_news and args.workers < 2:
+        raise InvalidArgumentError("--peer-news", "needs --workers 2 or more: it is about peers")
     with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
         base = BlockManagerConfig(
             num_layers=spec.num_layers,
@@ -454,7 +489,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                 for manager, mine in zip(managers, endpoints, strict=True):
                     for endpoint in endpoints:
                         if endpoint != mine:
-                            manager.add_peer(endpoint)
+                            manager.add_peer(endpoint, news=args.peer_news)
             manager = managers[0]
             mib = config.block_bytes / 2**20
             if not args.quiet:
@@ -548,6 +583,11 @@ def _add_demo_parser(sub) -> None:
         type=_positive_int,
         default=1,
         help="workers that share G2 blocks through NIXL (G4); request i goes to worker i mod N",
+    )
+    demo.add_argument(
+        "--peer-news",
+        action="store_true",
+        help="workers ask a peer only for blocks its news says it caches (add_peer(news=True))",
     )
     demo.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
     demo.add_argument("--no-verify", action="store_true", help="skip checking hit blocks' bytes")

@@ -132,6 +132,10 @@ class DemoResult:
     hits: dict[str, int] = field(default_factory=dict)
     moved: list[Moved] = field(default_factory=list)
     verified_blocks: int = 0
+    peer_requests: int = 0
+    """Lease requests sent to peers on local misses (several workers)."""
+    peer_requests_spared: int = 0
+    """Peers not asked because their news said they lacked the blocks."""
     seconds: float = 0.0
     timeline: list[Sample] = field(default_factory=list)
 
@@ -149,6 +153,11 @@ class DemoResult:
             f"prefill tokens saved: {self.saved_tokens:,} of {self.prompt_tokens:,}"
             f" ({100 * self.saved_tokens / max(self.prompt_tokens, 1):.1f}%)",
         ]
+        if self.peer_requests or self.peer_requests_spared:
+            lines.append(
+                f"peer requests: {self.peer_requests:,} sent,"
+                f" {self.peer_requests_spared:,} spared by the peers' news"
+            )
         for m in self.moved:
             rate = m.bytes / m.seconds / 1e9 if m.seconds else 0.0
             lines.append(
@@ -262,6 +271,8 @@ def run_demo(
     result.seconds = time.perf_counter() - start
     result.hits = {t.name: hits[t] for t in tiers}
     result.moved = _moved(managers)
+    result.peer_requests = sum(m.metrics.peer_requests for m in managers)
+    result.peer_requests_spared = sum(m.metrics.peer_requests_spared for m in managers)
     return result
 
 

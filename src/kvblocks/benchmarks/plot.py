@@ -21,7 +21,8 @@ class Measure:
 
 
 #: The measures plots know, in order of preference: a CSV is drawn with the first whose
-#: columns it has (kvbench and paged, permute, transfers, disk, remote, sharing, pool).
+#: columns it has (kvbench and paged, permute, transfers, disk, remote, sharing, peers,
+#: pool).
 MEASURES = (
     Measure("bandwidth_gbps", "ceiling_gbps", "ceiling (same run)", "GB/s"),
     Measure("bandwidth_gbps", "copy_gbps", "device copy (same run)", "GB/s"),
@@ -29,6 +30,7 @@ MEASURES = (
     Measure("kvblocks_gbps", "dd_gbps", "dd (same run)", "GB/s"),
     Measure("nixl_gbps", "nixl_alone_gbps", "NIXL alone (same run)", "GB/s"),
     Measure("sharing_gbps", "parts_gbps", "NIXL alone + local lookup (same run)", "GB/s"),
+    Measure("news_ms", "ask_all_ms", "every peer asked (same run)", "ms"),
     Measure("blocks_per_second", None, "", "blocks/s"),
 )
 
@@ -68,6 +70,11 @@ _RESULTS = {
     "bytes_moved",
     "block_bytes",
     "torch_indexing_gbps",
+    "ask_all_ms",
+    "news_ms",
+    "speedup",
+    "ask_all_requests",
+    "news_requests",
 }
 
 

@@ -57,12 +57,12 @@ class SharingRow:
     """``sharing_gbps / parts_gbps``."""
 
 
-def _transfer(name: str, device: int) -> TransferManager:
+def nixl_transfer(name: str, device: int) -> TransferManager:
     builder = TransferManager.builder().agent_name(f"kvblocks-bench-{name}-{uuid.uuid4().hex[:6]}")
     return builder.nixl_backend("UCX").cuda_device_id(device).build()
 
 
-def _config(dims: KvDims, num_blocks: int) -> BlockManagerConfig:
+def manager_config(dims: KvDims, num_blocks: int) -> BlockManagerConfig:
     return BlockManagerConfig(
         num_layers=dims.nl,
         num_kv_heads=dims.nh,
@@ -76,7 +76,7 @@ def _config(dims: KvDims, num_blocks: int) -> BlockManagerConfig:
     )
 
 
-def _store(manager: BlockManager, tokens: list[int], block_size: int) -> list[int]:
+def store_random(manager: BlockManager, tokens: list[int], block_size: int) -> list[int]:
     """Random KV for ``tokens`` in new G1 blocks, registered and offloaded; the blocks."""
     blocks = manager.allocate(len(tokens) // block_size)
     index = torch.tensor(blocks, device=manager.device_tensors[0].device)
@@ -110,7 +110,7 @@ def _timed_offload(here: BlockManager, there: BlockManager, tokens: list[int], s
     peer holds every block afterwards."""
     here.clear()
     before = _copy_seconds(here, Tier.G2, Tier.G4)
-    _store(here, tokens, size)
+    store_random(here, tokens, size)
     seconds = _copy_seconds(here, Tier.G2, Tier.G4) - before
     hashes = sequence_hashes(tokens, size)
     if any(there.pool(Tier.G2).lookup(h) is None for h in hashes):
@@ -126,10 +126,10 @@ def run(dims_for, tokens_per_block, num_blocks, warmup: int = 2, iters: int = 20
     total, step = len(tokens_per_block) * len(num_blocks), 0
     for nt in tokens_per_block:
         dims: KvDims = dims_for(nt)
-        config = _config(dims, max(num_blocks))
+        config = manager_config(dims, max(num_blocks))
         with (
-            _transfer("there", device) as there_transfer,
-            _transfer("here", device) as here_transfer,
+            nixl_transfer("there", device) as there_transfer,
+            nixl_transfer("here", device) as here_transfer,
             BlockManager(config, transfer=there_transfer) as there,
             BlockManager(config, transfer=here_transfer) as here,
         ):
@@ -141,7 +141,7 @@ def run(dims_for, tokens_per_block, num_blocks, warmup: int = 2, iters: int = 20
                 progress(step, total, f"sharing tpb={nt} N={nb}")
                 tokens = random.Random(nb * 1000 + nt).choices(range(32_000), k=nb * nt)
                 there.clear()
-                stored = _store(there, tokens, nt)
+                stored = store_random(there, tokens, nt)
                 peer, reads, local = [], [], []
                 for i in range(warmup + iters):
                     here.clear()  # nothing cached here: the peer serves the prefix

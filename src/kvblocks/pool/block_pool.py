@@ -126,6 +126,10 @@ class BlockPool:
             found.append(block)
         return found
 
+    def cached_hashes(self) -> list[int]:
+        """The sequence hashes of every cached block."""
+        return list(self._by_hash)
+
     def lookup(self, seq_hash: int) -> int | None:
         """The block caching ``seq_hash``, if any."""
         return self._by_hash.get(seq_hash)

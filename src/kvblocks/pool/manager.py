@@ -61,6 +61,7 @@ from kvblocks.pool.hashing import sequence_hashes
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
 from kvblocks.pool.offload_filter import OffloadFilter
+from kvblocks.pool.peer_index import PeerIndex
 from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease, PeerClient
 from kvblocks.pool.tier import Tier
 from kvblocks.storage import PhysicalLayout
@@ -150,6 +151,8 @@ class _Peer:
     """Its G2 layout, imported."""
     server: int
     """The id its server gave in hello; a lease with another id means it restarted."""
+    index: PeerIndex | None
+    """What its G2 caches, from its news (None: not followed)."""
     offload: bool = False
     """Blocks stored in this worker's G2 are also written to the peer's."""
     retry_at: float = 0.0
@@ -765,7 +768,9 @@ class BlockManager:
 
     # Sharing with other workers (G4) ----------------------------------------------------------
 
-    def serve(self, endpoint: str = "tcp://*:5600", stores: bool = False) -> str:
+    def serve(
+        self, endpoint: str = "tcp://*:5600", stores: bool = False, news_endpoint: str | None = None
+    ) -> str:
         """Serve the blocks cached in G2 to other workers' managers (their tier G4) from a
         background thread, until :meth:`close`. Returns the endpoint bound (a port of ``*``
         picks a free one). Anyone who reaches the endpoint can read the served blocks.
@@ -775,9 +780,12 @@ class BlockManager:
         recently used blocks as any allocation does), cached there and announced with
         ``BlockStored``, and served to every peer like its own.
 
+        Every change of G2 is announced at ``news_endpoint`` (by default a free port on the
+        host of ``endpoint``), so that peers ask this worker only for blocks it caches.
+
         Raises:
-            InvalidArgumentError: no G2 (offload is off), already serving, or ``endpoint``
-                cannot be bound.
+            InvalidArgumentError: no G2 (offload is off), already serving, or ``endpoint`` or
+                ``news_endpoint`` cannot be bound.
             BackendUnavailableError: no NIXL agent (set ``config.nixl_backend``), or no
                 pyzmq / msgpack.
         """
@@ -789,15 +797,25 @@ class BlockManager:
         self._transfer.build_logical_descriptor(g2.handle, LogicalLayoutHandle.G2)
         layout = self._transfer.export_layout(g2.handle).to_bytes()
         shape = BlockShape.of(self.config)
-        self._server = BlockServer(endpoint, shape, layout, _ServedG2(self), stores)
+        self._server = BlockServer(endpoint, shape, layout, _ServedG2(self), stores, news_endpoint)
         return self._server.endpoint
 
-    def add_peer(self, endpoint: str, timeout: float = 1.0, offload: bool = False) -> None:
+    def add_peer(
+        self, endpoint: str, timeout: float = 1.0, offload: bool = False, news: bool = False
+    ) -> None:
         """Ask the manager serving at ``endpoint`` (see :meth:`serve`) for the blocks of a
-        prefix that no local tier caches, on every lookup from now on. A peer that does not
+        prefix that no local tier caches, on lookups from now on. A peer that does not
         answer within ``timeout`` seconds, or whose blocks cannot be read or written, is left
         alone for :data:`PEER_RETRY_S` seconds (a warning is logged); the lookup or offload
         goes on without it.
+
+        By default the peer is asked on every lookup that misses locally. With ``news``, this
+        manager follows the peer's announcements of what its G2 stores and evicts
+        (:mod:`kvblocks.pool.peer_index`) and asks it only for a prefix it caches, and only if
+        no other peer caches more of it: a lookup whose blocks no peer caches sends no
+        request at all. The price: a block the peer stored a moment ago, whose news is still
+        on the way, is missed (even after the peer's :meth:`flush`). Where the news cannot be
+        heard (it is waited for up to ``timeout``), the peer is asked as without ``news``.
 
         With ``offload``, every block this worker stores in G2 is also written to the peer's
         G2 by the offload thread (the peer must serve with ``stores=True``), as it is written
@@ -816,7 +834,7 @@ class BlockManager:
             raise InvalidArgumentError("endpoint", f"{endpoint!r} is a peer already")
         client = PeerClient(endpoint, timeout)
         try:
-            peer = self._connect(client, offload)
+            peer = self._connect(client, offload, news)
         except BaseException:
             client.close()
             raise
@@ -831,13 +849,18 @@ class BlockManager:
             peer = self._peers.pop(endpoint, None)
         if peer is None:
             raise InvalidArgumentError("endpoint", f"{endpoint!r} is not a peer; have {self.peers}")
-        peer.client.close()
-        self._transfer.release_layout(peer.handle)
+        self._forget(peer)
 
     @property
     def peers(self) -> list[str]:
         """The endpoints of the peers, in the order they are asked."""
         return list(self._peers)
+
+    def peer_prefixes(self, token_ids: Sequence[int], *, salt: int = 0) -> dict[str, int | None]:
+        """Per peer, how many whole blocks of ``token_ids`` (from the first) its news says it
+        caches; None where its news is unknown or not followed. Asks no peer."""
+        hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
+        return _news_prefixes(list(self._peers.items()), hashes)
 
     def _shared_g2(self, call: str) -> _TierState:
         state = self._tiers.get(Tier.G2)
@@ -853,7 +876,7 @@ class BlockManager:
             )
         return state
 
-    def _connect(self, client: PeerClient, offload: bool) -> _Peer:
+    def _connect(self, client: PeerClient, offload: bool, news: bool) -> _Peer:
         """Say hello to ``client``'s server, check its block shape (and that it stores blocks,
         for ``offload``) and import its G2."""
         info = client.hello()
@@ -869,7 +892,19 @@ class BlockManager:
                 " stores=True)",
             )
         handle = self._transfer.import_layout(SerializedLayout.from_bytes(info.layout))
-        return _Peer(client, handle, info.server, offload)
+        try:
+            index = client.follow(info) if news else None
+            return _Peer(client, handle, info.server, index, offload)
+        except BaseException:
+            self._transfer.release_layout(handle)
+            raise
+
+    def _forget(self, peer: _Peer) -> None:
+        """Close what this manager keeps of a peer."""
+        if peer.index is not None:
+            peer.index.close()
+        peer.client.close()
+        self._transfer.release_layout(peer.handle)
 
     def _fetch_from_peers(
         self, hashes: list[int], token_ids: Sequence[int], start: int
@@ -910,9 +945,15 @@ class BlockManager:
 
     def _lease_from_peers(self, hashes: list[int]) -> tuple[_Peer, Lease] | None:
         """The longest non-empty lease of a prefix of ``hashes`` any peer grants (the first
-        peer's on a tie); the peers are asked at once and the others let go of theirs."""
+        peer's on a tie). Only the peers whose news says they cache the longest prefix are
+        asked, and those whose news is unknown; they are asked at once and the others let go
+        of their leases."""
         now = time.monotonic()
-        asked = [(e, p) for e, p in list(self._peers.items()) if p.retry_at <= now]
+        ready = [(e, p) for e, p in list(self._peers.items()) if p.retry_at <= now]
+        asked = _worth_asking(ready, hashes)
+        self.metrics.record_peer_requests(len(asked), len(ready) - len(asked))
+        if not asked:
+            return None
         if len(asked) == 1:
             answers = [self._lease_from(*asked[0], hashes)]
         else:
@@ -934,10 +975,12 @@ class BlockManager:
             if lease.server == peer.server:
                 return peer, lease
             self._let_go(peer, lease)
-            fresh = self._connect(peer.client, peer.offload)
+            fresh = self._connect(peer.client, peer.offload, peer.index is not None)
             with self._lock:
                 if self._peers.get(endpoint) is peer:
                     self._peers[endpoint] = fresh
+            if peer.index is not None:
+                peer.index.close()
             self._transfer.release_layout(peer.handle)
             return fresh, fresh.client.lease(hashes, PEER_LEASE_S)
         except KvBlocksError as exc:
@@ -1200,6 +1243,9 @@ class BlockManager:
                 events, self._pending = self._pending, []
             if events and self._publisher is not None:
                 self._publisher.publish(EventBatch(time.time(), tuple(events)))
+            server = self._server  # close() may drop it meanwhile
+            if events and server is not None:
+                server.announce(_g2_changes(events))
 
 
 class _ServedG2:
@@ -1212,6 +1258,10 @@ class _ServedG2:
     @property
     def _pool(self) -> BlockPool:
         return self._manager._tiers[Tier.G2].pool
+
+    def cached(self) -> list[int]:
+        with self._manager._lock:
+            return self._pool.cached_hashes()
 
     def lease(self, hashes: list[int]) -> list[int]:
         with self._manager._lock:
@@ -1250,3 +1300,33 @@ class _ServedG2:
 
     def abandon(self, blocks: list[int]) -> None:
         self.release(blocks)
+
+
+def _worth_asking(peers: list[tuple[str, _Peer]], hashes: list[int]) -> list[tuple[str, _Peer]]:
+    """The peers to ask for a prefix of ``hashes``: those whose news is unknown, and those
+    whose news says they cache the longest prefix of them (none if no peer caches the first)."""
+    known = _news_prefixes(peers, hashes)
+    longest = max((n for n in known.values() if n is not None), default=0)
+    return [(e, p) for e, p in peers if known[e] is None or (longest and known[e] == longest)]
+
+
+def _news_prefixes(peers: list[tuple[str, _Peer]], hashes: list[int]) -> dict[str, int | None]:
+    """Per peer, how many of ``hashes`` (from the first) its news says it caches; None where
+    unknown."""
+    known: dict[str, int | None] = {}
+    for endpoint, peer in peers:
+        if peer.index is None:
+            known[endpoint] = None
+            continue
+        peer.index.refresh()
+        known[endpoint] = peer.index.prefix(hashes)
+    return known
+
+
+def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:
+    """The ``(stored, hashes)`` changes of G2 among ``events``, in order."""
+    return [
+        (isinstance(e, BlockStored), e.block_hashes)
+        for e in events
+        if isinstance(e, BlockStored | BlockRemoved) and e.tier is Tier.G2
+    ]

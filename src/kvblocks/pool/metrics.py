@@ -22,6 +22,9 @@ name                                type       meaning
 ``kvbm_corrupt_blocks``             counter    G3 blocks whose checksum did not match
 ``kvbm_disk_filtered_blocks``       counter    blocks stored in G2 that the disk filter kept
                                                off G3 (for then)
+``kvbm_peer_requests``              counter    lease requests sent to peers on local misses
+``kvbm_peer_requests_spared``       counter    peers not asked: their news says they lack
+                                               the blocks (or have fewer than another)
 ==================================  =========  ===============================================
 
 prometheus_client writes counters with a ``_total`` suffix (``kvbm_eviction_count_total``).
@@ -83,6 +86,8 @@ class PoolMetrics:
         self.transfer_latency: dict[tuple[Tier, Tier], Histogram] = {}
         self.corrupt_blocks = 0
         self.disk_filtered_blocks = 0
+        self.peer_requests = 0
+        self.peer_requests_spared = 0
 
     def occupancy(self) -> dict[Tier, TierOccupancy]:
         """Blocks per tier, read now."""
@@ -117,6 +122,11 @@ class PoolMetrics:
     def record_disk_filtered(self, count: int) -> None:
         with self._lock:
             self.disk_filtered_blocks += count
+
+    def record_peer_requests(self, asked: int, spared: int) -> None:
+        with self._lock:
+            self.peer_requests += asked
+            self.peer_requests_spared += spared
 
 
 def prometheus_registry(metrics: PoolMetrics, registry=None):
@@ -179,11 +189,24 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                     "G3 blocks whose checksum did not match",
                     value=metrics.corrupt_blocks,
                 )
-                yield CounterMetricFamily(
-                    "kvbm_disk_filtered_blocks",
-                    "Blocks stored in G2 that the disk filter kept off G3 (for then)",
-                    value=metrics.disk_filtered_blocks,
-                )
+                for name, doc, value in (
+                    (
+                        "kvbm_disk_filtered_blocks",
+                        "Blocks stored in G2 that the disk filter kept off G3 (for then)",
+                        metrics.disk_filtered_blocks,
+                    ),
+                    (
+                        "kvbm_peer_requests",
+                        "Lease requests sent to peers on local misses",
+                        metrics.peer_requests,
+                    ),
+                    (
+                        "kvbm_peer_requests_spared",
+                        "Peers not asked: their news says they lack the blocks",
+                        metrics.peer_requests_spared,
+                    ),
+                ):
+                    yield CounterMetricFamily(name, doc, value=value)
                 for name, counter, doc in (
                     ("kvbm_offload_blocks", metrics.offload_blocks, "Blocks copied down a tier"),
                     ("kvbm_offload_bytes", metrics.offload_bytes, "Bytes copied down a tier"),

@@ -11,7 +11,8 @@ per peer on the other. It needs the ``events`` extra (pyzmq, msgpack).
 Requests and replies are msgpack arrays over ZMQ (a REQ socket per peer, one ROUTER socket on
 the serving side), one reply per request::
 
-    ["hello", version]          -> ["ok", version, server, shape, layout, stores]
+    ["hello", version]          -> ["ok", version, server, shape, layout, stores, news]
+    ["holds"]                   -> ["ok", seq, hashes]
     ["lease", hashes, seconds]  -> ["ok", lease_id, block_ids, server]
     ["release", lease_id]       -> ["ok"]
     ["reserve", chains, seconds] -> ["ok", lease_id, block_ids, server]   (a server that stores)
@@ -35,6 +36,11 @@ that hash already or has no room. ``commit`` registers the written blocks under 
 ``release`` or the end of ``seconds`` drops them unregistered, so a peer that fails halfway
 leaves nothing half written findable. ``stores`` in hello says whether the server takes them.
 
+``news`` in hello is the endpoint where the server announces every change of its G2, and
+``holds`` a snapshot of it (every hash cached as of change ``seq`` or later): see
+:mod:`kvblocks.pool.peer_index`, which keeps a client's view of each peer current so that a
+lookup asks only the peers that hold what it misses.
+
 Peers are trusted: anyone who reaches the endpoint can read the served blocks.
 """
 
@@ -52,11 +58,12 @@ from typing import Protocol
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, PeerError
 from kvblocks.layout import dtype_name
 from kvblocks.pool.config import BlockManagerConfig
+from kvblocks.pool.peer_index import BEAT_S, Announcer, PeerIndex
 
 log = logging.getLogger("kvblocks.pool")
 
 #: The protocol version; a peer speaking another one is refused by name.
-VERSION = 1
+VERSION = 2
 #: The longest a server holds leased blocks for a client that never releases them, seconds.
 MAX_LEASE_S = 60.0
 #: How often the server's thread looks for expired leases, seconds.
@@ -156,17 +163,21 @@ class Lease:
 
 @dataclass(frozen=True)
 class PeerInfo:
-    """A server's answer to hello: its id, its block shape, its serialized G2 layout, and
-    whether it stores blocks other workers offload to it."""
+    """A server's answer to hello: its id, its block shape, its serialized G2 layout, whether
+    it stores blocks other workers offload to it, and where it announces its G2's changes."""
 
     server: int
     shape: BlockShape
     layout: bytes
     stores: bool
+    news: str
 
 
 class ServedTier(Protocol):
     """The G2 tier a :class:`BlockServer` serves (its BlockManager's)."""
+
+    def cached(self) -> list[int]:
+        """The hashes of every block cached (a snapshot)."""
 
     def lease(self, hashes: list[int]) -> list[int]:
         """Hold the longest prefix of ``hashes`` cached; its block ids."""
@@ -203,9 +214,12 @@ class BlockServer:
         layout: the served G2 layout's SerializedLayout, as bytes.
         tier: the G2 tier the requests act on.
         stores: take reservations (blocks peers offload here); refused otherwise.
+        news_endpoint: where the tier's changes are announced (:meth:`announce`); by default
+            a free port on the host of ``endpoint`` (for ``ipc://`` and ``inproc://``, the
+            same name with ``.news`` after it).
 
     Raises:
-        InvalidArgumentError: ``endpoint`` cannot be bound.
+        InvalidArgumentError: ``endpoint`` or ``news_endpoint`` cannot be bound.
         BackendUnavailableError: pyzmq or msgpack is missing.
     """
 
@@ -216,10 +230,9 @@ class BlockServer:
         layout: bytes,
         tier: ServedTier,
         stores: bool = False,
+        news_endpoint: str | None = None,
     ) -> None:
         zmq, self._msgpack = _zmq_msgpack()
-        #: What every peer that says hello is told (with a fresh server id).
-        self.info = PeerInfo(secrets.randbits(64), shape, layout, stores)
         self._tier = tier
         self._leases: dict[int, _Held] = {}
         self._ids = itertools.count(1)
@@ -232,6 +245,15 @@ class BlockServer:
             raise InvalidArgumentError("endpoint", f"cannot bind {endpoint!r}: {exc}") from None
         #: The endpoint bound, with the port chosen.
         self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        server = secrets.randbits(64)
+        try:
+            news = news_endpoint or _news_endpoint_beside(endpoint)
+            self._news = Announcer(news, server, zmq, self._msgpack)
+        except InvalidArgumentError:
+            self._socket.close(0)
+            raise
+        #: What every peer that says hello is told (with a fresh server id).
+        self.info = PeerInfo(server, shape, layout, stores, self._news.endpoint)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._serve, name="kvblocks-peers", daemon=True)
         self._thread.start()
@@ -241,14 +263,24 @@ class BlockServer:
         """Leases held now."""
         return len(self._leases)
 
+    def announce(self, changes: Sequence[tuple[bool, Sequence[int]]]) -> None:
+        """Announce ``(stored, hashes)`` changes of the served tier, in the order they
+        happened (after they happened: a snapshot taken meanwhile may hold them already)."""
+        self._news.announce(changes)
+
     def close(self) -> None:
-        """Stop answering and let every held lease go."""
+        """Stop answering and announcing, and let every held lease go."""
         self._stop.set()
         self._thread.join()
+        self._news.close()
 
     def _serve(self) -> None:
+        next_beat = 0.0
         try:
             while not self._stop.is_set():
+                if time.monotonic() >= next_beat:
+                    self._news.beat()
+                    next_beat = time.monotonic() + BEAT_S
                 if self._socket.poll(int(_POLL_S * 1000)):
                     frames = self._socket.recv_multipart()
                     if len(frames) != 3:  # not a REQ socket's request: nobody to answer
@@ -285,7 +317,10 @@ class BlockServer:
                         return ["error", problem]
                     info = self.info
                     shape = asdict(info.shape)
-                    return ["ok", VERSION, info.server, shape, info.layout, info.stores]
+                    return ["ok", VERSION, info.server, shape, info.layout, info.stores, info.news]
+                case ["holds"]:
+                    seq = self._news.seq  # first: every change up to it is in the tier now
+                    return ["ok", seq, self._tier.cached()]
                 case ["lease", list(hashes), int(seconds) | float(seconds)]:
                     return self._grant(hashes, seconds)
                 case ["reserve", list(chains), int(seconds) | float(seconds)]:
@@ -361,10 +396,19 @@ class PeerClient:
         self._socket = None
 
     def hello(self) -> PeerInfo:
-        _, version, server, shape, layout, stores = self._request(["hello", VERSION], 6)
+        """The server's id, block shape, G2 layout, whether it stores, and its news endpoint
+        (reachable from here: a wildcard host is replaced by this client's host for it)."""
+        _, version, server, shape, layout, stores, news = self._request(["hello", VERSION], 7)
         if version != VERSION:
             raise PeerError(f"{self.endpoint} speaks protocol version {version}, not {VERSION}")
-        return PeerInfo(server, BlockShape.from_wire(shape), layout, bool(stores))
+        news = _reachable(news, self.endpoint)
+        return PeerInfo(server, BlockShape.from_wire(shape), layout, bool(stores), news)
+
+    def holds(self) -> tuple[int, list[int]]:
+        """A snapshot of the server's G2: ``(seq, hashes)``, every hash cached as of its
+        change ``seq`` or later."""
+        _, seq, hashes = self._request(["holds"], 3)
+        return seq, hashes
 
     def lease(self, hashes: Sequence[int], seconds: float) -> Lease:
         """Hold the longest prefix of ``hashes`` the server caches, for at most ``seconds``."""
@@ -377,6 +421,11 @@ class PeerClient:
         request = ["reserve", [c.to_wire() for c in chains], float(seconds)]
         _, lease_id, block_ids, server = self._request(request, 4)
         return Lease(lease_id, tuple(block_ids), server)
+
+    def follow(self, info: PeerInfo) -> PeerIndex:
+        """An index of the server's G2, kept current from its news (``info`` from hello).
+        Waits up to ``timeout`` for the first message, then takes a snapshot."""
+        return PeerIndex(info.news, info.server, self.holds, self.timeout, self._zmq, self._msgpack)
 
     def commit(self, lease: Lease) -> None:
         """Register a reservation's written blocks at the server."""
@@ -418,3 +467,31 @@ class PeerClient:
             problem = f"a reply this protocol does not know: {reply!r:.200}"
             raise PeerError(f"{self.endpoint} sent {problem}")
         return reply
+
+
+#: Hosts a socket binds to that no client can connect to.
+_WILDCARD_HOSTS = ("*", "0.0.0.0", "[::]", "::")
+
+
+def _news_endpoint_beside(endpoint: str) -> str:
+    """Where a server bound at ``endpoint`` announces its changes by default."""
+    transport, _, address = endpoint.partition("://")
+    if transport == "tcp":
+        host, _, _ = address.rpartition(":")
+        return f"tcp://{host}:*"
+    if transport in ("ipc", "inproc"):
+        return f"{endpoint}.news"
+    raise InvalidArgumentError(
+        "news_endpoint", f"cannot be derived from {endpoint!r}: name one for this transport"
+    )
+
+
+def _reachable(advertised: str, via: str) -> str:
+    """``advertised`` (a server's own endpoint) with a wildcard host replaced by the host of
+    ``via``, the endpoint this client reaches the server at."""
+    transport, _, address = advertised.partition("://")
+    host, _, port = address.rpartition(":")
+    if transport != "tcp" or host not in _WILDCARD_HOSTS:
+        return advertised
+    via_host, _, _ = via.partition("://")[2].rpartition(":")
+    return f"tcp://{via_host}:{port}"
