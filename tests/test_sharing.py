@@ -551,6 +551,26 @@ def test_news_follows_what_a_peer_stores_and_evicts(tmp_path):
 
 
 @needs_nixl
+def test_a_peer_whose_news_cannot_be_heard_is_asked_on_every_miss(tmp_path, caplog):
+    gen = torch.Generator().manual_seed(10)
+    tokens = tokens_of(10, 3 * BS)
+    with worker(tmp_path) as there, worker(tmp_path) as here:
+        endpoint = there.serve(LOCAL)
+        there._server.info = replace(there._server.info, news="tcp://127.0.0.1:9")  # nobody
+        with caplog.at_level(logging.WARNING, logger="kvblocks.pool"):
+            here.add_peer(endpoint, timeout=0.3, news=True)
+        assert f"no news from {endpoint}" in caplog.text
+        assert here.peer_prefixes(tokens) == {endpoint: None}
+        kv = store(there, tokens, gen)
+        poison_g1(here)
+        hit = here.lookup(tokens)
+        assert hit.from_tier[Tier.G4] == 3 and here.metrics.peer_requests == 1
+        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        here.free(hit.block_ids)
+
+
+@needs_nixl
 def test_offloading_to_a_peer_that_goes_away_loses_nothing_here(tmp_path, caplog):
     gen = torch.Generator().manual_seed(8)
     with worker(tmp_path) as here:

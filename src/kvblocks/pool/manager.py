@@ -894,6 +894,14 @@ class BlockManager:
         handle = self._transfer.import_layout(SerializedLayout.from_bytes(info.layout))
         try:
             index = client.follow(info) if news else None
+            if index is not None and index.prefix([]) is None:
+                log.warning(
+                    "no news from %s at %s within %s s: it is asked on every local miss until"
+                    " its news is heard",
+                    client.endpoint,
+                    info.news,
+                    client.timeout,
+                )
             return _Peer(client, handle, info.server, index, offload)
         except BaseException:
             self._transfer.release_layout(handle)
