@@ -99,9 +99,10 @@ def test_an_index_follows_announced_changes_in_order():
         assert settled(index, [h for h in range(1, 40) if h in truth] + [0], len(chain), news)
         for h in range(1, 40):
             assert index.prefix([h]) == (h in truth)
+        assert index.lacks(range(1, 40)) == [h not in truth for h in range(1, 40)]
         assert snapshots.calls == 1  # nothing was missed
         index.close()
-        assert index.prefix([1]) is None
+        assert index.prefix([1]) is None and index.lacks([1]) is None
     finally:
         news.close()
 

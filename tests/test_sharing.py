@@ -571,6 +571,30 @@ def test_a_peer_whose_news_cannot_be_heard_is_asked_on_every_miss(tmp_path, capl
 
 
 @needs_nixl
+@pytest.mark.parametrize("news", [False, True])
+def test_blocks_a_cache_announced_are_not_offered_to_it_again(tmp_path, news):
+    """The writer dropped its copies and stores the same blocks again: with the cache's news
+    it does not even ask for a reservation; without, the reservation gives no block."""
+    gen = torch.Generator().manual_seed(11)
+    tokens = tokens_of(11, 5 * BS)
+    with worker(tmp_path) as cache, worker(tmp_path) as writer:
+        endpoint = cache.serve(LOCAL, stores=True)
+        writer.add_peer(endpoint, offload=True, news=news)
+        served, offered = cache._server._tier, []
+        reserve = served.reserve
+        served.reserve = lambda chains: offered.append(len(chains)) or reserve(chains)
+        store(writer, tokens, gen)
+        assert offered == [5]
+        if news:
+            wait_for_news(writer, endpoint, tokens, 5)
+        writer.clear()
+        store(writer, tokens, gen)
+        assert offered == ([5] if news else [5, 5])
+        assert writer.metrics.offload_blocks[(Tier.G2, Tier.G4)] == 5
+        assert let_go(cache)
+
+
+@needs_nixl
 def test_offloading_to_a_peer_that_goes_away_loses_nothing_here(tmp_path, caplog):
     gen = torch.Generator().manual_seed(8)
     with worker(tmp_path) as here:

@@ -1028,8 +1028,9 @@ class BlockManager:
 
     def _push(self, peers: list[_Peer], blocks: list[int], hashes: list[int]) -> None:
         """Write held G2 ``blocks`` to each offload peer's G2: a reservation, one NIXL WRITE
-        of the blocks it does not cache, a commit. A peer that fails is left alone for a
-        while; its reservation lapses unregistered."""
+        of the blocks it does not cache, a commit; nothing for a peer whose news says it
+        caches them all. A peer that fails is left alone for a while; its reservation lapses
+        unregistered."""
         chains = []
         with self._lock:
             for h in hashes:
@@ -1039,10 +1040,14 @@ class BlockManager:
         for peer in peers:
             if peer.retry_at > now:
                 continue
+            todo = _not_cached_at(peer, hashes)
+            if not todo:
+                continue
             lease = None
             try:
-                lease = peer.client.reserve(chains, PEER_LEASE_S)
-                pairs = [(b, r) for b, r in zip(blocks, lease.block_ids, strict=True) if r >= 0]
+                lease = peer.client.reserve([chains[i] for i in todo], PEER_LEASE_S)
+                offered = [blocks[i] for i in todo]
+                pairs = [(b, r) for b, r in zip(offered, lease.block_ids, strict=True) if r >= 0]
                 src, dst = [b for b, _ in pairs], [r for _, r in pairs]
                 self._copy(Tier.G2, src, Tier.G4, dst, onboard=False, peer=peer)
                 peer.client.commit(lease)
@@ -1329,6 +1334,16 @@ def _news_prefixes(peers: list[tuple[str, _Peer]], hashes: list[int]) -> dict[st
         peer.index.refresh()
         known[endpoint] = peer.index.prefix(hashes)
     return known
+
+
+def _not_cached_at(peer: _Peer, hashes: list[int]) -> list[int]:
+    """The positions of ``hashes`` worth offering to ``peer``: those its news says it does
+    not cache (all of them where its news is unknown or not followed)."""
+    lacks = None
+    if peer.index is not None:
+        peer.index.refresh()
+        lacks = peer.index.lacks(hashes)
+    return [i for i in range(len(hashes)) if lacks is None or lacks[i]]
 
 
 def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:

@@ -165,8 +165,7 @@ class PeerIndex:
     def prefix(self, hashes: Sequence[int]) -> int | None:
         """How many of ``hashes``, from the first, the peer caches; None when unknown."""
         with self._lock:
-            silent = time.monotonic() - self._heard > SILENT_S
-            if self._closed or self._gone or self._seq is None or silent:
+            if not self._known():
                 return None
             n = 0
             for h in hashes:
@@ -175,11 +174,22 @@ class PeerIndex:
                 n += 1
             return n
 
+    def lacks(self, hashes: Sequence[int]) -> list[bool] | None:
+        """Per hash, whether the peer does not cache it; None when unknown."""
+        with self._lock:
+            if not self._known():
+                return None
+            return [h not in self._hashes for h in hashes]
+
     def close(self) -> None:
         """Stop following the news (the index is unknown from now on)."""
         with self._lock:
             self._closed = True
             self._socket.close(0)
+
+    def _known(self) -> bool:
+        silent = time.monotonic() - self._heard > SILENT_S
+        return not (self._closed or self._gone or self._seq is None or silent)
 
     def _apply(self, seq: int, payload: bytes) -> None:
         if self._seq is not None and seq <= self._seq:
