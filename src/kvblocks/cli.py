@@ -4,9 +4,11 @@
 ``kvblocks models`` the models ``--model`` knows.
 ``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
 ``kvblocks demo``   a multi-turn chat workload through a BlockManager with G1, G2 and G3.
+``kvblocks serve``  a cache of blocks for other workers (their tier G4), until stopped.
 
 Results go to stdout (``--json`` for machines), errors to stderr with exit status 2; file
-arguments are checked before any long work. Ctrl-C ends a command with status 130.
+arguments are checked before any long work. Ctrl-C ends a command with status 130 (``serve``:
+Ctrl-C or SIGTERM stops it cleanly, with status 0).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 
 from kvblocks import __version__
@@ -71,6 +75,24 @@ def _int_at_least(minimum: int, what: str):
 
 _positive_int = _int_at_least(1, "a positive int")
 _non_negative_int = _int_at_least(0, "an int >= 0")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``:PORT`` for every interface) as ``(host, port)``."""
+    host, _, port = text.rpartition(":")
+    if not port.isdigit() or not 0 <= int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host or "0.0.0.0", int(port)
 
 
 def _model_from_args(args: argparse.Namespace) -> ModelSpec:
@@ -597,6 +619,77 @@ def _add_demo_parser(sub) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from kvblocks.cache_server import cache_config, serve_cache
+
+    config = cache_config(_model_from_args(args), args.tokens_per_block, args.dtype, args.host_gb)
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    publisher = None
+    try:
+        if args.zmq:
+            from kvblocks.pool.publishers import ZmqPublisher
+
+            publisher = ZmqPublisher(args.zmq)
+        serve_cache(
+            config,
+            args.endpoint,
+            stop,
+            news_endpoint=args.news_endpoint,
+            publisher=publisher,
+            metrics=args.metrics,
+            status_every=args.status_every,
+            out=sys.stdout,
+            log=sys.stderr,
+        )
+    finally:
+        if publisher is not None:
+            publisher.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _add_serve_parser(sub) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="a cache of blocks for other workers (their G4), until Ctrl-C or SIGTERM",
+        description="Keep a G2 of --host-gb GiB of pinned host memory and serve it to other"
+        " workers' BlockManagers: they add it with add_peer(endpoint, offload=True) to write"
+        " the blocks they store there, and read from it the prefixes they miss. Prints the"
+        " endpoint bound, then the news endpoint, on stdout; a status line on stderr every"
+        " --status-every seconds. Needs NIXL, pyzmq and msgpack.",
+    )
+    serve.add_argument("--model", help="model dims of the blocks (or --layers ...)")
+    serve.add_argument("--layers", type=_positive_int, help="nl, instead of --model")
+    serve.add_argument("--kv-heads", type=_positive_int, help="nh, instead of --model")
+    serve.add_argument("--head-dim", type=_positive_int, help="hd, instead of --model")
+    serve.add_argument("--outer", type=_positive_int, default=2, help="no (default 2)")
+    serve.add_argument("--dtype", default="bf16", help="element type (default bf16)")
+    serve.add_argument("--tokens-per-block", type=_positive_int, default=16, help="default 16")
+    serve.add_argument(
+        "--host-gb", type=_positive_float, required=True, help="G2 size, GiB of host memory"
+    )
+    serve.add_argument(
+        "--endpoint", default="tcp://*:5600", help="where to serve (default tcp://*:5600)"
+    )
+    serve.add_argument(
+        "--news-endpoint", help="where to announce G2's changes (default: a free port)"
+    )
+    serve.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
+    serve.add_argument(
+        "--metrics",
+        type=_host_port,
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics (:9400 for every interface)",
+    )
+    serve.add_argument(
+        "--status-every", type=_positive_float, default=10.0, help="seconds (default 10)"
+    )
+    serve.set_defaults(func=_cmd_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kvblocks", description="KV cache blocks: layouts, kernels, tiers."
@@ -643,6 +736,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.set_defaults(func=_cmd_models)
     _add_bench_parser(sub)
+    _add_serve_parser(sub)
     _add_demo_parser(sub)
     return parser
 

@@ -852,6 +852,16 @@ class BlockManager:
         self._forget(peer)
 
     @property
+    def news_endpoint(self) -> str | None:
+        """Where this manager announces its G2's changes while it serves (:meth:`serve`)."""
+        return self._server.info.news if self._server is not None else None
+
+    @property
+    def num_peer_leases(self) -> int:
+        """Leases and reservations this manager holds for peers now (0 when not serving)."""
+        return self._server.num_leases if self._server is not None else 0
+
+    @property
     def peers(self) -> list[str]:
         """The endpoints of the peers, in the order they are asked."""
         return list(self._peers)
