@@ -1,14 +1,15 @@
 """Lookups with several peers: asking every peer on a local miss (the default) against asking
 only the peers whose news says they cache the blocks (``add_peer(news=True)``).
 
-``max(peers)`` BlockManagers serve their G2; two more (``ask_all`` and ``news``) add the first
-``P`` of them as peers, for each ``P`` of ``peers``. All run in this process, each with its own
-NIXL agent (UCX). Wall clock of one ``lookup`` of ``num_blocks`` blocks, median of ``iters``
-after ``warmup``, both managers timed in turn:
+``max(peers)`` caches run as ``kvblocks serve`` processes; two BlockManagers in this process
+(``ask_all`` and ``news``, each with its own NIXL agent, UCX) add the first ``P`` of them as
+peers, for each ``P`` of ``peers``. Wall clock of one ``lookup`` of ``num_blocks`` blocks,
+median of ``iters`` after ``warmup``, both managers timed in turn:
 
 - ``miss``: a prompt no worker caches (a new conversation): every block misses;
-- ``hit``: a prompt the ``P``-th peer alone caches: the lookup reads it from there into G2
-  and onboards it (the looking manager's tiers are cleared before each lookup).
+- ``hit``: a prompt the ``P``-th cache alone holds (a third manager offloaded it there): the
+  lookup reads it from there into G2 and onboards it (the looking manager's tiers are cleared
+  before each lookup).
 
 ``*_requests`` are the lease requests sent to peers per lookup (``kvbm_peer_requests``);
 ``speedup`` is ``ask_all_ms / news_ms``. Every lookup's hits are checked.
@@ -17,16 +18,20 @@ after ``warmup``, both managers timed in turn:
 from __future__ import annotations
 
 import random
+import signal
 import statistics
+import subprocess
+import sys
 import time
-from contextlib import ExitStack
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 
 import torch
 
 from kvblocks.benchmarks.sharing import manager_config, nixl_transfer, store_random
 from kvblocks.benchmarks.timing import progress
-from kvblocks.layout import KvDims
+from kvblocks.layout import KvDims, dtype_name
 from kvblocks.pool import BlockManager, Tier
 from kvblocks.remote import load_api
 
@@ -54,6 +59,29 @@ def wait_for_news(here: BlockManager, endpoint: str, tokens: list[int], blocks: 
         if time.monotonic() > deadline:
             raise RuntimeError(f"{endpoint} did not announce {blocks} blocks within 10 s")
         time.sleep(0.001)
+
+
+@contextmanager
+def cache_process(dims: KvDims, num_blocks: int) -> Iterator[str]:
+    """A ``kvblocks serve`` process holding ``num_blocks`` blocks of ``dims`` on this host;
+    yields its endpoint, stops it (SIGTERM) after."""
+    command = [sys.executable, "-m", "kvblocks.cli", "serve", "--layers", str(dims.nl)]
+    command += ["--kv-heads", str(dims.nh), "--head-dim", str(dims.hd), "--outer", str(dims.no)]
+    command += ["--dtype", dtype_name(dims.dtype), "--tokens-per-block", str(dims.nt)]
+    command += ["--host-gb", str(num_blocks * dims.block_bytes / 2**30)]
+    command += ["--endpoint", "tcp://127.0.0.1:*", "--status-every", "3600"]
+    cache = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        endpoint = cache.stdout.readline().strip()
+        if not endpoint:
+            raise RuntimeError(f"kvblocks serve ended with status {cache.wait()}")
+        yield endpoint
+    finally:
+        cache.send_signal(signal.SIGTERM)
+        try:
+            cache.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            cache.kill()
 
 
 def _timed(manager: BlockManager, tokens: list[int], from_peer: int) -> tuple[float, int]:
@@ -84,9 +112,10 @@ def run(dims_for, tokens_per_block: int, num_blocks: int, peers=PEER_COUNTS, war
             transfer = stack.enter_context(nixl_transfer(name, device))
             return stack.enter_context(BlockManager(config, transfer=transfer))
 
-        servers = [manager(f"peer{i}") for i in range(max(peers))]
-        endpoints = [s.serve("tcp://127.0.0.1:*") for s in servers]
-        ask_all, news = manager("ask-all"), manager("news")
+        endpoints = [
+            stack.enter_context(cache_process(dims, num_blocks)) for _ in range(max(peers))
+        ]
+        ask_all, news, writer = manager("ask-all"), manager("news"), manager("writer")
         added = 0
         for step, count in enumerate(sorted(peers), 1):
             progress(step, len(peers), f"peers P={count}")
@@ -95,7 +124,9 @@ def run(dims_for, tokens_per_block: int, num_blocks: int, peers=PEER_COUNTS, war
                 news.add_peer(endpoint, timeout=10.0, news=True)
             added = count
             tokens = rng.choices(range(32_000), k=num_blocks * tokens_per_block)
-            store_random(servers[count - 1], tokens, tokens_per_block)
+            writer.add_peer(endpoints[count - 1], timeout=10.0, offload=True)
+            store_random(writer, tokens, tokens_per_block)  # offloaded to that cache alone
+            writer.remove_peer(endpoints[count - 1])
             wait_for_news(news, endpoints[count - 1], tokens, num_blocks)
             miss = rng.choices(range(32_000), k=num_blocks * tokens_per_block)
             for case, prompt, from_peer in (("miss", miss, 0), ("hit", tokens, num_blocks)):
