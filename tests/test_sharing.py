@@ -739,11 +739,12 @@ def test_info_says_what_sharing_needs(monkeypatch):
 
 
 @needs_nixl
-def test_concurrent_lookups_while_peers_store_and_evict(tmp_path):
+@pytest.mark.parametrize("news", [False, True])
+def test_concurrent_lookups_while_peers_store_and_evict(tmp_path, news):
     """Three workers, each the others' peer, each running requests from two threads at once
     (look up, compute the rest, register, free) over prefixes that overlap: every hit holds
     the KV computed for its hash, whichever tier or worker it came from, and when all is done
-    no block is held anywhere."""
+    no block is held anywhere. With ``news`` the peers are asked by what they announce."""
     prompts = [tokens_of(100 + p, 6 * BS) for p in range(4)]
     workers = [worker(tmp_path, g1=24) for _ in range(3)]
     errors = []
@@ -752,13 +753,17 @@ def test_concurrent_lookups_while_peers_store_and_evict(tmp_path):
         for w, mine in zip(workers, endpoints, strict=True):
             for endpoint in endpoints:
                 if endpoint != mine:
-                    w.add_peer(endpoint, timeout=5)
+                    w.add_peer(endpoint, timeout=5, news=news)
         for prompt in prompts[:2]:  # the others' first lookups of these find them in G4
             blocks = workers[0].allocate(6)
             write_pattern(workers[0].device_tensors, blocks, sequence_hashes(prompt, BS))
             workers[0].register(blocks, prompt)
             workers[0].free(blocks)
         workers[0].flush()
+        if news:
+            for w in workers[1:]:
+                for prompt in prompts[:2]:
+                    wait_for_news(w, endpoints[0], prompt, 6)
 
         def requests(w: BlockManager, seed: int) -> None:
             rng = random.Random(seed)

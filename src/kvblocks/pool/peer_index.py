@@ -35,7 +35,7 @@ from kvblocks.errors import InvalidArgumentError, KvBlocksError
 #: Seconds between two beats of an announcer.
 BEAT_S = 0.1
 #: Seconds without a message after which a peer's index is unknown.
-SILENT_S = 0.5
+SILENT_S = 2.0
 #: The payload of a beat and of the last message of a server.
 _BEAT, _BYE = b"", b"bye"
 #: Messages a PUB or SUB socket queues before dropping (a dropped change forces a snapshot).
