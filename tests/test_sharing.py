@@ -551,6 +551,29 @@ def test_news_follows_what_a_peer_stores_and_evicts(tmp_path):
 
 
 @needs_nixl
+def test_a_lookup_asks_the_peer_it_names_whatever_its_news_says(tmp_path):
+    """A prefill worker stored the prompt and the decode worker looks it up before the news
+    came (here: it never comes): only ``ask_peer`` finds it."""
+    gen = torch.Generator().manual_seed(13)
+    tokens = tokens_of(13, 3 * BS)
+    with worker(tmp_path) as prefill, worker(tmp_path) as decode:
+        endpoint = prefill.serve(LOCAL)
+        decode.add_peer(endpoint, news=True)
+        prefill._server.announce = lambda changes: None  # the news is late
+        kv = store(prefill, tokens, gen)
+        assert decode.peer_prefixes(tokens) == {endpoint: 0}
+        assert decode.lookup(tokens).misses == 3 and decode.metrics.peer_requests == 0
+        with pytest.raises(InvalidArgumentError, match="ask_peer"):
+            decode.lookup(tokens, ask_peer="tcp://127.0.0.1:9")
+        poison_g1(decode)
+        hit = decode.lookup(tokens, ask_peer=endpoint)
+        assert hit.from_tier[Tier.G4] == 3 and decode.metrics.peer_requests == 1
+        for layer_got, layer_kv in zip(g1_blocks(decode, hit.block_ids), kv, strict=True):
+            assert_bits_equal(layer_got, layer_kv)
+        decode.free(hit.block_ids)
+
+
+@needs_nixl
 def test_a_peer_whose_news_cannot_be_heard_is_asked_on_every_miss(tmp_path, caplog):
     gen = torch.Generator().manual_seed(10)
     tokens = tokens_of(10, 3 * BS)

@@ -408,7 +408,9 @@ class BlockManager:
 
     # The engine's calls ------------------------------------------------------------------------
 
-    def lookup(self, token_ids: Sequence[int], *, salt: int = 0) -> PrefixHit:
+    def lookup(
+        self, token_ids: Sequence[int], *, salt: int = 0, ask_peer: str | None = None
+    ) -> PrefixHit:
         """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
 
         G1 hits are shared; G2 and G3 hits are copied into newly allocated G1 blocks (as many
@@ -416,7 +418,17 @@ class BlockManager:
         local tiers' prefix ends, the peers (:meth:`add_peer`) are asked for the blocks that
         follow, which are read into G2 (and stay cached there) and copied on into G1. The
         returned blocks are held for the caller and their bytes are in place on return.
+
+        Args:
+            ask_peer: the endpoint of a peer to ask whatever its news says, because it stored
+                the prompt a moment ago (the worker that ran its prefill, say), so that a
+                hand-off does not miss while the news is on the way.
+
+        Raises:
+            InvalidArgumentError: ``ask_peer`` is not a peer.
         """
+        if ask_peer is not None and ask_peer not in self._peers:
+            raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
@@ -426,7 +438,7 @@ class BlockManager:
         if short:  # blocks waiting to be offloaded come back once the offload ends
             self._drain()
         try:
-            from_tier = self._onboard_after(held, hashes, token_ids)
+            from_tier = self._onboard_after(held, hashes, token_ids, ask_peer)
         except BaseException:  # the caller gets no blocks to free: let the G1 hits go
             with self._lock:
                 g1.free(held)
@@ -438,11 +450,13 @@ class BlockManager:
         return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
 
     def _onboard_after(
-        self, held: list[int], hashes: list[int], token_ids: Sequence[int]
+        self, held: list[int], hashes: list[int], token_ids: Sequence[int], ask_peer: str | None
     ) -> dict[Tier, int]:
         """Extend the held G1 prefix ``held`` (in place) with the blocks after it that G2, G3
         or a peer caches; returns how many blocks came from each tier."""
-        fetched = self._fetch_from_peers(hashes, token_ids, len(held)) if self._peers else {}
+        fetched = {}
+        if self._peers:
+            fetched = self._fetch_from_peers(hashes, token_ids, len(held), ask_peer)
         try:
             with self._lock:
                 sources = self._plan_onboard(hashes[len(held) :])
@@ -925,10 +939,11 @@ class BlockManager:
         self._transfer.release_layout(peer.handle)
 
     def _fetch_from_peers(
-        self, hashes: list[int], token_ids: Sequence[int], start: int
+        self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
     ) -> dict[int, int]:
         """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part G2
-        or G3 cache) that a peer caches, as many as G1 and G2 have room for. The local
+        or G3 cache) that a peer caches, as many as G1 and G2 have room for (``ask_peer`` is
+        asked whatever its news says). The local
         prefix's G2 blocks are held meanwhile, and room is left in G2 to stage its G3 blocks,
         so that the read does not evict the prefix it extends. Returns hash -> G2 block, each
         held once more for the caller."""
@@ -949,7 +964,7 @@ class BlockManager:
             room = min(g1.num_available - (end - start), g2.num_available - on_disk)
         try:
             wanted = hashes[end : end + max(room, 0)]
-            leased = self._lease_from_peers(wanted) if wanted else None
+            leased = self._lease_from_peers(wanted, ask_peer) if wanted else None
             if leased is None:
                 return {}
             peer, lease = leased
@@ -961,14 +976,16 @@ class BlockManager:
             with self._lock:
                 g2.free(kept)
 
-    def _lease_from_peers(self, hashes: list[int]) -> tuple[_Peer, Lease] | None:
+    def _lease_from_peers(
+        self, hashes: list[int], ask_peer: str | None
+    ) -> tuple[_Peer, Lease] | None:
         """The longest non-empty lease of a prefix of ``hashes`` any peer grants (the first
         peer's on a tie). Only the peers whose news says they cache the longest prefix are
-        asked, and those whose news is unknown; they are asked at once and the others let go
-        of their leases."""
+        asked, those whose news is unknown, and ``ask_peer``; they are asked at once and the
+        others let go of their leases."""
         now = time.monotonic()
         ready = [(e, p) for e, p in list(self._peers.items()) if p.retry_at <= now]
-        asked = _worth_asking(ready, hashes)
+        asked = _worth_asking(ready, hashes, ask_peer)
         self.metrics.record_peer_requests(len(asked), len(ready) - len(asked))
         if not asked:
             return None
@@ -1325,12 +1342,19 @@ class _ServedG2:
         self.release(blocks)
 
 
-def _worth_asking(peers: list[tuple[str, _Peer]], hashes: list[int]) -> list[tuple[str, _Peer]]:
-    """The peers to ask for a prefix of ``hashes``: those whose news is unknown, and those
-    whose news says they cache the longest prefix of them (none if no peer caches the first)."""
+def _worth_asking(
+    peers: list[tuple[str, _Peer]], hashes: list[int], ask_peer: str | None
+) -> list[tuple[str, _Peer]]:
+    """The peers to ask for a prefix of ``hashes``: ``ask_peer``, those whose news is
+    unknown, and those whose news says they cache the longest prefix of them (none if no peer
+    caches the first)."""
     known = _news_prefixes(peers, hashes)
     longest = max((n for n in known.values() if n is not None), default=0)
-    return [(e, p) for e, p in peers if known[e] is None or (longest and known[e] == longest)]
+    return [
+        (e, p)
+        for e, p in peers
+        if e == ask_peer or known[e] is None or (longest and known[e] == longest)
+    ]
 
 
 def _news_prefixes(peers: list[tuple[str, _Peer]], hashes: list[int]) -> dict[str, int | None]:
