@@ -11,9 +11,8 @@ import torch
 from kvblocks.cli import main
 from kvblocks.pool import Tier
 from kvblocks.remote import nixl_available
-from tests.helpers import assert_bits_equal
 from tests.test_manager import BS, tokens_of
-from tests.test_sharing import g1_blocks, poison_g1, store, worker
+from tests.test_sharing import assert_g1_holds, poison_g1, store, worker
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -47,8 +46,7 @@ def test_serve_caches_what_one_worker_stores_for_another_until_stopped(tmp_path,
             poison_g1(reader)
             hit = reader.lookup(tokens)
             assert hit.from_tier[Tier.G4] == 3
-            for layer_got, layer_kv in zip(g1_blocks(reader, hit.block_ids), kv, strict=True):
-                assert_bits_equal(layer_got, layer_kv)
+            assert_g1_holds(reader, hit.block_ids, kv)
             reader.free(hit.block_ids)
         with urllib.request.urlopen(url, timeout=10) as response:
             assert 'kvbm_blocks_cached{tier="CPU"} 3.0' in response.read().decode()

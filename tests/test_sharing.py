@@ -15,6 +15,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from kvblocks.benchmarks.peers import wait_for_news
 from kvblocks.demo import count_mismatches, write_pattern
 from kvblocks.errors import (
     BackendUnavailableError,
@@ -268,6 +269,13 @@ def store(manager: BlockManager, tokens: list[int], gen: torch.Generator) -> lis
     return kv
 
 
+def assert_g1_holds(manager: BlockManager, blocks: list[int], kv: list[torch.Tensor]) -> None:
+    """G1 ``blocks`` of ``manager`` hold ``kv`` (per layer, as :func:`store` returns it), bit
+    for bit."""
+    for got, want in zip(g1_blocks(manager, blocks), kv, strict=True):
+        assert_bits_equal(got, want)
+
+
 def held(manager: BlockManager, tier: Tier) -> int:
     return manager.pool(tier).num_in_use
 
@@ -311,8 +319,7 @@ def test_lookup_reads_the_rest_of_a_prefix_from_a_peer(tmp_path, local_blocks):
             t: n for t, n in expected.items() if n or t is Tier.G1
         }
         assert len(hit.block_ids) == 6 and hit.misses == 0
-        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(here, hit.block_ids, kv)
         hashes = sequence_hashes(tokens, BS)
         assert all(here.pool(Tier.G2).lookup(h) is not None for h in hashes)
         assert let_go(there)
@@ -420,15 +427,6 @@ def count_leases(peer: BlockManager, arrivals: list, delay: float = 0.0) -> None
     served.lease = counted
 
 
-def wait_for_news(here: BlockManager, endpoint: str, tokens: list[int], n: int) -> None:
-    """Wait until ``here`` hears from the peer at ``endpoint`` that it caches ``n`` blocks of
-    ``tokens`` (from the first)."""
-    deadline = time.monotonic() + 5.0
-    while (said := here.peer_prefixes(tokens)[endpoint]) != n:
-        assert time.monotonic() < deadline, (said, n)
-        time.sleep(0.01)
-
-
 @needs_nixl
 def test_only_the_peer_whose_news_has_the_longest_prefix_is_asked(tmp_path):
     gen = torch.Generator().manual_seed(2)
@@ -452,8 +450,7 @@ def test_only_the_peer_whose_news_has_the_longest_prefix_is_asked(tmp_path):
         assert [p for p, _ in arrivals] == [full]
         assert (here.metrics.peer_requests, here.metrics.peer_requests_spared) == (1, 2)
         assert hit.from_tier[Tier.G4] == 5
-        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(here, hit.block_ids, kv)
         assert let_go(full)
         here.free(hit.block_ids)
 
@@ -486,8 +483,7 @@ def test_peers_not_followed_are_asked_at_once(tmp_path):
         hit = here.lookup(tokens)
         assert len(arrivals) == 2 and abs(arrivals[1][1] - arrivals[0][1]) < 0.25
         assert hit.from_tier[Tier.G4] == 5
-        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(here, hit.block_ids, kv)
         for other in (short, full):
             assert let_go(other)
         here.free(hit.block_ids)
@@ -527,8 +523,7 @@ def test_blocks_offloaded_to_a_peer_that_stores_are_served_to_others(tmp_path):
         poison_g1(reader)
         hit = reader.lookup(tokens)
         assert hit.from_tier[Tier.G4] == 5
-        for layer_got, layer_kv in zip(g1_blocks(reader, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(reader, hit.block_ids, kv)
         reader.free(hit.block_ids)
         assert let_go(cache)
 
@@ -568,8 +563,7 @@ def test_a_lookup_asks_the_peer_it_names_whatever_its_news_says(tmp_path):
         poison_g1(decode)
         hit = decode.lookup(tokens, ask_peer=endpoint)
         assert hit.from_tier[Tier.G4] == 3 and decode.metrics.peer_requests == 1
-        for layer_got, layer_kv in zip(g1_blocks(decode, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(decode, hit.block_ids, kv)
         decode.free(hit.block_ids)
 
 
@@ -588,8 +582,7 @@ def test_a_peer_whose_news_cannot_be_heard_is_asked_on_every_miss(tmp_path, capl
         poison_g1(here)
         hit = here.lookup(tokens)
         assert hit.from_tier[Tier.G4] == 3 and here.metrics.peer_requests == 1
-        for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
-            assert_bits_equal(layer_got, layer_kv)
+        assert_g1_holds(here, hit.block_ids, kv)
         here.free(hit.block_ids)
 
 
@@ -707,8 +700,7 @@ def test_a_restarted_peer_is_greeted_again(tmp_path, same_news):
             poison_g1(here)
             hit = here.lookup(tokens)
             assert hit.from_tier[Tier.G4] == 3
-            for layer_got, layer_kv in zip(g1_blocks(here, hit.block_ids), kv, strict=True):
-                assert_bits_equal(layer_got, layer_kv)
+            assert_g1_holds(here, hit.block_ids, kv)
             assert here._peers[endpoint].server == second._server.info.server
             here.free(hit.block_ids)
 

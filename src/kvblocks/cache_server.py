@@ -59,13 +59,8 @@ class CacheStatus:
 
 def cache_config(spec: ModelSpec, tokens_per_block: int, dtype: str, host_gb: float):
     """The config of a cache of ``host_gb`` GiB of G2 for blocks of ``spec``."""
-    return BlockManagerConfig(
-        num_layers=spec.num_layers,
-        num_kv_heads=spec.num_kv_heads,
-        head_dim=spec.head_dim,
-        outer_dim=spec.outer_dim,
-        block_size=tokens_per_block,
-        dtype=dtype,
+    return BlockManagerConfig.from_dims(
+        spec.dims(tokens_per_block, dtype),
         device_blocks=1,
         enable_offload=True,
         host_cache_gb=host_gb,

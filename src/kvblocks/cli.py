@@ -470,14 +470,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.peer_news and args.workers < 2:
         raise InvalidArgumentError("--peer-news", "needs --workers 2 or more: it is about peers")
     with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
-        base = BlockManagerConfig(
-            num_layers=spec.num_layers,
-            num_kv_heads=spec.num_kv_heads,
-            head_dim=spec.head_dim,
-            outer_dim=spec.outer_dim,
-            block_size=size,
-            dtype=args.dtype,
-        )
+        base = BlockManagerConfig.from_dims(spec.dims(size, args.dtype))
         config = dataclasses.replace(
             base,
             device_blocks=g1,
@@ -566,6 +559,18 @@ def _worker_config(config, index: int, workers: int):
     return dataclasses.replace(config, offload_path=folder)
 
 
+def _add_block_arguments(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """The shape of one command's blocks: ``--model`` (or ``--layers``, ``--kv-heads``,
+    ``--head-dim``), ``--outer``, ``--dtype``, ``--tokens-per-block``."""
+    parser.add_argument("--model", help=model_help)
+    parser.add_argument("--layers", type=_positive_int, help="nl, instead of --model")
+    parser.add_argument("--kv-heads", type=_positive_int, help="nh, instead of --model")
+    parser.add_argument("--head-dim", type=_positive_int, help="hd, instead of --model")
+    parser.add_argument("--outer", type=_positive_int, default=2, help="no (default 2)")
+    parser.add_argument("--dtype", default="bf16", help="element type (default bf16)")
+    parser.add_argument("--tokens-per-block", type=_positive_int, default=16, help="default 16")
+
+
 def _add_demo_parser(sub) -> None:
     demo = sub.add_parser(
         "demo",
@@ -575,13 +580,7 @@ def _add_demo_parser(sub) -> None:
         " bytes moved, bandwidth and prefill tokens saved. Tier sizes default to fractions of"
         " what the workload stores.",
     )
-    demo.add_argument("--model", help="model dims (default llama-3.2-1b)")
-    demo.add_argument("--layers", type=_positive_int, help="nl, instead of --model")
-    demo.add_argument("--kv-heads", type=_positive_int, help="nh, instead of --model")
-    demo.add_argument("--head-dim", type=_positive_int, help="hd, instead of --model")
-    demo.add_argument("--outer", type=_positive_int, default=2, help="no (default 2)")
-    demo.add_argument("--dtype", default="bf16", help="element type (default bf16)")
-    demo.add_argument("--tokens-per-block", type=_positive_int, default=16, help="default 16")
+    _add_block_arguments(demo, "model dims (default llama-3.2-1b)")
     demo.add_argument("--conversations", type=_positive_int, default=24, help="default 24")
     demo.add_argument("--turns", type=_positive_int, default=5, help="per conversation (5)")
     demo.add_argument("--system-prompts", type=_positive_int, default=4, help="shared (4)")
@@ -661,13 +660,7 @@ def _add_serve_parser(sub) -> None:
         " endpoint bound, then the news endpoint, on stdout; a status line on stderr every"
         " --status-every seconds. Needs NIXL, pyzmq and msgpack.",
     )
-    serve.add_argument("--model", help="model dims of the blocks (or --layers ...)")
-    serve.add_argument("--layers", type=_positive_int, help="nl, instead of --model")
-    serve.add_argument("--kv-heads", type=_positive_int, help="nh, instead of --model")
-    serve.add_argument("--head-dim", type=_positive_int, help="hd, instead of --model")
-    serve.add_argument("--outer", type=_positive_int, default=2, help="no (default 2)")
-    serve.add_argument("--dtype", default="bf16", help="element type (default bf16)")
-    serve.add_argument("--tokens-per-block", type=_positive_int, default=16, help="default 16")
+    _add_block_arguments(serve, "model dims of the blocks (or --layers ...)")
     serve.add_argument(
         "--host-gb", type=_positive_float, required=True, help="G2 size, GiB of host memory"
     )

@@ -35,9 +35,6 @@ from kvblocks.layout import KvDims, dtype_name
 from kvblocks.pool import BlockManager, Tier
 from kvblocks.remote import load_api
 
-#: Peer counts timed by default.
-PEER_COUNTS = (1, 2, 4, 8)
-
 
 @dataclass(frozen=True)
 class PeersRow:
@@ -98,8 +95,8 @@ def _timed(manager: BlockManager, tokens: list[int], from_peer: int) -> tuple[fl
     return seconds, manager.metrics.peer_requests - before
 
 
-def run(dims_for, tokens_per_block: int, num_blocks: int, peers=PEER_COUNTS, warmup=5, iters=50):
-    """One row per (peer count, case)."""
+def run(dims_for, tokens_per_block: int, num_blocks: int, peers, warmup=5, iters=50):
+    """One row per (peer count of ``peers``, case)."""
     load_api()
     device = torch.cuda.current_device() if torch.cuda.is_available() else 0
     dims: KvDims = dims_for(tokens_per_block)

@@ -63,13 +63,8 @@ def nixl_transfer(name: str, device: int) -> TransferManager:
 
 
 def manager_config(dims: KvDims, num_blocks: int) -> BlockManagerConfig:
-    return BlockManagerConfig(
-        num_layers=dims.nl,
-        num_kv_heads=dims.nh,
-        head_dim=dims.hd,
-        block_size=dims.nt,
-        outer_dim=dims.no,
-        dtype=dims.dtype,
+    return BlockManagerConfig.from_dims(
+        dims,
         device_blocks=num_blocks,
         enable_offload=True,
         host_cache_gb=(num_blocks + 1) * dims.block_bytes / 2**30,

@@ -132,6 +132,20 @@ class BlockManagerConfig:
                 )
 
     @classmethod
+    def from_dims(cls, dims: KvDims, **kwargs) -> BlockManagerConfig:
+        """A config for blocks of ``dims`` (layers, K/V, tokens, heads, head dim, dtype), the
+        other fields from ``kwargs``."""
+        return cls(
+            num_layers=dims.nl,
+            num_kv_heads=dims.nh,
+            head_dim=dims.hd,
+            outer_dim=dims.no,
+            block_size=dims.nt,
+            dtype=dims.dtype,
+            **kwargs,
+        )
+
+    @classmethod
     def from_env(cls, **kwargs) -> BlockManagerConfig:
         """A config whose ``host_cache_gb`` and ``disk_cache_gb`` default to the environment
         (:data:`CPU_CACHE_ENV`, :data:`DISK_CACHE_ENV`); offload is enabled when either is

@@ -1360,23 +1360,13 @@ def _worth_asking(
 def _news_prefixes(peers: list[tuple[str, _Peer]], hashes: list[int]) -> dict[str, int | None]:
     """Per peer, how many of ``hashes`` (from the first) its news says it caches; None where
     unknown."""
-    known: dict[str, int | None] = {}
-    for endpoint, peer in peers:
-        if peer.index is None:
-            known[endpoint] = None
-            continue
-        peer.index.refresh()
-        known[endpoint] = peer.index.prefix(hashes)
-    return known
+    return {e: None if p.index is None else p.index.prefix(hashes) for e, p in peers}
 
 
 def _not_cached_at(peer: _Peer, hashes: list[int]) -> list[int]:
     """The positions of ``hashes`` worth offering to ``peer``: those its news says it does
     not cache (all of them where its news is unknown or not followed)."""
-    lacks = None
-    if peer.index is not None:
-        peer.index.refresh()
-        lacks = peer.index.lacks(hashes)
+    lacks = None if peer.index is None else peer.index.lacks(hashes)
     return [i for i in range(len(hashes)) if lacks is None or lacks[i]]
 
 

@@ -147,25 +147,15 @@ class PeerIndex:
             self.refresh()
 
     def refresh(self) -> None:
-        """Apply the messages received since the last refresh (taking a snapshot where
-        changes were missed)."""
-        zmq = self._zmq
+        """Apply the messages received so far (taking a snapshot where changes were missed);
+        :meth:`prefix` and :meth:`lacks` do it first."""
         with self._lock:
-            while not self._closed:
-                try:
-                    server, seq, payload = self._socket.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    return
-                self._heard = time.monotonic()
-                if server != self._server or payload == _BYE:
-                    self._gone = True
-                elif not self._gone:
-                    self._apply(int.from_bytes(seq, "big"), payload)
+            self._drain()
 
     def prefix(self, hashes: Sequence[int]) -> int | None:
         """How many of ``hashes``, from the first, the peer caches; None when unknown."""
         with self._lock:
-            if not self._known():
+            if not self._current():
                 return None
             n = 0
             for h in hashes:
@@ -177,7 +167,7 @@ class PeerIndex:
     def lacks(self, hashes: Sequence[int]) -> list[bool] | None:
         """Per hash, whether the peer does not cache it; None when unknown."""
         with self._lock:
-            if not self._known():
+            if not self._current():
                 return None
             return [h not in self._hashes for h in hashes]
 
@@ -187,7 +177,22 @@ class PeerIndex:
             self._closed = True
             self._socket.close(0)
 
-    def _known(self) -> bool:
+    def _drain(self) -> None:
+        zmq = self._zmq
+        while not self._closed:
+            try:
+                server, seq, payload = self._socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._heard = time.monotonic()
+            if server != self._server or payload == _BYE:
+                self._gone = True
+            elif not self._gone:
+                self._apply(int.from_bytes(seq, "big"), payload)
+
+    def _current(self) -> bool:
+        """Apply what arrived; whether the index is known then."""
+        self._drain()
         silent = time.monotonic() - self._heard > SILENT_S
         return not (self._closed or self._gone or self._seq is None or silent)
 
