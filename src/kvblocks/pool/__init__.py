@@ -7,6 +7,8 @@
   (:mod:`~kvblocks.pool.sharing`).
 - :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
   :mod:`~kvblocks.pool.publishers`).
+- :class:`KvIndex`: which worker caches which prefix, from their KV events (for routers), fed
+  from the network by :class:`~kvblocks.pool.subscribers.ZmqSubscriber`.
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
@@ -22,6 +24,7 @@ from kvblocks.pool.events import (
     InProcessPublisher,
 )
 from kvblocks.pool.hashing import HASH_KEY, ROOT_HASH, block_hash, root_hash, sequence_hashes
+from kvblocks.pool.kv_index import KvIndex, Overlap, WorkerView
 from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
 from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
@@ -44,12 +47,15 @@ __all__ = [
     "EventPublisher",
     "FrequencyFilter",
     "InProcessPublisher",
+    "KvIndex",
     "OffloadFilter",
+    "Overlap",
     "PoolExhaustedError",
     "PoolMetrics",
     "PrefixHit",
     "Tier",
     "TierOccupancy",
+    "WorkerView",
     "block_hash",
     "prometheus_registry",
     "root_hash",

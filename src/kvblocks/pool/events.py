@@ -15,25 +15,33 @@ KV event batches, so routers that read vLLM's events read ours::
 ``parent_block_hash`` is the hash of the block before the first (None at a sequence's start);
 ``token_ids`` are the tokens of all the listed blocks; ``medium`` is the tier: ``"GPU"``,
 ``"CPU"`` or ``"DISK"``.
+
+:meth:`EventBatch.from_wire` also reads what vLLM sends, so a reader of our events reads an
+engine's: batches and events as maps (``{"ts": .., "events": [{"type": "BlockStored", ..}]}``)
+as well as arrays, fields after ``medium`` (``lora_name``, ``extra_keys``, ...) ignored, block
+hashes as bytes as well as ints, and a missing or None ``medium`` read as ``"GPU"``.
 """
 
 from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from kvblocks.errors import SerializationError
 from kvblocks.pool.tier import Tier
+
+BlockHash = int | bytes
+"""A block's hash as an event names it: ours are ints, some engines send bytes."""
 
 
 @dataclass(frozen=True)
 class BlockStored:
     """Blocks of one chain became cached in ``tier``."""
 
-    block_hashes: tuple[int, ...]
-    parent_block_hash: int | None
+    block_hashes: tuple[BlockHash, ...]
+    parent_block_hash: BlockHash | None
     token_ids: tuple[int, ...]
     block_size: int
     tier: Tier
@@ -55,7 +63,7 @@ class BlockStored:
 class BlockRemoved:
     """Blocks stopped being cached in ``tier``."""
 
-    block_hashes: tuple[int, ...]
+    block_hashes: tuple[BlockHash, ...]
     tier: Tier
 
     def to_wire(self) -> list:
@@ -89,32 +97,64 @@ class EventBatch:
         return wire
 
     @classmethod
-    def from_wire(cls, wire: Sequence) -> EventBatch:
-        """Read a batch back from :meth:`to_wire`'s form.
+    def from_wire(cls, wire: Sequence | Mapping) -> EventBatch:
+        """Read a batch back from :meth:`to_wire`'s form, or from vLLM's (see the module
+        docstring).
 
         Raises:
             SerializationError: it is not a batch of known events.
         """
         try:
-            ts, raw, *rest = wire
+            if isinstance(wire, Mapping):
+                ts, raw, rank = wire["ts"], wire["events"], wire.get("data_parallel_rank")
+            else:
+                ts, raw, *rest = wire
+                rank = rest[0] if rest else None
             events = tuple(_event_from_wire(e) for e in raw)
-            rank = rest[0] if rest else None
             return cls(float(ts), events, rank)
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise SerializationError(f"not a KV event batch: {exc}") from None
 
 
-def _event_from_wire(wire: Sequence) -> KvEvent:
-    tag, *values = wire
-    if tag == "BlockStored":
-        hashes, parent, tokens, block_size, lora_id, medium = values
-        return BlockStored(tuple(hashes), parent, tuple(tokens), block_size, Tier(medium), lora_id)
-    if tag == "BlockRemoved":
-        hashes, medium = values
-        return BlockRemoved(tuple(hashes), Tier(medium))
+#: The fields of each event, in their array order (vLLM's order; later fields are ignored).
+_FIELDS = {
+    "BlockStored": (
+        "block_hashes",
+        "parent_block_hash",
+        "token_ids",
+        "block_size",
+        "lora_id",
+        "medium",
+    ),
+    "BlockRemoved": ("block_hashes", "medium"),
+    "AllBlocksCleared": (),
+}
+
+
+def _event_from_wire(wire: Sequence | Mapping) -> KvEvent:
+    if isinstance(wire, Mapping):
+        tag = wire["type"]
+        values = {name: wire.get(name) for name in _FIELDS[tag]}
+    else:
+        tag, *rest = wire
+        names = _FIELDS[tag]
+        values = dict(zip(names, rest, strict=False))
+        if len(values) < len(names) - 1:  # only medium may be left out
+            raise ValueError(f"{tag} needs {len(names)} fields, got {len(rest)}")
     if tag == "AllBlocksCleared":
         return AllBlocksCleared()
-    raise ValueError(f"unknown event {tag!r}")
+    tier = Tier(values.get("medium") or Tier.G1.medium)
+    hashes = tuple(values["block_hashes"])
+    if tag == "BlockRemoved":
+        return BlockRemoved(hashes, tier)
+    return BlockStored(
+        hashes,
+        values["parent_block_hash"],
+        tuple(values["token_ids"]),
+        int(values["block_size"]),
+        tier,
+        values["lora_id"],
+    )
 
 
 class EventPublisher(ABC):

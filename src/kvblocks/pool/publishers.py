@@ -10,7 +10,12 @@ import asyncio
 import threading
 from collections import deque
 
-from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, TransferError
+from kvblocks.errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    SerializationError,
+    TransferError,
+)
 from kvblocks.pool.events import EventBatch, EventPublisher
 
 #: The seq frame that ends a replay.
@@ -33,8 +38,17 @@ def encode_batch(batch: EventBatch) -> bytes:
 
 
 def decode_batch(payload: bytes) -> EventBatch:
-    """A batch from :func:`encode_batch`'s bytes."""
-    return EventBatch.from_wire(_msgpack().unpackb(payload, raw=False))
+    """A batch from :func:`encode_batch`'s bytes (or from vLLM's).
+
+    Raises:
+        SerializationError: the bytes are not msgpack of a KV event batch.
+    """
+    msgpack = _msgpack()
+    try:
+        wire = msgpack.unpackb(payload, raw=False)
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise SerializationError(f"not a KV event batch: {exc!r}") from None
+    return EventBatch.from_wire(wire)
 
 
 class ZmqPublisher(EventPublisher):
