@@ -5,10 +5,11 @@
 ``kvblocks bench``  kvbench, the permute and the paged-cache benchmarks (needs a GPU).
 ``kvblocks demo``   a multi-turn chat workload through a BlockManager with G1, G2 and G3.
 ``kvblocks serve``  a cache of blocks for other workers (their tier G4), until stopped.
+``kvblocks events`` workers' KV events as JSON lines, and what each worker holds.
 
 Results go to stdout (``--json`` for machines), errors to stderr with exit status 2; file
-arguments are checked before any long work. Ctrl-C ends a command with status 130 (``serve``:
-Ctrl-C or SIGTERM stops it cleanly, with status 0).
+arguments are checked before any long work. Ctrl-C ends a command with status 130 (``serve`` and
+``events``: Ctrl-C or SIGTERM stops them cleanly, with status 0).
 """
 
 from __future__ import annotations
@@ -480,11 +481,7 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             offload_path=args.offload_path or scratch,
             nixl_backend="UCX" if args.workers > 1 else None,
         )
-        publisher = None
-        if args.zmq:
-            from kvblocks.pool.publishers import ZmqPublisher
-
-            publisher = ZmqPublisher(args.zmq)
+        publisher = _zmq_publisher(args)
         log = sys.stderr if args.json else sys.stdout
         with contextlib.ExitStack() as stack:
             managers = [
@@ -610,12 +607,32 @@ def _add_demo_parser(sub) -> None:
         action="store_true",
         help="workers ask a peer only for blocks its news says it caches (add_peer(news=True))",
     )
-    demo.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
+    _add_zmq_arguments(demo)
     demo.add_argument("--no-verify", action="store_true", help="skip checking hit blocks' bytes")
     demo.add_argument("--plot", metavar="PNG", help="draw hit rate and occupancy over time")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
     demo.add_argument("--quiet", action="store_true", help="no header, no progress")
     demo.set_defaults(func=_cmd_demo)
+
+
+def _add_zmq_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
+    parser.add_argument(
+        "--zmq-replay",
+        metavar="ENDPOINT",
+        help="with --zmq, answer replay requests here (tcp://*:5558)",
+    )
+
+
+def _zmq_publisher(args: argparse.Namespace):
+    """The ZMQ publisher ``--zmq`` asks for, or None."""
+    if args.zmq_replay and not args.zmq:
+        raise InvalidArgumentError("--zmq-replay", "needs --zmq")
+    if not args.zmq:
+        return None
+    from kvblocks.pool.publishers import ZmqPublisher
+
+    return ZmqPublisher(args.zmq, replay_endpoint=args.zmq_replay)
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:
@@ -628,10 +645,7 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     }
     publisher = None
     try:
-        if args.zmq:
-            from kvblocks.pool.publishers import ZmqPublisher
-
-            publisher = ZmqPublisher(args.zmq)
+        publisher = _zmq_publisher(args)
         serve_cache(
             config,
             args.endpoint,
@@ -670,7 +684,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument(
         "--news-endpoint", help="where to announce G2's changes (default: a free port)"
     )
-    serve.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
+    _add_zmq_arguments(serve)
     serve.add_argument(
         "--metrics",
         type=_host_port,
@@ -681,6 +695,76 @@ def _add_serve_parser(sub) -> None:
         "--status-every", type=_positive_float, default=10.0, help="seconds (default 10)"
     )
     serve.set_defaults(func=_cmd_serve)
+
+
+def _cmd_events(args: argparse.Namespace) -> None:
+    from kvblocks.event_watch import Followed, watch_events
+
+    replays = args.replay or []
+    if replays and len(replays) != len(args.endpoints):
+        raise InvalidArgumentError(
+            "--replay",
+            f"give one per endpoint, in the same order ({len(args.endpoints)}), or none;"
+            f" got {len(replays)}",
+        )
+    if len(set(args.endpoints)) != len(args.endpoints):
+        raise InvalidArgumentError("ENDPOINT", "names a worker twice")
+    followed = [
+        Followed(e, e, replays[i] if replays else None) for i, e in enumerate(args.endpoints)
+    ]
+    stop = threading.Event()
+    previous = {
+        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        watch_events(
+            followed,
+            stop,
+            out=sys.stdout,
+            log=sys.stderr,
+            topic=args.topic,
+            count=args.count,
+            seconds=args.seconds,
+            tokens=args.tokens,
+            status_every=args.status_every,
+        )
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _add_events_parser(sub) -> None:
+    events = sub.add_parser(
+        "events",
+        help="workers' KV events as JSON lines, until Ctrl-C or SIGTERM",
+        description="Follow the KV events of workers that publish them over ZMQ (kvblocks"
+        " --zmq, or vLLM's --kv-events-config) and print one JSON object per event on stdout,"
+        " in each worker's order. With a worker's replay endpoint, the events it sent before"
+        " are printed first and gaps are filled; events no replay brings back print as"
+        ' {"type": "Lost"}. Needs pyzmq and msgpack.',
+    )
+    events.add_argument(
+        "endpoints", nargs="+", metavar="ENDPOINT", help="a worker's events (tcp://host:5557)"
+    )
+    events.add_argument(
+        "--replay",
+        action="append",
+        metavar="ENDPOINT",
+        help="a worker's replay endpoint; once per ENDPOINT, in the same order",
+    )
+    events.add_argument(
+        "--topic", default="kv-events", help="the workers' topic (default kv-events; vLLM: '')"
+    )
+    events.add_argument("--count", type=_positive_int, help="stop after this many events")
+    events.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")
+    events.add_argument("--tokens", action="store_true", help="print stored blocks' token ids")
+    events.add_argument(
+        "--status-every",
+        type=_positive_float,
+        metavar="S",
+        help="every S seconds, and at the end, a line per worker on stderr: blocks per tier",
+    )
+    events.set_defaults(func=_cmd_events)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -730,6 +814,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.set_defaults(func=_cmd_models)
     _add_bench_parser(sub)
     _add_serve_parser(sub)
+    _add_events_parser(sub)
     _add_demo_parser(sub)
     return parser
 

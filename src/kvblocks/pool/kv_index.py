@@ -47,11 +47,8 @@ from kvblocks.pool.tier import Tier
 #: The tiers a worker's events name, fastest first, each with its bit in a block's tier mask.
 _TIERS = (Tier.G1, Tier.G2, Tier.G3)
 _BIT = {tier: 1 << i for i, tier in enumerate(_TIERS)}
-
-
-def _fastest(mask: int) -> Tier:
-    """The fastest tier in a non-empty tier mask."""
-    return _TIERS[(mask & -mask).bit_length() - 1]
+#: The position in ``_TIERS`` of the fastest tier of each non-empty mask (lowest bit set).
+_FASTEST = tuple((mask & -mask).bit_length() - 1 for mask in range(1 << len(_TIERS)))
 
 
 @dataclass(frozen=True)
@@ -171,7 +168,8 @@ class KvIndex:
         """:meth:`overlaps` for a prompt's block keys computed elsewhere (its sequence
         hashes, or in the default mode the hashes its engine names in events)."""
         with self._lock:
-            counts = {w: dict.fromkeys(_TIERS, 0) for w in self._workers}
+            counts = {w: [0] * len(_TIERS) for w in self._workers}
+            masks = {w: e.masks for w, e in self._workers.items()}
             matching: set[str] | None = None
             for key in keys:
                 holders = self._holders.get(key)
@@ -181,9 +179,9 @@ class KvIndex:
                 if not matching:
                     break
                 for w in matching:
-                    counts[w][_fastest(self._workers[w].masks[key])] += 1
+                    counts[w][_FASTEST[masks[w][key]]] += 1
         overlaps = [
-            Overlap(w, sum(c.values()), {t: n for t, n in c.items() if n})
+            Overlap(w, sum(c), {t: n for t, n in zip(_TIERS, c, strict=True) if n})
             for w, c in counts.items()
         ]
         overlaps.sort(key=lambda o: (-o.blocks, *(-o.by_tier.get(t, 0) for t in _TIERS), o.worker))
