@@ -85,6 +85,52 @@ def test_demo_with_two_workers_hits_the_other_ones_blocks(capsys, tmp_path, news
     assert plot.stat().st_size > 10_000
 
 
+@pytest.mark.skipif(
+    not nixl_available() or importlib.util.find_spec("zmq") is None,
+    reason="workers share blocks through NIXL and ZMQ",
+)
+def test_prefix_routing_keeps_conversations_where_their_blocks_are(capsys):
+    """Three workers: routed by their KV events, requests find more of their prefixes
+    locally (fewer G4 hits, more G1 hits, more prefill saved) and the workers share the load."""
+    args = ["demo", *SMALL, "--workers", "3", "--g1-blocks", "80", "--g2-blocks", "60"]
+    results = {}
+    for route in ("round-robin", "prefix"):
+        assert main([*args, "--route", route, "--json", "--quiet"]) == 0
+        results[route] = json.loads(capsys.readouterr().out)
+    plain, routed = results["round-robin"], results["prefix"]
+    assert routed["hits"]["G4"] < plain["hits"]["G4"] / 2
+    assert routed["hits"]["G1"] > plain["hits"]["G1"]
+    assert routed["saved_tokens"] > plain["saved_tokens"]
+    assert routed["verified_blocks"] == sum(routed["hits"].values())
+    assert plain["worker_requests"] == [6, 6, 6]
+    assert sum(routed["worker_requests"]) == 18 and min(routed["worker_requests"]) >= 3
+
+
+def test_prefix_router_picks_the_longest_prefix_then_the_faster_tier_then_the_idler():
+    from kvblocks.demo import PrefixRouter
+    from kvblocks.pool import BlockStored, EventBatch, KvIndex, Tier, sequence_hashes
+
+    index = KvIndex(4)
+    router = PrefixRouter(index, 3)
+    name = router.worker_name
+    prompt = list(range(16))
+    hashes = tuple(sequence_hashes(prompt, 4))
+
+    def stored(worker, n, tier):
+        event = BlockStored(hashes[:n], None, tuple(prompt[: 4 * n]), 4, tier)
+        index.apply(name(worker), EventBatch(0.0, (event,)))
+
+    assert [router.pick([7] * 8) for _ in range(4)] == [0, 1, 2, 0]  # nothing cached: idlest
+    stored(1, 2, Tier.G2)
+    stored(2, 2, Tier.G1)
+    assert router.pick(prompt) == 2  # as long, in a faster tier
+    stored(0, 3, Tier.G3)
+    assert router.sent == [2, 1, 2]
+    assert router.pick(prompt) == 1  # 1 block more on worker 0 is not worth 4 of balance
+    stored(0, 4, Tier.G3)
+    assert router.pick(prompt) == 0  # loads equal again: the longest prefix
+
+
 def test_demo_writes_fewer_blocks_to_disk_with_a_disk_filter(capsys):
     args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
     written = []
@@ -113,6 +159,7 @@ def test_demo_prints_a_summary_and_progress(capsys):
         (["--workers", "2", "--g2-blocks", "0", "--g3-blocks", "0"], "--workers"),
         (["--disk-min-uses", "2", "--g3-blocks", "0"], "--disk-min-uses"),
         (["--peer-news"], "--peer-news"),
+        (["--route", "prefix"], "--route"),
     ],
 )
 def test_demo_rejects_bad_sizes(capsys, args, named):

@@ -438,8 +438,8 @@ _BENCH_DEFAULTS = {
 def _cmd_demo(args: argparse.Namespace) -> None:
     import tempfile
 
-    from kvblocks.demo import ChatWorkload, plot_demo, progress_bar, run_demo
-    from kvblocks.pool import BlockManager, BlockManagerConfig, FrequencyFilter, Tier
+    from kvblocks.demo import ChatWorkload, PrefixRouter, plot_demo, progress_bar, run_demo
+    from kvblocks.pool import BlockManager, BlockManagerConfig, FrequencyFilter, KvIndex, Tier
 
     _check_plot(args.plot)
     if args.model is None and args.layers is None:
@@ -470,6 +470,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
         raise InvalidArgumentError("--workers", "needs --g2-blocks > 0: workers share G2 blocks")
     if args.peer_news and args.workers < 2:
         raise InvalidArgumentError("--peer-news", "needs --workers 2 or more: it is about peers")
+    if args.route == "prefix" and args.workers < 2:
+        raise InvalidArgumentError("--route", "prefix needs --workers 2 or more to choose from")
     with tempfile.TemporaryDirectory(prefix="kvblocks-demo-") as scratch:
         base = BlockManagerConfig.from_dims(spec.dims(size, args.dtype))
         config = dataclasses.replace(
@@ -482,13 +484,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             nixl_backend="UCX" if args.workers > 1 else None,
         )
         publisher = _zmq_publisher(args)
+        router = None
+        publishers = [publisher] * args.workers
+        if args.route == "prefix":
+            router = PrefixRouter(KvIndex(size), args.workers)
+            publishers = [_indexing_publisher(router, i, publisher) for i in range(args.workers)]
         log = sys.stderr if args.json else sys.stdout
         with contextlib.ExitStack() as stack:
             managers = [
                 stack.enter_context(
                     BlockManager(
                         _worker_config(config, i, args.workers),
-                        publisher=publisher,
+                        publisher=publishers[i],
                         disk_filter=(
                             FrequencyFilter(args.disk_min_uses) if args.disk_min_uses > 1 else None
                         ),
@@ -516,7 +523,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                 if args.workers > 1:
                     print(
                         f"{args.workers} workers, each with the tiers below, peers of each other"
-                        f" (G4); request i goes to worker i mod {args.workers}",
+                        f" (G4); "
+                        + (
+                            "each request goes to the worker whose KV events say it caches"
+                            " most of its prompt"
+                            if router
+                            else f"request i goes to worker i mod {args.workers}"
+                        ),
                         file=log,
                     )
                 for tier in manager.tiers:
@@ -534,7 +547,9 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                         file=log,
                     )
             progress = None if args.quiet else progress_bar()
-            result = run_demo(managers, workload, progress, verify=not args.no_verify)
+            result = run_demo(
+                managers, workload, progress, verify=not args.no_verify, router=router
+            )
         if publisher is not None:
             publisher.close()
     if args.json:
@@ -545,6 +560,18 @@ def _cmd_demo(args: argparse.Namespace) -> None:
     if args.plot:
         plot_demo(result, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def _indexing_publisher(router, i: int, then):
+    """Worker ``i`` 's publisher: its events go to the router's index, and to ``then``."""
+    from kvblocks.pool import InProcessPublisher
+
+    publisher = InProcessPublisher()
+    name = router.worker_name(i)
+    publisher.subscribe(lambda batch: router.index.apply(name, batch))
+    if then is not None:
+        publisher.subscribe(then.publish)
+    return publisher
 
 
 def _worker_config(config, index: int, workers: int):
@@ -601,6 +628,13 @@ def _add_demo_parser(sub) -> None:
         type=_positive_int,
         default=1,
         help="workers that share G2 blocks through NIXL (G4); request i goes to worker i mod N",
+    )
+    demo.add_argument(
+        "--route",
+        choices=("round-robin", "prefix"),
+        default="round-robin",
+        help="with --workers: request i to worker i mod N (default), or each request to the"
+        " worker whose KV events say it caches most of its prompt",
     )
     demo.add_argument(
         "--peer-news",

@@ -8,7 +8,9 @@ hash, every block a lookup returns is checked against what was computed for it.
 
 With several workers (BlockManagers that are each other's peers), request ``i`` goes to worker
 ``i mod n``, as a router that knows nothing of caches would send it: a conversation's earlier
-turns are then on another worker, and come back as G4 hits.
+turns are then on another worker, and come back as G4 hits. A :class:`PrefixRouter` sends each
+request to the worker that caches most of its prompt instead, as the workers' KV events told a
+:class:`~kvblocks.pool.KvIndex`.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import torch
 from kvblocks.benchmarks.plot import pyplot
 from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
-from kvblocks.pool import BlockManager, PrefixHit, Tier, sequence_hashes
+from kvblocks.pool import BlockManager, KvIndex, PrefixHit, Tier, sequence_hashes
 
 #: Token ids are drawn from [0, VOCAB).
 VOCAB = 32_000
@@ -132,6 +134,8 @@ class DemoResult:
     hits: dict[str, int] = field(default_factory=dict)
     moved: list[Moved] = field(default_factory=list)
     verified_blocks: int = 0
+    worker_requests: list[int] = field(default_factory=list)
+    """Requests each worker served."""
     peer_requests: int = 0
     """Lease requests sent to peers on local misses (several workers)."""
     peer_requests_spared: int = 0
@@ -153,6 +157,10 @@ class DemoResult:
             f"prefill tokens saved: {self.saved_tokens:,} of {self.prompt_tokens:,}"
             f" ({100 * self.saved_tokens / max(self.prompt_tokens, 1):.1f}%)",
         ]
+        if len(self.worker_requests) > 1:
+            lines.append(
+                "requests per worker: " + ", ".join(f"{n:,}" for n in self.worker_requests)
+            )
         if self.peer_requests or self.peer_requests_spared:
             lines.append(
                 f"peer requests: {self.peer_requests:,} sent,"
@@ -169,6 +177,44 @@ class DemoResult:
             f" {self.requests} requests in {self.seconds:.2f} s"
         )
         return lines
+
+
+class PrefixRouter:
+    """Sends each prompt to the worker with the least prefill to do, as ``index`` knows from
+    the workers' KV events: the prompt's blocks it does not cache, plus ``balance`` blocks for
+    each request it was sent beyond the idlest worker (so that a popular prefix does not load
+    one worker alone). Among equals: more of the prompt in G1, then G2, then the idler worker.
+
+    Args:
+        index: fed the KV events of worker ``i`` under the name ``worker_name(i)``.
+        workers: how many workers there are.
+        balance: blocks of prefill one request of imbalance is worth.
+    """
+
+    def __init__(self, index: KvIndex, workers: int, balance: float = 4.0) -> None:
+        self.index = index
+        self.sent = [0] * positive_int(workers, "workers")
+        self.balance = balance
+
+    @staticmethod
+    def worker_name(i: int) -> str:
+        return f"worker-{i}"
+
+    def pick(self, prompt: Sequence[int]) -> int:
+        """The worker ``prompt`` goes to."""
+        cached = {o.worker: o for o in self.index.overlaps(prompt)}
+        idlest = min(self.sent)
+
+        def cost(i: int) -> tuple:
+            o = cached.get(self.worker_name(i))
+            blocks = o.blocks if o else 0
+            g1, g2 = (o.by_tier.get(Tier.G1, 0), o.by_tier.get(Tier.G2, 0)) if o else (0, 0)
+            extra = self.balance * (self.sent[i] - idlest)
+            return (-blocks + extra, -g1, -g2, self.sent[i], i)
+
+        best = min(range(len(self.sent)), key=cost)
+        self.sent[best] += 1
+        return best
 
 
 def _tokens(rng: random.Random, n: int) -> list[int]:
@@ -225,9 +271,10 @@ def run_demo(
     workload: ChatWorkload,
     progress: Callable[[int, int], None] | None = None,
     verify: bool = True,
+    router: PrefixRouter | None = None,
 ) -> DemoResult:
     """Replay ``workload`` through ``managers`` (one per worker; request ``i`` goes to
-    ``managers[i % len(managers)]``).
+    ``managers[i % len(managers)]``, or where ``router`` picks).
 
     Raises:
         KvBlocksError: a hit block did not hold what was computed for it, or G1 cannot hold
@@ -237,12 +284,14 @@ def run_demo(
     tiers = [*managers[0].tiers, *([Tier.G4] if managers[0].peers else [])]
     turns = workload.requests()
     history: dict[int, list[int]] = {}
-    result = DemoResult()
+    result = DemoResult(worker_requests=[0] * len(managers))
     hits: Counter[Tier] = Counter()
     start = time.perf_counter()
     for i, turn in enumerate(turns):
-        manager = managers[i % len(managers)]
         prompt = history.get(turn.conversation, []) + turn.system + turn.user
+        worker = router.pick(prompt) if router else i % len(managers)
+        manager = managers[worker]
+        result.worker_requests[worker] += 1
         hit = manager.lookup(prompt)
         if verify:
             _verify(manager, hit)
