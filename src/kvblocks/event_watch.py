@@ -66,7 +66,7 @@ def event_lines(worker: str, batch: EventBatch, tokens: bool) -> list[dict]:
     return lines
 
 
-class _Queue:
+class _QueueSink:
     """The subscriber's sink: hands batches and losses to the printing thread, and counts
     them into an index once the first stored event gives the block size."""
 
@@ -120,7 +120,7 @@ def watch_events(
     Raises:
         InvalidArgumentError: a worker is named twice, or an endpoint is not one.
     """
-    sink = _Queue()
+    sink = _QueueSink()
     printed = 0
     start = time.monotonic()
     next_status = start + status_every if status_every else None

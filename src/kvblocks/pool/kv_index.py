@@ -92,7 +92,7 @@ class WorkerView:
 class _Worker:
     """One worker's blocks: key -> tier mask, and (rehash mode) its hashes' keys."""
 
-    masks: dict[int | BlockHash, int] = field(default_factory=dict)
+    masks: dict[BlockHash, int] = field(default_factory=dict)
     key_of: dict[BlockHash, int] = field(default_factory=dict)
     counts: dict[Tier, int] = field(default_factory=lambda: dict.fromkeys(_TIERS, 0))
     batches: int = 0
@@ -117,7 +117,7 @@ class KvIndex:
         self.rehash = rehash
         self._lock = threading.Lock()
         self._workers: dict[str, _Worker] = {}
-        self._holders: dict[int | BlockHash, set[str]] = {}
+        self._holders: dict[BlockHash, set[str]] = {}
 
     # Updates ------------------------------------------------------------------------------------
 
@@ -164,7 +164,7 @@ class KvIndex:
         """
         return self.overlaps_of(sequence_hashes(token_ids, self.block_size, salt=salt))
 
-    def overlaps_of(self, keys: Sequence[int | BlockHash]) -> list[Overlap]:
+    def overlaps_of(self, keys: Sequence[BlockHash]) -> list[Overlap]:
         """:meth:`overlaps` for a prompt's block keys computed elsewhere (its sequence
         hashes, or in the default mode the hashes its engine names in events)."""
         with self._lock:
