@@ -170,7 +170,12 @@ def test_peers_suite_runs_small():
 def test_pool_suite_runs_on_the_cpu(capsys):
     rows = pool.run(block_size=4, sequence_blocks=50, batch=8, repeats=3)
     assert [r.operation for r in rows][0] == "allocate+free (batch 8)"
-    assert all(r.blocks_per_second > 0 for r in rows)
+    assert [r.operation for r in rows][-3:] == [
+        "KvIndex.apply",
+        "KvIndex.overlaps_of (1 worker)",
+        "KvIndex.overlaps_of (8 workers)",
+    ]
+    assert all(r.blocks_per_second > 0 and r.blocks == 50 for r in rows[1:])
 
 
 def _bench_module(name: str):

@@ -1,4 +1,6 @@
-"""BlockPool speed on the CPU: allocation, registration, prefix lookup, hashing.
+"""BlockPool speed on the CPU: allocation, registration, prefix lookup, hashing; and the
+KvIndex a router keeps: applying stored blocks, and the overlaps of a prompt with 1 and 8
+workers that cache it (beside the pool's own prefix match of the same blocks).
 
 Each operation is repeated and its median wall time reported, with the blocks per second that
 makes. Runs anywhere (no GPU).
@@ -11,7 +13,7 @@ import time
 from dataclasses import dataclass
 
 from kvblocks.benchmarks.timing import progress
-from kvblocks.pool import BlockPool, sequence_hashes
+from kvblocks.pool import BlockPool, BlockStored, EventBatch, KvIndex, Tier, sequence_hashes
 
 
 @dataclass(frozen=True)
@@ -36,7 +38,7 @@ def run(block_size: int = 16, sequence_blocks: int = 1000, batch: int = 64, repe
     """Rows for: allocate+free of ``batch`` blocks, register of ``sequence_blocks`` blocks,
     match / acquire+free of their prefix, and hashing their tokens."""
     rows = []
-    steps = 5
+    steps = 7
 
     progress(1, steps, f"allocate + free, batches of {batch}")
     pool = BlockPool(16 * 1024, block_size)
@@ -107,4 +109,36 @@ def run(block_size: int = 16, sequence_blocks: int = 1000, batch: int = 64, repe
             "match+acquire+free", sequence_blocks, round(us, 1), round(sequence_blocks / us * 1e6)
         )
     )
+
+    progress(6, steps, f"index {sequence_blocks} stored blocks, {batch} per event")
+    events = [
+        EventBatch(0.0, (BlockStored(tuple(hashes[i : i + batch]), None, (), block_size, Tier.G1),))
+        for i in range(0, sequence_blocks, batch)
+    ]
+
+    def index_all():
+        index = KvIndex(block_size)
+        for e in events:
+            index.apply("w0", e)
+
+    us = _median_us(index_all, max(10, repeats // 10))
+    rows.append(
+        PoolRow("KvIndex.apply", sequence_blocks, round(us, 1), round(sequence_blocks / us * 1e6))
+    )
+
+    progress(7, steps, f"overlaps of a {sequence_blocks}-block prompt, 1 and 8 workers")
+    index = KvIndex(block_size)
+    for worker in range(8):
+        for e in events:
+            index.apply(f"w{worker}", e)
+        if worker in (0, 7):
+            us = _median_us(lambda: index.overlaps_of(hashes), repeats)
+            rows.append(
+                PoolRow(
+                    f"KvIndex.overlaps_of ({worker + 1} worker{'s' if worker else ''})",
+                    sequence_blocks,
+                    round(us, 1),
+                    round(sequence_blocks / us * 1e6),
+                )
+            )
     return rows
