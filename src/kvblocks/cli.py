@@ -669,33 +669,43 @@ def _zmq_publisher(args: argparse.Namespace):
     return ZmqPublisher(args.zmq, replay_endpoint=args.zmq_replay)
 
 
-def _cmd_serve(args: argparse.Namespace) -> None:
-    from kvblocks.cache_server import cache_config, serve_cache
-
-    config = cache_config(_model_from_args(args), args.tokens_per_block, args.dtype, args.host_gb)
+@contextlib.contextmanager
+def _stopped_by_signals():
+    """An event that Ctrl-C or SIGTERM sets while the block runs (the handlers before are put
+    back after), for commands that stop cleanly."""
     stop = threading.Event()
     previous = {
         sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
     }
-    publisher = None
     try:
-        publisher = _zmq_publisher(args)
-        serve_cache(
-            config,
-            args.endpoint,
-            stop,
-            news_endpoint=args.news_endpoint,
-            publisher=publisher,
-            metrics=args.metrics,
-            status_every=args.status_every,
-            out=sys.stdout,
-            log=sys.stderr,
-        )
+        yield stop
     finally:
-        if publisher is not None:
-            publisher.close()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    from kvblocks.cache_server import cache_config, serve_cache
+
+    config = cache_config(_model_from_args(args), args.tokens_per_block, args.dtype, args.host_gb)
+    publisher = None
+    with _stopped_by_signals() as stop:
+        try:
+            publisher = _zmq_publisher(args)
+            serve_cache(
+                config,
+                args.endpoint,
+                stop,
+                news_endpoint=args.news_endpoint,
+                publisher=publisher,
+                metrics=args.metrics,
+                status_every=args.status_every,
+                out=sys.stdout,
+                log=sys.stderr,
+            )
+        finally:
+            if publisher is not None:
+                publisher.close()
 
 
 def _add_serve_parser(sub) -> None:
@@ -746,11 +756,7 @@ def _cmd_events(args: argparse.Namespace) -> None:
     followed = [
         Followed(e, e, replays[i] if replays else None) for i, e in enumerate(args.endpoints)
     ]
-    stop = threading.Event()
-    previous = {
-        sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGINT, signal.SIGTERM)
-    }
-    try:
+    with _stopped_by_signals() as stop:
         watch_events(
             followed,
             stop,
@@ -762,9 +768,6 @@ def _cmd_events(args: argparse.Namespace) -> None:
             tokens=args.tokens,
             status_every=args.status_every,
         )
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def _add_events_parser(sub) -> None:
