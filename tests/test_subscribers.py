@@ -30,10 +30,11 @@ from tests.test_manager import BS, make_config, store  # noqa: E402
 TOPIC = b"kv-events"
 
 
-def batch_of(seq: int) -> EventBatch:
-    """A batch that says which seq it was sent as (in its ts)."""
+def batch_of(seq: int, restarted: bool = False) -> EventBatch:
+    """A batch that says which seq it was sent as (in its ts, + 0.5 once the worker
+    restarted, so that its payload differs from the first life's batch of that seq)."""
     stored = BlockStored((seq + 1,), None, tuple(range(BS)), BS, Tier.G1)
-    return EventBatch(float(seq), (stored,))
+    return EventBatch(seq + 0.5 * restarted, (stored,))
 
 
 class FakeWorker:
@@ -49,13 +50,16 @@ class FakeWorker:
         self.replay_endpoint = f"tcp://127.0.0.1:{port}"
         self.kept: list[tuple[int, bytes]] = []
         self.replays: list[int] = []  # start seqs asked for
+        self.replay_delay = 0.0  # seconds before a replay is answered
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
-    def send(self, seq: int, payload: bytes | None = None, publish=True, keep=True) -> None:
-        payload = encode_batch(batch_of(seq)) if payload is None else payload
+    def send(
+        self, seq: int, payload: bytes | None = None, publish=True, keep=True, restarted=False
+    ) -> None:
+        payload = encode_batch(batch_of(seq, restarted)) if payload is None else payload
         with self.lock:
             if keep:
                 self.kept.append((seq, payload))
@@ -68,6 +72,7 @@ class FakeWorker:
                 continue
             client, _, start = self.router.recv_multipart()
             first = int.from_bytes(start, "big")
+            time.sleep(self.replay_delay)
             with self.lock:
                 self.replays.append(first)
                 kept = [(s, p) for s, p in self.kept if s >= first]
@@ -111,6 +116,20 @@ def worker():
     fake = FakeWorker()
     yield fake
     fake.close()
+
+
+def hear_first(worker: FakeWorker, recorder: Recorder) -> int:
+    """Send batches 0, 1, ... until a subscriber without replay hears one (a SUB socket joins
+    late); return the seq of the first it heard, the last one sent."""
+    seq = 0
+    while True:
+        worker.send(seq)
+        time.sleep(0.02)
+        with recorder.cond:
+            if recorder.items:
+                assert recorder.items == [("batch", "w", seq)]
+                return seq
+        seq += 1
 
 
 def wait_until(condition, timeout=10.0):
@@ -228,25 +247,93 @@ def test_without_replay_a_gap_is_lost_and_a_bad_payload_too(worker):
     recorder = Recorder()
     with ZmqSubscriber(recorder) as subscriber:
         subscriber.follow("w", worker.endpoint)
-        while not recorder.items:  # a SUB socket joins late: resend until it hears
-            worker.send(0)
-            time.sleep(0.02)
-        worker.send(1)
-        worker.send(2, publish=False)
-        worker.send(3)
-        worker.send(4, payload=b"\x93 not msgpack of a batch")
-        worker.send(5)
+        first = hear_first(worker, recorder)
+        worker.send(first + 1)
+        worker.send(first + 2, publish=False)
+        worker.send(first + 3)
+        worker.send(first + 4, payload=b"\x93 not msgpack of a batch")
+        worker.send(first + 5)
         items = recorder.wait_for(6)
         assert items == [
-            ("batch", "w", 0),
-            ("batch", "w", 1),
+            ("batch", "w", first),
+            ("batch", "w", first + 1),
             ("lost", "w"),
-            ("batch", "w", 3),
+            ("batch", "w", first + 3),
             ("lost", "w"),
-            ("batch", "w", 5),
+            ("batch", "w", first + 5),
         ]
         (state,) = subscriber.states()
         assert state.lost == 2 and state.bad == 1 and state.replay_endpoint is None
+
+
+def test_batches_both_replayed_and_heard_are_delivered_once(worker):
+    """Batches sent while the replay is answered reach the subscriber twice: through the
+    replay and through the SUB socket. The repeats are not taken for a worker starting over."""
+    recorder = Recorder()
+    worker.replay_delay = 0.3
+    for seq in range(3):
+        worker.send(seq)
+    sender = threading.Timer(0.1, lambda: [worker.send(seq) for seq in range(3, 6)])
+    sender.start()
+    with ZmqSubscriber(recorder, check_every=5) as subscriber:
+        subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
+        sender.join()
+        worker.send(6)
+        items = recorder.wait_for(7)
+        time.sleep(0.2)
+        assert recorder.items == items == [("batch", "w", seq) for seq in range(7)]
+        assert subscriber.states()[0].replayed == 6
+
+
+@pytest.mark.parametrize("heard_since_replay", [True, False])
+def test_a_worker_that_starts_over_is_read_from_its_first_batch_again(worker, heard_since_replay):
+    """A restarted worker counts from 0 again and keeps only its new batches: what came
+    before is lost once, and the new batches are delivered from 0 on, the ones the SUB socket
+    missed through the replay. So also when the batches it repeats came through a replay."""
+    recorder = Recorder()
+    with ZmqSubscriber(recorder, check_every=0.3) as subscriber:
+        for seq in range(5):
+            worker.send(seq)
+        subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
+        if heard_since_replay:
+            for seq in range(5, 8):
+                worker.send(seq)
+        heard = recorder.wait_for(8 if heard_since_replay else 5)
+        time.sleep(0.5)  # a silence check or two
+        with worker.lock:
+            worker.kept.clear()
+        worker.send(0, publish=False, restarted=True)
+        worker.send(1, restarted=True)
+        worker.send(2, restarted=True)
+        items = recorder.wait_for(len(heard) + 4)
+        assert items[len(heard) :] == [
+            ("lost", "w"),
+            ("batch", "w", 0),
+            ("batch", "w", 1),
+            ("batch", "w", 2),
+        ]
+        time.sleep(0.5)  # a silence check asks from the new count, and finds nothing missing
+        assert recorder.items == items
+        (state,) = subscriber.states()
+        assert state.next_seq == 3 and state.lost == 1 and state.batches == len(heard) + 3
+
+
+def test_without_replay_a_worker_that_starts_over_is_read_from_where_it_is(worker):
+    recorder = Recorder()
+    with ZmqSubscriber(recorder) as subscriber:
+        subscriber.follow("w", worker.endpoint)
+        first = hear_first(worker, recorder)
+        worker.send(first + 1)
+        worker.send(first, restarted=True)  # started over; its batches before were not heard
+        worker.send(first + 1, restarted=True)
+        items = recorder.wait_for(5)
+        assert items == [
+            ("batch", "w", first),
+            ("batch", "w", first + 1),
+            ("lost", "w"),
+            ("batch", "w", first),
+            ("batch", "w", first + 1),
+        ]
 
 
 def test_a_replay_endpoint_that_never_answers_times_out(worker, monkeypatch):

@@ -13,6 +13,10 @@ there, then ``seq = -1``) the subscriber
 - asks again after :data:`CHECK_S` seconds without a message, so that a dropped *last* batch is
   found too.
 
+A worker that starts over (a restarted process counts its batches from 0 again) is found by a
+``seq`` that goes back where no replay can explain it: what came before is lost (the restarted
+worker's cache is new too), and the new batches are read from the start.
+
 Batches that no replay brings back (no replay endpoint, or the publisher no longer keeps them)
 are *lost*: :meth:`EventSink.lost` is told, and a :class:`~kvblocks.pool.kv_index.KvIndex`
 forgets the worker's blocks until new events say. Needs the ``events`` extra.
@@ -24,7 +28,7 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, SerializationError
@@ -85,7 +89,10 @@ class _Follow:
     """One followed worker, owned by the subscriber's thread.
 
     While a replay runs (``dealer`` set) the SUB socket is not read: its messages wait in it,
-    and the one that showed a gap waits in ``held``.
+    and the one that showed a gap waits in ``held``. The SUB socket may then repeat batches a
+    replay delivered, until it brings a new one: ``echoes`` keeps a digest of each replayed
+    payload by seq till then. A ``seq`` that goes back with another payload means the worker
+    started over.
     """
 
     worker: str
@@ -97,6 +104,7 @@ class _Follow:
     dealer: object | None = None
     deadline: float = 0.0
     held: tuple[int, bytes] | None = None
+    echoes: dict[int, int] = field(default_factory=dict)
     waiter: queue.Queue | None = None
     batches: int = 0
     replayed: int = 0
@@ -314,6 +322,11 @@ class ZmqSubscriber:
             seq, payload = int.from_bytes(frames[1], "big"), frames[2]
             if follow.next_seq is None:
                 follow.next_seq = seq
+            if seq < follow.next_seq:
+                if follow.echoes.get(seq) == hash(payload):
+                    continue
+                self._started_over(follow, seq)
+            follow.echoes.clear()  # the SUB socket brought a new batch: no repeats after it
             if seq > follow.next_seq and follow.replay_endpoint is not None:
                 follow.held = (seq, payload)
                 self._begin_replay(follow)
@@ -339,6 +352,16 @@ class ZmqSubscriber:
         follow.dealer = dealer
         follow.deadline = time.monotonic() + REPLAY_TIMEOUT_S
 
+    def _started_over(self, follow: _Follow, seq: int) -> None:
+        """``follow`` 's worker sent ``seq`` after batches up to ``next_seq - 1``: it started
+        over. What it had is lost; its new batches are read from 0 (from ``seq`` without a
+        replay endpoint)."""
+        log.warning(
+            "%s started over: batch %d came after %d", follow.worker, seq, follow.next_seq - 1
+        )
+        self._lose(follow)
+        follow.next_seq = 0 if follow.replay_endpoint is not None else seq
+
     def _read_replay(self, follow: _Follow) -> None:
         zmq = self._zmq
         while follow.dealer is not None:
@@ -352,7 +375,8 @@ class ZmqSubscriber:
             seq = int.from_bytes(frames[1], "big", signed=True)
             if seq == REPLAY_END:
                 self._end_replay(follow)
-            else:
+            elif seq >= follow.next_seq:
+                follow.echoes[seq] = hash(frames[2])
                 self._take(follow, seq, frames[2], replayed=True)
 
     def _end_replay(self, follow: _Follow) -> None:
