@@ -1,4 +1,8 @@
 import os
+import shutil
+import socket
+import subprocess
+import time
 
 import torch
 
@@ -24,3 +28,38 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def start_nats_server(port: int) -> subprocess.Popen:
+    """A nats-server on 127.0.0.1:``port``, once it takes connections (skips without
+    nats-server or nats-py)."""
+    binary = shutil.which("nats-server")
+    if binary is None:
+        pytest.skip("nats-server is not installed")
+    pytest.importorskip("nats")
+    server = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return server
+        except OSError:
+            time.sleep(0.05)
+    server.kill()
+    raise RuntimeError(f"nats-server did not listen on port {port}")
+
+
+@pytest.fixture
+def nats_server():
+    """The URL of a NATS server of its own."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = start_nats_server(port)
+    yield f"nats://127.0.0.1:{port}"
+    server.terminate()
+    server.wait()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import socket
 
 import torch
 
@@ -78,3 +79,10 @@ def scattered(count: int, shape, dtype, where: str, offset: int = 0, generator=N
 def fill_random(views, dtype) -> None:
     for v in views:
         v.copy_(random_tensor(v.shape, dtype))
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nothing listens on (now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import pytest
 
@@ -171,9 +172,83 @@ def test_events_checks_its_arguments(capsys):
     assert "ENDPOINT" in capsys.readouterr().err
     assert main(["events", "nonsense://x"]) == 2
     assert "endpoint" in capsys.readouterr().err
-    for bad in ([], ["tcp://127.0.0.1:1", "--count", "0"], ["tcp://127.0.0.1:1", "--seconds", "x"]):
+    assert main(["events"]) == 2
+    assert "ENDPOINT is missing: name a worker's endpoint, or --nats URL" in capsys.readouterr().err
+    assert main(["events", "tcp://127.0.0.1:1", "--subject", "kv"]) == 2
+    assert "--subject needs --nats" in capsys.readouterr().err
+    for bad in (["tcp://127.0.0.1:1", "--count", "0"], ["tcp://127.0.0.1:1", "--seconds", "x"]):
         with pytest.raises(SystemExit) as exit_:
             main(["events", *bad])
         assert exit_.value.code == 2
     assert main(["demo", "--zmq-replay", "tcp://127.0.0.1:2"]) == 2
     assert "error: --zmq-replay needs --zmq" in capsys.readouterr().err
+    assert main(["demo", "--nats-worker", "w"]) == 2
+    assert "error: --nats-worker needs --nats" in capsys.readouterr().err
+
+
+def test_events_reads_every_worker_on_a_nats_subject(nats_server):
+    """Two workers publish on subjects a wildcard covers; each one's lines come in order, the
+    worker named as it publishes, and a status line each at the end."""
+    from kvblocks.pool.publishers import NatsPublisher
+
+    rng = random.Random(5)
+    batches = {"a": random_batches(rng, 20), "b": random_batches(rng, 20)}
+    probe = EventBatch(1.0, (BlockRemoved((1,), Tier.G1),))
+    publishers = {w: NatsPublisher(nats_server, f"kv.{w}", worker=w) for w in batches}
+    args = [sys.executable, "-m", "kvblocks.cli", "events", "--nats", nats_server]
+    args += ["--subject", "kv.*", "--status-every", "100"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not select.select([proc.stdout], [], [], 0.05)[0]:
+            publishers["a"].publish(probe)  # until the command has subscribed
+        for w, bs in batches.items():
+            for b in bs:
+                publishers[w].publish(b)
+        lines = []
+        while sum(line["ts"] != 1.0 for line in lines) < 40:
+            lines.append(json.loads(proc.stdout.readline()))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for p in publishers.values():
+            p.close()
+    assert proc.returncode == 0, err
+    lines += [json.loads(line) for line in out.splitlines()]
+    for w, bs in batches.items():
+        mine = [line for line in lines if line["worker"] == w and line["ts"] != 1.0]
+        assert mine == expected_lines(w, bs)
+    status = err.strip().splitlines()
+    assert [line.split()[1] for line in status] == ["a:", "b:"]
+    assert all(line.endswith("(0 replayed), 0 lost") for line in status)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, workers):
+    """``--nats`` with ``--zmq`` too: the NATS side names each worker as told and carries every
+    batch the demo's managers published, in order (no gap in any worker's seq)."""
+    from kvblocks.pool import KvIndex
+    from kvblocks.pool.subscribers import NatsSubscriber
+    from kvblocks.remote import nixl_available
+    from tests.helpers import free_port
+    from tests.test_demo import SMALL
+
+    if workers > 1 and not nixl_available():
+        pytest.skip("workers share blocks through NIXL")
+    index = KvIndex(16)
+    with NatsSubscriber(index, nats_server) as subscriber:
+        zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
+        args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--quiet", "--json"]
+        args += ["--nats", nats_server, "--nats-worker", "demo", "--zmq", zmq_endpoint]
+        assert main([*args, "--workers", str(workers)]) == 0
+        result = json.loads(capsys.readouterr().out)
+        heard, deadline = -1, time.monotonic() + 10
+        while time.monotonic() < deadline:  # until no batch comes for 0.5 s
+            time.sleep(0.5)
+            if heard == (heard := sum(s.batches for s in subscriber.states())):
+                break
+        states = subscriber.states()
+    names = ["demo"] if workers == 1 else [f"demo-w{i}" for i in range(workers)]
+    assert [s.worker for s in states] == [v.worker for v in index.workers()] == names
+    assert all(s.lost == 0 and s.bad == 0 and s.batches == s.next_seq > 0 for s in states)
+    assert sum(v.blocks[Tier.G2] for v in index.workers()) > 0 and result["hits"]["G2"] > 0

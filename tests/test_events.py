@@ -1,9 +1,6 @@
 """KV event transports (ZMQ in vLLM's protocol, NATS) and Prometheus metrics."""
 
 import asyncio
-import shutil
-import socket
-import subprocess
 import time
 import urllib.request
 
@@ -25,6 +22,7 @@ zmq = pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
 
 from kvblocks.pool.publishers import NatsPublisher, ZmqPublisher, decode_batch  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
 
 BATCH = EventBatch(
     1700000000.25,
@@ -35,12 +33,6 @@ BATCH = EventBatch(
         AllBlocksCleared(),
     ),
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_payload_decodes_with_vllm_event_types():
@@ -131,30 +123,6 @@ def test_zmq_publisher_names_a_bad_endpoint():
 
     with pytest.raises(InvalidArgumentError, match="endpoint"):
         ZmqPublisher("nonsense://here")
-
-
-@pytest.fixture
-def nats_server():
-    binary = shutil.which("nats-server")
-    if binary is None:
-        pytest.skip("nats-server is not installed")
-    pytest.importorskip("nats")
-    port = free_port()
-    server = subprocess.Popen(
-        [binary, "-a", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    yield f"nats://127.0.0.1:{port}"
-    server.terminate()
-    server.wait()
 
 
 def test_nats_publisher_against_a_real_server(nats_server, tmp_path):
@@ -249,3 +217,33 @@ def test_prometheus_metrics_and_endpoint(tmp_path):
         assert 'kvbm_blocks_allocated{tier="GPU"} 5.0' in text
         assert "kvbm_allocation_latency_bucket" in text
         manager.free(hit.block_ids + held)
+
+
+def test_fan_out_publisher_publishes_to_all_and_closes_all():
+    from kvblocks.errors import InvalidArgumentError
+    from kvblocks.pool import EventPublisher, FanOutPublisher
+
+    class Recording(EventPublisher):
+        def __init__(self, fails: bool) -> None:
+            self.batches, self.closed, self.fails = [], False, fails
+
+        def publish(self, batch):
+            self.batches.append(batch)
+
+        def close(self):
+            self.closed = True
+            if self.fails:
+                raise OSError("socket went away")
+
+    parts = [Recording(fails=True), Recording(fails=False)]
+    fan = FanOutPublisher(parts)
+    batches = [EventBatch(float(i), (BlockRemoved((i,), Tier.G1),)) for i in range(3)]
+    for batch in batches:
+        fan.publish(batch)
+    assert [p.batches for p in parts] == [batches, batches]
+    with pytest.raises(OSError, match="went away"):
+        fan.close()
+    assert all(p.closed for p in parts)
+    for bad in ([], [parts[0], "tcp://x"]):
+        with pytest.raises(InvalidArgumentError, match="publishers"):
+            FanOutPublisher(bad)

@@ -132,6 +132,17 @@ def hear_first(worker: FakeWorker, recorder: Recorder) -> int:
         seq += 1
 
 
+def index_agrees(index: KvIndex, managers: dict[str, BlockManager], prompts) -> bool:
+    """Whether ``index`` gives every prompt the overlaps the managers' pools hold now."""
+    truth = {w: {t: set(m.pool(t).cached_hashes()) for t in TIERS} for w, m in managers.items()}
+    try:
+        for tokens in prompts:
+            assert_overlaps(index, truth, sequence_hashes(tokens, BS), (tokens, 0))
+    except AssertionError:
+        return False
+    return True
+
+
 def wait_until(condition, timeout=10.0):
     deadline = time.monotonic() + timeout
     while not condition():
@@ -170,18 +181,7 @@ def test_index_follows_managers_through_their_publishers(tmp_path):
         assert all(states[w].replayed == states[w].batches > 0 for w in states)
         serve(40)
 
-        def agrees():
-            truth = {
-                w: {t: set(m.pool(t).cached_hashes()) for t in TIERS} for w, m in managers.items()
-            }
-            try:
-                for tokens in prompts:
-                    assert_overlaps(index, truth, sequence_hashes(tokens, BS), (tokens, 0))
-            except AssertionError:
-                return False
-            return True
-
-        wait_until(agrees)
+        wait_until(lambda: index_agrees(index, managers, prompts))
         assert all(s.lost == 0 and s.bad == 0 for s in subscriber.states())
     finally:
         subscriber.close()

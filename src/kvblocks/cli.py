@@ -20,6 +20,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -483,14 +484,13 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             offload_path=args.offload_path or scratch,
             nixl_backend="UCX" if args.workers > 1 else None,
         )
-        publisher = _zmq_publisher(args)
-        router = None
-        publishers = [publisher] * args.workers
-        if args.route == "prefix":
-            router = PrefixRouter(KvIndex(size), args.workers)
-            publishers = [_indexing_publisher(router, i, publisher) for i in range(args.workers)]
         log = sys.stderr if args.json else sys.stdout
         with contextlib.ExitStack() as stack:
+            publishers = _event_publishers(args, args.workers, stack)
+            router = None
+            if args.route == "prefix":
+                router = PrefixRouter(KvIndex(size), args.workers)
+                publishers = [_indexing_publisher(router, i, p) for i, p in enumerate(publishers)]
             managers = [
                 stack.enter_context(
                     BlockManager(
@@ -550,8 +550,6 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             result = run_demo(
                 managers, workload, progress, verify=not args.no_verify, router=router
             )
-        if publisher is not None:
-            publisher.close()
     if args.json:
         print(json.dumps({k: v for k, v in result.to_json().items() if k != "timeline"}, indent=2))
     else:
@@ -641,7 +639,7 @@ def _add_demo_parser(sub) -> None:
         action="store_true",
         help="workers ask a peer only for blocks its news says it caches (add_peer(news=True))",
     )
-    _add_zmq_arguments(demo)
+    _add_publisher_arguments(demo)
     demo.add_argument("--no-verify", action="store_true", help="skip checking hit blocks' bytes")
     demo.add_argument("--plot", metavar="PNG", help="draw hit rate and occupancy over time")
     demo.add_argument("--json", action="store_true", help="print the results as JSON")
@@ -649,24 +647,56 @@ def _add_demo_parser(sub) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
-def _add_zmq_arguments(parser: argparse.ArgumentParser) -> None:
+def _add_publisher_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--zmq", metavar="ENDPOINT", help="publish KV events (tcp://*:5557)")
     parser.add_argument(
         "--zmq-replay",
         metavar="ENDPOINT",
         help="with --zmq, answer replay requests here (tcp://*:5558)",
     )
+    parser.add_argument(
+        "--nats", metavar="URL", help="publish KV events to a NATS server (nats://host:4222)"
+    )
+    parser.add_argument(
+        "--nats-subject", metavar="SUBJECT", help="with --nats, the subject (default kv-events)"
+    )
+    parser.add_argument(
+        "--nats-worker",
+        metavar="NAME",
+        help="with --nats, the name subscribers know this worker by (default HOSTNAME-PID)",
+    )
 
 
-def _zmq_publisher(args: argparse.Namespace):
-    """The ZMQ publisher ``--zmq`` asks for, or None."""
-    if args.zmq_replay and not args.zmq:
-        raise InvalidArgumentError("--zmq-replay", "needs --zmq")
-    if not args.zmq:
-        return None
-    from kvblocks.pool.publishers import ZmqPublisher
+def _event_publishers(args: argparse.Namespace, workers: int, stack: contextlib.ExitStack):
+    """What each of ``workers`` workers publishes its KV events to (None each without --zmq or
+    --nats): one ZMQ publisher for them all, and over NATS one per worker, named NAME-wI when
+    there are several. The publishers are closed when ``stack`` closes."""
+    for flag, needs in (("zmq_replay", "zmq"), ("nats_subject", "nats"), ("nats_worker", "nats")):
+        if getattr(args, flag) is not None and not getattr(args, needs):
+            raise InvalidArgumentError("--" + flag.replace("_", "-"), f"needs --{needs}")
+    shared = []
+    if args.zmq:
+        from kvblocks.pool.publishers import ZmqPublisher
 
-    return ZmqPublisher(args.zmq, replay_endpoint=args.zmq_replay)
+        shared.append(stack.enter_context(ZmqPublisher(args.zmq, replay_endpoint=args.zmq_replay)))
+    from kvblocks.pool import FanOutPublisher
+
+    per_worker = []
+    for i in range(workers):
+        parts = list(shared)
+        if args.nats:
+            from kvblocks.pool.publishers import NatsPublisher
+
+            name = args.nats_worker or f"{socket.gethostname()}-{os.getpid()}"
+            if workers > 1:
+                name = f"{name}-w{i}"
+            subject = args.nats_subject or "kv-events"
+            parts.append(stack.enter_context(NatsPublisher(args.nats, subject, worker=name)))
+        if len(parts) > 1:
+            per_worker.append(FanOutPublisher(parts))
+        else:
+            per_worker.append(parts[0] if parts else None)
+    return per_worker
 
 
 @contextlib.contextmanager
@@ -688,24 +718,19 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     from kvblocks.cache_server import cache_config, serve_cache
 
     config = cache_config(_model_from_args(args), args.tokens_per_block, args.dtype, args.host_gb)
-    publisher = None
-    with _stopped_by_signals() as stop:
-        try:
-            publisher = _zmq_publisher(args)
-            serve_cache(
-                config,
-                args.endpoint,
-                stop,
-                news_endpoint=args.news_endpoint,
-                publisher=publisher,
-                metrics=args.metrics,
-                status_every=args.status_every,
-                out=sys.stdout,
-                log=sys.stderr,
-            )
-        finally:
-            if publisher is not None:
-                publisher.close()
+    with _stopped_by_signals() as stop, contextlib.ExitStack() as stack:
+        (publisher,) = _event_publishers(args, 1, stack)
+        serve_cache(
+            config,
+            args.endpoint,
+            stop,
+            news_endpoint=args.news_endpoint,
+            publisher=publisher,
+            metrics=args.metrics,
+            status_every=args.status_every,
+            out=sys.stdout,
+            log=sys.stderr,
+        )
 
 
 def _add_serve_parser(sub) -> None:
@@ -728,7 +753,7 @@ def _add_serve_parser(sub) -> None:
     serve.add_argument(
         "--news-endpoint", help="where to announce G2's changes (default: a free port)"
     )
-    _add_zmq_arguments(serve)
+    _add_publisher_arguments(serve)
     serve.add_argument(
         "--metrics",
         type=_host_port,
@@ -742,9 +767,15 @@ def _add_serve_parser(sub) -> None:
 
 
 def _cmd_events(args: argparse.Namespace) -> None:
-    from kvblocks.event_watch import Followed, watch_events
+    from kvblocks.event_watch import Followed, NatsSource, watch_events
 
     replays = args.replay or []
+    if not args.endpoints and not args.nats:
+        raise InvalidArgumentError(
+            "ENDPOINT", "is missing: name a worker's endpoint, or --nats URL"
+        )
+    if args.subject is not None and not args.nats:
+        raise InvalidArgumentError("--subject", "needs --nats")
     if replays and len(replays) != len(args.endpoints):
         raise InvalidArgumentError(
             "--replay",
@@ -756,10 +787,12 @@ def _cmd_events(args: argparse.Namespace) -> None:
     followed = [
         Followed(e, e, replays[i] if replays else None) for i, e in enumerate(args.endpoints)
     ]
+    nats = NatsSource(args.nats, args.subject or "kv-events") if args.nats else None
     with _stopped_by_signals() as stop:
         watch_events(
             followed,
             stop,
+            nats=nats,
             out=sys.stdout,
             log=sys.stderr,
             topic=args.topic,
@@ -775,13 +808,13 @@ def _add_events_parser(sub) -> None:
         "events",
         help="workers' KV events as JSON lines, until Ctrl-C or SIGTERM",
         description="Follow the KV events of workers that publish them over ZMQ (kvblocks"
-        " --zmq, or vLLM's --kv-events-config) and print one JSON object per event on stdout,"
-        " in each worker's order. With a worker's replay endpoint, the events it sent before"
-        " are printed first and gaps are filled; events no replay brings back print as"
-        ' {"type": "Lost"}. Needs pyzmq and msgpack.',
+        " --zmq, or vLLM's --kv-events-config) or NATS (kvblocks --nats) and print one JSON"
+        " object per event on stdout, in each worker's order. With a worker's replay endpoint,"
+        " the events it sent before are printed first and gaps are filled; events no replay"
+        ' brings back print as {"type": "Lost"}. Needs pyzmq and msgpack (and nats-py).',
     )
     events.add_argument(
-        "endpoints", nargs="+", metavar="ENDPOINT", help="a worker's events (tcp://host:5557)"
+        "endpoints", nargs="*", metavar="ENDPOINT", help="a worker's events (tcp://host:5557)"
     )
     events.add_argument(
         "--replay",
@@ -791,6 +824,12 @@ def _add_events_parser(sub) -> None:
     )
     events.add_argument(
         "--topic", default="kv-events", help="the workers' topic (default kv-events; vLLM: '')"
+    )
+    events.add_argument(
+        "--nats", metavar="URL", help="also every worker publishing to NATS (nats://host:4222)"
+    )
+    events.add_argument(
+        "--subject", help="with --nats, the subject to read, wildcards allowed (default kv-events)"
     )
     events.add_argument("--count", type=_positive_int, help="stop after this many events")
     events.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")

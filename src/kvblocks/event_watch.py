@@ -4,10 +4,12 @@
 
     kvblocks events tcp://10.0.0.5:5557 tcp://10.0.0.6:5557 \\
         --replay tcp://10.0.0.5:5558 --replay tcp://10.0.0.6:5558
+    kvblocks events --nats nats://10.0.0.2:4222 --subject kv-events
 
 Follows each worker's ZMQ publisher (kvblocks' or vLLM's) with a
-:class:`~kvblocks.pool.subscribers.ZmqSubscriber` and prints one JSON object per event on
-stdout, in each worker's order::
+:class:`~kvblocks.pool.subscribers.ZmqSubscriber`, and every worker publishing on a NATS subject
+with a :class:`~kvblocks.pool.subscribers.NatsSubscriber`, and prints one JSON object per event
+on stdout, in each worker's order::
 
     {"worker": W, "ts": T, "type": "BlockStored", "tier": "G2", "medium": "CPU",
      "block_hashes": [...], "parent_block_hash": H, "block_size": 16}
@@ -16,13 +18,15 @@ stdout, in each worker's order::
     {"worker": W, "ts": T, "type": "AllBlocksCleared"}
     {"worker": W, "type": "Lost"}        events of W were lost (a gap no replay filled)
 
-``W`` is the worker's endpoint as given; hashes sent as bytes are printed in hex. A status line
+``W`` is the worker's endpoint as given (over NATS, the name it publishes under); hashes sent
+as bytes are printed in hex. A status line
 per worker on stderr every ``status_every`` seconds says what it holds per tier, as a
 :class:`~kvblocks.pool.kv_index.KvIndex` fed the same events counts it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import threading
@@ -32,7 +36,7 @@ from typing import TextIO
 
 from kvblocks.pool.events import AllBlocksCleared, BlockHash, BlockStored, EventBatch
 from kvblocks.pool.kv_index import KvIndex
-from kvblocks.pool.subscribers import ZmqSubscriber
+from kvblocks.pool.subscribers import FollowState, NatsSubscriber, ZmqSubscriber
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,14 @@ class Followed:
     worker: str
     endpoint: str
     replay_endpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class NatsSource:
+    """Where workers publish over NATS: the server and the subject (wildcards allowed)."""
+
+    url: str
+    subject: str = "kv-events"
 
 
 def _hash(value: BlockHash | None) -> int | str | None:
@@ -67,21 +79,25 @@ def event_lines(worker: str, batch: EventBatch, tokens: bool) -> list[dict]:
 
 
 class _QueueSink:
-    """The subscriber's sink: hands batches and losses to the printing thread, and counts
-    them into an index once the first stored event gives the block size."""
+    """The subscribers' sink: hands batches and losses to the printing thread, and counts
+    them into an index once the first stored event gives the block size. The ZMQ and the NATS
+    subscriber call it from their own threads."""
 
     def __init__(self) -> None:
         self.items: queue.Queue = queue.Queue()
         self.index: KvIndex | None = None
         self._pending: list[tuple[str, EventBatch | None]] = []
+        self._lock = threading.Lock()
 
     def apply(self, worker: str, batch: EventBatch) -> None:
-        self.items.put((worker, batch))
-        self._count(worker, batch)
+        with self._lock:
+            self.items.put((worker, batch))
+            self._count(worker, batch)
 
     def lost(self, worker: str) -> None:
-        self.items.put((worker, None))
-        self._count(worker, None)
+        with self._lock:
+            self.items.put((worker, None))
+            self._count(worker, None)
 
     def _count(self, worker: str, batch: EventBatch | None) -> None:
         if self.index is None:
@@ -106,6 +122,7 @@ def watch_events(
     followed: list[Followed],
     stop: threading.Event,
     *,
+    nats: NatsSource | None = None,
     out: TextIO,
     log: TextIO,
     topic: str = "kv-events",
@@ -114,25 +131,35 @@ def watch_events(
     tokens: bool = False,
     status_every: float | None = None,
 ) -> int:
-    """Print the events of ``followed`` workers until ``stop`` is set, ``count`` events were
-    printed or ``seconds`` passed; returns the events printed.
+    """Print the events of ``followed`` workers, and of the workers on ``nats``, until
+    ``stop`` is set, ``count`` events were printed or ``seconds`` passed; returns the events
+    printed.
 
     Raises:
-        InvalidArgumentError: a worker is named twice, or an endpoint is not one.
+        InvalidArgumentError: a worker is named twice, or an endpoint or subject is not one.
+        TransferError: the NATS server does not answer.
     """
     sink = _QueueSink()
     printed = 0
     start = time.monotonic()
     next_status = start + status_every if status_every else None
-    with ZmqSubscriber(sink, topic=topic) as subscriber:
-        for f in followed:
-            subscriber.follow(f.worker, f.endpoint, f.replay_endpoint)
+    with contextlib.ExitStack() as stack:
+        subscribers: list[ZmqSubscriber | NatsSubscriber] = []
+        if followed:
+            zmq = stack.enter_context(ZmqSubscriber(sink, topic=topic))
+            for f in followed:
+                zmq.follow(f.worker, f.endpoint, f.replay_endpoint)
+            subscribers.append(zmq)
+        if nats is not None:
+            subscribers.append(
+                stack.enter_context(NatsSubscriber(sink, nats.url, subject=nats.subject))
+            )
         while not stop.is_set() and (count is None or printed < count):
             now = time.monotonic()
             if seconds is not None and now - start >= seconds:
                 break
             if next_status is not None and now >= next_status:
-                _print_status(sink.index, subscriber, log)
+                _print_status(sink.index, subscribers, log)
                 next_status = now + status_every
             try:
                 worker, batch = sink.items.get(timeout=0.1)
@@ -148,14 +175,17 @@ def watch_events(
                 printed += 1
             out.flush()
         if status_every:
-            _print_status(sink.index, subscriber, log)
+            _print_status(sink.index, subscribers, log)
     return printed
 
 
-def _print_status(index: KvIndex | None, subscriber: ZmqSubscriber, log: TextIO) -> None:
+def _print_status(
+    index: KvIndex | None, subscribers: list[ZmqSubscriber | NatsSubscriber], log: TextIO
+) -> None:
     views = {v.worker: v for v in index.workers()} if index is not None else {}
     stamp = time.strftime("%H:%M:%S")
-    for state in subscriber.states():
+    states: list[FollowState] = [s for subscriber in subscribers for s in subscriber.states()]
+    for state in states:
         view = views.get(state.worker)
         held = ", ".join(
             f"{tier.name} {n:,}" for tier, n in (view.blocks.items() if view else ()) if n

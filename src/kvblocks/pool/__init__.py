@@ -21,6 +21,7 @@ from kvblocks.pool.events import (
     BlockStored,
     EventBatch,
     EventPublisher,
+    FanOutPublisher,
     InProcessPublisher,
 )
 from kvblocks.pool.hashing import HASH_KEY, ROOT_HASH, block_hash, root_hash, sequence_hashes
@@ -45,6 +46,7 @@ __all__ = [
     "BlockStored",
     "EventBatch",
     "EventPublisher",
+    "FanOutPublisher",
     "FrequencyFilter",
     "InProcessPublisher",
     "KvIndex",

@@ -29,7 +29,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from kvblocks.errors import SerializationError
+from kvblocks.errors import InvalidArgumentError, SerializationError
 from kvblocks.pool.tier import Tier
 
 BlockHash = int | bytes
@@ -204,3 +204,29 @@ class InProcessPublisher(EventPublisher):
             subscribers = list(self._subscribers)
         for callback in subscribers:
             callback(batch)
+
+
+class FanOutPublisher(EventPublisher):
+    """Hands each batch to several publishers in turn (a worker publishing over ZMQ and NATS at
+    once); :meth:`close` closes them all, the first error raised after every one was tried."""
+
+    def __init__(self, publishers: Sequence[EventPublisher]) -> None:
+        if not publishers or not all(isinstance(p, EventPublisher) for p in publishers):
+            raise InvalidArgumentError(
+                "publishers", f"must be one or more EventPublishers, got {publishers!r}"
+            )
+        self.publishers = tuple(publishers)
+
+    def publish(self, batch: EventBatch) -> None:
+        for publisher in self.publishers:
+            publisher.publish(batch)
+
+    def close(self) -> None:
+        errors = []
+        for publisher in self.publishers:
+            try:
+                publisher.close()
+            except Exception as exc:
+                errors.append(exc)
+        if errors:
+            raise errors[0]

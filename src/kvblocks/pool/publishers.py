@@ -6,7 +6,8 @@ the ``events`` extra (``pip install 'kvblocks[events]'``).
 
 from __future__ import annotations
 
-import asyncio
+import os
+import socket
 import threading
 from collections import deque
 
@@ -14,9 +15,9 @@ from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
     SerializationError,
-    TransferError,
 )
 from kvblocks.pool.events import EventBatch, EventPublisher
+from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink, check_subject
 
 #: The seq frame that ends a replay.
 REPLAY_END = -1
@@ -159,15 +160,22 @@ class ZmqPublisher(EventPublisher):
 class NatsPublisher(EventPublisher):
     """Publishes each batch's msgpack bytes on a NATS subject (core NATS, no persistence).
 
-    The connection runs on its own asyncio loop in a background thread, so :meth:`publish` can
-    be called from any thread and does not wait for the server.
+    Each message carries the headers of :mod:`kvblocks.pool.nats_link`: the worker's name and
+    the batch's seq (from 0), so that a :class:`~kvblocks.pool.subscribers.NatsSubscriber`
+    tells workers on one subject apart and knows when batches were lost. The connection runs on
+    its own asyncio loop in a background thread, so :meth:`publish` can be called from any
+    thread and does not wait for the server.
 
     Args:
         url: the server, ``"nats://127.0.0.1:4222"``.
-        subject: the subject batches go to.
+        subject: the subject batches go to (no wildcards).
+        worker: the name subscribers know this worker by; a worker that restarts under the same
+            name is seen to start over. Default ``"<hostname>-<pid>"``.
         connect_timeout: seconds to wait for the first connection.
 
     Raises:
+        BackendUnavailableError: nats-py or msgpack is not installed.
+        InvalidArgumentError: ``subject`` or ``worker`` is not one.
         TransferError: no server answered in time.
     """
 
@@ -175,56 +183,26 @@ class NatsPublisher(EventPublisher):
         self,
         url: str = "nats://127.0.0.1:4222",
         subject: str = "kv-events",
+        worker: str | None = None,
         connect_timeout: float = 5.0,
     ) -> None:
-        try:
-            import nats
-        except ImportError:
-            raise BackendUnavailableError(
-                "nats-py is not installed: pip install 'kvblocks[events]'"
-            ) from None
         _msgpack()
-        if not subject or " " in subject:
-            raise InvalidArgumentError("subject", f"must be a NATS subject, got {subject!r}")
-        self.subject = subject
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="kvblocks-nats", daemon=True
-        )
-        self._thread.start()
-        connecting = asyncio.run_coroutine_threadsafe(
-            nats.connect(
-                url,
-                connect_timeout=connect_timeout,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-            ),
-            self._loop,
-        )
-        try:
-            self._client = connecting.result(connect_timeout + 1)
-        except Exception as exc:
-            self._stop_loop()
-            raise TransferError(f"cannot connect to NATS at {url}: {exc!r}") from None
+        self.subject = check_subject(subject, wildcards=False)
+        if worker is None:
+            worker = f"{socket.gethostname()}-{os.getpid()}"
+        if not isinstance(worker, str) or not worker.isprintable() or not worker.strip():
+            raise InvalidArgumentError("worker", f"must be a printable name, got {worker!r}")
+        self.worker = worker
+        self._seq = 0
+        self._lock = threading.Lock()
+        self._link = NatsLink(url, name="kvblocks-nats-pub", connect_timeout=connect_timeout)
 
     def publish(self, batch: EventBatch) -> None:
         payload = encode_batch(batch)
-        asyncio.run_coroutine_threadsafe(self._client.publish(self.subject, payload), self._loop)
+        with self._lock:  # batches start on the loop in seq order
+            headers = {WORKER_HEADER: self.worker, SEQ_HEADER: str(self._seq)}
+            self._seq += 1
+            self._link.submit(self._link.client.publish(self.subject, payload, headers=headers))
 
     def close(self) -> None:
-        if self._loop.is_closed():
-            return
-        asyncio.run_coroutine_threadsafe(self._client.drain(), self._loop).result(10)
-        self._stop_loop()
-
-    def _stop_loop(self) -> None:
-        async def cancel_the_rest() -> None:
-            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-
-        asyncio.run_coroutine_threadsafe(cancel_the_rest(), self._loop).result(10)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._link.close()

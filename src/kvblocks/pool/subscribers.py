@@ -1,6 +1,5 @@
-"""Reading workers' KV events from the network: the other side of
-:class:`~kvblocks.pool.publishers.ZmqPublisher` (and of vLLM's ZMQ publisher, which speaks the
-same protocol).
+"""Reading workers' KV events from the network: the other side of the publishers of
+:mod:`kvblocks.pool.publishers` (and of vLLM's ZMQ publisher, which speaks the same protocol).
 
 A :class:`ZmqSubscriber` follows any number of workers from one background thread and hands each
 worker's batches to an :class:`EventSink` in the order they were sent, once each. A worker's
@@ -17,6 +16,11 @@ A worker that starts over (a restarted process counts its batches from 0 again) 
 ``seq`` that goes back where no replay can explain it: what came before is lost (the restarted
 worker's cache is new too), and the new batches are read from the start.
 
+A :class:`NatsSubscriber` reads every worker that publishes on a NATS subject (wildcards
+allowed), knowing them by the worker header of :class:`~kvblocks.pool.publishers.NatsPublisher`
+(by subject for messages without it). Core NATS keeps nothing, so there is no replay: a gap in
+a worker's seq header, or a worker starting over, is a loss.
+
 Batches that no replay brings back (no replay endpoint, or the publisher no longer keeps them)
 are *lost*: :meth:`EventSink.lost` is told, and a :class:`~kvblocks.pool.kv_index.KvIndex`
 forgets the worker's blocks until new events say. Needs the ``events`` extra.
@@ -31,8 +35,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, SerializationError
+from kvblocks.errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    SerializationError,
+    TransferError,
+)
 from kvblocks.pool.events import EventBatch
+from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink, check_subject
 from kvblocks.pool.publishers import REPLAY_END, decode_batch
 
 log = logging.getLogger(__name__)
@@ -48,9 +58,10 @@ _HIGH_WATER = 100_000
 
 
 class EventSink(Protocol):
-    """Where a :class:`ZmqSubscriber` delivers (a :class:`~kvblocks.pool.kv_index.KvIndex`
-    is one). Called from the subscriber's thread, which must not be made to wait on the
-    subscriber itself (no ``follow`` or ``close`` from here); what it raises is logged."""
+    """Where a :class:`ZmqSubscriber` or a :class:`NatsSubscriber` delivers (a
+    :class:`~kvblocks.pool.kv_index.KvIndex` is one). Called from the subscriber's thread,
+    which must not be made to wait on the subscriber itself (no ``follow`` or ``close`` from
+    here); what it raises is logged."""
 
     def apply(self, worker: str, batch: EventBatch) -> None:
         """The next batch of ``worker``."""
@@ -65,9 +76,10 @@ class FollowState:
 
     Attributes:
         worker: its name.
-        endpoint, replay_endpoint: where its events and its replays come from.
+        endpoint, replay_endpoint: where its events and its replays come from (over NATS: the
+            subject of its last message, and None).
         next_seq: the seq of the next batch it is to deliver (None: nothing heard yet, and no
-            replay endpoint to ask).
+            replay endpoint to ask; or, over NATS, a worker whose messages carry no seq).
         batches: batches delivered.
         replayed: of those, batches that came through a replay.
         lost: times batches were lost (each told to the sink).
@@ -415,22 +427,178 @@ class ZmqSubscriber:
         with self._states_lock:
             follow.batches += 1
             follow.replayed += replayed
-        self._tell(self._sink.apply, follow.worker, batch)
+        _tell(self._sink.apply, follow.worker, batch)
 
     def _lose(self, follow: _Follow) -> None:
         with self._states_lock:
             follow.lost += 1
-        self._tell(self._sink.lost, follow.worker)
-
-    @staticmethod
-    def _tell(method, *args) -> None:
-        """Call the sink; what it raises is logged, and the thread goes on."""
-        try:
-            method(*args)
-        except Exception:
-            log.exception("the KV event sink failed on %s", args[0])
+        _tell(self._sink.lost, follow.worker)
 
     def _drop(self, follow: _Follow, why: str) -> None:
         log.warning("dropped a message from %s: %s", follow.worker, why)
         with self._states_lock:
             follow.bad += 1
+
+
+@dataclass
+class _NatsWorker:
+    """One worker heard on the subscribed subject, owned by the NATS loop's thread."""
+
+    worker: str
+    subject: str
+    next_seq: int | None = None
+    batches: int = 0
+    lost: int = 0
+    bad: int = 0
+
+    def state(self) -> FollowState:
+        return FollowState(
+            self.worker, self.subject, None, self.next_seq, self.batches, 0, self.lost, self.bad
+        )
+
+
+class NatsSubscriber:
+    """Reads the KV events of every worker publishing on a NATS subject (see the module
+    docstring) and hands them to ``sink`` from the connection's thread.
+
+    A worker is known by its messages' ``Kvblocks-Worker`` header, or by their subject when they
+    have none. With a ``Kvblocks-Seq`` header, a gap in the seq (a batch dropped by the server
+    or by this subscriber falling behind) and a seq that goes back (the worker started over) are
+    losses; for workers whose messages carry no seq, a disconnection from the server or a
+    dropped message is a loss of each of them.
+
+    Args:
+        sink: gets every worker's batches, in order, and word of lost ones.
+        url: the server, ``"nats://127.0.0.1:4222"``.
+        subject: the subject to read, wildcards allowed (``"kv-events.>"``).
+        connect_timeout: seconds to wait for the server.
+
+    Raises:
+        BackendUnavailableError: nats-py or msgpack is not installed.
+        InvalidArgumentError: ``subject`` is not a NATS subject.
+        TransferError: no server answered in time.
+    """
+
+    def __init__(
+        self,
+        sink: EventSink,
+        url: str = "nats://127.0.0.1:4222",
+        subject: str = "kv-events",
+        connect_timeout: float = 5.0,
+    ) -> None:
+        try:
+            import msgpack  # noqa: F401 (decode_batch needs it)
+        except ImportError:
+            raise BackendUnavailableError(
+                "msgpack is not installed: pip install 'kvblocks[events]'"
+            ) from None
+        self.subject = check_subject(subject, wildcards=True)
+        self._sink = sink
+        self._workers: dict[str, _NatsWorker] = {}
+        self._states_lock = threading.Lock()
+        self._closing = False
+        self._link = NatsLink(
+            url,
+            name="kvblocks-nats-sub",
+            connect_timeout=connect_timeout,
+            error_cb=self._on_error,
+            disconnected_cb=self._on_disconnected,
+        )
+        try:
+            self._link.run(self._subscribe(), timeout=connect_timeout + 1)
+        except Exception as exc:
+            self._link.close()
+            raise TransferError(f"cannot subscribe to {subject!r} at {url}: {exc!r}") from None
+
+    def states(self) -> list[FollowState]:
+        """How reading each worker heard so far goes, by name."""
+        with self._states_lock:
+            return [w.state() for _, w in sorted(self._workers.items())]
+
+    @property
+    def connected(self) -> bool:
+        """Whether the connection to the server is up now (it comes back by itself)."""
+        return self._link.client.is_connected
+
+    def close(self) -> None:
+        """Unsubscribe and close the connection (idempotent)."""
+        self._closing = True
+        self._link.close()
+
+    def __enter__(self) -> NatsSubscriber:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # The connection's thread --------------------------------------------------------------------
+
+    async def _subscribe(self) -> None:
+        await self._link.client.subscribe(self.subject, cb=self._on_message)
+        await self._link.client.flush()  # the server has the subscription
+
+    async def _on_message(self, msg) -> None:
+        headers = msg.headers or {}
+        name = headers.get(WORKER_HEADER) or msg.subject
+        worker = self._workers.get(name)
+        if worker is None:
+            worker = _NatsWorker(name, msg.subject)
+            with self._states_lock:
+                self._workers[name] = worker
+        worker.subject = msg.subject
+        seq = _seq_of(headers.get(SEQ_HEADER))
+        if seq is not None and worker.next_seq is not None and seq != worker.next_seq:
+            if seq < worker.next_seq:
+                log.warning(
+                    "%s started over: batch %d came after %d", name, seq, worker.next_seq - 1
+                )
+            else:
+                log.warning("KV events %d to %d of %s were lost", worker.next_seq, seq - 1, name)
+            self._lose(worker)
+        worker.next_seq = None if seq is None else seq + 1
+        try:
+            batch = decode_batch(msg.data)
+        except SerializationError as exc:
+            log.warning("dropped a message from %s: %s", name, exc)
+            with self._states_lock:
+                worker.bad += 1
+            self._lose(worker)
+            return
+        with self._states_lock:
+            worker.batches += 1
+        _tell(self._sink.apply, name, batch)
+
+    async def _on_error(self, error: Exception) -> None:
+        log.warning("NATS: %r", error)
+        if type(error).__name__ == "SlowConsumerError":
+            self._lose_unnumbered()
+
+    async def _on_disconnected(self) -> None:
+        if self._closing:
+            return
+        log.warning("disconnected from NATS: events sent meanwhile are lost")
+        self._lose_unnumbered()
+
+    def _lose_unnumbered(self) -> None:
+        """Messages were dropped: workers without a seq are told (the others find the gap)."""
+        for worker in list(self._workers.values()):
+            if worker.next_seq is None:
+                self._lose(worker)
+
+    def _lose(self, worker: _NatsWorker) -> None:
+        with self._states_lock:
+            worker.lost += 1
+        _tell(self._sink.lost, worker.worker)
+
+
+def _tell(method, *args) -> None:
+    """Call the sink; what it raises is logged, and the thread goes on."""
+    try:
+        method(*args)
+    except Exception:
+        log.exception("the KV event sink failed on %s", args[0])
+
+
+def _seq_of(header: str | None) -> int | None:
+    """The seq a ``Kvblocks-Seq`` header gives (None when absent or not a count)."""
+    return int(header) if header is not None and header.isdigit() else None

@@ -1,0 +1,194 @@
+"""KV events over NATS: NatsPublisher's headers, and NatsSubscriber reading many workers from
+one subject, telling losses and restarts (against a real nats-server)."""
+
+import logging
+import os
+import random
+import socket
+
+import pytest
+import torch
+
+from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.pool import BlockManager
+
+pytest.importorskip("nats")
+pytest.importorskip("msgpack")
+
+from kvblocks.pool.kv_index import KvIndex  # noqa: E402
+from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink  # noqa: E402
+from kvblocks.pool.publishers import NatsPublisher, encode_batch  # noqa: E402
+from kvblocks.pool.subscribers import NatsSubscriber  # noqa: E402
+from tests.conftest import start_nats_server  # noqa: E402
+from tests.helpers import free_port  # noqa: E402
+from tests.test_kv_index import TIERS  # noqa: E402
+from tests.test_manager import BS, make_config, store  # noqa: E402
+from tests.test_subscribers import (  # noqa: E402
+    Recorder,
+    batch_of,
+    index_agrees,
+    wait_until,
+)
+
+
+class Sender:
+    """A bare NATS client that sends batches with the headers it is told to."""
+
+    def __init__(self, url: str) -> None:
+        self.link = NatsLink(url, name="test-sender")
+
+    def send(self, subject: str, seq: int | None, worker: str | None = None, payload=None):
+        headers = {}
+        if worker is not None:
+            headers[WORKER_HEADER] = worker
+        if seq is not None:
+            headers[SEQ_HEADER] = str(seq)
+        payload = encode_batch(batch_of(seq or 0)) if payload is None else payload
+        client = self.link.client
+        self.link.run(client.publish(subject, payload, headers=headers or None), 5)
+        self.link.run(client.flush(), 5)
+
+    def close(self) -> None:
+        self.link.close()
+
+
+@pytest.fixture
+def sender(nats_server):
+    s = Sender(nats_server)
+    yield s
+    s.close()
+
+
+def test_index_follows_managers_publishing_on_one_subject(nats_server, tmp_path):
+    """Three managers publish on one subject; a subscriber on it tells them apart by their
+    worker names, and its index agrees with their pools on every prompt."""
+    rng = random.Random(3)
+    gen = torch.Generator().manual_seed(3)
+    index = KvIndex(BS)
+    managers, publishers = {}, {}
+    prefixes = [[rng.randrange(1000) for _ in range(BS * rng.randint(1, 5))] for _ in range(4)]
+    prompts = []
+    try:
+        with NatsSubscriber(index, nats_server) as subscriber:
+            for name in ("w0", "w1", "w2"):
+                publishers[name] = NatsPublisher(nats_server, worker=name)
+                (tmp_path / name).mkdir()
+                managers[name] = BlockManager(
+                    make_config(tmp_path / name), publisher=publishers[name]
+                )
+            for _ in range(60):
+                tokens = rng.choice(prefixes) + [rng.randrange(1000) for _ in range(9)]
+                prompts.append(tokens)
+                store(managers[rng.choice(sorted(managers))], tokens, gen)
+            for manager in managers.values():
+                manager.flush()
+            wait_until(lambda: index_agrees(index, managers, prompts))
+            states = {s.worker: s for s in subscriber.states()}
+            assert sorted(states) == ["w0", "w1", "w2"]
+            assert all(s.endpoint == "kv-events" for s in states.values())
+            assert all(s.lost == 0 and s.bad == 0 and s.next_seq >= 1 for s in states.values())
+            assert any(v.blocks.get(t) for v in index.workers() for t in TIERS[1:])  # offloads
+    finally:
+        for name in managers:
+            managers[name].close()
+            publishers[name].close()
+
+
+def test_gaps_and_restarts_are_losses_and_workers_without_headers_go_by_subject(
+    nats_server, sender
+):
+    recorder = Recorder()
+    with NatsSubscriber(recorder, nats_server, subject="kv.*") as subscriber:
+        sender.send("kv.a", 0, worker="w")
+        sender.send("kv.a", 1, worker="w")
+        sender.send("kv.b", 3, worker="w")  # 2 was lost (the subject does not matter)
+        sender.send("kv.a", 0, worker="w")  # started over
+        sender.send("kv.a", 5)  # no worker header: known by its subject
+        sender.send("kv.a", None, worker="n")  # no seq: nothing to tell a loss by
+        sender.send("kv.a", None, worker="n", payload=b"\x93 not msgpack of a batch")
+        items = recorder.wait_for(9)
+        assert items == [
+            ("batch", "w", 0),
+            ("batch", "w", 1),
+            ("lost", "w"),
+            ("batch", "w", 3),
+            ("lost", "w"),
+            ("batch", "w", 0),
+            ("batch", "kv.a", 5),
+            ("batch", "n", 0),
+            ("lost", "n"),
+        ]
+        states = {s.worker: s for s in subscriber.states()}
+        assert (states["w"].next_seq, states["w"].batches, states["w"].lost) == (1, 4, 2)
+        assert states["w"].endpoint == "kv.a"
+        assert (states["n"].next_seq, states["n"].bad, states["n"].lost) == (None, 1, 1)
+        assert states["kv.a"].next_seq == 6
+
+
+def test_publisher_numbers_its_batches_and_names_its_worker(nats_server):
+    got = []
+
+    async def listen(msg):
+        got.append((msg.headers, msg.data))
+
+    link = NatsLink(nats_server, name="test-listener")
+    try:
+        link.run(link.client.subscribe("kv-events", cb=listen), 5)
+        link.run(link.client.flush(), 5)
+        batches = [batch_of(seq) for seq in range(5)]
+        with NatsPublisher(nats_server) as publisher:
+            for batch in batches:
+                publisher.publish(batch)
+        wait_until(lambda: len(got) == 5)
+        worker = f"{socket.gethostname()}-{os.getpid()}"
+        assert got == [
+            ({WORKER_HEADER: worker, SEQ_HEADER: str(seq)}, encode_batch(batch))
+            for seq, batch in enumerate(batches)
+        ]
+    finally:
+        link.close()
+
+
+def test_a_lost_connection_is_a_loss_for_workers_without_seq(caplog):
+    """Batches published while the subscriber is away are gone: workers whose messages carry no
+    seq are told at once; numbered workers find the gap in their next batch."""
+    port = free_port()
+    url = f"nats://127.0.0.1:{port}"
+    server = start_nats_server(port)
+    recorder = Recorder()
+    try:
+        with NatsSubscriber(recorder, url, subject="kv") as subscriber:
+            sender = Sender(url)
+            sender.send("kv", None, worker="n")
+            sender.send("kv", 0, worker="w")
+            recorder.wait_for(2)
+            sender.link.close()
+            with caplog.at_level(logging.WARNING, logger="kvblocks.pool.subscribers"):
+                server.terminate()
+                server.wait()
+                items = recorder.wait_for(3)
+            assert items[2] == ("lost", "n")
+            assert "disconnected from NATS" in caplog.text
+            server = start_nats_server(port)
+            wait_until(lambda: subscriber.connected, timeout=20)
+            sender = Sender(url)
+            sender.send("kv", 2, worker="w")
+            items = recorder.wait_for(5)
+            assert items[3:] == [("lost", "w"), ("batch", "w", 2)]
+            sender.close()
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def test_arguments_are_checked_and_a_missing_server_named(nats_server):
+    with pytest.raises(InvalidArgumentError, match="subject"):
+        NatsPublisher(nats_server, subject="kv-events.*")
+    with pytest.raises(InvalidArgumentError, match="subject"):
+        NatsSubscriber(Recorder(), nats_server, subject="kv..events")
+    with pytest.raises(InvalidArgumentError, match="subject"):
+        NatsSubscriber(Recorder(), nats_server, subject="kv.>.events")
+    with pytest.raises(InvalidArgumentError, match="worker"):
+        NatsPublisher(nats_server, worker="two\nlines")
+    with pytest.raises(TransferError, match="NATS"):
+        NatsSubscriber(Recorder(), f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)
