@@ -628,7 +628,7 @@ def test_a_failed_write_to_a_peer_leaves_nothing_there(tmp_path, monkeypatch, ca
     gen = torch.Generator().manual_seed(9)
     with worker(tmp_path) as cache, worker(tmp_path) as writer:
         writer.add_peer(cache.serve(LOCAL, stores=True), offload=True)
-        peer_g2 = writer._peers[writer.peers[0]].handle
+        peer_g2 = writer._peers.get(writer.peers[0]).handle
         execute = writer._transfer.execute_transfer
 
         def failing(src, src_ids, dst, dst_ids, options=None):
@@ -701,7 +701,7 @@ def test_a_restarted_peer_is_greeted_again(tmp_path, same_news):
             hit = here.lookup(tokens)
             assert hit.from_tier[Tier.G4] == 3
             assert_g1_holds(here, hit.block_ids, kv)
-            assert here._peers[endpoint].server == second._server.info.server
+            assert here._peers.get(endpoint).server == second._server.info.server
             here.free(hit.block_ids)
 
 

@@ -33,7 +33,6 @@ import secrets
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 
@@ -41,10 +40,8 @@ import torch
 
 from kvblocks.errors import (
     BackendUnavailableError,
-    ConfigMismatchError,
     InvalidArgumentError,
     KvBlocksError,
-    PeerError,
     TransferError,
 )
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
@@ -61,14 +58,13 @@ from kvblocks.pool.hashing import sequence_hashes
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
 from kvblocks.pool.offload_filter import OffloadFilter
-from kvblocks.pool.peer_index import PeerIndex
-from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease, PeerClient
+from kvblocks.pool.peer_set import Peer, PeerSet
+from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease
 from kvblocks.pool.tier import Tier
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     LayoutHandle,
     LogicalLayoutHandle,
-    SerializedLayout,
     TransferManager,
     block_checksums,
 )
@@ -77,12 +73,6 @@ log = logging.getLogger("kvblocks.pool")
 
 #: Most blocks one background offload moves at once.
 OFFLOAD_BATCH = 256
-#: Seconds a peer holds the blocks it leases to a lookup (released as soon as they are read).
-PEER_LEASE_S = 10.0
-#: Seconds a peer that failed is left alone before it is asked again.
-PEER_RETRY_S = 5.0
-#: Peers asked at once (more are asked in turns).
-PEER_THREADS = 8
 
 _WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
 
@@ -142,23 +132,6 @@ class _Onboarding:
     dst: list[int]
 
 
-@dataclass
-class _Peer:
-    """A worker whose G2 this manager reads from (its tier G4)."""
-
-    client: PeerClient
-    handle: LayoutHandle
-    """Its G2 layout, imported."""
-    server: int
-    """The id its server gave in hello; a lease with another id means it restarted."""
-    index: PeerIndex | None
-    """What its G2 caches, from its news (None: not followed)."""
-    offload: bool = False
-    """Blocks stored in this worker's G2 are also written to the peer's."""
-    retry_at: float = 0.0
-    """Monotonic time before which it is not asked (set when it fails)."""
-
-
 @dataclass(frozen=True)
 class _ChainInfo:
     """What an event needs of a cached block besides its hash."""
@@ -215,11 +188,9 @@ class BlockManager:
         self._failures: list[BaseException] = []
         self.metrics = PoolMetrics(self.occupancy)
         self._server: BlockServer | None = None
-        self._peers: dict[str, _Peer] = {}
-        #: Threads that ask the peers at once and send releases while lookups go on.
-        self._asking: ThreadPoolExecutor | None = None
         self._owns_transfer = transfer is None
         self._transfer = transfer or self._build_transfer(config)
+        self._peers = PeerSet(BlockShape.of(config), self._transfer, self.metrics)
         try:
             self.device_tensors = self._device_tensors(device_tensors)
             self._add_tier(Tier.G1, self._g1_layout())
@@ -427,7 +398,7 @@ class BlockManager:
         Raises:
             InvalidArgumentError: ``ask_peer`` is not a peer.
         """
-        if ask_peer is not None and ask_peer not in self._peers:
+        if ask_peer is not None and self._peers.get(ask_peer) is None:
             raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
         g1 = self._tiers[Tier.G1].pool
@@ -596,11 +567,7 @@ class BlockManager:
             self._queue.put(None)
             self._worker.join()
             self._worker = None
-        if self._asking is not None:  # the releases still queued are sent first
-            self._asking.shutdown(wait=True)
-            self._asking = None
-        for endpoint in list(self._peers):
-            self.remove_peer(endpoint)
+        self._peers.close()
         self._publish()
         self._release_tiers()
 
@@ -820,8 +787,8 @@ class BlockManager:
         """Ask the manager serving at ``endpoint`` (see :meth:`serve`) for the blocks of a
         prefix that no local tier caches, on lookups from now on. A peer that does not
         answer within ``timeout`` seconds, or whose blocks cannot be read or written, is left
-        alone for :data:`PEER_RETRY_S` seconds (a warning is logged); the lookup or offload
-        goes on without it.
+        alone for :data:`~kvblocks.pool.peer_set.PEER_RETRY_S` seconds (a warning is logged);
+        the lookup or offload goes on without it.
 
         By default the peer is asked on every lookup that misses locally. With ``news``, this
         manager follows the peer's announcements of what its G2 stores and evicts
@@ -844,26 +811,11 @@ class BlockManager:
                 pyzmq / msgpack.
         """
         self._shared_g2("add_peer")
-        if endpoint in self._peers:
-            raise InvalidArgumentError("endpoint", f"{endpoint!r} is a peer already")
-        client = PeerClient(endpoint, timeout)
-        try:
-            peer = self._connect(client, offload, news)
-        except BaseException:
-            client.close()
-            raise
-        with self._lock:
-            self._peers[endpoint] = peer
-            if self._asking is None:
-                self._asking = ThreadPoolExecutor(PEER_THREADS, "kvblocks-peers")
+        self._peers.add(endpoint, timeout, offload, news)
 
     def remove_peer(self, endpoint: str) -> None:
         """Stop asking the peer at ``endpoint``."""
-        with self._lock:
-            peer = self._peers.pop(endpoint, None)
-        if peer is None:
-            raise InvalidArgumentError("endpoint", f"{endpoint!r} is not a peer; have {self.peers}")
-        self._forget(peer)
+        self._peers.remove(endpoint)
 
     @property
     def news_endpoint(self) -> str | None:
@@ -878,13 +830,13 @@ class BlockManager:
     @property
     def peers(self) -> list[str]:
         """The endpoints of the peers, in the order they are asked."""
-        return list(self._peers)
+        return self._peers.endpoints
 
     def peer_prefixes(self, token_ids: Sequence[int], *, salt: int = 0) -> dict[str, int | None]:
         """Per peer, how many whole blocks of ``token_ids`` (from the first) its news says it
         caches; None where its news is unknown or not followed. Asks no peer."""
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
-        return _news_prefixes(list(self._peers.items()), hashes)
+        return self._peers.prefixes(hashes)
 
     def _shared_g2(self, call: str) -> _TierState:
         state = self._tiers.get(Tier.G2)
@@ -899,44 +851,6 @@ class BlockManager:
                 " TransferManager built with .nixl_backend(...)"
             )
         return state
-
-    def _connect(self, client: PeerClient, offload: bool, news: bool) -> _Peer:
-        """Say hello to ``client``'s server, check its block shape (and that it stores blocks,
-        for ``offload``) and import its G2."""
-        info = client.hello()
-        difference = BlockShape.of(self.config).difference(info.shape)
-        if difference is not None:
-            raise ConfigMismatchError(
-                "endpoint", f"{client.endpoint} keeps blocks of another shape ({difference})"
-            )
-        if offload and not info.stores:
-            raise InvalidArgumentError(
-                "offload",
-                f"{client.endpoint} does not store other workers' blocks (serve there with"
-                " stores=True)",
-            )
-        handle = self._transfer.import_layout(SerializedLayout.from_bytes(info.layout))
-        try:
-            index = client.follow(info) if news else None
-            if index is not None and index.prefix([]) is None:
-                log.warning(
-                    "no news from %s at %s within %s s: it is asked on every local miss until"
-                    " its news is heard",
-                    client.endpoint,
-                    info.news,
-                    client.timeout,
-                )
-            return _Peer(client, handle, info.server, index, offload)
-        except BaseException:
-            self._transfer.release_layout(handle)
-            raise
-
-    def _forget(self, peer: _Peer) -> None:
-        """Close what this manager keeps of a peer."""
-        if peer.index is not None:
-            peer.index.close()
-        peer.client.close()
-        self._transfer.release_layout(peer.handle)
 
     def _fetch_from_peers(
         self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
@@ -964,66 +878,20 @@ class BlockManager:
             room = min(g1.num_available - (end - start), g2.num_available - on_disk)
         try:
             wanted = hashes[end : end + max(room, 0)]
-            leased = self._lease_from_peers(wanted, ask_peer) if wanted else None
+            leased = self._peers.lease_longest(wanted, ask_peer) if wanted else None
             if leased is None:
                 return {}
             peer, lease = leased
             try:
                 return self._read_from_peer(peer, lease, hashes, token_ids, end)
             finally:
-                self._asking.submit(self._let_go, peer, lease)
+                self._peers.let_go_later(peer, lease)
         finally:
             with self._lock:
                 g2.free(kept)
 
-    def _lease_from_peers(
-        self, hashes: list[int], ask_peer: str | None
-    ) -> tuple[_Peer, Lease] | None:
-        """The longest non-empty lease of a prefix of ``hashes`` any peer grants (the first
-        peer's on a tie). Only the peers whose news says they cache the longest prefix are
-        asked, those whose news is unknown, and ``ask_peer``; they are asked at once and the
-        others let go of their leases."""
-        now = time.monotonic()
-        ready = [(e, p) for e, p in list(self._peers.items()) if p.retry_at <= now]
-        asked = _worth_asking(ready, hashes, ask_peer)
-        self.metrics.record_peer_requests(len(asked), len(ready) - len(asked))
-        if not asked:
-            return None
-        if len(asked) == 1:
-            answers = [self._lease_from(*asked[0], hashes)]
-        else:
-            answers = list(self._asking.map(lambda ep: self._lease_from(*ep, hashes), asked))
-        granted = [a for a in answers if a is not None and a[1].block_ids]
-        best = max(granted, key=lambda a: len(a[1].block_ids), default=None)
-        for answer in answers:
-            if answer is not None and answer is not best:
-                self._asking.submit(self._let_go, *answer)
-        return best
-
-    def _lease_from(
-        self, endpoint: str, peer: _Peer, hashes: list[int]
-    ) -> tuple[_Peer, Lease] | None:
-        """One peer's lease; a peer that restarted since its hello is greeted again (its G2
-        imported anew) and asked once more. None if it fails."""
-        try:
-            lease = peer.client.lease(hashes, PEER_LEASE_S)
-            if lease.server == peer.server:
-                return peer, lease
-            self._let_go(peer, lease)
-            fresh = self._connect(peer.client, peer.offload, peer.index is not None)
-            with self._lock:
-                if self._peers.get(endpoint) is peer:
-                    self._peers[endpoint] = fresh
-            if peer.index is not None:
-                peer.index.close()
-            self._transfer.release_layout(peer.handle)
-            return fresh, fresh.client.lease(hashes, PEER_LEASE_S)
-        except KvBlocksError as exc:
-            self._peer_failed(self._peers.get(endpoint, peer), exc)
-            return None
-
     def _read_from_peer(
-        self, peer: _Peer, lease: Lease, hashes: list[int], token_ids: Sequence[int], at: int
+        self, peer: Peer, lease: Lease, hashes: list[int], token_ids: Sequence[int], at: int
     ) -> dict[int, int]:
         """Copy ``lease``'s blocks (the hashes from ``hashes[at]`` on) into new G2 blocks and
         cache them there; returns hash -> G2 block, held. A failed read counts against the
@@ -1038,7 +906,7 @@ class BlockManager:
                 g2.free(staging)
             if not isinstance(exc, KvBlocksError):
                 raise
-            self._peer_failed(peer, exc)
+            self._peers.failed(peer, exc)
             return {}
         size = self.config.block_size
         got = hashes[at : at + len(staging)]
@@ -1052,48 +920,6 @@ class BlockManager:
                     g2.free([b])
             self._emit_stored(Tier.G2, [h for _, h in new])
         return dict(zip(got, cached, strict=True))
-
-    def _push(self, peers: list[_Peer], blocks: list[int], hashes: list[int]) -> None:
-        """Write held G2 ``blocks`` to each offload peer's G2: a reservation, one NIXL WRITE
-        of the blocks it does not cache, a commit; nothing for a peer whose news says it
-        caches them all. A peer that fails is left alone for a while; its reservation lapses
-        unregistered."""
-        chains = []
-        with self._lock:
-            for h in hashes:
-                info = self._chains[h]
-                chains.append(BlockChain(h, info.parent, info.token_ids))
-        now = time.monotonic()
-        for peer in peers:
-            if peer.retry_at > now:
-                continue
-            todo = _not_cached_at(peer, hashes)
-            if not todo:
-                continue
-            lease = None
-            try:
-                lease = peer.client.reserve([chains[i] for i in todo], PEER_LEASE_S)
-                offered = [blocks[i] for i in todo]
-                pairs = [(b, r) for b, r in zip(offered, lease.block_ids, strict=True) if r >= 0]
-                src, dst = [b for b, _ in pairs], [r for _, r in pairs]
-                self._copy(Tier.G2, src, Tier.G4, dst, onboard=False, peer=peer)
-                peer.client.commit(lease)
-            except KvBlocksError as exc:
-                self._peer_failed(peer, exc)
-                if lease is not None:  # drop the reservation now rather than when it lapses
-                    self._let_go(peer, lease)
-
-    def _let_go(self, peer: _Peer, lease: Lease) -> None:
-        try:
-            peer.client.release(lease)
-        except PeerError as exc:  # the server lets it go when it expires
-            self._peer_failed(peer, exc)
-
-    def _peer_failed(self, peer: _Peer, exc: BaseException) -> None:
-        log.warning(
-            "peer %s: %s; not asked again for %s s", peer.client.endpoint, exc, PEER_RETRY_S
-        )
-        peer.retry_at = time.monotonic() + PEER_RETRY_S
 
     # Offloading --------------------------------------------------------------------------------
 
@@ -1218,13 +1044,16 @@ class BlockManager:
                 to_disk = [(b, h) for b, h in new if self._to_disk(h)]
                 self.metrics.record_disk_filtered(len(new) - len(to_disk))
                 dst.acquire([b for b, _ in to_disk])
-            targets = [p for p in self._peers.values() if p.offload] if dst_tier is Tier.G2 else []
-            if targets and stored_blocks:
+            chains = []  # the stored blocks to offer to offload peers, held meanwhile
+            if dst_tier is Tier.G2 and stored_blocks and self._peers.offload_targets():
                 dst.acquire(stored_blocks)
+                chains = [
+                    BlockChain(h, self._chains[h].parent, self._chains[h].token_ids) for h in stored
+                ]
             dst.free(dst_ids)
-        if targets and stored_blocks:
+        if chains:
             try:
-                self._push(targets, stored_blocks, stored)
+                self._peers.push(stored_blocks, chains, self._write_to_peer)
             finally:
                 with self._lock:
                     dst.free(stored_blocks)
@@ -1235,8 +1064,11 @@ class BlockManager:
         """Whether a block stored in G2 goes on to G3 now (the disk filter's say)."""
         return self._disk_filter is None or self._disk_filter.passes(sequence_hash)
 
+    def _write_to_peer(self, peer: Peer, src_ids: list[int], dst_ids: list[int]) -> None:
+        self._copy(Tier.G2, src_ids, Tier.G4, dst_ids, onboard=False, peer=peer)
+
     def _copy(
-        self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: _Peer | None = None
+        self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: Peer | None = None
     ) -> None:
         """Copy blocks between tiers and count it; ``peer`` is the worker of a G4 side."""
         if not src_ids:
@@ -1340,34 +1172,6 @@ class _ServedG2:
 
     def abandon(self, blocks: list[int]) -> None:
         self.release(blocks)
-
-
-def _worth_asking(
-    peers: list[tuple[str, _Peer]], hashes: list[int], ask_peer: str | None
-) -> list[tuple[str, _Peer]]:
-    """The peers to ask for a prefix of ``hashes``: ``ask_peer``, those whose news is
-    unknown, and those whose news says they cache the longest prefix of them (none if no peer
-    caches the first)."""
-    known = _news_prefixes(peers, hashes)
-    longest = max((n for n in known.values() if n is not None), default=0)
-    return [
-        (e, p)
-        for e, p in peers
-        if e == ask_peer or known[e] is None or (longest and known[e] == longest)
-    ]
-
-
-def _news_prefixes(peers: list[tuple[str, _Peer]], hashes: list[int]) -> dict[str, int | None]:
-    """Per peer, how many of ``hashes`` (from the first) its news says it caches; None where
-    unknown."""
-    return {e: None if p.index is None else p.index.prefix(hashes) for e, p in peers}
-
-
-def _not_cached_at(peer: _Peer, hashes: list[int]) -> list[int]:
-    """The positions of ``hashes`` worth offering to ``peer``: those its news says it does
-    not cache (all of them where its news is unknown or not followed)."""
-    lacks = None if peer.index is None else peer.index.lacks(hashes)
-    return [i for i in range(len(hashes)) if lacks is None or lacks[i]]
 
 
 def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:
