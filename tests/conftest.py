@@ -30,15 +30,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-def start_nats_server(port: int) -> subprocess.Popen:
-    """A nats-server on 127.0.0.1:``port``, once it takes connections (skips without
-    nats-server or nats-py)."""
+def start_nats_server(port: int, store_dir=None) -> subprocess.Popen:
+    """A nats-server on 127.0.0.1:``port``, with JetStream keeping its streams in
+    ``store_dir`` when given, once it takes connections (skips without nats-server or
+    nats-py)."""
     binary = shutil.which("nats-server")
     if binary is None:
         pytest.skip("nats-server is not installed")
     pytest.importorskip("nats")
+    jetstream = [] if store_dir is None else ["-js", "-sd", str(store_dir)]
     server = subprocess.Popen(
-        [binary, "-a", "127.0.0.1", "-p", str(port)],
+        [binary, "-a", "127.0.0.1", "-p", str(port), *jetstream],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -60,6 +62,18 @@ def nats_server():
 
     port = free_port()
     server = start_nats_server(port)
+    yield f"nats://127.0.0.1:{port}"
+    server.terminate()
+    server.wait()
+
+
+@pytest.fixture
+def nats_jetstream_server(tmp_path):
+    """The URL of a NATS server of its own, with JetStream."""
+    from tests.helpers import free_port
+
+    port = free_port()
+    server = start_nats_server(port, tmp_path / "jetstream")
     yield f"nats://127.0.0.1:{port}"
     server.terminate()
     server.wait()

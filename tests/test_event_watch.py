@@ -184,6 +184,10 @@ def test_events_checks_its_arguments(capsys):
     assert "error: --zmq-replay needs --zmq" in capsys.readouterr().err
     assert main(["demo", "--nats-worker", "w"]) == 2
     assert "error: --nats-worker needs --nats" in capsys.readouterr().err
+    assert main(["serve", "--model", "llama-3.2-1b", "--host-gb", "1", "--nats-stream", "KV"]) == 2
+    assert "error: --nats-stream needs --nats" in capsys.readouterr().err
+    assert main(["events", "tcp://127.0.0.1:1", "--stream", "KV"]) == 2
+    assert "--stream needs --nats" in capsys.readouterr().err
 
 
 def test_events_reads_every_worker_on_a_nats_subject(nats_server):
@@ -252,3 +256,39 @@ def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, 
     assert [s.worker for s in states] == [v.worker for v in index.workers()] == names
     assert all(s.lost == 0 and s.bad == 0 and s.batches == s.next_seq > 0 for s in states)
     assert sum(v.blocks[Tier.G2] for v in index.workers()) > 0 and result["hits"]["G2"] > 0
+
+
+def test_events_reads_what_a_stream_kept_of_a_demo_that_ended(nats_jetstream_server, capsys):
+    """The demo publishes into a JetStream stream and ends; ``kvblocks events --stream`` started
+    after prints every event it published, and a status line with no loss."""
+    from tests.test_demo import SMALL
+
+    url = nats_jetstream_server
+    args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--quiet", "--json"]
+    args += ["--nats", url, "--nats-worker", "w", "--nats-stream", "KV"]
+    published = []
+
+    class Lines:
+        def apply(self, worker, batch):
+            published.extend(event_lines(worker, batch, tokens=False))
+
+        def lost(self, worker):
+            raise AssertionError("lost")
+
+    from kvblocks.pool.subscribers import NatsSubscriber
+
+    with NatsSubscriber(Lines(), url, stream="KV") as subscriber:  # live, while it runs
+        assert main(args) == 0
+        heard, deadline = -1, time.monotonic() + 10
+        while time.monotonic() < deadline:  # until no batch comes for 0.5 s
+            time.sleep(0.5)
+            if heard == (heard := sum(s.batches for s in subscriber.states())):
+                break
+    capsys.readouterr()
+    command = [sys.executable, "-m", "kvblocks.cli", "events", "--nats", url, "--stream", "KV"]
+    command += ["--count", str(len(published)), "--status-every", "100"]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert [json.loads(line) for line in proc.stdout.splitlines()] == published
+    (status,) = proc.stderr.strip().splitlines()
+    assert status.endswith(f"w: {status.split('w: ')[1]}") and status.endswith("0 lost")

@@ -16,7 +16,12 @@ pytest.importorskip("nats")
 pytest.importorskip("msgpack")
 
 from kvblocks.pool.kv_index import KvIndex  # noqa: E402
-from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink  # noqa: E402
+from kvblocks.pool.nats_link import (  # noqa: E402
+    SEQ_HEADER,
+    WORKER_HEADER,
+    NatsLink,
+    subject_matches,
+)
 from kvblocks.pool.publishers import NatsPublisher, encode_batch  # noqa: E402
 from kvblocks.pool.subscribers import NatsSubscriber  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
@@ -192,3 +197,76 @@ def test_arguments_are_checked_and_a_missing_server_named(nats_server):
         NatsPublisher(nats_server, worker="two\nlines")
     with pytest.raises(TransferError, match="NATS"):
         NatsSubscriber(Recorder(), f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)
+
+
+def test_a_stream_keeps_the_batches_for_subscribers_that_come_later(nats_jetstream_server):
+    """Two workers publish into one JetStream stream (the second adds its subject to it); a
+    subscriber that comes after reads everything kept, in each worker's order, then the new
+    batches, with no loss; a second one, later still, reads it all again."""
+    url = nats_jetstream_server
+    publishers = {w: NatsPublisher(url, f"kv.{w}", worker=w, stream="KV") for w in ("a", "b")}
+    try:
+        for seq in range(10):
+            for p in publishers.values():
+                p.publish(batch_of(seq))
+        recorder = Recorder()
+        with NatsSubscriber(recorder, url, subject="kv.*", stream="KV") as subscriber:
+            recorder.wait_for(20)
+            for seq in range(10, 15):
+                for p in publishers.values():
+                    p.publish(batch_of(seq))
+            items = recorder.wait_for(30)
+            states = subscriber.states()
+        for w in ("a", "b"):
+            assert [i for i in items if i[1] == w] == [("batch", w, s) for s in range(15)]
+        assert [(s.worker, s.next_seq, s.lost) for s in states] == [("a", 15, 0), ("b", 15, 0)]
+        again = Recorder()
+        with NatsSubscriber(again, url, subject="kv.b", stream="KV"):
+            assert again.wait_for(15) == [("batch", "b", s) for s in range(15)]
+    finally:
+        for p in publishers.values():
+            p.close()
+
+
+def test_a_subscriber_may_come_before_the_workers_and_their_stream(nats_jetstream_server):
+    recorder = Recorder()
+    url = nats_jetstream_server
+    with NatsSubscriber(recorder, url, subject="kv.>", stream="KV"):
+        with NatsPublisher(url, "kv.a.b", worker="w", stream="KV") as publisher:
+            for seq in range(3):
+                publisher.publish(batch_of(seq))
+        assert recorder.wait_for(3) == [("batch", "w", s) for s in range(3)]
+
+
+def test_a_stream_needs_jetstream_and_a_name(nats_server):
+    with pytest.raises(TransferError, match="-js"):
+        NatsPublisher(nats_server, stream="KV")
+    with pytest.raises(TransferError, match="-js"):
+        NatsSubscriber(Recorder(), nats_server, stream="KV")
+    for bad in ("", "kv.events", "two words", "a>"):
+        with pytest.raises(InvalidArgumentError, match="stream"):
+            NatsPublisher(nats_server, stream=bad)
+        with pytest.raises(InvalidArgumentError, match="stream"):
+            NatsSubscriber(Recorder(), nats_server, stream=bad)
+    with pytest.raises(InvalidArgumentError, match="stream_bytes"):
+        NatsPublisher(nats_server, stream="KV", stream_bytes=0)
+    with pytest.raises(InvalidArgumentError, match="stream_bytes"):
+        NatsSubscriber(Recorder(), nats_server, stream="KV", stream_bytes=0)
+
+
+@pytest.mark.parametrize(
+    "pattern, subject, matches",
+    [
+        ("kv", "kv", True),
+        ("kv", "kv.a", False),
+        ("kv.*", "kv.a", True),
+        ("kv.*", "kv.a.b", False),
+        ("kv.*", "kv", False),
+        ("kv.>", "kv.a.b", True),
+        ("kv.>", "kv", False),
+        ("*.a", "kv.a", True),
+        ("kv.b", "kv.a", False),
+    ],
+)
+def test_subject_matches_as_nats_does(pattern, subject, matches):
+    assert subject_matches(pattern, subject) is matches

@@ -665,13 +665,19 @@ def _add_publisher_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="with --nats, the name subscribers know this worker by (default HOSTNAME-PID)",
     )
+    parser.add_argument(
+        "--nats-stream",
+        metavar="NAME",
+        help="with --nats, keep the events in this JetStream stream for later subscribers",
+    )
 
 
 def _event_publishers(args: argparse.Namespace, workers: int, stack: contextlib.ExitStack):
     """What each of ``workers`` workers publishes its KV events to (None each without --zmq or
     --nats): one ZMQ publisher for them all, and over NATS one per worker, named NAME-wI when
     there are several. The publishers are closed when ``stack`` closes."""
-    for flag, needs in (("zmq_replay", "zmq"), ("nats_subject", "nats"), ("nats_worker", "nats")):
+    needs_nats = ("nats_subject", "nats_worker", "nats_stream")
+    for flag, needs in (("zmq_replay", "zmq"), *((f, "nats") for f in needs_nats)):
         if getattr(args, flag) is not None and not getattr(args, needs):
             raise InvalidArgumentError("--" + flag.replace("_", "-"), f"needs --{needs}")
     shared = []
@@ -691,7 +697,8 @@ def _event_publishers(args: argparse.Namespace, workers: int, stack: contextlib.
             if workers > 1:
                 name = f"{name}-w{i}"
             subject = args.nats_subject or "kv-events"
-            parts.append(stack.enter_context(NatsPublisher(args.nats, subject, worker=name)))
+            publisher = NatsPublisher(args.nats, subject, worker=name, stream=args.nats_stream)
+            parts.append(stack.enter_context(publisher))
         if len(parts) > 1:
             per_worker.append(FanOutPublisher(parts))
         else:
@@ -774,8 +781,9 @@ def _cmd_events(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(
             "ENDPOINT", "is missing: name a worker's endpoint, or --nats URL"
         )
-    if args.subject is not None and not args.nats:
-        raise InvalidArgumentError("--subject", "needs --nats")
+    for flag in ("subject", "stream"):
+        if getattr(args, flag) is not None and not args.nats:
+            raise InvalidArgumentError(f"--{flag}", "needs --nats")
     if replays and len(replays) != len(args.endpoints):
         raise InvalidArgumentError(
             "--replay",
@@ -787,7 +795,9 @@ def _cmd_events(args: argparse.Namespace) -> None:
     followed = [
         Followed(e, e, replays[i] if replays else None) for i, e in enumerate(args.endpoints)
     ]
-    nats = NatsSource(args.nats, args.subject or "kv-events") if args.nats else None
+    nats = None
+    if args.nats:
+        nats = NatsSource(args.nats, args.subject or "kv-events", args.stream)
     with _stopped_by_signals() as stop:
         watch_events(
             followed,
@@ -830,6 +840,11 @@ def _add_events_parser(sub) -> None:
     )
     events.add_argument(
         "--subject", help="with --nats, the subject to read, wildcards allowed (default kv-events)"
+    )
+    events.add_argument(
+        "--stream",
+        metavar="NAME",
+        help="with --nats, read the JetStream stream NAME: the events it keeps first",
     )
     events.add_argument("--count", type=_positive_int, help="stop after this many events")
     events.add_argument("--seconds", type=_positive_float, help="stop after this many seconds")

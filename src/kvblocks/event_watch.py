@@ -50,10 +50,12 @@ class Followed:
 
 @dataclass(frozen=True)
 class NatsSource:
-    """Where workers publish over NATS: the server and the subject (wildcards allowed)."""
+    """Where workers publish over NATS: the server, the subject (wildcards allowed) and the
+    JetStream stream that keeps their events (None: core NATS, only what comes from now on)."""
 
     url: str
     subject: str = "kv-events"
+    stream: str | None = None
 
 
 def _hash(value: BlockHash | None) -> int | str | None:
@@ -152,7 +154,9 @@ def watch_events(
             subscribers.append(zmq)
         if nats is not None:
             subscribers.append(
-                stack.enter_context(NatsSubscriber(sink, nats.url, subject=nats.subject))
+                stack.enter_context(
+                    NatsSubscriber(sink, nats.url, subject=nats.subject, stream=nats.stream)
+                )
             )
         while not stop.is_set() and (count is None or printed < count):
             now = time.monotonic()

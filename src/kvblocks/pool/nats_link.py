@@ -8,6 +8,9 @@ The headers kvblocks puts on each KV event batch it publishes over NATS:
   many workers;
 - :data:`SEQ_HEADER`: the batch's number in the worker's stream, from 0 (decimal), so that a
   subscriber can tell a lost batch (core NATS delivers at most once) and a restarted worker.
+
+With a JetStream stream (:func:`ensure_stream`), the server also keeps the batches published on
+the stream's subjects, so that a subscriber that comes later reads them from the first kept.
 """
 
 from __future__ import annotations
@@ -39,6 +42,70 @@ def check_subject(subject: str, wildcards: bool) -> str:
         kind = "NATS subject" if wildcards else "NATS subject without wildcards"
         raise InvalidArgumentError("subject", f"must be a {kind}, got {subject!r}")
     return subject
+
+
+def check_stream(stream: str) -> str:
+    """``stream`` if it can name a JetStream stream (printable, no spaces, ``.``, ``*``,
+    ``>``, ``/`` or ``\\``).
+
+    Raises:
+        InvalidArgumentError: it cannot.
+    """
+    if (
+        not isinstance(stream, str)
+        or not stream.isprintable()
+        or not stream
+        or any(c.isspace() or c in ".*>/\\" for c in stream)
+    ):
+        raise InvalidArgumentError("stream", f"must be a JetStream stream name, got {stream!r}")
+    return stream
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """Whether ``subject`` is one of those ``pattern`` names (``*`` one token, ``>`` the rest)."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, token in enumerate(want):
+        if token == ">":
+            return len(have) > i
+        if i >= len(have) or (token != "*" and token != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+async def ensure_stream(
+    client, name: str, subject: str, max_bytes: int, add_subject: bool = True
+) -> None:
+    """Make JetStream keep what is published on ``subject`` in the stream ``name``: create the
+    stream (file storage, the oldest messages dropped past ``max_bytes``), or, with
+    ``add_subject``, add ``subject`` to it where none of its subjects covers it (a subscriber
+    passes False: the subjects it reads may span several of the stream's).
+
+    Raises:
+        TransferError: the server has no JetStream, or refuses the stream.
+    """
+    from nats.js.api import DiscardPolicy, StreamConfig
+    from nats.js.errors import NotFoundError
+
+    js = client.jetstream()
+    try:
+        try:
+            info = await js.stream_info(name)
+        except NotFoundError:
+            config = StreamConfig(
+                name=name, subjects=[subject], max_bytes=max_bytes, discard=DiscardPolicy.OLD
+            )
+            await js.add_stream(config)
+            return
+        subjects = list(info.config.subjects or [])
+        if add_subject and not any(subject_matches(s, subject) for s in subjects):
+            info.config.subjects = [*subjects, subject]
+            await js.update_stream(info.config)
+    except Exception as exc:
+        if isinstance(exc, TransferError):
+            raise
+        raise TransferError(
+            f"JetStream stream {name!r} for {subject!r}: {exc!r} (does the server run with -js?)"
+        ) from None
 
 
 class NatsLink:

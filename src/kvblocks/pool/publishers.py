@@ -11,13 +11,21 @@ import socket
 import threading
 from collections import deque
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
     SerializationError,
 )
 from kvblocks.pool.events import EventBatch, EventPublisher
-from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink, check_subject
+from kvblocks.pool.nats_link import (
+    SEQ_HEADER,
+    WORKER_HEADER,
+    NatsLink,
+    check_stream,
+    check_subject,
+    ensure_stream,
+)
 
 #: The seq frame that ends a replay.
 REPLAY_END = -1
@@ -172,11 +180,14 @@ class NatsPublisher(EventPublisher):
         worker: the name subscribers know this worker by; a worker that restarts under the same
             name is seen to start over. Default ``"<hostname>-<pid>"``.
         connect_timeout: seconds to wait for the first connection.
+        stream: a JetStream stream that keeps the batches (created, or given ``subject``,
+            where needed), so that subscribers that come later read them; None: core NATS only.
+        stream_bytes: with ``stream`` created here, the bytes it keeps (the oldest dropped).
 
     Raises:
         BackendUnavailableError: nats-py or msgpack is not installed.
-        InvalidArgumentError: ``subject`` or ``worker`` is not one.
-        TransferError: no server answered in time.
+        InvalidArgumentError: ``subject``, ``worker`` or ``stream`` is not one.
+        TransferError: no server answered in time, or it has no JetStream for ``stream``.
     """
 
     def __init__(
@@ -185,6 +196,8 @@ class NatsPublisher(EventPublisher):
         subject: str = "kv-events",
         worker: str | None = None,
         connect_timeout: float = 5.0,
+        stream: str | None = None,
+        stream_bytes: int = 2**30,
     ) -> None:
         _msgpack()
         self.subject = check_subject(subject, wildcards=False)
@@ -195,7 +208,17 @@ class NatsPublisher(EventPublisher):
         self.worker = worker
         self._seq = 0
         self._lock = threading.Lock()
+        if stream is not None:
+            check_stream(stream)
+            positive_int(stream_bytes, "stream_bytes")
         self._link = NatsLink(url, name="kvblocks-nats-pub", connect_timeout=connect_timeout)
+        if stream is not None:
+            try:
+                ensure = ensure_stream(self._link.client, stream, subject, stream_bytes)
+                self._link.run(ensure, timeout=connect_timeout + 1)
+            except BaseException:
+                self._link.close()
+                raise
 
     def publish(self, batch: EventBatch) -> None:
         payload = encode_batch(batch)

@@ -19,7 +19,8 @@ worker's cache is new too), and the new batches are read from the start.
 A :class:`NatsSubscriber` reads every worker that publishes on a NATS subject (wildcards
 allowed), knowing them by the worker header of :class:`~kvblocks.pool.publishers.NatsPublisher`
 (by subject for messages without it). Core NATS keeps nothing, so there is no replay: a gap in
-a worker's seq header, or a worker starting over, is a loss.
+a worker's seq header, or a worker starting over, is a loss. Where the workers publish into a
+JetStream stream, the subscriber reads from it what the stream keeps first.
 
 Batches that no replay brings back (no replay endpoint, or the publisher no longer keeps them)
 are *lost*: :meth:`EventSink.lost` is told, and a :class:`~kvblocks.pool.kv_index.KvIndex`
@@ -35,6 +36,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kvblocks.checks import positive_int
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -42,7 +44,14 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.pool.events import EventBatch
-from kvblocks.pool.nats_link import SEQ_HEADER, WORKER_HEADER, NatsLink, check_subject
+from kvblocks.pool.nats_link import (
+    SEQ_HEADER,
+    WORKER_HEADER,
+    NatsLink,
+    check_stream,
+    check_subject,
+    ensure_stream,
+)
 from kvblocks.pool.publishers import REPLAY_END, decode_batch
 
 log = logging.getLogger(__name__)
@@ -467,16 +476,24 @@ class NatsSubscriber:
     losses; for workers whose messages carry no seq, a disconnection from the server or a
     dropped message is a loss of each of them.
 
+    With ``stream``, the subject is read from that JetStream stream (see
+    :class:`~kvblocks.pool.publishers.NatsPublisher`; created where missing, so that the
+    subscriber may come before the workers) through an ordered consumer:
+    first every batch the stream keeps, then the new ones as they come, none missed across a
+    reconnection.
+
     Args:
         sink: gets every worker's batches, in order, and word of lost ones.
         url: the server, ``"nats://127.0.0.1:4222"``.
         subject: the subject to read, wildcards allowed (``"kv-events.>"``).
         connect_timeout: seconds to wait for the server.
+        stream: the JetStream stream that keeps the subject's batches; None: core NATS.
+        stream_bytes: with ``stream`` created here, the bytes it keeps (the oldest dropped).
 
     Raises:
         BackendUnavailableError: nats-py or msgpack is not installed.
-        InvalidArgumentError: ``subject`` is not a NATS subject.
-        TransferError: no server answered in time.
+        InvalidArgumentError: ``subject`` or ``stream`` is not one.
+        TransferError: no server answered in time, or ``stream`` cannot be read.
     """
 
     def __init__(
@@ -485,6 +502,8 @@ class NatsSubscriber:
         url: str = "nats://127.0.0.1:4222",
         subject: str = "kv-events",
         connect_timeout: float = 5.0,
+        stream: str | None = None,
+        stream_bytes: int = 2**30,
     ) -> None:
         try:
             import msgpack  # noqa: F401 (decode_batch needs it)
@@ -493,6 +512,8 @@ class NatsSubscriber:
                 "msgpack is not installed: pip install 'kvblocks[events]'"
             ) from None
         self.subject = check_subject(subject, wildcards=True)
+        self.stream = None if stream is None else check_stream(stream)
+        positive_int(stream_bytes, "stream_bytes")
         self._sink = sink
         self._workers: dict[str, _NatsWorker] = {}
         self._states_lock = threading.Lock()
@@ -505,10 +526,19 @@ class NatsSubscriber:
             disconnected_cb=self._on_disconnected,
         )
         try:
+            if stream is not None:
+                ensure = ensure_stream(
+                    self._link.client, stream, subject, stream_bytes, add_subject=False
+                )
+                self._link.run(ensure, timeout=connect_timeout + 1)
             self._link.run(self._subscribe(), timeout=connect_timeout + 1)
+        except TransferError:
+            self._link.close()
+            raise
         except Exception as exc:
             self._link.close()
-            raise TransferError(f"cannot subscribe to {subject!r} at {url}: {exc!r}") from None
+            where = f"{subject!r}" if stream is None else f"{subject!r} in stream {stream!r}"
+            raise TransferError(f"cannot subscribe to {where} at {url}: {exc!r}") from None
 
     def states(self) -> list[FollowState]:
         """How reading each worker heard so far goes, by name."""
@@ -534,8 +564,20 @@ class NatsSubscriber:
     # The connection's thread --------------------------------------------------------------------
 
     async def _subscribe(self) -> None:
-        await self._link.client.subscribe(self.subject, cb=self._on_message)
-        await self._link.client.flush()  # the server has the subscription
+        client = self._link.client
+        if self.stream is None:
+            await client.subscribe(self.subject, cb=self._on_message)
+        else:
+            from nats.js.api import DeliverPolicy
+
+            await client.jetstream().subscribe(
+                self.subject,
+                stream=self.stream,
+                ordered_consumer=True,
+                deliver_policy=DeliverPolicy.ALL,
+                cb=self._on_message,
+            )
+        await client.flush()  # the server has the subscription
 
     async def _on_message(self, msg) -> None:
         headers = msg.headers or {}
@@ -574,7 +616,7 @@ class NatsSubscriber:
             self._lose_unnumbered()
 
     async def _on_disconnected(self) -> None:
-        if self._closing:
+        if self._closing or self.stream is not None:  # the stream keeps what is sent meanwhile
             return
         log.warning("disconnected from NATS: events sent meanwhile are lost")
         self._lose_unnumbered()
