@@ -611,8 +611,10 @@ class NatsSubscriber:
         _tell(self._sink.apply, name, batch)
 
     async def _on_error(self, error: Exception) -> None:
+        from nats.errors import SlowConsumerError
+
         log.warning("NATS: %r", error)
-        if type(error).__name__ == "SlowConsumerError":
+        if isinstance(error, SlowConsumerError):  # the client dropped messages
             self._lose_unnumbered()
 
     async def _on_disconnected(self) -> None:
