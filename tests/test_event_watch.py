@@ -75,6 +75,15 @@ def test_events_prints_every_event_of_two_workers_as_json_lines():
     assert len(lines) == 60
 
 
+def wait_quiet(subscriber, timeout: float = 10.0) -> None:
+    """Wait until ``subscriber`` hears no batch for 0.5 s (or ``timeout`` passes)."""
+    heard, deadline = -1, time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
+        if heard == (heard := sum(s.batches for s in subscriber.states())):
+            return
+
+
 def test_event_lines_give_bytes_hashes_in_hex_and_tiers_by_name():
     batch = EventBatch(
         5.0,
@@ -246,11 +255,7 @@ def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, 
         args += ["--nats", nats_server, "--nats-worker", "demo", "--zmq", zmq_endpoint]
         assert main([*args, "--workers", str(workers)]) == 0
         result = json.loads(capsys.readouterr().out)
-        heard, deadline = -1, time.monotonic() + 10
-        while time.monotonic() < deadline:  # until no batch comes for 0.5 s
-            time.sleep(0.5)
-            if heard == (heard := sum(s.batches for s in subscriber.states())):
-                break
+        wait_quiet(subscriber)
         states = subscriber.states()
     names = ["demo"] if workers == 1 else [f"demo-w{i}" for i in range(workers)]
     assert [s.worker for s in states] == [v.worker for v in index.workers()] == names
@@ -279,11 +284,7 @@ def test_events_reads_what_a_stream_kept_of_a_demo_that_ended(nats_jetstream_ser
 
     with NatsSubscriber(Lines(), url, stream="KV") as subscriber:  # live, while it runs
         assert main(args) == 0
-        heard, deadline = -1, time.monotonic() + 10
-        while time.monotonic() < deadline:  # until no batch comes for 0.5 s
-            time.sleep(0.5)
-            if heard == (heard := sum(s.batches for s in subscriber.states())):
-                break
+        wait_quiet(subscriber)
     capsys.readouterr()
     command = [sys.executable, "-m", "kvblocks.cli", "events", "--nats", url, "--stream", "KV"]
     command += ["--count", str(len(published)), "--status-every", "100"]

@@ -20,7 +20,6 @@ import dataclasses
 import json
 import os
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -691,9 +690,10 @@ def _event_publishers(args: argparse.Namespace, workers: int, stack: contextlib.
     for i in range(workers):
         parts = list(shared)
         if args.nats:
+            from kvblocks.pool.nats_link import default_worker
             from kvblocks.pool.publishers import NatsPublisher
 
-            name = args.nats_worker or f"{socket.gethostname()}-{os.getpid()}"
+            name = args.nats_worker or default_worker()
             if workers > 1:
                 name = f"{name}-w{i}"
             subject = args.nats_subject or "kv-events"

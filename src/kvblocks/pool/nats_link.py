@@ -16,6 +16,8 @@ the stream's subjects, so that a subscriber that comes later reads them from the
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import threading
 from collections.abc import Awaitable, Callable, Coroutine
 from concurrent.futures import Future
@@ -25,6 +27,11 @@ from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, Trans
 
 WORKER_HEADER = "Kvblocks-Worker"
 SEQ_HEADER = "Kvblocks-Seq"
+
+
+def default_worker() -> str:
+    """The name a worker publishes under unless told: ``"<hostname>-<pid>"``."""
+    return f"{socket.gethostname()}-{os.getpid()}"
 
 
 def check_subject(subject: str, wildcards: bool) -> str:
@@ -101,8 +108,6 @@ async def ensure_stream(
             info.config.subjects = [*subjects, subject]
             await js.update_stream(info.config)
     except Exception as exc:
-        if isinstance(exc, TransferError):
-            raise
         raise TransferError(
             f"JetStream stream {name!r} for {subject!r}: {exc!r} (does the server run with -js?)"
         ) from None
@@ -115,8 +120,7 @@ class NatsLink:
         url: the server, ``"nats://127.0.0.1:4222"``.
         name: the name of the loop's thread, and of the client to the server.
         connect_timeout: seconds to wait for the first connection.
-        error_cb, disconnected_cb, reconnected_cb: the client's callbacks (coroutines, run on
-            the loop).
+        error_cb, disconnected_cb: the client's callbacks (coroutines, run on the loop).
 
     Raises:
         BackendUnavailableError: nats-py is not installed.
@@ -131,7 +135,6 @@ class NatsLink:
         connect_timeout: float = 5.0,
         error_cb: Callable[[Exception], Awaitable[None]] | None = None,
         disconnected_cb: Callable[[], Awaitable[None]] | None = None,
-        reconnected_cb: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         try:
             import nats
@@ -146,15 +149,6 @@ class NatsLink:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=name, daemon=True)
         self._thread.start()
-        callbacks = {
-            key: cb
-            for key, cb in (
-                ("error_cb", error_cb),
-                ("disconnected_cb", disconnected_cb),
-                ("reconnected_cb", reconnected_cb),
-            )
-            if cb is not None
-        }
         try:
             self.client = self.run(
                 nats.connect(
@@ -163,7 +157,8 @@ class NatsLink:
                     connect_timeout=connect_timeout,
                     allow_reconnect=True,
                     max_reconnect_attempts=-1,
-                    **callbacks,
+                    error_cb=error_cb,
+                    disconnected_cb=disconnected_cb,
                 ),
                 timeout=connect_timeout + 1,
             )

@@ -6,8 +6,6 @@ the ``events`` extra (``pip install 'kvblocks[events]'``).
 
 from __future__ import annotations
 
-import os
-import socket
 import threading
 from collections import deque
 
@@ -24,6 +22,7 @@ from kvblocks.pool.nats_link import (
     NatsLink,
     check_stream,
     check_subject,
+    default_worker,
     ensure_stream,
 )
 
@@ -31,7 +30,12 @@ from kvblocks.pool.nats_link import (
 REPLAY_END = -1
 
 
-def _msgpack():
+def require_msgpack():
+    """The msgpack module (KV event payloads are msgpack).
+
+    Raises:
+        BackendUnavailableError: it is not installed.
+    """
     try:
         import msgpack
     except ImportError:
@@ -43,7 +47,7 @@ def _msgpack():
 
 def encode_batch(batch: EventBatch) -> bytes:
     """The msgpack bytes of a batch."""
-    return _msgpack().packb(batch.to_wire(), use_bin_type=True)
+    return require_msgpack().packb(batch.to_wire(), use_bin_type=True)
 
 
 def decode_batch(payload: bytes) -> EventBatch:
@@ -52,7 +56,7 @@ def decode_batch(payload: bytes) -> EventBatch:
     Raises:
         SerializationError: the bytes are not msgpack of a KV event batch.
     """
-    msgpack = _msgpack()
+    msgpack = require_msgpack()
     try:
         wire = msgpack.unpackb(payload, raw=False)
     except (ValueError, msgpack.UnpackException) as exc:
@@ -91,7 +95,7 @@ class ZmqPublisher(EventPublisher):
             raise BackendUnavailableError(
                 "pyzmq is not installed: pip install 'kvblocks[events]'"
             ) from None
-        _msgpack()
+        require_msgpack()
         if isinstance(buffer_batches, bool) or not isinstance(buffer_batches, int):
             raise InvalidArgumentError("buffer_batches", f"must be an int, got {buffer_batches!r}")
         if buffer_batches < 1:
@@ -199,10 +203,10 @@ class NatsPublisher(EventPublisher):
         stream: str | None = None,
         stream_bytes: int = 2**30,
     ) -> None:
-        _msgpack()
+        require_msgpack()
         self.subject = check_subject(subject, wildcards=False)
         if worker is None:
-            worker = f"{socket.gethostname()}-{os.getpid()}"
+            worker = default_worker()
         if not isinstance(worker, str) or not worker.isprintable() or not worker.strip():
             raise InvalidArgumentError("worker", f"must be a printable name, got {worker!r}")
         self.worker = worker

@@ -52,7 +52,7 @@ from kvblocks.pool.nats_link import (
     check_subject,
     ensure_stream,
 )
-from kvblocks.pool.publishers import REPLAY_END, decode_batch
+from kvblocks.pool.publishers import REPLAY_END, decode_batch, require_msgpack
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +377,7 @@ class ZmqSubscriber:
         """``follow`` 's worker sent ``seq`` after batches up to ``next_seq - 1``: it started
         over. What it had is lost; its new batches are read from 0 (from ``seq`` without a
         replay endpoint)."""
-        log.warning(
-            "%s started over: batch %d came after %d", follow.worker, seq, follow.next_seq - 1
-        )
+        _warn_out_of_order(follow.worker, follow.next_seq, seq)
         self._lose(follow)
         follow.next_seq = 0 if follow.replay_endpoint is not None else seq
 
@@ -422,9 +420,7 @@ class ZmqSubscriber:
         if seq < follow.next_seq:
             return
         if seq > follow.next_seq:
-            log.warning(
-                "KV events %d to %d of %s were lost", follow.next_seq, seq - 1, follow.worker
-            )
+            _warn_out_of_order(follow.worker, follow.next_seq, seq)
             self._lose(follow)
         follow.next_seq = seq + 1
         try:
@@ -505,12 +501,7 @@ class NatsSubscriber:
         stream: str | None = None,
         stream_bytes: int = 2**30,
     ) -> None:
-        try:
-            import msgpack  # noqa: F401 (decode_batch needs it)
-        except ImportError:
-            raise BackendUnavailableError(
-                "msgpack is not installed: pip install 'kvblocks[events]'"
-            ) from None
+        require_msgpack()
         self.subject = check_subject(subject, wildcards=True)
         self.stream = None if stream is None else check_stream(stream)
         positive_int(stream_bytes, "stream_bytes")
@@ -590,12 +581,7 @@ class NatsSubscriber:
         worker.subject = msg.subject
         seq = _seq_of(headers.get(SEQ_HEADER))
         if seq is not None and worker.next_seq is not None and seq != worker.next_seq:
-            if seq < worker.next_seq:
-                log.warning(
-                    "%s started over: batch %d came after %d", name, seq, worker.next_seq - 1
-                )
-            else:
-                log.warning("KV events %d to %d of %s were lost", worker.next_seq, seq - 1, name)
+            _warn_out_of_order(name, worker.next_seq, seq)
             self._lose(worker)
         worker.next_seq = None if seq is None else seq + 1
         try:
@@ -633,6 +619,15 @@ class NatsSubscriber:
         with self._states_lock:
             worker.lost += 1
         _tell(self._sink.lost, worker.worker)
+
+
+def _warn_out_of_order(worker: str, next_seq: int, seq: int) -> None:
+    """Log batch ``seq`` of ``worker`` coming where ``next_seq`` was due: batches between were
+    lost, or (a seq that goes back) the worker started over."""
+    if seq < next_seq:
+        log.warning("%s started over: batch %d came after %d", worker, seq, next_seq - 1)
+    else:
+        log.warning("KV events %d to %d of %s were lost", next_seq, seq - 1, worker)
 
 
 def _tell(method, *args) -> None:
