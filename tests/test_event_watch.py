@@ -239,8 +239,9 @@ def test_events_reads_every_worker_on_a_nats_subject(nats_server):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, workers):
     """``--nats`` with ``--zmq`` too: the NATS side names each worker as told and carries every
-    batch the demo's managers published, in order (no gap in any worker's seq)."""
-    from kvblocks.pool import KvIndex
+    batch the demo's managers published, in order (no gap in any worker's seq), the last one
+    clearing the worker's blocks as its manager closed."""
+    from kvblocks.pool import AllBlocksCleared, BlockStored, KvIndex
     from kvblocks.pool.subscribers import NatsSubscriber
     from kvblocks.remote import nixl_available
     from tests.helpers import free_port
@@ -248,7 +249,14 @@ def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, 
 
     if workers > 1 and not nixl_available():
         pytest.skip("workers share blocks through NIXL")
-    index = KvIndex(16)
+
+    class Recording(KvIndex):
+        def apply(self, worker, batch):
+            events.setdefault(worker, []).extend(batch.events)
+            super().apply(worker, batch)
+
+    events = {}
+    index = Recording(16)
     with NatsSubscriber(index, nats_server) as subscriber:
         zmq_endpoint = f"tcp://127.0.0.1:{free_port()}"
         args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--quiet", "--json"]
@@ -260,7 +268,12 @@ def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, 
     names = ["demo"] if workers == 1 else [f"demo-w{i}" for i in range(workers)]
     assert [s.worker for s in states] == [v.worker for v in index.workers()] == names
     assert all(s.lost == 0 and s.bad == 0 and s.batches == s.next_seq > 0 for s in states)
-    assert sum(v.blocks[Tier.G2] for v in index.workers()) > 0 and result["hits"]["G2"] > 0
+    assert result["hits"]["G2"] > 0
+    for name in names:
+        stored = [e for e in events[name] if isinstance(e, BlockStored)]
+        assert any(e.tier is Tier.G2 for e in stored)
+        assert isinstance(events[name][-1], AllBlocksCleared)
+    assert all(sum(v.blocks.values()) == 0 for v in index.workers())
 
 
 def test_events_reads_what_a_stream_kept_of_a_demo_that_ended(nats_jetstream_server, capsys):

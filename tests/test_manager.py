@@ -317,6 +317,36 @@ def test_events_follow_the_blocks(tmp_path):
     assert isinstance(events[-1], AllBlocksCleared)
 
 
+def test_an_index_forgets_a_closed_worker_and_relearns_its_disk_on_restart(tmp_path):
+    """Closing publishes ``AllBlocksCleared`` last (once, however often ``close`` is called), so
+    a router's index drops the worker's blocks; the next process announces the G3 blocks it
+    reuses, and the index has exactly those."""
+    from kvblocks.pool import KvIndex
+
+    index = KvIndex(BS)
+    config = make_config(tmp_path, g1=8, g2=4, g3=32)
+    gen = torch.Generator().manual_seed(5)
+    tokens = tokens_of(13, 5 * BS)
+    publisher, batches = recording_publisher()
+    publisher.subscribe(lambda batch: index.apply("w", batch))
+    manager = BlockManager(config, publisher=publisher)
+    store(manager, tokens, gen)
+    manager.flush()
+    (view,) = index.workers()
+    assert view.blocks[Tier.G1] == 5 and view.blocks[Tier.G3] == 5
+    manager.close()
+    manager.close()
+    events = [e for b in batches for e in b.events]
+    assert [type(e) for e in events].count(AllBlocksCleared) == 1
+    assert isinstance(events[-1], AllBlocksCleared)
+    (view,) = index.workers()
+    assert sum(view.blocks.values()) == 0 and index.overlaps(tokens)[0].blocks == 0
+    with BlockManager(config, publisher=publisher):
+        (view,) = index.workers()
+        assert {t: n for t, n in view.blocks.items() if n} == {Tier.G3: 5}
+        assert index.overlaps(tokens)[0].blocks == 5
+
+
 def test_wire_form_round_trips():
     from kvblocks.pool import EventBatch
 

@@ -559,7 +559,11 @@ class BlockManager:
 
     def close(self) -> None:
         """Stop serving peers, finish the offloads, publish the last events and release every
-        tier (the G3 file and its journal stay for the next process)."""
+        tier (the G3 file and its journal stay for the next process).
+
+        The last event published is ``AllBlocksCleared``: routers that follow this worker
+        forget its blocks (a next process that reuses the G3 file announces those again).
+        Closing again does nothing."""
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -568,6 +572,9 @@ class BlockManager:
             self._worker.join()
             self._worker = None
         self._peers.close()
+        with self._lock:
+            if self._tiers:
+                self._pending.append(AllBlocksCleared())
         self._publish()
         self._release_tiers()
 
