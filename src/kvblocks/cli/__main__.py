@@ -1,0 +1,7 @@
+"""``python -m kvblocks.cli``: the ``kvblocks`` command."""
+
+import sys
+
+from kvblocks.cli import main
+
+sys.exit(main())
