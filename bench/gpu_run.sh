@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The whole GPU run: gpu tests, then every benchmark, results under $OUT (default ./out).
 # Usage on a GPU machine: bash bench/gpu_run.sh [suite ...]
-# (suites: tests kvbench permute paged transfers disk remote sharing demo)
+# (suites: tests kvbench permute paged transfers contention disk remote sharing demo)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 out="${OUT:-out}"
 mkdir -p "$out"
 suites=("$@")
-[ ${#suites[@]} -gt 0 ] || suites=(tests kvbench permute paged transfers disk remote sharing)
+[ ${#suites[@]} -gt 0 ] || suites=(tests kvbench permute paged transfers contention disk remote sharing)
 # Clocks, power and throttle reasons every 0.5 s, to tell a slow kernel from a slowed GPU.
 nvidia-smi --query-gpu=timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_throttle_reasons.active \
     --format=csv -lms 500 >"$out/gpu_clocks.csv" 2>/dev/null &

@@ -10,7 +10,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from kvblocks.benchmarks import kvbench, paged, peers, permute, pool, remote, sharing, transfers
+from kvblocks.benchmarks import (
+    contention,
+    kvbench,
+    paged,
+    peers,
+    permute,
+    pool,
+    remote,
+    sharing,
+    transfers,
+)
 from kvblocks.benchmarks.timing import write_csv
 from kvblocks.cli import main
 from kvblocks.layout import KvDims
@@ -49,7 +59,18 @@ def test_bench_argument_errors(capsys, tmp_path, args, message):
 @pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib")
 @pytest.mark.parametrize(
     "suite",
-    ["kvbench", "permute", "paged", "transfers", "disk", "remote", "sharing", "peers", "pool"],
+    [
+        "kvbench",
+        "permute",
+        "paged",
+        "transfers",
+        "contention",
+        "disk",
+        "remote",
+        "sharing",
+        "peers",
+        "pool",
+    ],
 )
 def test_plot_from_recorded_csv(tmp_path, suite):
     png = tmp_path / f"{suite}.png"
@@ -129,6 +150,23 @@ def test_transfer_suites_run_small(tmp_path):
     assert {r.strategy for r in rows} == {"kernel"}  # a few KiB: below copy_engine_min_bytes
     rows = transfers.run_disk(lambda nt: small, [16], [4], folder=str(tmp_path), repeats=1)
     assert [r.direction for r in rows] == ["pinned_to_disk", "disk_to_pinned"]
+
+
+@pytest.mark.gpu
+def test_contention_suite_runs_small():
+    """Each route takes its path, and the transfer and the work are timed alone and together."""
+    small = KvDims(nl=2, no=2, nh=2, nt=16, hd=64, dtype="bf16")
+    rows = contention.run(lambda nt: small, [16], [2], iters=2)
+    assert [(r.route, r.direction, r.work.split()[0]) for r in rows] == [
+        (route, direction, work)
+        for route in contention.ROUTES
+        for direction in ("h2d", "d2h")
+        for work in contention.WORKS
+    ]
+    assert {(r.route, r.strategy) for r in rows} == {("kernel", "kernel"), ("staged", "staged")}
+    for r in rows:
+        assert r.transfer_alone_gbps > 0 and r.transfer_shared_gbps > 0 and r.work_alone_ms > 0
+        assert r.both_ms >= r.work_shared_ms
 
 
 @pytest.mark.gpu

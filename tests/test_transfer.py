@@ -238,9 +238,11 @@ def test_strategies_on_this_machine(manager, tmp_path):
         manager.strategy(h["device"], h["pinned"], num_blocks=0)
 
 
-def test_copy_engine_threshold_is_checked():
-    prefs = TransferPreferences(copy_engine_min_bytes=-1)
-    with pytest.raises(InvalidArgumentError, match="copy_engine_min_bytes must be an int >= 0"):
+@pytest.mark.parametrize("name", ["copy_engine_min_bytes", "staged_min_bytes"])
+@pytest.mark.parametrize("value", [-1, 1.5, "16"])
+def test_copy_engine_thresholds_are_checked(name, value):
+    prefs = TransferPreferences(**{name: value})
+    with pytest.raises(InvalidArgumentError, match=f"preferences.{name} must be an int >= 0"):
         TransferManager.builder().preferences(prefs).build()
 
 

@@ -116,27 +116,47 @@ def test_stream_pool_round_robin(manager):
     assert manager.streams.d2h().cuda_stream not in {s.cuda_stream for s in streams}
 
 
-@pytest.mark.parametrize("kinds", [("device", "pinned"), ("pinned", "device")])
-def test_large_whole_block_transfers_take_the_copy_engine(kinds):
-    """From ``copy_engine_min_bytes`` up, whole blocks between device and pinned memory move
-    through the copy engine; fewer bytes, regions, a layer range or a format change stay with
-    the kernels."""
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+def test_large_transfers_of_whole_pinned_blocks_take_the_copy_engine(into_device):
+    """From ``copy_engine_min_bytes`` up, whole pinned blocks move through the copy engine to
+    or from whole device blocks; from ``staged_min_bytes`` up, they are staged through device
+    memory for a layer-separate device layout or a format change. Fewer bytes, a layer range
+    or pinned regions stay with the kernel."""
     block = CFG.block_bytes
-    prefs = TransferPreferences(copy_engine_min_bytes=3 * block)
+    prefs = TransferPreferences(copy_engine_min_bytes=3 * block, staged_min_bytes=4 * block)
     with TransferManager.builder().preferences(prefs).build() as m:
-        src = make(m, kinds[0], True, NHD)
-        dst = make(m, kinds[1], True, NHD)
-        assert m.strategy(src, dst, num_blocks=3) is Strategy.COPY_ENGINE
-        assert m.strategy(src, dst, num_blocks=2) is Strategy.KERNEL
+        pinned = make(m, "pinned", True, NHD)
+        device = {
+            "whole": make(m, "device", True, NHD),
+            "regions": make(m, "device", False, NHD),
+            "hnd regions": make(m, "device", False, HND),
+        }
+
+        def strategy(device_side, options=None, n=6, pinned_side=pinned):
+            ends = (pinned_side, device_side) if into_device else (device_side, pinned_side)
+            return m.strategy(*ends, options, num_blocks=n)
+
+        def check(device_side, options=None):
+            ends = (pinned, device_side) if into_device else (device_side, pinned)
+            check_transfer(m, ends[0], [5, 0, 3, 1], ends[1], [2, 4, 0, 5], None, options)
+
+        assert strategy(device["whole"], n=3) is Strategy.COPY_ENGINE
+        check(device["whole"])
+        for name in ("regions", "hnd regions"):
+            assert strategy(device[name], n=4) is Strategy.STAGED
+            check(device[name])
+        assert strategy(device["regions"], n=3) is Strategy.KERNEL
+        universal = TransferOptions(**{("dst" if into_device else "src") + "_kv_layout": UNI})
+        assert strategy(device["whole"], universal) is Strategy.STAGED
+        assert strategy(device["whole"], n=2) is Strategy.KERNEL
         some_layers = TransferOptions(layer_range=range(1, 3))
-        assert m.strategy(src, dst, some_layers, num_blocks=6) is Strategy.KERNEL
-        universal = TransferOptions(dst_kv_layout=UNI)
-        assert m.strategy(src, dst, universal, num_blocks=6) is Strategy.KERNEL
-        regions = make(m, kinds[1], False, NHD)
-        assert m.strategy(src, regions, num_blocks=6) is Strategy.KERNEL
-        check_transfer(m, src, [5, 0, 3, 1], dst, [2, 4, 0, 5], None)
-    off = TransferPreferences(copy_engine_min_bytes=None)
+        assert strategy(device["regions"], some_layers) is Strategy.KERNEL
+        pinned_regions = make(m, "pinned", False, NHD)
+        assert strategy(device["regions"], pinned_side=pinned_regions) is Strategy.KERNEL
+    off = TransferPreferences(copy_engine_min_bytes=None, staged_min_bytes=None)
     with TransferManager.builder().preferences(off).build() as m:
-        src = make(m, kinds[0], True, NHD)
-        dst = make(m, kinds[1], True, NHD)
-        assert m.strategy(src, dst, num_blocks=CFG.num_blocks) is Strategy.KERNEL
+        pinned = make(m, "pinned", True, NHD)
+        for fc in (True, False):
+            device_side = make(m, "device", fc, NHD)
+            ends = (pinned, device_side) if into_device else (device_side, pinned)
+            assert m.strategy(*ends, num_blocks=CFG.num_blocks) is Strategy.KERNEL

@@ -113,7 +113,8 @@ def _side(cls, fc: bool, fmt, n: int = 6) -> Side:
 @pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
 def test_routes_between_device_and_pinned(into_device):
     """The routing table, with sides that say they are GPU memory and pinned memory."""
-    large = RoutePolicy(copy_engine_min_bytes=3 * CFG.block_bytes)
+    least = 3 * CFG.block_bytes
+    large = RoutePolicy(copy_engine_min_bytes=least, staged_min_bytes=least)
 
     def strategy(device: Side, pinned: Side, policy=large, layers=None):
         ends = (pinned, device) if into_device else (device, pinned)
@@ -121,21 +122,39 @@ def test_routes_between_device_and_pinned(into_device):
 
     whole, regions = _side(_OnGpu, True, NHD), _side(_OnGpu, False, NHD)
     blocks, universal = _side(_Pinned, True, NHD), _side(_Pinned, True, UNI)
-    # By default the kernels, but the copy engine for large whole blocks on both sides.
+    # By default the kernel, but the copy engine for large transfers of whole pinned blocks:
+    # direct where the device side has the same spans, staged through slots in the pinned
+    # side's format where it does not (a layer-separate layout, or a format change), each
+    # from its own threshold.
     assert strategy(whole, blocks).strategy is Strategy.COPY_ENGINE
-    assert strategy(regions, blocks).strategy is Strategy.KERNEL
-    assert strategy(whole, universal).strategy is Strategy.KERNEL
+    direct_only = RoutePolicy(copy_engine_min_bytes=least)
+    assert strategy(whole, blocks, direct_only).strategy is Strategy.COPY_ENGINE
+    assert strategy(regions, blocks, direct_only).strategy is Strategy.KERNEL
+    staged_only = RoutePolicy(staged_min_bytes=least)
+    assert strategy(whole, blocks, staged_only).strategy is Strategy.KERNEL
+    assert strategy(regions, blocks, staged_only).strategy is Strategy.STAGED
+    kinds = ["copy_engine", "gpu"] if into_device else ["gpu", "copy_engine"]
+    for device, fmt in ((regions, NHD), (_side(_OnGpu, False, HND), NHD), (whole, UNI)):
+        large_staged = strategy(device, universal if fmt is UNI else blocks)
+        assert large_staged.strategy is Strategy.STAGED
+        assert [hop[0].value for hop in large_staged.hops] == kinds
+        assert large_staged.bounces() == [Bounce("device", fmt)]
     two = (_side(_OnGpu, True, NHD, n=2), _side(_Pinned, True, NHD, n=2))
     assert strategy(*two).strategy is Strategy.KERNEL
+    assert strategy(_side(_OnGpu, False, NHD, n=2), two[1]).strategy is Strategy.KERNEL
     assert strategy(whole, blocks, layers=range(1, 3)).strategy is Strategy.KERNEL
+    assert strategy(regions, blocks, layers=range(1, 3)).strategy is Strategy.KERNEL
     assert strategy(whole, blocks, RoutePolicy()).strategy is Strategy.KERNEL
+    assert strategy(regions, blocks, RoutePolicy()).strategy is Strategy.KERNEL
+    pinned_regions = (_side(_Pinned, False, NHD), _side(_Pinned, False, HND))
+    assert strategy(regions, pinned_regions[0]).strategy is Strategy.KERNEL
+    assert strategy(regions, pinned_regions[1]).strategy is Strategy.KERNEL
     # Preferring the copy engine: direct where both sides have the same spans, else staged
     # through slots in the pinned side's format (whole pinned blocks for a layer-separate
     # device layout, or a format change), whatever the size.
     prefer = RoutePolicy(copy_engine=True)
     staged = strategy(regions, blocks, prefer)
     assert staged.strategy is Strategy.STAGED
-    kinds = ["copy_engine", "gpu"] if into_device else ["gpu", "copy_engine"]
     assert [hop[0].value for hop in staged.hops] == kinds
     assert staged.bounces() == [Bounce("device", NHD)]
     assert strategy(*two, prefer).strategy is Strategy.COPY_ENGINE
@@ -143,7 +162,6 @@ def test_routes_between_device_and_pinned(into_device):
     assert strategy(whole, blocks, prefer).strategy is Strategy.COPY_ENGINE
     some = strategy(regions, blocks, prefer, range(1, 3))  # regions on both sides
     assert some.strategy is Strategy.COPY_ENGINE
-    pinned_regions = (_side(_Pinned, False, NHD), _side(_Pinned, False, HND))
     assert strategy(regions, pinned_regions[0], prefer).strategy is Strategy.COPY_ENGINE
     assert strategy(regions, pinned_regions[1], prefer).strategy is Strategy.STAGED
     # Between two GPU layouts the kernel, whatever the size.
@@ -181,7 +199,9 @@ def test_pool_keeps_buffers_in_use_aside():
 def _manager(copy_engine: bool = True):
     from kvblocks.transfer import TransferManager, TransferPreferences
 
-    prefs = TransferPreferences(copy_engine=copy_engine, copy_engine_min_bytes=3 * BIG.block_bytes)
+    prefs = TransferPreferences(
+        copy_engine=copy_engine, copy_engine_min_bytes=3 * BIG.block_bytes, staged_min_bytes=None
+    )
     return TransferManager.builder().preferences(prefs).build()
 
 

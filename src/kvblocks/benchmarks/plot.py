@@ -22,7 +22,7 @@ class Measure:
 
 #: The measures plots know, in order of preference: a CSV is drawn with the first whose
 #: columns it has (kvbench and paged, permute, transfers, disk, remote, sharing, peers,
-#: pool).
+#: contention, pool).
 MEASURES = (
     Measure("bandwidth_gbps", "ceiling_gbps", "ceiling (same run)", "GB/s"),
     Measure("bandwidth_gbps", "copy_gbps", "device copy (same run)", "GB/s"),
@@ -31,6 +31,7 @@ MEASURES = (
     Measure("nixl_gbps", "nixl_alone_gbps", "NIXL alone (same run)", "GB/s"),
     Measure("sharing_gbps", "parts_gbps", "NIXL alone + local lookup (same run)", "GB/s"),
     Measure("news_ms", "ask_all_ms", "every peer asked (same run)", "ms"),
+    Measure("work_shared_ms", "work_alone_ms", "work alone (same run)", "ms"),
     Measure("blocks_per_second", None, "", "blocks/s"),
 )
 
@@ -75,6 +76,13 @@ _RESULTS = {
     "speedup",
     "ask_all_requests",
     "news_requests",
+    "transfer_alone_gbps",
+    "transfer_shared_gbps",
+    "work_alone_ms",
+    "work_shared_ms",
+    "transfer_slowdown",
+    "work_slowdown",
+    "both_ms",
 }
 
 

@@ -153,7 +153,7 @@ def run_manager(
                     m_ms, k_ms = median_ms(through_manager, plan.run, warmup=warmup, iters=iters)
                     k_wall = _wall_gbps(lambda p=plan: _on_current_stream(p.run), nbytes)
                     m_wall = _wall_gbps(on_pool, nbytes)
-                    _check_moved(manager, src, dst, ids)
+                    check_moved(manager, src, dst, ids)
                     rows.append(
                         ManagerRow(
                             nt,
@@ -176,7 +176,7 @@ def run_manager(
     return rows
 
 
-def _check_moved(manager: TransferManager, src, dst, ids: list[int]) -> None:
+def check_moved(manager: TransferManager, src, dst, ids: list[int]) -> None:
     """Move ``ids`` once more over poisoned destinations and compare a sample of blocks."""
     sample = sorted({ids[0], ids[len(ids) // 2], ids[-1]})
     fill_blocks(manager.layout(dst), sample, FillPattern.of_constant(0xAB))

@@ -22,6 +22,7 @@ SUITES = {
     "sharing": {"tokens_per_block": [16], "num_blocks": [1, 8, 64]},
     "peers": {"tokens_per_block": [16], "num_blocks": [8]},
     "pool": {"tokens_per_block": [16], "num_blocks": [1000]},
+    "contention": {"tokens_per_block": [16], "num_blocks": [8, 128]},
 }
 
 
@@ -39,6 +40,7 @@ def _check_bench_files(args: argparse.Namespace) -> None:
 
 def _cmd_bench(args: argparse.Namespace) -> None:
     from kvblocks.benchmarks import (
+        contention,
         kvbench,
         paged,
         peers,
@@ -80,6 +82,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.num_blocks[0],
             args.dtype,
             args.warmup,
+            args.iters,
+        )
+    elif args.suite == "contention":
+        spec = lookup_model(args.model)
+        rows = contention.run(
+            lambda nt: spec.dims(nt, args.dtype),
+            args.tokens_per_block,
+            args.num_blocks,
             args.iters,
         )
     elif args.suite == "paged":
@@ -133,8 +143,9 @@ def _choices(text: str, allowed: tuple[str, ...], flag: str) -> list[str]:
 def add_parser(sub) -> None:
     bench = sub.add_parser(
         "bench",
-        help="benchmarks: kvbench (default), permute, paged, transfers, disk, remote (GPU;"
-        " remote also needs NIXL); sharing, peers (NIXL; a GPU where there is one); pool (CPU)",
+        help="benchmarks: kvbench (default), permute, paged, transfers, contention, disk,"
+        " remote (GPU; remote also needs NIXL); sharing, peers (NIXL; a GPU where there is"
+        " one); pool (CPU)",
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=tuple(SUITES), default="kvbench")

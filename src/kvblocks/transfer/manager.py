@@ -190,14 +190,17 @@ class TransferManager:
         if config.nixl_backends:
             self.nixl = NixlAgent(config.agent_name, config.nixl_backends)
             self._peers = Peers(self.nixl)
-        least = config.preferences.copy_engine_min_bytes
-        if least is not None:
-            non_negative_int(least, "preferences.copy_engine_min_bytes")
+        least = {}
+        for name in ("copy_engine_min_bytes", "staged_min_bytes"):
+            value = getattr(config.preferences, name)
+            if value is not None:
+                non_negative_int(value, f"preferences.{name}")
+            least[name] = value if has_cuda_bindings() else None
         self._policy = RoutePolicy(
             copy_engine=config.preferences.copy_engine,
             nixl=self.nixl is not None,
             gpu_rdma=config.capabilities.allow_gpu_rdma,
-            copy_engine_min_bytes=least if has_cuda_bindings() else None,
+            **least,
         )
         self._bounces = BouncePool(agent=self.nixl)
         self._io = io_pool(config.io_threads)
@@ -391,8 +394,8 @@ class TransferManager:
         num_blocks: int = 1,
     ) -> Strategy:
         """The strategy a transfer of ``num_blocks`` blocks from ``src`` to ``dst`` with
-        ``options`` would take (whole blocks between device and pinned memory take the copy
-        engine from ``copy_engine_min_bytes`` up, the kernel below)."""
+        ``options`` would take (whole pinned blocks to or from device memory take the copy
+        engine from ``copy_engine_min_bytes`` or ``staged_min_bytes`` up, the kernel below)."""
         options = options or TransferOptions()
         ids = torch.zeros(positive_int(num_blocks, "num_blocks"), dtype=torch.int64)
         sides = []

@@ -17,6 +17,10 @@ from kvblocks.transfer.handles import LayoutHandle
 #: kernels on an H100 (docs/performance.md).
 COPY_ENGINE_MIN_BYTES = 16 << 20
 
+#: Default of ``TransferPreferences.staged_min_bytes``: where a staged transfer costs the host
+#: less time than the GPU spends on it (docs/performance.md).
+STAGED_MIN_BYTES = 32 << 20
+
 
 class NativeVsNixlPolicy(Enum):
     """Whether transfers between this worker's memories go through kvblocks' own paths
@@ -66,11 +70,21 @@ class TransferPreferences:
             bytes use the copy engine, as ``copy_engine`` does (55 against 51 GB/s h2d on an
             H100 from 16 MiB up). ``None`` leaves them to the kernels. Needs cuda-bindings
             (extra ``gpu``); without it the kernels move them.
+        staged_min_bytes: transfers of at least this many bytes between whole blocks in
+            pinned memory (a fully contiguous layout, every layer) and a device layout
+            without the same spans (an engine's layer-separate cache, or another format) are
+            staged (``STAGED``), as ``copy_engine`` does, through two slots of up to 64 MiB
+            from the device memory pool. Staged, a transfer holds SMs only to place or gather
+            the slots' blocks: work the engine runs meanwhile is slowed by 1% to 6% instead
+            of 1.5x to 2x, and the transfer alone is as fast or faster (docs/performance.md,
+            "Transfers while the engine computes"). Below it the host's cost per call would
+            exceed the GPU's. ``None`` leaves them to the kernels. Needs cuda-bindings.
     """
 
     native_vs_nixl: NativeVsNixlPolicy = NativeVsNixlPolicy.AUTOMATIC
     copy_engine: bool = False
     copy_engine_min_bytes: int | None = COPY_ENGINE_MIN_BYTES
+    staged_min_bytes: int | None = STAGED_MIN_BYTES
 
 
 @dataclass(frozen=True)

@@ -26,8 +26,9 @@ class Strategy(Enum):
     STAGED = "staged"
     """Through slots of device memory, a few blocks at a time: the copy engine between pinned
     memory and a slot, a copy or permute kernel between the slot and the device layout, the
-    two overlapped. When the copy engine is preferred and the two sides differ: whole pinned
-    blocks and a layer-separate device layout, or a format change."""
+    two overlapped. Between whole pinned blocks and a device layout without the same spans (a
+    layer-separate one, or another format): from ``staged_min_bytes`` up, or at any size when
+    the copy engine is preferred."""
     HOST_COPY = "host_copy"
     """CPU threads: between host memories (a permute on the CPU for a format change)."""
     PINNED_BOUNCE = "pinned_bounce"
@@ -90,12 +91,16 @@ class RoutePolicy:
         copy_engine_min_bytes: same-format transfers of whole blocks between device and
             pinned memory of at least this many bytes use the copy engine (``None``: only when
             ``copy_engine`` says so).
+        staged_min_bytes: transfers of at least this many bytes between whole pinned blocks
+            and a device layout without the same spans are staged (``None``: only when
+            ``copy_engine`` says so).
     """
 
     copy_engine: bool = False
     nixl: bool = False
     gpu_rdma: bool = False
     copy_engine_min_bytes: int | None = None
+    staged_min_bytes: int | None = None
 
 
 def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None) -> Route:
@@ -156,15 +161,16 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
         if src.on_gpu and dst.on_gpu:
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         whole = not change and whole_blocks(src, dst, layers)
-        if not copy_engine:  # the kernels, but the copy engine for large whole blocks
-            large = whole and _large(src, policy, layers)
-            hop = (H.COPY_ENGINE if large else H.GPU, src, dst)
-            return Route(Strategy.COPY_ENGINE if large else Strategy.KERNEL, (hop,))
         pinned = dst if src.on_gpu else src
         pinned_blocks = (
             len(layers) == src.config.num_layers and pinned.physical.layout.is_fully_contiguous
         )
-        if whole or not (change or pinned_blocks):  # the same spans on both sides
+        if not copy_engine:  # the kernel, but the copy engine for large whole pinned blocks
+            if whole and _at_least(src, layers, policy.copy_engine_min_bytes):
+                return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
+            if whole or not (pinned_blocks and _at_least(src, layers, policy.staged_min_bytes)):
+                return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
+        elif whole or not (change or pinned_blocks):  # the same spans on both sides
             return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
         slot = Bounce("device", pinned.fmt)  # slots hold blocks as the pinned side does
         if src.on_gpu:  # a kernel into a slot, then the copy engine out
@@ -177,11 +183,11 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     return Route(Strategy.PINNED_BOUNCE, ((H.HOST, src, read_as), (H.GPU, read_as, dst)))
 
 
-def _large(src: Side, policy: RoutePolicy, layers: range) -> bool:
-    """Whether the transfer moves at least ``policy.copy_engine_min_bytes``."""
+def _at_least(src: Side, layers: range, least: int | None) -> bool:
+    """Whether the transfer of layers ``layers`` of ``src``'s blocks moves at least ``least``
+    bytes (never, for ``None``)."""
     config = src.config
     nbytes = src.ids.numel() * len(layers) * config.outer_dim * config.region_bytes
-    least = policy.copy_engine_min_bytes
     return least is not None and nbytes >= least
 
 
