@@ -190,17 +190,17 @@ class TransferManager:
         if config.nixl_backends:
             self.nixl = NixlAgent(config.agent_name, config.nixl_backends)
             self._peers = Peers(self.nixl)
-        least = {}
+        thresholds = {}
         for name in ("copy_engine_min_bytes", "staged_min_bytes"):
             value = getattr(config.preferences, name)
             if value is not None:
                 non_negative_int(value, f"preferences.{name}")
-            least[name] = value if has_cuda_bindings() else None
+            thresholds[name] = value if has_cuda_bindings() else None
         self._policy = RoutePolicy(
             copy_engine=config.preferences.copy_engine,
             nixl=self.nixl is not None,
             gpu_rdma=config.capabilities.allow_gpu_rdma,
-            **least,
+            **thresholds,
         )
         self._bounces = BouncePool(agent=self.nixl)
         self._io = io_pool(config.io_threads)
