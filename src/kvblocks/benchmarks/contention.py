@@ -74,9 +74,12 @@ class ContentionRow:
 
 @dataclass(frozen=True)
 class _Timing:
-    transfer_ms: float
-    work_ms: float
-    both_ms: float
+    transfer_ms: float  # 0 when no transfer ran
+    work_ms: float  # 0 when no work ran
+
+    @property
+    def both_ms(self) -> float:
+        return max(self.transfer_ms, self.work_ms)
 
 
 class _Work:
@@ -100,12 +103,12 @@ class _Work:
         for _ in range(self.reps):
             self._once()
 
-    def size_to(self, ms: float) -> None:
+    def size_to(self, ms: float, streams: tuple[torch.cuda.Stream, torch.cuda.Stream]) -> None:
         """Repeat the kernel enough times to take about ``ms`` milliseconds alone."""
         self.reps = 1
         for _ in range(3):
             self._once()
-        once = _timed(self._once, None, torch.cuda.Stream(), torch.cuda.Stream()).work_ms
+        once = _timed(self._once, None, *streams).work_ms
         self.reps = max(1, math.ceil(ms / once))
 
 
@@ -135,7 +138,7 @@ def _timed(
         ends[name] = end
     torch.cuda.synchronize()
     ms = {name: go.elapsed_time(end) for name, end in ends.items()}
-    return _Timing(ms.get("transfer", 0.0), ms.get("work", 0.0), max(ms.values()))
+    return _Timing(ms.get("transfer", 0.0), ms.get("work", 0.0))
 
 
 def run(dims_for, tokens_per_block, num_blocks, iters: int = 20) -> list[ContentionRow]:
@@ -148,8 +151,7 @@ def run(dims_for, tokens_per_block, num_blocks, iters: int = 20) -> list[Content
     for nt in tokens_per_block:
         dims = dims_for(nt)
         for route in ROUTES:
-            staged = route == "staged"
-            prefs = TransferPreferences(copy_engine=staged, staged_min_bytes=None)
+            prefs = TransferPreferences(copy_engine=route == "staged", staged_min_bytes=None)
             builder = TransferManager.builder().cuda_device_id(device.index or 0)
             with builder.preferences(prefs).build() as manager:
                 for nb in num_blocks:
@@ -188,9 +190,10 @@ def _rows(manager, config, direction, route, works, streams, iters) -> list[Cont
         _timed(None, transfer, *streams)
     alone = _timed(None, transfer, *streams).transfer_ms
     nbytes = nb * config.block_bytes
+    strategy = manager.strategy(src, dst, num_blocks=nb).value
     rows = []
     for work in works:
-        work.size_to(alone)
+        work.size_to(alone, streams)
         samples = [
             (
                 _timed(None, transfer, *streams),
@@ -199,7 +202,6 @@ def _rows(manager, config, direction, route, works, streams, iters) -> list[Cont
             )
             for _ in range(iters)
         ]
-        strategy = manager.strategy(src, dst, num_blocks=nb).value
         rows.append(_row(config.page_size, nb, direction, route, strategy, work, nbytes, samples))
     check_moved(manager, src, dst, ids)
     for h in (gpu, host):

@@ -59,12 +59,16 @@ def _cmd_bench(args: argparse.Namespace) -> None:
     if args.from_csv:
         plot_csv(args.from_csv, args.plot)
         return
+    spec = None if args.suite in ("pool", "permute") else lookup_model(args.model)
+
+    def dims_for(nt: int):
+        return spec.dims(nt, args.dtype)
+
     if args.suite == "pool":
         rows = pool.run(args.tokens_per_block[0])
     elif args.suite == "kvbench":
-        spec = lookup_model(args.model)
         rows = kvbench.run(
-            lambda nt: spec.dims(nt, args.dtype),
+            dims_for,
             args.tokens_per_block,
             args.num_blocks,
             _choices(args.patterns, kvbench.PATTERNS, "--patterns"),
@@ -85,20 +89,12 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.iters,
         )
     elif args.suite == "contention":
-        spec = lookup_model(args.model)
-        rows = contention.run(
-            lambda nt: spec.dims(nt, args.dtype),
-            args.tokens_per_block,
-            args.num_blocks,
-            args.iters,
-        )
+        rows = contention.run(dims_for, args.tokens_per_block, args.num_blocks, args.iters)
     elif args.suite == "paged":
-        dims = lookup_model(args.model).dims(args.tokens_per_block[0], args.dtype)
-        rows = paged.run(dims, args.pairs, args.warmup, args.iters)
+        rows = paged.run(dims_for(args.tokens_per_block[0]), args.pairs, args.warmup, args.iters)
     elif args.suite == "peers":
-        spec = lookup_model(args.model)
         rows = peers.run(
-            lambda nt: spec.dims(nt, args.dtype),
+            dims_for,
             args.tokens_per_block[0],
             args.num_blocks[0],
             args.peers,
@@ -106,18 +102,14 @@ def _cmd_bench(args: argparse.Namespace) -> None:
             args.iters,
         )
     elif args.suite in ("remote", "sharing"):
-        spec = lookup_model(args.model)
         run = remote.run if args.suite == "remote" else sharing.run
-        rows = run(lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks)
+        rows = run(dims_for, args.tokens_per_block, args.num_blocks)
     else:
-        spec = lookup_model(args.model)
         run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
         extra = {"folder": args.disk_dir} if args.suite == "disk" else {}
         if args.suite == "transfers":
             extra = {"copy_engine": args.copy_engine}
-        rows = run(
-            lambda nt: spec.dims(nt, args.dtype), args.tokens_per_block, args.num_blocks, **extra
-        )
+        rows = run(dims_for, args.tokens_per_block, args.num_blocks, **extra)
     on_cpu = args.suite == "pool" or (args.suite in ("sharing", "peers") and gpu_name() == "no GPU")
     where = cpu_name() if on_cpu else gpu_name()
     print(f"# {args.suite} on {where}", file=sys.stderr)
