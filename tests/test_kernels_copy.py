@@ -12,6 +12,7 @@ from kvblocks.kernels import (
     has_memcpy_batch_async,
     memcpy_batch,
     memcpy_per_pair,
+    pinned_programs,
     plan_copy,
     vectorized_copy,
 )
@@ -72,6 +73,57 @@ def test_vectorized_copy_sizes_and_alignments(size, offsets, places):
 def test_vectorized_copy_pair_counts(num_pairs, size, places):
     device = _device(places)
     _check_copy(lambda s, d, n: vectorized_copy(s, d, n, device=device), num_pairs, size, places)
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("programs", [1, 3, 16, 1000])
+@pytest.mark.parametrize("num_pairs,size", [(5, 40000), (128, 4100)])
+def test_copy_on_a_capped_grid(programs, num_pairs, size, places):
+    """Fewer programs than chunks: each program copies every ``programs``-th chunk, and every
+    chunk of every pair is still written (more programs than chunks: one chunk each)."""
+    device = _device(places)
+
+    def copy(src, dst, n):
+        plan = plan_copy(src, dst, n, device=device, programs=programs)
+        chunks = num_pairs * -(-n // 16384)  # 16 KiB chunks of 4-byte words
+        assert plan.num_programs == min(programs, chunks)
+        plan.run()
+
+    _check_copy(copy, num_pairs, size, places, 4, 4)
+
+
+def test_pinned_programs():
+    """Device memory: no cap. Pinned memory: enough readers to keep 256 KiB in flight, and
+    never fewer than 8 programs."""
+    assert pinned_programs(reads_host=False, writes_host=False, step_bytes=16384) is None
+    assert pinned_programs(True, False, 16384) == 16
+    assert pinned_programs(True, True, 16384) == 16
+    assert pinned_programs(True, False, 32768) == 8
+    assert pinned_programs(True, False, 65536) == 8
+    assert pinned_programs(True, False, 1000) == 263
+    assert pinned_programs(False, True, 16384) == 8
+    assert pinned_programs(False, True, 64) == 8
+
+
+@pytest.mark.parametrize(
+    "size,align,step", [(1 << 20, 16, 16384), (32772, 4, 16384), (100, 4, 100), (7, 1, 7)]
+)
+def test_copy_step_bytes(size, align, step):
+    plan = CopyPlan(
+        StridedTable.flat(torch.tensor([64])),
+        StridedTable.flat(torch.tensor([4096])),
+        size,
+        align,
+        torch.device("cpu"),
+        available("cpu"),
+    )
+    assert plan.step_bytes == step
+
+
+@pytest.mark.parametrize("programs", [0, -1, 2.0, True])
+def test_programs_must_be_positive(programs):
+    with pytest.raises(InvalidArgumentError, match="programs must be a positive int"):
+        plan_copy([1024], [4096], 16, device="cpu", programs=programs)
 
 
 @pytest.mark.parametrize(

@@ -131,6 +131,35 @@ def test_block_counts(case, nb, places):
 
 
 @pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("programs", [1, 5, 1000])
+@pytest.mark.parametrize("case", CONVERSIONS[::5], ids=_conv_id)
+def test_permute_on_a_capped_grid(case, programs, places):
+    """Fewer programs than tiles: each program moves every ``programs``-th tile (here two
+    tiles per region), and every row still lands."""
+    _, src_op, dst_op, _ = case
+    dims = KvDims(nl=2, no=2, nh=8, nt=64, hd=64, dtype=torch.float32)  # 128 KiB regions
+    device = _device(places)
+
+    def call(src_table, dst_table):
+        plan = plan_permute(src_table, src_op, dst_table, dst_op, dims, device, programs=programs)
+        if plan.backend is not Backend.REFERENCE:
+            assert plan.launch[0] == (3 * 2 * 2, 2)  # regions, tiles per region
+            assert plan.num_programs == min(programs, 3 * 2 * 2 * 2)
+        plan.run()
+
+    run_and_check(dims, 3, src_op, dst_op, places, call)
+
+
+@pytest.mark.parametrize("programs", [0, 1.5, False])
+def test_programs_must_be_positive(programs):
+    dims = KvDims(nl=1, no=2, nh=1, nt=1, hd=4, dtype=torch.float32)
+    with pytest.raises(InvalidArgumentError, match="programs must be a positive int"):
+        plan_permute(
+            [64], Operand.universal(), [4096], Operand.universal(), dims, "cpu", programs=programs
+        )
+
+
+@pytest.mark.parametrize("places", PLACES)
 @pytest.mark.parametrize("offset", [1, 3])
 @pytest.mark.parametrize("hd", [3, 5, 24])
 @pytest.mark.parametrize("case", CONVERSIONS[::3], ids=_conv_id)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError
+from kvblocks.kernels import CopyPlan, PermutePlan, pinned_programs
 from kvblocks.transfer import (
     FillPattern,
     Strategy,
@@ -54,6 +55,38 @@ def test_bounced_strategies(manager, tmp_path, kinds, strategy, formats):
     dst = make(manager, kinds[1], True, d_fmt, folder=str(tmp_path))
     assert manager.strategy(src, dst) is strategy
     check_transfer(manager, src, [1, 2], dst, [3, 0], None)
+
+
+@pytest.mark.parametrize("formats", [(NHD, NHD), (NHD, UNI)], ids=["copy", "permute"])
+@pytest.mark.parametrize(
+    "kinds,reads_host,writes_host",
+    [
+        (("pinned", "device"), True, False),
+        (("device", "pinned"), False, True),
+        (("device", "device"), False, False),
+    ],
+)
+def test_kernels_on_pinned_memory_hold_few_programs(
+    manager, monkeypatch, kinds, reads_host, writes_host, formats
+):
+    """The copy and permute kernels run on a capped grid where they read or write pinned
+    memory (they wait on PCIe there, so the rest of the GPU stays free), on a program per
+    step in device memory; the bytes land either way."""
+    grids = []
+    for plan_type in (CopyPlan, PermutePlan):
+
+        def recording_run(plan, run=plan_type.run):
+            grids.append((type(plan), plan.programs, plan.step_bytes))
+            run(plan)
+
+        monkeypatch.setattr(plan_type, "run", recording_run)
+    src = make(manager, kinds[0], False, formats[0])
+    dst = make(manager, kinds[1], True, formats[1])
+    check_transfer(manager, src, [5, 0, 3], dst, [1, 2, 4], None)
+    kernel = PermutePlan if formats[0] != formats[1] else CopyPlan
+    assert grids and {kind for kind, _, _ in grids} == {kernel}
+    for _, programs, step in grids:
+        assert programs == pinned_programs(reads_host, writes_host, step)
 
 
 def test_layer_ranges_on_the_gpu(manager):

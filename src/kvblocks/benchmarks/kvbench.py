@@ -13,7 +13,8 @@ fc_to_lw    the reverse
 ==========  ==========================================================================
 
 Directions: ``h2d`` (source in pinned host memory), ``d2h``, ``d2d``. Backends: ``kernel``
-(:func:`vectorized_copy`, which reads or writes pinned host memory itself), ``memcpy_batch``
+(:func:`vectorized_copy`, which reads or writes pinned host memory itself, on
+:func:`~kvblocks.kernels.pinned_programs` programs), ``memcpy_batch``
 (one ``cudaMemcpyBatchAsync``), ``memcpy`` (one ``cudaMemcpyAsync`` per pair), and for ``h2d``
 only ``staged`` (:func:`~kvblocks.kernels.plan_staged_h2d`: the copy engine moves the sources'
 contiguous runs into device memory in bulk and the copy kernel places each pair from there).
@@ -25,12 +26,12 @@ Each row also carries its ceiling, timed interleaved with it: one bulk copy of t
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
-from kvblocks.kernels import plan_copy, plan_memcpy, plan_staged_h2d
+from kvblocks.kernels import pinned_programs, plan_copy, plan_memcpy, plan_staged_h2d
 from kvblocks.layout import (
     FullyContiguousLayout,
     KvDims,
@@ -157,7 +158,8 @@ def run(
                         progress(step, total, f"tpb={nt} N={nb} {pattern} {direction} {backend}")
                         if backend == "kernel":
                             plan = plan_copy(src_table, dst_table, size, device)
-                            fn = plan.run
+                            programs = pinned_programs(src is host, dst is host, plan.step_bytes)
+                            fn = replace(plan, programs=programs).run
                         elif backend == "staged":
                             held = src.allocations()
                             fn = plan_staged_h2d(src_table, dst_table, size, held, device).run

@@ -24,12 +24,12 @@ import subprocess
 import tempfile
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from kvblocks.benchmarks.timing import gbps, median_ms, progress, require_gpu
-from kvblocks.kernels import plan_copy
+from kvblocks.kernels import pinned_programs, plan_copy
 from kvblocks.layout import KvDims, LayoutConfig
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
@@ -39,6 +39,7 @@ from kvblocks.transfer import (
     TransferOptions,
     TransferPreferences,
     block_checksums,
+    block_checksums_as,
     fill_blocks,
 )
 
@@ -142,6 +143,8 @@ def run_manager(
                     plan = plan_copy(
                         s_layout.region_table(ids), d_layout.region_table(ids), dims.region_bytes
                     )
+                    programs = pinned_programs(src == host, dst == host, plan.step_bytes)
+                    plan = replace(plan, programs=programs)
                     caller = TransferOptions(cuda_stream=torch.cuda.current_stream())
 
                     def through_manager(s=src, d=dst, o=caller, i=ids):
@@ -177,12 +180,14 @@ def run_manager(
 
 
 def check_moved(manager: TransferManager, src, dst, ids: list[int]) -> None:
-    """Move ``ids`` once more over poisoned destinations and compare a sample of blocks."""
+    """Move ``ids`` once more over poisoned destinations and compare a sample of blocks (in the
+    destination's format)."""
     sample = sorted({ids[0], ids[len(ids) // 2], ids[-1]})
-    fill_blocks(manager.layout(dst), sample, FillPattern.of_constant(0xAB))
+    source, destination = manager.layout(src), manager.layout(dst)
+    fill_blocks(destination, sample, FillPattern.of_constant(0xAB))
     manager.execute_transfer(src, ids, dst, ids).wait()
-    got = block_checksums(manager.layout(dst), sample)
-    if got != block_checksums(manager.layout(src), sample):
+    got = block_checksums(destination, sample)
+    if got != block_checksums_as(source, sample, destination.kv_format):
         raise RuntimeError(f"the manager moved blocks {sample} wrongly: the figures are void")
 
 

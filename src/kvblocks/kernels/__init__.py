@@ -6,6 +6,7 @@ interpreter, or through the torch reference; :func:`available` says which.
 
 - :mod:`~kvblocks.kernels.permutes`: block stack / operational / universal conversions.
 - :mod:`~kvblocks.kernels.copy`: ``vectorized_copy`` over pointer pairs.
+- :mod:`~kvblocks.kernels.grid`: how many programs a kernel launches (few for pinned memory).
 - :mod:`~kvblocks.kernels.memcpy`: ``memcpy_batch`` through the copy engines.
 - :mod:`~kvblocks.kernels.paged`: ``copy_blocks`` / ``copy_single_block`` / ``swap_blocks`` on
   paged caches.
@@ -15,6 +16,7 @@ interpreter, or through the torch reference; :func:`available` says which.
 
 from kvblocks.kernels.backend import Backend, available, is_stub_build
 from kvblocks.kernels.copy import CopyPlan, plan_copy, vectorized_copy
+from kvblocks.kernels.grid import pinned_programs
 from kvblocks.kernels.memcpy import (
     MemcpyPlan,
     has_memcpy_batch_async,
@@ -65,6 +67,7 @@ __all__ = [
     "operational_from_block",
     "operational_from_universal",
     "permute",
+    "pinned_programs",
     "plan_copy",
     "plan_memcpy",
     "plan_paged",

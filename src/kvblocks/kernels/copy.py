@@ -3,7 +3,8 @@
 One launch moves every pair. A pair is split into chunks of ``CHUNK_BYTES`` so that a single
 large pair still spreads over the whole GPU. Accesses are as wide as the pointers' common
 alignment and the size allow: 16, 8 or 4 bytes (32-bit words, vectorized), 2 bytes or 1 byte.
-Pointers may be device memory or pinned host memory (zero copy: the kernel itself crosses PCIe).
+Pointers may be device memory or pinned host memory (zero copy: the kernel itself crosses PCIe;
+there a few programs looping over the chunks move as much, see :mod:`kvblocks.kernels.grid`).
 
 Reference: :func:`copy_reference`, a ``copy_`` per pair.
 """
@@ -26,6 +27,7 @@ from kvblocks.kernels.addresses import (
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
+from kvblocks.kernels.grid import check_programs
 
 #: Bytes one program copies; tuned on the H100 by bench/tune.py.
 CHUNK_BYTES = 16384
@@ -44,24 +46,28 @@ def _copy_kernel(
     dst_per_block,
     words,
     chunks_per_pair,
+    num_chunks,
     WORD: tl.constexpr,
     ALIGN: tl.constexpr,
     CHUNK: tl.constexpr,
     EVEN: tl.constexpr,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    pair = pid // chunks_per_pair
-    chunk = pid % chunks_per_pair
-    src = table_entry(src_ids, src_bases, src_stride, src_per_block, pair)
-    dst = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, pair)
-    src = tl.multiple_of(src.to(tl.pointer_type(WORD)), ALIGN)
-    dst = tl.multiple_of(dst.to(tl.pointer_type(WORD)), ALIGN)
-    offs = chunk * CHUNK + tl.arange(0, CHUNK)
-    if EVEN:
-        tl.store(dst + offs, tl.load(src + offs))
-    else:
-        mask = offs < words
-        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+    # Program p copies chunks p, p + G, p + 2G, ... of the G programs' grid (one chunk each
+    # when the grid has a program per chunk).
+    for c in range(tl.program_id(0), num_chunks, tl.num_programs(0)):
+        pid = tl.cast(c, tl.int64)
+        pair = pid // chunks_per_pair
+        chunk = pid % chunks_per_pair
+        src = table_entry(src_ids, src_bases, src_stride, src_per_block, pair)
+        dst = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, pair)
+        src = tl.multiple_of(src.to(tl.pointer_type(WORD)), ALIGN)
+        dst = tl.multiple_of(dst.to(tl.pointer_type(WORD)), ALIGN)
+        offs = chunk * CHUNK + tl.arange(0, CHUNK)
+        if EVEN:
+            tl.store(dst + offs, tl.load(src + offs))
+        else:
+            mask = offs < words
+            tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
 def copy_reference(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
@@ -75,7 +81,9 @@ class CopyPlan:
     """A validated batch of same-size copies, ready to run any number of times.
 
     ``src`` and ``dst`` hold ``num_pairs`` addresses each, on ``device`` for the Triton
-    backends; ``align`` divides every address and ``size``.
+    backends; ``align`` divides every address and ``size``. ``programs`` caps the kernel's
+    grid (each program then copies every ``programs``-th chunk); ``None``: one program per
+    chunk.
     """
 
     src: StridedTable
@@ -84,10 +92,29 @@ class CopyPlan:
     align: int
     device: torch.device
     backend: Backend
+    programs: int | None = None
 
     @property
     def num_pairs(self) -> int:
         return len(self.src)
+
+    @property
+    def num_programs(self) -> int:
+        """Programs the kernel launches with (a run on the Triton backend)."""
+        num_chunks = self.num_pairs * self._words_and_chunk()[2]
+        return num_chunks if self.programs is None else min(num_chunks, self.programs)
+
+    @property
+    def step_bytes(self) -> int:
+        """Bytes a program copies at a time (a chunk)."""
+        _, chunk, _ = self._words_and_chunk()
+        return min(chunk * min(self.align, 4), self.size)
+
+    def _words_and_chunk(self) -> tuple[int, int, int]:
+        """Words of ``min(align, 4)`` bytes per pair, words per chunk, chunks per pair."""
+        words = self.size // min(self.align, 4)
+        chunk = max(1, min(CHUNK_BYTES // min(self.align, 4), 1 << (words - 1).bit_length()))
+        return words, chunk, triton.cdiv(words, chunk)
 
     def _spans(self, table: StridedTable) -> list[torch.Tensor]:
         return [tensor_at(a, self.size, torch.uint8, self.device) for a in table.expand().tolist()]
@@ -98,17 +125,15 @@ class CopyPlan:
         if self.backend is Backend.REFERENCE:
             copy_reference(self._spans(self.src), self._spans(self.dst))
             return
-        word_bytes = min(self.align, 4)
-        word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes]
-        words = self.size // word_bytes
-        chunk = max(1, min(CHUNK_BYTES // word_bytes, 1 << (words - 1).bit_length()))
-        chunks_per_pair = triton.cdiv(words, chunk)
+        word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[min(self.align, 4)]
+        words, chunk, chunks_per_pair = self._words_and_chunk()
         with LAUNCH_LOCK:
-            _copy_kernel[(self.num_pairs * chunks_per_pair,)](
+            _copy_kernel[(self.num_programs,)](
                 *self.src.kernel_args(),
                 *self.dst.kernel_args(),
                 words,
                 chunks_per_pair,
+                self.num_pairs * chunks_per_pair,
                 WORD=word,
                 ALIGN=self.align,
                 CHUNK=chunk,
@@ -123,6 +148,7 @@ def plan_copy(
     size: int,
     device: torch.device | str | None = None,
     check_overlap: bool = True,
+    programs: int | None = None,
 ) -> CopyPlan:
     """Check a batch of copies and prepare it.
 
@@ -133,13 +159,19 @@ def plan_copy(
         device: where the kernel runs (default: the current GPU, else the CPU).
         check_overlap: False skips the overlap check, for callers that know the destinations
             overlap neither each other nor the sources.
+        programs: at most this many programs copy the chunks
+            (:func:`~kvblocks.kernels.pinned_programs` gives the number for copies that read
+            or write pinned host memory: as fast, and the rest of the GPU stays free);
+            ``None``: one program per chunk, for device memory.
 
     Raises:
+        InvalidArgumentError: ``size`` or ``programs`` is not a positive int.
         LengthMismatchError: the two tables differ in length.
         OverlapError: two destinations overlap, or a destination overlaps a source.
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise InvalidArgumentError("size", f"must be a positive int of bytes, got {size!r}")
+    check_programs(programs)
     src = host_table(src_ptrs, "src_ptrs")
     dst = host_table(dst_ptrs, "dst_ptrs", length=src.numel())
     if check_overlap:
@@ -149,7 +181,8 @@ def plan_copy(
     align = common_alignment(src, dst, size)
     if backend is Backend.TRITON:
         src, dst = src.to(device), dst.to(device)
-    return CopyPlan(StridedTable.flat(src), StridedTable.flat(dst), size, align, device, backend)
+    src, dst = StridedTable.flat(src), StridedTable.flat(dst)
+    return CopyPlan(src, dst, size, align, device, backend, programs)
 
 
 def vectorized_copy(

@@ -38,6 +38,7 @@ from kvblocks.kernels.addresses import (
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
+from kvblocks.kernels.grid import check_programs
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
 #: Bytes one program moves (a tile of rows); tuned on the H100 by bench/tune.py.
@@ -55,6 +56,8 @@ def _permute_kernel(
     dst_bases,
     dst_stride,
     dst_per_block,
+    num_regions,
+    num_items,
     NL: tl.constexpr,
     NO: tl.constexpr,
     NT: tl.constexpr,
@@ -76,15 +79,82 @@ def _permute_kernel(
     ROWS: tl.constexpr,
     HD_BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    tile = tl.program_id(1)
-    if WIDE:
-        pid = pid.to(tl.int64)
-    # Neighbouring programs take the regions of one block: measured on the H100 as the most
+    # Item i is tile i // num_regions of region i % num_regions; program p moves items p,
+    # p + G, p + 2G, ... of the G programs' grid (one item each when there is one per item).
+    # Neighbouring items are the regions of one block: measured on the H100 as the most
     # robust order (walking layer by layer, or diagonally, lost 1 to 3 points).
-    region = pid  # b * NL * NO + l * NO + o: the index into a block stack's table
-    block = pid // (NL * NO)
-    lo = pid % (NL * NO)
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        if WIDE:
+            item = tl.cast(item, tl.int64)
+        _permute_item(
+            src_ids,
+            src_bases,
+            src_stride,
+            src_per_block,
+            dst_ids,
+            dst_bases,
+            dst_stride,
+            dst_per_block,
+            item % num_regions,
+            item // num_regions,
+            NL,
+            NO,
+            NT,
+            NH,
+            HD,
+            SRC_STACK,
+            SL,
+            SO,
+            ST,
+            SH,
+            DST_STACK,
+            DL,
+            DO,
+            DT,
+            DH,
+            ELEM,
+            ALIGNED,
+            ROWS,
+            HD_BLOCK,
+        )
+
+
+@triton.jit
+def _permute_item(
+    src_ids,
+    src_bases,
+    src_stride,
+    src_per_block,
+    dst_ids,
+    dst_bases,
+    dst_stride,
+    dst_per_block,
+    region,
+    tile,
+    NL: tl.constexpr,
+    NO: tl.constexpr,
+    NT: tl.constexpr,
+    NH: tl.constexpr,
+    HD: tl.constexpr,
+    SRC_STACK: tl.constexpr,
+    SL: tl.constexpr,
+    SO: tl.constexpr,
+    ST: tl.constexpr,
+    SH: tl.constexpr,
+    DST_STACK: tl.constexpr,
+    DL: tl.constexpr,
+    DO: tl.constexpr,
+    DT: tl.constexpr,
+    DH: tl.constexpr,
+    ELEM: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    ROWS: tl.constexpr,
+    HD_BLOCK: tl.constexpr,
+):
+    """Move tile ``tile`` of region ``region`` (``b * NL * NO + l * NO + o``: the index into
+    a block stack's table)."""
+    block = region // (NL * NO)
+    lo = region % (NL * NO)
     layer = lo // NO
     outer = lo % NO
 
@@ -210,6 +280,7 @@ class PermutePlan:
     dst_table: StridedTable
     aligned: bool
     launch: tuple[tuple[int, int], dict] | None
+    programs: int | None = None
 
     @classmethod
     def of_checked_tables(
@@ -221,6 +292,7 @@ class PermutePlan:
         dims: KvDims,
         device: torch.device,
         aligned: bool,
+        programs: int | None = None,
     ) -> PermutePlan:
         """A plan over tables already on ``device`` that the caller has checked as
         :func:`plan_permute` would (lengths, element alignment, no overlap). ``aligned``: every
@@ -230,7 +302,9 @@ class PermutePlan:
         launch = (
             None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
         )
-        return cls(src, dst, dims, nb, device, backend, src_table, dst_table, aligned, launch)
+        return cls(
+            src, dst, dims, nb, device, backend, src_table, dst_table, aligned, launch, programs
+        )
 
     def run(self) -> None:
         if self.backend is Backend.REFERENCE:
@@ -238,11 +312,28 @@ class PermutePlan:
         else:
             self._launch()
 
+    @property
+    def step_bytes(self) -> int:
+        """Bytes a program moves at a time (a tile of rows)."""
+        dims = self.dims
+        return min(_tile_rows(dims), dims.nt * dims.nh) * dims.hd * dims.itemsize
+
+    @property
+    def num_programs(self) -> int:
+        """Programs the kernel launches with (a run on the Triton backend): one per tile of a
+        region, or ``programs`` at most."""
+        (regions, tiles), _ = self.launch
+        return regions * tiles if self.programs is None else min(regions * tiles, self.programs)
+
     def _launch(self) -> None:
-        grid, constants = self.launch
+        (regions, tiles), constants = self.launch
         with LAUNCH_LOCK:
-            _permute_kernel[grid](
-                *self.src_table.kernel_args(), *self.dst_table.kernel_args(), **constants
+            _permute_kernel[(self.num_programs,)](
+                *self.src_table.kernel_args(),
+                *self.dst_table.kernel_args(),
+                regions,
+                regions * tiles,
+                **constants,
             )
 
     def _run_reference(self) -> None:
@@ -271,7 +362,7 @@ class PermutePlan:
 def _launch_config(
     src: Operand, dst: Operand, dims: KvDims, nb: int, aligned: bool
 ) -> tuple[tuple[int, int], dict]:
-    """The grid and compile-time constants of a permute."""
+    """The regions and tiles per region of a permute, and its compile-time constants."""
     tiles, constants = _constants(
         src, dst, dims, aligned, wide=max(dims.block_elems, nb * dims.nl * dims.no) >= 2**31 - 1
     )
@@ -285,7 +376,7 @@ def _constants(
     """Tiles per region and the kernel's constants, worked out once per kind of permute
     (transfers repeat the same few)."""
     hd_block = _next_pow2(dims.hd)
-    rows = max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * dims.itemsize)))
+    rows = _tile_rows(dims)
     sl, so, st, sh = src.row_strides(dims)
     dl, do, dt, dh = dst.row_strides(dims)
     constants = dict(
@@ -312,6 +403,12 @@ def _constants(
         num_warps=NUM_WARPS,
     )
     return triton.cdiv(dims.nt * dims.nh, rows), constants
+
+
+def _tile_rows(dims: KvDims) -> int:
+    """Rows of ``hd`` elements in one tile (a power of two: the kernel's block of rows)."""
+    hd_block = _next_pow2(dims.hd)
+    return max(1, min(_next_pow2(dims.nt * dims.nh), TILE_BYTES // (hd_block * dims.itemsize)))
 
 
 def _block_rows(table: StridedTable, nbytes: int, dtype: torch.dtype) -> list | None:
@@ -355,6 +452,7 @@ def plan_permute(
     dims: KvDims,
     device: torch.device | str | None = None,
     check_overlap: bool = True,
+    programs: int | None = None,
 ) -> PermutePlan:
     """Check a permute's arguments and prepare it to run.
 
@@ -368,14 +466,19 @@ def plan_permute(
             address must be device memory or pinned host memory.
         check_overlap: False skips the overlap check (a sort of every address), for callers
             that know the destinations overlap neither each other nor the sources.
+        programs: at most this many programs move the tiles (as for the copy kernel,
+            :func:`~kvblocks.kernels.pinned_programs` gives the number for pinned host
+            memory); ``None``: one program per tile.
 
     Raises:
         LengthMismatchError: the tables do not describe the same number of blocks.
-        InvalidArgumentError: a null address, or one not aligned to the element size.
+        InvalidArgumentError: a null address, one not aligned to the element size, or a
+            ``programs`` that is not a positive int.
         OverlapError: two destinations overlap, or a destination overlaps a source.
     """
     if not isinstance(dims, KvDims):
         raise InvalidArgumentError("dims", f"must be a KvDims, got {type(dims).__name__}")
+    check_programs(programs)
     for name, operand in (("src", src), ("dst", dst)):
         if not isinstance(operand, Operand):
             raise InvalidArgumentError(name, f"must be an Operand, got {type(operand).__name__}")
@@ -414,6 +517,7 @@ def plan_permute(
         StridedTable.flat(dst_host),
         aligned,
         launch,
+        programs,
     )
 
 

@@ -35,21 +35,19 @@ from kvblocks.kernels import (
     Operand,
     PermutePlan,
     available,
+    pinned_programs,
     plan_copy,
     plan_memcpy,
     plan_permute,
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
-from kvblocks.layout.dtypes import DTYPES
+from kvblocks.layout.dtypes import DTYPE_OF_WIDTH
 from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory, memory_of
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
 from kvblocks.storage.disk import merge_spans
 
 _CPU = torch.device("cpu")
-
-#: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
-_DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
 
 
 class HopKind(Enum):
@@ -101,7 +99,7 @@ class Hop:
 
 def dims_of(config: LayoutConfig) -> KvDims:
     """The block dims of a config whose ``num_heads`` is known (for permutes)."""
-    return config.dims(_DTYPE_OF_WIDTH[config.dtype_width_bytes])
+    return config.dims(DTYPE_OF_WIDTH[config.dtype_width_bytes])
 
 
 @dataclass
@@ -231,7 +229,7 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
     else:
         s, d, size, _ = copy_pairs(src, dst, layers)
         plan = plan_copy(s.expand(), d.expand(), size, device)
-    plan.run()
+    _on_pinned_grid(plan, src, dst).run()
 
 
 def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
@@ -241,11 +239,20 @@ def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyP
     if src.fmt.requires_transform(dst.fmt):
         s, d, aligned = permute_tables(src, dst, device)
         dims = dims_of(src.config)
-        return PermutePlan.of_checked_tables(
+        plan = PermutePlan.of_checked_tables(
             src.operand(), s, dst.operand(), d, dims, device, aligned
         )
-    s, d, size, align = copy_pairs(src, dst, layers, device)
-    return CopyPlan(s, d, size, align, device, available(device))
+    else:
+        s, d, size, align = copy_pairs(src, dst, layers, device)
+        plan = CopyPlan(s, d, size, align, device, available(device))
+    return _on_pinned_grid(plan, src, dst)
+
+
+def _on_pinned_grid(plan: CopyPlan | PermutePlan, src: Side, dst: Side) -> CopyPlan | PermutePlan:
+    """``plan`` on few programs where ``src`` or ``dst`` is pinned memory: the kernel waits on
+    PCIe there, and the rest of the GPU stays free (see :func:`pinned_programs`)."""
+    programs = pinned_programs(not src.on_gpu, not dst.on_gpu, plan.step_bytes)
+    return replace(plan, programs=programs)
 
 
 def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:

@@ -147,6 +147,7 @@ def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):
         step.dims,
         step.device,
         step.aligned,
+        step.programs,
     )
 
 
