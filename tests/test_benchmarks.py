@@ -157,9 +157,10 @@ def test_contention_suite_runs_small():
     """Each route takes its path, and the transfer and the work are timed alone and together."""
     small = KvDims(nl=2, no=2, nh=2, nt=16, hd=64, dtype="bf16")
     rows = contention.run(lambda nt: small, [16], [2], iters=2)
-    assert [(r.route, r.direction, r.work.split()[0]) for r in rows] == [
-        (route, direction, work)
+    assert [(r.route, r.host_format, r.direction, r.work.split()[0]) for r in rows] == [
+        (route, fmt.name, direction, work)
         for route in contention.ROUTES
+        for fmt in contention.HOST_FORMATS
         for direction in ("h2d", "d2h")
         for work in contention.WORKS
     ]

@@ -38,6 +38,7 @@ from kvblocks.transfer import (
     TransferOptions,
     TransferPreferences,
     block_checksums,
+    block_checksums_as,
     fill_blocks,
     layer_checksums,
 )
@@ -472,6 +473,28 @@ def test_fill_patterns_distinguish_blocks(manager):
     assert len(set(layers)) == 3
     with pytest.raises(InvalidArgumentError, match="value must be a byte"):
         FillPattern.of_constant(300)
+
+
+@pytest.mark.parametrize(
+    "src_fc,formats",
+    [
+        (True, (NHD, UNI)),
+        (False, (NHD, UNI)),
+        (False, (HND, NHD)),
+        (True, (UNI, HND)),
+        (False, (NHD, NHD)),
+    ],
+)
+def test_checksums_across_a_format_change(manager, src_fc, formats):
+    """A block's checksum read in another format matches the block moved into that format,
+    and not another block."""
+    src = make(manager, "system", src_fc, formats[0])
+    dst = make(manager, "system", True, formats[1])
+    fill_blocks(manager.layout(src), range(6), FillPattern.sequential())
+    manager.execute_transfer(src, [4, 1], dst, [0, 5]).wait(timeout=60)
+    moved = block_checksums(manager.layout(dst), [0, 5])
+    assert block_checksums_as(manager.layout(src), [4, 1], formats[1]) == moved
+    assert block_checksums_as(manager.layout(src), [1, 4], formats[1]) != moved
 
 
 def test_device_memory_pool_reuse_and_threshold():

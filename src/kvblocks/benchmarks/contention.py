@@ -2,11 +2,13 @@
 much the work slows the transfer.
 
 A BlockManager offloads and onboards blocks in the background while the engine runs its
-model. Two routes move blocks between an engine-style layer-separate cache on the GPU and whole
-blocks in pinned memory (``fc_to_lw`` h2d, ``lw_to_fc`` d2h):
+model. Two routes move blocks between an engine-style layer-separate cache on the GPU
+(``OperationalNHD``) and whole blocks in pinned memory (``fc_to_lw`` h2d, ``lw_to_fc`` d2h),
+stored in the same format (a copy) or in ``UniversalTP`` (a permute; the BlockManager's
+default for G2):
 
-- ``kernel``: the copy kernel reads (or writes) pinned memory itself, so its programs hold SMs
-  for the whole transfer while their loads wait on PCIe;
+- ``kernel``: the copy or permute kernel reads (or writes) pinned memory itself, on the few
+  programs of :func:`~kvblocks.kernels.pinned_programs`, which wait on PCIe;
 - ``staged``: the copy engine moves whole blocks between pinned memory and a slot of device
   memory, and a kernel places (or gathers) them at device-memory speed, holding SMs only for
   that (``TransferPreferences(copy_engine=True)``).
@@ -21,6 +23,7 @@ both), each by CUDA events on its own stream; medians over ``iters`` repetitions
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable
@@ -30,7 +33,7 @@ import torch
 
 from kvblocks.benchmarks.timing import progress, require_gpu
 from kvblocks.benchmarks.transfers import check_moved
-from kvblocks.layout import LayoutConfig
+from kvblocks.layout import KvBlockLayout, LayoutConfig
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     FillPattern,
@@ -42,6 +45,8 @@ from kvblocks.transfer import (
 
 WORKS = ("gemm", "stream")
 ROUTES = ("kernel", "staged")
+#: Formats of the pinned blocks: the device cache's own, and the BlockManager's G2 default.
+HOST_FORMATS = (KvBlockLayout.OperationalNHD, KvBlockLayout.UniversalTP)
 
 #: GPU cycles of sleep ahead of each timed repetition (about 20 ms at 1.98 GHz): the host
 #: queues the work and the transfer (a staged one costs it a few ms) behind it.
@@ -56,6 +61,7 @@ class ContentionRow:
     tokens_per_block: int
     num_blocks: int
     direction: str
+    host_format: str
     route: str
     strategy: str
     work: str
@@ -147,35 +153,47 @@ def run(dims_for, tokens_per_block, num_blocks, iters: int = 20) -> list[Content
     works = [_Work(kind, device) for kind in WORKS]
     streams = (torch.cuda.Stream(), torch.cuda.Stream())  # the work's, the transfer's
     rows = []
-    total = len(tokens_per_block) * len(num_blocks) * 2 * len(ROUTES)
+    total = len(tokens_per_block) * len(num_blocks) * len(HOST_FORMATS) * 2 * len(ROUTES)
     for nt in tokens_per_block:
         dims = dims_for(nt)
         for route in ROUTES:
             prefs = TransferPreferences(copy_engine=route == "staged", staged_min_bytes=None)
             builder = TransferManager.builder().cuda_device_id(device.index or 0)
             with builder.preferences(prefs).build() as manager:
-                for nb in num_blocks:
-                    for direction in ("h2d", "d2h"):
-                        progress(
-                            len(rows) // len(works) + 1,
-                            total,
-                            f"contention tpb={nt} N={nb} {direction} {route}",
-                        )
-                        config = LayoutConfig.from_dims(dims, nb)
-                        rows += _rows(manager, config, direction, route, works, streams, iters)
+                for nb, fmt, direction in itertools.product(
+                    num_blocks, HOST_FORMATS, ("h2d", "d2h")
+                ):
+                    progress(
+                        len(rows) // len(works) + 1,
+                        total,
+                        f"contention tpb={nt} N={nb} {direction} {fmt.name} {route}",
+                    )
+                    config = LayoutConfig.from_dims(dims, nb)
+                    rows += _rows(manager, config, fmt, direction, route, works, streams, iters)
     return rows
 
 
-def _rows(manager, config, direction, route, works, streams, iters) -> list[ContentionRow]:
+def _rows(
+    manager, config, host_fmt, direction, route, works, streams, iters
+) -> list[ContentionRow]:
     """One row per work: the ``config.num_blocks`` blocks of a layer-separate device layout
-    and of a fully contiguous pinned one moved ``direction`` by ``manager``."""
+    and of a fully contiguous pinned one in ``host_fmt`` moved ``direction`` by ``manager``."""
     nb = config.num_blocks
     index = torch.cuda.current_device()
+    device_fmt = HOST_FORMATS[0]
     gpu = manager.register_layout(
-        PhysicalLayout.builder(config).layer_separate().allocate_device(index).build()
+        PhysicalLayout.builder(config)
+        .layer_separate()
+        .kv_format(device_fmt)
+        .allocate_device(index)
+        .build()
     )
     host = manager.register_layout(
-        PhysicalLayout.builder(config).fully_contiguous().allocate_pinned().build()
+        PhysicalLayout.builder(config)
+        .fully_contiguous()
+        .kv_format(host_fmt)
+        .allocate_pinned()
+        .build()
     )
     ids = list(range(nb))
     for h in (gpu, host):
@@ -202,25 +220,24 @@ def _rows(manager, config, direction, route, works, streams, iters) -> list[Cont
             )
             for _ in range(iters)
         ]
-        rows.append(_row(config.page_size, nb, direction, route, strategy, work, nbytes, samples))
+        case = (config.page_size, nb, direction, host_fmt.name, route, strategy)
+        rows.append(_row(case, work, nbytes, samples))
     check_moved(manager, src, dst, ids)
     for h in (gpu, host):
         manager.release_layout(h)
     return rows
 
 
-def _row(nt, nb, direction, route, strategy, work, nbytes, samples) -> ContentionRow:
+def _row(case: tuple, work: _Work, nbytes: int, samples: list) -> ContentionRow:
+    """The row of ``case`` (tokens per block, blocks, direction, host format, route,
+    strategy) from ``samples`` of (transfer alone, work alone, both)."""
     t_alone = statistics.median(s[0].transfer_ms for s in samples)
     w_alone = statistics.median(s[1].work_ms for s in samples)
     t_shared = statistics.median(s[2].transfer_ms for s in samples)
     w_shared = statistics.median(s[2].work_ms for s in samples)
     both = statistics.median(s[2].both_ms for s in samples)
     return ContentionRow(
-        nt,
-        nb,
-        direction,
-        route,
-        strategy,
+        *case,
         f"{work.kind} x{work.reps}",
         nbytes,
         round(nbytes / t_alone / 1e6, 2),

@@ -26,7 +26,13 @@ from kvblocks.transfer.options import (
 )
 from kvblocks.transfer.serialize import SerializedLayout
 from kvblocks.transfer.strategy import Strategy
-from kvblocks.transfer.verify import FillPattern, block_checksums, fill_blocks, layer_checksums
+from kvblocks.transfer.verify import (
+    FillPattern,
+    block_checksums,
+    block_checksums_as,
+    fill_blocks,
+    layer_checksums,
+)
 
 __all__ = [
     "BounceBuffer",
@@ -46,6 +52,7 @@ __all__ = [
     "TransferPreferences",
     "WorkerAddress",
     "block_checksums",
+    "block_checksums_as",
     "fill_blocks",
     "layer_checksums",
 ]

@@ -75,10 +75,12 @@ class TransferPreferences:
             without the same spans (an engine's layer-separate cache, or another format) are
             staged (``STAGED``), as ``copy_engine`` does, through two slots of up to 64 MiB
             from the device memory pool. Staged, a transfer holds SMs only to place or gather
-            the slots' blocks: work the engine runs meanwhile is slowed by 1% to 6% instead
-            of 1.5x to 2x, and the transfer alone is as fast or faster (docs/performance.md,
-            "Transfers while the engine computes"). Below it the host's cost per call would
-            exceed the GPU's. ``None`` leaves them to the kernels. Needs cuda-bindings.
+            the slots' blocks: work the engine runs meanwhile is slowed by 1% to 6%, and the
+            transfer is faster than the kernel's, alone and beside that work
+            (docs/performance.md, "Transfers while the engine computes"). Below it the
+            host's cost per call would exceed the GPU's, and the kernels (on a few programs,
+            slowing the engine's work by up to 19%) move them. ``None`` leaves them all to the
+            kernels. Needs cuda-bindings.
     """
 
     native_vs_nixl: NativeVsNixlPolicy = NativeVsNixlPolicy.AUTOMATIC

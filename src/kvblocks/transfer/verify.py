@@ -18,7 +18,9 @@ import blake3
 import torch
 
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
-from kvblocks.layout import MemoryRegion
+from kvblocks.kernels.reference import permute_blocks
+from kvblocks.layout import KvBlockLayout, MemoryRegion
+from kvblocks.layout.dtypes import DTYPE_OF_WIDTH
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
 
 
@@ -64,6 +66,26 @@ def _memory_slice(physical: PhysicalLayout, region: MemoryRegion) -> torch.Tenso
 def block_checksums(physical: PhysicalLayout, block_ids: Sequence[int]) -> list[str]:
     """BLAKE3 (hex) of each block's bytes."""
     return [_checksum(physical, _spans(physical, b, None)) for b in block_ids]
+
+
+def block_checksums_as(
+    physical: PhysicalLayout, block_ids: Sequence[int], fmt: KvBlockLayout
+) -> list[str]:
+    """BLAKE3 (hex) of each block's bytes as they read in ``fmt``: converted from the layout's
+    format by the torch reference, so a block can be compared across a format change. Plain
+    :func:`block_checksums` where the formats are the same (or either is ``Unknown``)."""
+    own = physical.kv_format
+    if own.dim_order is None or fmt.dim_order is None or not own.requires_transform(fmt):
+        return block_checksums(physical, block_ids)
+    config = physical.config
+    dims = config.dims(DTYPE_OF_WIDTH[config.dtype_width_bytes])
+    sums = []
+    for b in block_ids:
+        stored = b"".join(read_bytes(physical, span) for span in _spans(physical, b, None))
+        block = torch.frombuffer(bytearray(stored), dtype=dims.dtype).view(1, -1)
+        converted = permute_blocks(block, dims, own, fmt).view(torch.uint8)
+        sums.append(blake3.blake3(_host_buffer(converted)).hexdigest())
+    return sums
 
 
 def layer_checksums(
