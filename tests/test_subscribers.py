@@ -51,6 +51,7 @@ class FakeWorker:
         self.kept: list[tuple[int, bytes]] = []
         self.replays: list[int] = []  # start seqs asked for
         self.replay_delay = 0.0  # seconds before a replay is answered
+        self.silent = False  # replays are read and never answered (a hung or dead process)
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -71,6 +72,8 @@ class FakeWorker:
             if not self.router.poll(20):
                 continue
             client, _, start = self.router.recv_multipart()
+            if self.silent:
+                continue
             first = int.from_bytes(start, "big")
             time.sleep(self.replay_delay)
             with self.lock:
@@ -352,6 +355,68 @@ def test_a_replay_endpoint_that_never_answers_times_out(worker, monkeypatch):
             assert recorder.wait_for(1) == [("batch", "w", 0)]
     finally:
         silent.close(0)
+
+
+def test_a_worker_silent_past_gone_after_is_lost_once_then_back(worker, monkeypatch):
+    """A worker whose replay endpoint stops answering (a process that died without closing)
+    is gone after ``gone_after`` seconds: lost once, and the index forgets its blocks; when
+    it answers again, its new batches are read as usual."""
+    from kvblocks.pool import subscribers
+
+    monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.1)
+    index, recorder = KvIndex(BS), Recorder()
+
+    class Both:
+        def apply(self, w, batch):
+            index.apply(w, batch)
+            recorder.apply(w, batch)
+
+        def lost(self, w):
+            index.lost(w)
+            recorder.lost(w)
+
+    with ZmqSubscriber(Both(), check_every=0.05, gone_after=0.6) as subscriber:
+        subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
+        worker.send(0)
+        recorder.wait_for(1)
+        time.sleep(1.0)  # longer than gone_after, answering every replay: not gone
+        assert recorder.items == [("batch", "w", 0)] and not subscriber.states()[0].gone
+        assert index.overlaps_of([1])[0].blocks == 1
+        worker.silent = True
+        start = time.monotonic()
+        assert recorder.wait_for(2) == [("batch", "w", 0), ("lost", "w")]
+        assert time.monotonic() - start > 0.5
+        assert subscriber.states()[0].gone
+        assert index.overlaps_of([1])[0].blocks == 0
+        time.sleep(0.5)  # still silent: lost only once
+        assert recorder.items == [("batch", "w", 0), ("lost", "w")]
+        worker.silent = False
+        worker.send(1, publish=False)  # kept: the next replay brings it
+        assert recorder.wait_for(3)[2] == ("batch", "w", 1)
+        state = subscriber.states()[0]
+        assert not state.gone and state.lost == 1
+        assert index.overlaps_of([2])[0].blocks == 1
+
+
+def test_without_gone_after_a_silent_worker_is_kept(worker, monkeypatch):
+    from kvblocks.pool import subscribers
+
+    monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.1)
+    recorder = Recorder()
+    with ZmqSubscriber(recorder, check_every=0.05, gone_after=None) as subscriber:
+        subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
+        worker.send(0)
+        recorder.wait_for(1)
+        worker.silent = True
+        time.sleep(1.0)
+        assert recorder.items == [("batch", "w", 0)]
+        assert not subscriber.states()[0].gone
+
+
+@pytest.mark.parametrize("gone_after", [0, -1.0, float("nan")])
+def test_gone_after_must_be_positive(gone_after):
+    with pytest.raises(InvalidArgumentError, match="gone_after must be > 0 seconds or None"):
+        ZmqSubscriber(Recorder(), gone_after=gone_after)
 
 
 def test_a_sink_that_raises_does_not_stop_the_others(worker, caplog):

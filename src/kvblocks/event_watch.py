@@ -196,6 +196,6 @@ def _print_status(
         )
         log.write(
             f"{stamp} {state.worker}: {held or 'no blocks'}; {state.batches:,} batches"
-            f" ({state.replayed:,} replayed), {state.lost} lost\n"
+            f" ({state.replayed:,} replayed), {state.lost} lost{'; gone' if state.gone else ''}\n"
         )
     log.flush()

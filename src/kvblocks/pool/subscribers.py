@@ -16,6 +16,12 @@ A worker that starts over (a restarted process counts its batches from 0 again) 
 ``seq`` that goes back where no replay can explain it: what came before is lost (the restarted
 worker's cache is new too), and the new batches are read from the start.
 
+A worker whose replay endpoint has not answered for ``gone_after`` seconds (and that sent
+nothing meanwhile) is *gone*: a process that died without closing (a closing BlockManager says
+``AllBlocksCleared`` itself). Its batches count as lost once, so an index stops routing to
+blocks it no longer holds; it is asked again every ``check_every`` seconds, and what it sends
+when it is back is read as usual.
+
 A :class:`NatsSubscriber` reads every worker that publishes on a NATS subject (wildcards
 allowed), knowing them by the worker header of :class:`~kvblocks.pool.publishers.NatsPublisher`
 (by subject for messages without it). Core NATS keeps nothing, so there is no replay: a gap in
@@ -60,6 +66,8 @@ log = logging.getLogger(__name__)
 CHECK_S = 1.0
 #: Seconds a replay may take before its batches count as lost.
 REPLAY_TIMEOUT_S = 5.0
+#: Default seconds without an answer from a worker's replay endpoint after which it is gone.
+GONE_AFTER_S = 30.0
 #: Seconds the subscriber's thread waits on its sockets before it looks at new requests.
 _POLL_S = 0.05
 #: Messages a SUB socket queues before it drops (a drop is found as a gap).
@@ -93,6 +101,9 @@ class FollowState:
         replayed: of those, batches that came through a replay.
         lost: times batches were lost (each told to the sink).
         bad: messages that were not a KV event batch (dropped, and logged).
+        gone: its replay endpoint has not answered for the subscriber's ``gone_after``
+            seconds, and it sent nothing meanwhile (always False over NATS and without a
+            replay endpoint: silence there may be a worker with nothing to say).
     """
 
     worker: str
@@ -103,6 +114,7 @@ class FollowState:
     replayed: int
     lost: int
     bad: int
+    gone: bool = False
 
 
 @dataclass
@@ -122,6 +134,8 @@ class _Follow:
     socket: object
     next_seq: int | None = None
     heard: float = 0.0
+    answered: float = field(default_factory=time.monotonic)
+    gone: bool = False
     dealer: object | None = None
     deadline: float = 0.0
     held: tuple[int, bytes] | None = None
@@ -142,6 +156,7 @@ class _Follow:
             self.replayed,
             self.lost,
             self.bad,
+            self.gone,
         )
 
 
@@ -154,13 +169,21 @@ class ZmqSubscriber:
             ``"kv-events"``; vLLM's default is ``""``); messages of other topics are ignored.
         check_every: seconds without a message after which a worker's replay endpoint is
             asked for what is new.
+        gone_after: seconds without an answer from a worker's replay endpoint (and without a
+            message) after which the worker is gone and its batches count as lost; ``None``:
+            never. Workers followed without a replay endpoint are never gone.
 
     Raises:
         BackendUnavailableError: pyzmq or msgpack is not installed.
+        InvalidArgumentError: ``check_every`` or ``gone_after`` is not a positive number.
     """
 
     def __init__(
-        self, sink: EventSink, topic: str = "kv-events", check_every: float = CHECK_S
+        self,
+        sink: EventSink,
+        topic: str = "kv-events",
+        check_every: float = CHECK_S,
+        gone_after: float | None = GONE_AFTER_S,
     ) -> None:
         try:
             import msgpack  # noqa: F401 (decode_batch needs it)
@@ -171,6 +194,11 @@ class ZmqSubscriber:
             ) from None
         if not check_every > 0:
             raise InvalidArgumentError("check_every", f"must be > 0 seconds, got {check_every!r}")
+        if gone_after is not None and not gone_after > 0:
+            raise InvalidArgumentError(
+                "gone_after", f"must be > 0 seconds or None, got {gone_after!r}"
+            )
+        self._gone_after = gone_after
         self._zmq = zmq
         self._sink = sink
         self._topic = topic.encode()
@@ -249,12 +277,7 @@ class ZmqSubscriber:
                         if follow.dealer in ready:
                             self._read_replay(follow)
                         elif now > follow.deadline:
-                            log.warning(
-                                "no replay from %s in %s s",
-                                follow.replay_endpoint,
-                                REPLAY_TIMEOUT_S,
-                            )
-                            self._end_replay(follow)
+                            self._no_answer(follow, now)
                     elif follow.socket in ready:
                         self._receive(follow)
                     elif follow.replay_endpoint and now - follow.heard > self._check_every:
@@ -336,7 +359,7 @@ class ZmqSubscriber:
                 frames = follow.socket.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            follow.heard = time.monotonic()
+            self._heard_from(follow)
             if len(frames) != 3 or frames[0] != self._topic or len(frames[1]) != 8:
                 self._drop(follow, f"a message of {len(frames)} frames")
                 continue
@@ -373,6 +396,33 @@ class ZmqSubscriber:
         follow.dealer = dealer
         follow.deadline = time.monotonic() + REPLAY_TIMEOUT_S
 
+    def _no_answer(self, follow: _Follow, now: float) -> None:
+        """``follow`` 's replay timed out: end it; past ``gone_after`` without a word from
+        the worker, it is gone (its batches are lost, once)."""
+        silent = now - follow.answered
+        gone = self._gone_after is not None and silent > self._gone_after
+        if gone and not follow.gone:
+            log.warning(
+                "%s: no answer from %s for %.0f s: gone; its blocks are forgotten",
+                follow.worker,
+                follow.replay_endpoint,
+                silent,
+            )
+            with self._states_lock:
+                follow.gone = True
+            self._lose(follow)
+        elif not follow.gone:
+            log.warning("no replay from %s in %s s", follow.replay_endpoint, REPLAY_TIMEOUT_S)
+        self._end_replay(follow)
+
+    def _heard_from(self, follow: _Follow) -> None:
+        """A message or a replay answer came from ``follow`` 's worker."""
+        follow.heard = follow.answered = time.monotonic()
+        if follow.gone:
+            log.warning("%s is back", follow.worker)
+            with self._states_lock:
+                follow.gone = False
+
     def _started_over(self, follow: _Follow, seq: int) -> None:
         """``follow`` 's worker sent ``seq`` after batches up to ``next_seq - 1``: it started
         over. What it had is lost; its new batches are read from 0 (from ``seq`` without a
@@ -388,6 +438,7 @@ class ZmqSubscriber:
                 frames = follow.dealer.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._heard_from(follow)
             if len(frames) != 3 or len(frames[1]) != 8:
                 self._drop(follow, f"a replay reply of {len(frames)} frames")
                 continue
