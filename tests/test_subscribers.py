@@ -92,18 +92,24 @@ class FakeWorker:
 
 
 class Recorder:
-    """A sink that records ("batch", worker, seq) and ("lost", worker)."""
+    """A sink that records ("batch", worker, seq) and ("lost", worker), and hands each batch
+    and loss on to ``index`` first when given one."""
 
-    def __init__(self) -> None:
+    def __init__(self, index: KvIndex | None = None) -> None:
         self.items: list[tuple] = []
         self.cond = threading.Condition()
+        self.index = index
 
     def apply(self, worker, batch):
+        if self.index is not None:
+            self.index.apply(worker, batch)
         with self.cond:
             self.items.append(("batch", worker, int(batch.ts)))
             self.cond.notify_all()
 
     def lost(self, worker):
+        if self.index is not None:
+            self.index.lost(worker)
         with self.cond:
             self.items.append(("lost", worker))
             self.cond.notify_all()
@@ -219,18 +225,9 @@ def test_gaps_are_filled_from_the_replay_in_order(worker):
 
 def test_batches_no_replay_brings_back_are_lost_once_and_the_index_forgets(worker):
     index = KvIndex(BS)
-    recorder = Recorder()
+    recorder = Recorder(index)
 
-    class Both:
-        def apply(self, w, batch):
-            index.apply(w, batch)
-            recorder.apply(w, batch)
-
-        def lost(self, w):
-            index.lost(w)
-            recorder.lost(w)
-
-    with ZmqSubscriber(Both(), check_every=0.3) as subscriber:
+    with ZmqSubscriber(recorder, check_every=0.3) as subscriber:
         subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
         for seq in range(3):
             worker.send(seq)
@@ -364,18 +361,10 @@ def test_a_worker_silent_past_gone_after_is_lost_once_then_back(worker, monkeypa
     from kvblocks.pool import subscribers
 
     monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.1)
-    index, recorder = KvIndex(BS), Recorder()
+    index = KvIndex(BS)
+    recorder = Recorder(index)
 
-    class Both:
-        def apply(self, w, batch):
-            index.apply(w, batch)
-            recorder.apply(w, batch)
-
-        def lost(self, w):
-            index.lost(w)
-            recorder.lost(w)
-
-    with ZmqSubscriber(Both(), check_every=0.05, gone_after=0.6) as subscriber:
+    with ZmqSubscriber(recorder, check_every=0.05, gone_after=0.6) as subscriber:
         subscriber.follow("w", worker.endpoint, worker.replay_endpoint)
         worker.send(0)
         recorder.wait_for(1)

@@ -21,15 +21,6 @@ DTYPES: dict[str, torch.dtype] = {
     "fp8_e5m2": torch.float8_e5m2,
 }
 
-#: A dtype of each width, to describe blocks whose element type does not matter (their bytes
-#: are moved or reordered, never computed on).
-DTYPE_OF_WIDTH: dict[int, torch.dtype] = {
-    1: DTYPES["fp8_e4m3"],
-    2: DTYPES["f16"],
-    4: DTYPES["f32"],
-    8: DTYPES["f64"],
-}
-
 _ALIASES: dict[str, str] = {
     "float16": "f16",
     "half": "f16",

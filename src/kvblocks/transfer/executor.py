@@ -42,12 +42,15 @@ from kvblocks.kernels import (
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
-from kvblocks.layout.dtypes import DTYPE_OF_WIDTH
+from kvblocks.layout.dtypes import DTYPES
 from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory, memory_of
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind, allocate_pinned
 from kvblocks.storage.disk import merge_spans
 
 _CPU = torch.device("cpu")
+
+#: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
+_DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
 
 
 class HopKind(Enum):
@@ -99,7 +102,7 @@ class Hop:
 
 def dims_of(config: LayoutConfig) -> KvDims:
     """The block dims of a config whose ``num_heads`` is known (for permutes)."""
-    return config.dims(DTYPE_OF_WIDTH[config.dtype_width_bytes])
+    return config.dims(_DTYPE_OF_WIDTH[config.dtype_width_bytes])
 
 
 @dataclass

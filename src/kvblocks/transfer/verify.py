@@ -20,8 +20,8 @@ import torch
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.kernels.reference import permute_blocks
 from kvblocks.layout import KvBlockLayout, MemoryRegion
-from kvblocks.layout.dtypes import DTYPE_OF_WIDTH
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
+from kvblocks.transfer.executor import dims_of
 
 
 def _spans(physical: PhysicalLayout, block_id: int, layers: range | None) -> list[MemoryRegion]:
@@ -77,8 +77,7 @@ def block_checksums_as(
     own = physical.kv_format
     if own.dim_order is None or fmt.dim_order is None or not own.requires_transform(fmt):
         return block_checksums(physical, block_ids)
-    config = physical.config
-    dims = config.dims(DTYPE_OF_WIDTH[config.dtype_width_bytes])
+    dims = dims_of(physical.config)
     sums = []
     for b in block_ids:
         stored = b"".join(read_bytes(physical, span) for span in _spans(physical, b, None))
