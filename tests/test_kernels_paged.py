@@ -1,5 +1,7 @@
 """copy_blocks / copy_single_block / swap_blocks against their references."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -10,7 +12,7 @@ from kvblocks.errors import (
     OverlapError,
     ShapeMismatchError,
 )
-from kvblocks.kernels import copy_blocks, copy_single_block, swap_blocks
+from kvblocks.kernels import Backend, copy_blocks, copy_single_block, pinned_programs, swap_blocks
 from kvblocks.kernels.paged import copy_blocks_reference, plan_paged, swap_blocks_reference
 
 from .helpers import ALL_DTYPES, assert_bits_equal, gpu_param, poisoned
@@ -143,6 +145,45 @@ def test_copy_into_other_caches(src_where, dst_where, dtype, shape):
     for got, want in zip(dst_keys + dst_values, expected, strict=True):
         assert_bits_equal(got.cpu(), want)
     for got, want in zip(keys + values, before, strict=True):
+        assert_bits_equal(got.cpu(), want)
+
+
+@pytest.mark.parametrize("src_where,dst_where", PLACES)
+def test_grid_follows_pinned_memory(src_where, dst_where):
+    """On a GPU the kernel runs on few programs where a side is pinned host memory, on a
+    program per tile in device memory."""
+    src_device = "cuda" if src_where == "cuda" else "cpu"
+    keys, values = _caches(2, 12, (16, 2, 8), torch.bfloat16, src_device)
+    keys, values = _place(keys, src_where), _place(values, src_where)
+    dst_keys, dst_values = _poisoned_caches(
+        2,
+        7,
+        (16, 2, 8),
+        torch.bfloat16,
+        "cuda" if dst_where == "cuda" else "cpu",
+        dst_where == "pinned",
+    )
+    plan = plan_paged(keys, values, [[3, 1]], dst_key_caches=dst_keys, dst_value_caches=dst_values)
+    on_gpu = "cuda" in (src_where, dst_where)
+    pinned = pinned_programs(src_where == "pinned", dst_where == "pinned", plan.step_bytes)
+    assert plan.programs == (pinned if on_gpu else None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("swap", [False, True], ids=["copy", "swap"])
+@pytest.mark.parametrize("programs", [1, 3, 1000])
+def test_capped_grid(device, swap, programs):
+    """Fewer programs than tiles (here two per block): each program moves every
+    ``programs``-th tile, and every block still lands."""
+    keys, values = _caches(2, 12, (16, 2, 128), torch.float32, device)  # 16 KiB blocks
+    expected = [c.clone().cpu() for c in keys + values]
+    mapping = _mapping(4, 12, swap)
+    plan = replace(plan_paged(keys, values, mapping, swap=swap), programs=programs)
+    if plan.backend is not Backend.REFERENCE:
+        assert plan.num_programs == min(programs, 4 * 4 * 2)  # pairs * caches * tiles
+    plan.run()
+    (swap_blocks_reference if swap else copy_blocks_reference)(expected, mapping)
+    for got, want in zip(keys + values, expected, strict=True):
         assert_bits_equal(got.cpu(), want)
 
 

@@ -7,7 +7,8 @@ block works). ``block_mapping`` is ``[num_pairs, 2]``:
 - :func:`copy_blocks`: block ``mapping[i, 0]`` is copied onto block ``mapping[i, 1]`` in every
   key and value cache (prefix sharing, copy on write), or, given destination caches, from the
   caches into the destination caches (which may hold another number of blocks, and on a GPU
-  may live in pinned host memory).
+  may live in pinned host memory; the kernel then runs on a few programs, see
+  :mod:`kvblocks.kernels.grid`).
 - :func:`copy_single_block`: one block, from source caches to destination caches.
 - :func:`swap_blocks`: blocks ``mapping[i, 0]`` and ``mapping[i, 1]`` exchange contents in place.
 
@@ -22,7 +23,7 @@ References: :func:`copy_blocks_reference`, :func:`swap_blocks_reference`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -38,6 +39,7 @@ from kvblocks.errors import (
 from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import common_alignment
 from kvblocks.kernels.backend import Backend, available
+from kvblocks.kernels.grid import pinned_programs
 
 #: Bytes of one block that one program moves; tuned on the H100 by bench/tune.py.
 TILE_BYTES = 8192
@@ -51,40 +53,44 @@ def _paged_kernel(
     mapping,
     num_pairs,
     tiles,
+    num_items,
     BLOCK_WORDS: tl.constexpr,
     WORD: tl.constexpr,
     ALIGN: tl.constexpr,
     TILE: tl.constexpr,
     SWAP: tl.constexpr,
 ):
-    # Caches vary slowest, so the programs in flight at once touch few of the cache tensors.
-    pid = tl.program_id(0).to(tl.int64)
-    tile = pid % tiles
-    rest = pid // tiles
-    pair = rest % num_pairs
-    cache = rest // num_pairs
-    base_a = tl.load(cache_table + cache).to(tl.pointer_type(WORD))
-    base_a = tl.multiple_of(base_a, ALIGN)
-    base_b = tl.load(dst_table + cache).to(tl.pointer_type(WORD))
-    base_b = tl.multiple_of(base_b, ALIGN)
-    a = tl.load(mapping + 2 * pair)
-    b = tl.load(mapping + 2 * pair + 1)
-    offs = tile * TILE + tl.arange(0, TILE)
-    ptr_a = base_a + a * BLOCK_WORDS + offs
-    ptr_b = base_b + b * BLOCK_WORDS + offs
-    if BLOCK_WORDS % TILE == 0:
-        va = tl.load(ptr_a)
-        if SWAP:
-            vb = tl.load(ptr_b)
-            tl.store(ptr_a, vb)
-        tl.store(ptr_b, va)
-    else:
-        mask = offs < BLOCK_WORDS
-        va = tl.load(ptr_a, mask=mask)
-        if SWAP:
-            vb = tl.load(ptr_b, mask=mask)
-            tl.store(ptr_a, vb, mask=mask)
-        tl.store(ptr_b, va, mask=mask)
+    # Item i is tile i % tiles of pair (i // tiles) % num_pairs in cache i // (tiles *
+    # num_pairs): caches vary slowest, so the items in flight at once touch few of the cache
+    # tensors. Program p moves items p, p + G, ... of the G programs' grid.
+    for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
+        i = tl.cast(item, tl.int64)
+        tile = i % tiles
+        rest = i // tiles
+        pair = rest % num_pairs
+        cache = rest // num_pairs
+        base_a = tl.load(cache_table + cache).to(tl.pointer_type(WORD))
+        base_a = tl.multiple_of(base_a, ALIGN)
+        base_b = tl.load(dst_table + cache).to(tl.pointer_type(WORD))
+        base_b = tl.multiple_of(base_b, ALIGN)
+        a = tl.load(mapping + 2 * pair)
+        b = tl.load(mapping + 2 * pair + 1)
+        offs = tile * TILE + tl.arange(0, TILE)
+        ptr_a = base_a + a * BLOCK_WORDS + offs
+        ptr_b = base_b + b * BLOCK_WORDS + offs
+        if BLOCK_WORDS % TILE == 0:
+            va = tl.load(ptr_a)
+            if SWAP:
+                vb = tl.load(ptr_b)
+                tl.store(ptr_a, vb)
+            tl.store(ptr_b, va)
+        else:
+            mask = offs < BLOCK_WORDS
+            va = tl.load(ptr_a, mask=mask)
+            if SWAP:
+                vb = tl.load(ptr_b, mask=mask)
+                tl.store(ptr_a, vb, mask=mask)
+            tl.store(ptr_b, va, mask=mask)
 
 
 def copy_blocks_reference(
@@ -229,7 +235,9 @@ class PagedPlan:
 
     The caches and mapping are fixed at planning; :meth:`run` is one launch (or the reference
     on a device without kernels), with no checks and no host-device synchronization.
-    ``dst_caches`` is ``caches`` itself for an in-place copy or a swap.
+    ``dst_caches`` is ``caches`` itself for an in-place copy or a swap. ``programs`` caps the
+    grid (set where a side is pinned host memory, see
+    :func:`~kvblocks.kernels.pinned_programs`); ``None``: a program per tile.
     """
 
     caches: tuple[torch.Tensor, ...]
@@ -241,6 +249,25 @@ class PagedPlan:
     dst_table: torch.Tensor
     block_words: int
     align: int
+    programs: int | None = None
+
+    @property
+    def step_bytes(self) -> int:
+        """Bytes a program moves at a time (a tile of a block)."""
+        word_bytes, tile, _ = self._tiling()
+        return min(tile, self.block_words) * word_bytes
+
+    @property
+    def num_programs(self) -> int:
+        """Programs the kernel launches with (a run on the Triton backend)."""
+        items = self.mapping.shape[0] * len(self.caches) * self._tiling()[2]
+        return items if self.programs is None else min(items, self.programs)
+
+    def _tiling(self) -> tuple[int, int, int]:
+        """Bytes per word, words per tile, tiles per block."""
+        word_bytes = min(self.align, 4)
+        tile = min(TILE_BYTES // word_bytes, 1 << (self.block_words - 1).bit_length())
+        return word_bytes, tile, triton.cdiv(self.block_words, tile)
 
     def run(self) -> None:
         if self.mapping.shape[0] == 0:
@@ -251,17 +278,16 @@ class PagedPlan:
             else:
                 copy_blocks_reference(self.caches, self.mapping, self.dst_caches)
             return
-        word_bytes = min(self.align, 4)
-        tile = min(TILE_BYTES // word_bytes, 1 << (self.block_words - 1).bit_length())
-        tiles = triton.cdiv(self.block_words, tile)
+        word_bytes, tile, tiles = self._tiling()
         pairs = self.mapping.shape[0]
         with LAUNCH_LOCK:
-            _paged_kernel[(pairs * len(self.caches) * tiles,)](
+            _paged_kernel[(self.num_programs,)](
                 self.cache_table,
                 self.dst_table,
                 self.mapping,
                 pairs,
                 tiles,
+                pairs * len(self.caches) * tiles,
                 BLOCK_WORDS=self.block_words,
                 WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
                 ALIGN=self.align,
@@ -310,7 +336,7 @@ def plan_paged(
     tables = torch.tensor([ptrs, dst_ptrs], dtype=torch.int64)
     align = common_alignment(tables, block_bytes)
     tables = tables.to(device)
-    return PagedPlan(
+    plan = PagedPlan(
         tuple(caches),
         tuple(dst_caches),
         mapping,
@@ -321,6 +347,10 @@ def plan_paged(
         block_bytes // min(align, 4),
         align,
     )
+    if device.type != "cuda":
+        return plan
+    reads_host, writes_host = not caches[0].is_cuda, not dst_caches[0].is_cuda
+    return replace(plan, programs=pinned_programs(reads_host, writes_host, plan.step_bytes))
 
 
 def _check_destinations(caches, dst_key_caches, dst_value_caches):
