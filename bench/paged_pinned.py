@@ -56,10 +56,8 @@ def main() -> None:
             for d, s in zip(dst, src, strict=True):
                 assert torch.equal(d.cpu(), s.cpu()), f"{direction} {grid}: wrong bytes"
             gbps, bulk = nbytes / ms / 1e6, nbytes / bulk_ms / 1e6
-            name = torch.cuda.get_device_name()
-            print(
-                f"{name},{direction},{grid},{run.num_programs},{gbps:.2f},{bulk:.2f},{gbps / bulk:.3f}"
-            )
+            row = (torch.cuda.get_device_name(), direction, grid, run.num_programs)
+            print(",".join(map(str, row)), f"{gbps:.2f},{bulk:.2f},{gbps / bulk:.3f}", sep=",")
 
 
 if __name__ == "__main__":
