@@ -46,7 +46,9 @@ TILE_BYTES = 65536
 NUM_WARPS = 8
 
 
-@triton.jit
+# Counts that grow with the number of blocks are not specialized on (a value of 1, a multiple
+# of 16), so that a transfer of a block count not seen before runs without a compile.
+@triton.jit(do_not_specialize=["num_regions", "num_items"])
 def _permute_kernel(
     src_ids,
     src_bases,
@@ -86,114 +88,49 @@ def _permute_kernel(
     for item in range(tl.program_id(0), num_items, tl.num_programs(0)):
         if WIDE:
             item = tl.cast(item, tl.int64)
-        _permute_item(
-            src_ids,
-            src_bases,
-            src_stride,
-            src_per_block,
-            dst_ids,
-            dst_bases,
-            dst_stride,
-            dst_per_block,
-            item % num_regions,
-            item // num_regions,
-            NL,
-            NO,
-            NT,
-            NH,
-            HD,
-            SRC_STACK,
-            SL,
-            SO,
-            ST,
-            SH,
-            DST_STACK,
-            DL,
-            DO,
-            DT,
-            DH,
-            ELEM,
-            ALIGNED,
-            ROWS,
-            HD_BLOCK,
-        )
+        # region b * NL * NO + l * NO + o: the index into a block stack's table
+        region = item % num_regions
+        tile = item // num_regions
+        block = region // (NL * NO)
+        lo = region % (NL * NO)
+        layer = lo // NO
+        outer = lo % NO
+        rows = tile * ROWS + tl.arange(0, ROWS)
+        if SH < ST:  # the source is token-major inside a region: walk (t, h) with h fastest
+            t = rows // NH
+            h = rows % NH
+        else:
+            h = rows // NT
+            t = rows % NT
+        src_rows = t * ST + h * SH
+        dst_rows = t * DT + h * DH
+        if SRC_STACK:
+            src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, region)
+        else:
+            src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, block)
+            src_rows += layer * SL + outer * SO
+        if DST_STACK:
+            dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, region)
+        else:
+            dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, block)
+            dst_rows += layer * DL + outer * DO
+        src = src_addr.to(tl.pointer_type(ELEM))
+        dst = dst_addr.to(tl.pointer_type(ELEM))
+        if ALIGNED:
+            src = tl.multiple_of(src, 16)
+            dst = tl.multiple_of(dst, 16)
 
-
-@triton.jit
-def _permute_item(
-    src_ids,
-    src_bases,
-    src_stride,
-    src_per_block,
-    dst_ids,
-    dst_bases,
-    dst_stride,
-    dst_per_block,
-    region,
-    tile,
-    NL: tl.constexpr,
-    NO: tl.constexpr,
-    NT: tl.constexpr,
-    NH: tl.constexpr,
-    HD: tl.constexpr,
-    SRC_STACK: tl.constexpr,
-    SL: tl.constexpr,
-    SO: tl.constexpr,
-    ST: tl.constexpr,
-    SH: tl.constexpr,
-    DST_STACK: tl.constexpr,
-    DL: tl.constexpr,
-    DO: tl.constexpr,
-    DT: tl.constexpr,
-    DH: tl.constexpr,
-    ELEM: tl.constexpr,
-    ALIGNED: tl.constexpr,
-    ROWS: tl.constexpr,
-    HD_BLOCK: tl.constexpr,
-):
-    """Move tile ``tile`` of region ``region`` (``b * NL * NO + l * NO + o``: the index into
-    a block stack's table)."""
-    block = region // (NL * NO)
-    lo = region % (NL * NO)
-    layer = lo // NO
-    outer = lo % NO
-
-    rows = tile * ROWS + tl.arange(0, ROWS)
-    if SH < ST:  # the source is token-major inside a region: walk (t, h) with h fastest
-        t = rows // NH
-        h = rows % NH
-    else:
-        h = rows // NT
-        t = rows % NT
-    src_rows = t * ST + h * SH
-    dst_rows = t * DT + h * DH
-    if SRC_STACK:
-        src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, region)
-    else:
-        src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, block)
-        src_rows += layer * SL + outer * SO
-    if DST_STACK:
-        dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, region)
-    else:
-        dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, block)
-        dst_rows += layer * DL + outer * DO
-    src = src_addr.to(tl.pointer_type(ELEM))
-    dst = dst_addr.to(tl.pointer_type(ELEM))
-    if ALIGNED:
-        src = tl.multiple_of(src, 16)
-        dst = tl.multiple_of(dst, 16)
-
-    cols = tl.arange(0, HD_BLOCK)
-    src_ptrs = src + src_rows[:, None] * HD + cols[None, :]
-    dst_ptrs = dst + dst_rows[:, None] * HD + cols[None, :]
-    # Every byte is touched once: stream it through L2 rather than keep it there.
-    if (NT * NH) % ROWS == 0 and HD == HD_BLOCK:
-        vals = tl.load(src_ptrs, eviction_policy="evict_first")
-        tl.store(dst_ptrs, vals, cache_modifier=".cs")
-    else:
-        mask = (rows < NT * NH)[:, None] & (cols < HD)[None, :]
-        vals = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
-        tl.store(dst_ptrs, vals, mask=mask, cache_modifier=".cs")
+        cols = tl.arange(0, HD_BLOCK)
+        src_ptrs = src + src_rows[:, None] * HD + cols[None, :]
+        dst_ptrs = dst + dst_rows[:, None] * HD + cols[None, :]
+        # Every byte is touched once: stream it through L2 rather than keep it there.
+        if (NT * NH) % ROWS == 0 and HD == HD_BLOCK:
+            vals = tl.load(src_ptrs, eviction_policy="evict_first")
+            tl.store(dst_ptrs, vals, cache_modifier=".cs")
+        else:
+            mask = (rows < NT * NH)[:, None] & (cols < HD)[None, :]
+            vals = tl.load(src_ptrs, mask=mask, eviction_policy="evict_first")
+            tl.store(dst_ptrs, vals, mask=mask, cache_modifier=".cs")
 
 
 @dataclass(frozen=True)
