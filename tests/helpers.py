@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -86,3 +88,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def kernel_compiles() -> Iterator[list[str]]:
+    """A list that collects every Triton kernel compiled in the ``with`` block (its name and
+    the specialization of its arguments)."""
+    import triton
+
+    runtime = triton.knobs.runtime
+    compiled: list[str] = []
+    before = runtime.jit_post_compile_hook
+
+    def record(**kwargs):
+        compiled.append(kwargs["repr"])
+        return False
+
+    runtime.jit_post_compile_hook = record
+    try:
+        yield compiled
+    finally:
+        runtime.jit_post_compile_hook = before

@@ -15,7 +15,7 @@ from kvblocks.errors import (
 from kvblocks.kernels import Backend, copy_blocks, copy_single_block, pinned_programs, swap_blocks
 from kvblocks.kernels.paged import copy_blocks_reference, plan_paged, swap_blocks_reference
 
-from .helpers import ALL_DTYPES, assert_bits_equal, gpu_param, poisoned
+from .helpers import ALL_DTYPES, assert_bits_equal, gpu_param, kernel_compiles, poisoned
 from .helpers import random_tensor as rand
 
 DEVICES = [pytest.param("cpu", id="cpu"), gpu_param("cuda")]
@@ -185,6 +185,25 @@ def test_capped_grid(device, swap, programs):
     (swap_blocks_reference if swap else copy_blocks_reference)(expected, mapping)
     for got, want in zip(keys + values, expected, strict=True):
         assert_bits_equal(got.cpu(), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("swap", [False, True], ids=["copy", "swap"])
+def test_new_mapping_lengths_compile_nothing(swap):
+    """After one call, calls with other numbers of pairs reuse the compiled kernel."""
+    keys, values = _caches(2, 80, (16, 2, 8), torch.float16, "cuda")
+    op, ref = (swap_blocks, swap_blocks_reference) if swap else (copy_blocks, copy_blocks_reference)
+    op(keys, values, _mapping(1, 80, swap))
+    with kernel_compiles() as compiled:
+        for pairs in (2, 3, 16, 17, 32, 40):
+            expected = [c.clone().cpu() for c in keys + values]
+            mapping = _mapping(pairs, 80, swap)
+            op(keys, values, mapping)
+            ref(expected, mapping)
+            for got, want in zip(keys + values, expected, strict=True):
+                assert_bits_equal(got.cpu(), want)
+    assert compiled == []
 
 
 @pytest.mark.parametrize("device", DEVICES)

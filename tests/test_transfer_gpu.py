@@ -1,5 +1,7 @@
 """TransferManager on a GPU: device and pinned memory for real, every GPU strategy."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -16,6 +18,7 @@ from kvblocks.transfer import (
 )
 from kvblocks.transfer.verify import read_bytes
 
+from .helpers import kernel_compiles
 from .test_transfer import CFG, FORMAT_PAIRS, HND, NHD, UNI, check_transfer, make
 
 pytestmark = pytest.mark.gpu
@@ -193,3 +196,30 @@ def test_large_transfers_of_whole_pinned_blocks_take_the_copy_engine(into_device
             device_side = make(m, "device", fc, NHD)
             ends = (pinned, device_side) if into_device else (device_side, pinned)
             assert m.strategy(*ends, num_blocks=CFG.num_blocks) is Strategy.KERNEL
+
+
+def test_transfers_of_new_block_counts_compile_nothing():
+    """Once one block has moved each way, as a BlockManager does when it starts, and one
+    staged transfer each way, transfers of other block counts (direct or staged, copy or
+    permute kernel) reuse the compiled kernels: no compile on an engine's critical path."""
+    cfg = replace(CFG, num_blocks=40)
+    prefs = TransferPreferences(copy_engine_min_bytes=None, staged_min_bytes=20 * cfg.block_bytes)
+    with TransferManager.builder().preferences(prefs).build() as m:
+        device = make(m, "device", False, NHD, cfg)
+        pinned = make(m, "pinned", True, NHD, cfg)
+        universal = TransferOptions(dst_kv_layout=UNI), TransferOptions(src_kv_layout=UNI)
+
+        def both_ways(n: int) -> None:
+            ids = list(range(n))
+            for into, out_of in ((TransferOptions(), TransferOptions()), universal):
+                m.execute_transfer(device, ids, pinned, ids, into).wait(timeout=60)
+                m.execute_transfer(pinned, ids, device, ids, out_of).wait(timeout=60)
+
+        both_ways(1)
+        assert m.strategy(device, pinned, num_blocks=20) is Strategy.STAGED
+        both_ways(20)
+        with kernel_compiles() as compiled:
+            for n in (2, 3, 5, 16, 17, 19, 21, 32, 33, 40):
+                both_ways(n)
+        assert compiled == []
+        check_transfer(m, pinned, [7, 0, 39], device, [1, 38, 2], None, universal[1])

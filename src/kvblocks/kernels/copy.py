@@ -34,7 +34,9 @@ CHUNK_BYTES = 16384
 NUM_WARPS = 8
 
 
-@triton.jit
+# Counts that grow with the number of blocks are not specialized on (a value of 1, a multiple
+# of 16), so that a transfer of a block count not seen before runs without a compile.
+@triton.jit(do_not_specialize=["num_chunks"])
 def _copy_kernel(
     src_ids,
     src_bases,

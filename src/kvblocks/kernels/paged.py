@@ -46,7 +46,9 @@ TILE_BYTES = 8192
 NUM_WARPS = 8
 
 
-@triton.jit
+# Counts that grow with the number of blocks are not specialized on (a value of 1, a multiple
+# of 16), so that a transfer of a block count not seen before runs without a compile.
+@triton.jit(do_not_specialize=["num_pairs", "num_items"])
 def _paged_kernel(
     cache_table,
     dst_table,
