@@ -15,6 +15,7 @@ from kvblocks.transfer import (
     TransferPreferences,
     block_checksums,
     fill_blocks,
+    staging,
 )
 from kvblocks.transfer.verify import read_bytes
 
@@ -198,11 +199,13 @@ def test_large_transfers_of_whole_pinned_blocks_take_the_copy_engine(into_device
             assert m.strategy(*ends, num_blocks=CFG.num_blocks) is Strategy.KERNEL
 
 
-def test_transfers_of_new_block_counts_compile_nothing():
+def test_transfers_of_new_block_counts_compile_nothing(monkeypatch):
     """Once one block has moved each way, as a BlockManager does when it starts, and one
-    staged transfer each way, transfers of other block counts (direct or staged, copy or
-    permute kernel) reuse the compiled kernels: no compile on an engine's critical path."""
-    cfg = replace(CFG, num_blocks=40)
+    staged transfer each way, transfers of other block counts (direct or staged in one piece
+    or several, copy or permute kernel) reuse the compiled kernels: no compile on an engine's
+    critical path."""
+    cfg = replace(CFG, num_blocks=64)
+    monkeypatch.setattr(staging, "PIECE_BYTES", 21 * cfg.block_bytes)  # pieces start at 21, 42
     prefs = TransferPreferences(copy_engine_min_bytes=None, staged_min_bytes=20 * cfg.block_bytes)
     with TransferManager.builder().preferences(prefs).build() as m:
         device = make(m, "device", False, NHD, cfg)
@@ -219,7 +222,15 @@ def test_transfers_of_new_block_counts_compile_nothing():
         assert m.strategy(device, pinned, num_blocks=20) is Strategy.STAGED
         both_ways(20)
         with kernel_compiles() as compiled:
-            for n in (2, 3, 5, 16, 17, 19, 21, 32, 33, 40):
+            for n in (2, 3, 5, 16, 17, 19, 21, 32, 33, 43, 64):
                 both_ways(n)
         assert compiled == []
-        check_transfer(m, pinned, [7, 0, 39], device, [1, 38, 2], None, universal[1])
+        check_transfer(
+            m,
+            pinned,
+            [7, 0, 39, *range(40, 61)],
+            device,
+            [1, 38, 2, *range(41, 62)],
+            None,
+            universal[1],
+        )

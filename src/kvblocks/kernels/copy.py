@@ -35,8 +35,12 @@ NUM_WARPS = 8
 
 
 # Counts that grow with the number of blocks are not specialized on (a value of 1, a multiple
-# of 16), so that a transfer of a block count not seen before runs without a compile.
-@triton.jit(do_not_specialize=["num_chunks"])
+# of 16), nor block id tables on their alignment (a slice of one may start at any entry), so
+# that a transfer of a block count not seen before, or a piece of one, runs without a compile.
+@triton.jit(
+    do_not_specialize=["num_chunks"],
+    do_not_specialize_on_alignment=["src_ids", "dst_ids"],
+)
 def _copy_kernel(
     src_ids,
     src_bases,
