@@ -5,6 +5,7 @@ import logging
 import os
 import random
 import socket
+import time
 
 import pytest
 import torch
@@ -17,6 +18,8 @@ pytest.importorskip("msgpack")
 
 from kvblocks.pool.kv_index import KvIndex  # noqa: E402
 from kvblocks.pool.nats_link import (  # noqa: E402
+    ALIVE_HEADER,
+    NEXT_SEQ_HEADER,
     SEQ_HEADER,
     WORKER_HEADER,
     NatsLink,
@@ -42,13 +45,34 @@ class Sender:
     def __init__(self, url: str) -> None:
         self.link = NatsLink(url, name="test-sender")
 
-    def send(self, subject: str, seq: int | None, worker: str | None = None, payload=None):
+    def send(
+        self,
+        subject: str,
+        seq: int | None,
+        worker: str | None = None,
+        payload=None,
+        alive_every: float | None = None,
+    ):
         headers = {}
         if worker is not None:
             headers[WORKER_HEADER] = worker
         if seq is not None:
             headers[SEQ_HEADER] = str(seq)
+        if alive_every is not None:
+            headers[ALIVE_HEADER] = str(alive_every)
         payload = encode_batch(batch_of(seq or 0)) if payload is None else payload
+        self._publish(subject, payload, headers)
+
+    def beat(self, subject: str, worker: str, next_seq: int, alive_every: float):
+        """A heartbeat as a NatsPublisher sends it."""
+        headers = {
+            WORKER_HEADER: worker,
+            ALIVE_HEADER: str(alive_every),
+            NEXT_SEQ_HEADER: str(next_seq),
+        }
+        self._publish(subject, b"", headers)
+
+    def _publish(self, subject: str, payload: bytes, headers: dict[str, str]):
         client = self.link.client
         self.link.run(client.publish(subject, payload, headers=headers or None), 5)
         self.link.run(client.flush(), 5)
@@ -130,7 +154,9 @@ def test_gaps_and_restarts_are_losses_and_workers_without_headers_go_by_subject(
         assert states["kv.a"].next_seq == 6
 
 
-def test_publisher_numbers_its_batches_and_names_its_worker(nats_server):
+def test_publisher_numbers_its_batches_names_its_worker_and_beats(nats_server):
+    """Batches carry the worker's name, their seq and the heartbeats' period; a heartbeat
+    (no payload) names the seq of the next batch."""
     got = []
 
     async def listen(msg):
@@ -141,17 +167,85 @@ def test_publisher_numbers_its_batches_and_names_its_worker(nats_server):
         link.run(link.client.subscribe("kv-events", cb=listen), 5)
         link.run(link.client.flush(), 5)
         batches = [batch_of(seq) for seq in range(5)]
-        with NatsPublisher(nats_server) as publisher:
+        with NatsPublisher(nats_server, alive_every=0.25) as publisher:
             for batch in batches:
                 publisher.publish(batch)
-        wait_until(lambda: len(got) == 5)
+            wait_until(lambda: len(got) >= 6)
         worker = f"{socket.gethostname()}-{os.getpid()}"
-        assert got == [
-            ({WORKER_HEADER: worker, SEQ_HEADER: str(seq)}, encode_batch(batch))
-            for seq, batch in enumerate(batches)
+        named = {WORKER_HEADER: worker, ALIVE_HEADER: "0.25"}
+        assert got[:6] == [
+            *(({**named, SEQ_HEADER: str(seq)}, encode_batch(b)) for seq, b in enumerate(batches)),
+            ({**named, NEXT_SEQ_HEADER: "5"}, b""),
         ]
+        count = len(got)
+        time.sleep(0.6)  # closed: no more heartbeats
+        assert len(got) == count
     finally:
         link.close()
+
+
+def test_a_worker_whose_heartbeats_stop_is_gone_once_then_back(nats_server, sender):
+    """A worker that sends heartbeats and then nothing for gone_after seconds (a process that
+    died without closing) is lost once, and the index forgets its blocks; heard again, it is
+    read as usual. A heartbeat naming a later seq than was read tells of dropped batches."""
+    index = KvIndex(BS)
+    recorder = Recorder(index)
+    with NatsSubscriber(recorder, nats_server, gone_after=0.6) as subscriber:
+        sender.send("kv-events", 0, worker="w", alive_every=0.1)
+        recorder.wait_for(1)
+        for _ in range(10):  # 1 s, longer than gone_after, with heartbeats: not gone
+            time.sleep(0.1)
+            sender.beat("kv-events", "w", 1, alive_every=0.1)
+        assert recorder.items == [("batch", "w", 0)] and not subscriber.states()[0].gone
+        assert index.overlaps_of([1])[0].blocks == 1
+        start = time.monotonic()
+        assert recorder.wait_for(2) == [("batch", "w", 0), ("lost", "w")]
+        assert time.monotonic() - start > 0.5
+        assert subscriber.states()[0].gone
+        assert index.overlaps_of([1])[0].blocks == 0
+        time.sleep(0.5)  # still silent: lost only once
+        assert len(recorder.items) == 2
+        sender.beat("kv-events", "w", 1, alive_every=0.1)
+        wait_until(lambda: not subscriber.states()[0].gone)
+        sender.send("kv-events", 1, worker="w", alive_every=0.1)
+        sender.beat("kv-events", "w", 4, alive_every=0.1)  # 2 and 3 were dropped
+        sender.send("kv-events", 4, worker="w", alive_every=0.1)
+        assert recorder.wait_for(5)[2:] == [("batch", "w", 1), ("lost", "w"), ("batch", "w", 4)]
+        state = subscriber.states()[0]
+        assert (state.gone, state.lost, state.next_seq) == (False, 2, 5)
+        assert index.overlaps_of([5])[0].blocks == 1
+
+
+def test_workers_without_heartbeats_are_never_gone(nats_server, sender):
+    """Silence from a worker that sends no heartbeats may be a worker with nothing to say; a
+    subscriber with gone_after None takes no worker for gone."""
+    recorder = Recorder()
+    with (
+        NatsSubscriber(recorder, nats_server, gone_after=0.3) as subscriber,
+        NatsSubscriber(Recorder(), nats_server, gone_after=None) as patient,
+    ):
+        sender.send("kv-events", 0, worker="quiet")
+        sender.send("kv-events", 0, worker="beating", alive_every=0.05)
+        time.sleep(1.0)
+        assert recorder.items[-1] == ("lost", "beating")
+        assert ("lost", "quiet") not in recorder.items
+        assert {s.worker: s.gone for s in subscriber.states()} == {"beating": True, "quiet": False}
+        assert not any(s.gone or s.lost for s in patient.states())
+
+
+def test_a_publisher_that_closes_is_gone_to_subscribers(nats_server):
+    """Through NatsPublisher itself: its heartbeats keep it known past gone_after; once it
+    closes (no AllBlocksCleared here: a bare publisher), its silence makes it gone."""
+    recorder = Recorder()
+    with NatsSubscriber(recorder, nats_server, gone_after=0.4) as subscriber:
+        publisher = NatsPublisher(nats_server, worker="w", alive_every=0.1)
+        publisher.publish(batch_of(0))
+        recorder.wait_for(1)
+        time.sleep(1.0)
+        assert not subscriber.states()[0].gone
+        publisher.close()
+        assert recorder.wait_for(2)[1] == ("lost", "w")
+        assert subscriber.states()[0].gone
 
 
 def test_a_lost_connection_is_a_loss_for_workers_without_seq(caplog):
@@ -197,6 +291,11 @@ def test_arguments_are_checked_and_a_missing_server_named(nats_server):
         NatsPublisher(nats_server, worker="two\nlines")
     with pytest.raises(TransferError, match="NATS"):
         NatsSubscriber(Recorder(), f"nats://127.0.0.1:{free_port()}", connect_timeout=0.5)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "5"):
+        with pytest.raises(InvalidArgumentError, match="alive_every must be > 0 seconds"):
+            NatsPublisher(nats_server, alive_every=bad)
+        with pytest.raises(InvalidArgumentError, match="gone_after must be > 0 seconds"):
+            NatsSubscriber(Recorder(), nats_server, gone_after=bad)
 
 
 def test_a_stream_keeps_the_batches_for_subscribers_that_come_later(nats_jetstream_server):

@@ -21,6 +21,19 @@ def non_negative_int(value: object, argument: str) -> int:
     return value
 
 
+def seconds_or_none(value: object, argument: str) -> float | None:
+    """Return ``value`` if it is None or a finite number of seconds > 0."""
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not 0 < value < float("inf")
+    ):
+        raise InvalidArgumentError(argument, f"must be > 0 seconds or None, got {value!r}")
+    return float(value)
+
+
 def index_in_range(value: object, limit: int, argument: str) -> int:
     """Return ``value`` if it is an int in ``[0, limit)``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -7,7 +7,13 @@ The headers kvblocks puts on each KV event batch it publishes over NATS:
 - :data:`WORKER_HEADER`: the name of the worker that sent it, so that one subject can carry
   many workers;
 - :data:`SEQ_HEADER`: the batch's number in the worker's stream, from 0 (decimal), so that a
-  subscriber can tell a lost batch (core NATS delivers at most once) and a restarted worker.
+  subscriber can tell a lost batch (core NATS delivers at most once) and a restarted worker;
+- :data:`ALIVE_HEADER`: the seconds between the worker's heartbeats, where it sends them.
+
+A heartbeat is a message with no payload on the same subject (so that it comes in order with
+the batches) whose :data:`NEXT_SEQ_HEADER` is the seq of the worker's next batch: a subscriber
+that has not heard a worker for a few heartbeats knows it is gone, and one that missed the
+worker's last batches knows that too.
 
 With a JetStream stream (:func:`ensure_stream`), the server also keeps the batches published on
 the stream's subjects, so that a subscriber that comes later reads them from the first kept.
@@ -27,6 +33,8 @@ from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, Trans
 
 WORKER_HEADER = "Kvblocks-Worker"
 SEQ_HEADER = "Kvblocks-Seq"
+ALIVE_HEADER = "Kvblocks-Alive-Every"
+NEXT_SEQ_HEADER = "Kvblocks-Next-Seq"
 
 
 def default_worker() -> str:

@@ -6,10 +6,11 @@ the ``events`` extra (``pip install 'kvblocks[events]'``).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections import deque
 
-from kvblocks.checks import positive_int
+from kvblocks.checks import positive_int, seconds_or_none
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -17,6 +18,8 @@ from kvblocks.errors import (
 )
 from kvblocks.pool.events import EventBatch, EventPublisher
 from kvblocks.pool.nats_link import (
+    ALIVE_HEADER,
+    NEXT_SEQ_HEADER,
     SEQ_HEADER,
     WORKER_HEADER,
     NatsLink,
@@ -28,6 +31,8 @@ from kvblocks.pool.nats_link import (
 
 #: The seq frame that ends a replay.
 REPLAY_END = -1
+#: Default seconds between a NatsPublisher's heartbeats.
+ALIVE_EVERY_S = 5.0
 
 
 def require_msgpack():
@@ -174,9 +179,11 @@ class NatsPublisher(EventPublisher):
 
     Each message carries the headers of :mod:`kvblocks.pool.nats_link`: the worker's name and
     the batch's seq (from 0), so that a :class:`~kvblocks.pool.subscribers.NatsSubscriber`
-    tells workers on one subject apart and knows when batches were lost. The connection runs on
-    its own asyncio loop in a background thread, so :meth:`publish` can be called from any
-    thread and does not wait for the server.
+    tells workers on one subject apart and knows when batches were lost. Every ``alive_every``
+    seconds it also sends a heartbeat (an empty message with the seq of the next batch), so
+    that subscribers tell a worker that died without closing from one with nothing to say. The
+    connection runs on its own asyncio loop in a background thread, so :meth:`publish` can be
+    called from any thread and does not wait for the server.
 
     Args:
         url: the server, ``"nats://127.0.0.1:4222"``.
@@ -187,10 +194,13 @@ class NatsPublisher(EventPublisher):
         stream: a JetStream stream that keeps the batches (created, or given ``subject``,
             where needed), so that subscribers that come later read them; None: core NATS only.
         stream_bytes: with ``stream`` created here, the bytes it keeps (the oldest dropped).
+        alive_every: seconds between heartbeats; None: none (subscribers then never take
+            this worker for gone).
 
     Raises:
         BackendUnavailableError: nats-py or msgpack is not installed.
-        InvalidArgumentError: ``subject``, ``worker`` or ``stream`` is not one.
+        InvalidArgumentError: ``subject``, ``worker`` or ``stream`` is not one, or
+            ``alive_every`` is not a positive number of seconds.
         TransferError: no server answered in time, or it has no JetStream for ``stream``.
     """
 
@@ -202,6 +212,7 @@ class NatsPublisher(EventPublisher):
         connect_timeout: float = 5.0,
         stream: str | None = None,
         stream_bytes: int = 2**30,
+        alive_every: float | None = ALIVE_EVERY_S,
     ) -> None:
         require_msgpack()
         self.subject = check_subject(subject, wildcards=False)
@@ -210,6 +221,10 @@ class NatsPublisher(EventPublisher):
         if not isinstance(worker, str) or not worker.isprintable() or not worker.strip():
             raise InvalidArgumentError("worker", f"must be a printable name, got {worker!r}")
         self.worker = worker
+        self.alive_every = seconds_or_none(alive_every, "alive_every")
+        self._headers = {WORKER_HEADER: worker}
+        if self.alive_every is not None:
+            self._headers[ALIVE_HEADER] = f"{self.alive_every:g}"
         self._seq = 0
         self._lock = threading.Lock()
         if stream is not None:
@@ -223,13 +238,25 @@ class NatsPublisher(EventPublisher):
             except BaseException:
                 self._link.close()
                 raise
+        self._heartbeats = None
+        if self.alive_every is not None:
+            self._heartbeats = self._link.submit(self._beat_forever(self.alive_every))
 
     def publish(self, batch: EventBatch) -> None:
         payload = encode_batch(batch)
-        with self._lock:  # batches start on the loop in seq order
-            headers = {WORKER_HEADER: self.worker, SEQ_HEADER: str(self._seq)}
+        with self._lock:  # messages start on the loop in the order of their seq
+            headers = {**self._headers, SEQ_HEADER: str(self._seq)}
             self._seq += 1
             self._link.submit(self._link.client.publish(self.subject, payload, headers=headers))
 
     def close(self) -> None:
+        if self._heartbeats is not None:
+            self._heartbeats.cancel()
         self._link.close()
+
+    async def _beat_forever(self, every: float) -> None:
+        while True:
+            await asyncio.sleep(every)
+            with self._lock:  # after the batches published so far, before the next
+                headers = {**self._headers, NEXT_SEQ_HEADER: str(self._seq)}
+                self._link.submit(self._link.client.publish(self.subject, b"", headers=headers))

@@ -25,8 +25,11 @@ when it is back is read as usual.
 A :class:`NatsSubscriber` reads every worker that publishes on a NATS subject (wildcards
 allowed), knowing them by the worker header of :class:`~kvblocks.pool.publishers.NatsPublisher`
 (by subject for messages without it). Core NATS keeps nothing, so there is no replay: a gap in
-a worker's seq header, or a worker starting over, is a loss. Where the workers publish into a
-JetStream stream, the subscriber reads from it what the stream keeps first.
+a worker's seq header, or a worker starting over, is a loss; so is a worker's heartbeat that
+names a later next seq than the subscriber has read (its last batches were dropped). A worker
+that sends heartbeats and has sent nothing for ``gone_after`` seconds (three heartbeats at
+least) is gone, as above. Where the workers publish into a JetStream stream, the subscriber
+reads from it what the stream keeps first.
 
 Batches that no replay brings back (no replay endpoint, or the publisher no longer keeps them)
 are *lost*: :meth:`EventSink.lost` is told, and a :class:`~kvblocks.pool.kv_index.KvIndex`
@@ -35,6 +38,7 @@ forgets the worker's blocks until new events say. Needs the ``events`` extra.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import threading
@@ -42,7 +46,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from kvblocks.checks import positive_int
+from kvblocks.checks import positive_int, seconds_or_none
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -51,6 +55,8 @@ from kvblocks.errors import (
 )
 from kvblocks.pool.events import EventBatch
 from kvblocks.pool.nats_link import (
+    ALIVE_HEADER,
+    NEXT_SEQ_HEADER,
     SEQ_HEADER,
     WORKER_HEADER,
     NatsLink,
@@ -68,6 +74,8 @@ CHECK_S = 1.0
 REPLAY_TIMEOUT_S = 5.0
 #: Default seconds without an answer from a worker's replay endpoint after which it is gone.
 GONE_AFTER_S = 30.0
+#: Seconds between a NatsSubscriber's looks for workers whose heartbeats stopped (at most).
+_SILENCE_CHECK_S = 1.0
 #: Seconds the subscriber's thread waits on its sockets before it looks at new requests.
 _POLL_S = 0.05
 #: Messages a SUB socket queues before it drops (a drop is found as a gap).
@@ -102,8 +110,9 @@ class FollowState:
         lost: times batches were lost (each told to the sink).
         bad: messages that were not a KV event batch (dropped, and logged).
         gone: its replay endpoint has not answered for the subscriber's ``gone_after``
-            seconds, and it sent nothing meanwhile (always False over NATS and without a
-            replay endpoint: silence there may be a worker with nothing to say).
+            seconds and it sent nothing meanwhile; over NATS, it sends heartbeats and none
+            came for ``gone_after`` seconds (always False for a worker without a replay
+            endpoint or heartbeats: silence there may be a worker with nothing to say).
     """
 
     worker: str
@@ -194,11 +203,7 @@ class ZmqSubscriber:
             ) from None
         if not check_every > 0:
             raise InvalidArgumentError("check_every", f"must be > 0 seconds, got {check_every!r}")
-        if gone_after is not None and not gone_after > 0:
-            raise InvalidArgumentError(
-                "gone_after", f"must be > 0 seconds or None, got {gone_after!r}"
-            )
-        self._gone_after = gone_after
+        self._gone_after = seconds_or_none(gone_after, "gone_after")
         self._zmq = zmq
         self._sink = sink
         self._topic = topic.encode()
@@ -503,14 +508,32 @@ class _NatsWorker:
     worker: str
     subject: str
     next_seq: int | None = None
+    heard: float = field(default_factory=time.monotonic)
+    alive_every: float | None = None
+    gone: bool = False
     batches: int = 0
     lost: int = 0
     bad: int = 0
 
     def state(self) -> FollowState:
         return FollowState(
-            self.worker, self.subject, None, self.next_seq, self.batches, 0, self.lost, self.bad
+            self.worker,
+            self.subject,
+            None,
+            self.next_seq,
+            self.batches,
+            0,
+            self.lost,
+            self.bad,
+            self.gone,
         )
+
+    def silent_too_long(self, now: float, gone_after: float) -> bool:
+        """Whether this worker sends heartbeats and none came for ``gone_after`` seconds (or
+        three of its heartbeats' periods, if longer)."""
+        if self.alive_every is None or self.gone:
+            return False
+        return now - self.heard > max(gone_after, 3 * self.alive_every)
 
 
 class NatsSubscriber:
@@ -521,7 +544,9 @@ class NatsSubscriber:
     have none. With a ``Kvblocks-Seq`` header, a gap in the seq (a batch dropped by the server
     or by this subscriber falling behind) and a seq that goes back (the worker started over) are
     losses; for workers whose messages carry no seq, a disconnection from the server or a
-    dropped message is a loss of each of them.
+    dropped message is a loss of each of them. A worker that sends heartbeats (a
+    :class:`~kvblocks.pool.publishers.NatsPublisher` does) and has sent nothing for
+    ``gone_after`` seconds is gone: lost once, and read as usual when it is heard again.
 
     With ``stream``, the subject is read from that JetStream stream (see
     :class:`~kvblocks.pool.publishers.NatsPublisher`; created where missing, so that the
@@ -536,10 +561,13 @@ class NatsSubscriber:
         connect_timeout: seconds to wait for the server.
         stream: the JetStream stream that keeps the subject's batches; None: core NATS.
         stream_bytes: with ``stream`` created here, the bytes it keeps (the oldest dropped).
+        gone_after: seconds without a message from a worker that sends heartbeats after which
+            it is gone (at least three of its heartbeats' periods); None: never.
 
     Raises:
         BackendUnavailableError: nats-py or msgpack is not installed.
-        InvalidArgumentError: ``subject`` or ``stream`` is not one.
+        InvalidArgumentError: ``subject`` or ``stream`` is not one, or ``gone_after`` is not
+            a positive number of seconds.
         TransferError: no server answered in time, or ``stream`` cannot be read.
     """
 
@@ -551,11 +579,13 @@ class NatsSubscriber:
         connect_timeout: float = 5.0,
         stream: str | None = None,
         stream_bytes: int = 2**30,
+        gone_after: float | None = GONE_AFTER_S,
     ) -> None:
         require_msgpack()
         self.subject = check_subject(subject, wildcards=True)
         self.stream = None if stream is None else check_stream(stream)
         positive_int(stream_bytes, "stream_bytes")
+        self._gone_after = seconds_or_none(gone_after, "gone_after")
         self._sink = sink
         self._workers: dict[str, _NatsWorker] = {}
         self._states_lock = threading.Lock()
@@ -574,6 +604,8 @@ class NatsSubscriber:
                 )
                 self._link.run(ensure, timeout=connect_timeout + 1)
             self._link.run(self._subscribe(), timeout=connect_timeout + 1)
+            if self._gone_after is not None:
+                self._link.submit(self._watch_silence(self._gone_after))
         except TransferError:
             self._link.close()
             raise
@@ -621,6 +653,18 @@ class NatsSubscriber:
             )
         await client.flush()  # the server has the subscription
 
+    async def _watch_silence(self, gone_after: float) -> None:
+        """Every so often, take workers whose heartbeats stopped for gone (lost once)."""
+        while True:
+            await asyncio.sleep(min(_SILENCE_CHECK_S, gone_after / 4))
+            now = time.monotonic()
+            for worker in list(self._workers.values()):
+                if worker.silent_too_long(now, gone_after):
+                    log.warning("%s has sent nothing for %.1f s: gone", worker.worker, gone_after)
+                    with self._states_lock:
+                        worker.gone = True
+                    self._lose(worker)
+
     async def _on_message(self, msg) -> None:
         headers = msg.headers or {}
         name = headers.get(WORKER_HEADER) or msg.subject
@@ -630,6 +674,19 @@ class NatsSubscriber:
             with self._states_lock:
                 self._workers[name] = worker
         worker.subject = msg.subject
+        worker.heard = time.monotonic()
+        worker.alive_every = _seconds_of(headers.get(ALIVE_HEADER))
+        if worker.gone:
+            log.warning("%s is back", name)
+            with self._states_lock:
+                worker.gone = False
+        next_seq = _seq_of(headers.get(NEXT_SEQ_HEADER))
+        if next_seq is not None:  # a heartbeat
+            if worker.next_seq is not None and next_seq != worker.next_seq:
+                _warn_out_of_order(name, worker.next_seq, next_seq)
+                self._lose(worker)
+            worker.next_seq = next_seq
+            return
         seq = _seq_of(headers.get(SEQ_HEADER))
         if seq is not None and worker.next_seq is not None and seq != worker.next_seq:
             _warn_out_of_order(name, worker.next_seq, seq)
@@ -687,6 +744,15 @@ def _tell(method, *args) -> None:
         method(*args)
     except Exception:
         log.exception("the KV event sink failed on %s", args[0])
+
+
+def _seconds_of(header: str | None) -> float | None:
+    """The seconds a ``Kvblocks-Alive-Every`` header gives (None when absent or not > 0)."""
+    try:
+        seconds = float(header) if header is not None else None
+    except ValueError:
+        return None
+    return seconds if seconds is not None and 0 < seconds < float("inf") else None
 
 
 def _seq_of(header: str | None) -> int | None:
