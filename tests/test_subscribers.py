@@ -372,19 +372,26 @@ def test_a_worker_silent_past_gone_after_is_lost_once_then_back(worker, monkeypa
         assert recorder.items == [("batch", "w", 0)] and not subscriber.states()[0].gone
         assert index.overlaps_of([1])[0].blocks == 1
         worker.silent = True
-        start = time.monotonic()
-        assert recorder.wait_for(2) == [("batch", "w", 0), ("lost", "w")]
-        assert time.monotonic() - start > 0.5
-        assert subscriber.states()[0].gone
-        assert index.overlaps_of([1])[0].blocks == 0
-        time.sleep(0.5)  # still silent: lost only once
-        assert recorder.items == [("batch", "w", 0), ("lost", "w")]
+        assert_gone_once(recorder, subscriber, index, not_before=0.5)
         worker.silent = False
         worker.send(1, publish=False)  # kept: the next replay brings it
         assert recorder.wait_for(3)[2] == ("batch", "w", 1)
         state = subscriber.states()[0]
         assert not state.gone and state.lost == 1
         assert index.overlaps_of([2])[0].blocks == 1
+
+
+def assert_gone_once(recorder: Recorder, subscriber, index: KvIndex, not_before: float) -> None:
+    """Worker "w", which delivered batch 0 (block 1) and is silent from now on, is lost no
+    sooner than ``not_before`` seconds from now, once, is shown gone, and ``index`` forgets
+    its block."""
+    start = time.monotonic()
+    assert recorder.wait_for(2) == [("batch", "w", 0), ("lost", "w")]
+    assert time.monotonic() - start > not_before
+    assert subscriber.states()[0].gone
+    assert index.overlaps_of([1])[0].blocks == 0
+    time.sleep(0.5)  # still silent: lost only once
+    assert recorder.items == [("batch", "w", 0), ("lost", "w")]
 
 
 def test_without_gone_after_a_silent_worker_is_kept(worker, monkeypatch):
