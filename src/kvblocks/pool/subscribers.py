@@ -660,7 +660,8 @@ class NatsSubscriber:
             now = time.monotonic()
             for worker in list(self._workers.values()):
                 if worker.silent_too_long(now, gone_after):
-                    log.warning("%s has sent nothing for %.1f s: gone", worker.worker, gone_after)
+                    silent = now - worker.heard
+                    log.warning("%s has sent nothing for %.1f s: gone", worker.worker, silent)
                     with self._states_lock:
                         worker.gone = True
                     self._lose(worker)
