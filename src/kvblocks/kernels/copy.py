@@ -27,7 +27,7 @@ from kvblocks.kernels.addresses import (
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
-from kvblocks.kernels.grid import check_programs
+from kvblocks.kernels.grid import check_programs, grid_size
 
 #: Bytes one program copies; tuned on the H100 by bench/tune.py.
 CHUNK_BYTES = 16384
@@ -107,8 +107,7 @@ class CopyPlan:
     @property
     def num_programs(self) -> int:
         """Programs the kernel launches with (a run on the Triton backend)."""
-        num_chunks = self.num_pairs * self._words_and_chunk()[2]
-        return num_chunks if self.programs is None else min(num_chunks, self.programs)
+        return grid_size(self.num_pairs * self._words_and_chunk()[2], self.programs)
 
     @property
     def step_bytes(self) -> int:
@@ -133,13 +132,14 @@ class CopyPlan:
             return
         word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[min(self.align, 4)]
         words, chunk, chunks_per_pair = self._words_and_chunk()
+        num_chunks = self.num_pairs * chunks_per_pair
         with LAUNCH_LOCK:
-            _copy_kernel[(self.num_programs,)](
+            _copy_kernel[(grid_size(num_chunks, self.programs),)](
                 *self.src.kernel_args(),
                 *self.dst.kernel_args(),
                 words,
                 chunks_per_pair,
-                self.num_pairs * chunks_per_pair,
+                num_chunks,
                 WORD=word,
                 ALIGN=self.align,
                 CHUNK=chunk,

@@ -29,6 +29,12 @@ def pinned_programs(reads_host: bool, writes_host: bool, step_bytes: int) -> int
     return PINNED_MIN_PROGRAMS if writes_host else None
 
 
+def grid_size(items: int, programs: int | None) -> int:
+    """Programs a kernel over ``items`` chunks or tiles launches: one per item, or at most
+    ``programs`` (each then loops over its share)."""
+    return items if programs is None else min(items, programs)
+
+
 def check_programs(programs: int | None) -> None:
     """Raise ``InvalidArgumentError`` unless ``programs`` is a positive int or None."""
     if programs is not None and (

@@ -39,7 +39,7 @@ from kvblocks.errors import (
 from kvblocks.kernels._triton import LAUNCH_LOCK, tl, triton
 from kvblocks.kernels.addresses import common_alignment
 from kvblocks.kernels.backend import Backend, available
-from kvblocks.kernels.grid import pinned_programs
+from kvblocks.kernels.grid import grid_size, pinned_programs
 
 #: Bytes of one block that one program moves; tuned on the H100 by bench/tune.py.
 TILE_BYTES = 8192
@@ -263,7 +263,7 @@ class PagedPlan:
     def num_programs(self) -> int:
         """Programs the kernel launches with (a run on the Triton backend)."""
         items = self.mapping.shape[0] * len(self.caches) * self._tiling()[2]
-        return items if self.programs is None else min(items, self.programs)
+        return grid_size(items, self.programs)
 
     def _tiling(self) -> tuple[int, int, int]:
         """Bytes per word, words per tile, tiles per block."""
@@ -282,14 +282,15 @@ class PagedPlan:
             return
         word_bytes, tile, tiles = self._tiling()
         pairs = self.mapping.shape[0]
+        items = pairs * len(self.caches) * tiles
         with LAUNCH_LOCK:
-            _paged_kernel[(self.num_programs,)](
+            _paged_kernel[(grid_size(items, self.programs),)](
                 self.cache_table,
                 self.dst_table,
                 self.mapping,
                 pairs,
                 tiles,
-                pairs * len(self.caches) * tiles,
+                items,
                 BLOCK_WORDS=self.block_words,
                 WORD={1: tl.int8, 2: tl.int16, 4: tl.int32}[word_bytes],
                 ALIGN=self.align,

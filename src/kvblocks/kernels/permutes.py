@@ -38,7 +38,7 @@ from kvblocks.kernels.addresses import (
     tensor_at,
 )
 from kvblocks.kernels.backend import Backend, available, default_device
-from kvblocks.kernels.grid import check_programs
+from kvblocks.kernels.grid import check_programs, grid_size
 from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
 #: Bytes one program moves (a tile of rows); tuned on the H100 by bench/tune.py.
@@ -264,16 +264,17 @@ class PermutePlan:
         """Programs the kernel launches with (a run on the Triton backend): one per tile of a
         region, or ``programs`` at most."""
         (regions, tiles), _ = self.launch
-        return regions * tiles if self.programs is None else min(regions * tiles, self.programs)
+        return grid_size(regions * tiles, self.programs)
 
     def _launch(self) -> None:
         (regions, tiles), constants = self.launch
+        items = regions * tiles
         with LAUNCH_LOCK:
-            _permute_kernel[(self.num_programs,)](
+            _permute_kernel[(grid_size(items, self.programs),)](
                 *self.src_table.kernel_args(),
                 *self.dst_table.kernel_args(),
                 regions,
-                regions * tiles,
+                items,
                 **constants,
             )
 
