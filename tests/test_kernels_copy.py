@@ -14,6 +14,7 @@ from kvblocks.kernels import (
     memcpy_per_pair,
     pinned_programs,
     plan_copy,
+    plan_memcpy,
     vectorized_copy,
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
@@ -221,6 +222,19 @@ def test_copy_errors(copy):
     with pytest.raises(InvalidArgumentError, match="null address"):
         copy([0], [base], 16, **kwargs)
     assert bool((buf == 0).all())
+
+
+def test_memcpy_plan_overlap_check_can_be_skipped():
+    buf = torch.zeros(1024, dtype=torch.uint8)
+    base = buf.data_ptr()
+    with pytest.raises(OverlapError):
+        plan_memcpy([base, base + 64], [base + 512, base + 520], 16)
+    plan = plan_memcpy([base, base + 64], [base + 512, base + 520], 16, check_overlap=False)
+    assert plan.dst == [base + 512, base + 520]  # the caller vouched for its pairs
+    with pytest.raises(LengthMismatchError):  # the other checks still hold
+        plan_memcpy([base, base + 64], [base + 512], 16, check_overlap=False)
+    with pytest.raises(InvalidArgumentError, match="null address"):
+        plan_memcpy([0], [base], 16, check_overlap=False)
 
 
 def test_size_must_be_positive():

@@ -25,9 +25,13 @@ except ImportError:  # pragma: no cover - exercised in a subprocess by the tests
     triton = SimpleNamespace(jit=_jit, cdiv=lambda a, b: -(-a // b))
     tl = SimpleNamespace(constexpr=object)
 
-#: Held around every kernel launch. Triton's interpreter (``TRITON_INTERPRET=1``) swaps
-#: module-level functions while a kernel runs, so two threads must not run kernels at once
-#: under it; on a GPU launches need no lock.
-LAUNCH_LOCK = threading.Lock() if os.environ.get("TRITON_INTERPRET") == "1" else nullcontext()
+#: Whether Triton's interpreter runs the kernels (``TRITON_INTERPRET=1``): Triton decides it
+#: when the kernels are defined, at import.
+INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
-__all__ = ["HAS_TRITON", "LAUNCH_LOCK", "tl", "triton"]
+#: Held around every kernel launch. Triton's interpreter swaps module-level functions while a
+#: kernel runs, so two threads must not run kernels at once under it; on a GPU launches need
+#: no lock.
+LAUNCH_LOCK = threading.Lock() if INTERPRETING else nullcontext()
+
+__all__ = ["HAS_TRITON", "INTERPRETING", "LAUNCH_LOCK", "tl", "triton"]

@@ -10,12 +10,11 @@
 
 from __future__ import annotations
 
-import os
 from enum import Enum
 
 import torch
 
-from kvblocks.kernels._triton import HAS_TRITON
+from kvblocks.kernels._triton import HAS_TRITON, INTERPRETING
 
 
 class Backend(Enum):
@@ -26,7 +25,7 @@ class Backend(Enum):
 
 def interpreting() -> bool:
     """Whether Triton kernels were defined under ``TRITON_INTERPRET=1``."""
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return INTERPRETING
 
 
 def default_device() -> torch.device:
@@ -43,9 +42,9 @@ def available(device: torch.device | str | None = None) -> Backend:
     device = torch.device(device) if device is not None else default_device()
     if not HAS_TRITON:
         return Backend.REFERENCE
-    if device.type == "cuda" and not interpreting():
+    if device.type == "cuda" and not INTERPRETING:
         return Backend.TRITON
-    if device.type == "cpu" and interpreting():
+    if device.type == "cpu" and INTERPRETING:
         return Backend.INTERPRETER
     return Backend.REFERENCE
 

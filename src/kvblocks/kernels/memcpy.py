@@ -114,10 +114,14 @@ class MemcpyPlan:
 
 
 def plan_memcpy(
-    src_ptrs: AddressTable, dst_ptrs: AddressTable, sizes: int | Sequence[int]
+    src_ptrs: AddressTable,
+    dst_ptrs: AddressTable,
+    sizes: int | Sequence[int],
+    check_overlap: bool = True,
 ) -> MemcpyPlan:
     """Check copy pairs: equal lengths, positive sizes, no destination overlapping another
-    destination or a source.
+    destination or a source (``check_overlap`` False skips that check, for callers that know
+    the pairs are disjoint).
 
     Raises:
         BackendUnavailableError: a GPU is present but cuda-bindings is not installed.
@@ -130,7 +134,8 @@ def plan_memcpy(
         size_t = host_table(sizes, "sizes", length=src.numel(), addresses=False)
     if size_t.numel() and int(size_t.min()) < 1:
         raise InvalidArgumentError("sizes", "must all be positive byte counts")
-    check_disjoint(src, size_t, dst, size_t, "src_ptrs", "dst_ptrs")
+    if check_overlap:
+        check_disjoint(src, size_t, dst, size_t, "src_ptrs", "dst_ptrs")
     require_cuda_bindings()
     return MemcpyPlan(src.tolist(), dst.tolist(), size_t.tolist(), torch.cuda.is_available())
 

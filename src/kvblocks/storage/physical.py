@@ -64,6 +64,8 @@ class PhysicalLayout:
         self.layout = layout
         self.storage = storage
         self.allocations = tuple(allocations)
+        #: System memory standing in for device or pinned memory (no GPU here).
+        self.emulated = any(getattr(a, "emulated", False) for a in self.allocations)
         start = min(r.addr for r in layout.memory)
         #: From the lowest address (or file offset) of the layout to one past its highest.
         self.span = MemoryRegion(start, max(r.end for r in layout.memory) - start)
@@ -90,11 +92,6 @@ class PhysicalLayout:
         """Where memory layouts' bytes are (``cuda:N`` or ``cpu``); ``None`` for disk and remote."""
         first = self.allocations[0]
         return first.device if isinstance(first, MemoryAllocation) else None
-
-    @property
-    def emulated(self) -> bool:
-        """System memory standing in for device or pinned memory (no GPU here)."""
-        return any(getattr(a, "emulated", False) for a in self.allocations)
 
     @property
     def file(self) -> DiskAllocation:

@@ -26,6 +26,7 @@ import weakref
 from concurrent.futures import Executor
 from dataclasses import dataclass, replace
 from enum import Enum
+from functools import cached_property
 
 import torch
 
@@ -65,7 +66,10 @@ class HopKind(Enum):
 
 @dataclass(frozen=True)
 class Side:
-    """Blocks ``ids`` (an int64 CPU tensor) of ``physical``, read or written as ``fmt``."""
+    """Blocks ``ids`` (an int64 CPU tensor) of ``physical``, read or written as ``fmt``.
+
+    A side lives for one transfer: what it derives from its layout is worked out once.
+    """
 
     physical: PhysicalLayout
     ids: torch.Tensor
@@ -75,13 +79,13 @@ class Side:
     def config(self) -> LayoutConfig:
         return self.physical.config
 
-    @property
+    @cached_property
     def on_gpu(self) -> bool:
         """Its memory is GPU memory."""
         device = self.physical.device
         return device is not None and device.type == "cuda"
 
-    @property
+    @cached_property
     def gpu_reachable(self) -> bool:
         """GPU kernels and copy engines can read and write it (GPU memory, or pinned memory on
         a machine with a GPU)."""
@@ -113,11 +117,14 @@ class _Addressing:
     chunks: torch.Tensor  # int64, on the CPU
     stride: int
     align: int  # the largest power of two up to 16 dividing every chunk and the stride
-    on_device: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event]]
+    #: The copy of ``chunks`` on each GPU, and the event that marks it copied (``None`` once
+    #: it has been seen complete).
+    on_device: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event | None]]
 
     def chunks_on(self, device: torch.device) -> torch.Tensor:
         """``chunks`` on ``device``, for work on its current stream. Copied there once,
-        without blocking the host; every stream that reads the copy waits for it on the GPU."""
+        without blocking the host; a stream that reads the copy before it has landed waits
+        for it on the GPU."""
         if device.type == "cpu":
             return self.chunks
         if device not in self.on_device:
@@ -126,9 +133,16 @@ class _Addressing:
             done.record(torch.cuda.current_stream(device))
             self.on_device[device] = (copied, done)
         copied, done = self.on_device[device]
-        torch.cuda.current_stream(device).wait_event(done)
+        if done is not None:
+            if done.query():
+                self.on_device[device] = (copied, None)
+            else:
+                torch.cuda.current_stream(device).wait_event(done)
         return copied
 
+
+#: What ends a row of block ids of odd length, so that the next row starts 16-byte aligned.
+_PAD = torch.zeros(1, dtype=torch.int64)
 
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
 _ADDRESSING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -170,11 +184,11 @@ def _tables(
         n = src.ids.numel()
         # An even row length starts both rows 16-byte aligned whatever the count, so the
         # kernels (which Triton compiles per pointer alignment) are compiled once.
-        staged = torch.empty((2, n + n % 2), dtype=torch.int64, pin_memory=True)
-        staged[0, :n] = src.ids
-        staged[1, :n] = dst.ids
+        row, pad = n + n % 2, _PAD[: n % 2]
+        staged = torch.empty(2 * row, dtype=torch.int64, pin_memory=True)
+        torch.cat((src.ids, pad, dst.ids, pad), out=staged)  # one op: the least host time
         both = staged.to(device, non_blocking=True)
-        ids = (both[0, :n], both[1, :n])
+        ids = (both.narrow(0, 0, n), both.narrow(0, row, n))
     else:
         ids = (src.ids, dst.ids)
     tables, align = [], 16
@@ -254,14 +268,20 @@ def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyP
 def _on_pinned_grid(plan: CopyPlan | PermutePlan, src: Side, dst: Side) -> CopyPlan | PermutePlan:
     """``plan`` on few programs where ``src`` or ``dst`` is pinned memory: the kernel waits on
     PCIe there, and the rest of the GPU stays free (see :func:`pinned_programs`)."""
+    if src.on_gpu and dst.on_gpu:
+        return plan
     programs = pinned_programs(not src.on_gpu, not dst.on_gpu, plan.step_bytes)
     return replace(plan, programs=programs)
 
 
-def run_copy_engine(hop: Hop, layers: range, stream: torch.cuda.Stream) -> None:
-    """Enqueue the hop's copies on ``stream`` through the copy engines."""
+def run_copy_engine(
+    hop: Hop, layers: range, stream: torch.cuda.Stream, check_overlap: bool
+) -> None:
+    """Enqueue the hop's copies on ``stream`` through the copy engines (checking every
+    address for overlaps only where the two layouts share memory)."""
     s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
-    plan_memcpy(s.expand(), d.expand(), size).run(batched=True, stream=stream)
+    plan = plan_memcpy(s.expand(), d.expand(), size, check_overlap)
+    plan.run(batched=True, stream=stream)
 
 
 def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:

@@ -584,7 +584,7 @@ class TransferManager:
     @staticmethod
     def _run_gpu_hop(hop: Hop, layers, device, stream, check_overlap: bool) -> None:
         if hop.kind is HopKind.COPY_ENGINE:
-            run_copy_engine(hop, layers, stream)
+            run_copy_engine(hop, layers, stream, check_overlap)
         else:
             run_gpu(hop, layers, device, check_overlap)
 
@@ -665,7 +665,8 @@ def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
             if table
             else torch.zeros(0, dtype=torch.int64)
         )
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= num_blocks):
+    lowest, highest = map(int, torch.aminmax(ids)) if ids.numel() else (0, 0)
+    if lowest < 0 or highest >= num_blocks:
         bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
         raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
     return ids
