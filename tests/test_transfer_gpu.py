@@ -146,6 +146,26 @@ def test_caller_stream_only_for_gpu_transfers(manager, tmp_path):
         )
 
 
+def test_caller_stream_must_be_a_stream_of_the_transfers_gpu(manager):
+    class Elsewhere(torch.cuda.Stream):
+        @property
+        def device(self):
+            return torch.device("cuda", 7)
+
+    src = make(manager, "device")
+    dst = make(manager, "pinned")
+    fill_blocks(manager.layout(src), [0], FillPattern.sequential())
+    fill_blocks(manager.layout(dst), [0], FillPattern.of_constant(0xAB))
+    poisoned = read_bytes(manager.layout(dst), manager.layout(dst).layout.block_region(0))
+    with pytest.raises(InvalidArgumentError, match="cuda_stream is a stream of cuda:7"):
+        manager.execute_transfer(src, [0], dst, [0], TransferOptions(cuda_stream=Elsewhere()))
+    with pytest.raises(InvalidArgumentError, match="cuda_stream must be a torch.cuda.Stream"):
+        manager.execute_transfer(src, [0], dst, [0], TransferOptions(cuda_stream=0))
+    torch.cuda.synchronize()
+    unchanged = read_bytes(manager.layout(dst), manager.layout(dst).layout.block_region(0))
+    assert unchanged == poisoned
+
+
 def test_stream_pool_round_robin(manager):
     streams = [manager.streams.h2d() for _ in range(8)]
     assert len({s.cuda_stream for s in streams}) == 4

@@ -551,7 +551,16 @@ class TransferManager:
         self, plan: Route, layers: range, options: TransferOptions, check_overlap: bool
     ) -> TransferCompleteNotification:
         device, stream = self._gpu_stream(plan.hops[0][1], plan.hops[-1][2])
-        stream = options.cuda_stream or stream  # the pool's stream is skipped then
+        caller = options.cuda_stream
+        if caller is not None and not isinstance(caller, torch.cuda.Stream):
+            raise InvalidArgumentError(
+                "cuda_stream", f"must be a torch.cuda.Stream, got {caller!r}"
+            )
+        if caller is not None and caller.device != device:
+            raise InvalidArgumentError(
+                "cuda_stream", f"is a stream of {caller.device}, and this transfer runs on {device}"
+            )
+        stream = caller or stream  # the pool's stream is skipped then
         with torch.cuda.device(device):
             if options.cuda_stream is None:
                 stream.wait_stream(torch.cuda.current_stream(device))

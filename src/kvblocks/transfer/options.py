@@ -117,9 +117,9 @@ class TransferOptions:
         src_kv_layout, dst_kv_layout: read the source / write the destination as this block
             format instead of its layout's own; formats that differ select the permute kernel.
         bounce_buffer: stage through these pinned blocks.
-        cuda_stream: run on this stream and record no event: the returned notification is
-            complete at once and the caller synchronizes (only for transfers that stay on the
-            GPU: device and pinned memory).
+        cuda_stream: run on this stream (of the transfer's GPU) and record no event: the
+            returned notification is complete at once and the caller synchronizes (only for
+            transfers that stay on the GPU: device and pinned memory).
         nixl_write_notification: a message for the remote side of a NIXL write.
     """
 
