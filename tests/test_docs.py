@@ -48,3 +48,9 @@ def test_code_is_lint_clean():
             text=True,
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_package_is_marked_typed():
+    """PEP 561: the marker is in the package and in the package data a wheel ships."""
+    assert (ROOT / "src" / "kvblocks" / "py.typed").is_file()
+    assert 'kvblocks = ["py.typed"]' in (ROOT / "pyproject.toml").read_text()
