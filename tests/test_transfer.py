@@ -4,7 +4,9 @@ verified by checksums (and by bytes against the torch reference for format chang
 import asyncio
 import os
 import tempfile
-from concurrent.futures import Future
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 import torch
@@ -177,6 +179,53 @@ def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats
     dst = make(manager, dst_kind, dst_fc, d_fmt)
     try:
         check_transfer(manager, src, s_ids, dst, d_ids, layers, TransferOptions(layer_range=layers))
+    finally:
+        manager.release_layout(src)
+        manager.release_layout(dst)
+
+
+def check_transfers_from_threads(manager, src, dst, threads=4):
+    """Calls issued from ``threads`` threads at once, a block each (and some of three blocks),
+    each land their blocks where they said, in the destination's format."""
+    sp, dp = manager.layout(src), manager.layout(dst)
+    n = dp.config.num_blocks
+    fill_blocks(sp, range(n), FillPattern.sequential())
+    fill_blocks(dp, range(n), FillPattern.of_constant(POISON))
+    target = torch.randperm(n).tolist()  # source block b goes to destination block target[b]
+    start = threading.Barrier(threads)
+
+    def issue(k: int) -> None:
+        mine, calls = list(range(k, n, threads)), []
+        while mine:  # calls of 1 and 3 blocks in turn
+            size = 3 if len(calls) % 2 else 1
+            calls.append(mine[:size])
+            mine = mine[size:]
+        start.wait()
+        notes = [manager.execute_transfer(src, c, dst, [target[b] for b in c]) for c in calls]
+        for note in notes:
+            note.wait(timeout=60)
+
+    with ThreadPoolExecutor(threads) as pool:
+        list(pool.map(issue, range(threads)))
+    moved = block_checksums(dp, target)
+    assert moved == block_checksums_as(sp, range(n), dp.kv_format)
+
+
+@pytest.mark.parametrize(
+    "kinds, formats",
+    [
+        (("pinned", "device"), (NHD, NHD)),
+        (("device", "system"), (NHD, HND)),
+        (("system", "disk"), (NHD, NHD)),
+    ],
+    ids=["pinned-device", "device-system-permute", "system-disk"],
+)
+def test_transfers_from_many_threads(manager, kinds, formats, tmp_path):
+    cfg = replace(CFG, num_blocks=48)
+    src = make(manager, kinds[0], False, formats[0], cfg, str(tmp_path))
+    dst = make(manager, kinds[1], True, formats[1], cfg, str(tmp_path))
+    try:
+        check_transfers_from_threads(manager, src, dst)
     finally:
         manager.release_layout(src)
         manager.release_layout(dst)

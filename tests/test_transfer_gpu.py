@@ -20,7 +20,16 @@ from kvblocks.transfer import (
 from kvblocks.transfer.verify import read_bytes
 
 from .helpers import kernel_compiles
-from .test_transfer import CFG, FORMAT_PAIRS, HND, NHD, UNI, check_transfer, make
+from .test_transfer import (
+    CFG,
+    FORMAT_PAIRS,
+    HND,
+    NHD,
+    UNI,
+    check_transfer,
+    check_transfers_from_threads,
+    make,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -164,6 +173,26 @@ def test_caller_stream_must_be_a_stream_of_the_transfers_gpu(manager):
     torch.cuda.synchronize()
     unchanged = read_bytes(manager.layout(dst), manager.layout(dst).layout.block_region(0))
     assert unchanged == poisoned
+
+
+@pytest.mark.parametrize(
+    "kinds, formats",
+    [
+        (("pinned", "device"), (NHD, NHD)),
+        (("device", "pinned"), (NHD, HND)),
+        (("device", "device"), (HND, UNI)),
+    ],
+    ids=["h2d", "d2h-permute", "d2d-permute"],
+)
+def test_transfers_from_many_threads(manager, kinds, formats):
+    cfg = replace(CFG, num_blocks=96)
+    src = make(manager, kinds[0], False, formats[0], cfg)
+    dst = make(manager, kinds[1], True, formats[1], cfg)
+    try:
+        check_transfers_from_threads(manager, src, dst, threads=6)
+    finally:
+        manager.release_layout(src)
+        manager.release_layout(dst)
 
 
 def test_stream_pool_round_robin(manager):
