@@ -184,18 +184,21 @@ def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats
         manager.release_layout(dst)
 
 
-def check_transfers_from_threads(manager, src, dst, threads=4):
+def check_transfers_from_threads(manager, kinds, formats, num_blocks, threads, folder=None):
     """Calls issued from ``threads`` threads at once, a block each (and some of three blocks),
-    each land their blocks where they said, in the destination's format."""
+    from a layer-separate ``kinds[0]`` layout into a fully contiguous ``kinds[1]`` one, each land
+    their blocks where they said, in the destination's format."""
+    cfg = replace(CFG, num_blocks=num_blocks)
+    src = make(manager, kinds[0], False, formats[0], cfg, folder)
+    dst = make(manager, kinds[1], True, formats[1], cfg, folder)
     sp, dp = manager.layout(src), manager.layout(dst)
-    n = dp.config.num_blocks
-    fill_blocks(sp, range(n), FillPattern.sequential())
-    fill_blocks(dp, range(n), FillPattern.of_constant(POISON))
-    target = torch.randperm(n).tolist()  # source block b goes to destination block target[b]
+    fill_blocks(sp, range(num_blocks), FillPattern.sequential())
+    fill_blocks(dp, range(num_blocks), FillPattern.of_constant(POISON))
+    target = torch.randperm(num_blocks).tolist()  # source block b goes to block target[b]
     start = threading.Barrier(threads)
 
     def issue(k: int) -> None:
-        mine, calls = list(range(k, n, threads)), []
+        mine, calls = list(range(k, num_blocks, threads)), []
         while mine:  # calls of 1 and 3 blocks in turn
             size = 3 if len(calls) % 2 else 1
             calls.append(mine[:size])
@@ -205,10 +208,14 @@ def check_transfers_from_threads(manager, src, dst, threads=4):
         for note in notes:
             note.wait(timeout=60)
 
-    with ThreadPoolExecutor(threads) as pool:
-        list(pool.map(issue, range(threads)))
-    moved = block_checksums(dp, target)
-    assert moved == block_checksums_as(sp, range(n), dp.kv_format)
+    try:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(issue, range(threads)))
+        moved = block_checksums(dp, target)
+        assert moved == block_checksums_as(sp, range(num_blocks), dp.kv_format)
+    finally:
+        manager.release_layout(src)
+        manager.release_layout(dst)
 
 
 @pytest.mark.parametrize(
@@ -221,14 +228,7 @@ def check_transfers_from_threads(manager, src, dst, threads=4):
     ids=["pinned-device", "device-system-permute", "system-disk"],
 )
 def test_transfers_from_many_threads(manager, kinds, formats, tmp_path):
-    cfg = replace(CFG, num_blocks=48)
-    src = make(manager, kinds[0], False, formats[0], cfg, str(tmp_path))
-    dst = make(manager, kinds[1], True, formats[1], cfg, str(tmp_path))
-    try:
-        check_transfers_from_threads(manager, src, dst)
-    finally:
-        manager.release_layout(src)
-        manager.release_layout(dst)
+    check_transfers_from_threads(manager, kinds, formats, 48, 4, str(tmp_path))
 
 
 def test_direct_disk_io_with_page_sized_regions(manager, tmp_path):

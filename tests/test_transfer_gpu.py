@@ -185,14 +185,7 @@ def test_caller_stream_must_be_a_stream_of_the_transfers_gpu(manager):
     ids=["h2d", "d2h-permute", "d2d-permute"],
 )
 def test_transfers_from_many_threads(manager, kinds, formats):
-    cfg = replace(CFG, num_blocks=96)
-    src = make(manager, kinds[0], False, formats[0], cfg)
-    dst = make(manager, kinds[1], True, formats[1], cfg)
-    try:
-        check_transfers_from_threads(manager, src, dst, threads=6)
-    finally:
-        manager.release_layout(src)
-        manager.release_layout(dst)
+    check_transfers_from_threads(manager, kinds, formats, 96, 6)
 
 
 def test_stream_pool_round_robin(manager):
