@@ -268,10 +268,8 @@ def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyP
 def _on_pinned_grid(plan: CopyPlan | PermutePlan, src: Side, dst: Side) -> CopyPlan | PermutePlan:
     """``plan`` on few programs where ``src`` or ``dst`` is pinned memory: the kernel waits on
     PCIe there, and the rest of the GPU stays free (see :func:`pinned_programs`)."""
-    if src.on_gpu and dst.on_gpu:
-        return plan
     programs = pinned_programs(not src.on_gpu, not dst.on_gpu, plan.step_bytes)
-    return replace(plan, programs=programs)
+    return plan if programs == plan.programs else replace(plan, programs=programs)
 
 
 def run_copy_engine(

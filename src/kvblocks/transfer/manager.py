@@ -552,17 +552,18 @@ class TransferManager:
     ) -> TransferCompleteNotification:
         device, stream = self._gpu_stream(plan.hops[0][1], plan.hops[-1][2])
         caller = options.cuda_stream
-        if caller is not None and not isinstance(caller, torch.cuda.Stream):
-            raise InvalidArgumentError(
-                "cuda_stream", f"must be a torch.cuda.Stream, got {caller!r}"
-            )
-        if caller is not None and caller.device != device:
-            raise InvalidArgumentError(
-                "cuda_stream", f"is a stream of {caller.device}, and this transfer runs on {device}"
-            )
+        if caller is not None:
+            if not isinstance(caller, torch.cuda.Stream):
+                raise InvalidArgumentError(
+                    "cuda_stream", f"must be a torch.cuda.Stream, got {caller!r}"
+                )
+            if caller.device != device:
+                raise InvalidArgumentError(
+                    "cuda_stream", f"is a stream of {caller.device}; this transfer runs on {device}"
+                )
         stream = caller or stream  # the pool's stream is skipped then
         with torch.cuda.device(device):
-            if options.cuda_stream is None:
+            if caller is None:
                 stream.wait_stream(torch.cuda.current_stream(device))
             with torch.cuda.stream(stream):
                 if plan.strategy is Strategy.STAGED:
@@ -571,7 +572,7 @@ class TransferManager:
                     (hop,) = plan.with_buffers({})
                     self._run_gpu_hop(hop, layers, device, stream, check_overlap)
                     done = None
-            if options.cuda_stream is not None:
+            if caller is not None:
                 return TransferCompleteNotification.ready()
             if done is None:
                 done = torch.cuda.Event()
