@@ -65,6 +65,15 @@ def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
+@pytest.mark.parametrize(("layout", "fmt"), [("outer-first", "hnd"), ("fully-contiguous", "nhd")])
+def test_demo_verifies_hits_in_other_device_layouts(capsys, layout, fmt):
+    args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
+    assert main([*args, "--device-layout", layout, "--device-format", fmt]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["hits"]["G2"] > 0 and result["hits"]["G3"] > 0
+    assert result["verified_blocks"] == sum(result["hits"].values())
+
+
 @pytest.mark.skipif(
     not nixl_available() or importlib.util.find_spec("zmq") is None,
     reason="workers share blocks through NIXL and ZMQ",

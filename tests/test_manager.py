@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.layout import KvBlockLayout
 from kvblocks.pool import (
     AllBlocksCleared,
     BlockManager,
@@ -17,12 +18,14 @@ from kvblocks.pool import (
     BlockRemoved,
     BlockStateError,
     BlockStored,
+    DeviceLayout,
     InProcessPublisher,
     PoolExhaustedError,
     Tier,
     sequence_hashes,
 )
 from kvblocks.transfer import block_checksums
+from tests.helpers import assert_bits_equal, random_tensor
 
 BS = 4  # tokens per block
 
@@ -106,6 +109,7 @@ def tokens_of(seed, n):
         ("disk_cache_gb", float("nan")),
         ("dtype", "int3"),
         ("enable_offload", "yes"),
+        ("device_layout", "outer_first"),
     ],
 )
 def test_config_rejects_bad_values_naming_them(field, value):
@@ -169,6 +173,129 @@ def test_device_tensors_must_match_the_config(tmp_path):
         BlockManager(config, device_tensors=[good[0], good[1].float()])
     with pytest.raises(InvalidArgumentError, match="one tensor per layer"):
         BlockManager(config, device_tensors=good[:1])
+
+
+def read_raw_block(tensors: list[torch.Tensor], layout: DeviceLayout, block: int) -> torch.Tensor:
+    """Block ``block`` of an engine's cache as ``[nl, no, *inner]`` on the CPU, read by
+    indexing the tensors in their own shape (not through the manager)."""
+    if layout is DeviceLayout.FULLY_CONTIGUOUS:
+        return tensors[0][block].cpu()
+    if layout is DeviceLayout.OUTER_FIRST:
+        return torch.stack([t[:, block] for t in tensors]).cpu()
+    return torch.stack([t[block] for t in tensors]).cpu()
+
+
+def write_raw_block(
+    tensors: list[torch.Tensor], layout: DeviceLayout, block: int, data: torch.Tensor
+) -> None:
+    """Write ``data`` (``[nl, no, *inner]``) into block ``block`` of an engine's cache."""
+    data = data.to(tensors[0].device)
+    if layout is DeviceLayout.FULLY_CONTIGUOUS:
+        tensors[0][block] = data
+        return
+    for layer, t in enumerate(tensors):
+        if layout is DeviceLayout.OUTER_FIRST:
+            t[:, block] = data[layer]
+        else:
+            t[block] = data[layer]
+
+
+def engine_cache(config: BlockManagerConfig, num_blocks: int, gen) -> list[torch.Tensor]:
+    """Random tensors in the shapes ``config.device_layout`` asks for, where G1 would be."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return [
+        random_tensor(shape, config.dtype, device, gen)
+        for shape in config.device_tensor_shapes(num_blocks)
+    ]
+
+
+FORMATS = [KvBlockLayout.OperationalNHD, KvBlockLayout.OperationalHND]
+
+
+@pytest.mark.parametrize("device_format", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)
+def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layout, device_format):
+    """An engine's cache in each shape: blocks written by indexing its own tensors are stored
+    in G2 in the storage format (UniversalTP) and come back from G2 and G3 into other G1
+    blocks unchanged."""
+    config = make_config(
+        tmp_path, g1=8, g2=4, g3=32, device_layout=device_layout, device_format=device_format
+    )
+    dims = config.dims()
+    gen = torch.Generator().manual_seed(11)
+    tensors = engine_cache(config, 8, gen)
+    block_shape = (dims.nl, dims.no, *dims.region_shape(device_format.inner_order))
+    with BlockManager(config, device_tensors=tensors) as manager:
+        sequences = [tokens_of(20 + s, 4 * BS) for s in range(3)]
+        expected = {}
+        for tokens in sequences:
+            blocks = manager.allocate(4)
+            for b in blocks:
+                data = random_tensor(block_shape, dims.dtype, generator=gen)
+                write_raw_block(tensors, device_layout, b, data)
+            hashes = manager.register(blocks, tokens)
+            for h, b in zip(hashes, blocks, strict=True):
+                expected[h] = read_raw_block(tensors, device_layout, b)
+            manager.free(blocks)
+        manager.flush()
+
+        g2 = manager.layout(Tier.G2).allocations[0].view().view(dims.dtype)
+        g2 = g2[: 4 * dims.block_elems].view(4, dims.nh, dims.nl, dims.no, dims.nt, dims.hd)
+        heads = 3 if device_format is KvBlockLayout.OperationalNHD else 2
+        for h in hashes:  # the last sequence's blocks are the ones in G2
+            universal = expected[h].permute(heads, 0, 1, 5 - heads, 4)
+            assert_bits_equal(g2[manager.pool(Tier.G2).lookup(h)], universal)
+
+        for tokens in reversed(sequences):  # from G2 first, then from G3
+            evict_g1(manager)
+            hit = manager.lookup(tokens)
+            assert len(hit.block_ids) == 4 and hit.from_tier.get(Tier.G1, 0) == 0, hit
+            for b, h in zip(hit.block_ids, hit.hashes, strict=True):
+                assert_bits_equal(read_raw_block(tensors, device_layout, b), expected[h])
+            manager.free(hit.block_ids)
+        assert manager.metrics.hits[Tier.G3] > 0 and manager.metrics.hits[Tier.G2] > 0
+
+
+@pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)
+def test_layer_view_is_one_layer_of_the_engines_cache(tmp_path, device_layout):
+    hnd = KvBlockLayout.OperationalHND
+    config = make_config(tmp_path, g2=0, g3=0, device_layout=device_layout, device_format=hnd)
+    tensors = engine_cache(config, 8, torch.Generator().manual_seed(12))
+    with BlockManager(config, device_tensors=tensors) as manager:
+        for layer in range(config.num_layers):
+            view = manager.layer_view(layer)
+            assert tuple(view.shape) == (8, 2, 2, BS, 16)
+            for b in (0, 5):
+                assert_bits_equal(view[b].cpu(), read_raw_block(tensors, device_layout, b)[layer])
+        manager.layer_view(1)[3] = 7.0  # a view: writes reach the engine's tensors
+        assert (read_raw_block(tensors, device_layout, 3)[1] == 7.0).all()
+        assert (read_raw_block(tensors, device_layout, 3)[0] != 7.0).any()
+        with pytest.raises(InvalidArgumentError, match="layer"):
+            manager.layer_view(config.num_layers)
+
+
+def test_device_tensors_must_have_the_device_layouts_shapes(tmp_path):
+    outer_first = make_config(tmp_path, g2=0, g3=0, device_layout=DeviceLayout.OUTER_FIRST)
+    block_first = [torch.zeros(8, 2, BS, 2, 16, dtype=torch.bfloat16) for _ in range(2)]
+    with pytest.raises(
+        InvalidArgumentError, match=r"device_tensors\[0\] must be \[2, num_blocks, 4, 2, 16\]"
+    ):
+        BlockManager(outer_first, device_tensors=[t.view(4, 4, BS, 2, 16) for t in block_first])
+    strided = [t.transpose(0, 1) for t in block_first]  # the right shape, not in memory order
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[0\] must be contiguous"):
+        BlockManager(outer_first, device_tensors=strided)
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\] holds 7 blocks"):
+        BlockManager(outer_first, device_tensors=[strided[0].contiguous(), strided[1][:, :7]])
+    with BlockManager(outer_first, device_tensors=[t.contiguous() for t in strided]) as manager:
+        assert manager.pool(Tier.G1).num_blocks == 8
+    contiguous = make_config(tmp_path, g2=0, g3=0, device_layout=DeviceLayout.FULLY_CONTIGUOUS)
+    with pytest.raises(InvalidArgumentError, match="one tensor for FULLY_CONTIGUOUS, got 2"):
+        BlockManager(contiguous, device_tensors=block_first)
+    pool = torch.zeros(8, 2, 2, BS, 2, 16, dtype=torch.bfloat16)
+    with pytest.raises(InvalidArgumentError, match="must be a list of one tensor"):
+        BlockManager(contiguous, device_tensors=pool)
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[0\] must be a torch.Tensor"):
+        BlockManager(contiguous, device_tensors=[pool.tolist()])
 
 
 @pytest.mark.gpu

@@ -393,7 +393,8 @@ with BlockManager(config) as manager:
 def test_a_peer_in_another_process(tmp_path):
     config = make_config(tmp_path, g3=0, nixl_backend="UCX")
     fields = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    fields.update(dtype="bf16", device_format=None, storage_format=None)  # the defaults
+    # the child takes the defaults of the fields whose repr is not Python
+    fields.update(dtype="bf16", device_format=None, device_layout=None, storage_format=None)
     fields = {name: value for name, value in fields.items() if value is not None}
     code = _CHILD_WORKER.replace("{config}", repr(fields))
     child = subprocess.Popen(

@@ -303,7 +303,7 @@ def run_demo(
         computed = new[: full - len(hit.block_ids)]
         tokens = final[start_token : full * size]
         hashes = sequence_hashes(tokens, size, parent=hit.last_hash)
-        write_pattern(manager.device_tensors, computed, hashes)
+        write_pattern(_layers(manager), computed, hashes)
         manager.register(computed, tokens, parent_hash=hit.last_hash)
         manager.free(hit.block_ids + new)
         history[turn.conversation] = final
@@ -326,9 +326,14 @@ def run_demo(
 
 
 def _verify(manager: BlockManager, hit: PrefixHit) -> None:
-    bad = count_mismatches(manager.device_tensors, hit.block_ids, hit.hashes)
+    bad = count_mismatches(_layers(manager), hit.block_ids, hit.hashes)
     if bad:
         raise KvBlocksError(f"{bad} of {len(hit.block_ids)} hit blocks hold the wrong bytes")
+
+
+def _layers(manager: BlockManager) -> list[torch.Tensor]:
+    """G1, one ``[num_blocks, no, *inner]`` view per layer, whatever its device layout."""
+    return [manager.layer_view(layer) for layer in range(manager.config.num_layers)]
 
 
 def _sample(

@@ -23,7 +23,15 @@ from kvblocks.errors import InvalidArgumentError
 
 def _cmd_demo(args: argparse.Namespace) -> None:
     from kvblocks.demo import ChatWorkload, PrefixRouter, plot_demo, progress_bar, run_demo
-    from kvblocks.pool import BlockManager, BlockManagerConfig, FrequencyFilter, KvIndex, Tier
+    from kvblocks.layout import KvBlockLayout
+    from kvblocks.pool import (
+        BlockManager,
+        BlockManagerConfig,
+        DeviceLayout,
+        FrequencyFilter,
+        KvIndex,
+        Tier,
+    )
 
     check_plot(args.plot)
     if args.model is None and args.layers is None:
@@ -66,6 +74,10 @@ def _cmd_demo(args: argparse.Namespace) -> None:
             disk_cache_gb=g3 * base.block_bytes / 2**30,
             offload_path=args.offload_path or scratch,
             nixl_backend="UCX" if args.workers > 1 else None,
+            device_layout=DeviceLayout[args.device_layout.upper().replace("-", "_")],
+            device_format=KvBlockLayout.OperationalHND
+            if args.device_format == "hnd"
+            else KvBlockLayout.OperationalNHD,
         )
         log = sys.stderr if args.json else sys.stdout
         with contextlib.ExitStack() as stack:
@@ -118,6 +130,8 @@ def _cmd_demo(args: argparse.Namespace) -> None:
                 for tier in manager.tiers:
                     n = manager.pool(tier).num_blocks
                     where = manager.layout(tier).storage.value
+                    if tier is Tier.G1:
+                        where += f", {args.device_layout} {args.device_format.upper()}"
                     print(
                         f"  {tier.name} {tier.medium:<4} {n:>7,} blocks {n * mib:>9,.1f} MiB"
                         f" ({where})",
@@ -183,6 +197,19 @@ def add_parser(sub) -> None:
     demo.add_argument("--g2-blocks", type=non_negative_int, help="G2 (pinned host) blocks; 0: none")
     demo.add_argument("--g3-blocks", type=non_negative_int, help="G3 (disk) blocks; 0: none")
     demo.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    demo.add_argument(
+        "--device-layout",
+        choices=("block-first", "outer-first", "fully-contiguous"),
+        default="block-first",
+        help="G1's tensors: per layer [blocks, K/V, ...] (default), per layer [K/V, blocks, ...]"
+        " (vLLM's FlashAttention), or one [blocks, layers, K/V, ...]",
+    )
+    demo.add_argument(
+        "--device-format",
+        choices=("nhd", "hnd"),
+        default="nhd",
+        help="the order inside G1's pages: [tokens, heads, head_dim] (default) or heads first",
+    )
     demo.add_argument(
         "--disk-min-uses",
         type=positive_int,

@@ -7,7 +7,7 @@ or an engine that owns its KV cache tensors). Two kinds exist:
 
     addr(b, l, o) = base + ((b * nl + l) * no + o) * region_bytes
 
-``LayerSeparateLayout``, one allocation per layer, as vLLM and SGLang keep their paged caches,
+``LayerSeparateLayout``, one allocation per layer, as vLLM keeps its paged caches,
 each block-first ``[num_blocks, no, region]`` or outer-first ``[no, num_blocks, region]``::
 
     block-first: addr(b, l, o) = base[l] + (b * no + o) * region_bytes
@@ -82,9 +82,10 @@ class BlockDimension(Enum):
     """Where the block index sits in each layer's allocation of a layer-separate layout."""
 
     BLOCK_FIRST = "block_first"
-    """Each layer is ``[num_blocks, no, page_size, inner_dim]`` (vLLM's flash-attention cache)."""
+    """Each layer is ``[num_blocks, no, page_size, inner_dim]`` (vLLM's FlashInfer cache)."""
     OUTER_FIRST = "outer_first"
-    """Each layer is ``[no, num_blocks, page_size, inner_dim]`` (K pages, then V pages)."""
+    """Each layer is ``[no, num_blocks, page_size, inner_dim]``: K pages, then V pages (vLLM's
+    FlashAttention cache)."""
 
 
 def _block_id_list(block_ids: Iterable[int], num_blocks: int, argument: str) -> list[int]:

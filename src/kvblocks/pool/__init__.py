@@ -3,8 +3,8 @@
 - :mod:`~kvblocks.pool.hashing`: sequence hashes, deterministic across processes and machines.
 - :class:`BlockPool`: the blocks of one tier: allocation, sharing, prefix lookup, LRU eviction.
 - :class:`BlockManager`: tiers G1/G2/G3 with offload and onboard, configured by
-  :class:`BlockManagerConfig`, and G4: blocks read from other workers' G2
-  (:mod:`~kvblocks.pool.sharing`).
+  :class:`BlockManagerConfig` (:class:`DeviceLayout`: the shapes of the engine's cache), and
+  G4: blocks read from other workers' G2 (:mod:`~kvblocks.pool.sharing`).
 - :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
   :mod:`~kvblocks.pool.publishers`).
 - :class:`KvIndex`: which worker caches which prefix, from their KV events (for routers), fed
@@ -14,7 +14,7 @@
 """
 
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError, PoolExhaustedError
-from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig
+from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig, DeviceLayout
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -44,6 +44,7 @@ __all__ = [
     "BlockState",
     "BlockStateError",
     "BlockStored",
+    "DeviceLayout",
     "EventBatch",
     "EventPublisher",
     "FanOutPublisher",

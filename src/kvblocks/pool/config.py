@@ -6,6 +6,14 @@ The host (G2) and disk (G3) tiers are sized in GiB; their defaults come from the
     KVBLOCKS_DISK_CACHE_GB   disk space for G3, in ``offload_path`` (default 0: no G3)
 
 An argument given to :meth:`BlockManagerConfig.from_env` wins over the environment.
+
+G1 lives in the engine's own cache tensors, shaped as its attention kernels want them
+(:class:`DeviceLayout`; ``inner`` is ``[nt, nh, hd]`` for ``device_format`` NHD and
+``[nh, nt, hd]`` for HND)::
+
+    BLOCK_FIRST       nl tensors [num_blocks, no, *inner]
+    OUTER_FIRST       nl tensors [no, num_blocks, *inner]
+    FULLY_CONTIGUOUS  1 tensor   [num_blocks, nl, no, *inner]
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, fields
+from enum import Enum
 
 import torch
 
@@ -25,6 +34,26 @@ from kvblocks.layout.dtypes import parse_dtype
 CPU_CACHE_ENV = "KVBLOCKS_CPU_CACHE_GB"
 #: Environment variable for the G3 size in GiB.
 DISK_CACHE_ENV = "KVBLOCKS_DISK_CACHE_GB"
+
+
+class DeviceLayout(Enum):
+    """How the tensors of G1 (the engine's paged KV cache) are shaped; ``inner`` is one
+    ``(layer, outer)`` region of a block: ``[nt, nh, hd]`` (NHD) or ``[nh, nt, hd]`` (HND)."""
+
+    BLOCK_FIRST = "block_first"
+    """One tensor per layer, ``[num_blocks, no, *inner]`` (vLLM's FlashInfer and Triton
+    attention backends)."""
+    OUTER_FIRST = "outer_first"
+    """One tensor per layer, ``[no, num_blocks, *inner]``: every block's K, then every block's V
+    (vLLM's FlashAttention backend)."""
+    FULLY_CONTIGUOUS = "fully_contiguous"
+    """One tensor for all layers, ``[num_blocks, nl, no, *inner]`` (a block pool such as
+    TensorRT-LLM's)."""
+
+    @property
+    def block_axis(self) -> int:
+        """The axis of the block index in each tensor."""
+        return 1 if self is DeviceLayout.OUTER_FIRST else 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +77,7 @@ class BlockManagerConfig:
         offload_path: directory of the G3 file and its journal.
         device_id: the GPU of G1.
         device_format: the order inside a G1 block (an operational format: engines compute in it).
+        device_layout: how G1's tensors are shaped (:class:`DeviceLayout`).
         storage_format: the order inside G2 and G3 blocks (``UniversalTP`` by default, so a
             stored block can be served to any tensor-parallel split).
         nixl_backend: the NIXL backend plugin (``"UCX"``, ...) of the manager's own
@@ -69,6 +99,7 @@ class BlockManagerConfig:
     offload_path: str = "/tmp"
     device_id: int = 0
     device_format: KvBlockLayout = KvBlockLayout.OperationalNHD
+    device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST
     storage_format: KvBlockLayout = KvBlockLayout.UniversalTP
     nixl_backend: str | None = None
 
@@ -101,6 +132,12 @@ class BlockManagerConfig:
             raise InvalidArgumentError(
                 "device_format",
                 f"must be OperationalNHD or OperationalHND, got {self.device_format.name}",
+            )
+        if not isinstance(self.device_layout, DeviceLayout):
+            raise InvalidArgumentError(
+                "device_layout",
+                f"must be a DeviceLayout ({', '.join(d.name for d in DeviceLayout)}),"
+                f" got {self.device_layout!r}",
             )
         if self.storage_format.dim_order is None:
             raise InvalidArgumentError(
@@ -183,6 +220,17 @@ class BlockManagerConfig:
     def block_bytes(self) -> int:
         """Bytes of one block (all layers, K and V)."""
         return self.dims().block_bytes
+
+    def device_tensor_shapes(self, num_blocks: int) -> list[tuple[int, ...]]:
+        """The shape of each G1 tensor for ``num_blocks`` blocks, in order (one per layer, or
+        one in all for ``FULLY_CONTIGUOUS``; see :class:`DeviceLayout`)."""
+        dims = self.dims()
+        inner = dims.region_shape(self.device_format.inner_order)
+        if self.device_layout is DeviceLayout.FULLY_CONTIGUOUS:
+            return [(num_blocks, dims.nl, dims.no, *inner)]
+        if self.device_layout is DeviceLayout.OUTER_FIRST:
+            return [(dims.no, num_blocks, *inner)] * dims.nl
+        return [(num_blocks, dims.no, *inner)] * dims.nl
 
     def layout_config(self, num_blocks: int) -> LayoutConfig:
         return LayoutConfig.from_dims(self.dims(), num_blocks)

@@ -38,14 +38,16 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kvblocks.checks import index_in_range
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
     KvBlocksError,
     TransferError,
 )
+from kvblocks.layout import BlockDimension
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
-from kvblocks.pool.config import BlockManagerConfig
+from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -146,12 +148,22 @@ class BlockManager:
     Args:
         config: sizes of blocks and tiers.
         publisher: where KV events go (none by default).
-        device_tensors: the engine's own G1 cache, one contiguous tensor per layer shaped
-            ``[num_blocks, no, nt, nh, hd]`` (``device_format`` NHD) or ``[num_blocks, no, nh, nt,
-            hd]`` (HND); by default the manager allocates them (see :attr:`device_tensors`).
+        device_tensors: the engine's own G1 cache, contiguous tensors shaped as
+            ``config.device_layout`` says: one per layer ``[num_blocks, no, *inner]``
+            (``BLOCK_FIRST``) or ``[no, num_blocks, *inner]`` (``OUTER_FIRST``), or one
+            ``[num_blocks, nl, no, *inner]`` (``FULLY_CONTIGUOUS``), ``inner`` being ``[nt, nh,
+            hd]`` (``device_format`` NHD) or ``[nh, nt, hd]`` (HND); by default the manager
+            allocates them (see :attr:`device_tensors`, and :meth:`layer_view` for one
+            layer's blocks whatever the layout).
         transfer: a TransferManager to move blocks with (one is built by default).
         disk_filter: which blocks stored in G2 are also written to G3
             (:mod:`~kvblocks.pool.offload_filter`); every one by default.
+
+    Attributes:
+        config: the config it was built with.
+        device_tensors: the tensors G1 lives in, as passed (or allocated in
+            ``config.device_layout``'s shapes).
+        metrics: its counters (:class:`~kvblocks.pool.metrics.PoolMetrics`).
 
     Raises:
         InvalidArgumentError: a bad config or tensors that do not match it.
@@ -234,8 +246,6 @@ class BlockManager:
 
     def _device_tensors(self, tensors: Sequence[torch.Tensor] | None) -> list[torch.Tensor]:
         config = self.config
-        dims = config.dims()
-        inner = dims.region_shape(config.device_format.inner_order)
         if tensors is None:
             num_blocks = config.device_blocks or self._blocks_from_gpu_memory()
             device = (
@@ -243,27 +253,11 @@ class BlockManager:
                 if torch.cuda.is_available()
                 else torch.device("cpu")
             )
-            shape = (num_blocks, dims.no, *inner)
-            return [torch.zeros(shape, dtype=dims.dtype, device=device) for _ in range(dims.nl)]
-        tensors = list(tensors)
-        if len(tensors) != dims.nl:
-            raise InvalidArgumentError(
-                "device_tensors", f"must be one tensor per layer ({dims.nl}), got {len(tensors)}"
-            )
-        num_blocks = tensors[0].shape[0] if tensors[0].dim() else 0
-        expected = (num_blocks, dims.no, *inner)
-        for i, t in enumerate(tensors):
-            if tuple(t.shape) != expected or t.dtype != dims.dtype:
-                raise InvalidArgumentError(
-                    f"device_tensors[{i}]",
-                    f"must be {list(expected)} of {dims.dtype}, got {list(t.shape)} of {t.dtype}",
-                )
-        if config.device_blocks is not None and config.device_blocks != num_blocks:
-            raise InvalidArgumentError(
-                "device_tensors",
-                f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
-            )
-        return tensors
+            return [
+                torch.zeros(shape, dtype=config.dtype, device=device)
+                for shape in config.device_tensor_shapes(num_blocks)
+            ]
+        return _checked_device_tensors(config, tensors)
 
     def _blocks_from_gpu_memory(self) -> int:
         if not torch.cuda.is_available():
@@ -279,10 +273,16 @@ class BlockManager:
 
     def _g1_layout(self) -> PhysicalLayout:
         config = self.config
+        num_blocks = self.device_tensors[0].shape[config.device_layout.block_axis]
+        builder = PhysicalLayout.builder(config.layout_config(num_blocks))
+        if config.device_layout is DeviceLayout.FULLY_CONTIGUOUS:
+            builder.fully_contiguous()
+        elif config.device_layout is DeviceLayout.OUTER_FIRST:
+            builder.layer_separate(BlockDimension.OUTER_FIRST)
+        else:
+            builder.layer_separate(BlockDimension.BLOCK_FIRST)
         return (
-            PhysicalLayout.builder(config.layout_config(self.device_tensors[0].shape[0]))
-            .layer_separate()
-            .kv_format(config.device_format)
+            builder.kv_format(config.device_format)
             .with_external_regions(self.device_tensors)
             .build()
         )
@@ -360,6 +360,20 @@ class BlockManager:
     def layout(self, tier: Tier) -> PhysicalLayout:
         """The physical layout of ``tier``'s memory."""
         return self._tier(tier).physical
+
+    def layer_view(self, layer: int) -> torch.Tensor:
+        """Layer ``layer`` of G1 as ``[num_blocks, no, *inner]``, whatever the config's
+        ``device_layout``: a view of :attr:`device_tensors` (no copy; writes go to the cache).
+
+        Raises:
+            InvalidArgumentError: ``layer`` is not in ``[0, num_layers)``.
+        """
+        index_in_range(layer, self.config.num_layers, "layer")
+        layout = self.config.device_layout
+        if layout is DeviceLayout.FULLY_CONTIGUOUS:
+            return self.device_tensors[0][:, layer]
+        tensor = self.device_tensors[layer]
+        return tensor.transpose(0, 1) if layout is DeviceLayout.OUTER_FIRST else tensor
 
     def occupancy(self) -> dict[Tier, TierOccupancy]:
         """Blocks per tier: held, free or evictable, cached, total."""
@@ -1188,3 +1202,67 @@ def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]
         for e in events
         if isinstance(e, BlockStored | BlockRemoved) and e.tier is Tier.G2
     ]
+
+
+def _checked_device_tensors(
+    config: BlockManagerConfig, tensors: Sequence[torch.Tensor]
+) -> list[torch.Tensor]:
+    """``tensors`` as a list, if they are G1 in ``config.device_layout``'s shapes, of its dtype,
+    contiguous and on one device (``config.device_id``'s GPU, or the CPU)."""
+    layout = config.device_layout
+    count = len(config.device_tensor_shapes(1))
+    what = "one tensor" if count == 1 else f"one tensor per layer ({count})"
+    if isinstance(tensors, torch.Tensor):
+        raise InvalidArgumentError(
+            "device_tensors", f"must be a list of {what} for {layout.name}, got one tensor"
+        )
+    tensors = list(tensors)
+    if len(tensors) != count:
+        raise InvalidArgumentError(
+            "device_tensors", f"must be {what} for {layout.name}, got {len(tensors)}"
+        )
+    axis = layout.block_axis
+    shape = list(config.device_tensor_shapes(1)[0])
+    wanted = [*map(str, shape[:axis]), "num_blocks", *map(str, shape[axis + 1 :])]
+    first = tensors[0]
+    for i, t in enumerate(tensors):
+        if not isinstance(t, torch.Tensor):
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]", f"must be a torch.Tensor, got {type(t).__name__}"
+            )
+        if t.dim() != len(shape) or [*t.shape[:axis], 1, *t.shape[axis + 1 :]] != shape:
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]",
+                f"must be [{', '.join(wanted)}] of {config.dtype} ({layout.name},"
+                f" {config.device_format.name}), got {list(t.shape)} of {t.dtype}",
+            )
+        if t.dtype != config.dtype:
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]", f"must be {config.dtype}, got {t.dtype}"
+            )
+        if t.shape[axis] != first.shape[axis]:
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]",
+                f"holds {t.shape[axis]} blocks, device_tensors[0] {first.shape[axis]}",
+            )
+        if not t.is_contiguous():
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]",
+                "must be contiguous: pass the tensor in its memory order (permute a"
+                " strided view back first)",
+            )
+        if t.device != first.device or (
+            t.device.type == "cuda" and t.device.index != config.device_id
+        ):
+            raise InvalidArgumentError(
+                f"device_tensors[{i}]",
+                f"is on {t.device}; every tensor must be on the same device"
+                f" (cuda:{config.device_id}, config.device_id, on a GPU)",
+            )
+    num_blocks = first.shape[axis]
+    if config.device_blocks is not None and config.device_blocks != num_blocks:
+        raise InvalidArgumentError(
+            "device_tensors",
+            f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
+        )
+    return tensors
