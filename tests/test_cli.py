@@ -35,6 +35,7 @@ def test_info_json_matches_dims(capsys):
     assert [s["block_bytes"] for s in report["sizes"]] == [5 << 20, 20 << 20, 80 << 20]
     assert report["layouts"]["fully_contiguous"] == [1024 * (5 << 20)]
     assert report["layouts"]["layer_separate"] == [1024 * 2 * 32768] * 80
+    assert report["layouts"]["outer_separate"] == [1024 * 32768] * 160
     uni = next(f for f in report["formats"] if f["name"] == "universal_tp")
     assert uni["shape"] == [8, 80, 2, 16, 128]
 

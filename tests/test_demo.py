@@ -38,13 +38,14 @@ def test_workload_is_seeded_and_keeps_turn_order():
 
 
 def test_pattern_check_catches_a_changed_element():
-    tensors = [torch.full((6, 2, 4, 2, 8), float("nan"), dtype=torch.bfloat16) for _ in range(3)]
+    regions = [torch.full((6, 4, 2, 8), float("nan"), dtype=torch.bfloat16) for _ in range(6)]
     hashes = [2**64 - 1, 12345, 99]
-    write_pattern(tensors, [1, 4, 5], hashes)
-    assert count_mismatches(tensors, [1, 4, 5], hashes) == 0
-    assert count_mismatches(tensors, [4, 1, 5], hashes) == 2  # swapped blocks
-    tensors[2][5, 1, 3, 1, 7] += 1
-    assert count_mismatches(tensors, [1, 4, 5], hashes) == 1
+    write_pattern(regions, [1, 4, 5], hashes)
+    assert count_mismatches(regions, [1, 4, 5], hashes) == 0
+    assert count_mismatches(regions, [4, 1, 5], hashes) == 2  # swapped blocks
+    regions[5][5, 3, 1, 7] += 1
+    assert count_mismatches(regions, [1, 4, 5], hashes) == 1
+    assert not torch.equal(regions[0][1], regions[1][1])  # each region of a block differs
 
 
 def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
@@ -65,7 +66,10 @@ def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
     assert plot.stat().st_size > 10_000
 
 
-@pytest.mark.parametrize(("layout", "fmt"), [("outer-first", "hnd"), ("fully-contiguous", "nhd")])
+@pytest.mark.parametrize(
+    ("layout", "fmt"),
+    [("outer-first", "hnd"), ("outer-separate", "nhd"), ("fully-contiguous", "nhd")],
+)
 def test_demo_verifies_hits_in_other_device_layouts(capsys, layout, fmt):
     args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
     assert main([*args, "--device-layout", layout, "--device-format", fmt]) == 0

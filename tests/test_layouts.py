@@ -18,7 +18,9 @@ from kvblocks.layout import (
     KvBlockLayout,
     LayerSeparateLayout,
     LayoutConfig,
+    LayoutKind,
     MemoryRegion,
+    OuterSeparateLayout,
 )
 
 from .helpers import read_bytes
@@ -100,6 +102,27 @@ def test_layer_separate_addresses(cfg, block_dim, data):
                 i += 1
 
 
+@given(cfg=configs, data=st.data())
+def test_outer_separate_addresses(cfg, data):
+    nl, no, nb, rb = cfg.num_layers, cfg.outer_dim, cfg.num_blocks, cfg.region_bytes
+    bases = data.draw(st.lists(st.integers(0, 1 << 40), min_size=nl * no, max_size=nl * no))
+    lay = OuterSeparateLayout(cfg, [MemoryRegion(b, nb * rb) for b in bases])
+    assert lay.kind is LayoutKind.OUTER_SEPARATE and not lay.is_fully_contiguous
+    ids = data.draw(st.lists(st.integers(0, nb - 1), min_size=1, max_size=12))
+    start = data.draw(st.integers(0, nl - 1))
+    layers = range(start, data.draw(st.integers(start + 1, nl)))
+    table = lay.region_table(ids, layers)
+    assert len(table) == len(ids) * len(layers) * no
+    i = 0
+    for b in ids:
+        for l in layers:
+            for o in range(no):
+                expected = bases[l * no + o] + b * rb
+                assert lay.region(b, l, o) == MemoryRegion(expected, rb)
+                assert table[i] == expected
+                i += 1
+
+
 def test_fully_contiguous_matches_a_torch_tensor():
     cfg = LayoutConfig(
         num_blocks=5, num_layers=3, outer_dim=2, page_size=4, inner_dim=6, dtype_width_bytes=4
@@ -140,6 +163,28 @@ def test_layer_separate_matches_engine_tensors(block_dim):
                 assert got == page.view(torch.int16).numpy().tobytes()
 
 
+def test_outer_separate_matches_separate_k_and_v_tensors():
+    nb, nl, no, nt, nh, hd = 5, 3, 2, 4, 2, 3
+    cfg = LayoutConfig(
+        num_blocks=nb,
+        num_layers=nl,
+        outer_dim=no,
+        page_size=nt,
+        inner_dim=nh * hd,
+        dtype_width_bytes=2,
+        num_heads=nh,
+    )
+    k = [torch.randn(nb, nt, nh, hd).to(torch.bfloat16) for _ in range(nl)]
+    v = [torch.randn(nb, nt, nh, hd).to(torch.bfloat16) for _ in range(nl)]
+    buffers = [t for pair in zip(k, v, strict=True) for t in pair]  # K0, V0, K1, V1, ...
+    lay = OuterSeparateLayout(cfg, [MemoryRegion.of(t) for t in buffers])
+    for b in range(nb):
+        for l in range(nl):
+            for o, kv in enumerate((k, v)):
+                got = read_bytes(*_span(lay.region(b, l, o)))
+                assert got == kv[l][b].view(torch.int16).numpy().tobytes()
+
+
 def _span(region):
     return region.addr, region.size
 
@@ -160,7 +205,10 @@ def _small():
     ],
 )
 def test_region_out_of_range(args, argument):
-    for lay in (_fc(_small()), _ls(_small(), BlockDimension.OUTER_FIRST)):
+    cfg = _small()
+    per_region = OuterSeparateLayout.required_allocations(cfg)[0]
+    outer_separate = OuterSeparateLayout(cfg, [MemoryRegion(0, per_region)] * 4)
+    for lay in (_fc(cfg), _ls(cfg, BlockDimension.OUTER_FIRST), outer_separate):
         with pytest.raises(BlockIdOutOfRangeError) as exc:
             lay.region(*args)
         assert exc.value.argument == argument
@@ -192,6 +240,10 @@ def test_memory_errors():
         LayerSeparateLayout(cfg, [MemoryRegion(0, per_layer), MemoryRegion(0, 3)])
     with pytest.raises(ShapeMismatchError, match=r"memory\[0\] is"):
         FullyContiguousLayout(cfg, MemoryRegion(0, cfg.total_bytes - 1))
+    per_region = OuterSeparateLayout.required_allocations(cfg)[0]
+    assert per_region * 2 == per_layer
+    with pytest.raises(LengthMismatchError, match="memory must hold 4 allocations"):
+        OuterSeparateLayout(cfg, [MemoryRegion(0, per_region)] * 2)
     with pytest.raises(InvalidArgumentError, match=r"memory\[0\] must be a MemoryRegion"):
         FullyContiguousLayout(cfg, (0, cfg.total_bytes))
     with pytest.raises(InvalidArgumentError, match="addr must be a non-negative int"):
@@ -204,6 +256,8 @@ def test_format_rules():
     cfg = _small()
     with pytest.raises(LayoutFormatError, match="kv_format must be operational"):
         _ls(cfg, BlockDimension.BLOCK_FIRST, fmt=KvBlockLayout.UniversalTP)
+    with pytest.raises(LayoutFormatError, match="kv_format must be operational"):
+        OuterSeparateLayout(cfg, [MemoryRegion(0, 64)] * 4, KvBlockLayout.UniversalPP)
     with pytest.raises(InvalidArgumentError, match="block_dim must be a BlockDimension"):
         LayerSeparateLayout(cfg, [MemoryRegion(0, 64)] * 2, "block_first")
     uni = _fc(cfg, fmt=KvBlockLayout.UniversalTP)

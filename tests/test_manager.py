@@ -175,29 +175,33 @@ def test_device_tensors_must_match_the_config(tmp_path):
         BlockManager(config, device_tensors=good[:1])
 
 
-def read_raw_block(tensors: list[torch.Tensor], layout: DeviceLayout, block: int) -> torch.Tensor:
+def read_raw_block(tensors: list[torch.Tensor], config, block: int) -> torch.Tensor:
     """Block ``block`` of an engine's cache as ``[nl, no, *inner]`` on the CPU, read by
     indexing the tensors in their own shape (not through the manager)."""
+    layout, nl, no = config.device_layout, config.num_layers, config.outer_dim
     if layout is DeviceLayout.FULLY_CONTIGUOUS:
         return tensors[0][block].cpu()
+    if layout is DeviceLayout.OUTER_SEPARATE:  # K0, V0, K1, V1, ...
+        return torch.stack([t[block] for t in tensors]).view(nl, no, *tensors[0].shape[1:]).cpu()
     if layout is DeviceLayout.OUTER_FIRST:
         return torch.stack([t[:, block] for t in tensors]).cpu()
     return torch.stack([t[block] for t in tensors]).cpu()
 
 
-def write_raw_block(
-    tensors: list[torch.Tensor], layout: DeviceLayout, block: int, data: torch.Tensor
-) -> None:
+def write_raw_block(tensors: list[torch.Tensor], config, block: int, data: torch.Tensor) -> None:
     """Write ``data`` (``[nl, no, *inner]``) into block ``block`` of an engine's cache."""
+    layout, no = config.device_layout, config.outer_dim
     data = data.to(tensors[0].device)
     if layout is DeviceLayout.FULLY_CONTIGUOUS:
         tensors[0][block] = data
         return
-    for layer, t in enumerate(tensors):
-        if layout is DeviceLayout.OUTER_FIRST:
-            t[:, block] = data[layer]
+    for i, t in enumerate(tensors):
+        if layout is DeviceLayout.OUTER_SEPARATE:
+            t[block] = data[i // no, i % no]
+        elif layout is DeviceLayout.OUTER_FIRST:
+            t[:, block] = data[i]
         else:
-            t[block] = data[layer]
+            t[block] = data[i]
 
 
 def engine_cache(config: BlockManagerConfig, num_blocks: int, gen) -> list[torch.Tensor]:
@@ -232,10 +236,10 @@ def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layo
             blocks = manager.allocate(4)
             for b in blocks:
                 data = random_tensor(block_shape, dims.dtype, generator=gen)
-                write_raw_block(tensors, device_layout, b, data)
+                write_raw_block(tensors, config, b, data)
             hashes = manager.register(blocks, tokens)
             for h, b in zip(hashes, blocks, strict=True):
-                expected[h] = read_raw_block(tensors, device_layout, b)
+                expected[h] = read_raw_block(tensors, config, b)
             manager.free(blocks)
         manager.flush()
 
@@ -251,27 +255,32 @@ def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layo
             hit = manager.lookup(tokens)
             assert len(hit.block_ids) == 4 and hit.from_tier.get(Tier.G1, 0) == 0, hit
             for b, h in zip(hit.block_ids, hit.hashes, strict=True):
-                assert_bits_equal(read_raw_block(tensors, device_layout, b), expected[h])
+                assert_bits_equal(read_raw_block(tensors, config, b), expected[h])
             manager.free(hit.block_ids)
         assert manager.metrics.hits[Tier.G3] > 0 and manager.metrics.hits[Tier.G2] > 0
 
 
 @pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)
-def test_layer_view_is_one_layer_of_the_engines_cache(tmp_path, device_layout):
+def test_region_view_is_one_layers_k_or_v_of_the_engines_cache(tmp_path, device_layout):
     hnd = KvBlockLayout.OperationalHND
     config = make_config(tmp_path, g2=0, g3=0, device_layout=device_layout, device_format=hnd)
     tensors = engine_cache(config, 8, torch.Generator().manual_seed(12))
     with BlockManager(config, device_tensors=tensors) as manager:
         for layer in range(config.num_layers):
-            view = manager.layer_view(layer)
-            assert tuple(view.shape) == (8, 2, 2, BS, 16)
-            for b in (0, 5):
-                assert_bits_equal(view[b].cpu(), read_raw_block(tensors, device_layout, b)[layer])
-        manager.layer_view(1)[3] = 7.0  # a view: writes reach the engine's tensors
-        assert (read_raw_block(tensors, device_layout, 3)[1] == 7.0).all()
-        assert (read_raw_block(tensors, device_layout, 3)[0] != 7.0).any()
+            for outer in range(config.outer_dim):
+                view = manager.region_view(layer, outer)
+                assert tuple(view.shape) == (8, 2, BS, 16)
+                for b in (0, 5):
+                    raw = read_raw_block(tensors, config, b)[layer, outer]
+                    assert_bits_equal(view[b].cpu(), raw)
+        manager.region_view(1, 0)[3] = 7.0  # a view: writes reach the engine's tensors
+        block = read_raw_block(tensors, config, 3)
+        assert (block[1, 0] == 7.0).all()
+        assert (block[1, 1] != 7.0).any() and (block[0, 0] != 7.0).any()
         with pytest.raises(InvalidArgumentError, match="layer"):
-            manager.layer_view(config.num_layers)
+            manager.region_view(config.num_layers, 0)
+        with pytest.raises(InvalidArgumentError, match="outer"):
+            manager.region_view(0, 2)
 
 
 def test_device_tensors_must_have_the_device_layouts_shapes(tmp_path):
@@ -291,6 +300,11 @@ def test_device_tensors_must_have_the_device_layouts_shapes(tmp_path):
     contiguous = make_config(tmp_path, g2=0, g3=0, device_layout=DeviceLayout.FULLY_CONTIGUOUS)
     with pytest.raises(InvalidArgumentError, match="one tensor for FULLY_CONTIGUOUS, got 2"):
         BlockManager(contiguous, device_tensors=block_first)
+    separate = make_config(tmp_path, g2=0, g3=0, device_layout=DeviceLayout.OUTER_SEPARATE)
+    with pytest.raises(
+        InvalidArgumentError, match=r"per layer and outer chunk \(4\) for OUTER_SEPARATE, got 2"
+    ):
+        BlockManager(separate, device_tensors=block_first)
     pool = torch.zeros(8, 2, 2, BS, 2, 16, dtype=torch.bfloat16)
     with pytest.raises(InvalidArgumentError, match="must be a list of one tensor"):
         BlockManager(contiguous, device_tensors=pool)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from kvblocks.benchmarks.peers import wait_for_news
-from kvblocks.demo import count_mismatches, write_pattern
+from kvblocks.demo import count_mismatches, g1_regions, write_pattern
 from kvblocks.errors import (
     BackendUnavailableError,
     ConfigMismatchError,
@@ -772,7 +772,7 @@ def test_concurrent_lookups_while_peers_store_and_evict(tmp_path, news):
                     w.add_peer(endpoint, timeout=5, news=news)
         for prompt in prompts[:2]:  # the others' first lookups of these find them in G4
             blocks = workers[0].allocate(6)
-            write_pattern(workers[0].device_tensors, blocks, sequence_hashes(prompt, BS))
+            write_pattern(g1_regions(workers[0]), blocks, sequence_hashes(prompt, BS))
             workers[0].register(blocks, prompt)
             workers[0].free(blocks)
         workers[0].flush()
@@ -788,11 +788,11 @@ def test_concurrent_lookups_while_peers_store_and_evict(tmp_path, news):
                     prompt = rng.choice(prompts)[: BS * rng.randint(2, 6)]
                     prompt = prompt + tokens_of(rng.randrange(10**6), BS * rng.randint(0, 2))
                     hit = w.lookup(prompt)
-                    assert count_mismatches(w.device_tensors, hit.block_ids, hit.hashes) == 0
+                    assert count_mismatches(g1_regions(w), hit.block_ids, hit.hashes) == 0
                     rest = w.allocate(len(prompt) // BS - len(hit.block_ids))
                     tokens = prompt[len(hit.block_ids) * BS :]
                     hashes = sequence_hashes(tokens, BS, parent=hit.last_hash)
-                    write_pattern(w.device_tensors, rest, hashes)
+                    write_pattern(g1_regions(w), rest, hashes)
                     w.register(rest, tokens, parent_hash=hit.last_hash)
                     w.free(hit.block_ids + rest)
             except BaseException as exc:

@@ -26,7 +26,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.reference import convert
-from kvblocks.layout import KvBlockLayout, LayoutConfig
+from kvblocks.layout import KvBlockLayout, LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer import (
     BounceBuffer,
@@ -71,9 +71,21 @@ def manager():
         yield m
 
 
-def make(manager, kind, fc=True, fmt=NHD, cfg=CFG, folder=None):
-    builder = PhysicalLayout.builder(cfg).kv_format(fmt)
-    builder = builder.fully_contiguous() if fc else builder.layer_separate()
+def shaped(builder, fc: bool | LayoutKind):
+    """``builder`` set to a fully contiguous layout (``fc`` True), a layer-separate one (False),
+    or the :class:`LayoutKind` ``fc`` names."""
+    if not isinstance(fc, LayoutKind):
+        fc = LayoutKind.FULLY_CONTIGUOUS if fc else LayoutKind.LAYER_SEPARATE
+    if fc is LayoutKind.FULLY_CONTIGUOUS:
+        return builder.fully_contiguous()
+    if fc is LayoutKind.OUTER_SEPARATE:
+        return builder.outer_separate()
+    return builder.layer_separate()
+
+
+def make(manager, kind, fc: bool | LayoutKind = True, fmt=NHD, cfg=CFG, folder=None):
+    """Register a new layout of ``cfg`` in ``kind`` memory, shaped as :func:`shaped` says."""
+    builder = shaped(PhysicalLayout.builder(cfg).kv_format(fmt), fc)
     if kind == "disk":
         folder = folder or tempfile.mkdtemp()
         builder = builder.allocate_disk(os.path.join(folder, f"{os.urandom(4).hex()}.bin"))
@@ -161,19 +173,21 @@ FORMAT_PAIRS = [
 ]
 
 
-@settings(max_examples=40)
+@settings(max_examples=50)
 @given(
     src_kind=st.sampled_from(KINDS),
     dst_kind=st.sampled_from(KINDS),
-    src_fc=st.booleans(),
-    dst_fc=st.booleans(),
+    src_fc=st.sampled_from(LayoutKind),
+    dst_fc=st.sampled_from(LayoutKind),
     formats=st.sampled_from(FORMAT_PAIRS),
     data=st.data(),
 )
 def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats, data):
     s_fmt, d_fmt = formats
-    src_fc = src_fc or s_fmt == UNI  # a universal block is one contiguous span
-    dst_fc = dst_fc or d_fmt == UNI
+    if s_fmt == UNI:  # a universal block is one contiguous span
+        src_fc = LayoutKind.FULLY_CONTIGUOUS
+    if d_fmt == UNI:
+        dst_fc = LayoutKind.FULLY_CONTIGUOUS
     s_ids, d_ids, layers = draw_blocks(data, formats)
     src = make(manager, src_kind, src_fc, s_fmt)
     dst = make(manager, dst_kind, dst_fc, d_fmt)
@@ -388,16 +402,24 @@ def test_failed_transfer_completes_with_error(manager, tmp_path):
     assert block_checksums(hp, range(2, 6)) == before[2:]
 
 
-def test_remote_layouts(manager):
-    src = make(manager, "system", False, HND)
+@pytest.mark.parametrize(
+    "shape", [LayoutKind.LAYER_SEPARATE, LayoutKind.OUTER_SEPARATE], ids=lambda k: k.value
+)
+def test_remote_layouts(manager, shape):
+    src = make(manager, "system", shape, HND)
     blob = manager.export_layout(src).to_bytes()
     remote = manager.import_layout(SerializedLayout.from_bytes(blob))
     assert manager.layout(remote).storage is StorageKind.REMOTE
+    imported, local = manager.layout(remote).layout, manager.layout(src).layout
+    assert imported.kind is shape
+    assert imported.region_table([3, 0, 5]) == local.region_table([3, 0, 5])
     assert remote.worker_id == 7
     with pytest.raises(BackendUnavailableError, match="NIXL"):
         manager.execute_transfer(src, [0], remote, [0])
     descriptor = manager.build_logical_descriptor(src, LogicalLayoutHandle.G2)
     assert descriptor.tier is LogicalLayoutHandle.G2 and descriptor.handle == src
+    manager.release_layout(remote)
+    manager.release_layout(src)
 
 
 def test_tiers_resolve_on_this_worker_and_on_importers():

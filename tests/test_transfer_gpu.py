@@ -7,6 +7,7 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels import CopyPlan, PermutePlan, pinned_programs
+from kvblocks.layout import LayoutKind
 from kvblocks.transfer import (
     FillPattern,
     Strategy,
@@ -48,6 +49,22 @@ def test_kernel_strategy(manager, kinds, formats):
     s_fmt, d_fmt = formats
     src = make(manager, kinds[0], s_fmt == UNI or kinds[0] == "pinned", s_fmt)
     dst = make(manager, kinds[1], True, d_fmt)
+    assert manager.strategy(src, dst) is Strategy.KERNEL
+    check_transfer(manager, src, [5, 0, 3], dst, [1, 2, 4], None)
+
+
+@pytest.mark.parametrize(
+    "formats", [(NHD, NHD), (NHD, UNI), (HND, NHD)], ids=lambda f: f"{f[0].name}-{f[1].name}"
+)
+@pytest.mark.parametrize(
+    "kinds", [("device", "pinned"), ("pinned", "device"), ("device", "device")], ids="-".join
+)
+def test_kernels_read_and_write_k_and_v_apart(manager, kinds, formats):
+    """Layouts with each layer's K and V in allocations of their own (SGLang's cache) on either
+    side of a kernel transfer, wherever the format is operational."""
+    s_fmt, d_fmt = formats
+    src = make(manager, kinds[0], True if s_fmt == UNI else LayoutKind.OUTER_SEPARATE, s_fmt)
+    dst = make(manager, kinds[1], True if d_fmt == UNI else LayoutKind.OUTER_SEPARATE, d_fmt)
     assert manager.strategy(src, dst) is Strategy.KERNEL
     check_transfer(manager, src, [5, 0, 3], dst, [1, 2, 4], None)
 

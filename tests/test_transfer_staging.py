@@ -10,22 +10,21 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.kernels.reference import convert
-from kvblocks.layout import LayoutConfig
+from kvblocks.layout import LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import Strategy, staging
 from kvblocks.transfer.executor import Side
 from kvblocks.transfer.pools import DeviceMemoryPool
 from kvblocks.transfer.strategy import Bounce, RoutePolicy, route
 
-from .test_transfer import CFG, HND, NHD, UNI, block_tensor
+from .test_transfer import CFG, HND, NHD, UNI, block_tensor, shaped
 
 POISON = 0xAB
 BIG = replace(CFG, num_blocks=9)
 
 
-def layout(kind: str, fc: bool, fmt, cfg: LayoutConfig = BIG) -> PhysicalLayout:
-    builder = PhysicalLayout.builder(cfg).kv_format(fmt)
-    builder = builder.fully_contiguous() if fc else builder.layer_separate()
+def layout(kind: str, fc: bool | LayoutKind, fmt, cfg: LayoutConfig = BIG) -> PhysicalLayout:
+    builder = shaped(PhysicalLayout.builder(cfg).kv_format(fmt), fc)
     return getattr(builder, f"allocate_{kind}")().build()
 
 
@@ -57,11 +56,15 @@ def small_pieces(monkeypatch):
 
 @pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
 @pytest.mark.parametrize("formats", [(NHD, NHD), (NHD, HND), (UNI, NHD), (HND, UNI)])
-@pytest.mark.parametrize("device_fc", [False, True], ids=["device-regions", "device-whole"])
-def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_fc):
+@pytest.mark.parametrize(
+    "device_shape",
+    [LayoutKind.LAYER_SEPARATE, LayoutKind.OUTER_SEPARATE, LayoutKind.FULLY_CONTIGUOUS],
+    ids=["device-regions", "device-k-v-apart", "device-whole"],
+)
+def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_shape):
     pinned_fmt, device_fmt = formats
     pinned = layout("pinned", True, pinned_fmt)
-    device = layout("device", device_fc or device_fmt == UNI, device_fmt)
+    device = layout("device", True if device_fmt == UNI else device_shape, device_fmt)
     src, dst = (pinned, device) if into_device else (device, pinned)
     s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
     fill(src, None)

@@ -20,7 +20,9 @@ from kvblocks.layout import (
     LayerSeparateLayout,
     Layout,
     LayoutConfig,
+    LayoutKind,
     MemoryRegion,
+    OuterSeparateLayout,
 )
 
 __version__ = "0.1.0"
@@ -36,6 +38,8 @@ __all__ = [
     "LayerSeparateLayout",
     "Layout",
     "LayoutConfig",
+    "LayoutKind",
     "MemoryRegion",
+    "OuterSeparateLayout",
     "__version__",
 ]

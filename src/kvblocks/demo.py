@@ -221,27 +221,38 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(VOCAB) for _ in range(n)]
 
 
-def write_pattern(tensors: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> None:
-    """Write block ``blocks[i]``'s "KV": in layer ``l``, element ``e`` is
-    ``(e + (hashes[i] >> l) % 997) % 251`` (exact in every float type)."""
+def g1_regions(manager: BlockManager) -> list[torch.Tensor]:
+    """G1 as one ``[num_blocks, *inner]`` view per ``(layer, outer)``, in that order."""
+    config = manager.config
+    return [
+        manager.region_view(layer, outer)
+        for layer in range(config.num_layers)
+        for outer in range(config.outer_dim)
+    ]
+
+
+def write_pattern(regions: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> None:
+    """Write block ``blocks[i]``'s "KV" into ``regions`` (G1's ``(layer, outer)`` regions in
+    order, each ``[num_blocks, *inner]``): element ``e`` of region ``r`` is
+    ``(e + (hashes[i] >> (r % 32)) % 997) % 251`` (exact in every float type)."""
     if not blocks:
         return
-    ramp = _ramp(tensors[0])
-    index = torch.tensor(blocks, dtype=torch.long, device=tensors[0].device)
-    for layer, t in enumerate(tensors):
-        t.index_copy_(0, index, _pattern(ramp, t, hashes, layer))
+    ramp = _ramp(regions[0])
+    index = torch.tensor(blocks, dtype=torch.long, device=regions[0].device)
+    for r, t in enumerate(regions):
+        t.index_copy_(0, index, _pattern(ramp, t, hashes, r))
 
 
-def count_mismatches(tensors: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> int:
+def count_mismatches(regions: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> int:
     """How many of ``blocks`` do not hold :func:`write_pattern`'s bytes for their hash."""
     if not blocks:
         return 0
-    ramp = _ramp(tensors[0])
-    index = torch.tensor(blocks, dtype=torch.long, device=tensors[0].device)
-    bad = torch.zeros(len(blocks), dtype=torch.bool, device=tensors[0].device)
-    for layer, t in enumerate(tensors):
+    ramp = _ramp(regions[0])
+    index = torch.tensor(blocks, dtype=torch.long, device=regions[0].device)
+    bad = torch.zeros(len(blocks), dtype=torch.bool, device=regions[0].device)
+    for r, t in enumerate(regions):
         got = _bits(t.index_select(0, index))
-        want = _bits(_pattern(ramp, t, hashes, layer))
+        want = _bits(_pattern(ramp, t, hashes, r))
         if not torch.equal(got, want):
             bad |= (got != want).flatten(1).any(dim=1)
     return int(bad.sum())
@@ -253,10 +264,11 @@ def _ramp(t: torch.Tensor) -> torch.Tensor:
     return (torch.arange(t[0].numel() + 996, device=t.device) % 251).to(t.dtype)
 
 
-def _pattern(ramp: torch.Tensor, t: torch.Tensor, hashes: list[int], layer: int) -> torch.Tensor:
-    """``[len(hashes), *t.shape[1:]]``: the block of each hash in ``layer``, in ``t``'s dtype."""
+def _pattern(ramp: torch.Tensor, t: torch.Tensor, hashes: list[int], region: int) -> torch.Tensor:
+    """``[len(hashes), *t.shape[1:]]``: region ``region`` of each hash's block, in ``t``'s
+    dtype."""
     per_block = t[0].numel()
-    rows = [ramp.narrow(0, (h >> layer) % 997, per_block) for h in hashes]
+    rows = [ramp.narrow(0, (h >> (region % 32)) % 997, per_block) for h in hashes]
     return torch.stack(rows).view(len(hashes), *t.shape[1:])
 
 
@@ -303,7 +315,7 @@ def run_demo(
         computed = new[: full - len(hit.block_ids)]
         tokens = final[start_token : full * size]
         hashes = sequence_hashes(tokens, size, parent=hit.last_hash)
-        write_pattern(_layers(manager), computed, hashes)
+        write_pattern(g1_regions(manager), computed, hashes)
         manager.register(computed, tokens, parent_hash=hit.last_hash)
         manager.free(hit.block_ids + new)
         history[turn.conversation] = final
@@ -326,14 +338,9 @@ def run_demo(
 
 
 def _verify(manager: BlockManager, hit: PrefixHit) -> None:
-    bad = count_mismatches(_layers(manager), hit.block_ids, hit.hashes)
+    bad = count_mismatches(g1_regions(manager), hit.block_ids, hit.hashes)
     if bad:
         raise KvBlocksError(f"{bad} of {len(hit.block_ids)} hit blocks hold the wrong bytes")
-
-
-def _layers(manager: BlockManager) -> list[torch.Tensor]:
-    """G1, one ``[num_blocks, no, *inner]`` view per layer, whatever its device layout."""
-    return [manager.layer_view(layer) for layer in range(manager.config.num_layers)]
 
 
 def _sample(

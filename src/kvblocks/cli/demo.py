@@ -199,10 +199,11 @@ def add_parser(sub) -> None:
     demo.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
     demo.add_argument(
         "--device-layout",
-        choices=("block-first", "outer-first", "fully-contiguous"),
+        choices=("block-first", "outer-first", "outer-separate", "fully-contiguous"),
         default="block-first",
         help="G1's tensors: per layer [blocks, K/V, ...] (default), per layer [K/V, blocks, ...]"
-        " (vLLM's FlashAttention), or one [blocks, layers, K/V, ...]",
+        " (vLLM's FlashAttention), per layer a K and a V [blocks, ...] (SGLang), or one"
+        " [blocks, layers, K/V, ...]",
     )
     demo.add_argument(
         "--device-format",

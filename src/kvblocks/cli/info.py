@@ -15,6 +15,7 @@ from kvblocks.layout import (
     KvDims,
     LayerSeparateLayout,
     LayoutConfig,
+    OuterSeparateLayout,
     dtype_name,
 )
 from kvblocks.models import MODELS
@@ -72,6 +73,7 @@ def _info_report(args: argparse.Namespace) -> dict:
             "num_blocks": args.blocks,
             "fully_contiguous": FullyContiguousLayout.required_allocations(config),
             "layer_separate": LayerSeparateLayout.required_allocations(config),
+            "outer_separate": OuterSeparateLayout.required_allocations(config),
         },
         "capabilities": _capabilities(),
     }
@@ -127,11 +129,12 @@ def _print_model(report: dict) -> None:
     print(f"Block formats (nt={lay['nt']}):")
     for f in report["formats"]:
         print(f"  {f['name']:<20} {str(f['shape']):<24} {f['note']}")
-    fc, ls = lay["fully_contiguous"], lay["layer_separate"]
+    fc, ls, os_ = lay["fully_contiguous"], lay["layer_separate"], lay["outer_separate"]
     print()
     print(f"Layouts of {lay['num_blocks']} blocks (nt={lay['nt']}):")
     print(f"  fully contiguous   1 allocation of {format_bytes(fc[0])}, [nb, nl, no, inner]")
     print(f"  layer separate     {len(ls)} allocations of {format_bytes(ls[0])}, [nb, no, inner]")
+    print(f"  outer separate     {len(os_)} allocations of {format_bytes(os_[0])}, [nb, inner]")
 
 
 def _cmd_info(args: argparse.Namespace) -> None:

@@ -12,7 +12,9 @@ from kvblocks.layout.layouts import (
     FullyContiguousLayout,
     LayerSeparateLayout,
     Layout,
+    LayoutKind,
     MemoryRegion,
+    OuterSeparateLayout,
 )
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
     "LayerSeparateLayout",
     "Layout",
     "LayoutConfig",
+    "LayoutKind",
     "MemoryRegion",
+    "OuterSeparateLayout",
     "dtype_name",
     "parse_dtype",
 ]

@@ -1,7 +1,7 @@
 """Layouts: where each ``(block, layer, outer)`` region of a set of blocks lives in memory.
 
 A layout is pure address arithmetic over allocations someone else made (the storage layer,
-or an engine that owns its KV cache tensors). Two kinds exist:
+or an engine that owns its KV cache tensors). Three kinds exist (:class:`LayoutKind`):
 
 ``FullyContiguousLayout``, one allocation shaped ``[num_blocks, nl, no, page_size * inner_dim]``::
 
@@ -13,7 +13,13 @@ each block-first ``[num_blocks, no, region]`` or outer-first ``[no, num_blocks, 
     block-first: addr(b, l, o) = base[l] + (b * no + o) * region_bytes
     outer-first: addr(b, l, o) = base[l] + (o * num_blocks + b) * region_bytes
 
-Both are affine in the block id, ``addr(b, l, o) = b * block_stride + chunk_offset(l, o)``,
+``OuterSeparateLayout``, one allocation per layer and outer chunk, ``nl * no`` in all (layer 0's
+K, layer 0's V, layer 1's K, ...), each ``[num_blocks, region]``, as SGLang keeps its K and V
+buffers::
+
+    addr(b, l, o) = base[l * no + o] + b * region_bytes
+
+All are affine in the block id, ``addr(b, l, o) = b * block_stride + chunk_offset(l, o)``,
 which is how the address tables below are built.
 
 Address tables are what kernels consume: flat ``int64`` arrays, block-major, then layer, then
@@ -78,6 +84,22 @@ class MemoryRegion:
         return self.addr < other.end and other.addr < self.end
 
 
+class LayoutKind(Enum):
+    """Which :class:`Layout` subclass: how many allocations hold the blocks, and how."""
+
+    FULLY_CONTIGUOUS = "fully_contiguous"
+    """One allocation (:class:`FullyContiguousLayout`)."""
+    LAYER_SEPARATE = "layer_separate"
+    """One allocation per layer (:class:`LayerSeparateLayout`)."""
+    OUTER_SEPARATE = "outer_separate"
+    """One allocation per layer and outer chunk (:class:`OuterSeparateLayout`)."""
+
+    @property
+    def label(self) -> str:
+        """The kind in words, e.g. ``layer-separate``."""
+        return self.value.replace("_", "-")
+
+
 class BlockDimension(Enum):
     """Where the block index sits in each layer's allocation of a layer-separate layout."""
 
@@ -112,6 +134,8 @@ class Layout(ABC):
     config: LayoutConfig
     kv_format: KvBlockLayout
     memory: tuple[MemoryRegion, ...]
+    #: Which subclass this is.
+    kind: LayoutKind
 
     def __init__(
         self, config: LayoutConfig, memory: Sequence[MemoryRegion], kv_format: KvBlockLayout
@@ -234,6 +258,8 @@ class FullyContiguousLayout(Layout):
     can be stored; the per-region API needs an operational (or unknown) format.
     """
 
+    kind = LayoutKind.FULLY_CONTIGUOUS
+
     def __init__(
         self,
         config: LayoutConfig,
@@ -285,6 +311,8 @@ class LayerSeparateLayout(Layout):
     operational (its regions are ``[nt, nh, hd]`` or ``[nh, nt, hd]``) or unknown.
     """
 
+    kind = LayoutKind.LAYER_SEPARATE
+
     def __init__(
         self,
         config: LayoutConfig,
@@ -329,3 +357,43 @@ class LayerSeparateLayout(Layout):
 
     def _chunk_offset(self, layer_id: int, outer_id: int) -> int:
         return self.memory[layer_id].addr + outer_id * self.outer_stride
+
+
+class OuterSeparateLayout(Layout):
+    """One allocation per layer and outer chunk, ``nl * no`` in all, in the order layer 0's
+    outer 0 (K), layer 0's outer 1 (V), layer 1's outer 0, ...; each ``[num_blocks, region]``.
+
+    A block is ``nl * no`` separate regions (a "block stack"), so the block format must be
+    operational (its regions are ``[nt, nh, hd]`` or ``[nh, nt, hd]``) or unknown.
+    """
+
+    kind = LayoutKind.OUTER_SEPARATE
+
+    def __init__(
+        self,
+        config: LayoutConfig,
+        memory: Sequence[MemoryRegion],
+        kv_format: KvBlockLayout = KvBlockLayout.Unknown,
+    ) -> None:
+        if kv_format.dim_order is not None and not kv_format.is_operational():
+            raise LayoutFormatError(
+                "kv_format",
+                f"must be operational (NHD or HND) or Unknown for an outer-separate layout,"
+                f" got {kv_format.name}",
+            )
+        super().__init__(config, memory, kv_format)
+
+    @staticmethod
+    def required_allocations(config: LayoutConfig) -> list[int]:
+        return [config.num_blocks * config.region_bytes] * (config.num_layers * config.outer_dim)
+
+    @property
+    def is_fully_contiguous(self) -> bool:
+        return False
+
+    @property
+    def block_stride(self) -> int:
+        return self.config.region_bytes
+
+    def _chunk_offset(self, layer_id: int, outer_id: int) -> int:
+        return self.memory[layer_id * self.config.outer_dim + outer_id].addr

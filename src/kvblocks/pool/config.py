@@ -11,9 +11,10 @@ G1 lives in the engine's own cache tensors, shaped as its attention kernels want
 (:class:`DeviceLayout`; ``inner`` is ``[nt, nh, hd]`` for ``device_format`` NHD and
 ``[nh, nt, hd]`` for HND)::
 
-    BLOCK_FIRST       nl tensors [num_blocks, no, *inner]
-    OUTER_FIRST       nl tensors [no, num_blocks, *inner]
-    FULLY_CONTIGUOUS  1 tensor   [num_blocks, nl, no, *inner]
+    BLOCK_FIRST       nl tensors      [num_blocks, no, *inner]
+    OUTER_FIRST       nl tensors      [no, num_blocks, *inner]
+    OUTER_SEPARATE    nl * no tensors [num_blocks, *inner]   (layer 0's K, layer 0's V, ...)
+    FULLY_CONTIGUOUS  1 tensor        [num_blocks, nl, no, *inner]
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ class DeviceLayout(Enum):
     OUTER_FIRST = "outer_first"
     """One tensor per layer, ``[no, num_blocks, *inner]``: every block's K, then every block's V
     (vLLM's FlashAttention backend)."""
+    OUTER_SEPARATE = "outer_separate"
+    """One tensor per layer and outer chunk, ``[num_blocks, *inner]``, in the order layer 0's K,
+    layer 0's V, layer 1's K, ... (SGLang's K and V buffers, viewed as pages)."""
     FULLY_CONTIGUOUS = "fully_contiguous"
     """One tensor for all layers, ``[num_blocks, nl, no, *inner]`` (a block pool such as
     TensorRT-LLM's)."""
@@ -222,12 +226,14 @@ class BlockManagerConfig:
         return self.dims().block_bytes
 
     def device_tensor_shapes(self, num_blocks: int) -> list[tuple[int, ...]]:
-        """The shape of each G1 tensor for ``num_blocks`` blocks, in order (one per layer, or
-        one in all for ``FULLY_CONTIGUOUS``; see :class:`DeviceLayout`)."""
+        """The shape of each G1 tensor for ``num_blocks`` blocks, in order (one per layer, one
+        per layer and outer chunk, or one in all; see :class:`DeviceLayout`)."""
         dims = self.dims()
         inner = dims.region_shape(self.device_format.inner_order)
         if self.device_layout is DeviceLayout.FULLY_CONTIGUOUS:
             return [(num_blocks, dims.nl, dims.no, *inner)]
+        if self.device_layout is DeviceLayout.OUTER_SEPARATE:
+            return [(num_blocks, *inner)] * (dims.nl * dims.no)
         if self.device_layout is DeviceLayout.OUTER_FIRST:
             return [(dims.no, num_blocks, *inner)] * dims.nl
         return [(num_blocks, dims.no, *inner)] * dims.nl

@@ -150,11 +150,12 @@ class BlockManager:
         publisher: where KV events go (none by default).
         device_tensors: the engine's own G1 cache, contiguous tensors shaped as
             ``config.device_layout`` says: one per layer ``[num_blocks, no, *inner]``
-            (``BLOCK_FIRST``) or ``[no, num_blocks, *inner]`` (``OUTER_FIRST``), or one
+            (``BLOCK_FIRST``) or ``[no, num_blocks, *inner]`` (``OUTER_FIRST``), one per layer
+            and outer chunk ``[num_blocks, *inner]`` (``OUTER_SEPARATE``), or one
             ``[num_blocks, nl, no, *inner]`` (``FULLY_CONTIGUOUS``), ``inner`` being ``[nt, nh,
             hd]`` (``device_format`` NHD) or ``[nh, nt, hd]`` (HND); by default the manager
-            allocates them (see :attr:`device_tensors`, and :meth:`layer_view` for one
-            layer's blocks whatever the layout).
+            allocates them (see :attr:`device_tensors`, and :meth:`region_view` for one layer's
+            K or V of every block whatever the layout).
         transfer: a TransferManager to move blocks with (one is built by default).
         disk_filter: which blocks stored in G2 are also written to G3
             (:mod:`~kvblocks.pool.offload_filter`); every one by default.
@@ -277,6 +278,8 @@ class BlockManager:
         builder = PhysicalLayout.builder(config.layout_config(num_blocks))
         if config.device_layout is DeviceLayout.FULLY_CONTIGUOUS:
             builder.fully_contiguous()
+        elif config.device_layout is DeviceLayout.OUTER_SEPARATE:
+            builder.outer_separate()
         elif config.device_layout is DeviceLayout.OUTER_FIRST:
             builder.layer_separate(BlockDimension.OUTER_FIRST)
         else:
@@ -361,19 +364,24 @@ class BlockManager:
         """The physical layout of ``tier``'s memory."""
         return self._tier(tier).physical
 
-    def layer_view(self, layer: int) -> torch.Tensor:
-        """Layer ``layer`` of G1 as ``[num_blocks, no, *inner]``, whatever the config's
-        ``device_layout``: a view of :attr:`device_tensors` (no copy; writes go to the cache).
+    def region_view(self, layer: int, outer: int) -> torch.Tensor:
+        """Region ``(layer, outer)`` (layer ``layer``'s K for ``outer=0``, V for 1) of every G1
+        block, ``[num_blocks, *inner]``, whatever the config's ``device_layout``: a view of
+        :attr:`device_tensors` (no copy; writes go to the cache).
 
         Raises:
-            InvalidArgumentError: ``layer`` is not in ``[0, num_layers)``.
+            InvalidArgumentError: ``layer`` or ``outer`` is out of range.
         """
         index_in_range(layer, self.config.num_layers, "layer")
-        layout = self.config.device_layout
+        index_in_range(outer, self.config.outer_dim, "outer")
+        layout, tensors = self.config.device_layout, self.device_tensors
         if layout is DeviceLayout.FULLY_CONTIGUOUS:
-            return self.device_tensors[0][:, layer]
-        tensor = self.device_tensors[layer]
-        return tensor.transpose(0, 1) if layout is DeviceLayout.OUTER_FIRST else tensor
+            return tensors[0][:, layer, outer]
+        if layout is DeviceLayout.OUTER_SEPARATE:
+            return tensors[layer * self.config.outer_dim + outer]
+        if layout is DeviceLayout.OUTER_FIRST:
+            return tensors[layer][outer]
+        return tensors[layer][:, outer]
 
     def occupancy(self) -> dict[Tier, TierOccupancy]:
         """Blocks per tier: held, free or evictable, cached, total."""
@@ -1211,7 +1219,10 @@ def _checked_device_tensors(
     contiguous and on one device (``config.device_id``'s GPU, or the CPU)."""
     layout = config.device_layout
     count = len(config.device_tensor_shapes(1))
-    what = "one tensor" if count == 1 else f"one tensor per layer ({count})"
+    what = {
+        DeviceLayout.FULLY_CONTIGUOUS: "one tensor",
+        DeviceLayout.OUTER_SEPARATE: f"one tensor per layer and outer chunk ({count})",
+    }.get(layout, f"one tensor per layer ({count})")
     if isinstance(tensors, torch.Tensor):
         raise InvalidArgumentError(
             "device_tensors", f"must be a list of {what} for {layout.name}, got one tensor"

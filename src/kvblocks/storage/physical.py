@@ -3,7 +3,7 @@
 Built in the seed's order, each step a method of the builder::
 
     PhysicalLayout.builder(config)          # sizes
-        .fully_contiguous()                 # or .layer_separate(block_dim)
+        .fully_contiguous()                 # or .layer_separate(block_dim), .outer_separate()
         .kv_format(KvBlockLayout.OperationalNHD)   # optional; Unknown by default
         .allocate_device(0)                 # or allocate_pinned / allocate_system /
                                             #    allocate_disk(path) / with_external_regions
@@ -36,7 +36,9 @@ from kvblocks.layout import (
     LayerSeparateLayout,
     Layout,
     LayoutConfig,
+    LayoutKind,
     MemoryRegion,
+    OuterSeparateLayout,
 )
 from kvblocks.storage.disk import DIRECT_ALIGN, DiskAllocation
 from kvblocks.storage.kinds import StorageKind
@@ -122,20 +124,25 @@ class PhysicalLayoutBuilder:
             raise InvalidArgumentError("config", f"must be a LayoutConfig, got {config!r}")
         self._config = config
         self._block_dim: BlockDimension | None = None
-        self._fully_contiguous: bool | None = None
+        self._kind: LayoutKind | None = None
         self._format = KvBlockLayout.Unknown
         self._memory: tuple | None = None
 
     def fully_contiguous(self) -> PhysicalLayoutBuilder:
         """One allocation ``[num_blocks, nl, no, inner]``."""
-        self._fully_contiguous, self._block_dim = True, None
+        self._kind, self._block_dim = LayoutKind.FULLY_CONTIGUOUS, None
         return self
 
     def layer_separate(
         self, block_dim: BlockDimension = BlockDimension.BLOCK_FIRST
     ) -> PhysicalLayoutBuilder:
         """One allocation per layer, block-first or outer-first."""
-        self._fully_contiguous, self._block_dim = False, block_dim
+        self._kind, self._block_dim = LayoutKind.LAYER_SEPARATE, block_dim
+        return self
+
+    def outer_separate(self) -> PhysicalLayoutBuilder:
+        """One allocation per layer and outer chunk, each ``[num_blocks, inner]``."""
+        self._kind, self._block_dim = LayoutKind.OUTER_SEPARATE, None
         return self
 
     def kv_format(self, fmt: KvBlockLayout) -> PhysicalLayoutBuilder:
@@ -163,7 +170,8 @@ class PhysicalLayoutBuilder:
 
     def with_external_regions(self, tensors: Sequence[torch.Tensor]) -> PhysicalLayoutBuilder:
         """Use tensors an engine already owns (one per allocation the layout needs: one for a
-        fully contiguous layout, one per layer for a layer-separate one), without copying."""
+        fully contiguous layout, one per layer for a layer-separate one, one per layer and
+        outer chunk for an outer-separate one, in that order), without copying."""
         return self._set_memory("external", list(tensors))
 
     def with_remote_regions(self, regions: Sequence[MemoryRegion]) -> PhysicalLayoutBuilder:
@@ -183,12 +191,13 @@ class PhysicalLayoutBuilder:
 
         Raises:
             InvalidArgumentError: the layout type or the memory was not chosen.
-            LayoutFormatError: a block format a layer-separate layout cannot hold.
+            LayoutFormatError: a block format a layout of separate regions cannot hold.
             StorageError: the memory or the file cannot be allocated.
         """
-        if self._fully_contiguous is None:
+        if self._kind is None:
             raise InvalidArgumentError(
-                "layout type", "is not chosen: call fully_contiguous() or layer_separate()"
+                "layout type",
+                "is not chosen: call fully_contiguous(), layer_separate() or outer_separate()",
             )
         if self._memory is None:
             raise InvalidArgumentError(
@@ -196,13 +205,13 @@ class PhysicalLayoutBuilder:
                 "is not chosen: call allocate_device(), allocate_pinned(), allocate_system(),"
                 " allocate_disk() or with_external_regions()",
             )
-        layout_type = FullyContiguousLayout if self._fully_contiguous else LayerSeparateLayout
-        if not self._fully_contiguous and self._format.dim_order is not None:
+        layout_type = _LAYOUT_TYPES[self._kind]
+        if self._kind is not LayoutKind.FULLY_CONTIGUOUS and self._format.dim_order is not None:
             if not self._format.is_operational():
                 raise LayoutFormatError(
                     "kv_format",
-                    f"must be operational (NHD or HND) or Unknown for a layer-separate layout,"
-                    f" got {self._format.name}",
+                    f"must be operational (NHD or HND) or Unknown for a {self._kind.label}"
+                    f" layout, got {self._format.name}",
                 )
         sizes = layout_type.required_allocations(self._config)
         kind, *args = self._memory
@@ -249,7 +258,16 @@ class PhysicalLayoutBuilder:
                     f"must be one tensor for a fully contiguous layout, got {len(regions)}",
                 )
             return FullyContiguousLayout(self._config, regions[0], self._format)
+        if layout_type is OuterSeparateLayout:
+            return OuterSeparateLayout(self._config, regions, self._format)
         return LayerSeparateLayout(self._config, regions, self._block_dim, self._format)
+
+
+_LAYOUT_TYPES: dict[LayoutKind, type[Layout]] = {
+    LayoutKind.FULLY_CONTIGUOUS: FullyContiguousLayout,
+    LayoutKind.LAYER_SEPARATE: LayerSeparateLayout,
+    LayoutKind.OUTER_SEPARATE: OuterSeparateLayout,
+}
 
 
 def _file_segments(sizes: list[int]) -> list[MemoryRegion]:
@@ -268,8 +286,8 @@ class KvBlocks:
     Attributes:
         layout: the physical layout holding the blocks.
         block_ids: the blocks, in order.
-        kv_layout: read the blocks as this format instead of the layout's own; for a
-            layer-separate layout it must be operational.
+        kv_layout: read the blocks as this format instead of the layout's own; for a layout
+            of separate regions (not fully contiguous) it must be operational.
     """
 
     layout: PhysicalLayout
@@ -294,7 +312,8 @@ class KvBlocks:
             if not layout.layout.is_fully_contiguous and not kv_layout.is_operational():
                 raise LayoutFormatError(
                     "kv_layout",
-                    f"must be operational for a layer-separate layout, got {kv_layout.name}",
+                    f"must be operational for a {layout.layout.kind.label} layout,"
+                    f" got {kv_layout.name}",
                 )
             if kv_layout == layout.kv_format:
                 kv_layout = None

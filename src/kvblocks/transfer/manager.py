@@ -43,7 +43,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.memcpy import has_cuda_bindings
-from kvblocks.layout import KvBlockLayout, LayoutConfig
+from kvblocks.layout import KvBlockLayout, LayoutConfig, LayoutKind
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
@@ -279,8 +279,10 @@ class TransferManager:
                 f"describes {serialized.storage.value} storage; other workers reach only memory",
             )
         builder = PhysicalLayout.builder(serialized.config).kv_format(serialized.kv_format)
-        if serialized.fully_contiguous:
+        if serialized.kind is LayoutKind.FULLY_CONTIGUOUS:
             builder.fully_contiguous()
+        elif serialized.kind is LayoutKind.OUTER_SEPARATE:
+            builder.outer_separate()
         else:
             builder.layer_separate(serialized.block_dim)
         physical = builder.with_remote_regions(serialized.regions).build()
@@ -521,7 +523,9 @@ class TransferManager:
             raise LayoutFormatError(argument, f"must be a KvBlockLayout, got {override!r}")
         if not physical.layout.is_fully_contiguous and not override.is_operational():
             raise LayoutFormatError(
-                argument, f"must be operational for a layer-separate layout, got {override.name}"
+                argument,
+                f"must be operational for a {physical.layout.kind.label} layout,"
+                f" got {override.name}",
             )
         return override
 

@@ -17,6 +17,7 @@ from kvblocks.layout import (
     BlockDimension,
     KvBlockLayout,
     LayoutConfig,
+    LayoutKind,
     MemoryRegion,
 )
 from kvblocks.remote import MemKind, NixlMetadata, memory_of
@@ -38,7 +39,7 @@ class SerializedLayout:
     worker: WorkerAddress
     storage: StorageKind
     config: LayoutConfig
-    fully_contiguous: bool
+    kind: LayoutKind
     block_dim: BlockDimension | None
     kv_format: KvBlockLayout
     regions: tuple[MemoryRegion, ...]
@@ -61,7 +62,7 @@ class SerializedLayout:
             worker=worker,
             storage=physical.storage,
             config=physical.config,
-            fully_contiguous=layout.is_fully_contiguous,
+            kind=layout.kind,
             block_dim=getattr(layout, "block_dim", None),
             kv_format=physical.kv_format,
             regions=layout.memory,
@@ -85,7 +86,7 @@ class SerializedLayout:
                 "dtype_width_bytes": cfg.dtype_width_bytes,
                 "num_heads": cfg.num_heads,
             },
-            "layout": "fully_contiguous" if self.fully_contiguous else "layer_separate",
+            "layout": self.kind.value,
             "block_dim": self.block_dim.value if self.block_dim else None,
             "kv_format": {
                 "name": self.kv_format.name,
@@ -129,7 +130,7 @@ class SerializedLayout:
                 worker=WorkerAddress(body["worker"]["id"], body["worker"]["agent"]),
                 storage=StorageKind(body["storage"]),
                 config=LayoutConfig(**body["config"]),
-                fully_contiguous=body["layout"] == "fully_contiguous",
+                kind=LayoutKind(body["layout"]),
                 block_dim=BlockDimension(body["block_dim"]) if body["block_dim"] else None,
                 kv_format=kv_format,
                 regions=tuple(MemoryRegion(a, s) for a, s in body["regions"]),
