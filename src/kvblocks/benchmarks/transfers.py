@@ -1,10 +1,12 @@
 """The TransferManager against the paths under it.
 
 ``manager``: blocks move between a fully contiguous pinned layout and, on the GPU, an
-engine-style layer-separate cache (``lw_to_fc`` d2h and ``fc_to_lw`` h2d) or a fully contiguous
-layout (``fc_to_fc``, whole blocks), once through ``execute_transfer`` (``strategy`` says which
-path it took; with ``copy_engine`` the manager prefers the copy engine, which stages the
-layer-separate cases) and once through the copy kernel alone with the same address tables.
+engine-style layer-separate cache (``lw_to_fc`` d2h and ``fc_to_lw`` h2d), a cache with each
+layer's K and V apart (an outer-separate layout, SGLang's: ``os_to_fc`` and ``fc_to_os``) or a
+fully contiguous layout (``fc_to_fc``, whole blocks), once through ``execute_transfer``
+(``strategy`` says which path it took; with ``copy_engine`` the manager prefers the copy
+engine, which stages the cases with separate regions) and once through the copy kernel alone
+with the same address tables.
 ``*_gbps`` are GPU time (CUDA events; the manager is given the caller's stream so the events
 see its work), timed interleaved. ``*_wall_gbps`` are wall-clock throughput of calls issued back
 to back on the manager's own streams, which also counts the host's cost per call when it
@@ -107,7 +109,7 @@ def run_manager(
     ``TransferPreferences(copy_engine=True)`` (its staged transfers)."""
     device = require_gpu()
     rows = []
-    total = len(tokens_per_block) * len(num_blocks) * 4
+    total = len(tokens_per_block) * len(num_blocks) * 6
     step = 0
     builder = TransferManager.builder().cuda_device_id(device.index or 0)
     builder = builder.preferences(TransferPreferences(copy_engine=copy_engine))
@@ -123,10 +125,13 @@ def run_manager(
             gpu_fc = manager.register_layout(
                 PhysicalLayout.builder(config).fully_contiguous().allocate_device(index).build()
             )
+            gpu_os = manager.register_layout(
+                PhysicalLayout.builder(config).outer_separate().allocate_device(index).build()
+            )
             host = manager.register_layout(
                 PhysicalLayout.builder(config).fully_contiguous().allocate_pinned().build()
             )
-            for h in (gpu, gpu_fc, host):
+            for h in (gpu, gpu_fc, gpu_os, host):
                 fill_blocks(manager.layout(h), range(most), FillPattern.sequential())
             for nb in num_blocks:
                 ids = list(range(nb))
@@ -134,6 +139,8 @@ def run_manager(
                 for direction, src, dst, pattern in (
                     ("d2h", gpu, host, "lw_to_fc"),
                     ("h2d", host, gpu, "fc_to_lw"),
+                    ("d2h", gpu_os, host, "os_to_fc"),
+                    ("h2d", host, gpu_os, "fc_to_os"),
                     ("d2h", gpu_fc, host, "fc_to_fc"),
                     ("h2d", host, gpu_fc, "fc_to_fc"),
                 ):
@@ -174,7 +181,7 @@ def run_manager(
                             round(_call_us(manager, src, ids, dst), 1),
                         )
                     )
-            for h in (gpu, gpu_fc, host):
+            for h in (gpu, gpu_fc, gpu_os, host):
                 manager.release_layout(h)
     return rows
 
