@@ -297,6 +297,10 @@ def test_device_tensors_must_have_the_device_layouts_shapes(tmp_path):
         BlockManager(outer_first, device_tensors=[strided[0].contiguous(), strided[1][:, :7]])
     with BlockManager(outer_first, device_tensors=[t.contiguous() for t in strided]) as manager:
         assert manager.pool(Tier.G1).num_blocks == 8
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\] shares memory"):
+        BlockManager(outer_first, device_tensors=[strided[0].contiguous()] * 2)
+    with pytest.raises(InvalidArgumentError, match="device_tensors hold no blocks"):
+        BlockManager(outer_first, device_tensors=[t[:, :0] for t in strided])
     contiguous = make_config(tmp_path, g2=0, g3=0, device_layout=DeviceLayout.FULLY_CONTIGUOUS)
     with pytest.raises(InvalidArgumentError, match="one tensor for FULLY_CONTIGUOUS, got 2"):
         BlockManager(contiguous, device_tensors=block_first)

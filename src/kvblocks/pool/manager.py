@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 import torch
 
@@ -45,7 +46,7 @@ from kvblocks.errors import (
     KvBlocksError,
     TransferError,
 )
-from kvblocks.layout import BlockDimension
+from kvblocks.layout import BlockDimension, MemoryRegion
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
 from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
 from kvblocks.pool.events import (
@@ -1271,9 +1272,20 @@ def _checked_device_tensors(
                 f" (cuda:{config.device_id}, config.device_id, on a GPU)",
             )
     num_blocks = first.shape[axis]
+    if num_blocks == 0:
+        raise InvalidArgumentError("device_tensors", "hold no blocks")
     if config.device_blocks is not None and config.device_blocks != num_blocks:
         raise InvalidArgumentError(
             "device_tensors",
             f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
         )
+    spans = sorted(
+        ((MemoryRegion.of(t), i) for i, t in enumerate(tensors)), key=lambda s: s[0].addr
+    )
+    for (a, i), (b, j) in pairwise(spans):
+        if a.overlaps(b):
+            raise InvalidArgumentError(
+                f"device_tensors[{max(i, j)}]",
+                f"shares memory with device_tensors[{min(i, j)}]; each must have its own",
+            )
     return tensors
