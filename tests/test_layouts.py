@@ -74,6 +74,18 @@ def test_fully_contiguous_addresses(cfg, base):
         ]
 
 
+def check_regions(lay, ids, layers, address) -> None:
+    """``lay.region`` and ``lay.region_table(ids, layers)`` (block-major, then layer, then
+    outer) give ``address(b, l, o)`` for every region."""
+    no, rb = lay.config.outer_dim, lay.config.region_bytes
+    table = lay.region_table(ids, layers)
+    assert len(table) == len(ids) * len(layers) * no
+    expected = [address(b, l, o) for b in ids for l in layers for o in range(no)]
+    assert list(table) == expected
+    for b, l, o in ((b, l, o) for b in ids for l in layers for o in range(no)):
+        assert lay.region(b, l, o) == MemoryRegion(address(b, l, o), rb)
+
+
 @given(cfg=configs, block_dim=st.sampled_from(BlockDimension), data=st.data())
 def test_layer_separate_addresses(cfg, block_dim, data):
     bases = data.draw(
@@ -87,19 +99,10 @@ def test_layer_separate_addresses(cfg, block_dim, data):
             lambda a: st.integers(a + 1, cfg.num_layers).map(lambda b: range(a, b))
         )
     )
-    table = lay.region_table(ids, layers)
-    assert len(table) == len(ids) * len(layers) * no
-    i = 0
-    for b in ids:
-        for l in layers:
-            for o in range(no):
-                if block_dim is BlockDimension.BLOCK_FIRST:
-                    expected = bases[l] + (b * no + o) * rb
-                else:
-                    expected = bases[l] + (o * nb + b) * rb
-                assert lay.region(b, l, o) == MemoryRegion(expected, rb)
-                assert table[i] == expected
-                i += 1
+    if block_dim is BlockDimension.BLOCK_FIRST:
+        check_regions(lay, ids, layers, lambda b, l, o: bases[l] + (b * no + o) * rb)
+    else:
+        check_regions(lay, ids, layers, lambda b, l, o: bases[l] + (o * nb + b) * rb)
 
 
 @given(cfg=configs, data=st.data())
@@ -111,16 +114,7 @@ def test_outer_separate_addresses(cfg, data):
     ids = data.draw(st.lists(st.integers(0, nb - 1), min_size=1, max_size=12))
     start = data.draw(st.integers(0, nl - 1))
     layers = range(start, data.draw(st.integers(start + 1, nl)))
-    table = lay.region_table(ids, layers)
-    assert len(table) == len(ids) * len(layers) * no
-    i = 0
-    for b in ids:
-        for l in layers:
-            for o in range(no):
-                expected = bases[l * no + o] + b * rb
-                assert lay.region(b, l, o) == MemoryRegion(expected, rb)
-                assert table[i] == expected
-                i += 1
+    check_regions(lay, ids, layers, lambda b, l, o: bases[l * no + o] + b * rb)
 
 
 def test_fully_contiguous_matches_a_torch_tensor():
@@ -136,10 +130,8 @@ def test_fully_contiguous_matches_a_torch_tensor():
                 assert read_bytes(*_span(lay.region(b, l, o))) == t[b, l, o].numpy().tobytes()
 
 
-@pytest.mark.parametrize("block_dim", list(BlockDimension))
-def test_layer_separate_matches_engine_tensors(block_dim):
-    nb, nl, no, nt, nh, hd = 6, 3, 2, 4, 2, 3
-    cfg = LayoutConfig(
+def _bf16_config(nb, nl, no, nt, nh, hd) -> LayoutConfig:
+    return LayoutConfig(
         num_blocks=nb,
         num_layers=nl,
         outer_dim=no,
@@ -148,6 +140,12 @@ def test_layer_separate_matches_engine_tensors(block_dim):
         dtype_width_bytes=2,
         num_heads=nh,
     )
+
+
+@pytest.mark.parametrize("block_dim", list(BlockDimension))
+def test_layer_separate_matches_engine_tensors(block_dim):
+    nb, nl, no, nt, nh, hd = 6, 3, 2, 4, 2, 3
+    cfg = _bf16_config(nb, nl, no, nt, nh, hd)
     shape = (
         (nb, no, nt, nh, hd) if block_dim is BlockDimension.BLOCK_FIRST else (no, nb, nt, nh, hd)
     )
@@ -165,15 +163,7 @@ def test_layer_separate_matches_engine_tensors(block_dim):
 
 def test_outer_separate_matches_separate_k_and_v_tensors():
     nb, nl, no, nt, nh, hd = 5, 3, 2, 4, 2, 3
-    cfg = LayoutConfig(
-        num_blocks=nb,
-        num_layers=nl,
-        outer_dim=no,
-        page_size=nt,
-        inner_dim=nh * hd,
-        dtype_width_bytes=2,
-        num_heads=nh,
-    )
+    cfg = _bf16_config(nb, nl, no, nt, nh, hd)
     k = [torch.randn(nb, nt, nh, hd).to(torch.bfloat16) for _ in range(nl)]
     v = [torch.randn(nb, nt, nh, hd).to(torch.bfloat16) for _ in range(nl)]
     buffers = [t for pair in zip(k, v, strict=True) for t in pair]  # K0, V0, K1, V1, ...

@@ -304,12 +304,33 @@ class FullyContiguousLayout(Layout):
         return array("q", [base + b * stride for b in ids])
 
 
-class LayerSeparateLayout(Layout):
-    """One allocation per layer, each ``[num_blocks, no, region]`` or ``[no, num_blocks, region]``.
+class _SeparateRegionsLayout(Layout):
+    """A layout whose blocks are ``nl * no`` separate regions (a "block stack"), so the block
+    format must be operational (its regions are ``[nt, nh, hd]`` or ``[nh, nt, hd]``) or
+    unknown."""
 
-    A block is ``nl * no`` separate regions (a "block stack"), so the block format must be
-    operational (its regions are ``[nt, nh, hd]`` or ``[nh, nt, hd]``) or unknown.
-    """
+    def __init__(
+        self,
+        config: LayoutConfig,
+        memory: Sequence[MemoryRegion],
+        kv_format: KvBlockLayout = KvBlockLayout.Unknown,
+    ) -> None:
+        if kv_format.dim_order is not None and not kv_format.is_operational():
+            raise LayoutFormatError(
+                "kv_format",
+                f"must be operational (NHD or HND) or Unknown for a {self.kind.label} layout,"
+                f" got {kv_format.name}",
+            )
+        super().__init__(config, memory, kv_format)
+
+    @property
+    def is_fully_contiguous(self) -> bool:
+        return False
+
+
+class LayerSeparateLayout(_SeparateRegionsLayout):
+    """One allocation per layer, each ``[num_blocks, no, region]`` or ``[no, num_blocks, region]``;
+    the block format must be operational or unknown."""
 
     kind = LayoutKind.LAYER_SEPARATE
 
@@ -322,12 +343,6 @@ class LayerSeparateLayout(Layout):
     ) -> None:
         if not isinstance(block_dim, BlockDimension):
             raise InvalidArgumentError("block_dim", f"must be a BlockDimension, got {block_dim!r}")
-        if kv_format.dim_order is not None and not kv_format.is_operational():
-            raise LayoutFormatError(
-                "kv_format",
-                f"must be operational (NHD or HND) or Unknown for a layer-separate layout,"
-                f" got {kv_format.name}",
-            )
         super().__init__(config, memory, kv_format)
         self.block_dim = block_dim
 
@@ -335,10 +350,6 @@ class LayerSeparateLayout(Layout):
     def required_allocations(config: LayoutConfig) -> list[int]:
         per_layer = config.num_blocks * config.outer_dim * config.region_bytes
         return [per_layer] * config.num_layers
-
-    @property
-    def is_fully_contiguous(self) -> bool:
-        return False
 
     @property
     def block_stride(self) -> int:
@@ -359,37 +370,16 @@ class LayerSeparateLayout(Layout):
         return self.memory[layer_id].addr + outer_id * self.outer_stride
 
 
-class OuterSeparateLayout(Layout):
+class OuterSeparateLayout(_SeparateRegionsLayout):
     """One allocation per layer and outer chunk, ``nl * no`` in all, in the order layer 0's
     outer 0 (K), layer 0's outer 1 (V), layer 1's outer 0, ...; each ``[num_blocks, region]``.
-
-    A block is ``nl * no`` separate regions (a "block stack"), so the block format must be
-    operational (its regions are ``[nt, nh, hd]`` or ``[nh, nt, hd]``) or unknown.
-    """
+    The block format must be operational or unknown."""
 
     kind = LayoutKind.OUTER_SEPARATE
-
-    def __init__(
-        self,
-        config: LayoutConfig,
-        memory: Sequence[MemoryRegion],
-        kv_format: KvBlockLayout = KvBlockLayout.Unknown,
-    ) -> None:
-        if kv_format.dim_order is not None and not kv_format.is_operational():
-            raise LayoutFormatError(
-                "kv_format",
-                f"must be operational (NHD or HND) or Unknown for an outer-separate layout,"
-                f" got {kv_format.name}",
-            )
-        super().__init__(config, memory, kv_format)
 
     @staticmethod
     def required_allocations(config: LayoutConfig) -> list[int]:
         return [config.num_blocks * config.region_bytes] * (config.num_layers * config.outer_dim)
-
-    @property
-    def is_fully_contiguous(self) -> bool:
-        return False
 
     @property
     def block_stride(self) -> int:
