@@ -76,11 +76,7 @@ def shaped(builder, fc: bool | LayoutKind):
     or the :class:`LayoutKind` ``fc`` names."""
     if not isinstance(fc, LayoutKind):
         fc = LayoutKind.FULLY_CONTIGUOUS if fc else LayoutKind.LAYER_SEPARATE
-    if fc is LayoutKind.FULLY_CONTIGUOUS:
-        return builder.fully_contiguous()
-    if fc is LayoutKind.OUTER_SEPARATE:
-        return builder.outer_separate()
-    return builder.layer_separate()
+    return builder.of_kind(fc)
 
 
 def make(manager, kind, fc: bool | LayoutKind = True, fmt=NHD, cfg=CFG, folder=None):

@@ -15,6 +15,7 @@ from kvblocks.layout.layouts import (
     LayoutKind,
     MemoryRegion,
     OuterSeparateLayout,
+    check_stored_format,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "LayoutKind",
     "MemoryRegion",
     "OuterSeparateLayout",
+    "check_stored_format",
     "dtype_name",
     "parse_dtype",
 ]

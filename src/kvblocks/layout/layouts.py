@@ -100,6 +100,20 @@ class LayoutKind(Enum):
         return self.value.replace("_", "-")
 
 
+def check_stored_format(kind: LayoutKind, kv_format: KvBlockLayout) -> None:
+    """Raise ``LayoutFormatError`` unless a layout of ``kind`` can hold blocks of ``kv_format``:
+    any format in one contiguous span, only operational (or unknown) ones as separate regions.
+    """
+    if kind is LayoutKind.FULLY_CONTIGUOUS or kv_format.dim_order is None:
+        return
+    if not kv_format.is_operational():
+        raise LayoutFormatError(
+            "kv_format",
+            f"must be operational (NHD or HND) or Unknown for a {kind.label} layout,"
+            f" got {kv_format.name}",
+        )
+
+
 class BlockDimension(Enum):
     """Where the block index sits in each layer's allocation of a layer-separate layout."""
 
@@ -168,9 +182,9 @@ class Layout(ABC):
         """Bytes of each allocation a layout of ``config`` needs."""
 
     @property
-    @abstractmethod
     def is_fully_contiguous(self) -> bool:
         """Whether every block is one contiguous span."""
+        return self.kind is LayoutKind.FULLY_CONTIGUOUS
 
     @property
     @abstractmethod
@@ -273,10 +287,6 @@ class FullyContiguousLayout(Layout):
         return [config.total_bytes]
 
     @property
-    def is_fully_contiguous(self) -> bool:
-        return True
-
-    @property
     def block_stride(self) -> int:
         return self.config.block_bytes
 
@@ -315,17 +325,8 @@ class _SeparateRegionsLayout(Layout):
         memory: Sequence[MemoryRegion],
         kv_format: KvBlockLayout = KvBlockLayout.Unknown,
     ) -> None:
-        if kv_format.dim_order is not None and not kv_format.is_operational():
-            raise LayoutFormatError(
-                "kv_format",
-                f"must be operational (NHD or HND) or Unknown for a {self.kind.label} layout,"
-                f" got {kv_format.name}",
-            )
+        check_stored_format(self.kind, kv_format)
         super().__init__(config, memory, kv_format)
-
-    @property
-    def is_fully_contiguous(self) -> bool:
-        return False
 
 
 class LayerSeparateLayout(_SeparateRegionsLayout):

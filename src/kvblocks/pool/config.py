@@ -28,7 +28,14 @@ import torch
 
 from kvblocks.checks import positive_int
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.layout import KvBlockLayout, KvDims, LayoutConfig, dtype_name
+from kvblocks.layout import (
+    BlockDimension,
+    KvBlockLayout,
+    KvDims,
+    LayoutConfig,
+    LayoutKind,
+    dtype_name,
+)
 from kvblocks.layout.dtypes import parse_dtype
 
 #: Environment variable for the G2 size in GiB.
@@ -58,6 +65,22 @@ class DeviceLayout(Enum):
     def block_axis(self) -> int:
         """The axis of the block index in each tensor."""
         return 1 if self is DeviceLayout.OUTER_FIRST else 0
+
+    @property
+    def layout_kind(self) -> LayoutKind:
+        """The kind of :class:`~kvblocks.layout.Layout` that addresses these tensors."""
+        if self is DeviceLayout.FULLY_CONTIGUOUS:
+            return LayoutKind.FULLY_CONTIGUOUS
+        if self is DeviceLayout.OUTER_SEPARATE:
+            return LayoutKind.OUTER_SEPARATE
+        return LayoutKind.LAYER_SEPARATE
+
+    @property
+    def block_dim(self) -> BlockDimension:
+        """Where the block index sits in a layer's tensor (for the layer-separate kinds)."""
+        if self is DeviceLayout.OUTER_FIRST:
+            return BlockDimension.OUTER_FIRST
+        return BlockDimension.BLOCK_FIRST
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,7 @@ from kvblocks.errors import (
     KvBlocksError,
     TransferError,
 )
-from kvblocks.layout import BlockDimension, MemoryRegion
+from kvblocks.layout import MemoryRegion
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
 from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
 from kvblocks.pool.events import (
@@ -275,18 +275,12 @@ class BlockManager:
 
     def _g1_layout(self) -> PhysicalLayout:
         config = self.config
-        num_blocks = self.device_tensors[0].shape[config.device_layout.block_axis]
-        builder = PhysicalLayout.builder(config.layout_config(num_blocks))
-        if config.device_layout is DeviceLayout.FULLY_CONTIGUOUS:
-            builder.fully_contiguous()
-        elif config.device_layout is DeviceLayout.OUTER_SEPARATE:
-            builder.outer_separate()
-        elif config.device_layout is DeviceLayout.OUTER_FIRST:
-            builder.layer_separate(BlockDimension.OUTER_FIRST)
-        else:
-            builder.layer_separate(BlockDimension.BLOCK_FIRST)
+        layout = config.device_layout
+        num_blocks = self.device_tensors[0].shape[layout.block_axis]
         return (
-            builder.kv_format(config.device_format)
+            PhysicalLayout.builder(config.layout_config(num_blocks))
+            .of_kind(layout.layout_kind, layout.block_dim)
+            .kv_format(config.device_format)
             .with_external_regions(self.device_tensors)
             .build()
         )

@@ -39,6 +39,7 @@ from kvblocks.layout import (
     LayoutKind,
     MemoryRegion,
     OuterSeparateLayout,
+    check_stored_format,
 )
 from kvblocks.storage.disk import DIRECT_ALIGN, DiskAllocation
 from kvblocks.storage.kinds import StorageKind
@@ -128,22 +129,30 @@ class PhysicalLayoutBuilder:
         self._format = KvBlockLayout.Unknown
         self._memory: tuple | None = None
 
+    def of_kind(
+        self, kind: LayoutKind, block_dim: BlockDimension | None = BlockDimension.BLOCK_FIRST
+    ) -> PhysicalLayoutBuilder:
+        """A layout of ``kind``; ``block_dim`` is where the block index sits in a layer-separate
+        layout's allocations (ignored for the other kinds)."""
+        if not isinstance(kind, LayoutKind):
+            raise InvalidArgumentError("kind", f"must be a LayoutKind, got {kind!r}")
+        self._kind = kind
+        self._block_dim = block_dim if kind is LayoutKind.LAYER_SEPARATE else None
+        return self
+
     def fully_contiguous(self) -> PhysicalLayoutBuilder:
         """One allocation ``[num_blocks, nl, no, inner]``."""
-        self._kind, self._block_dim = LayoutKind.FULLY_CONTIGUOUS, None
-        return self
+        return self.of_kind(LayoutKind.FULLY_CONTIGUOUS)
 
     def layer_separate(
         self, block_dim: BlockDimension = BlockDimension.BLOCK_FIRST
     ) -> PhysicalLayoutBuilder:
         """One allocation per layer, block-first or outer-first."""
-        self._kind, self._block_dim = LayoutKind.LAYER_SEPARATE, block_dim
-        return self
+        return self.of_kind(LayoutKind.LAYER_SEPARATE, block_dim)
 
     def outer_separate(self) -> PhysicalLayoutBuilder:
         """One allocation per layer and outer chunk, each ``[num_blocks, inner]``."""
-        self._kind, self._block_dim = LayoutKind.OUTER_SEPARATE, None
-        return self
+        return self.of_kind(LayoutKind.OUTER_SEPARATE)
 
     def kv_format(self, fmt: KvBlockLayout) -> PhysicalLayoutBuilder:
         """The order of dims inside each block (default ``Unknown``)."""
@@ -206,13 +215,7 @@ class PhysicalLayoutBuilder:
                 " allocate_disk() or with_external_regions()",
             )
         layout_type = _LAYOUT_TYPES[self._kind]
-        if self._kind is not LayoutKind.FULLY_CONTIGUOUS and self._format.dim_order is not None:
-            if not self._format.is_operational():
-                raise LayoutFormatError(
-                    "kv_format",
-                    f"must be operational (NHD or HND) or Unknown for a {self._kind.label}"
-                    f" layout, got {self._format.name}",
-                )
+        check_stored_format(self._kind, self._format)  # before anything is allocated
         sizes = layout_type.required_allocations(self._config)
         kind, *args = self._memory
         allocations = self._allocate(kind, args, sizes)

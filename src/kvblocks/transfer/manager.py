@@ -43,7 +43,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.memcpy import has_cuda_bindings
-from kvblocks.layout import KvBlockLayout, LayoutConfig, LayoutKind
+from kvblocks.layout import KvBlockLayout, LayoutConfig
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
@@ -279,12 +279,7 @@ class TransferManager:
                 f"describes {serialized.storage.value} storage; other workers reach only memory",
             )
         builder = PhysicalLayout.builder(serialized.config).kv_format(serialized.kv_format)
-        if serialized.kind is LayoutKind.FULLY_CONTIGUOUS:
-            builder.fully_contiguous()
-        elif serialized.kind is LayoutKind.OUTER_SEPARATE:
-            builder.outer_separate()
-        else:
-            builder.layer_separate(serialized.block_dim)
+        builder.of_kind(serialized.kind, serialized.block_dim)
         physical = builder.with_remote_regions(serialized.regions).build()
         if self._peers is not None:
             self._peers.add_import(physical, serialized)
