@@ -11,7 +11,7 @@ import torch
 
 FLOAT_DTYPES = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
 FP8_DTYPES = [torch.float8_e4m3fn, torch.float8_e5m2]
-ALL_DTYPES = FLOAT_DTYPES + FP8_DTYPES
+ALL_DTYPES = [*FLOAT_DTYPES, *FP8_DTYPES, torch.uint8]
 
 _INT_OF_WIDTH = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -22,9 +22,13 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 
 def random_tensor(shape, dtype: torch.dtype, device="cpu", generator=None) -> torch.Tensor:
-    """Random normal values of ``dtype``; never NaN, so the poison pattern never occurs."""
-    values = torch.randn(shape, dtype=torch.float32, generator=generator)
-    return values.to(dtype).to(device)
+    """Random normal values of ``dtype`` (bytes 0 to 254 for ``torch.uint8``); never NaN or
+    0xFF, so the poison pattern never occurs."""
+    if dtype == torch.uint8:
+        values = torch.randint(0, 255, shape, dtype=dtype, generator=generator)
+    else:
+        values = torch.randn(shape, dtype=torch.float32, generator=generator).to(dtype)
+    return values.to(device)
 
 
 def poisoned(shape, dtype: torch.dtype, device="cpu") -> torch.Tensor:

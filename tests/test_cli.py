@@ -24,6 +24,14 @@ def test_info_llama_70b(capsys):
     for name in ("block_stack_nhd", "operational_hnd", "universal_tp", "universal_pp"):
         assert name in out
     assert "Hardware paths here:" in out and "torch reference path" in out
+    assert "no=2 outer (K and V)" in out and "(2 bytes)" in out
+
+
+def test_info_of_an_mla_cache_in_raw_bytes(capsys):
+    assert main(["info", "--model", "deepseek-v3", "--dtype", "uint8"]) == 0
+    out = capsys.readouterr().out
+    assert "no=1 outer (a latent), nh=1 KV heads, hd=576, dtype u8 (1 byte)" in out
+    assert "549 KiB" in out  # 61 layers x 16 tokens x 576 bytes
 
 
 def test_info_json_matches_dims(capsys):

@@ -37,13 +37,14 @@ def test_workload_is_seeded_and_keeps_turn_order():
         ChatWorkload(user_tokens=(10, 5))
 
 
-def test_pattern_check_catches_a_changed_element():
-    regions = [torch.full((6, 4, 2, 8), float("nan"), dtype=torch.bfloat16) for _ in range(6)]
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.uint8], ids=str)
+def test_pattern_check_catches_a_changed_element(dtype):
+    regions = [torch.full((6, 4, 2, 8), 255, dtype=torch.uint8).view(dtype) for _ in range(6)]
     hashes = [2**64 - 1, 12345, 99]
     write_pattern(regions, [1, 4, 5], hashes)
     assert count_mismatches(regions, [1, 4, 5], hashes) == 0
     assert count_mismatches(regions, [4, 1, 5], hashes) == 2  # swapped blocks
-    regions[5][5, 3, 1, 7] += 1
+    regions[5].view(torch.uint8)[5, 3, 1, 7] ^= 1
     assert count_mismatches(regions, [1, 4, 5], hashes) == 1
     assert not torch.equal(regions[0][1], regions[1][1])  # each region of a block differs
 
@@ -67,12 +68,18 @@ def test_demo_hits_every_tier_and_saves_prefill(capsys, tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("layout", "fmt"),
-    [("outer-first", "hnd"), ("outer-separate", "nhd"), ("fully-contiguous", "nhd")],
+    ("layout", "fmt", "more"),
+    [
+        ("outer-first", "hnd", []),
+        ("outer-separate", "nhd", []),
+        ("fully-contiguous", "nhd", []),
+        ("outer-first", "nhd", ["--dtype", "fp8_e4m3"]),
+        ("block-first", "nhd", ["--dtype", "u8", "--outer", "1", "--kv-heads", "1"]),  # MLA
+    ],
 )
-def test_demo_verifies_hits_in_other_device_layouts(capsys, layout, fmt):
+def test_demo_verifies_hits_in_other_device_layouts_and_dtypes(capsys, layout, fmt, more):
     args = ["demo", *SMALL, "--g1-blocks", "80", "--g2-blocks", "60", "--json", "--quiet"]
-    assert main([*args, "--device-layout", layout, "--device-format", fmt]) == 0
+    assert main([*args, "--device-layout", layout, "--device-format", fmt, *more]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["hits"]["G2"] > 0 and result["hits"]["G3"] > 0
     assert result["verified_blocks"] == sum(result["hits"].values())

@@ -209,10 +209,12 @@ def _strided_operand(op: Operand, dims: KvDims, nblocks: int, where: str):
     ids=["stack-to-universal", "universal-to-stack", "operational-to-stack"],
 )
 @pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
-def test_permute_from_strided_tables(src_op, dst_op, places, reference):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float8_e4m3fn, torch.uint8], ids=str)
+def test_permute_from_strided_tables(src_op, dst_op, places, reference, dtype):
     """Tables given as per-block bases and block ids: the kernel expands them, and the torch
-    reference (what runs on a CPU without Triton's interpreter) moves whole rows of blocks."""
-    dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
+    reference (what runs on a CPU without Triton's interpreter) moves whole rows of blocks,
+    1-byte types included (torch has no indexed copies of fp8 on the CPU)."""
+    dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=dtype)
     nblocks = 7
     device = torch.device(_device(places))
     src_buf, src_bases, src_stride = _strided_operand(src_op, dims, nblocks, places[0])

@@ -216,20 +216,15 @@ def engine_cache(config: BlockManagerConfig, num_blocks: int, gen) -> list[torch
 FORMATS = [KvBlockLayout.OperationalNHD, KvBlockLayout.OperationalHND]
 
 
-@pytest.mark.parametrize("device_format", FORMATS, ids=lambda f: f.name)
-@pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)
-def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layout, device_format):
-    """An engine's cache in each shape: blocks written by indexing its own tensors are stored
-    in G2 in the storage format (UniversalTP) and come back from G2 and G3 into other G1
-    blocks unchanged."""
-    config = make_config(
-        tmp_path, g1=8, g2=4, g3=32, device_layout=device_layout, device_format=device_format
-    )
+def assert_round_trips(config: BlockManagerConfig, tensors, passed=None) -> None:
+    """Blocks written by indexing an engine's cache ``tensors`` (in ``config.device_layout``'s
+    shapes; ``passed``, the same memory in the engine's own shapes, is what the manager gets)
+    are stored in G2 in the storage format (UniversalTP) and come back from G2 and G3 into
+    other G1 blocks unchanged. G1 holds 8 blocks, G2 4."""
     dims = config.dims()
     gen = torch.Generator().manual_seed(11)
-    tensors = engine_cache(config, 8, gen)
-    block_shape = (dims.nl, dims.no, *dims.region_shape(device_format.inner_order))
-    with BlockManager(config, device_tensors=tensors) as manager:
+    block_shape = (dims.nl, dims.no, *dims.region_shape(config.device_format.inner_order))
+    with BlockManager(config, device_tensors=tensors if passed is None else passed) as manager:
         sequences = [tokens_of(20 + s, 4 * BS) for s in range(3)]
         expected = {}
         for tokens in sequences:
@@ -245,7 +240,7 @@ def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layo
 
         g2 = manager.layout(Tier.G2).allocations[0].view().view(dims.dtype)
         g2 = g2[: 4 * dims.block_elems].view(4, dims.nh, dims.nl, dims.no, dims.nt, dims.hd)
-        heads = 3 if device_format is KvBlockLayout.OperationalNHD else 2
+        heads = 3 if config.device_format is KvBlockLayout.OperationalNHD else 2
         for h in hashes:  # the last sequence's blocks are the ones in G2
             universal = expected[h].permute(heads, 0, 1, 5 - heads, 4)
             assert_bits_equal(g2[manager.pool(Tier.G2).lookup(h)], universal)
@@ -258,6 +253,81 @@ def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layo
                 assert_bits_equal(read_raw_block(tensors, config, b), expected[h])
             manager.free(hit.block_ids)
         assert manager.metrics.hits[Tier.G3] > 0 and manager.metrics.hits[Tier.G2] > 0
+
+
+@pytest.mark.parametrize("device_format", FORMATS, ids=lambda f: f.name)
+@pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)
+def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layout, device_format):
+    """An engine's cache in each shape keeps its blocks through G2 and G3."""
+    config = make_config(
+        tmp_path, g1=8, g2=4, g3=32, device_layout=device_layout, device_format=device_format
+    )
+    assert_round_trips(config, engine_cache(config, 8, torch.Generator().manual_seed(10)))
+
+
+#: Caches engines keep with dims of size 1 left out, or in raw bytes: (device layout, dtype,
+#: head dim, KV heads, outer dim, the engine's shape of one tensor for ``nb`` blocks).
+ENGINE_CACHES = {
+    # vLLM's MLA cache, one [num_blocks, block_size, kv_lora_rank + rope_dim] per layer
+    "vllm-mla": (DeviceLayout.BLOCK_FIRST, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)),
+    # vLLM's fp8_ds_mla: 656 bytes of fp8 values, f32 scales and bf16 values per token, as uint8
+    "vllm-fp8-ds-mla": (DeviceLayout.BLOCK_FIRST, "u8", 41, 1, 1, lambda nb: (nb, BS, 41)),
+    # SGLang's MLA pool, kv_buffer[layer].view(-1, page_size, dim)
+    "sglang-mla": (DeviceLayout.OUTER_SEPARATE, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)),
+    # vLLM's FlashAttention cache of fp8 K and V, kept as uint8
+    "vllm-fp8": (DeviceLayout.OUTER_FIRST, "u8", 24, 2, 2, lambda nb: (2, nb, BS, 2, 24)),
+    # one KV head per rank: [num_blocks, 2, block_size, head_dim]
+    "one-kv-head": (DeviceLayout.BLOCK_FIRST, "f16", 16, 1, 2, lambda nb: (nb, 2, BS, 16)),
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINE_CACHES))
+def test_engine_caches_with_dims_of_size_one_left_out_round_trip(tmp_path, engine):
+    """The manager takes an engine's tensors in the engine's own shape (dims of size 1 left
+    out) and raw bytes (``u8``); blocks written through those tensors keep their bytes."""
+    device_layout, dtype, hd, nh, no, engine_shape = ENGINE_CACHES[engine]
+    config = make_config(
+        tmp_path,
+        g1=8,
+        g2=4,
+        g3=32,
+        device_layout=device_layout,
+        dtype=dtype,
+        head_dim=hd,
+        num_kv_heads=nh,
+        outer_dim=no,
+    )
+    tensors = engine_cache(config, 8, torch.Generator().manual_seed(13))
+    passed = [t.view(engine_shape(8)) for t in tensors]
+    with BlockManager(config, device_tensors=passed) as manager:
+        for seen, shape, p in zip(
+            manager.device_tensors, config.device_tensor_shapes(8), passed, strict=True
+        ):
+            assert tuple(seen.shape) == shape and seen.data_ptr() == p.data_ptr()
+    assert_round_trips(config, tensors, passed)
+
+
+def test_left_out_dims_must_be_of_size_one(tmp_path):
+    mla = make_config(tmp_path, g2=0, g3=0, num_kv_heads=1, outer_dim=1, head_dim=36)
+    good = [torch.zeros(8, BS, 36, dtype=torch.bfloat16) for _ in range(2)]
+    with BlockManager(mla, device_tensors=good) as manager:
+        assert manager.pool(Tier.G1).num_blocks == 8
+    message = r"device_tensors\[1\] must be \[num_blocks, 1, 4, 1, 36\] of torch.bfloat16"
+    for bad in (
+        torch.zeros(8, 36, BS, dtype=torch.bfloat16),  # the right size, dims in another order
+        torch.zeros(8, BS, 35, dtype=torch.bfloat16),  # not a whole number of blocks
+        torch.zeros(8 * BS, 36, dtype=torch.bfloat16),  # token-indexed: view it by page first
+        torch.zeros(0, BS, 36, dtype=torch.bfloat16),
+    ):
+        with pytest.raises(InvalidArgumentError, match=message + r".*dims of size 1 may be left"):
+            BlockManager(mla, device_tensors=[good[0], bad])
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\] holds 7 blocks"):
+        BlockManager(mla, device_tensors=[good[0], good[1][:7]])
+    strided = torch.zeros(BS, 8, 36, dtype=torch.bfloat16).transpose(0, 1)
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\] must be contiguous"):
+        BlockManager(mla, device_tensors=[good[0], strided])
+    with pytest.raises(InvalidArgumentError, match=r"device_tensors\[1\] shares memory"):
+        BlockManager(mla, device_tensors=[good[0], good[0].view(8, 1, BS, 1, 36)])
 
 
 @pytest.mark.parametrize("device_layout", list(DeviceLayout), ids=lambda d: d.name)

@@ -234,13 +234,13 @@ def g1_regions(manager: BlockManager) -> list[torch.Tensor]:
 def write_pattern(regions: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> None:
     """Write block ``blocks[i]``'s "KV" into ``regions`` (G1's ``(layer, outer)`` regions in
     order, each ``[num_blocks, *inner]``): element ``e`` of region ``r`` is
-    ``(e + (hashes[i] >> (r % 32)) % 997) % 251`` (exact in every float type)."""
+    ``(e + (hashes[i] >> (r % 32)) % 997) % 251`` in the regions' dtype (rounded in fp8)."""
     if not blocks:
         return
     ramp = _ramp(regions[0])
     index = torch.tensor(blocks, dtype=torch.long, device=regions[0].device)
     for r, t in enumerate(regions):
-        t.index_copy_(0, index, _pattern(ramp, t, hashes, r))
+        _bits(t).index_copy_(0, index, _bits(_pattern(ramp, t, hashes, r)))
 
 
 def count_mismatches(regions: list[torch.Tensor], blocks: list[int], hashes: list[int]) -> int:
@@ -273,8 +273,8 @@ def _pattern(ramp: torch.Tensor, t: torch.Tensor, hashes: list[int], region: int
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
-    """``t`` viewed as integers of its element size, to compare bit for bit (faster than float
-    compares on a CPU)."""
+    """``t`` viewed as integers of its element size, to copy and compare bit for bit (torch
+    has no indexed copies of fp8 on the CPU; int compares are faster than float ones)."""
     return t.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()])
 
 

@@ -113,9 +113,11 @@ def _print_info(report: dict) -> None:
 def _print_model(report: dict) -> None:
     d = report["dims"]
     tp = f" on each of tp={report['tp']} ranks" if report["tp"] > 1 else ""
+    outer = "K and V" if d["no"] == 2 else "a latent" if d["no"] == 1 else "chunks"
+    byte_s = "byte" if d["itemsize"] == 1 else "bytes"
     print(
-        f"{report['model']}{tp}: nl={d['nl']} layers, no={d['no']} outer (K and V), "
-        f"nh={d['nh']} KV heads, hd={d['hd']}, dtype {d['dtype']} ({d['itemsize']} bytes)"
+        f"{report['model']}{tp}: nl={d['nl']} layers, no={d['no']} outer ({outer}), "
+        f"nh={d['nh']} KV heads, hd={d['hd']}, dtype {d['dtype']} ({d['itemsize']} {byte_s})"
     )
     print()
     print(f"{'tokens/block':>12}  {'region':>10}  {'block':>10}  {'per token':>10}")

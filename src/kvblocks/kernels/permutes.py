@@ -20,7 +20,7 @@ Their meaning is :func:`kvblocks.kernels.reference.convert`.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -280,6 +280,8 @@ class PermutePlan:
 
     def _run_reference(self) -> None:
         dims = self.dims
+        if dims.itemsize == 1:  # torch has no indexed copies of fp8 on the CPU: move bytes
+            dims = replace(dims, dtype=torch.uint8)
         if self.device.type == "cpu":
             src_rows = _block_rows(self.src_table, self.src.span_bytes(dims), dims.dtype)
             dst_rows = _block_rows(self.dst_table, self.dst.span_bytes(dims), dims.dtype)

@@ -2,7 +2,10 @@
 
 Layout math needs only an element's width in bytes; the torch dtype is kept so that the
 references and kernels can view raw memory with the right type. fp8 blocks are stored and
-moved like any other, as 1-byte elements.
+moved like any other, as 1-byte elements. ``u8`` is a cache of raw bytes: vLLM keeps its fp8
+caches in ``torch.uint8`` tensors, and some caches pack several types into each token (vLLM's
+``fp8_ds_mla``: 512 fp8 values, 4 f32 scales and 64 bf16 values in 656 bytes), which kvblocks
+moves and permutes byte by byte.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ DTYPES: dict[str, torch.dtype] = {
     "f64": torch.float64,
     "fp8_e4m3": torch.float8_e4m3fn,
     "fp8_e5m2": torch.float8_e5m2,
+    "u8": torch.uint8,
 }
 
 _ALIASES: dict[str, str] = {
@@ -34,6 +38,8 @@ _ALIASES: dict[str, str] = {
     "fp64": "f64",
     "float8_e4m3fn": "fp8_e4m3",
     "float8_e5m2": "fp8_e5m2",
+    "uint8": "u8",
+    "byte": "u8",
 }
 
 _NAMES: dict[torch.dtype, str] = {dtype: name for name, dtype in DTYPES.items()}

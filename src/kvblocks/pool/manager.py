@@ -27,6 +27,7 @@ copies themselves run outside it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import queue
 import secrets
@@ -154,17 +155,19 @@ class BlockManager:
             (``BLOCK_FIRST``) or ``[no, num_blocks, *inner]`` (``OUTER_FIRST``), one per layer
             and outer chunk ``[num_blocks, *inner]`` (``OUTER_SEPARATE``), or one
             ``[num_blocks, nl, no, *inner]`` (``FULLY_CONTIGUOUS``), ``inner`` being ``[nt, nh,
-            hd]`` (``device_format`` NHD) or ``[nh, nt, hd]`` (HND); by default the manager
-            allocates them (see :attr:`device_tensors`, and :meth:`region_view` for one layer's
-            K or V of every block whatever the layout).
+            hd]`` (``device_format`` NHD) or ``[nh, nt, hd]`` (HND). Dims of size 1 may be left
+            out (vLLM's MLA cache, ``[num_blocks, nt, hd]`` per layer, is ``BLOCK_FIRST`` with
+            ``no = nh = 1``). By default the manager allocates them (see
+            :attr:`device_tensors`, and :meth:`region_view` for one layer's K or V of every
+            block whatever the layout).
         transfer: a TransferManager to move blocks with (one is built by default).
         disk_filter: which blocks stored in G2 are also written to G3
             (:mod:`~kvblocks.pool.offload_filter`); every one by default.
 
     Attributes:
         config: the config it was built with.
-        device_tensors: the tensors G1 lives in, as passed (or allocated in
-            ``config.device_layout``'s shapes).
+        device_tensors: the tensors G1 lives in, in ``config.device_layout``'s shapes: those
+            passed (viewed in those shapes where dims of size 1 were left out), or allocated.
         metrics: its counters (:class:`~kvblocks.pool.metrics.PoolMetrics`).
 
     Raises:
@@ -1207,11 +1210,17 @@ def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]
     ]
 
 
+def _without_ones(shape: Sequence[int]) -> list[int]:
+    return [d for d in shape if d != 1]
+
+
 def _checked_device_tensors(
     config: BlockManagerConfig, tensors: Sequence[torch.Tensor]
 ) -> list[torch.Tensor]:
-    """``tensors`` as a list, if they are G1 in ``config.device_layout``'s shapes, of its dtype,
-    contiguous and on one device (``config.device_id``'s GPU, or the CPU)."""
+    """``tensors`` viewed in ``config.device_layout``'s shapes, if they are G1 in those shapes
+    (dims of size 1 may be left out: vLLM's MLA cache is ``[num_blocks, nt, hd]``), of its
+    dtype, contiguous and on one device (``config.device_id``'s GPU, or the CPU). A tensor
+    already in its shape is returned itself."""
     layout = config.device_layout
     count = len(config.device_tensor_shapes(1))
     what = {
@@ -1230,26 +1239,34 @@ def _checked_device_tensors(
     axis = layout.block_axis
     shape = list(config.device_tensor_shapes(1)[0])
     wanted = [*map(str, shape[:axis]), "num_blocks", *map(str, shape[axis + 1 :])]
-    first = tensors[0]
+    block_elems = math.prod(shape)
+    viewed: list[torch.Tensor] = []
     for i, t in enumerate(tensors):
         if not isinstance(t, torch.Tensor):
             raise InvalidArgumentError(
                 f"device_tensors[{i}]", f"must be a torch.Tensor, got {type(t).__name__}"
             )
-        if t.dim() != len(shape) or [*t.shape[:axis], 1, *t.shape[axis + 1 :]] != shape:
+        num_blocks = t.numel() // block_elems
+        full = [*shape[:axis], num_blocks, *shape[axis + 1 :]]
+        if list(t.shape) != full and (
+            t.numel() != num_blocks * block_elems
+            or num_blocks == 0
+            or _without_ones(t.shape) != _without_ones(full)
+        ):
             raise InvalidArgumentError(
                 f"device_tensors[{i}]",
                 f"must be [{', '.join(wanted)}] of {config.dtype} ({layout.name},"
-                f" {config.device_format.name}), got {list(t.shape)} of {t.dtype}",
+                f" {config.device_format.name}; dims of size 1 may be left out),"
+                f" got {list(t.shape)} of {t.dtype}",
             )
         if t.dtype != config.dtype:
             raise InvalidArgumentError(
                 f"device_tensors[{i}]", f"must be {config.dtype}, got {t.dtype}"
             )
-        if t.shape[axis] != first.shape[axis]:
+        if viewed and num_blocks != viewed[0].shape[axis]:
             raise InvalidArgumentError(
                 f"device_tensors[{i}]",
-                f"holds {t.shape[axis]} blocks, device_tensors[0] {first.shape[axis]}",
+                f"holds {num_blocks} blocks, device_tensors[0] {viewed[0].shape[axis]}",
             )
         if not t.is_contiguous():
             raise InvalidArgumentError(
@@ -1257,7 +1274,7 @@ def _checked_device_tensors(
                 "must be contiguous: pass the tensor in its memory order (permute a"
                 " strided view back first)",
             )
-        if t.device != first.device or (
+        if t.device != tensors[0].device or (
             t.device.type == "cuda" and t.device.index != config.device_id
         ):
             raise InvalidArgumentError(
@@ -1265,7 +1282,8 @@ def _checked_device_tensors(
                 f"is on {t.device}; every tensor must be on the same device"
                 f" (cuda:{config.device_id}, config.device_id, on a GPU)",
             )
-    num_blocks = first.shape[axis]
+        viewed.append(t if list(t.shape) == full else t.view(full))
+    num_blocks = viewed[0].shape[axis]
     if num_blocks == 0:
         raise InvalidArgumentError("device_tensors", "hold no blocks")
     if config.device_blocks is not None and config.device_blocks != num_blocks:
@@ -1273,13 +1291,11 @@ def _checked_device_tensors(
             "device_tensors",
             f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
         )
-    spans = sorted(
-        ((MemoryRegion.of(t), i) for i, t in enumerate(tensors)), key=lambda s: s[0].addr
-    )
+    spans = sorted(((MemoryRegion.of(t), i) for i, t in enumerate(viewed)), key=lambda s: s[0].addr)
     for (a, i), (b, j) in pairwise(spans):
         if a.overlaps(b):
             raise InvalidArgumentError(
                 f"device_tensors[{max(i, j)}]",
                 f"shares memory with device_tensors[{min(i, j)}]; each must have its own",
             )
-    return tensors
+    return viewed

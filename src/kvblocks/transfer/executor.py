@@ -51,7 +51,7 @@ from kvblocks.storage.disk import merge_spans
 _CPU = torch.device("cpu")
 
 #: A dtype of each width, to describe blocks whose element type does not matter (bytes move).
-_DTYPE_OF_WIDTH = {1: DTYPES["fp8_e4m3"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
+_DTYPE_OF_WIDTH = {1: DTYPES["u8"], 2: DTYPES["f16"], 4: DTYPES["f32"], 8: DTYPES["f64"]}
 
 
 class HopKind(Enum):
