@@ -173,6 +173,15 @@ def test_device_tensors_must_match_the_config(tmp_path):
         BlockManager(config, device_tensors=[good[0], good[1].float()])
     with pytest.raises(InvalidArgumentError, match="one tensor per layer"):
         BlockManager(config, device_tensors=good[:1])
+    with pytest.raises(InvalidArgumentError, match="in layer order, got a dict"):
+        BlockManager(config, device_tensors={"layers.0.attn": good[0], "layers.1.attn": good[1]})
+    fp8 = make_config(tmp_path, g2=0, g3=0, dtype="fp8_e4m3")
+    raw = [t.view(torch.uint8)[..., :16] for t in good]
+    with pytest.raises(InvalidArgumentError, match="uint8: give dtype='u8'"):
+        BlockManager(fp8, device_tensors=[t.contiguous() for t in raw])
+    as_fp8 = [t.contiguous().view(torch.float8_e4m3fn) for t in raw]
+    with BlockManager(fp8, device_tensors=as_fp8) as manager:
+        assert manager.device_tensors[1] is as_fp8[1]
 
 
 def read_raw_block(tensors: list[torch.Tensor], config, block: int) -> torch.Tensor:

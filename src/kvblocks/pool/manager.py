@@ -33,7 +33,7 @@ import queue
 import secrets
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -1231,6 +1231,12 @@ def _checked_device_tensors(
         raise InvalidArgumentError(
             "device_tensors", f"must be a list of {what} for {layout.name}, got one tensor"
         )
+    if isinstance(tensors, Mapping):
+        raise InvalidArgumentError(
+            "device_tensors",
+            f"must be a list of {what} in layer order, got a {type(tensors).__name__}"
+            " (for vLLM's kv_caches by layer name: [kv_caches[name] for name in layer_names])",
+        )
     tensors = list(tensors)
     if len(tensors) != count:
         raise InvalidArgumentError(
@@ -1260,8 +1266,14 @@ def _checked_device_tensors(
                 f" got {list(t.shape)} of {t.dtype}",
             )
         if t.dtype != config.dtype:
+            hint = (
+                " (vLLM keeps fp8 caches as torch.uint8: give dtype='u8', or pass"
+                f" the tensor's .view({config.dtype}))"
+                if t.dtype == torch.uint8 and config.dtype.itemsize == 1
+                else ""
+            )
             raise InvalidArgumentError(
-                f"device_tensors[{i}]", f"must be {config.dtype}, got {t.dtype}"
+                f"device_tensors[{i}]", f"must be {config.dtype}, got {t.dtype}{hint}"
             )
         if viewed and num_blocks != viewed[0].shape[axis]:
             raise InvalidArgumentError(
