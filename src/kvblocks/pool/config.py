@@ -56,7 +56,8 @@ class DeviceLayout(Enum):
     (vLLM's FlashAttention backend)."""
     OUTER_SEPARATE = "outer_separate"
     """One tensor per layer and outer chunk, ``[num_blocks, *inner]``, in the order layer 0's K,
-    layer 0's V, layer 1's K, ... (SGLang's K and V buffers, viewed as pages)."""
+    layer 0's V, layer 1's K, ... (SGLang's K and V buffers from their second page on, the
+    first taking padded tokens' writes, viewed as pages)."""
     FULLY_CONTIGUOUS = "fully_contiguous"
     """One tensor for all layers, ``[num_blocks, nl, no, *inner]`` (a block pool such as
     TensorRT-LLM's)."""
