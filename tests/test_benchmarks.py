@@ -239,3 +239,21 @@ def test_h2d_limits_probe_kernel_copies_every_pair(strided, programs):
     h2d_limits.persistent_copy(src_table, dst_table, 4096, 1024, programs, strided)
     for i, j in enumerate(order):
         assert torch.equal(dst[j], src[i])
+
+
+@pytest.mark.gpu
+def test_launch_cost_script_checks_each_way_and_times_it():
+    """bench/launch_cost.py: every way of launching moves the bytes right (it asserts so before
+    timing), then one line of four times per round."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "launch_cost.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].startswith("# ") and len(lines) == 4
+    for line in lines[1:]:
+        times = [float(w) for w in line.split() if w.replace(".", "").isdigit()]
+        assert len(times) == 4 and all(t > 0 for t in times), line

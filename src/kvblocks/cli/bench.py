@@ -141,7 +141,9 @@ def add_parser(sub) -> None:
         description="GPU benchmarks: CSV on stdout (or --csv), progress on stderr.",
     )
     bench.add_argument("suite", nargs="?", choices=tuple(SUITES), default="kvbench")
-    bench.add_argument("--model", default="llama-3.1-70b", help="model dims (kvbench, paged)")
+    bench.add_argument(
+        "--model", default="llama-3.1-70b", help="model dims (every suite but permute and pool)"
+    )
     bench.add_argument("--dtype", default="bf16", help="element type (default bf16)")
     bench.add_argument(
         "--tokens-per-block",
