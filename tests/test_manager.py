@@ -5,6 +5,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -274,19 +276,37 @@ def test_every_device_layout_round_trips_through_g2_and_g3(tmp_path, device_layo
     assert_round_trips(config, engine_cache(config, 8, torch.Generator().manual_seed(10)))
 
 
-#: Caches engines keep with dims of size 1 left out, or in raw bytes: (device layout, dtype,
-#: head dim, KV heads, outer dim, the engine's shape of one tensor for ``nb`` blocks).
+@dataclass(frozen=True)
+class EngineCache:
+    """A cache an engine keeps with dims of size 1 left out, or in raw bytes."""
+
+    device_layout: DeviceLayout
+    dtype: str
+    head_dim: int
+    num_kv_heads: int
+    outer_dim: int
+    shape: Callable[[int], tuple[int, ...]]  # the engine's shape of one tensor of nb blocks
+
+
 ENGINE_CACHES = {
     # vLLM's MLA cache, one [num_blocks, block_size, kv_lora_rank + rope_dim] per layer
-    "vllm-mla": (DeviceLayout.BLOCK_FIRST, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)),
+    "vllm-mla": EngineCache(DeviceLayout.BLOCK_FIRST, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)),
     # vLLM's fp8_ds_mla: 656 bytes of fp8 values, f32 scales and bf16 values per token, as uint8
-    "vllm-fp8-ds-mla": (DeviceLayout.BLOCK_FIRST, "u8", 41, 1, 1, lambda nb: (nb, BS, 41)),
+    "vllm-fp8-ds-mla": EngineCache(
+        DeviceLayout.BLOCK_FIRST, "u8", 41, 1, 1, lambda nb: (nb, BS, 41)
+    ),
     # SGLang's MLA pool, kv_buffer[layer][page_size:].view(-1, page_size, dim)
-    "sglang-mla": (DeviceLayout.OUTER_SEPARATE, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)),
+    "sglang-mla": EngineCache(
+        DeviceLayout.OUTER_SEPARATE, "bf16", 36, 1, 1, lambda nb: (nb, BS, 36)
+    ),
     # vLLM's FlashAttention cache of fp8 K and V, kept as uint8
-    "vllm-fp8": (DeviceLayout.OUTER_FIRST, "u8", 24, 2, 2, lambda nb: (2, nb, BS, 2, 24)),
+    "vllm-fp8": EngineCache(
+        DeviceLayout.OUTER_FIRST, "u8", 24, 2, 2, lambda nb: (2, nb, BS, 2, 24)
+    ),
     # one KV head per rank: [num_blocks, 2, block_size, head_dim]
-    "one-kv-head": (DeviceLayout.BLOCK_FIRST, "f16", 16, 1, 2, lambda nb: (nb, 2, BS, 16)),
+    "one-kv-head": EngineCache(
+        DeviceLayout.BLOCK_FIRST, "f16", 16, 1, 2, lambda nb: (nb, 2, BS, 16)
+    ),
 }
 
 
@@ -294,24 +314,24 @@ ENGINE_CACHES = {
 def test_engine_caches_with_dims_of_size_one_left_out_round_trip(tmp_path, engine):
     """The manager takes an engine's tensors in the engine's own shape (dims of size 1 left
     out) and raw bytes (``u8``); blocks written through those tensors keep their bytes."""
-    device_layout, dtype, hd, nh, no, engine_shape = ENGINE_CACHES[engine]
+    cache = ENGINE_CACHES[engine]
     config = make_config(
         tmp_path,
         g1=8,
         g2=4,
         g3=32,
-        device_layout=device_layout,
-        dtype=dtype,
-        head_dim=hd,
-        num_kv_heads=nh,
-        outer_dim=no,
+        device_layout=cache.device_layout,
+        dtype=cache.dtype,
+        head_dim=cache.head_dim,
+        num_kv_heads=cache.num_kv_heads,
+        outer_dim=cache.outer_dim,
     )
     tensors = engine_cache(config, 9, torch.Generator().manual_seed(13))
-    if device_layout.block_axis == 0:  # from the second block on, as SGLang's are passed
+    if cache.device_layout.block_axis == 0:  # from the second block on, as SGLang's are passed
         tensors = [t[1:] for t in tensors]
     else:
         tensors = [t[:, 1:].contiguous() for t in tensors]
-    passed = [t.view(engine_shape(8)) for t in tensors]
+    passed = [t.view(cache.shape(8)) for t in tensors]
     with BlockManager(config, device_tensors=passed) as manager:
         for seen, shape, p in zip(
             manager.device_tensors, config.device_tensor_shapes(8), passed, strict=True

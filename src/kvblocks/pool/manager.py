@@ -1254,10 +1254,10 @@ def _checked_device_tensors(
             )
         num_blocks = t.numel() // block_elems
         full = [*shape[:axis], num_blocks, *shape[axis + 1 :]]
-        if list(t.shape) != full and (
-            t.numel() != num_blocks * block_elems
-            or num_blocks == 0
-            or _without_ones(t.shape) != _without_ones(full)
+        # Equal shapes once the 1s are dropped hold the same elements in the same order; with
+        # no blocks, where the block axis is is known only from the exact shape.
+        if _without_ones(t.shape) != _without_ones(full) or (
+            num_blocks == 0 and list(t.shape) != full
         ):
             raise InvalidArgumentError(
                 f"device_tensors[{i}]",
