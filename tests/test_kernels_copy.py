@@ -18,6 +18,7 @@ from kvblocks.kernels import (
     vectorized_copy,
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
+from kvblocks.kernels.memcpy import merge_runs
 
 from .helpers import alloc, gpu_param
 
@@ -242,3 +243,48 @@ def test_size_must_be_positive():
         vectorized_copy([1], [2], 0, device="cpu")
     with pytest.raises(InvalidArgumentError, match="sizes must all be positive"):
         memcpy_batch([16], [64], [0])
+
+
+def test_merge_runs_joins_pairs_that_continue_on_both_sides():
+    """Runs of random lengths at random places: each becomes one pair, and the merged pairs
+    copy the same bytes as the pairs they replace."""
+    size, slots = 100, 64
+    lengths = torch.randint(1, 6, (8,)).tolist()
+    src_buf = torch.randint(0, 256, (slots * size,), dtype=torch.uint8)
+    dst_buf = torch.full((slots * size,), 0xAB, dtype=torch.uint8)
+    want = dst_buf.clone()
+
+    def places(order):
+        """First slot of each run, runs in ``order``, a free slot between neighbours."""
+        at, first = 0, {}
+        for r in order:
+            first[r] = at
+            at += lengths[r] + 1
+        return first
+
+    src_at = places(range(len(lengths)))
+    dst_at = places(torch.randperm(len(lengths)).tolist())
+    src, dst = [], []
+    for r, n in enumerate(lengths):
+        for i in range(n):
+            s, d = (src_at[r] + i) * size, (dst_at[r] + i) * size
+            src.append(src_buf.data_ptr() + s)
+            dst.append(dst_buf.data_ptr() + d)
+            want[d : d + size] = src_buf[s : s + size]
+    plan = plan_memcpy(src, dst, size, merge=True)
+    assert plan.sizes == [n * size for n in lengths]
+    assert plan.src == [src_buf.data_ptr() + src_at[r] * size for r in range(len(lengths))]
+    plan.run()
+    assert torch.equal(dst_buf, want)
+    assert plan_memcpy(src, dst, size).sizes == [size] * sum(lengths)  # merged only if asked
+
+
+def test_merge_runs_needs_both_sides_to_continue():
+    a, b = 1 << 20, 1 << 30
+    assert merge_runs([a, a + 10, a + 15], [b, b + 10, b + 16], [10, 5, 5]) == (
+        [a, a + 15],
+        [b, b + 16],
+        [15, 5],
+    )
+    assert merge_runs([a, a + 10], [b + 10, b], [10, 10]) == ([a, a + 10], [b + 10, b], [10, 10])
+    assert merge_runs([], [], []) == ([], [], [])

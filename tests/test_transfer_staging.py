@@ -80,7 +80,8 @@ def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_
     gpu = torch.cuda.is_available()  # the pipeline on streams there, step by step here
     buffer = torch.full((nbytes,), POISON, dtype=torch.uint8, device="cuda" if gpu else "cpu")
     streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    staging.run_staged(src_side, dst_side, pinned_fmt, buffer, *streams)
+    slots = staging.slot_layout(staging.slot_config(src_side), pinned_fmt, buffer)
+    staging.run_staged(src_side, dst_side, slots, *streams)
     if gpu:
         torch.cuda.synchronize()
     got = torch.stack([block_tensor(dst, b) for b in d_ids])
@@ -197,6 +198,65 @@ def test_pool_keeps_buffers_in_use_aside():
     pool.release(other)
     with pytest.raises(InvalidArgumentError, match="buffer was not handed out by this pool"):
         pool.release_after(other, _Event())
+
+
+def test_pool_memo_lives_with_its_buffer():
+    pool = DeviceMemoryPool(torch.device("cpu"), release_threshold=1500)
+    buffer = pool.acquire(1000)
+    made = []
+
+    def make(tag):
+        made.append(tag)
+        return [tag]
+
+    first = pool.memo(buffer, "a", lambda: make("a"))
+    assert pool.memo(buffer, "a", lambda: make("again")) is first
+    assert pool.memo(buffer, "b", lambda: make("b")) == ["b"]
+    pool.release(buffer)
+    again = pool.acquire(800)  # the same buffer, lent again: its memos are still there
+    assert again.data_ptr() == buffer.data_ptr()
+    assert pool.memo(again, "a", lambda: make("again")) is first
+    other = pool.acquire(1000)
+    pool.release(other)
+    pool.release(again)  # 2000 bytes held: past the threshold, the larger is freed
+    kept = pool.acquire(900)
+    fresh = pool.memo(kept, "a", lambda: make("fresh"))
+    assert made == ["a", "b", "fresh"] and fresh == ["fresh"]
+    pool.release(kept)
+    with pytest.raises(InvalidArgumentError, match="buffer was not handed out by this pool"):
+        pool.memo(kept, "a", lambda: make("never"))
+
+
+@pytest.mark.parametrize(
+    ("s_ids", "d_ids", "copies"),
+    [([0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [1, 1, 1]), ([8, 0, 3, 4, 7], [2, 5, 0, 8, 6], [2, 1, 1])],
+)
+def test_staged_copies_join_neighbouring_blocks(small_pieces, monkeypatch, s_ids, d_ids, copies):
+    """The copy engine moves each run of blocks that are neighbours in both the pinned layout
+    and the slot as one copy (pieces of two blocks here)."""
+    pinned, device = layout("pinned", True, NHD), layout("device", False, NHD)
+    fill(pinned, None)
+    fill(device, POISON)
+    counts = []
+    run = staging.MemcpyPlan.run
+    monkeypatch.setattr(
+        staging.MemcpyPlan,
+        "run",
+        lambda plan, **kw: (counts.append(len(plan.src)), run(plan, **kw)),
+    )
+    src, dst = Side(pinned, torch.tensor(s_ids), NHD), Side(device, torch.tensor(d_ids), NHD)
+    gpu = torch.cuda.is_available()
+    buffer = torch.empty(staging.staging_bytes(src), dtype=torch.uint8, device=device.device)
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
+    slots = staging.slot_layout(staging.slot_config(src), NHD, buffer)
+    staging.run_staged(src, dst, slots, *streams)
+    if gpu:
+        torch.cuda.synchronize()
+    assert counts == copies
+    for s, d in zip(s_ids, d_ids, strict=True):
+        assert torch.equal(
+            block_tensor(device, d).view(torch.int16), block_tensor(pinned, s).view(torch.int16)
+        )
 
 
 def _manager(copy_engine: bool = True):

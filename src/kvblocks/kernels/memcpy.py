@@ -113,15 +113,43 @@ class MemcpyPlan:
             _check(rt.cudaMemcpyAsync(d, s, n, kind, handle), "cudaMemcpyAsync")
 
 
+def merge_runs(
+    src: list[int], dst: list[int], sizes: list[int]
+) -> tuple[list[int], list[int], list[int]]:
+    """The same copies as fewer pairs: each run of pairs that continue one another on both
+    sides (pair ``i + 1`` starts where pair ``i`` ends, in the source and in the destination)
+    becomes one pair.
+
+    Args:
+        src, dst, sizes: pair ``i`` copies ``sizes[i]`` bytes from ``src[i]`` to ``dst[i]``.
+
+    Returns:
+        ``(src, dst, sizes)`` of the merged pairs, in order.
+    """
+    out_src: list[int] = []
+    out_dst: list[int] = []
+    out_sizes: list[int] = []
+    for s, d, n in zip(src, dst, sizes, strict=True):
+        if out_sizes and out_src[-1] + out_sizes[-1] == s and out_dst[-1] + out_sizes[-1] == d:
+            out_sizes[-1] += n
+        else:
+            out_src.append(s)
+            out_dst.append(d)
+            out_sizes.append(n)
+    return out_src, out_dst, out_sizes
+
+
 def plan_memcpy(
     src_ptrs: AddressTable,
     dst_ptrs: AddressTable,
     sizes: int | Sequence[int],
     check_overlap: bool = True,
+    merge: bool = False,
 ) -> MemcpyPlan:
     """Check copy pairs: equal lengths, positive sizes, no destination overlapping another
     destination or a source (``check_overlap`` False skips that check, for callers that know
-    the pairs are disjoint).
+    the pairs are disjoint). With ``merge``, pairs that continue one another on both sides are
+    copied as one (see :func:`merge_runs`): the same bytes move in fewer, longer copies.
 
     Raises:
         BackendUnavailableError: a GPU is present but cuda-bindings is not installed.
@@ -137,7 +165,8 @@ def plan_memcpy(
     if check_overlap:
         check_disjoint(src, size_t, dst, size_t, "src_ptrs", "dst_ptrs")
     require_cuda_bindings()
-    return MemcpyPlan(src.tolist(), dst.tolist(), size_t.tolist(), torch.cuda.is_available())
+    pairs = src.tolist(), dst.tolist(), size_t.tolist()
+    return MemcpyPlan(*(merge_runs(*pairs) if merge else pairs), torch.cuda.is_available())
 
 
 def memcpy_batch(

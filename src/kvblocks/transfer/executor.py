@@ -276,9 +276,10 @@ def run_copy_engine(
     hop: Hop, layers: range, stream: torch.cuda.Stream, check_overlap: bool
 ) -> None:
     """Enqueue the hop's copies on ``stream`` through the copy engines (checking every
-    address for overlaps only where the two layouts share memory)."""
+    address for overlaps only where the two layouts share memory), each run of regions that
+    follow one another on both sides as one copy."""
     s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
-    plan = plan_memcpy(s.expand(), d.expand(), size, check_overlap)
+    plan = plan_memcpy(s.expand(), d.expand(), size, check_overlap, merge=True)
     plan.run(batched=True, stream=stream)
 
 

@@ -74,7 +74,7 @@ from kvblocks.transfer.options import (
 from kvblocks.transfer.peers import Peers
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
 from kvblocks.transfer.serialize import SerializedLayout
-from kvblocks.transfer.staging import run_staged, staging_bytes
+from kvblocks.transfer.staging import run_staged, slot_config, slot_layout
 from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
 
 _SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
@@ -583,8 +583,11 @@ class TransferManager:
         slots from the memory pool; returns the event that marks it done."""
         (_, src, _), (_, _, dst) = plan.hops
         (slot,) = plan.bounces()
-        buffer = self.memory_pool.acquire(staging_bytes(src))
-        run_staged(src, dst, slot.fmt, buffer, stream, self.streams.copy())
+        config = slot_config(src)
+        buffer = self.memory_pool.acquire(config.total_bytes)
+        key = (config, slot.fmt)
+        slots = self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
+        run_staged(src, dst, slots, stream, self.streams.copy())
         done = torch.cuda.Event()
         done.record(stream)
         self.memory_pool.release_after(buffer, done)

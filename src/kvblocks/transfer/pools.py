@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import threading
+from collections.abc import Callable, Hashable
+from typing import TypeVar
 
 import torch
 
 from kvblocks.errors import InvalidArgumentError
+
+T = TypeVar("T")
 
 H2D_STREAMS = 4
 D2H_STREAMS = 4
@@ -60,6 +64,7 @@ class DeviceMemoryPool:
     ``reserve_bytes`` are allocated up front and kept; buffers given back are kept for reuse
     until the pool holds more than ``release_threshold`` bytes, past which they are freed. A
     buffer given back with :meth:`release_after` is kept aside until its GPU work is done.
+    What :meth:`memo` derives from a buffer lives as long as the buffer.
     """
 
     def __init__(
@@ -78,6 +83,7 @@ class DeviceMemoryPool:
         self._free: list[torch.Tensor] = []
         self._lent: dict[int, torch.Tensor] = {}  # address handed out -> its whole buffer
         self._pending: list[tuple[torch.cuda.Event, torch.Tensor]] = []  # given back, in use
+        self._memos: dict[int, dict[Hashable, object]] = {}  # whole buffer's address -> memos
         self._lock = threading.Lock()
         if reserve_bytes:
             self._free.append(torch.empty(reserve_bytes, dtype=torch.uint8, device=device))
@@ -102,6 +108,24 @@ class DeviceMemoryPool:
             self._lent[whole.data_ptr()] = whole
         return whole[:nbytes]
 
+    def memo(self, buffer: torch.Tensor, key: Hashable, make: Callable[[], T]) -> T:
+        """What ``make()`` returns, made once per buffer of this pool and ``key`` and kept until
+        the pool frees the buffer: for what costs time to derive from a buffer (a layout over
+        it, and the address tables built from that).
+
+        Args:
+            buffer: a buffer from :meth:`acquire`, not yet given back.
+            key: what ``make``'s result depends on besides the buffer's address.
+        """
+        with self._lock:
+            whole = self._lent.get(buffer.data_ptr())
+            if whole is None:
+                raise InvalidArgumentError("buffer", "was not handed out by this pool")
+            memos = self._memos.setdefault(whole.data_ptr(), {})
+            if key not in memos:
+                memos[key] = make()
+            return memos[key]
+
     def release(self, buffer: torch.Tensor) -> None:
         """Give a buffer from :meth:`acquire` back (its whole underlying allocation)."""
         with self._lock:
@@ -124,7 +148,7 @@ class DeviceMemoryPool:
         if self.release_threshold is not None:
             self._free.sort(key=torch.Tensor.numel)
             while self._free and sum(t.numel() for t in self._free) > self.release_threshold:
-                self._free.pop()
+                self._memos.pop(self._free.pop().data_ptr(), None)
 
     def _reclaim(self) -> None:
         """Keep the buffers whose GPU work has completed."""

@@ -26,10 +26,10 @@ import torch
 
 from kvblocks.kernels import CopyPlan, PermutePlan
 from kvblocks.kernels.addresses import StridedTable
-from kvblocks.kernels.memcpy import MemcpyPlan
-from kvblocks.layout import FullyContiguousLayout, KvBlockLayout
+from kvblocks.kernels.memcpy import MemcpyPlan, merge_runs
+from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
-from kvblocks.transfer.executor import Side, copy_pairs, gpu_plan
+from kvblocks.transfer.executor import Side, gpu_plan
 
 #: Bytes of blocks in one slot, at most (a slot holds one block at least).
 PIECE_BYTES = 64 << 20
@@ -41,31 +41,43 @@ def blocks_per_piece(side: Side) -> int:
     return max(1, min(side.ids.numel(), PIECE_BYTES // side.config.block_bytes))
 
 
-def staging_bytes(side: Side) -> int:
-    """Bytes of device memory the staged transfer of ``side``'s blocks needs: two slots, or
-    one when a single piece holds every block."""
+def slot_config(side: Side) -> LayoutConfig:
+    """The blocks of the slots that the staged transfer of ``side``'s blocks goes through: two
+    slots of :func:`blocks_per_piece` blocks, or one when a single piece holds every block."""
     per_piece = blocks_per_piece(side)
     slots = 1 if per_piece == side.ids.numel() else 2
-    return slots * per_piece * side.config.block_bytes
+    return replace(side.config, num_blocks=slots * per_piece)
+
+
+def staging_bytes(side: Side) -> int:
+    """Bytes of device memory the staged transfer of ``side``'s blocks needs."""
+    return slot_config(side).total_bytes
+
+
+def slot_layout(config: LayoutConfig, fmt: KvBlockLayout, buffer: torch.Tensor) -> PhysicalLayout:
+    """The slots of ``config`` (from :func:`slot_config`), fully contiguous at the start of
+    ``buffer`` (``uint8`` device memory of at least ``config.total_bytes``), in ``fmt``."""
+    allocation = MemoryAllocation(StorageKind.DEVICE, buffer[: config.total_bytes], owned=False)
+    layout = FullyContiguousLayout(config, allocation.region, fmt)
+    return PhysicalLayout(layout, StorageKind.DEVICE, (allocation,))
 
 
 def run_staged(
     src: Side,
     dst: Side,
-    slot_fmt: KvBlockLayout,
-    buffer: torch.Tensor,
+    slots: PhysicalLayout,
     stream: torch.cuda.Stream | None,
     copy_stream: torch.cuda.Stream | None,
 ) -> None:
-    """Move every layer of blocks ``src.ids`` into ``dst.ids`` through slots in ``buffer``.
+    """Move every layer of blocks ``src.ids`` into ``dst.ids`` through ``slots``.
 
-    One side is device memory and the other pinned memory; the slots hold blocks as
-    ``slot_fmt`` (the pinned side's format, so that the copy engine moves them unchanged).
-    The caller has checked the block ids (in range, no destination twice).
+    One side is device memory and the other pinned memory; the slots hold blocks in the pinned
+    side's format, so that the copy engine moves them unchanged. The caller has checked the
+    block ids (in range, no destination twice).
 
     Args:
-        buffer: ``uint8`` device memory of at least :func:`staging_bytes` bytes (of either
-            side), not used by anything else until the transfer is done.
+        slots: the :func:`slot_layout` of :func:`slot_config` of ``src``, not used by anything
+            else until the transfer is done.
         stream: the stream the kernels run on and the transfer is ordered on, before and
             after: it must already follow the work the transfer waits for, and work queued on
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
@@ -74,63 +86,108 @@ def run_staged(
     """
     into_gpu = dst.physical.storage is StorageKind.DEVICE
     n, per_piece = src.ids.numel(), blocks_per_piece(src)
-    slots = _slot_layout(src, slot_fmt, buffer, staging_bytes(src) // src.config.block_bytes)
     # Block i of the transfer goes through block (i % per_piece) of slot (i // per_piece) % 2.
     index = torch.arange(n)
-    slot = Side(slots, (index // per_piece % 2) * per_piece + index % per_piece, slot_fmt)
-    every_layer = range(src.config.num_layers)
-    device = (dst if into_gpu else src).physical.device
+    slot = Side(slots, (index // per_piece % 2) * per_piece + index % per_piece, slots.kv_format)
+    pieces = [(first, min(first + per_piece, n)) for first in range(0, n, per_piece)]
     copies = _Copies(*((src, slot) if into_gpu else (slot, dst)))
-    kernel = gpu_plan(*((slot, dst) if into_gpu else (src, slot)), every_layer, device)
-    cuda = stream is not None
-    kernel_done = [torch.cuda.Event() for _ in range(2)] if cuda else []
-    copy_done = [torch.cuda.Event() for _ in range(2)] if cuda else []
-    if cuda:
-        copy_stream.wait_stream(stream)
-    for piece, first in enumerate(range(0, n, per_piece)):
-        s, end = piece % 2, min(first + per_piece, n)
-        if not cuda:
+    if stream is None:
+        ends = (slot, dst) if into_gpu else (src, slot)
+        kernel = gpu_plan(*ends, _every_layer(src), slot.physical.device)
+        for first, end in pieces:
             steps = (copies, kernel) if into_gpu else (kernel, copies)
             for step in steps:
                 _part(step, first, end).run()
-            continue
-        if into_gpu:
-            if piece >= 2:
-                copy_stream.wait_event(kernel_done[s])  # the slot's blocks are placed
-            copies.part(first, end).run(batched=True, stream=copy_stream)
-            copy_done[s].record(copy_stream)
-            stream.wait_event(copy_done[s])
-            with torch.cuda.stream(stream):
-                _part(kernel, first, end).run()
-            kernel_done[s].record(stream)
-        else:
-            if piece >= 2:
-                stream.wait_event(copy_done[s])  # the slot's blocks are out
-            with torch.cuda.stream(stream):
-                _part(kernel, first, end).run()
-            kernel_done[s].record(stream)
+        return
+    copy_stream.wait_stream(stream)
+    if into_gpu:
+        _into_gpu(pieces, copies, slot, dst, stream, copy_stream)
+    else:
+        _out_of_gpu(pieces, copies, src, slot, stream, copy_stream)
+    stream.wait_stream(copy_stream)
+
+
+def _into_gpu(
+    pieces: list[tuple[int, int]],
+    copies: _Copies,
+    slot: Side,
+    dst: Side,
+    stream: torch.cuda.Stream,
+    copy_stream: torch.cuda.Stream,
+) -> None:
+    """Enqueue the copy engine into the slots and the kernel out of them, piece by piece.
+
+    The copy engine starts on the first two pieces (one per slot) before the kernel is
+    planned, so that the host's planning overlaps the first copies instead of delaying them.
+    """
+    copy_done = [torch.cuda.Event() for _ in range(2)]
+    kernel_done = [torch.cuda.Event() for _ in range(2)]
+    for i, (first, end) in enumerate(pieces[:2]):
+        copies.part(first, end).run(batched=True, stream=copy_stream)
+        copy_done[i].record(copy_stream)
+    kernel = gpu_plan(slot, dst, _every_layer(dst), slot.physical.device)
+    for i, (first, end) in enumerate(pieces):
+        s = i % 2
+        stream.wait_event(copy_done[s])
+        with torch.cuda.stream(stream):
+            _part(kernel, first, end).run()
+        kernel_done[s].record(stream)
+        if i + 2 < len(pieces):  # the next piece of this slot, once its blocks are placed
             copy_stream.wait_event(kernel_done[s])
-            copies.part(first, end).run(batched=True, stream=copy_stream)
+            copies.part(*pieces[i + 2]).run(batched=True, stream=copy_stream)
             copy_done[s].record(copy_stream)
-    if cuda:
-        stream.wait_stream(copy_stream)
+
+
+def _out_of_gpu(
+    pieces: list[tuple[int, int]],
+    copies: _Copies,
+    src: Side,
+    slot: Side,
+    stream: torch.cuda.Stream,
+    copy_stream: torch.cuda.Stream,
+) -> None:
+    """Enqueue the kernel into the slots and the copy engine out of them, piece by piece."""
+    copy_done = [torch.cuda.Event() for _ in range(2)]
+    kernel_done = [torch.cuda.Event() for _ in range(2)]
+    kernel = gpu_plan(src, slot, _every_layer(src), slot.physical.device)
+    for i, (first, end) in enumerate(pieces):
+        s = i % 2
+        if i >= 2:
+            stream.wait_event(copy_done[s])  # the slot's blocks are out
+        with torch.cuda.stream(stream):
+            _part(kernel, first, end).run()
+        kernel_done[s].record(stream)
+        copy_stream.wait_event(kernel_done[s])
+        copies.part(first, end).run(batched=True, stream=copy_stream)
+        copy_done[s].record(copy_stream)
+
+
+def _every_layer(side: Side) -> range:
+    return range(side.config.num_layers)
 
 
 class _Copies:
-    """The copy engine's pairs between pinned blocks and slot blocks, for every block of the
-    transfer, planned once; :meth:`part` gives those of some blocks."""
+    """The copy engine's copies between pinned blocks and slot blocks, whole blocks (both
+    layouts are fully contiguous), addressed once; :meth:`part` gives those of some blocks."""
 
     def __init__(self, src: Side, dst: Side) -> None:
-        s, d, size, _ = copy_pairs(src, dst, range(src.config.num_layers))
-        self._src, self._dst = s.expand().tolist(), d.expand().tolist()
-        self._size = size
-        self._per_block = s.per_block
+        self._src, self._dst = _block_addresses(src), _block_addresses(dst)
+        self._size = src.config.block_bytes
         self._cuda = torch.cuda.is_available()
 
     def part(self, first: int, end: int) -> MemcpyPlan:
-        """The pairs of blocks ``[first, end)`` of the transfer."""
-        a, b = first * self._per_block, end * self._per_block
-        return MemcpyPlan(self._src[a:b], self._dst[a:b], [self._size] * (b - a), self._cuda)
+        """The copies of blocks ``[first, end)`` of the transfer, each run of blocks that
+        follow one another on both sides as one copy."""
+        sizes = [self._size] * (end - first)
+        pairs = merge_runs(self._src[first:end], self._dst[first:end], sizes)
+        return MemcpyPlan(*pairs, self._cuda)
+
+
+def _block_addresses(side: Side) -> list[int]:
+    """Where each of ``side``'s blocks starts (its layout is fully contiguous)."""
+    layout = side.physical.layout
+    base, stride = layout.memory[0].addr, layout.block_stride
+    return [base + b * stride for b in side.ids.tolist()]
 
 
 def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):
@@ -154,14 +211,3 @@ def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):
 def _rows(table: StridedTable, first: int, end: int) -> StridedTable:
     """The entries of blocks ``[first, end)`` of a block-major table."""
     return StridedTable(table.ids[first:end], table.bases, table.stride)
-
-
-def _slot_layout(
-    like: Side, fmt: KvBlockLayout, buffer: torch.Tensor, num_blocks: int
-) -> PhysicalLayout:
-    """``num_blocks`` blocks shaped like ``like``'s, fully contiguous in ``buffer``, in
-    ``fmt``."""
-    config = replace(like.config, num_blocks=num_blocks)
-    allocation = MemoryAllocation(StorageKind.DEVICE, buffer[: config.total_bytes], owned=False)
-    layout = FullyContiguousLayout(config, allocation.region, fmt)
-    return PhysicalLayout(layout, StorageKind.DEVICE, (allocation,))
