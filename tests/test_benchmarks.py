@@ -149,6 +149,9 @@ def test_transfer_suites_run_small(tmp_path):
     assert len(rows) == 12 and all(r.manager_gbps > 0 and r.call_us > 0 for r in rows)
     assert {r.pattern for r in rows} == {"lw_to_fc", "fc_to_lw", "os_to_fc", "fc_to_os", "fc_to_fc"}
     assert {r.strategy for r in rows} == {"kernel"}  # a few KiB: below copy_engine_min_bytes
+    assert {r.pinned_ids for r in rows} == {"consecutive"}
+    rows = transfers.run_manager(lambda nt: small, [16], [4], warmup=1, iters=3, scattered=True)
+    assert len(rows) == 6 and {r.pinned_ids for r in rows} == {"scattered"}  # and moved right
     rows = transfers.run_disk(lambda nt: small, [16], [4], folder=str(tmp_path), repeats=1)
     assert [r.direction for r in rows] == ["pinned_to_disk", "disk_to_pinned"]
 

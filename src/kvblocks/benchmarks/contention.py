@@ -222,7 +222,7 @@ def _rows(
         ]
         case = (config.page_size, nb, direction, host_fmt.name, route, strategy)
         rows.append(_row(case, work, nbytes, samples))
-    check_moved(manager, src, dst, ids)
+    check_moved(manager, src, ids, dst, ids)
     for h in (gpu, host):
         manager.release_layout(h)
     return rows

@@ -8,9 +8,13 @@ fully contiguous layout (``fc_to_fc``, whole blocks), once through ``execute_tra
 engine, which stages the cases with separate regions) and once through the copy kernel alone
 with the same address tables.
 ``*_gbps`` are GPU time (CUDA events; the manager is given the caller's stream so the events
-see its work), timed interleaved. ``*_wall_gbps`` are wall-clock throughput of calls issued back
-to back on the manager's own streams, which also counts the host's cost per call when it
-exceeds the GPU's; ``call_us`` is that cost, the median host time of one ``execute_transfer``.
+see its work), timed interleaved. Block ``i`` of the device layout pairs with block ``i`` of
+the pinned one (``pinned_ids`` consecutive), or with one at a random place (``scattered``, as
+in a pinned pool after some churn: neighbouring blocks seldom move together, so the copy
+engine can seldom join them into longer copies). ``*_wall_gbps`` are wall-clock throughput of
+calls issued back to back on the manager's own streams, which also counts the host's cost per
+call when it exceeds the GPU's; ``call_us`` is that cost, the median host time of one
+``execute_transfer``.
 
 ``disk``: a fully contiguous pinned layout to and from a file of the same layout, against
 ``dd`` with ``oflag=direct`` / ``iflag=direct`` moving the same bytes on the same filesystem in
@@ -52,6 +56,7 @@ class ManagerRow:
     num_blocks: int
     direction: str
     pattern: str
+    pinned_ids: str
     strategy: str
     total_bytes: int
     kernel_gbps: float
@@ -103,10 +108,17 @@ def _on_current_stream(fn) -> TransferCompleteNotification:
 
 
 def run_manager(
-    dims_for, tokens_per_block, num_blocks, warmup=5, iters=50, copy_engine: bool = False
+    dims_for,
+    tokens_per_block,
+    num_blocks,
+    warmup=5,
+    iters=50,
+    copy_engine: bool = False,
+    scattered: bool = False,
 ) -> list[ManagerRow]:
     """Rows of the manager against the kernel alone; ``copy_engine`` builds the manager with
-    ``TransferPreferences(copy_engine=True)`` (its staged transfers)."""
+    ``TransferPreferences(copy_engine=True)`` (its staged transfers); ``scattered`` takes the
+    pinned layout's blocks in a random order."""
     device = require_gpu()
     rows = []
     total = len(tokens_per_block) * len(num_blocks) * 6
@@ -133,8 +145,10 @@ def run_manager(
             )
             for h in (gpu, gpu_fc, gpu_os, host):
                 fill_blocks(manager.layout(h), range(most), FillPattern.sequential())
+            order = torch.randperm(most, generator=torch.Generator().manual_seed(nt))
             for nb in num_blocks:
                 ids = list(range(nb))
+                pinned_ids = order[:nb].tolist() if scattered else ids
                 nbytes = nb * dims.block_bytes
                 for direction, src, dst, pattern in (
                     ("d2h", gpu, host, "lw_to_fc"),
@@ -146,30 +160,34 @@ def run_manager(
                 ):
                     step += 1
                     progress(step, total, f"manager tpb={nt} N={nb} {direction}")
+                    s_ids, d_ids = (pinned_ids, ids) if src == host else (ids, pinned_ids)
                     s_layout, d_layout = manager.layout(src).layout, manager.layout(dst).layout
                     plan = plan_copy(
-                        s_layout.region_table(ids), d_layout.region_table(ids), dims.region_bytes
+                        s_layout.region_table(s_ids),
+                        d_layout.region_table(d_ids),
+                        dims.region_bytes,
                     )
                     programs = pinned_programs(src == host, dst == host, plan.step_bytes)
                     plan = replace(plan, programs=programs)
                     caller = TransferOptions(cuda_stream=torch.cuda.current_stream())
 
-                    def through_manager(s=src, d=dst, o=caller, i=ids):
-                        manager.execute_transfer(s, i, d, i, o)
+                    def through_manager(s=src, d=dst, o=caller, si=s_ids, di=d_ids):
+                        manager.execute_transfer(s, si, d, di, o)
 
-                    def on_pool(s=src, d=dst, i=ids):
-                        return manager.execute_transfer(s, i, d, i)
+                    def on_pool(s=src, d=dst, si=s_ids, di=d_ids):
+                        return manager.execute_transfer(s, si, d, di)
 
                     m_ms, k_ms = median_ms(through_manager, plan.run, warmup=warmup, iters=iters)
                     k_wall = _wall_gbps(lambda p=plan: _on_current_stream(p.run), nbytes)
                     m_wall = _wall_gbps(on_pool, nbytes)
-                    check_moved(manager, src, dst, ids)
+                    check_moved(manager, src, s_ids, dst, d_ids)
                     rows.append(
                         ManagerRow(
                             nt,
                             nb,
                             direction,
                             pattern,
+                            "scattered" if scattered else "consecutive",
                             manager.strategy(src, dst, num_blocks=nb).value,
                             nbytes,
                             round(gbps(nbytes, k_ms), 2),
@@ -178,7 +196,7 @@ def run_manager(
                             round(k_wall, 2),
                             round(m_wall, 2),
                             round(m_wall / k_wall, 3),
-                            round(_call_us(manager, src, ids, dst), 1),
+                            round(_call_us(manager, src, s_ids, dst, d_ids), 1),
                         )
                     )
             for h in (gpu, gpu_fc, gpu_os, host):
@@ -186,24 +204,25 @@ def run_manager(
     return rows
 
 
-def check_moved(manager: TransferManager, src, dst, ids: list[int]) -> None:
-    """Move ``ids`` once more over poisoned destinations and compare a sample of blocks (in the
-    destination's format)."""
-    sample = sorted({ids[0], ids[len(ids) // 2], ids[-1]})
+def check_moved(manager: TransferManager, src, s_ids: list[int], dst, d_ids: list[int]) -> None:
+    """Move ``s_ids`` into ``d_ids`` once more over poisoned destinations and compare a sample
+    of blocks (in the destination's format)."""
+    sample = sorted({0, len(s_ids) // 2, len(s_ids) - 1})
+    s_sample, d_sample = [s_ids[i] for i in sample], [d_ids[i] for i in sample]
     source, destination = manager.layout(src), manager.layout(dst)
-    fill_blocks(destination, sample, FillPattern.of_constant(0xAB))
-    manager.execute_transfer(src, ids, dst, ids).wait()
-    got = block_checksums(destination, sample)
-    if got != block_checksums_as(source, sample, destination.kv_format):
-        raise RuntimeError(f"the manager moved blocks {sample} wrongly: the figures are void")
+    fill_blocks(destination, d_sample, FillPattern.of_constant(0xAB))
+    manager.execute_transfer(src, s_ids, dst, d_ids).wait()
+    got = block_checksums(destination, d_sample)
+    if got != block_checksums_as(source, s_sample, destination.kv_format):
+        raise RuntimeError(f"the manager moved blocks {s_sample} wrongly: the figures are void")
 
 
-def _call_us(manager: TransferManager, src, ids, dst, repeats: int = 50) -> float:
+def _call_us(manager: TransferManager, src, s_ids, dst, d_ids, repeats: int = 50) -> float:
     """Median host time of one execute_transfer call (the transfer itself is waited apart)."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        note = manager.execute_transfer(src, ids, dst, ids)
+        note = manager.execute_transfer(src, s_ids, dst, d_ids)
         times.append((time.perf_counter() - start) * 1e6)
         note.wait()
     return statistics.median(times)

@@ -108,7 +108,7 @@ def _cmd_bench(args: argparse.Namespace) -> None:
         run = transfers.run_manager if args.suite == "transfers" else transfers.run_disk
         extra = {"folder": args.disk_dir} if args.suite == "disk" else {}
         if args.suite == "transfers":
-            extra = {"copy_engine": args.copy_engine}
+            extra = {"copy_engine": args.copy_engine, "scattered": args.scattered}
         rows = run(dims_for, args.tokens_per_block, args.num_blocks, **extra)
     on_cpu = args.suite == "pool" or (args.suite in ("sharing", "peers") and gpu_name() == "no GPU")
     where = cpu_name() if on_cpu else gpu_name()
@@ -158,6 +158,12 @@ def add_parser(sub) -> None:
         "--copy-engine",
         action="store_true",
         help="transfers: a manager that prefers the copy engine (staged transfers)",
+    )
+    bench.add_argument(
+        "--scattered",
+        action="store_true",
+        help="transfers: the pinned layout's blocks in a random order (neighbours seldom move"
+        " together)",
     )
     bench.add_argument("--patterns", default="fc_to_fc,lw_to_fc,fc_to_lw", help="kvbench")
     bench.add_argument("--directions", default="h2d,d2h,d2d", help="kvbench")
