@@ -90,14 +90,15 @@ def paged_table(rows: list[dict]) -> str:
 
 
 def transfers_table(rows: list[dict]) -> str:
-    columns = ["tpb", "blocks", "direction", "manager's path", "kernel GB/s", "manager GB/s"]
-    columns.append("ratio")
+    columns = ["tpb", "blocks", "direction", "pinned ids", "manager's path", "kernel GB/s"]
+    columns += ["manager GB/s", "ratio"]
     columns += ["kernel wall GB/s", "manager wall GB/s", "wall ratio", "host us per call"]
     body = [
         [
             r["tokens_per_block"],
             r["num_blocks"],
             f"{r['direction']} ({r['pattern']})",
+            r.get("pinned_ids", "consecutive"),
             r["strategy"],
             r["kernel_gbps"],
             r["manager_gbps"],
