@@ -8,7 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from kvblocks.errors import InvalidArgumentError
+from kvblocks.errors import InvalidArgumentError, LayoutFormatError
 from kvblocks.kernels.reference import convert
 from kvblocks.layout import LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout
@@ -348,3 +348,14 @@ def test_staged_transfers_follow_the_callers_stream(small_pieces):
         stream.synchronize()
         for b in ids:
             assert bool((block_tensor(m.layout(pinned), b).view(torch.uint8) == 9).all())
+
+
+def test_staging_needs_whole_pinned_blocks():
+    pinned, device = layout("pinned", False, NHD), layout("device", False, NHD)
+    fill(device, POISON)
+    src = Side(pinned, torch.tensor([0, 1]), NHD)
+    buffer = torch.empty(staging.staging_bytes(src), dtype=torch.uint8, device=device.device)
+    slots = staging.slot_layout(staging.slot_config(src), NHD, buffer)
+    with pytest.raises(LayoutFormatError, match="src must be fully contiguous to be staged"):
+        staging.run_staged(src, Side(device, torch.tensor([2, 3]), NHD), slots, None, None)
+    assert all(bool((a.view() == POISON).all()) for a in device.allocations)

@@ -24,6 +24,7 @@ from dataclasses import replace
 
 import torch
 
+from kvblocks.errors import LayoutFormatError
 from kvblocks.kernels import CopyPlan, PermutePlan
 from kvblocks.kernels.addresses import StridedTable
 from kvblocks.kernels.memcpy import MemcpyPlan, merge_runs
@@ -71,9 +72,10 @@ def run_staged(
 ) -> None:
     """Move every layer of blocks ``src.ids`` into ``dst.ids`` through ``slots``.
 
-    One side is device memory and the other pinned memory; the slots hold blocks in the pinned
-    side's format, so that the copy engine moves them unchanged. The caller has checked the
-    block ids (in range, no destination twice).
+    One side is device memory and the other pinned memory, fully contiguous (the copy engine
+    moves whole blocks); the slots hold blocks in the pinned side's format, so that the copy
+    engine moves them unchanged. The caller has checked the block ids (in range, no
+    destination twice).
 
     Args:
         slots: the :func:`slot_layout` of :func:`slot_config` of ``src``, not used by anything
@@ -83,8 +85,16 @@ def run_staged(
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
             step runs at once, in order.
         copy_stream: a second stream, for the copy engine's steps (``None`` without a GPU).
+
+    Raises:
+        LayoutFormatError: the pinned side is not fully contiguous; nothing was moved.
     """
     into_gpu = dst.physical.storage is StorageKind.DEVICE
+    pinned, name = (src, "src") if into_gpu else (dst, "dst")
+    if not pinned.physical.layout.is_fully_contiguous:  # the copy engine moves whole blocks
+        raise LayoutFormatError(
+            name, f"must be fully contiguous to be staged, got {pinned.physical.layout.kind.label}"
+        )
     n, per_piece = src.ids.numel(), blocks_per_piece(src)
     # Block i of the transfer goes through block (i % per_piece) of slot (i // per_piece) % 2.
     index = torch.arange(n)
