@@ -48,6 +48,25 @@ def expected_blocks(src: PhysicalLayout, ids, dst_fmt) -> torch.Tensor:
     return out
 
 
+def poisoned_slots(side: Side, fmt) -> PhysicalLayout:
+    """The slots of ``side``'s staged transfer, every byte ``POISON``, on the GPU if there is
+    one."""
+    config = staging.slot_config(side)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    buffer = torch.full((config.total_bytes,), POISON, dtype=torch.uint8, device=device)
+    return staging.slot_layout(config, fmt, buffer)
+
+
+def run_staged(src: Side, dst: Side, slots: PhysicalLayout) -> None:
+    """The staged pipeline on CUDA streams on a GPU, step by step without one; returns when
+    it is done."""
+    gpu = torch.cuda.is_available()
+    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
+    staging.run_staged(src, dst, slots, *streams)
+    if gpu:
+        torch.cuda.synchronize()
+
+
 @pytest.fixture
 def small_pieces(monkeypatch):
     """Pieces of two blocks, so that 5 blocks go in 3 pieces and both slots are reused."""
@@ -75,15 +94,8 @@ def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_
     src_side = Side(src, torch.tensor(s_ids), src.kv_format)
     dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
     assert staging.blocks_per_piece(src_side) == 2
-    nbytes = staging.staging_bytes(src_side)
-    assert nbytes == 4 * BIG.block_bytes  # two slots of two blocks
-    gpu = torch.cuda.is_available()  # the pipeline on streams there, step by step here
-    buffer = torch.full((nbytes,), POISON, dtype=torch.uint8, device="cuda" if gpu else "cpu")
-    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    slots = staging.slot_layout(staging.slot_config(src_side), pinned_fmt, buffer)
-    staging.run_staged(src_side, dst_side, slots, *streams)
-    if gpu:
-        torch.cuda.synchronize()
+    assert staging.slot_config(src_side).total_bytes == 4 * BIG.block_bytes  # 2 slots of 2
+    run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt))
     got = torch.stack([block_tensor(dst, b) for b in d_ids])
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     after = torch.stack([block_tensor(dst, b) for b in untouched])
@@ -94,10 +106,10 @@ def test_slot_sizes():
     pinned = layout("pinned", True, NHD)
     one = Side(pinned, torch.tensor([3]), NHD)
     assert staging.blocks_per_piece(one) == 1
-    assert staging.staging_bytes(one) == BIG.block_bytes  # one piece: one slot
+    assert staging.slot_config(one).total_bytes == BIG.block_bytes  # one piece: one slot
     every = Side(pinned, torch.arange(9), NHD)
     assert staging.blocks_per_piece(every) == 9  # 9 small blocks fit in one piece
-    assert staging.staging_bytes(every) == 9 * BIG.block_bytes
+    assert staging.slot_config(every).total_bytes == 9 * BIG.block_bytes
 
 
 class _OnGpu(Side):
@@ -245,13 +257,7 @@ def test_staged_copies_join_neighbouring_blocks(small_pieces, monkeypatch, s_ids
         lambda plan, **kw: (counts.append(len(plan.src)), run(plan, **kw)),
     )
     src, dst = Side(pinned, torch.tensor(s_ids), NHD), Side(device, torch.tensor(d_ids), NHD)
-    gpu = torch.cuda.is_available()
-    buffer = torch.empty(staging.staging_bytes(src), dtype=torch.uint8, device=device.device)
-    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    slots = staging.slot_layout(staging.slot_config(src), NHD, buffer)
-    staging.run_staged(src, dst, slots, *streams)
-    if gpu:
-        torch.cuda.synchronize()
+    run_staged(src, dst, poisoned_slots(src, NHD))
     assert counts == copies
     for s, d in zip(s_ids, d_ids, strict=True):
         assert torch.equal(
@@ -354,8 +360,6 @@ def test_staging_needs_whole_pinned_blocks():
     pinned, device = layout("pinned", False, NHD), layout("device", False, NHD)
     fill(device, POISON)
     src = Side(pinned, torch.tensor([0, 1]), NHD)
-    buffer = torch.empty(staging.staging_bytes(src), dtype=torch.uint8, device=device.device)
-    slots = staging.slot_layout(staging.slot_config(src), NHD, buffer)
     with pytest.raises(LayoutFormatError, match="src must be fully contiguous to be staged"):
-        staging.run_staged(src, Side(device, torch.tensor([2, 3]), NHD), slots, None, None)
+        run_staged(src, Side(device, torch.tensor([2, 3]), NHD), poisoned_slots(src, NHD))
     assert all(bool((a.view() == POISON).all()) for a in device.allocations)

@@ -50,11 +50,6 @@ def slot_config(side: Side) -> LayoutConfig:
     return replace(side.config, num_blocks=slots * per_piece)
 
 
-def staging_bytes(side: Side) -> int:
-    """Bytes of device memory the staged transfer of ``side``'s blocks needs."""
-    return slot_config(side).total_bytes
-
-
 def slot_layout(config: LayoutConfig, fmt: KvBlockLayout, buffer: torch.Tensor) -> PhysicalLayout:
     """The slots of ``config`` (from :func:`slot_config`), fully contiguous at the start of
     ``buffer`` (``uint8`` device memory of at least ``config.total_bytes``), in ``fmt``."""
