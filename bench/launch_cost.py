@@ -50,7 +50,7 @@ def main() -> None:
     src = torch.tensor([host.data_ptr() + i * SIZE for i in range(PAIRS)])
     dst = torch.tensor([dev.data_ptr() + i * SIZE for i in range(PAIRS)])
     plan = plan_copy(src, dst, SIZE, "cuda", programs=pinned_programs(True, False, SIZE))
-    words, chunk, chunks_per_pair = plan._words_and_chunk()
+    words, chunk, chunks_per_pair = copy_kernels._words_and_chunk(plan.size, plan.align)
     num_chunks = plan.num_pairs * chunks_per_pair
     grid = grid_size(num_chunks, plan.programs)
     args = (*plan.src.kernel_args(), *plan.dst.kernel_args(), words, chunks_per_pair, num_chunks)

@@ -76,6 +76,21 @@ def _copy_kernel(
             tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
 
 
+def _words_and_chunk(size: int, align: int) -> tuple[int, int, int]:
+    """For pairs of ``size`` bytes at addresses ``align`` divides: words of ``min(align, 4)``
+    bytes per pair, words per chunk, chunks per pair."""
+    words = size // min(align, 4)
+    chunk = max(1, min(CHUNK_BYTES // min(align, 4), 1 << (words - 1).bit_length()))
+    return words, chunk, triton.cdiv(words, chunk)
+
+
+def copy_step_bytes(size: int, align: int) -> int:
+    """Bytes a program of the copy kernel moves at a time (a chunk), for pairs of ``size``
+    bytes at addresses ``align`` divides."""
+    _, chunk, _ = _words_and_chunk(size, align)
+    return min(chunk * min(align, 4), size)
+
+
 def copy_reference(src: list[torch.Tensor], dst: list[torch.Tensor]) -> None:
     """What :func:`vectorized_copy` computes: ``dst[i][:] = src[i]`` for every pair."""
     for s, d in zip(src, dst, strict=True):
@@ -107,19 +122,12 @@ class CopyPlan:
     @property
     def num_programs(self) -> int:
         """Programs the kernel launches with (a run on the Triton backend)."""
-        return grid_size(self.num_pairs * self._words_and_chunk()[2], self.programs)
+        return grid_size(self.num_pairs * _words_and_chunk(self.size, self.align)[2], self.programs)
 
     @property
     def step_bytes(self) -> int:
         """Bytes a program copies at a time (a chunk)."""
-        _, chunk, _ = self._words_and_chunk()
-        return min(chunk * min(self.align, 4), self.size)
-
-    def _words_and_chunk(self) -> tuple[int, int, int]:
-        """Words of ``min(align, 4)`` bytes per pair, words per chunk, chunks per pair."""
-        words = self.size // min(self.align, 4)
-        chunk = max(1, min(CHUNK_BYTES // min(self.align, 4), 1 << (words - 1).bit_length()))
-        return words, chunk, triton.cdiv(words, chunk)
+        return copy_step_bytes(self.size, self.align)
 
     def _spans(self, table: StridedTable) -> list[torch.Tensor]:
         return [tensor_at(a, self.size, torch.uint8, self.device) for a in table.expand().tolist()]
@@ -131,7 +139,7 @@ class CopyPlan:
             copy_reference(self._spans(self.src), self._spans(self.dst))
             return
         word = {1: tl.int8, 2: tl.int16, 4: tl.int32}[min(self.align, 4)]
-        words, chunk, chunks_per_pair = self._words_and_chunk()
+        words, chunk, chunks_per_pair = _words_and_chunk(self.size, self.align)
         num_chunks = self.num_pairs * chunks_per_pair
         with LAUNCH_LOCK:
             _copy_kernel[(grid_size(num_chunks, self.programs),)](

@@ -256,8 +256,7 @@ class PermutePlan:
     @property
     def step_bytes(self) -> int:
         """Bytes a program moves at a time (a tile of rows)."""
-        dims = self.dims
-        return min(_tile_rows(dims), dims.nt * dims.nh) * dims.hd * dims.itemsize
+        return permute_step_bytes(self.dims)
 
     @property
     def num_programs(self) -> int:
@@ -347,6 +346,12 @@ def _constants(
         num_warps=NUM_WARPS,
     )
     return triton.cdiv(dims.nt * dims.nh, rows), constants
+
+
+def permute_step_bytes(dims: KvDims) -> int:
+    """Bytes a program of the permute kernel moves at a time (a tile of rows) for blocks of
+    ``dims``."""
+    return min(_tile_rows(dims), dims.nt * dims.nh) * dims.hd * dims.itemsize
 
 
 def _tile_rows(dims: KvDims) -> int:

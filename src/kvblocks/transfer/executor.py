@@ -42,6 +42,8 @@ from kvblocks.kernels import (
     plan_permute,
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
+from kvblocks.kernels.copy import copy_step_bytes
+from kvblocks.kernels.permutes import permute_step_bytes
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
 from kvblocks.remote import MemKind, NixlAgent, NixlOp, RemoteMemory, memory_of
@@ -141,8 +143,9 @@ class _Addressing:
         return copied
 
 
-#: What ends a row of block ids of odd length, so that the next row starts 16-byte aligned.
-_PAD = torch.zeros(1, dtype=torch.int64)
+#: What ends a row of ``n`` block ids, by ``n % 2``: nothing, or one id, so that the next row
+#: starts 16-byte aligned.
+_PADS = (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
 
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
 _ADDRESSING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -181,14 +184,15 @@ def _tables(
     offsets, which stay on the device.
     """
     if device.type == "cuda":
-        n = src.ids.numel()
+        n, odd = src.ids.numel(), src.ids.numel() % 2
         # An even row length starts both rows 16-byte aligned whatever the count, so the
-        # kernels (which Triton compiles per pointer alignment) are compiled once.
-        row, pad = n + n % 2, _PAD[: n % 2]
-        staged = torch.empty(2 * row, dtype=torch.int64, pin_memory=True)
-        torch.cat((src.ids, pad, dst.ids, pad), out=staged)  # one op: the least host time
+        # kernels (which Triton compiles per pointer alignment) are compiled once. One torch
+        # op per step (each costs the host several microseconds).
+        pad = _PADS[odd]
+        staged = torch.empty(2 * (n + odd), dtype=torch.int64, pin_memory=True)
+        torch.cat((src.ids, pad, dst.ids, pad), out=staged)
         both = staged.to(device, non_blocking=True)
-        ids = (both.narrow(0, 0, n), both.narrow(0, row, n))
+        ids = both.split((n, odd, n, odd))[::2]
     else:
         ids = (src.ids, dst.ids)
     tables, align = [], 16
@@ -242,11 +246,15 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
     if src.fmt.requires_transform(dst.fmt):
         s, d, _ = permute_tables(src, dst)
         dims = dims_of(src.config)
-        plan = plan_permute(s.expand(), src.operand(), d.expand(), dst.operand(), dims, device)
+        programs = _pinned_grid(src, dst, permute_step_bytes(dims))
+        plan = plan_permute(
+            s.expand(), src.operand(), d.expand(), dst.operand(), dims, device, programs=programs
+        )
     else:
-        s, d, size, _ = copy_pairs(src, dst, layers)
-        plan = plan_copy(s.expand(), d.expand(), size, device)
-    _on_pinned_grid(plan, src, dst).run()
+        s, d, size, align = copy_pairs(src, dst, layers)
+        programs = _pinned_grid(src, dst, copy_step_bytes(size, align))
+        plan = plan_copy(s.expand(), d.expand(), size, device, programs=programs)
+    plan.run()
 
 
 def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
@@ -256,20 +264,20 @@ def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyP
     if src.fmt.requires_transform(dst.fmt):
         s, d, aligned = permute_tables(src, dst, device)
         dims = dims_of(src.config)
-        plan = PermutePlan.of_checked_tables(
-            src.operand(), s, dst.operand(), d, dims, device, aligned
+        programs = _pinned_grid(src, dst, permute_step_bytes(dims))
+        return PermutePlan.of_checked_tables(
+            src.operand(), s, dst.operand(), d, dims, device, aligned, programs
         )
-    else:
-        s, d, size, align = copy_pairs(src, dst, layers, device)
-        plan = CopyPlan(s, d, size, align, device, available(device))
-    return _on_pinned_grid(plan, src, dst)
+    s, d, size, align = copy_pairs(src, dst, layers, device)
+    programs = _pinned_grid(src, dst, copy_step_bytes(size, align))
+    return CopyPlan(s, d, size, align, device, available(device), programs)
 
 
-def _on_pinned_grid(plan: CopyPlan | PermutePlan, src: Side, dst: Side) -> CopyPlan | PermutePlan:
-    """``plan`` on few programs where ``src`` or ``dst`` is pinned memory: the kernel waits on
-    PCIe there, and the rest of the GPU stays free (see :func:`pinned_programs`)."""
-    programs = pinned_programs(not src.on_gpu, not dst.on_gpu, plan.step_bytes)
-    return plan if programs == plan.programs else replace(plan, programs=programs)
+def _pinned_grid(src: Side, dst: Side, step_bytes: int) -> int | None:
+    """The grid cap of a kernel from ``src`` to ``dst`` whose programs move ``step_bytes`` at
+    a time: few programs where a side is pinned memory (the kernel waits on PCIe there, and the
+    rest of the GPU stays free; see :func:`pinned_programs`), else none."""
+    return pinned_programs(not src.on_gpu, not dst.on_gpu, step_bytes)
 
 
 def run_copy_engine(

@@ -561,21 +561,20 @@ class TransferManager:
                     "cuda_stream", f"is a stream of {caller.device}; this transfer runs on {device}"
                 )
         stream = caller or stream  # the pool's stream is skipped then
-        with torch.cuda.device(device):
-            if caller is None:
-                stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                if plan.strategy is Strategy.STAGED:
-                    done = self._run_staged_on(plan, stream)
-                else:
-                    (hop,) = plan.with_buffers({})
-                    self._run_gpu_hop(hop, layers, device, stream, check_overlap)
-                    done = None
-            if caller is not None:
-                return TransferCompleteNotification.ready()
-            if done is None:
-                done = torch.cuda.Event()
-                done.record(stream)
+        if caller is None:
+            stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):  # makes the stream's device current, too
+            if plan.strategy is Strategy.STAGED:
+                done = self._run_staged_on(plan, stream)
+            else:
+                (hop,) = plan.with_buffers({})
+                self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+                done = None
+        if caller is not None:
+            return TransferCompleteNotification.ready()
+        if done is None:
+            done = torch.cuda.Event()
+            done.record(stream)
         return TransferCompleteNotification.from_event(done)
 
     def _run_staged_on(self, plan: Route, stream: torch.cuda.Stream) -> torch.cuda.Event:
