@@ -184,7 +184,8 @@ def _tables(
     offsets, which stay on the device.
     """
     if device.type == "cuda":
-        n, odd = src.ids.numel(), src.ids.numel() % 2
+        n = src.ids.numel()
+        odd = n % 2
         # An even row length starts both rows 16-byte aligned whatever the count, so the
         # kernels (which Triton compiles per pointer alignment) are compiled once. One torch
         # op per step (each costs the host several microseconds).
