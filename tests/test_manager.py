@@ -1,5 +1,6 @@
 """BlockManager: tiers, offload and onboard, the G3 journal, crash safety, corruption."""
 
+import os
 import random
 import signal
 import subprocess
@@ -11,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.errors import InvalidArgumentError, StorageError, TransferError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.pool import (
     AllBlocksCleared,
@@ -112,6 +113,8 @@ def tokens_of(seed, n):
         ("dtype", "int3"),
         ("enable_offload", "yes"),
         ("device_layout", "outer_first"),
+        ("disk_cache_key", ""),
+        ("disk_cache_key", 3),
     ],
 )
 def test_config_rejects_bad_values_naming_them(field, value):
@@ -632,6 +635,91 @@ def test_g3_survives_a_restart(tmp_path):
     other = make_config(tmp_path, g1=8, g2=4, g3=32, head_dim=32)  # another model: a new file
     with BlockManager(other) as manager:
         assert manager.pool(Tier.G3).num_cached == 0
+
+
+def test_a_g3_file_is_opened_by_one_manager_at_a_time(tmp_path):
+    config = make_config(tmp_path, g1=8, g2=4, g3=32)
+    gen = torch.Generator().manual_seed(5)
+    tokens = tokens_of(12, 3 * BS)
+    with BlockManager(config) as first:
+        expected = store(first, tokens, gen)
+        first.flush()
+        with pytest.raises(
+            StorageError, match=rf"held by another BlockManager \(process {os.getpid()}\)"
+        ):
+            BlockManager(config)
+        assert first.pool(Tier.G3).num_cached == 3
+        store(first, tokens_of(13, 2 * BS), gen)  # first's journal still records
+        first.flush()
+    with BlockManager(config) as again:  # the lock went with the first manager
+        assert again.pool(Tier.G3).num_cached == 5
+        evict_g1(again)
+        hit = again.lookup(tokens)
+        assert block_checksums(again.layout(Tier.G1), hit.block_ids) == [
+            expected[h] for h in hit.hashes
+        ]
+        again.free(hit.block_ids)
+
+
+def test_a_g3_file_held_by_another_process_is_refused_naming_it(tmp_path):
+    config = make_config(tmp_path, g1=8, g2=4, g3=32)
+    plain = {k: v for k, v in config.__dict__.items() if isinstance(v, int | float | str)}
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
+            import sys
+            from kvblocks.pool import BlockManager, BlockManagerConfig
+            manager = BlockManager(BlockManagerConfig(**{plain!r}))
+            print("open", flush=True)
+            sys.stdin.read()
+            """),
+        ],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline() == "open\n"
+        with pytest.raises(StorageError, match=rf"\(process {holder.pid}\).*offload_path"):
+            BlockManager(config)
+    finally:
+        holder.kill()  # killed, not closed: the lock still goes with it
+        holder.wait()
+    with BlockManager(config) as manager:
+        assert manager.pool(Tier.G3).num_blocks == 32
+
+
+def test_a_g3_file_is_reused_only_under_its_disk_cache_key(tmp_path):
+    gen = torch.Generator().manual_seed(7)
+    tokens = tokens_of(14, 4 * BS)
+
+    def keyed(key):
+        return make_config(tmp_path, g1=8, g2=4, g3=32, disk_cache_key=key)
+
+    with BlockManager(keyed("model@1/tp0of2")) as manager:
+        expected = store(manager, tokens, gen)
+        manager.flush()
+    with (
+        BlockManager(keyed("model@1/tp1of2")) as rank1,  # same shape, other heads: its own file
+        BlockManager(keyed(None)) as unkeyed,
+    ):
+        assert rank1.pool(Tier.G3).num_cached == unkeyed.pool(Tier.G3).num_cached == 0
+        assert rank1.lookup(tokens).block_ids == unkeyed.lookup(tokens).block_ids == []
+        store(rank1, tokens, gen)
+        rank1.flush()
+    with BlockManager(keyed("model@1/tp0of2")) as manager:
+        assert manager.pool(Tier.G3).num_cached == 4
+        hit = manager.lookup(tokens)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G3: 4}
+        assert block_checksums(manager.layout(Tier.G1), hit.block_ids) == [
+            expected[h] for h in hit.hashes
+        ]
+        manager.free(hit.block_ids)
+    names = sorted(p.name for p in tmp_path.glob("*.bin"))
+    assert names[0].startswith("kvblocks-g3-2x2x4x2x16-32") and len(names) == 3
+    assert {n.split("-")[2] for n in names[1:]} == {"model_1_tp0of2", "model_1_tp1of2"}
 
 
 def test_corrupted_disk_block_is_a_miss(tmp_path):

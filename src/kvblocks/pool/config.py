@@ -102,7 +102,16 @@ class BlockManagerConfig:
             prefix hit; without it only G1 exists.
         host_cache_gb: G2 size in GiB (pinned host memory).
         disk_cache_gb: G3 size in GiB (a file in ``offload_path``); needs a G2 to stage through.
-        offload_path: directory of the G3 file and its journal.
+        offload_path: directory of the G3 file and its journal. One BlockManager at a time
+            uses a G3 file (it is locked while open): workers on one machine that hold blocks
+            of the same shape (tensor-parallel ranks, say) need a directory or a
+            ``disk_cache_key`` each.
+        disk_cache_key: whose blocks G3 holds, kept with the file across restarts: the model
+            and its revision, and the heads this worker holds (``"llama-3.1-70b/tp3of8"``,
+            say). A G3 file written under another key (or none) is not reused. With None a
+            file is known by the block shape alone, so blocks of another model of that shape,
+            or of another tensor-parallel rank, written to the same directory earlier would be
+            taken for this worker's.
         device_id: the GPU of G1.
         device_format: the order inside a G1 block (an operational format: engines compute in it).
         device_layout: how G1's tensors are shaped (:class:`DeviceLayout`).
@@ -125,6 +134,7 @@ class BlockManagerConfig:
     host_cache_gb: float = 0.0
     disk_cache_gb: float = 0.0
     offload_path: str = "/tmp"
+    disk_cache_key: str | None = None
     device_id: int = 0
     device_format: KvBlockLayout = KvBlockLayout.OperationalNHD
     device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST
@@ -170,6 +180,12 @@ class BlockManagerConfig:
         if self.storage_format.dim_order is None:
             raise InvalidArgumentError(
                 "storage_format", f"must be a known format, got {self.storage_format.name}"
+            )
+        if self.disk_cache_key is not None and (
+            not isinstance(self.disk_cache_key, str) or not self.disk_cache_key.strip()
+        ):
+            raise InvalidArgumentError(
+                "disk_cache_key", f"must be a non-empty str or None, got {self.disk_cache_key!r}"
             )
         if self.nixl_backend is not None and (
             not isinstance(self.nixl_backend, str) or not self.nixl_backend

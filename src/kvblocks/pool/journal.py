@@ -15,6 +15,7 @@ while appending) is ignored. On open the journal is rewritten with only the live
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from dataclasses import dataclass
@@ -47,7 +48,10 @@ class Journal:
     """Opens (or starts) the journal at ``path`` for a file described by ``fingerprint``.
 
     A journal whose header has another version or fingerprint (another model, block size or
-    tier size) is discarded: its file's contents mean nothing to this one.
+    tier size) is discarded: its file's contents mean nothing to this one. The journal is
+    locked (``path + ".lock"``, an exclusive ``flock``) from here to :meth:`close`, so no
+    second journal, in this process or another, opens it meanwhile; the lock goes with the
+    process that held it, however it ends.
 
     Attributes:
         blocks: the live blocks, by sequence hash, in the order they were stored.
@@ -57,9 +61,14 @@ class Journal:
         self.path = os.fspath(path)
         self.fingerprint = fingerprint
         self.blocks: dict[int, StoredBlock] = {}
-        self._read(num_slots)
-        self._rewrite()
-        self._file = open(self.path, "a", encoding="utf-8")
+        self._lock = _lock(self.path + ".lock")
+        try:
+            self._read(num_slots)
+            self._rewrite()
+            self._file = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            os.close(self._lock)
+            raise
 
     def _read(self, num_slots: int) -> None:
         try:
@@ -135,3 +144,31 @@ class Journal:
 
     def close(self) -> None:
         self._file.close()
+        os.close(self._lock)
+
+
+def _lock(path: str) -> int:
+    """An open descriptor of ``path`` holding an exclusive lock on it, the holder's pid written
+    in it.
+
+    Raises:
+        StorageError: another descriptor holds the lock (the message names its process), or the
+            file cannot be opened.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise StorageError(f"cannot open the lock: {exc.strerror}", path) from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StorageError(
+            f"is held by another BlockManager (process {holder}) using the same disk tier:"
+            " give each worker its own offload_path (one per tensor-parallel rank, say)",
+            path,
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, str(os.getpid()).encode(), 0)
+    return fd

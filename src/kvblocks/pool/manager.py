@@ -26,10 +26,12 @@ copies themselves run outside it.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
 import queue
+import re
 import secrets
 import threading
 import time
@@ -310,6 +312,8 @@ class BlockManager:
             "format": config.storage_format.name,
             "slots": slots,
         }
+        if config.disk_cache_key is not None:
+            fingerprint["key"] = config.disk_cache_key
         name = os.path.join(config.offload_path, f"kvblocks-g3-{self._g3_name(fingerprint)}")
         self._journal = Journal(name + ".journal", fingerprint, slots)
         stored = list(self._journal.blocks.values())
@@ -333,8 +337,15 @@ class BlockManager:
 
     @staticmethod
     def _g3_name(fingerprint: dict) -> str:
+        """``<key>-<shape>-<slots>``: the key in file-name characters (cut to 48) and the first
+        8 hex digits of its SHA-256 (so keys that read alike stay apart), or no key part."""
         layout = fingerprint["layout"]
-        return "x".join(str(v) for v in layout[:5]) + f"-{fingerprint['slots']}"
+        shape = "x".join(str(v) for v in layout[:5]) + f"-{fingerprint['slots']}"
+        key = fingerprint.get("key")
+        if key is None:
+            return shape
+        digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+        return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key)[:48]}-{digest}-{shape}"
 
     def _add_tier(self, tier: Tier, physical: PhysicalLayout) -> _TierState:
         pool = BlockPool(
