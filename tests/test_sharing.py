@@ -345,6 +345,26 @@ def test_lookup_reads_the_rest_of_a_prefix_from_a_peer(tmp_path, local_blocks):
 
 
 @needs_nixl
+def test_a_sliding_window_lookup_reads_from_a_peer_and_holds_only_the_window(tmp_path):
+    gen = torch.Generator().manual_seed(9)
+    tokens = tokens_of(9, 6 * BS + 1)
+    with worker(tmp_path) as there, worker(tmp_path, sliding_window=2 * BS) as here:
+        kv = store(there, tokens[: 6 * BS], gen)
+        here.add_peer(there.serve(LOCAL))
+        poison_g1(here)
+
+        hit = here.lookup(tokens)
+
+        assert (hit.skipped, len(hit.block_ids), hit.misses) == (4, 2, 0)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G4: 2}
+        assert_g1_holds(here, hit.block_ids, [layer[4:] for layer in kv])
+        assert here.metrics.onboard_blocks[(Tier.G2, Tier.G1)] == 2
+        assert let_go(there)
+        here.free(hit.block_ids)
+        assert held(here, Tier.G2) == 0 and held(here, Tier.G1) == 0
+
+
+@needs_nixl
 def test_reading_from_a_peer_does_not_evict_the_prefix_it_extends(tmp_path):
     """G2 here is full and its least recently used blocks are the local prefix: staging the
     peer's blocks must evict other blocks, not those."""

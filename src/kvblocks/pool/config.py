@@ -117,6 +117,11 @@ class BlockManagerConfig:
         device_layout: how G1's tensors are shaped (:class:`DeviceLayout`).
         storage_format: the order inside G2 and G3 blocks (``UniversalTP`` by default, so a
             stored block can be served to any tensor-parallel split).
+        sliding_window: for a manager of sliding-window layers only (one group of a hybrid
+            model's layers, say): the tokens each token attends to, itself included. A lookup
+            then hits a prefix when the blocks of its last ``sliding_window - 1`` tokens are
+            cached, and only those are held and onboarded (:mod:`~kvblocks.pool.window`).
+            None: full attention, every block of the prefix is needed.
         nixl_backend: the NIXL backend plugin (``"UCX"``, ...) of the manager's own
             TransferManager, needed to share G2 blocks with other workers (tier G4); None
             for no NIXL agent.
@@ -139,6 +144,7 @@ class BlockManagerConfig:
     device_format: KvBlockLayout = KvBlockLayout.OperationalNHD
     device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST
     storage_format: KvBlockLayout = KvBlockLayout.UniversalTP
+    sliding_window: int | None = None
     nixl_backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -180,6 +186,15 @@ class BlockManagerConfig:
         if self.storage_format.dim_order is None:
             raise InvalidArgumentError(
                 "storage_format", f"must be a known format, got {self.storage_format.name}"
+            )
+        window = self.sliding_window
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 2
+        ):
+            raise InvalidArgumentError(
+                "sliding_window",
+                f"must be None or an int >= 2 (tokens each token attends to, itself included),"
+                f" got {window!r}",
             )
         if self.disk_cache_key is not None and (
             not isinstance(self.disk_cache_key, str) or not self.disk_cache_key.strip()

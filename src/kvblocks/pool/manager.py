@@ -42,7 +42,7 @@ from itertools import pairwise
 
 import torch
 
-from kvblocks.checks import index_in_range
+from kvblocks.checks import index_in_range, non_negative_int
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
@@ -67,6 +67,7 @@ from kvblocks.pool.offload_filter import OffloadFilter
 from kvblocks.pool.peer_set import Peer, PeerSet
 from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease
 from kvblocks.pool.tier import Tier
+from kvblocks.pool.window import blocks_needed, window_hit
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     LayoutHandle,
@@ -88,11 +89,15 @@ class PrefixHit:
     """The cached prefix :meth:`BlockManager.lookup` found, in G1 and held for the caller.
 
     Attributes:
-        block_ids: G1 blocks holding the prefix, in order; free them when the request ends.
+        block_ids: G1 blocks holding the prefix, in order, after the ``skipped`` ones; free
+            them when the request ends.
         hashes: their sequence hashes (``hashes[-1]`` is the parent of the next block).
         block_size: tokens per block.
-        from_tier: how many of the blocks were found in each tier.
-        misses: full blocks of the lookup found in no tier.
+        from_tier: how many of the held blocks were found in each tier.
+        misses: full blocks of the lookup after the prefix.
+        skipped: leading blocks of the prefix that a manager of sliding-window layers
+            (``config.sliding_window``) does not hold, since no token after the prefix attends
+            to them: the engine's block table takes its null block there. 0 for full attention.
     """
 
     block_ids: list[int]
@@ -100,11 +105,12 @@ class PrefixHit:
     block_size: int
     from_tier: dict[Tier, int] = field(default_factory=dict)
     misses: int = 0
+    skipped: int = 0
 
     @property
     def num_tokens(self) -> int:
         """Tokens whose KV the caller need not compute."""
-        return len(self.block_ids) * self.block_size
+        return (self.skipped + len(self.block_ids)) * self.block_size
 
     @property
     def last_hash(self) -> int | None:
@@ -196,6 +202,11 @@ class BlockManager:
             )
         self._disk_filter = disk_filter
         self.config = config
+        self._window_blocks = (
+            None
+            if config.sliding_window is None
+            else blocks_needed(config.sliding_window, config.block_size)
+        )
         self.block_bytes = config.block_bytes
         self._lock = threading.RLock()
         self._publish_lock = threading.Lock()
@@ -411,7 +422,12 @@ class BlockManager:
     # The engine's calls ------------------------------------------------------------------------
 
     def lookup(
-        self, token_ids: Sequence[int], *, salt: int = 0, ask_peer: str | None = None
+        self,
+        token_ids: Sequence[int],
+        *,
+        salt: int = 0,
+        ask_peer: str | None = None,
+        max_blocks: int | None = None,
     ) -> PrefixHit:
         """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
 
@@ -421,17 +437,29 @@ class BlockManager:
         follow, which are read into G2 (and stay cached there) and copied on into G1. The
         returned blocks are held for the caller and their bytes are in place on return.
 
+        With ``config.sliding_window`` the prefix ends after the last run of blocks holding a
+        window's tokens that the tiers (and peers) cache, and only that run is held and copied
+        (:mod:`~kvblocks.pool.window`; the blocks before it are ``PrefixHit.skipped``).
+
         Args:
             ask_peer: the endpoint of a peer to ask whatever its news says, because it stored
                 the prompt a moment ago (the worker that ran its prefill, say), so that a
                 hand-off does not miss while the news is on the way.
+            max_blocks: look at the first ``max_blocks`` full blocks only (the hit that the
+                manager of another group of the model's layers found, say); None: all.
 
         Raises:
-            InvalidArgumentError: ``ask_peer`` is not a peer.
+            InvalidArgumentError: ``ask_peer`` is not a peer, or ``max_blocks`` is not an int
+                >= 0.
         """
         if ask_peer is not None and self._peers.get(ask_peer) is None:
             raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
-        hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
+        size = self.config.block_size
+        if max_blocks is not None:
+            token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
+        hashes = sequence_hashes(token_ids, size, salt=salt)
+        if self._window_blocks is not None:
+            return self._lookup_window(hashes, token_ids, ask_peer)
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
             held = g1.match_sequence_hashes(hashes)
@@ -460,21 +488,96 @@ class BlockManager:
         if self._peers:
             fetched = self._fetch_from_peers(hashes, token_ids, len(held), ask_peer)
         try:
-            with self._lock:
-                sources = self._plan_onboard(hashes[len(held) :])
             from_tier = {Tier.G1: len(held)}
-            if sources.blocks:
-                start = len(held)
-                onboarded = self._onboard(hashes[start : start + len(sources.blocks)], sources)
-                held += onboarded
-                for i, (tier, _) in enumerate(sources.blocks[: len(onboarded)]):
-                    source = Tier.G4 if hashes[start + i] in fetched else tier
-                    from_tier[source] = from_tier.get(source, 0) + 1
+            held += self._onboard_next(hashes[len(held) :], fetched, from_tier)
             return from_tier
         finally:
             if fetched:
                 with self._lock:
                     self._tiers[Tier.G2].pool.free(list(fetched.values()))
+
+    def _lookup_window(
+        self, hashes: list[int], token_ids: Sequence[int], ask_peer: str | None
+    ) -> PrefixHit:
+        """:meth:`lookup` for sliding-window layers: hold the last run of ``_window_blocks``
+        cached blocks (peers asked for the blocks after the local tiers' run) and skip the
+        blocks before it."""
+        needed = self._window_blocks
+        fetched = {}
+        if self._peers:
+            local_end = window_hit(self._cached_locally(hashes), needed)
+            fetched = self._fetch_from_peers(hashes, token_ids, local_end, ask_peer)
+        try:
+            cached = self._cached_locally(hashes)
+            while True:
+                end = window_hit(cached, needed)
+                start = max(end - needed, 0)
+                held, from_tier = self._hold(hashes[start:end], fetched)
+                if len(held) == end - start:
+                    break
+                with self._lock:  # a block went meanwhile (evicted, corrupt, or no room in G1)
+                    self._tiers[Tier.G1].pool.free(held)
+                cached[start + len(held)] = False
+        finally:
+            if fetched:
+                with self._lock:
+                    self._tiers[Tier.G2].pool.free(list(fetched.values()))
+        misses = len(hashes) - end
+        self._note_uses(hashes[start:end])
+        self.metrics.record_lookup(from_tier, misses, skipped=start)
+        self._publish()
+        return PrefixHit(held, hashes[start:end], self.config.block_size, from_tier, misses, start)
+
+    def _cached_locally(self, hashes: list[int]) -> list[bool]:
+        """Per hash, whether G1, G2 or G3 caches it now."""
+        with self._lock:
+            pools = [state.pool for state in self._tiers.values()]
+            return [any(pool.lookup(h) is not None for pool in pools) for h in hashes]
+
+    def _hold(
+        self, hashes: list[int], fetched: Mapping[int, int]
+    ) -> tuple[list[int], dict[Tier, int]]:
+        """Hold in G1 the longest prefix of ``hashes`` that the tiers cache: G1's blocks shared,
+        the others onboarded (``fetched``: hashes a peer's read brought into G2). Returns the
+        held blocks and how many came from each tier."""
+        g1 = self._tiers[Tier.G1].pool
+        held: list[int] = []
+        from_tier = {Tier.G1: 0}
+        try:
+            while len(held) < len(hashes):
+                with self._lock:
+                    shared = g1.match_sequence_hashes(hashes[len(held) :])
+                    g1.acquire(shared)
+                    short = g1.num_available < len(hashes) - len(held) - len(shared)
+                held += shared
+                from_tier[Tier.G1] += len(shared)
+                if short:  # blocks waiting to be offloaded come back once the offload ends
+                    self._drain()
+                onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier)
+                held += onboarded
+                if not shared and not onboarded:
+                    break
+        except BaseException:
+            with self._lock:
+                g1.free(held)
+            raise
+        return held, from_tier
+
+    def _onboard_next(
+        self, hashes: list[int], fetched: Mapping[int, int], from_tier: dict[Tier, int]
+    ) -> list[int]:
+        """Copy into G1 the leading blocks of ``hashes`` that G2 or G3 cache, as far as G1 has
+        room; returns the G1 blocks (held) and counts each in ``from_tier`` by the tier it came
+        from (G4 for ``fetched`` ones, read from a peer a moment ago)."""
+        with self._lock:
+            plan = self._plan_onboard(hashes)
+        if not plan.blocks:
+            return []
+        onboarded = self._onboard(hashes[: len(plan.blocks)], plan)
+        for h, (tier, _) in zip(hashes, plan.blocks[: len(onboarded)], strict=False):
+            source = Tier.G4 if h in fetched else tier
+            from_tier[source] = from_tier.get(source, 0) + 1
+        return onboarded
 
     def allocate(self, n: int) -> list[int]:
         """``n`` empty G1 blocks held for the caller (inactive cached blocks are evicted, least

@@ -14,6 +14,8 @@ name                                type       meaning
 ``kvbm_eviction_count{tier}``       counter    cached blocks evicted
 ``kvbm_hits{tier}``                 counter    looked-up blocks found in this tier
 ``kvbm_misses``                     counter    looked-up blocks found in no tier
+``kvbm_window_skipped_blocks``      counter    blocks of sliding-window hits before the
+                                               window: hit, but neither held nor copied
 ``kvbm_offload_blocks{src,dst}``    counter    blocks copied down a tier
 ``kvbm_offload_bytes{src,dst}``     counter    their bytes
 ``kvbm_onboard_blocks{src,dst}``    counter    blocks copied up a tier on a prefix hit
@@ -79,6 +81,7 @@ class PoolMetrics:
         self.evictions: Counter[Tier] = Counter()
         self.hits: Counter[Tier] = Counter()
         self.misses = 0
+        self.window_skipped = 0
         self.offload_blocks: Counter[tuple[Tier, Tier]] = Counter()
         self.offload_bytes: Counter[tuple[Tier, Tier]] = Counter()
         self.onboard_blocks: Counter[tuple[Tier, Tier]] = Counter()
@@ -102,10 +105,11 @@ class PoolMetrics:
             (self.onboard_bytes if onboard else self.offload_bytes)[key] += nbytes
             self.transfer_latency.setdefault(key, Histogram()).observe(seconds)
 
-    def record_lookup(self, hits: dict[Tier, int], misses: int) -> None:
+    def record_lookup(self, hits: dict[Tier, int], misses: int, skipped: int = 0) -> None:
         with self._lock:
             self.hits.update(hits)
             self.misses += misses
+            self.window_skipped += skipped
 
     def record_evictions(self, tier: Tier, count: int) -> None:
         with self._lock:
@@ -190,6 +194,11 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                     value=metrics.corrupt_blocks,
                 )
                 for name, doc, value in (
+                    (
+                        "kvbm_window_skipped_blocks",
+                        "Blocks of sliding-window hits before the window, neither held nor copied",
+                        metrics.window_skipped,
+                    ),
                     (
                         "kvbm_disk_filtered_blocks",
                         "Blocks stored in G2 that the disk filter kept off G3 (for then)",
