@@ -1,6 +1,7 @@
 """BlockPool and sequence hashes: lifecycle, sharing, prefix reuse, eviction, invariants."""
 
 import itertools
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -39,6 +40,13 @@ def test_sequence_hashes_chain_and_prefixes():
     assert sequence_hashes(tokens[32:], 16, parent=hashes[1]) == hashes[2:]
     assert sequence_hashes(tokens, 16, salt=5)[0] != hashes[0]
     assert root_hash(5) != ROOT_HASH and all(0 <= h < 2**64 for h in hashes)
+    rng = random.Random(0)
+    for size in (1, 3, 16):  # every block chained from the one before, random tokens
+        tokens = [rng.randrange(2**32) for _ in range(11 * size - 1)]
+        chained = [root_hash(9)]
+        for i in range(10):
+            chained.append(block_hash(chained[-1], tokens[i * size : (i + 1) * size]))
+        assert sequence_hashes(tokens, size, salt=9) == chained[1:]
 
 
 def test_hashes_are_the_same_in_another_process():
@@ -56,10 +64,12 @@ def test_hash_follows_the_documented_encoding():
     assert HASH_KEY == b"kvblocks sequence hash, v1......"
 
 
-@pytest.mark.parametrize("bad", [[-1], [2**32], [1.5]])
-def test_hash_rejects_bad_tokens(bad):
-    with pytest.raises(InvalidArgumentError, match="token_ids must hold ints in"):
-        sequence_hashes(bad * 4, 4)
+@pytest.mark.parametrize("bad", [-1, 2**32, 1.5, "7"])
+def test_hash_rejects_bad_tokens_naming_the_first(bad):
+    tokens = [1, 2, 3, 4, 5, 6, bad, 8, bad]
+    with pytest.raises(InvalidArgumentError, match=r"token_ids must hold ints in .* at index 6"):
+        sequence_hashes(tokens, 4)
+    assert sequence_hashes(tokens[:4] + [bad], 4) == sequence_hashes(tokens[:4], 4)  # not hashed
 
 
 def test_lifecycle():

@@ -37,7 +37,17 @@ def test_window_hit_is_the_longest_prefix_whose_window_is_cached():
     for _ in range(2000):
         n, needed = rng.randrange(0, 14), rng.randrange(1, 6)
         cached = [rng.random() < 0.7 for _ in range(n)]
-        assert window_hit(cached, needed) == longest_hit(cached, needed), (cached, needed)
+        asked = []
+
+        def ask(i, cached=cached, asked=asked):
+            asked.append(i)
+            return cached[i]
+
+        end = window_hit(n, needed, ask)
+        assert end == longest_hit(cached, needed), (cached, needed)
+        assert asked == list(range(n - 1, -1, -1))[: len(asked)]  # from the last block back
+        if end >= needed:  # nothing before the window was asked
+            assert min(asked) == end - needed
 
 
 def register_runs(manager, tokens, positions, gen):

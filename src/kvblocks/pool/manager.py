@@ -505,19 +505,19 @@ class BlockManager:
         needed = self._window_blocks
         fetched = {}
         if self._peers:
-            local_end = window_hit(self._cached_locally(hashes), needed)
+            local_end = self._window_end(hashes, set())
             fetched = self._fetch_from_peers(hashes, token_ids, local_end, ask_peer)
         try:
-            cached = self._cached_locally(hashes)
+            gone: set[int] = set()
             while True:
-                end = window_hit(cached, needed)
+                end = self._window_end(hashes, gone)
                 start = max(end - needed, 0)
                 held, from_tier = self._hold(hashes[start:end], fetched)
                 if len(held) == end - start:
                     break
                 with self._lock:  # a block went meanwhile (evicted, corrupt, or no room in G1)
                     self._tiers[Tier.G1].pool.free(held)
-                cached[start + len(held)] = False
+                gone.add(start + len(held))
         finally:
             if fetched:
                 with self._lock:
@@ -528,11 +528,16 @@ class BlockManager:
         self._publish()
         return PrefixHit(held, hashes[start:end], self.config.block_size, from_tier, misses, start)
 
-    def _cached_locally(self, hashes: list[int]) -> list[bool]:
-        """Per hash, whether G1, G2 or G3 caches it now."""
+    def _window_end(self, hashes: list[int], gone: set[int]) -> int:
+        """The end of the sliding-window hit over what G1, G2 or G3 cache now, the blocks at
+        positions ``gone`` taken for missing."""
         with self._lock:
             pools = [state.pool for state in self._tiers.values()]
-            return [any(pool.lookup(h) is not None for pool in pools) for h in hashes]
+            return window_hit(
+                len(hashes),
+                self._window_blocks,
+                lambda i: i not in gone and any(p.lookup(hashes[i]) is not None for p in pools),
+            )
 
     def _hold(
         self, hashes: list[int], fetched: Mapping[int, int]

@@ -15,7 +15,7 @@ These are the rules of vLLM's sliding-window groups, so a hit here is one that e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable
 
 
 def blocks_needed(sliding_window: int, block_size: int) -> int:
@@ -23,12 +23,14 @@ def blocks_needed(sliding_window: int, block_size: int) -> int:
     return -(-(sliding_window - 1) // block_size)
 
 
-def window_hit(cached: Sequence[bool], needed: int) -> int:
+def window_hit(num_blocks: int, needed: int, cached: Callable[[int], bool]) -> int:
     """How many leading blocks of a prompt a lookup hits, in all.
 
     Args:
-        cached: per full block of the prompt, in order, whether a tier caches it.
+        num_blocks: full blocks of the prompt.
         needed: blocks before the hit's end that must be cached (:func:`blocks_needed`, >= 1).
+        cached: whether a tier caches block ``i`` of the prompt; asked from the last block
+            back, and no further than the answer needs.
 
     Returns:
         The end of the last run of ``needed`` cached blocks; where no run is that long, the
@@ -36,8 +38,8 @@ def window_hit(cached: Sequence[bool], needed: int) -> int:
         all of it cached).
     """
     run = 0
-    for i in range(len(cached) - 1, -1, -1):
-        if not cached[i]:
+    for i in range(num_blocks - 1, -1, -1):
+        if not cached(i):
             run = 0
             continue
         run += 1
