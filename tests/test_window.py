@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.pool import BlockManager, Tier, sequence_hashes
+from kvblocks.pool import BlockManager, Tier, lookup_groups, sequence_hashes
 from kvblocks.pool.window import blocks_needed, window_hit
 from kvblocks.transfer import block_checksums
 from tests.test_manager import (
@@ -207,3 +207,55 @@ def test_max_blocks_caps_the_hit_of_either_kind_of_layer(tmp_path):
 def test_sliding_window_must_be_a_count_of_at_least_two_tokens(tmp_path, bad):
     with pytest.raises(InvalidArgumentError, match="sliding_window"):
         make_config(tmp_path, sliding_window=bad)
+
+
+def test_lookup_groups_finds_the_longest_prefix_every_group_holds(tmp_path):
+    """A full-attention group and two window groups, each caching its own random blocks: the
+    hits agree on the longest length all three can hit, and nothing else stays held."""
+    rng = random.Random(5)
+    gen = torch.Generator().manual_seed(5)
+    windows = (None, 2 * BS, 3 * BS + 1)
+    for trial in range(15):
+        tokens = tokens_of(100 + trial, 12 * BS)
+        managers, placed, cached = [], [], []
+        for i, window in enumerate(windows):
+            folder = tmp_path / f"{trial}-{i}"
+            folder.mkdir()
+            manager = BlockManager(make_config(folder, g1=16, g2=0, g3=0, sliding_window=window))
+            positions = {p for p in range(12) if rng.random() < (0.9 if window is None else 0.6)}
+            placed.append(register_runs(manager, tokens, positions, gen))
+            cached.append([p in positions for p in range(12)])
+            managers.append(manager)
+
+        hits = lookup_groups(managers, tokens)
+
+        def holds(n, cached=cached):
+            return all(
+                all(c[max(n - blocks_needed(w, BS), 0) : n] if w else c[:n])
+                for w, c in zip(windows, cached, strict=True)
+            )
+
+        agreed = max(n for n in range(13) if holds(n))
+        for manager, hit, where, window in zip(managers, hits, placed, windows, strict=True):
+            assert hit.num_tokens == agreed * BS
+            start = max(agreed - blocks_needed(window, BS), 0) if window else 0
+            assert hit.skipped == start
+            assert hit.block_ids == [where[p] for p in range(start, agreed)]
+            g1 = manager.pool(Tier.G1)
+            assert g1.num_in_use == len(hit.block_ids)
+            manager.free(hit.block_ids)
+            check_all_pools(manager)
+            manager.close()
+
+
+def test_lookup_groups_checks_its_managers(tmp_path):
+    with pytest.raises(InvalidArgumentError, match="managers"):
+        lookup_groups([], [1, 2, 3])
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    with (
+        BlockManager(make_config(tmp_path / "a", g2=0, g3=0)) as a,
+        BlockManager(make_config(tmp_path / "b", g2=0, g3=0, block_size=8)) as b,
+    ):
+        with pytest.raises(InvalidArgumentError, match=r"managers must share one block size"):
+            lookup_groups([a, b], list(range(32)))

@@ -9,6 +9,8 @@
   :mod:`~kvblocks.pool.publishers`).
 - :class:`KvIndex`: which worker caches which prefix, from their KV events (for routers), fed
   from the network by :class:`~kvblocks.pool.subscribers.ZmqSubscriber`.
+- :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full
+  attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
@@ -24,6 +26,7 @@ from kvblocks.pool.events import (
     FanOutPublisher,
     InProcessPublisher,
 )
+from kvblocks.pool.groups import lookup_groups
 from kvblocks.pool.hashing import HASH_KEY, ROOT_HASH, block_hash, root_hash, sequence_hashes
 from kvblocks.pool.kv_index import KvIndex, Overlap, WorkerView
 from kvblocks.pool.manager import BlockManager, PrefixHit
@@ -60,6 +63,7 @@ __all__ = [
     "TierOccupancy",
     "WorkerView",
     "block_hash",
+    "lookup_groups",
     "prometheus_registry",
     "root_hash",
     "sequence_hashes",
