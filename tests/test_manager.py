@@ -91,6 +91,17 @@ def check_all_pools(manager):
         manager.pool(tier).check_invariants()
 
 
+def flip_g3_byte(manager, seq_hash, offset):
+    """Corrupt the G3 copy of a block: flip every bit of its byte at ``offset``."""
+    g3 = manager.layout(Tier.G3)
+    region = g3.layout.block_region(manager.pool(Tier.G3).lookup(seq_hash))
+    with open(g3.file.path, "r+b") as f:
+        f.seek(region.addr + offset)
+        byte = f.read(1)
+        f.seek(region.addr + offset)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def tokens_of(seed, n):
     rng = random.Random(seed)
     return [rng.randrange(50_000) for _ in range(n)]
@@ -738,14 +749,7 @@ def test_corrupted_disk_block_is_a_miss(tmp_path):
         manager.flush()
         evict_g1(manager)
         assert all(manager.pool(Tier.G2).lookup(h) is None for h in hashes)
-        g3 = manager.layout(Tier.G3)
-        slot = manager.pool(Tier.G3).lookup(hashes[2])
-        region = g3.layout.block_region(slot)
-        with open(g3.file.path, "r+b") as f:
-            f.seek(region.addr + 100)
-            byte = f.read(1)
-            f.seek(region.addr + 100)
-            f.write(bytes([byte[0] ^ 0xFF]))
+        flip_g3_byte(manager, hashes[2], 100)
         hit = manager.lookup(tokens)
         assert len(hit.block_ids) == 2 and hit.misses == 2
         got = block_checksums(manager.layout(Tier.G1), hit.block_ids)

@@ -14,6 +14,7 @@ from tests.test_manager import (
     BS,
     check_all_pools,
     evict_g1,
+    flip_g3_byte,
     make_config,
     store,
     tokens_of,
@@ -140,13 +141,7 @@ def test_a_corrupted_block_in_the_window_moves_the_hit_back(tmp_path):
         evict_g1(manager)
         hashes = sequence_hashes(tokens, BS)
         assert not any(manager.pool(Tier.G2).lookup(h) for h in hashes)
-        g3 = manager.layout(Tier.G3)
-        region = g3.layout.block_region(manager.pool(Tier.G3).lookup(hashes[5]))
-        with open(g3.file.path, "r+b") as f:
-            f.seek(region.addr + 7)
-            byte = f.read(1)
-            f.seek(region.addr + 7)
-            f.write(bytes([byte[0] ^ 0x55]))
+        flip_g3_byte(manager, hashes[5], 7)
 
         hit = manager.lookup(tokens)
 
