@@ -1,5 +1,7 @@
 """BlockManager: tiers, offload and onboard, the G3 journal, crash safety, corruption."""
 
+import errno
+import fcntl
 import os
 import random
 import signal
@@ -700,6 +702,19 @@ def test_a_g3_file_held_by_another_process_is_refused_naming_it(tmp_path):
         holder.wait()
     with BlockManager(config) as manager:
         assert manager.pool(Tier.G3).num_blocks == 32
+
+
+def test_a_g3_file_on_a_filesystem_without_locks_opens_with_a_warning(
+    tmp_path, monkeypatch, caplog
+):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="kvblocks.pool"):
+        with BlockManager(make_config(tmp_path, g1=8, g2=4, g3=32)) as manager:
+            assert manager.pool(Tier.G3).num_blocks == 32
+    assert "cannot be locked" in caplog.text and "second BlockManager" in caplog.text
 
 
 def test_a_g3_file_is_reused_only_under_its_disk_cache_key(tmp_path):

@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 from dataclasses import dataclass
 
 from kvblocks.errors import StorageError
 
 VERSION = 1
+
+log = logging.getLogger("kvblocks.pool")
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,8 @@ def _lock(path: str) -> int:
     """An open descriptor of ``path`` holding an exclusive lock on it, the holder's pid written
     in it.
 
+    On a filesystem that cannot lock, a warning is logged and the descriptor returned unlocked.
+
     Raises:
         StorageError: another descriptor holds the lock (the message names its process), or the
             file cannot be opened.
@@ -169,6 +174,13 @@ def _lock(path: str) -> int:
             " give each worker its own offload_path (one per tensor-parallel rank, say)",
             path,
         ) from None
+    except OSError as exc:  # a filesystem without locks (some network mounts)
+        log.warning(
+            "%s: cannot be locked (%s); nothing stops a second BlockManager from opening the"
+            " same disk tier",
+            path,
+            exc.strerror,
+        )
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
     return fd
