@@ -171,7 +171,8 @@ def _lock(path: str) -> int:
         os.close(fd)
         raise StorageError(
             f"is held by another BlockManager (process {holder}) using the same disk tier:"
-            " give each worker its own offload_path (one per tensor-parallel rank, say)",
+            " give each worker its own offload_path or disk_cache_key (one per"
+            " tensor-parallel rank, say)",
             path,
         ) from None
     except OSError as exc:  # a filesystem without locks (some network mounts)
