@@ -526,7 +526,9 @@ class BlockManager:
         self._note_uses(hashes[start:end])
         self.metrics.record_lookup(from_tier, misses, skipped=start)
         self._publish()
-        return PrefixHit(held, hashes[start:end], self.config.block_size, from_tier, misses, start)
+        return PrefixHit(
+            held, hashes[start:end], self.config.block_size, from_tier, misses, skipped=start
+        )
 
     def _window_end(self, hashes: list[int], gone: set[int]) -> int:
         """The end of the sliding-window hit over what G1, G2 or G3 cache now, the blocks at
@@ -556,6 +558,8 @@ class BlockManager:
                     short = g1.num_available < len(hashes) - len(held) - len(shared)
                 held += shared
                 from_tier[Tier.G1] += len(shared)
+                if len(held) == len(hashes):
+                    break
                 if short:  # blocks waiting to be offloaded come back once the offload ends
                     self._drain()
                 onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier)
