@@ -356,3 +356,105 @@ def test_errors_and_nothing_written():
         Operand(KvBlockLayout.UniversalTP, stack=True)
     for v in dst:
         assert bool((v.view(torch.int16) == -1).all()), "a rejected call wrote memory"
+
+
+LAYER_PAIRS = [
+    (Operand.block_stack(N), Operand.universal()),
+    (Operand.universal(), Operand.block_stack(H)),
+    (Operand.universal(), Operand.operational(N)),
+    (Operand.operational(H), Operand.universal()),
+    (Operand(KvBlockLayout.UniversalPP), Operand.block_stack(N)),
+    (Operand.block_stack(H), Operand.operational(N)),
+]
+
+
+def _layer_parts(views, op: Operand, dims: KvDims, layer: int) -> list[torch.Tensor]:
+    """The elements of layer ``layer`` of every block: its regions of a stack, or a slice of
+    each whole block."""
+    if op.stack:
+        return [v for i, v in enumerate(views) if i // dims.no % dims.nl == layer]
+    axis = op.format.dim_order.index(BlockDim.LAYER)
+    return [v.view(dims.block_shape(op.format)).narrow(axis, layer, 1) for v in views]
+
+
+def _table_of(views, op: Operand, dims: KvDims, layers: range) -> list[int]:
+    """Addresses of a permute of ``layers``: their regions of a stack, else whole blocks."""
+    if not op.stack:
+        return [v.data_ptr() for v in views]
+    return [v.data_ptr() for i, v in enumerate(views) if i // dims.no % dims.nl in layers]
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+@pytest.mark.parametrize(
+    ("src_op", "dst_op"), LAYER_PAIRS, ids=lambda op: f"{op.format.name}{'-stack' * op.stack}"
+)
+def test_a_permute_of_some_layers_writes_those_layers_only(src_op, dst_op, places, reference):
+    dims = KvDims(nl=5, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
+    nb = 3
+    device = _device(places)
+    src, _ = _operand_views(src_op, dims, nb, places[0])
+    dst, _ = _operand_views(dst_op, dims, nb, places[1])
+    fill_random(src, dims.dtype)
+    expected = [torch.empty_like(v, device="cpu") for v in dst]
+    convert(
+        [s.cpu() for s in src],
+        expected,
+        dims,
+        src_op.format,
+        dst_op.format,
+        src_is_stack=src_op.stack,
+        dst_is_stack=dst_op.stack,
+    )
+    for layers in (range(0, 2), range(2, 3), range(1, 5), range(4, 5)):
+        for v in dst:
+            v.copy_(poisoned(v.shape, dims.dtype))
+        plan = plan_permute(
+            _table_of(src, src_op, dims, layers),
+            src_op,
+            _table_of(dst, dst_op, dims, layers),
+            dst_op,
+            dims,
+            device,
+            layers=layers,
+        )
+        if reference:
+            plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
+        plan.run()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        for layer in range(dims.nl):
+            got = _layer_parts([v.cpu() for v in dst], dst_op, dims, layer)
+            if layer in layers:
+                for g, want in zip(got, _layer_parts(expected, dst_op, dims, layer), strict=True):
+                    assert_bits_equal(g, want)
+            else:
+                for g in got:
+                    assert_bits_equal(g, poisoned(g.shape, dims.dtype))
+
+
+def test_a_permute_of_some_layers_checks_them():
+    dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
+    src, _ = _operand_views(Operand.block_stack(N), dims, 1, "cpu")
+    dst, _ = _operand_views(Operand.universal(), dims, 1, "cpu")
+    for bad in (range(0), range(2, 4), range(0, 3, 2), [0, 1]):
+        with pytest.raises(InvalidArgumentError, match="layers must be"):
+            plan_permute(
+                [v.data_ptr() for v in src],
+                Operand.block_stack(N),
+                [v.data_ptr() for v in dst],
+                Operand.universal(),
+                dims,
+                "cpu",
+                layers=bad,
+            )
+    with pytest.raises(LengthMismatchError, match="a positive multiple of 2 addresses"):
+        plan_permute(  # a stack's table of every layer where one layer moves
+            [v.data_ptr() for v in src][:3],
+            Operand.block_stack(N),
+            [v.data_ptr() for v in dst],
+            Operand.universal(),
+            dims,
+            "cpu",
+            layers=range(1, 2),
+        )

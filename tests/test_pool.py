@@ -111,6 +111,40 @@ def test_sharing_and_eviction_order():
     pool.check_invariants()
 
 
+def test_an_extra_hold_keeps_a_block_of_any_state_until_it_is_freed():
+    pool = BlockPool(3, block_size=2)
+    empty, cached = pool.allocate(2)
+    pool.fill(cached, 2)
+    pool.register(cached, 5)
+    pool.hold([empty, cached])
+    pool.free([empty, cached])  # the first holder lets go
+    assert pool.state(empty) is BlockState.EMPTY and pool.refcount(empty) == 1
+    assert pool.state(cached) is BlockState.REGISTERED and pool.num_available == 1
+    pool.free([empty, cached])
+    assert pool.state(empty) is BlockState.FREE and pool.state(cached) is BlockState.INACTIVE
+    with pytest.raises(BlockStateError, match="is FREE: not held"):
+        pool.hold([empty])
+    pool.check_invariants()
+
+
+def test_discarding_a_held_block_makes_it_unfindable_and_free_once_let_go():
+    dropped = []
+    pool = BlockPool(3, block_size=2, on_evict=dropped.extend)
+    held, idle = pool.allocate(2)
+    for b, h in ((held, 10), (idle, 11)):
+        pool.fill(b, 2)
+        pool.register(b, h)
+    pool.free([idle])
+    assert pool.discard([held, idle]) == [10, 11] and dropped == [10, 11]
+    assert pool.lookup(10) is None and pool.lookup(11) is None
+    assert pool.state(held) is BlockState.COMPLETE and pool.state(idle) is BlockState.FREE
+    pool.free([held])
+    assert pool.state(held) is BlockState.FREE
+    with pytest.raises(BlockStateError, match="only a cached block can be discarded"):
+        pool.discard([held])
+    pool.check_invariants()
+
+
 def test_duplicate_registration_returns_the_cached_block():
     pool = BlockPool(2, block_size=1)
     a, b = pool.allocate(2)

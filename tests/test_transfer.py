@@ -26,7 +26,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.reference import convert
-from kvblocks.layout import KvBlockLayout, LayoutConfig, LayoutKind
+from kvblocks.layout import BlockDim, KvBlockLayout, LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer import (
     BounceBuffer,
@@ -46,11 +46,13 @@ from kvblocks.transfer import (
 )
 from kvblocks.transfer.pools import DeviceMemoryPool
 from kvblocks.transfer.verify import read_bytes
+from tests.helpers import assert_bits_equal
 
-NHD, HND, UNI = (
+NHD, HND, UNI, PP = (
     KvBlockLayout.OperationalNHD,
     KvBlockLayout.OperationalHND,
     KvBlockLayout.UniversalTP,
+    KvBlockLayout.UniversalPP,
 )
 CFG = LayoutConfig(
     num_blocks=6,
@@ -194,6 +196,61 @@ def test_every_storage_pair(manager, src_kind, dst_kind, src_fc, dst_fc, formats
         manager.release_layout(dst)
 
 
+@settings(max_examples=40)
+@given(
+    src_kind=st.sampled_from(["device", "pinned", "system"]),
+    dst_kind=st.sampled_from(["device", "pinned", "system"]),
+    src_fc=st.sampled_from(LayoutKind),
+    dst_fc=st.sampled_from(LayoutKind),
+    formats=st.sampled_from([(NHD, HND), (HND, NHD), (NHD, UNI), (UNI, HND), (PP, UNI)]),
+    data=st.data(),
+)
+def test_some_layers_change_format_on_the_way(
+    manager, src_kind, dst_kind, src_fc, dst_fc, formats, data
+):
+    """A layer range with a format change moves those layers of each block, converted, and
+    leaves the destination's other layers as they were."""
+    s_fmt, d_fmt = formats
+    if not s_fmt.is_operational():
+        src_fc = LayoutKind.FULLY_CONTIGUOUS
+    if not d_fmt.is_operational():
+        dst_fc = LayoutKind.FULLY_CONTIGUOUS
+    s_ids, d_ids, _ = draw_blocks(data, formats)
+    nl = CFG.num_layers
+    start = data.draw(st.integers(0, nl - 1))
+    layers = range(start, data.draw(st.integers(start + 1, nl)))
+    src = make(manager, src_kind, src_fc, s_fmt)
+    dst = make(manager, dst_kind, dst_fc, d_fmt)
+    try:
+        sp, dp = manager.layout(src), manager.layout(dst)
+        fill_blocks(sp, range(6), FillPattern.sequential())
+        fill_blocks(dp, range(6), FillPattern.of_constant(POISON))
+        before = {b: block_tensor(dp, b) for b in range(6)}
+        options = TransferOptions(layer_range=layers)
+        if torch.cuda.is_available() and {src_kind, dst_kind} == {"system", "device"}:
+            with pytest.raises(InvalidArgumentError, match="through pinned_bounce"):
+                manager.execute_transfer(src, s_ids, dst, d_ids, options)
+            for b in range(6):  # refused before anything moved
+                assert_bits_equal(block_tensor(dp, b), before[b])
+            return
+        manager.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
+        dims = CFG.dims(torch.float16)
+        expected = torch.empty(len(s_ids), dims.block_elems, dtype=torch.float16)
+        convert(torch.stack([block_tensor(sp, b) for b in s_ids]), expected, dims, s_fmt, d_fmt)
+        axis = d_fmt.dim_order.index(BlockDim.LAYER)
+        shape = dims.block_shape(d_fmt)
+        for i, b in enumerate(d_ids):
+            got = block_tensor(dp, b).view(shape)
+            for layer in range(nl):
+                want = expected[i].view(shape) if layer in layers else before[b].view(shape)
+                assert_bits_equal(got.select(axis, layer), want.select(axis, layer))
+        for b in set(range(6)) - set(d_ids):
+            assert_bits_equal(block_tensor(dp, b), before[b])
+    finally:
+        manager.release_layout(src)
+        manager.release_layout(dst)
+
+
 def check_transfers_from_threads(manager, kinds, formats, num_blocks, threads, folder=None):
     """Calls issued from ``threads`` threads at once, a block each (and some of three blocks),
     from a layer-separate ``kinds[0]`` layout into a fully contiguous ``kinds[1]`` one, each land
@@ -328,6 +385,7 @@ def test_argument_errors_move_nothing(manager):
             num_blocks=6, num_layers=3, outer_dim=2, page_size=4, inner_dim=16, dtype_width_bytes=2
         ),
     )
+    on_disk = make(manager, "disk", True, NHD)
     fill_blocks(manager.layout(b), range(6), FillPattern.of_constant(POISON))
     before = block_checksums(manager.layout(b), range(6))
     run = manager.execute_transfer
@@ -351,10 +409,10 @@ def test_argument_errors_move_nothing(manager):
         (lambda: run(no_heads, [0], b, [0]), InvalidArgumentError, "num_heads must be set"),
         (
             lambda: run(
-                a, [0], b, [0], TransferOptions(layer_range=range(1, 2), dst_kv_layout=HND)
+                a, [0], on_disk, [0], TransferOptions(layer_range=range(1, 2), dst_kv_layout=HND)
             ),
             InvalidArgumentError,
-            "layer_range must cover every layer",
+            "layer_range must cover every layer when the block format changes on the way",
         ),
         (
             lambda: run(a, [0], b, [0], TransferOptions(layer_range=range(2, 5))),

@@ -39,7 +39,7 @@ from kvblocks.kernels.addresses import (
 )
 from kvblocks.kernels.backend import Backend, available, default_device
 from kvblocks.kernels.grid import check_programs, grid_size
-from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
+from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims, layer_range
 
 #: Bytes one program moves (a tile of rows); tuned on the H100 by bench/tune.py.
 TILE_BYTES = 65536
@@ -50,7 +50,7 @@ NUM_WARPS = 8
 # of 16), nor block id tables on their alignment (a slice of one may start at any entry), so
 # that a transfer of a block count not seen before, or a piece of one, runs without a compile.
 @triton.jit(
-    do_not_specialize=["num_regions", "num_items"],
+    do_not_specialize=["num_regions", "num_items", "layer0"],
     do_not_specialize_on_alignment=["src_ids", "dst_ids"],
 )
 def _permute_kernel(
@@ -64,6 +64,7 @@ def _permute_kernel(
     dst_per_block,
     num_regions,
     num_items,
+    layer0,
     NL: tl.constexpr,
     NO: tl.constexpr,
     NT: tl.constexpr,
@@ -85,6 +86,7 @@ def _permute_kernel(
     ROWS: tl.constexpr,
     HD_BLOCK: tl.constexpr,
 ):
+    # NL is the number of layers moved, from layer0 on; the strides are those of whole blocks.
     # Item i is tile i // num_regions of region i % num_regions; program p moves items p,
     # p + G, p + 2G, ... of the G programs' grid (one item each when there is one per item).
     # Neighbouring items are the regions of one block: measured on the H100 as the most
@@ -112,12 +114,12 @@ def _permute_kernel(
             src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, region)
         else:
             src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, block)
-            src_rows += layer * SL + outer * SO
+            src_rows += (layer0 + layer) * SL + outer * SO
         if DST_STACK:
             dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, region)
         else:
             dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, block)
-            dst_rows += layer * DL + outer * DO
+            dst_rows += (layer0 + layer) * DL + outer * DO
         src = src_addr.to(tl.pointer_type(ELEM))
         dst = dst_addr.to(tl.pointer_type(ELEM))
         if ALIGNED:
@@ -173,9 +175,10 @@ class Operand:
         """Contiguous blocks ``[nh, nl, no, nt, hd]``."""
         return Operand(KvBlockLayout.UniversalTP)
 
-    def entries_per_block(self, dims: KvDims) -> int:
-        """Table entries one block takes."""
-        return dims.nl * dims.no if self.stack else 1
+    def entries_per_block(self, dims: KvDims, num_layers: int | None = None) -> int:
+        """Table entries one block takes when ``num_layers`` of its layers move (all by
+        default)."""
+        return (dims.nl if num_layers is None else num_layers) * dims.no if self.stack else 1
 
     def span_bytes(self, dims: KvDims) -> int:
         """Bytes each table entry points at."""
@@ -208,7 +211,9 @@ class PermutePlan:
     Build one with :func:`plan_permute`; :meth:`run` launches on the current stream of the
     plan's device (CUDA) or runs on the CPU. ``src_table`` and ``dst_table`` hold each
     operand's table (:meth:`Operand.entries_per_block` entries per block), on ``device`` for
-    the Triton backends.
+    the Triton backends. With ``layers``, only those layers of each block move: a block
+    stack's table then holds their regions only, a whole block's entry is still the block's
+    start.
     """
 
     src: Operand
@@ -222,6 +227,7 @@ class PermutePlan:
     aligned: bool
     launch: tuple[tuple[int, int], dict] | None
     programs: int | None = None
+    layers: range | None = None
 
     @classmethod
     def of_checked_tables(
@@ -234,17 +240,32 @@ class PermutePlan:
         device: torch.device,
         aligned: bool,
         programs: int | None = None,
+        layers: range | None = None,
     ) -> PermutePlan:
         """A plan over tables already on ``device`` that the caller has checked as
-        :func:`plan_permute` would (lengths, element alignment, no overlap). ``aligned``: every
-        address is a multiple of 16 bytes."""
-        nb = len(src_table) // src.entries_per_block(dims)
+        :func:`plan_permute` would (lengths, element alignment, no overlap, ``layers``).
+        ``aligned``: every address is a multiple of 16 bytes."""
+        layers = _whole_or_part(layers, dims)
+        nb = len(src_table) // src.entries_per_block(dims, _count(layers, dims))
         backend = available(device)
         launch = (
-            None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
+            None
+            if backend is Backend.REFERENCE
+            else _launch_config(src, dst, dims, nb, aligned, _count(layers, dims))
         )
         return cls(
-            src, dst, dims, nb, device, backend, src_table, dst_table, aligned, launch, programs
+            src,
+            dst,
+            dims,
+            nb,
+            device,
+            backend,
+            src_table,
+            dst_table,
+            aligned,
+            launch,
+            programs,
+            layers,
         )
 
     def run(self) -> None:
@@ -274,6 +295,7 @@ class PermutePlan:
                 *self.dst_table.kernel_args(),
                 regions,
                 items,
+                0 if self.layers is None else self.layers.start,
                 **constants,
             )
 
@@ -281,6 +303,20 @@ class PermutePlan:
         dims = self.dims
         if dims.itemsize == 1:  # torch has no indexed copies of fp8 on the CPU: move bytes
             dims = replace(dims, dtype=torch.uint8)
+        if self.layers is not None:
+            src = _tensors_at(self.src_table, self.src.span_bytes(dims), dims.dtype, self.device)
+            dst = _tensors_at(self.dst_table, self.dst.span_bytes(dims), dims.dtype, self.device)
+            reference.convert_layers(
+                src,
+                dst,
+                dims,
+                self.layers,
+                self.src.format,
+                self.dst.format,
+                src_is_stack=self.src.stack,
+                dst_is_stack=self.dst.stack,
+            )
+            return
         if self.device.type == "cpu":
             src_rows = _block_rows(self.src_table, self.src.span_bytes(dims), dims.dtype)
             dst_rows = _block_rows(self.dst_table, self.dst.span_bytes(dims), dims.dtype)
@@ -302,19 +338,29 @@ class PermutePlan:
         )
 
 
+def _whole_or_part(layers: range | None, dims: KvDims) -> range | None:
+    """``layers``, or None where it names every layer (the plain permute)."""
+    return None if layers is None or layers == range(dims.nl) else layers
+
+
+def _count(layers: range | None, dims: KvDims) -> int:
+    return dims.nl if layers is None else len(layers)
+
+
 def _launch_config(
-    src: Operand, dst: Operand, dims: KvDims, nb: int, aligned: bool
+    src: Operand, dst: Operand, dims: KvDims, nb: int, aligned: bool, num_layers: int
 ) -> tuple[tuple[int, int], dict]:
-    """The regions and tiles per region of a permute, and its compile-time constants."""
-    tiles, constants = _constants(
-        src, dst, dims, aligned, wide=max(dims.block_elems, nb * dims.nl * dims.no) >= 2**31 - 1
-    )
-    return (nb * dims.nl * dims.no, tiles), constants
+    """The regions and tiles per region of a permute of ``num_layers`` layers of each block,
+    and its compile-time constants."""
+    regions = nb * num_layers * dims.no
+    wide = max(dims.block_elems, regions) >= 2**31 - 1
+    tiles, constants = _constants(src, dst, dims, aligned, wide, num_layers)
+    return (regions, tiles), constants
 
 
 @functools.lru_cache(maxsize=256)
 def _constants(
-    src: Operand, dst: Operand, dims: KvDims, aligned: bool, wide: bool
+    src: Operand, dst: Operand, dims: KvDims, aligned: bool, wide: bool, num_layers: int
 ) -> tuple[int, dict]:
     """Tiles per region and the kernel's constants, worked out once per kind of permute
     (transfers repeat the same few)."""
@@ -323,7 +369,7 @@ def _constants(
     sl, so, st, sh = src.row_strides(dims)
     dl, do, dt, dh = dst.row_strides(dims)
     constants = dict(
-        NL=dims.nl,
+        NL=num_layers,
         NO=dims.no,
         NT=dims.nt,
         NH=dims.nh,
@@ -402,6 +448,7 @@ def plan_permute(
     device: torch.device | str | None = None,
     check_overlap: bool = True,
     programs: int | None = None,
+    layers: range | None = None,
 ) -> PermutePlan:
     """Check a permute's arguments and prepare it to run.
 
@@ -418,11 +465,14 @@ def plan_permute(
         programs: at most this many programs move the tiles (as for the copy kernel,
             :func:`~kvblocks.kernels.pinned_programs` gives the number for pinned host
             memory); ``None``: one program per tile.
+        layers: move only these layers of each block (a ``range`` with step 1); all by
+            default. A block stack's table then holds ``len(layers) * no`` regions per block
+            (those layers', in order); a whole block's entry is still the block's start.
 
     Raises:
         LengthMismatchError: the tables do not describe the same number of blocks.
-        InvalidArgumentError: a null address, one not aligned to the element size, or a
-            ``programs`` that is not a positive int.
+        InvalidArgumentError: a null address, one not aligned to the element size, a
+            ``programs`` that is not a positive int, or a bad ``layers``.
         OverlapError: two destinations overlap, or a destination overlaps a source.
     """
     if not isinstance(dims, KvDims):
@@ -431,16 +481,19 @@ def plan_permute(
     for name, operand in (("src", src), ("dst", dst)):
         if not isinstance(operand, Operand):
             raise InvalidArgumentError(name, f"must be an Operand, got {type(operand).__name__}")
+    layers = _whole_or_part(layer_range(layers, dims.nl), dims)
+    count = _count(layers, dims)
     src_host = host_table(src_table, "src_table")
-    per_block = src.entries_per_block(dims)
+    per_block = src.entries_per_block(dims, count)
     if src_host.numel() == 0 or src_host.numel() % per_block:
         raise LengthMismatchError(
             "src_table",
             f"must hold a positive multiple of {per_block} addresses"
-            f" ({'nl * no regions' if src.stack else 'one'} per block), got {src_host.numel()}",
+            f" ({'a region per layer and outer' if src.stack else 'one'} per block),"
+            f" got {src_host.numel()}",
         )
     nb = src_host.numel() // per_block
-    dst_host = host_table(dst_table, "dst_table", length=nb * dst.entries_per_block(dims))
+    dst_host = host_table(dst_table, "dst_table", length=nb * dst.entries_per_block(dims, count))
     why = f"{dims.dtype} elements"
     check_alignment(src_host, dims.itemsize, "src_table", why)
     check_alignment(dst_host, dims.itemsize, "dst_table", why)
@@ -454,7 +507,9 @@ def plan_permute(
     if backend is Backend.TRITON:
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
-    launch = None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned)
+    launch = (
+        None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned, count)
+    )
     return PermutePlan(
         src,
         dst,
@@ -467,6 +522,7 @@ def plan_permute(
         aligned,
         launch,
         programs,
+        layers,
     )
 
 

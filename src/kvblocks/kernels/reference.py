@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 import torch
 
@@ -37,7 +38,7 @@ from kvblocks.errors import (
     ShapeMismatchError,
     UnsupportedDtypeError,
 )
-from kvblocks.layout import InnerOrder, KvBlockLayout, KvDims
+from kvblocks.layout import BlockDim, InnerOrder, KvBlockLayout, KvDims
 
 Regions = Sequence[torch.Tensor]
 Blocks = Sequence[torch.Tensor]
@@ -186,6 +187,54 @@ def convert(
         _scatter(y, dst, _regions_per_block(dims), dims.inner, dims, "dst")
     else:
         _scatter(y, dst, 1, dims.block_elems, dims, "dst")
+
+
+def convert_layers(
+    src: Regions | Blocks,
+    dst: Regions | Blocks,
+    dims: KvDims,
+    layers: range,
+    src_format: KvBlockLayout,
+    dst_format: KvBlockLayout,
+    *,
+    src_is_stack: bool = False,
+    dst_is_stack: bool = False,
+) -> None:
+    """:func:`convert` of layers ``layers`` of each block only; the others' elements in
+    ``dst`` are left as they were.
+
+    Args:
+        src: ``len(layers) * no`` regions per block when ``src_is_stack`` (those layers',
+            block-major then layer then outer), else ``nb`` whole blocks in ``src_format``.
+        dst: likewise for the destination; written.
+        layers: a non-empty step-1 range inside ``range(dims.nl)``.
+    """
+    part = replace(dims, nl=len(layers))
+    if src_is_stack:
+        x = _gather(src, _regions_per_block(part), dims.inner, part, "src")
+    else:
+        for i, block in enumerate(src):
+            _check_tensor(block, dims.block_elems, dims, f"src[{i}]")
+        x = torch.stack([_layers_of(b, dims, src_format, layers).reshape(-1) for b in src])
+    y = permute_blocks(x, part, src_format, dst_format)
+    if dst_is_stack:
+        _scatter(y, dst, _regions_per_block(part), dims.inner, part, "dst")
+        return
+    if len(dst) != y.shape[0]:
+        raise LengthMismatchError(
+            "dst", f"must hold {y.shape[0]} tensors to match the source, got {len(dst)}"
+        )
+    for i, (b, values) in enumerate(zip(dst, y, strict=True)):
+        _check_tensor(b, dims.block_elems, dims, f"dst[{i}]")
+        _layers_of(b, dims, dst_format, layers).copy_(values.view(part.block_shape(dst_format)))
+
+
+def _layers_of(
+    block: torch.Tensor, dims: KvDims, fmt: KvBlockLayout, layers: range
+) -> torch.Tensor:
+    """A view of layers ``layers`` of one whole block in ``fmt``, in ``fmt``'s 5-d shape."""
+    axis = fmt.dim_order.index(BlockDim.LAYER)
+    return block.view(dims.block_shape(fmt)).narrow(axis, layers.start, len(layers))
 
 
 def _regions_per_block(dims: KvDims) -> int:

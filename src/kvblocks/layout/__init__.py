@@ -16,6 +16,7 @@ from kvblocks.layout.layouts import (
     MemoryRegion,
     OuterSeparateLayout,
     check_stored_format,
+    layer_range,
 )
 
 __all__ = [
@@ -35,5 +36,6 @@ __all__ = [
     "OuterSeparateLayout",
     "check_stored_format",
     "dtype_name",
+    "layer_range",
     "parse_dtype",
 ]

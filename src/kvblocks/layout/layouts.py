@@ -124,6 +124,24 @@ class BlockDimension(Enum):
     FlashAttention cache)."""
 
 
+def layer_range(layers: range | None, num_layers: int) -> range:
+    """``layers`` checked against ``num_layers`` (``None`` means all layers).
+
+    Raises:
+        InvalidArgumentError, BlockIdOutOfRangeError: not a non-empty step-1 range inside
+            ``range(num_layers)``.
+    """
+    if layers is None:
+        return range(num_layers)
+    if not isinstance(layers, range) or layers.step != 1:
+        raise InvalidArgumentError("layers", f"must be a range with step 1, got {layers!r}")
+    if len(layers) == 0 or layers.start < 0 or layers.stop > num_layers:
+        raise BlockIdOutOfRangeError(
+            "layers", f"must be a non-empty range within [0, {num_layers}), got {layers!r}"
+        )
+    return layers
+
+
 def _block_id_list(block_ids: Iterable[int], num_blocks: int, argument: str) -> list[int]:
     try:
         ids = [operator.index(b) for b in block_ids]
@@ -245,21 +263,9 @@ class Layout(ABC):
         ]
 
     def layer_range(self, layers: range | None) -> range:
-        """``layers`` checked against the config (``None`` means all layers).
-
-        Raises:
-            InvalidArgumentError, BlockIdOutOfRangeError: not a non-empty step-1 range inside it.
-        """
-        nl = self.config.num_layers
-        if layers is None:
-            return range(nl)
-        if not isinstance(layers, range) or layers.step != 1:
-            raise InvalidArgumentError("layers", f"must be a range with step 1, got {layers!r}")
-        if len(layers) == 0 or layers.start < 0 or layers.stop > nl:
-            raise BlockIdOutOfRangeError(
-                "layers", f"must be a non-empty range within [0, {nl}), got {layers!r}"
-            )
-        return layers
+        """``layers`` checked against the config (``None`` means all layers); see
+        :func:`layer_range`."""
+        return layer_range(layers, self.config.num_layers)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config}, kv_format={self.kv_format.name})"

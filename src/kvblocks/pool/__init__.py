@@ -9,6 +9,8 @@
   :mod:`~kvblocks.pool.publishers`).
 - :class:`KvIndex`: which worker caches which prefix, from their KV events (for routers), fed
   from the network by :class:`~kvblocks.pool.subscribers.ZmqSubscriber`.
+- :class:`ReadyLayers`: when each layer of a hit's blocks is in G1, after a lookup that
+  returned before its copies ended.
 - :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full
   attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
@@ -32,6 +34,7 @@ from kvblocks.pool.kv_index import KvIndex, Overlap, WorkerView
 from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
 from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
+from kvblocks.pool.ready import ReadyLayers
 from kvblocks.pool.tier import Tier
 
 __all__ = [
@@ -59,6 +62,7 @@ __all__ = [
     "PoolExhaustedError",
     "PoolMetrics",
     "PrefixHit",
+    "ReadyLayers",
     "Tier",
     "TierOccupancy",
     "WorkerView",

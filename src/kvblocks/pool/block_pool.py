@@ -214,6 +214,21 @@ class BlockPool:
                 state[b] = BlockState.REGISTERED
             ref[b] += 1
 
+    def hold(self, block_ids: Sequence[int]) -> None:
+        """Add one hold on each block someone holds already, whatever its state (a copy into
+        it that must end before the block is reused, say).
+
+        Raises:
+            BlockStateError: a block is not held (nothing changes).
+        """
+        self._check_ids(block_ids)
+        ref = self._ref
+        for b in block_ids:
+            if ref[b] < 1:
+                raise BlockStateError(f"block {b} is {self.state(b).name}: not held")
+        for b in block_ids:
+            ref[b] += 1
+
     def fill(self, block_id: int, num_tokens: int) -> BlockState:
         """Record ``num_tokens`` more tokens written into an EMPTY or PARTIAL block you hold
         alone; returns its new state (COMPLETE once it holds ``block_size`` tokens).
@@ -267,19 +282,28 @@ class BlockPool:
         return dropped
 
     def discard(self, block_ids: Sequence[int]) -> list[int]:
-        """Drop these inactive blocks now, whatever their place in the eviction order (their
-        contents turned out bad, say); returns their hashes.
+        """Make these cached blocks unfindable now, whatever their place in the eviction order
+        (their contents turned out bad, say); returns their hashes. An inactive block becomes
+        FREE; a held one COMPLETE, and FREE when its last holder frees it.
 
         Raises:
-            BlockStateError: a block is not inactive (nothing changes).
+            BlockStateError: a block is not registered or inactive (nothing changes).
         """
         self._check_ids(block_ids)
         for b in block_ids:
-            if b not in self._inactive:
+            if self._state[b] not in (BlockState.REGISTERED, BlockState.INACTIVE):
                 raise BlockStateError(
-                    f"block {b} is {self.state(b).name}: only an inactive block can be discarded"
+                    f"block {b} is {self.state(b).name}: only a cached block can be discarded"
                 )
-        dropped = [self._drop(b) for b in dict.fromkeys(block_ids)]
+        dropped = []
+        for b in dict.fromkeys(block_ids):
+            if b in self._inactive:
+                dropped.append(self._drop(b))
+            else:
+                dropped.append(self._hash[b])
+                del self._by_hash[self._hash[b]]
+                self._hash[b] = None
+                self._state[b] = BlockState.COMPLETE
         self._dropped(dropped)
         return dropped
 

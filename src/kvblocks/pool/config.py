@@ -122,6 +122,11 @@ class BlockManagerConfig:
             then hits a prefix when the blocks of its last ``sliding_window - 1`` tokens are
             cached, and only those are held and onboarded (:mod:`~kvblocks.pool.window`).
             None: full attention, every block of the prefix is needed.
+        onboard_layer_groups: how many groups of layers a ``lookup(..., wait=False)`` copies
+            into G1 one after another, each with its own completion that the engine's stream
+            can wait for (``PrefixHit.ready.wait_layer``): more groups let the forward pass
+            start sooner, each costs the host one more transfer call (``num_layers`` groups at
+            most are made).
         nixl_backend: the NIXL backend plugin (``"UCX"``, ...) of the manager's own
             TransferManager, needed to share G2 blocks with other workers (tier G4); None
             for no NIXL agent.
@@ -145,6 +150,7 @@ class BlockManagerConfig:
     device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST
     storage_format: KvBlockLayout = KvBlockLayout.UniversalTP
     sliding_window: int | None = None
+    onboard_layer_groups: int = 1
     nixl_backend: str | None = None
 
     def __post_init__(self) -> None:
@@ -196,6 +202,7 @@ class BlockManagerConfig:
                 f"must be None or an int >= 2 (tokens each token attends to, itself included),"
                 f" got {window!r}",
             )
+        positive_int(self.onboard_layer_groups, "onboard_layer_groups")
         if self.disk_cache_key is not None and (
             not isinstance(self.disk_cache_key, str) or not self.disk_cache_key.strip()
         ):

@@ -65,6 +65,7 @@ from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
 from kvblocks.pool.offload_filter import OffloadFilter
 from kvblocks.pool.peer_set import Peer, PeerSet
+from kvblocks.pool.ready import LayerCopies, ReadyLayers, layer_groups
 from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease
 from kvblocks.pool.tier import Tier
 from kvblocks.pool.window import blocks_needed, window_hit
@@ -72,7 +73,9 @@ from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     LayoutHandle,
     LogicalLayoutHandle,
+    TransferCompleteNotification,
     TransferManager,
+    TransferOptions,
     block_checksums,
 )
 
@@ -98,6 +101,10 @@ class PrefixHit:
         skipped: leading blocks of the prefix that a manager of sliding-window layers
             (``config.sliding_window``) does not hold, since no token after the prefix attends
             to them: the engine's block table takes its null block there. 0 for full attention.
+        ready: when each layer of the held blocks holds its KV. After ``lookup(...,
+            wait=False)`` copies into G1 may still run: before reading layer ``l`` of the
+            blocks, the engine calls ``ready.wait_layer(l)`` (its CUDA stream waits, the host
+            does not). After a lookup that waited, everything is in place already.
     """
 
     block_ids: list[int]
@@ -106,6 +113,7 @@ class PrefixHit:
     from_tier: dict[Tier, int] = field(default_factory=dict)
     misses: int = 0
     skipped: int = 0
+    ready: ReadyLayers = field(default_factory=ReadyLayers)
 
     @property
     def num_tokens(self) -> int:
@@ -142,6 +150,17 @@ class _Onboarding:
 
     blocks: list[tuple[Tier, int]]
     dst: list[int]
+
+
+@dataclass(eq=False)
+class _InFlight:
+    """A copy from G2 into G1 that may still run, and the blocks held until it ends."""
+
+    copies: LayerCopies
+    g1: list[int]
+    g2: list[int]
+    started: float
+    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
 
 
 @dataclass(frozen=True)
@@ -216,6 +235,8 @@ class BlockManager:
         self._tiers: dict[Tier, _TierState] = {}
         self._journal: Journal | None = None
         self._failures: list[BaseException] = []
+        self._inflight: list[_InFlight] = []
+        self._inflight_at: dict[int, _InFlight] = {}
         self.metrics = PoolMetrics(self.occupancy)
         self._server: BlockServer | None = None
         self._owns_transfer = transfer is None
@@ -233,6 +254,9 @@ class BlockManager:
         except BaseException:
             self._release_tiers()
             raise
+        device = self.device_tensors[0].device
+        self._onboard_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._onboard_groups = layer_groups(config.num_layers, config.onboard_layer_groups)
         self._queue: queue.Queue[_Offload | None] = queue.Queue()
         self._worker = None
         if config.enable_offload:
@@ -428,6 +452,7 @@ class BlockManager:
         salt: int = 0,
         ask_peer: str | None = None,
         max_blocks: int | None = None,
+        wait: bool = True,
     ) -> PrefixHit:
         """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
 
@@ -435,7 +460,17 @@ class BlockManager:
         as G1 can make room for), G3 blocks through G2 with their checksums checked. Where the
         local tiers' prefix ends, the peers (:meth:`add_peer`) are asked for the blocks that
         follow, which are read into G2 (and stay cached there) and copied on into G1. The
-        returned blocks are held for the caller and their bytes are in place on return.
+        returned blocks are held for the caller; with ``wait`` their bytes are in place on
+        return.
+
+        With ``wait=False`` the copies from G2 into G1 are only issued: on a stream of the
+        manager's (after the work queued so far on the current stream), in
+        ``config.onboard_layer_groups`` groups of layers, first layers first. The engine then
+        makes its stream wait for each layer before reading it (``hit.ready.wait_layer(l)``),
+        so its forward pass overlaps the copies of later layers and the host does not wait.
+        (Reads from G3 and from peers into G2 are waited for either way.) Freeing the blocks
+        before the copies end is safe: the manager holds them, and their G2 sources, until
+        then.
 
         With ``config.sliding_window`` the prefix ends after the last run of blocks holding a
         window's tokens that the tiers (and peers) cache, and only that run is held and copied
@@ -447,28 +482,38 @@ class BlockManager:
                 hand-off does not miss while the news is on the way.
             max_blocks: look at the first ``max_blocks`` full blocks only (the hit that the
                 manager of another group of the model's layers found, say); None: all.
+            wait: return once the held blocks' bytes are in place; False: as soon as the
+                copies are issued (see above and :class:`~kvblocks.pool.ready.ReadyLayers`).
 
         Raises:
             InvalidArgumentError: ``ask_peer`` is not a peer, or ``max_blocks`` is not an int
                 >= 0.
+            TransferError: a copy into G1 failed (with ``wait``; otherwise the waits of
+                ``hit.ready`` raise it). The blocks are not held then.
         """
         if ask_peer is not None and self._peers.get(ask_peer) is None:
             raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
+        if not isinstance(wait, bool):
+            raise InvalidArgumentError("wait", f"must be a bool, got {wait!r}")
         size = self.config.block_size
         if max_blocks is not None:
             token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
         hashes = sequence_hashes(token_ids, size, salt=salt)
+        self._reap()
+        groups = (range(self.config.num_layers),) if wait else self._onboard_groups
         if self._window_blocks is not None:
-            return self._lookup_window(hashes, token_ids, ask_peer)
+            return self._lookup_window(hashes, token_ids, ask_peer, groups, wait)
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
             held = g1.match_sequence_hashes(hashes)
             g1.acquire(held)
             short = g1.num_available < len(hashes) - len(held)
-        if short:  # blocks waiting to be offloaded come back once the offload ends
+        if short:  # blocks waiting to be offloaded or onboarded come back once those end
             self._drain()
+            self._settle()
         try:
-            from_tier = self._onboard_after(held, hashes, token_ids, ask_peer)
+            from_tier = self._onboard_after(held, hashes, token_ids, ask_peer, groups)
+            ready = self._ready(held, wait)
         except BaseException:  # the caller gets no blocks to free: let the G1 hits go
             with self._lock:
                 g1.free(held)
@@ -477,10 +522,16 @@ class BlockManager:
         self._note_uses(hashes[: len(held)])
         self.metrics.record_lookup(from_tier, misses)
         self._publish()
-        return PrefixHit(held, hashes[: len(held)], self.config.block_size, from_tier, misses)
+        size = self.config.block_size
+        return PrefixHit(held, hashes[: len(held)], size, from_tier, misses, ready=ready)
 
     def _onboard_after(
-        self, held: list[int], hashes: list[int], token_ids: Sequence[int], ask_peer: str | None
+        self,
+        held: list[int],
+        hashes: list[int],
+        token_ids: Sequence[int],
+        ask_peer: str | None,
+        groups: tuple[range, ...],
     ) -> dict[Tier, int]:
         """Extend the held G1 prefix ``held`` (in place) with the blocks after it that G2, G3
         or a peer caches; returns how many blocks came from each tier."""
@@ -489,7 +540,7 @@ class BlockManager:
             fetched = self._fetch_from_peers(hashes, token_ids, len(held), ask_peer)
         try:
             from_tier = {Tier.G1: len(held)}
-            held += self._onboard_next(hashes[len(held) :], fetched, from_tier)
+            held += self._onboard_next(hashes[len(held) :], fetched, from_tier, groups)
             return from_tier
         finally:
             if fetched:
@@ -497,7 +548,12 @@ class BlockManager:
                     self._tiers[Tier.G2].pool.free(list(fetched.values()))
 
     def _lookup_window(
-        self, hashes: list[int], token_ids: Sequence[int], ask_peer: str | None
+        self,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        ask_peer: str | None,
+        groups: tuple[range, ...],
+        wait: bool,
     ) -> PrefixHit:
         """:meth:`lookup` for sliding-window layers: hold the last run of ``_window_blocks``
         cached blocks (peers asked for the blocks after the local tiers' run) and skip the
@@ -512,7 +568,7 @@ class BlockManager:
             while True:
                 end = self._window_end(hashes, gone)
                 start = max(end - needed, 0)
-                held, from_tier = self._hold(hashes[start:end], fetched)
+                held, from_tier = self._hold(hashes[start:end], fetched, groups)
                 if len(held) == end - start:
                     break
                 with self._lock:  # a block went meanwhile (evicted, corrupt, or no room in G1)
@@ -522,12 +578,19 @@ class BlockManager:
             if fetched:
                 with self._lock:
                     self._tiers[Tier.G2].pool.free(list(fetched.values()))
+        try:
+            ready = self._ready(held, wait)
+        except BaseException:
+            with self._lock:
+                self._tiers[Tier.G1].pool.free(held)
+            raise
         misses = len(hashes) - end
         self._note_uses(hashes[start:end])
         self.metrics.record_lookup(from_tier, misses, skipped=start)
         self._publish()
+        size = self.config.block_size
         return PrefixHit(
-            held, hashes[start:end], self.config.block_size, from_tier, misses, skipped=start
+            held, hashes[start:end], size, from_tier, misses, skipped=start, ready=ready
         )
 
     def _window_end(self, hashes: list[int], gone: set[int]) -> int:
@@ -542,7 +605,7 @@ class BlockManager:
             )
 
     def _hold(
-        self, hashes: list[int], fetched: Mapping[int, int]
+        self, hashes: list[int], fetched: Mapping[int, int], groups: tuple[range, ...]
     ) -> tuple[list[int], dict[Tier, int]]:
         """Hold in G1 the longest prefix of ``hashes`` that the tiers cache: G1's blocks shared,
         the others onboarded (``fetched``: hashes a peer's read brought into G2). Returns the
@@ -560,9 +623,10 @@ class BlockManager:
                 from_tier[Tier.G1] += len(shared)
                 if len(held) == len(hashes):
                     break
-                if short:  # blocks waiting to be offloaded come back once the offload ends
+                if short:  # blocks waiting to be offloaded or onboarded come back once those end
                     self._drain()
-                onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier)
+                    self._settle()
+                onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier, groups)
                 held += onboarded
                 if not shared and not onboarded:
                     break
@@ -573,16 +637,21 @@ class BlockManager:
         return held, from_tier
 
     def _onboard_next(
-        self, hashes: list[int], fetched: Mapping[int, int], from_tier: dict[Tier, int]
+        self,
+        hashes: list[int],
+        fetched: Mapping[int, int],
+        from_tier: dict[Tier, int],
+        groups: tuple[range, ...],
     ) -> list[int]:
         """Copy into G1 the leading blocks of ``hashes`` that G2 or G3 cache, as far as G1 has
-        room; returns the G1 blocks (held) and counts each in ``from_tier`` by the tier it came
-        from (G4 for ``fetched`` ones, read from a peer a moment ago)."""
+        room, G2's in layer ``groups``; returns the G1 blocks (held) and counts each in
+        ``from_tier`` by the tier it came from (G4 for ``fetched`` ones, read from a peer a
+        moment ago)."""
         with self._lock:
             plan = self._plan_onboard(hashes)
         if not plan.blocks:
             return []
-        onboarded = self._onboard(hashes[: len(plan.blocks)], plan)
+        onboarded = self._onboard(hashes[: len(plan.blocks)], plan, groups)
         for h, (tier, _) in zip(hashes, plan.blocks[: len(onboarded)], strict=False):
             source = Tier.G4 if h in fetched else tier
             from_tier[source] = from_tier.get(source, 0) + 1
@@ -596,13 +665,15 @@ class BlockManager:
             PoolExhaustedError: fewer than ``n`` blocks are free or evictable.
         """
         start = time.perf_counter()
+        self._reap()
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
             short = n > g1.num_available
             if not short:
                 ids = g1.allocate(n)
-        if short:  # blocks waiting to be offloaded come back once the offload ends
+        if short:  # blocks waiting to be offloaded or onboarded come back once those end
             self._drain()
+            self._settle()
             with self._lock:
                 ids = g1.allocate(n)
         self.metrics.record_allocation(time.perf_counter() - start)
@@ -660,6 +731,7 @@ class BlockManager:
         """Drop the caller's hold on G1 blocks; registered ones stay cached (inactive)."""
         with self._lock:
             self._tiers[Tier.G1].pool.free(block_ids)
+        self._reap()
         self._publish()
 
     def clear(self) -> None:
@@ -672,7 +744,8 @@ class BlockManager:
         self._publish()
 
     def flush(self, timeout: float | None = None) -> None:
-        """Wait until every offload queued so far has finished and publish pending events.
+        """Wait until every offload queued so far, and every copy into G1 a lookup issued, has
+        finished, and publish pending events.
 
         Raises:
             TransferError: an offload failed since the last flush (its blocks were not stored
@@ -680,6 +753,7 @@ class BlockManager:
             TimeoutError: ``timeout`` seconds passed first.
         """
         self._drain(timeout)
+        self._settle()
         self._publish()
         with self._lock:
             failures, self._failures = self._failures, []
@@ -714,6 +788,8 @@ class BlockManager:
             self._queue.put(None)
             self._worker.join()
             self._worker = None
+        if self._tiers:
+            self._settle()
         self._peers.close()
         with self._lock:
             if self._tiers:
@@ -761,10 +837,13 @@ class BlockManager:
                 self._tiers[tier].pool.acquire(blocks)
         return _Onboarding(found, self._tiers[Tier.G1].pool.allocate(len(found)))
 
-    def _onboard(self, hashes: list[int], plan: _Onboarding) -> list[int]:
+    def _onboard(
+        self, hashes: list[int], plan: _Onboarding, groups: tuple[range, ...]
+    ) -> list[int]:
         """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
-        G2 has room for) and on into G1, G2 blocks straight into G1. Returns the G1 blocks
-        (held), fewer than planned if a G3 block fails its checksum."""
+        G2 has room for) and on into G1, G2 blocks straight into G1, issued in layer
+        ``groups`` and held until they end (:meth:`_reap`). Returns the G1 blocks (held),
+        fewer than planned if a G3 block fails its checksum."""
         sources, dst = plan.blocks, plan.dst
         g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
         g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
@@ -792,12 +871,9 @@ class BlockManager:
                 if good < room:
                     keep = at[good]
                     break
-            self._copy(
-                Tier.G2,
-                [sources[i][1] for i in g2_at if i < keep],
-                Tier.G1,
-                [dst[i] for i in g2_at if i < keep],
-                onboard=True,
+            copying = [i for i in g2_at if i < keep]
+            flight = self._copy_to_g1(
+                [sources[i][1] for i in copying], [dst[i] for i in copying], groups
             )
         except BaseException:
             with self._lock:
@@ -806,16 +882,116 @@ class BlockManager:
                 self._release_g3([sources[i][1] for i in g3_at[done:]])
             raise
         with self._lock:
-            g2.free([sources[i][1] for i in g2_at])
+            g2.free([sources[i][1] for i in g2_at if i >= keep])  # the rest: when copied
             self._release_g3([sources[i][1] for i in g3_at[done:]])
             g1.free(dst[keep:])
             result, new = self._cache(g1, dst[:keep], hashes[:keep])
+            if flight is not None:
+                self._hold_until_copied(flight)
             for b, c in zip(dst[:keep], result, strict=True):
                 if c != b:  # another lookup onboarded it meanwhile: share that one
                     g1.acquire([c])
                     g1.free([b])
             self._emit_stored(Tier.G1, [h for _, h in new])
         return result
+
+    def _copy_to_g1(
+        self, src_ids: list[int], dst_ids: list[int], groups: tuple[range, ...]
+    ) -> _InFlight | None:
+        """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, one transfer
+        per layer group in order, on the onboard stream after the work queued so far on the
+        current stream (which may still read what the G1 blocks held before). None if there
+        is nothing to copy. On a machine without a GPU the transfers run on worker threads."""
+        if not src_ids:
+            return None
+        source, destination = self._tiers[Tier.G2].handle, self._tiers[Tier.G1].handle
+        stream = self._onboard_stream
+        started, timing, done = time.perf_counter(), None, []
+        try:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(stream.device))
+                timing = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                timing[0].record(stream)
+            for i, group in enumerate(groups):
+                options = TransferOptions(layer_range=group, cuda_stream=stream)
+                issued = self._transfer.execute_transfer(
+                    source, src_ids, destination, dst_ids, options
+                )
+                if stream is not None:
+                    event = timing[1] if i == len(groups) - 1 else torch.cuda.Event()
+                    event.record(stream)
+                    issued = TransferCompleteNotification.from_event(event)
+                done.append(issued)
+        except BaseException:
+            _wait_quietly(done)  # the caller lets the blocks go: the copies must end first
+            raise
+        copies = LayerCopies(groups, tuple(done))
+        return _InFlight(copies, dst_ids, src_ids, started, timing)
+
+    def _hold_until_copied(self, flight: _InFlight) -> None:
+        """Hold ``flight``'s G1 blocks once more (its G2 sources are held already) until
+        :meth:`_reap` sees its copies end, and let lookups that share its G1 blocks wait for
+        them. Under the lock, after the blocks were cached."""
+        self._tiers[Tier.G1].pool.hold(flight.g1)
+        self._inflight.append(flight)
+        for b in flight.g1:
+            self._inflight_at[b] = flight
+
+    def _ready(self, blocks: list[int], wait: bool) -> ReadyLayers:
+        """What held G1 ``blocks`` wait for: the copies into them that may still run. With
+        ``wait``, they are waited for here and nothing is left to wait for."""
+        with self._lock:
+            flights = {id(f): f for b in blocks if (f := self._inflight_at.get(b)) is not None}
+        ready = ReadyLayers(
+            self.config.num_layers,
+            [f.copies for f in flights.values()],
+            self.device_tensors[0].device,
+        )
+        if not wait:
+            return ready
+        try:
+            ready.synchronize()
+        finally:
+            self._reap()
+        return ReadyLayers(self.config.num_layers, device=self.device_tensors[0].device)
+
+    def _reap(self) -> None:
+        """Let go of the blocks of copies into G1 that have ended (successfully or not: the G1
+        blocks of a failed copy are dropped from the cache)."""
+        with self._lock:
+            ended = [f for f in self._inflight if f.copies.poll()]
+            if not ended:
+                return
+            self._inflight = [f for f in self._inflight if all(f is not e for e in ended)]
+            g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
+            for flight in ended:
+                for b in flight.g1:
+                    del self._inflight_at[b]
+                failed = next((e for d in flight.copies.done if (e := d.exception())), None)
+                if failed is not None:
+                    log.error("a copy into G1 failed; its blocks leave the cache: %s", failed)
+                    g1.discard([b for b in flight.g1 if g1.hash_of(b) is not None])
+                g1.free(flight.g1)
+                g2.free(flight.g2)
+                if flight.timing is not None:
+                    seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
+                else:
+                    seconds = time.perf_counter() - flight.started
+                nbytes = len(flight.g1) * self.block_bytes
+                self.metrics.record_transfer(
+                    Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True
+                )
+
+    def _settle(self) -> None:
+        """Wait for every copy into G1 that may still run, and let go of its blocks."""
+        with self._lock:
+            flights = list(self._inflight)
+        for flight in flights:
+            _wait_quietly(flight.copies.done)  # _reap drops the blocks of a failed one
+        self._reap()
 
     def _cache(
         self, pool: BlockPool, blocks: list[int], hashes: list[int]
@@ -1142,6 +1318,7 @@ class BlockManager:
             return
         dst = dst_state.pool
         pending = list(zip(job.block_ids, job.hashes, strict=True))
+        self._reap()  # sources of ended onboards leave G2's held blocks
         while pending:
             with self._lock:
                 todo, present = [], []
@@ -1322,6 +1499,15 @@ class _ServedG2:
 
     def abandon(self, blocks: list[int]) -> None:
         self.release(blocks)
+
+
+def _wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:
+    """Wait until each of ``notifications`` completes, failed or not."""
+    for notification in notifications:
+        try:
+            notification.wait()
+        except TransferError:
+            pass
 
 
 def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:

@@ -224,12 +224,13 @@ def copy_pairs(
 
 
 def permute_tables(
-    src: Side, dst: Side, device: torch.device = _CPU
+    src: Side, dst: Side, layers: range, device: torch.device = _CPU
 ) -> tuple[StridedTable, StridedTable, bool]:
-    """Tables for the permute kernel (regions of a block stack, else whole blocks) and whether
-    every address and row is 16-byte aligned."""
+    """Tables for the permute kernel moving layers ``layers`` (a block stack's regions of those
+    layers, else whole blocks' starts) and whether every address and row is 16-byte
+    aligned."""
     whole = (src.physical.layout.is_fully_contiguous, dst.physical.layout.is_fully_contiguous)
-    s, d, align = _tables(src, dst, range(src.config.num_layers), whole, device)
+    s, d, align = _tables(src, dst, layers, whole, device)
     row = dims_of(src.config).hd * src.config.dtype_width_bytes
     return s, d, min(align, common_alignment(row)) == 16
 
@@ -245,11 +246,18 @@ def run_gpu(hop: Hop, layers: range, device: torch.device, check_overlap: bool) 
         gpu_plan(src, dst, layers, device).run()
         return
     if src.fmt.requires_transform(dst.fmt):
-        s, d, _ = permute_tables(src, dst)
+        s, d, _ = permute_tables(src, dst, layers)
         dims = dims_of(src.config)
         programs = _pinned_grid(src, dst, permute_step_bytes(dims))
         plan = plan_permute(
-            s.expand(), src.operand(), d.expand(), dst.operand(), dims, device, programs=programs
+            s.expand(),
+            src.operand(),
+            d.expand(),
+            dst.operand(),
+            dims,
+            device,
+            programs=programs,
+            layers=layers,
         )
     else:
         s, d, size, align = copy_pairs(src, dst, layers)
@@ -263,11 +271,11 @@ def gpu_plan(src: Side, dst: Side, layers: range, device: torch.device) -> CopyP
     on ``device`` (block-major: entry rows of block ``i`` come from ``ids[i]`` of each side),
     without an address-level overlap check."""
     if src.fmt.requires_transform(dst.fmt):
-        s, d, aligned = permute_tables(src, dst, device)
+        s, d, aligned = permute_tables(src, dst, layers, device)
         dims = dims_of(src.config)
         programs = _pinned_grid(src, dst, permute_step_bytes(dims))
         return PermutePlan.of_checked_tables(
-            src.operand(), s, dst.operand(), d, dims, device, aligned, programs
+            src.operand(), s, dst.operand(), d, dims, device, aligned, programs, layers
         )
     s, d, size, align = copy_pairs(src, dst, layers, device)
     programs = _pinned_grid(src, dst, copy_step_bytes(size, align))
@@ -296,9 +304,11 @@ def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
     """Run the hop on the CPU (both sides host memory)."""
     src, dst = hop.src, hop.dst
     if src.fmt.requires_transform(dst.fmt):
-        s, d, aligned = permute_tables(src, dst)
+        s, d, aligned = permute_tables(src, dst, layers)
         dims = dims_of(src.config)
-        PermutePlan.of_checked_tables(src.operand(), s, dst.operand(), d, dims, _CPU, aligned).run()
+        PermutePlan.of_checked_tables(
+            src.operand(), s, dst.operand(), d, dims, _CPU, aligned, layers=layers
+        ).run()
         return
     s, d, size, _ = copy_pairs(src, dst, layers)
     host_copy(s.expand(), d.expand(), size, pool)

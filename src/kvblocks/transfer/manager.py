@@ -435,6 +435,21 @@ class TransferManager:
         if src_side.ids.numel() == 0:
             return TransferCompleteNotification.ready()
         plan = route(src_side, dst_side, self._policy, layers)
+        some = len(layers) < src_side.config.num_layers
+        if (
+            some
+            and src_side.fmt.requires_transform(dst_side.fmt)
+            and plan.strategy
+            not in (
+                Strategy.KERNEL,
+                Strategy.HOST_COPY,
+            )
+        ):
+            raise InvalidArgumentError(
+                "layer_range",
+                "must cover every layer when the block format changes on the way through"
+                f" {plan.strategy.value} (only one kernel or host permute moves part of a block)",
+            )
         message = self._nixl_message(options, plan, src_side, dst_side)
         check_overlap = _share_memory(src_side.physical, dst_side.physical)
         if plan.strategy.stays_on_gpu:
@@ -503,10 +518,6 @@ class TransferManager:
             if src_physical.config.num_heads is None or dst_physical.config.num_heads is None:
                 raise InvalidArgumentError(
                     "num_heads", "must be set in both layouts' configs to change the block format"
-                )
-            if len(layers) != src_physical.config.num_layers:
-                raise InvalidArgumentError(
-                    "layer_range", "must cover every layer when the block format changes"
                 )
         return Side(src_physical, s_ids, s_fmt), Side(dst_physical, d_ids, d_fmt), layers
 

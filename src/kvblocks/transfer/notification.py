@@ -123,6 +123,22 @@ class TransferCompleteNotification:
         for part in self._parts:
             part.wait(timeout)
 
+    def wait_on_stream(self, stream: torch.cuda.Stream | None) -> None:
+        """Make ``stream``'s later work wait for the transfer: without blocking the host where
+        the transfer is GPU work (a CUDA event); other transfers (work on a worker thread, or
+        ``stream`` None) are waited for on the host, as :meth:`wait` does.
+
+        Raises:
+            TransferError: the transfer failed (found while waiting on the host).
+        """
+        if self._event is not None and stream is not None:
+            stream.wait_event(self._event)
+        elif self._parts:
+            for part in self._parts:
+                part.wait_on_stream(stream)
+        else:
+            self.wait()
+
     def __await__(self) -> Generator:
         return self._wait_async().__await__()
 

@@ -210,6 +210,7 @@ def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):
         step.device,
         step.aligned,
         step.programs,
+        step.layers,
     )
 
 

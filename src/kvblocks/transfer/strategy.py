@@ -160,6 +160,8 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     if src.gpu_reachable and dst.gpu_reachable:
         if src.on_gpu and dst.on_gpu:
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
+        if change and len(layers) < src.config.num_layers:  # only the kernel moves a part
+            return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         whole = not change and whole_blocks(src, dst, layers)
         pinned = dst if src.on_gpu else src
         pinned_blocks = (
