@@ -227,7 +227,8 @@ def test_some_layers_change_format_on_the_way(
         fill_blocks(dp, range(6), FillPattern.of_constant(POISON))
         before = {b: block_tensor(dp, b) for b in range(6)}
         options = TransferOptions(layer_range=layers)
-        if torch.cuda.is_available() and {src_kind, dst_kind} == {"system", "device"}:
+        bounced = torch.cuda.is_available() and {src_kind, dst_kind} == {"system", "device"}
+        if bounced and len(layers) < nl:
             with pytest.raises(InvalidArgumentError, match="through pinned_bounce"):
                 manager.execute_transfer(src, s_ids, dst, d_ids, options)
             for b in range(6):  # refused before anything moved
