@@ -92,6 +92,12 @@ def run_and_check(dims, nb, src_op, dst_op, places, call, offset=0):
         torch.cuda.synchronize()
     for v in dst:
         assert_written(v)
+    for got, want in zip(dst, _converted(src, src_op, dst, dst_op, dims), strict=True):
+        assert_bits_equal(got.cpu(), want)
+
+
+def _converted(src, src_op, dst, dst_op, dims) -> list[torch.Tensor]:
+    """What the reference writes into (CPU copies of) ``dst`` from ``src``."""
     expected = [torch.empty_like(v, device="cpu") for v in dst]
     convert(
         [s.cpu() for s in src],
@@ -102,8 +108,7 @@ def run_and_check(dims, nb, src_op, dst_op, places, call, offset=0):
         src_is_stack=src_op.stack,
         dst_is_stack=dst_op.stack,
     )
-    for got, want in zip(dst, expected, strict=True):
-        assert_bits_equal(got.cpu(), want)
+    return expected
 
 
 @pytest.mark.parametrize("places", PLACES)
@@ -396,16 +401,7 @@ def test_a_permute_of_some_layers_writes_those_layers_only(src_op, dst_op, place
     src, _ = _operand_views(src_op, dims, nb, places[0])
     dst, _ = _operand_views(dst_op, dims, nb, places[1])
     fill_random(src, dims.dtype)
-    expected = [torch.empty_like(v, device="cpu") for v in dst]
-    convert(
-        [s.cpu() for s in src],
-        expected,
-        dims,
-        src_op.format,
-        dst_op.format,
-        src_is_stack=src_op.stack,
-        dst_is_stack=dst_op.stack,
-    )
+    expected = _converted(src, src_op, dst, dst_op, dims)
     for layers in (range(0, 2), range(2, 3), range(1, 5), range(4, 5)):
         for v in dst:
             v.copy_(poisoned(v.shape, dims.dtype))

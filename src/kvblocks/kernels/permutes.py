@@ -503,24 +503,17 @@ def plan_permute(
         )
     aligned = common_alignment(src_host, dst_host, dims.hd * dims.itemsize) == 16
     device = torch.device(device) if device is not None else default_device()
-    backend = available(device)
-    if backend is Backend.TRITON:
+    if available(device) is Backend.TRITON:
         src_host = src_host.to(device)
         dst_host = dst_host.to(device)
-    launch = (
-        None if backend is Backend.REFERENCE else _launch_config(src, dst, dims, nb, aligned, count)
-    )
-    return PermutePlan(
+    return PermutePlan.of_checked_tables(
         src,
-        dst,
-        dims,
-        nb,
-        device,
-        backend,
         StridedTable.flat(src_host),
+        dst,
         StridedTable.flat(dst_host),
+        dims,
+        device,
         aligned,
-        launch,
         programs,
         layers,
     )
