@@ -246,12 +246,13 @@ class PermutePlan:
         :func:`plan_permute` would (lengths, element alignment, no overlap, ``layers``).
         ``aligned``: every address is a multiple of 16 bytes."""
         layers = _whole_or_part(layers, dims)
-        nb = len(src_table) // src.entries_per_block(dims, _count(layers, dims))
+        count = _count(layers, dims)
+        nb = len(src_table) // src.entries_per_block(dims, count)
         backend = available(device)
         launch = (
             None
             if backend is Backend.REFERENCE
-            else _launch_config(src, dst, dims, nb, aligned, _count(layers, dims))
+            else _launch_config(src, dst, dims, nb, aligned, count)
         )
         return cls(
             src,

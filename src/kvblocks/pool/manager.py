@@ -962,10 +962,12 @@ class BlockManager:
         """Let go of the blocks of copies into G1 that have ended (successfully or not: the G1
         blocks of a failed copy are dropped from the cache)."""
         with self._lock:
-            ended = [f for f in self._inflight if f.copies.poll()]
+            running, ended = [], []
+            for flight in self._inflight:
+                (ended if flight.copies.poll() else running).append(flight)
             if not ended:
                 return
-            self._inflight = [f for f in self._inflight if all(f is not e for e in ended)]
+            self._inflight = running
             g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
             for flight in ended:
                 for b in flight.g1:

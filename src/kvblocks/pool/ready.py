@@ -47,11 +47,8 @@ class LayerCopies:
     done: tuple[TransferCompleteNotification, ...]
 
     def group_of(self, layer: int) -> int:
-        """The index of the group that holds ``layer``."""
-        for i, group in enumerate(self.groups):
-            if layer in group:
-                return i
-        raise InvalidArgumentError("layer", f"must be in [0, {self.groups[-1].stop}), got {layer}")
+        """The index of the group that holds ``layer`` (one of the layers the groups cover)."""
+        return next(i for i, group in enumerate(self.groups) if layer in group)
 
     def poll(self) -> bool:
         """Whether every group is in place, without blocking."""

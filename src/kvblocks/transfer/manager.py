@@ -436,15 +436,8 @@ class TransferManager:
             return TransferCompleteNotification.ready()
         plan = route(src_side, dst_side, self._policy, layers)
         some = len(layers) < src_side.config.num_layers
-        if (
-            some
-            and src_side.fmt.requires_transform(dst_side.fmt)
-            and plan.strategy
-            not in (
-                Strategy.KERNEL,
-                Strategy.HOST_COPY,
-            )
-        ):
+        change = src_side.fmt.requires_transform(dst_side.fmt)
+        if some and change and plan.strategy not in _ONE_PERMUTE:
             raise InvalidArgumentError(
                 "layer_range",
                 "must cover every layer when the block format changes on the way through"
@@ -670,6 +663,11 @@ class TransferManager:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+#: Routes whose whole transfer is one permute (kernel or host), the only ones that can change
+#: the format of some layers of a block.
+_ONE_PERMUTE = (Strategy.KERNEL, Strategy.HOST_COPY)
 
 
 def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
