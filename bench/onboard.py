@@ -8,7 +8,11 @@ Llama-3.1-8B's cache (32 layers, 8 KV heads of 128, bf16, 16 tokens per block: 2
 block). A prompt of ``--prompt-tokens`` tokens is computed once (random KV, registered,
 offloaded to G2). The forward pass is stood in for by matrix products on the current stream,
 the same number per layer, sized so that the whole pass takes about as long as the copy
-(``--compute`` scales it). Each case is repeated ``--repeats`` times with G1 emptied before,
+(``--compute`` scales it). With ``--scatter`` the G2 pool hands its blocks out in a random
+order (as a host pool does after some churn) and holds four times the prompt, so the
+prompt's neighbouring blocks seldom sit side by side in G2 and the copy engine can seldom join
+them into one copy. Each case is
+repeated ``--repeats`` times with G1 emptied before,
 so each lookup copies the whole prompt back from G2; medians of host wall time (from the
 lookup's call to the end of the forward pass on the GPU) are reported:
 
@@ -19,13 +23,15 @@ lookup's call to the end of the forward pass on the GPU) are reported:
 
 The first block's KV is checked after every case.
 
-Usage: python bench/onboard.py [--prompt-tokens 16384] [--groups 1,4,8,32] > onboard.csv
+Usage: python bench/onboard.py [--prompt-tokens 16384] [--groups 1,4,8,32] [--scatter]
+    > onboard.csv
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import random
 import statistics
 import sys
 import time
@@ -54,10 +60,15 @@ def median_ms(run: Callable[[], None], repeats: int) -> float:
 class Case:
     """One manager with the prompt in G2, and the runs timed on it."""
 
-    def __init__(self, config: BlockManagerConfig, tokens: list[int]) -> None:
+    def __init__(self, config: BlockManagerConfig, tokens: list[int], scatter: bool) -> None:
         self.manager = BlockManager(config)
         self.tokens = tokens
         manager = self.manager
+        if scatter:
+            g2 = manager.pool(Tier.G2)
+            ids = g2.allocate(g2.num_free)
+            random.Random(0).shuffle(ids)
+            g2.free(ids)
         ids = manager.allocate(len(tokens) // config.block_size)
         for t in manager.device_tensors:
             t.normal_()
@@ -142,6 +153,7 @@ def measure(case: Case, forward: Forward, args: argparse.Namespace) -> list[dict
                 "prompt_blocks": blocks,
                 "gib": round(blocks * config.block_bytes / 2**30, 2),
                 "groups": config.onboard_layer_groups,
+                "g2": "scattered" if args.scatter else "consecutive",
                 "mode": mode,
                 "copy_ms": round(copy_ms, 2),
                 "forward_ms": round(forward_ms, 2),
@@ -164,6 +176,7 @@ def main() -> None:
     parser.add_argument("--groups", default="1,4,8,32")
     parser.add_argument("--compute", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--scatter", action="store_true")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench/onboard.py needs a CUDA GPU")
@@ -183,10 +196,10 @@ def main() -> None:
             **dims,
             device_blocks=blocks + 1,
             enable_offload=True,
-            host_cache_gb=(blocks + 1) * block_bytes / 2**30,
+            host_cache_gb=((4 if args.scatter else 1) * blocks + 1) * block_bytes / 2**30,
             onboard_layer_groups=groups,
         )
-        case = Case(config, tokens)
+        case = Case(config, tokens, args.scatter)
         try:
             rows = measure(case, forward, args)
         finally:

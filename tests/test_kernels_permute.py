@@ -429,6 +429,81 @@ def test_a_permute_of_some_layers_writes_those_layers_only(src_op, dst_op, place
                     assert_bits_equal(g, poisoned(g.shape, dims.dtype))
 
 
+# (operand of every layer, operand whose blocks hold the moved layers only, into the latter)
+SLOT_PAIRS = [
+    (Operand.block_stack(N), Operand(KvBlockLayout.UniversalTP, moved_layers_only=True), True),
+    (Operand.operational(H), Operand(KvBlockLayout.UniversalPP, moved_layers_only=True), True),
+    (Operand.block_stack(H), Operand(KvBlockLayout.UniversalTP, moved_layers_only=True), False),
+    (Operand.operational(N), Operand(KvBlockLayout.UniversalTP, moved_layers_only=True), False),
+]
+
+
+@pytest.mark.parametrize("places", PLACES)
+@pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
+@pytest.mark.parametrize(
+    ("full_op", "slot_op", "into_slot"),
+    SLOT_PAIRS,
+    ids=lambda v: v.format.name if isinstance(v, Operand) else ("into" if v else "out-of"),
+)
+def test_a_permute_of_some_layers_into_or_out_of_blocks_of_those_layers(
+    full_op, slot_op, into_slot, places, reference
+):
+    """A staging slot's blocks hold only the moved layers: layer ``l`` of the other side is
+    layer ``l - layers.start`` of theirs."""
+    dims = KvDims(nl=5, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
+    nb, layers = 3, range(1, 4)
+    part = dataclasses.replace(dims, nl=len(layers))
+    device = _device(places)
+    full, _ = _operand_views(full_op, dims, nb, places[0 if into_slot else 1])
+    slot, _ = _operand_views(slot_op, part, nb, places[1 if into_slot else 0])
+    whole_blocks = [random_tensor(dims.block_shape(slot_op.format), dims.dtype) for _ in range(nb)]
+    axis = slot_op.format.dim_order.index(BlockDim.LAYER)
+    if into_slot:
+        fill_random(full, dims.dtype)
+        for v in slot:
+            v.copy_(poisoned(v.shape, dims.dtype))
+        whole_op = dataclasses.replace(slot_op, moved_layers_only=False)
+        expected = _converted(full, full_op, whole_blocks, whole_op, dims)
+        expected = [b.narrow(axis, layers.start, len(layers)) for b in expected]
+        src, src_op, dst, dst_op = full, full_op, slot, slot_op
+    else:
+        for v, b in zip(slot, whole_blocks, strict=True):
+            v.copy_(b.narrow(axis, layers.start, len(layers)))
+        for v in full:
+            v.copy_(poisoned(v.shape, dims.dtype))
+        whole_op = dataclasses.replace(slot_op, moved_layers_only=False)
+        expected = _converted(whole_blocks, whole_op, full, full_op, dims)
+        src, src_op, dst, dst_op = slot, slot_op, full, full_op
+    plan = plan_permute(
+        _table_of(src, src_op, dims, layers),
+        src_op,
+        _table_of(dst, dst_op, dims, layers),
+        dst_op,
+        dims,
+        device,
+        layers=layers,
+    )
+    if reference:
+        plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
+    plan.run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    if into_slot:
+        for got, want in zip(slot, expected, strict=True):
+            assert_bits_equal(got.cpu(), want)
+        return
+    for layer in range(dims.nl):
+        got = _layer_parts([v.cpu() for v in full], full_op, dims, layer)
+        want = _layer_parts(expected, full_op, dims, layer)
+        for g, w in zip(got, want, strict=True):
+            assert_bits_equal(g, w if layer in layers else poisoned(g.shape, dims.dtype))
+
+
+def test_a_stack_cannot_hold_the_moved_layers_only():
+    with pytest.raises(InvalidArgumentError, match="moved_layers_only applies to whole blocks"):
+        Operand(KvBlockLayout.OperationalNHD, stack=True, moved_layers_only=True)
+
+
 def test_a_permute_of_some_layers_checks_them():
     dims = KvDims(nl=3, no=2, nh=4, nt=8, hd=16, dtype=torch.bfloat16)
     src, _ = _operand_views(Operand.block_stack(N), dims, 1, "cpu")

@@ -10,14 +10,15 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError, LayoutFormatError
 from kvblocks.kernels.reference import convert
-from kvblocks.layout import LayoutConfig, LayoutKind
+from kvblocks.layout import BlockDim, LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import Strategy, staging
 from kvblocks.transfer.executor import Side
 from kvblocks.transfer.pools import DeviceMemoryPool
 from kvblocks.transfer.strategy import Bounce, RoutePolicy, route
 
-from .test_transfer import CFG, HND, NHD, UNI, block_tensor, shaped
+from .helpers import assert_bits_equal
+from .test_transfer import CFG, HND, NHD, PP, UNI, block_tensor, shaped
 
 POISON = 0xAB
 BIG = replace(CFG, num_blocks=9)
@@ -48,21 +49,21 @@ def expected_blocks(src: PhysicalLayout, ids, dst_fmt) -> torch.Tensor:
     return out
 
 
-def poisoned_slots(side: Side, fmt) -> PhysicalLayout:
-    """The slots of ``side``'s staged transfer, every byte ``POISON``, on the GPU if there is
-    one."""
-    config = staging.slot_config(side)
+def poisoned_slots(side: Side, fmt, layers: range | None = None) -> PhysicalLayout:
+    """The slots of the staged transfer of layers ``layers`` (default: all) of ``side``'s
+    blocks, every byte ``POISON``, on the GPU if there is one."""
+    config = staging.slot_config(side, layers)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     buffer = torch.full((config.total_bytes,), POISON, dtype=torch.uint8, device=device)
     return staging.slot_layout(config, fmt, buffer)
 
 
-def run_staged(src: Side, dst: Side, slots: PhysicalLayout) -> None:
+def run_staged(src: Side, dst: Side, slots: PhysicalLayout, layers: range | None = None) -> None:
     """The staged pipeline on CUDA streams on a GPU, step by step without one; returns when
     it is done."""
     gpu = torch.cuda.is_available()
     streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    staging.run_staged(src, dst, slots, *streams)
+    staging.run_staged(src, dst, slots, *streams, layers)
     if gpu:
         torch.cuda.synchronize()
 
@@ -100,6 +101,72 @@ def test_staged_pieces_land_in_place(small_pieces, into_device, formats, device_
     assert torch.equal(got.view(torch.int16), want.view(torch.int16))
     after = torch.stack([block_tensor(dst, b) for b in untouched])
     assert torch.equal(after.view(torch.int16), before.view(torch.int16))
+
+
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("formats", [(UNI, NHD), (PP, HND), (NHD, HND), (UNI, UNI)])
+@pytest.mark.parametrize(
+    "device_shape",
+    [LayoutKind.LAYER_SEPARATE, LayoutKind.FULLY_CONTIGUOUS],
+    ids=["device-regions", "device-whole"],
+)
+@pytest.mark.parametrize("layers", [range(1, 3), range(0, 1), range(2, 3)], ids=str)
+def test_staged_layers_land_in_place(small_pieces, into_device, formats, device_shape, layers):
+    """Some layers of each block, through slots that hold those layers only: they land
+    converted, the destination's other layers and blocks keep what they held."""
+    pinned_fmt, device_fmt = formats
+    pinned = layout("pinned", True, pinned_fmt)
+    shape = device_shape if device_fmt.is_operational() else LayoutKind.FULLY_CONTIGUOUS
+    device = layout("device", shape, device_fmt)
+    src, dst = (pinned, device) if into_device else (device, pinned)
+    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+    fill(src, None)
+    fill(dst, POISON)
+    before = {b: block_tensor(dst, b) for b in range(BIG.num_blocks)}
+    want = expected_blocks(src, s_ids, dst.kv_format)
+    src_side = Side(src, torch.tensor(s_ids), src.kv_format)
+    dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
+    slot_config = staging.slot_config(src_side, layers)
+    assert slot_config.num_layers == len(layers)
+    per_piece = staging.blocks_per_piece(src_side, layers)
+    assert per_piece == min(5, 2 * CFG.num_layers // len(layers))  # pieces of 2 whole blocks
+    run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, layers), layers)
+    dims = CFG.dims(torch.float16)
+    block_shape = dims.block_shape(dst.kv_format)
+    axis = dst.kv_format.dim_order.index(BlockDim.LAYER)
+    for i, b in enumerate(d_ids):
+        got = block_tensor(dst, b).view(block_shape)
+        for layer in range(CFG.num_layers):
+            expected = want[i] if layer in layers else before[b]
+            expected = expected.view(block_shape).select(axis, layer)
+            assert_bits_equal(got.select(axis, layer), expected)
+    for b in set(range(BIG.num_blocks)) - set(d_ids):
+        assert_bits_equal(block_tensor(dst, b), before[b])
+
+
+@pytest.mark.parametrize(
+    ("s_ids", "copies"),
+    [([0, 1, 2, 3, 4], [1, 1]), ([4, 3, 2, 1, 0], [1, 1]), ([8, 0, 3, 4, 7], [2, 1])],
+)
+def test_staged_layers_go_as_rows_of_neighbouring_blocks(small_pieces, monkeypatch, s_ids, copies):
+    """Two of three layers of ``UniversalTP`` blocks: ``nh`` rows per block, one pitched copy
+    per run of blocks that are neighbours in the pinned layout, taken in the order of their
+    ids (pieces of three blocks)."""
+    pinned, device = layout("pinned", True, UNI), layout("device", False, NHD)
+    fill(pinned, None)
+    fill(device, POISON)
+    counts = []
+    run = staging.PitchedCopyPlan.run
+    monkeypatch.setattr(
+        staging.PitchedCopyPlan,
+        "run",
+        lambda plan, **kw: (counts.append((len(plan.src), sum(plan.heights))), run(plan, **kw)),
+    )
+    layers = range(1, 3)
+    src = Side(pinned, torch.tensor(s_ids), UNI)
+    dst = Side(device, torch.tensor([2, 5, 0, 8, 6]), NHD)
+    run_staged(src, dst, poisoned_slots(src, UNI, layers), layers)
+    assert counts == [(n, blocks * CFG.num_heads) for n, blocks in zip(copies, (3, 2), strict=True)]
 
 
 def test_slot_sizes():
@@ -179,7 +246,23 @@ def test_routes_between_device_and_pinned(into_device):
     some = strategy(regions, blocks, prefer, range(1, 3))  # regions on both sides
     assert some.strategy is Strategy.COPY_ENGINE
     assert strategy(regions, pinned_regions[0], prefer).strategy is Strategy.COPY_ENGINE
-    assert strategy(regions, pinned_regions[1], prefer).strategy is Strategy.STAGED
+    # Pinned regions in another format: slots take whole pinned blocks only, so the kernel.
+    assert strategy(regions, pinned_regions[1], prefer).strategy is Strategy.KERNEL
+    # Some layers whose format changes: staged through slots of those layers where the
+    # pinned blocks are whole (from the threshold, or preferring the copy engine), else the
+    # kernel; 6 blocks of 2 of 3 layers are 4 blocks' bytes, past the threshold of 3.
+    for policy in (large, prefer):
+        some = strategy(whole, universal, policy, range(1, 3))
+        assert some.strategy is Strategy.STAGED
+        assert some.bounces() == [Bounce("device", UNI)]
+        assert strategy(regions, universal, policy, range(0, 1)).strategy is (
+            Strategy.STAGED if policy is prefer else Strategy.KERNEL  # 2 blocks' bytes
+        )
+    assert strategy(whole, universal, RoutePolicy(), range(1, 3)).strategy is Strategy.KERNEL
+    hnd_regions = _side(_OnGpu, False, HND)
+    assert strategy(hnd_regions, pinned_regions[0], prefer, range(1, 3)).strategy is (
+        Strategy.KERNEL
+    )
     # Between two GPU layouts the kernel, whatever the size.
     assert route(whole, regions, large).strategy is Strategy.KERNEL
     assert route(whole, regions, prefer).strategy is Strategy.KERNEL
@@ -241,11 +324,16 @@ def test_pool_memo_lives_with_its_buffer():
 
 @pytest.mark.parametrize(
     ("s_ids", "d_ids", "copies"),
-    [([0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [1, 1, 1]), ([8, 0, 3, 4, 7], [2, 5, 0, 8, 6], [2, 1, 1])],
+    [
+        ([0, 1, 2, 3, 4], [4, 5, 6, 7, 8], [1, 1, 1]),
+        ([4, 3, 2, 1, 0], [4, 5, 6, 7, 8], [1, 1, 1]),
+        ([8, 0, 3, 4, 7], [2, 5, 0, 8, 6], [2, 2, 1]),
+    ],
 )
 def test_staged_copies_join_neighbouring_blocks(small_pieces, monkeypatch, s_ids, d_ids, copies):
     """The copy engine moves each run of blocks that are neighbours in both the pinned layout
-    and the slot as one copy (pieces of two blocks here)."""
+    and the slot as one copy (pieces of two blocks here): the blocks go in the order of their
+    pinned ids, whatever the order they were asked for in."""
     pinned, device = layout("pinned", True, NHD), layout("device", False, NHD)
     fill(pinned, None)
     fill(device, POISON)
@@ -307,6 +395,40 @@ def test_manager_stages_transfers(small_pieces, formats):
         pinned = _register(m, "pinned", True, pinned_fmt)
         device = _register(m, "device", False, device_fmt)
         assert m.strategy(pinned, device, num_blocks=5) is Strategy.KERNEL
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("formats", [(UNI, NHD), (PP, HND)])
+def test_manager_stages_some_layers(small_pieces, formats):
+    """A layer range whose format changes, staged through slots of those layers: both ways,
+    on the manager's streams; the destination's other layers keep what they held."""
+    from kvblocks.transfer import TransferOptions
+
+    pinned_fmt, device_fmt = formats
+    layers = range(1, 3)
+    with _manager() as m:
+        pinned = _register(m, "pinned", True, pinned_fmt)
+        device = _register(m, "device", False, device_fmt)
+        s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+        for src, dst in ((pinned, device), (device, pinned)):
+            options = TransferOptions(layer_range=layers)
+            assert m.strategy(src, dst, num_blocks=5, options=options) is Strategy.STAGED
+            sp, dp = m.layout(src), m.layout(dst)
+            fill(sp, None)
+            fill(dp, POISON)
+            want = expected_blocks(sp, s_ids, dp.kv_format)
+            m.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
+            dims = CFG.dims(torch.float16)
+            shape = dims.block_shape(dp.kv_format)
+            axis = dp.kv_format.dim_order.index(BlockDim.LAYER)
+            for i, b in enumerate(d_ids):
+                got = block_tensor(dp, b).view(shape)
+                for layer in range(CFG.num_layers):
+                    part = got.select(axis, layer).view(torch.int16)
+                    if layer in layers:
+                        assert_bits_equal(part, want[i].view(shape).select(axis, layer))
+                    else:
+                        assert bool((part.view(torch.uint8) == POISON).all())
 
 
 @pytest.mark.gpu

@@ -4,6 +4,7 @@
   back to one ``cudaMemcpyAsync`` per pair where the batch API is missing.
 - :func:`memcpy_per_pair`: always one ``cudaMemcpyAsync`` per pair.
 - :func:`has_memcpy_batch_async`: whether the batch API can be used here.
+- :class:`PitchedCopyPlan`: rows at a fixed pitch, one ``cudaMemcpy2DAsync`` per run of them.
 
 Both go through cuda-bindings (extra ``gpu``). On a machine without CUDA they copy host memory
 with ``memmove`` so the same code runs everywhere. Sizes may differ per pair.
@@ -111,6 +112,64 @@ class MemcpyPlan:
         kind = rt.cudaMemcpyKind.cudaMemcpyDefault
         for s, d, n in zip(self.src, self.dst, self.sizes, strict=True):
             _check(rt.cudaMemcpyAsync(d, s, n, kind, handle), "cudaMemcpyAsync")
+
+
+@dataclass(frozen=True)
+class PitchedCopyPlan:
+    """Copies of rows at a fixed pitch (``cudaMemcpy2DAsync``, which the copy engine runs at
+    the speed of one bulk copy even for rows of a few KiB): copy ``i`` moves ``heights[i]``
+    rows of ``width`` bytes, row ``r`` from ``src[i] + r * src_pitch`` to
+    ``dst[i] + r * dst_pitch``. Build one with :meth:`joined`."""
+
+    src: list[int]
+    dst: list[int]
+    heights: list[int]
+    width: int
+    src_pitch: int
+    dst_pitch: int
+    cuda: bool
+
+    @classmethod
+    def joined(
+        cls,
+        src: torch.Tensor,
+        dst: torch.Tensor,
+        height: int,
+        width: int,
+        src_pitch: int,
+        dst_pitch: int,
+    ) -> PitchedCopyPlan:
+        """The copies of ``height`` rows from each ``src[i]`` to ``dst[i]`` (int64 CPU
+        tensors of addresses), each run of copies that continue one another on both sides
+        (copy ``i + 1`` starts at the row after copy ``i``'s last, in the source and in the
+        destination) joined into one."""
+        goes_on = (src.diff() == height * src_pitch) & (dst.diff() == height * dst_pitch)
+        starts = torch.cat((torch.zeros(1, dtype=torch.int64), (~goes_on).nonzero()[:, 0] + 1))
+        ends = torch.cat((starts[1:], torch.tensor([src.numel()])))
+        heights = ((ends - starts) * height).tolist()
+        cuda = torch.cuda.is_available()
+        return cls(
+            src[starts].tolist(), dst[starts].tolist(), heights, width, src_pitch, dst_pitch, cuda
+        )
+
+    def run(self, stream: torch.cuda.Stream | None = None) -> None:
+        """Enqueue the copies on ``stream`` (default: the current stream); without CUDA, copy
+        host memory row by row at once."""
+        if not self.cuda:
+            for s, d, height in zip(self.src, self.dst, self.heights, strict=True):
+                for r in range(height):
+                    ctypes.memmove(d + r * self.dst_pitch, s + r * self.src_pitch, self.width)
+            return
+        rt = _runtime()
+        handle = (stream or torch.cuda.current_stream()).cuda_stream
+        kind = rt.cudaMemcpyKind.cudaMemcpyDefault
+        for s, d, height in zip(self.src, self.dst, self.heights, strict=True):
+            _check(
+                rt.cudaMemcpy2DAsync(
+                    d, self.dst_pitch, s, self.src_pitch, self.width, height, kind, handle
+                ),
+                "cudaMemcpy2DAsync",
+            )
 
 
 def merge_runs(

@@ -50,7 +50,7 @@ NUM_WARPS = 8
 # of 16), nor block id tables on their alignment (a slice of one may start at any entry), so
 # that a transfer of a block count not seen before, or a piece of one, runs without a compile.
 @triton.jit(
-    do_not_specialize=["num_regions", "num_items", "layer0"],
+    do_not_specialize=["num_regions", "num_items", "src_layer0", "dst_layer0"],
     do_not_specialize_on_alignment=["src_ids", "dst_ids"],
 )
 def _permute_kernel(
@@ -64,7 +64,8 @@ def _permute_kernel(
     dst_per_block,
     num_regions,
     num_items,
-    layer0,
+    src_layer0,
+    dst_layer0,
     NL: tl.constexpr,
     NO: tl.constexpr,
     NT: tl.constexpr,
@@ -86,7 +87,8 @@ def _permute_kernel(
     ROWS: tl.constexpr,
     HD_BLOCK: tl.constexpr,
 ):
-    # NL is the number of layers moved, from layer0 on; the strides are those of whole blocks.
+    # NL is the number of layers moved, from each side's first layer on (src_layer0,
+    # dst_layer0); the strides are those of each side's whole blocks.
     # Item i is tile i // num_regions of region i % num_regions; program p moves items p,
     # p + G, p + 2G, ... of the G programs' grid (one item each when there is one per item).
     # Neighbouring items are the regions of one block: measured on the H100 as the most
@@ -114,12 +116,12 @@ def _permute_kernel(
             src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, region)
         else:
             src_addr = table_entry(src_ids, src_bases, src_stride, src_per_block, block)
-            src_rows += (layer0 + layer) * SL + outer * SO
+            src_rows += (src_layer0 + layer) * SL + outer * SO
         if DST_STACK:
             dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, region)
         else:
             dst_addr = table_entry(dst_ids, dst_bases, dst_stride, dst_per_block, block)
-            dst_rows += (layer0 + layer) * DL + outer * DO
+            dst_rows += (dst_layer0 + layer) * DL + outer * DO
         src = src_addr.to(tl.pointer_type(ELEM))
         dst = dst_addr.to(tl.pointer_type(ELEM))
         if ALIGNED:
@@ -147,10 +149,15 @@ class Operand:
         format: the order of dims inside a block; must state it (not ``Unknown``).
         stack: True for a block stack (one table entry per region; the format must then be
             operational and gives the region order), False for one entry per block.
+        moved_layers_only: whole blocks that hold only the layers a permute of some layers
+            moves, numbered from 0 (the blocks of a staging slot): ``[..., len(layers), ...]``
+            in ``format``, where the other side's blocks hold every layer. Not for a stack,
+            whose table already names the moved layers' regions only.
     """
 
     format: KvBlockLayout
     stack: bool = False
+    moved_layers_only: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.format, KvBlockLayout) or self.format.dim_order is None:
@@ -158,6 +165,10 @@ class Operand:
         if self.stack and not self.format.is_operational():
             raise LayoutFormatError(
                 "format", f"of a block stack must be operational (NHD or HND), got {self.format}"
+            )
+        if self.stack and self.moved_layers_only:
+            raise InvalidArgumentError(
+                "moved_layers_only", "applies to whole blocks, not to a block stack"
             )
 
     @staticmethod
@@ -180,12 +191,22 @@ class Operand:
         default)."""
         return (dims.nl if num_layers is None else num_layers) * dims.no if self.stack else 1
 
-    def span_bytes(self, dims: KvDims) -> int:
-        """Bytes each table entry points at."""
-        return dims.region_bytes if self.stack else dims.block_bytes
+    def span_bytes(self, dims: KvDims, num_layers: int | None = None) -> int:
+        """Bytes each table entry points at, when ``num_layers`` of a block's layers move (all
+        by default)."""
+        return dims.region_bytes if self.stack else self.blocks(dims, num_layers).block_bytes
 
-    def row_strides(self, dims: KvDims) -> tuple[int, int, int, int]:
-        """Distance in rows of ``hd`` between neighbours along ``(nl, no, nt, nh)``."""
+    def blocks(self, dims: KvDims, num_layers: int | None = None) -> KvDims:
+        """The dims of this operand's blocks when ``num_layers`` of the layers of blocks of
+        ``dims`` move: ``dims``, or ``num_layers`` layers of them for ``moved_layers_only``."""
+        if self.moved_layers_only and num_layers is not None:
+            return replace(dims, nl=num_layers)
+        return dims
+
+    def row_strides(self, dims: KvDims, num_layers: int | None = None) -> tuple[int, int, int, int]:
+        """Distance in rows of ``hd`` between neighbours along ``(nl, no, nt, nh)``, when
+        ``num_layers`` of a block's layers move (all by default)."""
+        dims = self.blocks(dims, num_layers)
         strides, step = {}, 1
         for dim in reversed(self.format.dim_order):
             strides[dim] = step
@@ -296,26 +317,36 @@ class PermutePlan:
                 *self.dst_table.kernel_args(),
                 regions,
                 items,
-                0 if self.layers is None else self.layers.start,
+                self._first_layer(self.src),
+                self._first_layer(self.dst),
                 **constants,
             )
+
+    def _first_layer(self, operand: Operand) -> int:
+        """The index, in ``operand``'s blocks, of the first layer moved."""
+        return 0 if self.layers is None or operand.moved_layers_only else self.layers.start
 
     def _run_reference(self) -> None:
         dims = self.dims
         if dims.itemsize == 1:  # torch has no indexed copies of fp8 on the CPU: move bytes
             dims = replace(dims, dtype=torch.uint8)
         if self.layers is not None:
-            src = _tensors_at(self.src_table, self.src.span_bytes(dims), dims.dtype, self.device)
-            dst = _tensors_at(self.dst_table, self.dst.span_bytes(dims), dims.dtype, self.device)
+            count = len(self.layers)
+            src_bytes, dst_bytes = (
+                self.src.span_bytes(dims, count),
+                self.dst.span_bytes(dims, count),
+            )
             reference.convert_layers(
-                src,
-                dst,
+                _tensors_at(self.src_table, src_bytes, dims.dtype, self.device),
+                _tensors_at(self.dst_table, dst_bytes, dims.dtype, self.device),
                 dims,
                 self.layers,
                 self.src.format,
                 self.dst.format,
                 src_is_stack=self.src.stack,
                 dst_is_stack=self.dst.stack,
+                src_has_moved_layers_only=self.src.moved_layers_only,
+                dst_has_moved_layers_only=self.dst.moved_layers_only,
             )
             return
         if self.device.type == "cpu":
@@ -367,8 +398,8 @@ def _constants(
     (transfers repeat the same few)."""
     hd_block = _next_pow2(dims.hd)
     rows = _tile_rows(dims)
-    sl, so, st, sh = src.row_strides(dims)
-    dl, do, dt, dh = dst.row_strides(dims)
+    sl, so, st, sh = src.row_strides(dims, num_layers)
+    dl, do, dt, dh = dst.row_strides(dims, num_layers)
     constants = dict(
         NL=num_layers,
         NO=dims.no,
@@ -499,9 +530,8 @@ def plan_permute(
     check_alignment(src_host, dims.itemsize, "src_table", why)
     check_alignment(dst_host, dims.itemsize, "dst_table", why)
     if check_overlap:
-        check_disjoint(
-            src_host, src.span_bytes(dims), dst_host, dst.span_bytes(dims), "src_table", "dst_table"
-        )
+        src_bytes, dst_bytes = src.span_bytes(dims, count), dst.span_bytes(dims, count)
+        check_disjoint(src_host, src_bytes, dst_host, dst_bytes, "src_table", "dst_table")
     aligned = common_alignment(src_host, dst_host, dims.hd * dims.itemsize) == 16
     device = torch.device(device) if device is not None else default_device()
     if available(device) is Backend.TRITON:

@@ -199,13 +199,17 @@ def convert_layers(
     *,
     src_is_stack: bool = False,
     dst_is_stack: bool = False,
+    src_has_moved_layers_only: bool = False,
+    dst_has_moved_layers_only: bool = False,
 ) -> None:
     """:func:`convert` of layers ``layers`` of each block only; the others' elements in
     ``dst`` are left as they were.
 
     Args:
         src: ``len(layers) * no`` regions per block when ``src_is_stack`` (those layers',
-            block-major then layer then outer), else ``nb`` whole blocks in ``src_format``.
+            block-major then layer then outer), else ``nb`` whole blocks in ``src_format``:
+            of every layer, or of ``layers`` only (numbered from 0) with
+            ``src_has_moved_layers_only``.
         dst: likewise for the destination; written.
         layers: a non-empty step-1 range inside ``range(dims.nl)``.
     """
@@ -213,9 +217,10 @@ def convert_layers(
     if src_is_stack:
         x = _gather(src, _regions_per_block(part), dims.inner, part, "src")
     else:
+        only = src_has_moved_layers_only
         for i, block in enumerate(src):
-            _check_tensor(block, dims.block_elems, dims, f"src[{i}]")
-        x = torch.stack([_layers_of(b, dims, src_format, layers).reshape(-1) for b in src])
+            _check_tensor(block, (part if only else dims).block_elems, dims, f"src[{i}]")
+        x = torch.stack([_layers_of(b, dims, src_format, layers, only).reshape(-1) for b in src])
     y = permute_blocks(x, part, src_format, dst_format)
     if dst_is_stack:
         _scatter(y, dst, _regions_per_block(part), dims.inner, part, "dst")
@@ -224,15 +229,20 @@ def convert_layers(
         raise LengthMismatchError(
             "dst", f"must hold {y.shape[0]} tensors to match the source, got {len(dst)}"
         )
+    only = dst_has_moved_layers_only
     for i, (b, values) in enumerate(zip(dst, y, strict=True)):
-        _check_tensor(b, dims.block_elems, dims, f"dst[{i}]")
-        _layers_of(b, dims, dst_format, layers).copy_(values.view(part.block_shape(dst_format)))
+        _check_tensor(b, (part if only else dims).block_elems, dims, f"dst[{i}]")
+        view = _layers_of(b, dims, dst_format, layers, only)
+        view.copy_(values.view(part.block_shape(dst_format)))
 
 
 def _layers_of(
-    block: torch.Tensor, dims: KvDims, fmt: KvBlockLayout, layers: range
+    block: torch.Tensor, dims: KvDims, fmt: KvBlockLayout, layers: range, moved_only: bool
 ) -> torch.Tensor:
-    """A view of layers ``layers`` of one whole block in ``fmt``, in ``fmt``'s 5-d shape."""
+    """A view of layers ``layers`` of one block in ``fmt``, in ``fmt``'s 5-d shape; with
+    ``moved_only`` the block holds those layers only, and the view is all of it."""
+    if moved_only:
+        return block.view(replace(dims, nl=len(layers)).block_shape(fmt))
     axis = fmt.dim_order.index(BlockDim.LAYER)
     return block.view(dims.block_shape(fmt)).narrow(axis, layers.start, len(layers))
 

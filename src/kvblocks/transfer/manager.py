@@ -437,11 +437,12 @@ class TransferManager:
         plan = route(src_side, dst_side, self._policy, layers)
         some = len(layers) < src_side.config.num_layers
         change = src_side.fmt.requires_transform(dst_side.fmt)
-        if some and change and plan.strategy not in _ONE_PERMUTE:
+        if some and change and plan.strategy not in _SOME_LAYERS:
             raise InvalidArgumentError(
                 "layer_range",
                 "must cover every layer when the block format changes on the way through"
-                f" {plan.strategy.value} (only one kernel or host permute moves part of a block)",
+                f" {plan.strategy.value} (only a kernel or host permute, alone or out of or into"
+                " staging slots, moves part of a block)",
             )
         message = self._nixl_message(options, plan, src_side, dst_side)
         check_overlap = _share_memory(src_side.physical, dst_side.physical)
@@ -569,7 +570,7 @@ class TransferManager:
             stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):  # makes the stream's device current, too
             if plan.strategy is Strategy.STAGED:
-                done = self._run_staged_on(plan, stream)
+                done = self._run_staged_on(plan, layers, stream)
             else:
                 (hop,) = plan.with_buffers({})
                 self._run_gpu_hop(hop, layers, device, stream, check_overlap)
@@ -581,16 +582,18 @@ class TransferManager:
             done.record(stream)
         return TransferCompleteNotification.from_event(done)
 
-    def _run_staged_on(self, plan: Route, stream: torch.cuda.Stream) -> torch.cuda.Event:
-        """Enqueue a staged transfer on ``stream`` (and a copy stream of the pool), through
-        slots from the memory pool; returns the event that marks it done."""
+    def _run_staged_on(
+        self, plan: Route, layers: range, stream: torch.cuda.Stream
+    ) -> torch.cuda.Event:
+        """Enqueue a staged transfer of layers ``layers`` on ``stream`` (and a copy stream of
+        the pool), through slots from the memory pool; returns the event that marks it done."""
         (_, src, _), (_, _, dst) = plan.hops
         (slot,) = plan.bounces()
-        config = slot_config(src)
+        config = slot_config(src, layers)
         buffer = self.memory_pool.acquire(config.total_bytes)
         key = (config, slot.fmt)
         slots = self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
-        run_staged(src, dst, slots, stream, self.streams.copy())
+        run_staged(src, dst, slots, stream, self.streams.copy(), layers)
         done = torch.cuda.Event()
         done.record(stream)
         self.memory_pool.release_after(buffer, done)
@@ -665,9 +668,9 @@ class TransferManager:
         self.close()
 
 
-#: Routes whose whole transfer is one permute (kernel or host), the only ones that can change
-#: the format of some layers of a block.
-_ONE_PERMUTE = (Strategy.KERNEL, Strategy.HOST_COPY)
+#: Routes that can change the format of some layers of a block: one permute (kernel or host),
+#: or the permute kernel out of or into staging slots that hold those layers.
+_SOME_LAYERS = (Strategy.KERNEL, Strategy.HOST_COPY, Strategy.STAGED)
 
 
 def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:

@@ -16,38 +16,54 @@ The blocks go in pieces of ``blocks_per_piece`` through two slots in turn, so th
 works on one slot while the copy engine fills or drains the other: the copy engine sets the
 pace, and the kernel adds only its time for the last piece. Every step is enqueued on CUDA
 streams with GPU-side waits; the host never waits.
+
+A transfer of some layers of each block, changing their format on the way (an engine taking a
+block's first layers before the rest), is staged too: the slots' blocks hold those layers only,
+and the copy engine moves them as rows at a fixed pitch, one ``cudaMemcpy2DAsync`` per run of
+neighbouring blocks. In a block of format ``[d0, ..., nl, ..., hd]`` the dims before the layer
+dim give the rows, and each row holds every layer's run of the bytes after it, so the moved
+layers are one stretch of each row (``UniversalTP``: ``nh`` rows per block; ``UniversalPP``
+and the operational formats: one).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import replace
 
 import torch
 
 from kvblocks.errors import LayoutFormatError
-from kvblocks.kernels import CopyPlan, PermutePlan
+from kvblocks.kernels import CopyPlan, Operand, PermutePlan
 from kvblocks.kernels.addresses import StridedTable
-from kvblocks.kernels.memcpy import MemcpyPlan, merge_runs
-from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, LayoutConfig
+from kvblocks.kernels.memcpy import MemcpyPlan, PitchedCopyPlan, merge_runs
+from kvblocks.layout import BlockDim, FullyContiguousLayout, KvBlockLayout, LayoutConfig
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
-from kvblocks.transfer.executor import Side, gpu_plan
+from kvblocks.transfer.executor import Side, dims_of, gpu_plan, permute_tables
 
 #: Bytes of blocks in one slot, at most (a slot holds one block at least).
 PIECE_BYTES = 64 << 20
 
 
-def blocks_per_piece(side: Side) -> int:
-    """Blocks of ``side`` moved per piece: as many as fit in ``PIECE_BYTES``, at least one,
-    at most all of them."""
-    return max(1, min(side.ids.numel(), PIECE_BYTES // side.config.block_bytes))
+def blocks_per_piece(side: Side, layers: range | None = None) -> int:
+    """Blocks of ``side`` moved per piece when layers ``layers`` (default: all) of each move:
+    as many as fit in ``PIECE_BYTES``, at least one, at most all of them."""
+    moved = _moved(side.config, layers).block_bytes
+    return max(1, min(side.ids.numel(), PIECE_BYTES // moved))
 
 
-def slot_config(side: Side) -> LayoutConfig:
-    """The blocks of the slots that the staged transfer of ``side``'s blocks goes through: two
-    slots of :func:`blocks_per_piece` blocks, or one when a single piece holds every block."""
-    per_piece = blocks_per_piece(side)
+def slot_config(side: Side, layers: range | None = None) -> LayoutConfig:
+    """The blocks of the slots that the staged transfer of layers ``layers`` (default: all)
+    of ``side``'s blocks goes through: blocks of those layers only, two slots of
+    :func:`blocks_per_piece` blocks, or one when a single piece holds every block."""
+    per_piece = blocks_per_piece(side, layers)
     slots = 1 if per_piece == side.ids.numel() else 2
-    return replace(side.config, num_blocks=slots * per_piece)
+    return replace(_moved(side.config, layers), num_blocks=slots * per_piece)
+
+
+def _moved(config: LayoutConfig, layers: range | None) -> LayoutConfig:
+    """``config`` with only the moved layers ``layers`` (all for ``None``)."""
+    return config if layers is None else replace(config, num_layers=len(layers))
 
 
 def slot_layout(config: LayoutConfig, fmt: KvBlockLayout, buffer: torch.Tensor) -> PhysicalLayout:
@@ -64,17 +80,20 @@ def run_staged(
     slots: PhysicalLayout,
     stream: torch.cuda.Stream | None,
     copy_stream: torch.cuda.Stream | None,
+    layers: range | None = None,
 ) -> None:
-    """Move every layer of blocks ``src.ids`` into ``dst.ids`` through ``slots``.
+    """Move layers ``layers`` (default: all) of blocks ``src.ids`` into ``dst.ids`` through
+    ``slots``.
 
     One side is device memory and the other pinned memory, fully contiguous (the copy engine
-    moves whole blocks); the slots hold blocks in the pinned side's format, so that the copy
-    engine moves them unchanged. The caller has checked the block ids (in range, no
-    destination twice).
+    moves whole blocks, or the same stretch of each row of them); the slots hold blocks in the
+    pinned side's format, of the moved layers only, so that the copy engine moves them
+    unchanged. The caller has checked the block ids (in range, no destination twice) and
+    ``layers``.
 
     Args:
-        slots: the :func:`slot_layout` of :func:`slot_config` of ``src``, not used by anything
-            else until the transfer is done.
+        slots: the :func:`slot_layout` of :func:`slot_config` of ``src`` and ``layers``, not
+            used by anything else until the transfer is done.
         stream: the stream the kernels run on and the transfer is ordered on, before and
             after: it must already follow the work the transfer waits for, and work queued on
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
@@ -86,19 +105,26 @@ def run_staged(
     """
     into_gpu = dst.physical.storage is StorageKind.DEVICE
     pinned, name = (src, "src") if into_gpu else (dst, "dst")
-    if not pinned.physical.layout.is_fully_contiguous:  # the copy engine moves whole blocks
+    if not pinned.physical.layout.is_fully_contiguous:  # the copy engine moves rows of blocks
         raise LayoutFormatError(
             name, f"must be fully contiguous to be staged, got {pinned.physical.layout.kind.label}"
         )
-    n, per_piece = src.ids.numel(), blocks_per_piece(src)
+    layers = range(src.config.num_layers) if layers is None else layers
+    # The blocks in the order of their pinned ids, so that neighbours in pinned memory are
+    # neighbours in the slots too and go as one copy (a pool hands out runs of ids, in any
+    # order).
+    order = torch.argsort(pinned.ids)
+    src, dst = replace(src, ids=src.ids[order]), replace(dst, ids=dst.ids[order])
+    pinned = src if into_gpu else dst
+    n, per_piece = src.ids.numel(), blocks_per_piece(src, layers)
     # Block i of the transfer goes through block (i % per_piece) of slot (i // per_piece) % 2.
     index = torch.arange(n)
     slot = Side(slots, (index // per_piece % 2) * per_piece + index % per_piece, slots.kv_format)
     pieces = [(first, min(first + per_piece, n)) for first in range(0, n, per_piece)]
-    copies = _Copies(*((src, slot) if into_gpu else (slot, dst)))
+    copies = _Copies(pinned, slot, layers, into_gpu)
     if stream is None:
         ends = (slot, dst) if into_gpu else (src, slot)
-        kernel = gpu_plan(*ends, _every_layer(src), slot.physical.device)
+        kernel = _kernel(*ends, layers, slot.physical.device)
         for first, end in pieces:
             steps = (copies, kernel) if into_gpu else (kernel, copies)
             for step in steps:
@@ -106,9 +132,9 @@ def run_staged(
         return
     copy_stream.wait_stream(stream)
     if into_gpu:
-        _into_gpu(pieces, copies, slot, dst, stream, copy_stream)
+        _into_gpu(pieces, copies, slot, dst, layers, stream, copy_stream)
     else:
-        _out_of_gpu(pieces, copies, src, slot, stream, copy_stream)
+        _out_of_gpu(pieces, copies, src, slot, layers, stream, copy_stream)
     stream.wait_stream(copy_stream)
 
 
@@ -117,6 +143,7 @@ def _into_gpu(
     copies: _Copies,
     slot: Side,
     dst: Side,
+    layers: range,
     stream: torch.cuda.Stream,
     copy_stream: torch.cuda.Stream,
 ) -> None:
@@ -128,9 +155,9 @@ def _into_gpu(
     copy_done = [torch.cuda.Event() for _ in range(2)]
     kernel_done = [torch.cuda.Event() for _ in range(2)]
     for i, (first, end) in enumerate(pieces[:2]):
-        copies.part(first, end).run(batched=True, stream=copy_stream)
+        copies.part(first, end).run(stream=copy_stream)
         copy_done[i].record(copy_stream)
-    kernel = gpu_plan(slot, dst, _every_layer(dst), slot.physical.device)
+    kernel = _kernel(slot, dst, layers, slot.physical.device)
     for i, (first, end) in enumerate(pieces):
         s = i % 2
         stream.wait_event(copy_done[s])
@@ -139,7 +166,7 @@ def _into_gpu(
         kernel_done[s].record(stream)
         if i + 2 < len(pieces):  # the next piece of this slot, once its blocks are placed
             copy_stream.wait_event(kernel_done[s])
-            copies.part(*pieces[i + 2]).run(batched=True, stream=copy_stream)
+            copies.part(*pieces[i + 2]).run(stream=copy_stream)
             copy_done[s].record(copy_stream)
 
 
@@ -148,13 +175,14 @@ def _out_of_gpu(
     copies: _Copies,
     src: Side,
     slot: Side,
+    layers: range,
     stream: torch.cuda.Stream,
     copy_stream: torch.cuda.Stream,
 ) -> None:
     """Enqueue the kernel into the slots and the copy engine out of them, piece by piece."""
     copy_done = [torch.cuda.Event() for _ in range(2)]
     kernel_done = [torch.cuda.Event() for _ in range(2)]
-    kernel = gpu_plan(src, slot, _every_layer(src), slot.physical.device)
+    kernel = _kernel(src, slot, layers, slot.physical.device)
     for i, (first, end) in enumerate(pieces):
         s = i % 2
         if i >= 2:
@@ -163,36 +191,76 @@ def _out_of_gpu(
             _part(kernel, first, end).run()
         kernel_done[s].record(stream)
         copy_stream.wait_event(kernel_done[s])
-        copies.part(first, end).run(batched=True, stream=copy_stream)
+        copies.part(first, end).run(stream=copy_stream)
         copy_done[s].record(copy_stream)
 
 
-def _every_layer(side: Side) -> range:
-    return range(side.config.num_layers)
+def _kernel(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
+    """The kernel between a slot and the device layout (either way round): ``gpu_plan``'s
+    when every layer moves, else the permute kernel (the formats may also be the same), whose
+    operand for the slot holds the moved layers only."""
+    slot_is_src = src.config.num_layers < dst.config.num_layers
+    full = dst if slot_is_src else src
+    if len(layers) == full.config.num_layers:
+        return gpu_plan(src, dst, layers, device)
+    s, d, aligned = permute_tables(src, dst, layers, device)
+    src_op, dst_op = src.operand(), dst.operand()
+    if slot_is_src:
+        src_op = Operand(src.fmt, moved_layers_only=True)
+    else:
+        dst_op = Operand(dst.fmt, moved_layers_only=True)
+    dims = dims_of(full.config)
+    return PermutePlan.of_checked_tables(src_op, s, dst_op, d, dims, device, aligned, None, layers)
 
 
 class _Copies:
-    """The copy engine's copies between pinned blocks and slot blocks, whole blocks (both
-    layouts are fully contiguous), addressed once; :meth:`part` gives those of some blocks."""
+    """The copy engine's copies between pinned blocks and slot blocks (both layouts are fully
+    contiguous), addressed once; :meth:`part` gives those of some blocks. Whole blocks when
+    every layer moves, else the moved layers' stretch of each row of a block."""
 
-    def __init__(self, src: Side, dst: Side) -> None:
-        self._src, self._dst = _block_addresses(src), _block_addresses(dst)
-        self._size = src.config.block_bytes
+    def __init__(self, pinned: Side, slot: Side, layers: range, into_gpu: bool) -> None:
+        self._into_gpu = into_gpu
+        self._pinned, self._slot = _block_addresses(pinned), _block_addresses(slot)
         self._cuda = torch.cuda.is_available()
+        config = pinned.config
+        self._every = len(layers) == config.num_layers
+        self._size = config.block_bytes
+        if not self._every:
+            rows, run = _layer_rows(config, pinned.fmt)
+            self._rows, self._width = rows, len(layers) * run
+            self._pinned_pitch = config.num_layers * run
+            self._pinned += layers.start * run  # where the moved layers start in each row
 
-    def part(self, first: int, end: int) -> MemcpyPlan:
+    def part(self, first: int, end: int) -> MemcpyPlan | PitchedCopyPlan:
         """The copies of blocks ``[first, end)`` of the transfer, each run of blocks that
         follow one another on both sides as one copy."""
-        sizes = [self._size] * (end - first)
-        pairs = merge_runs(self._src[first:end], self._dst[first:end], sizes)
-        return MemcpyPlan(*pairs, self._cuda)
+        pinned, slot = self._pinned[first:end], self._slot[first:end]
+        ends = (pinned, slot) if self._into_gpu else (slot, pinned)
+        if self._every:
+            sizes = [self._size] * (end - first)
+            return MemcpyPlan(*merge_runs(*(e.tolist() for e in ends), sizes), self._cuda)
+        pitches = (self._pinned_pitch, self._width)
+        src_pitch, dst_pitch = pitches if self._into_gpu else pitches[::-1]
+        return PitchedCopyPlan.joined(*ends, self._rows, self._width, src_pitch, dst_pitch)
 
 
-def _block_addresses(side: Side) -> list[int]:
-    """Where each of ``side``'s blocks starts (its layout is fully contiguous)."""
+def _layer_rows(config: LayoutConfig, fmt: KvBlockLayout) -> tuple[int, int]:
+    """``(rows, run)``: a block of ``config`` in ``fmt`` is ``rows`` rows one after another,
+    each of ``num_layers`` runs of ``run`` bytes, one per layer in order (the dims before the
+    layer dim count the rows, those after it make a run)."""
+    dims = dims_of(config)
+    order = fmt.dim_order
+    at = order.index(BlockDim.LAYER)
+    rows = math.prod(dims.size(d) for d in order[:at])
+    run = math.prod(dims.size(d) for d in order[at + 1 :]) * dims.hd * config.dtype_width_bytes
+    return rows, run
+
+
+def _block_addresses(side: Side) -> torch.Tensor:
+    """Where each of ``side``'s blocks starts (its layout is fully contiguous): int64, on the
+    CPU."""
     layout = side.physical.layout
-    base, stride = layout.memory[0].addr, layout.block_stride
-    return [base + b * stride for b in side.ids.tolist()]
+    return layout.memory[0].addr + side.ids * layout.block_stride
 
 
 def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):

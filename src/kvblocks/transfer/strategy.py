@@ -160,20 +160,22 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
     if src.gpu_reachable and dst.gpu_reachable:
         if src.on_gpu and dst.on_gpu:
             return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
-        if change and len(layers) < src.config.num_layers:  # only the kernel moves a part
-            return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         whole = not change and whole_blocks(src, dst, layers)
         pinned = dst if src.on_gpu else src
-        pinned_blocks = (
-            len(layers) == src.config.num_layers and pinned.physical.layout.is_fully_contiguous
+        # Slots take whole pinned blocks, or the moved layers of each where their format
+        # changes on the way (a same-format part of a block moves region by region, directly).
+        stageable = pinned.physical.layout.is_fully_contiguous and (
+            change or len(layers) == src.config.num_layers
         )
         if not copy_engine:  # the kernel, but the copy engine for large whole pinned blocks
             if whole and _at_least(src, layers, policy.copy_engine_min_bytes):
                 return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
-            if whole or not (pinned_blocks and _at_least(src, layers, policy.staged_min_bytes)):
+            if whole or not (stageable and _at_least(src, layers, policy.staged_min_bytes)):
                 return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
-        elif whole or not (change or pinned_blocks):  # the same spans on both sides
+        elif whole or not (change or stageable):  # the same spans on both sides
             return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
+        elif not stageable:  # a format change of pinned regions: the kernel
+            return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         slot = Bounce("device", pinned.fmt)  # slots hold blocks as the pinned side does
         if src.on_gpu:  # a kernel into a slot, then the copy engine out
             hops = ((H.GPU, src, slot), (H.COPY_ENGINE, slot, dst))
