@@ -116,10 +116,10 @@ class MemcpyPlan:
 
 @dataclass(frozen=True)
 class PitchedCopyPlan:
-    """Copies of rows at a fixed pitch (``cudaMemcpy2DAsync``, which the copy engine runs at
-    the speed of one bulk copy even for rows of a few KiB): copy ``i`` moves ``heights[i]``
-    rows of ``width`` bytes, row ``r`` from ``src[i] + r * src_pitch`` to
-    ``dst[i] + r * dst_pitch``. Build one with :meth:`joined`."""
+    """Copies of rows at a fixed pitch, one ``cudaMemcpy2DAsync`` each (a single descriptor
+    for the copy engine, where a batch of one copy per row would cost the host per row): copy
+    ``i`` moves ``heights[i]`` rows of ``width`` bytes, row ``r`` from
+    ``src[i] + r * src_pitch`` to ``dst[i] + r * dst_pitch``. Build one with :meth:`joined`."""
 
     src: list[int]
     dst: list[int]

@@ -14,8 +14,8 @@ A transfer is a short list of :class:`Hop` s, each moving the same blocks betwee
 ===============  ===============================================================================
 
 Copies move whole blocks when both sides are fully contiguous and every layer moves, else one
-``(block, layer, outer)`` region at a time. A format change moves all layers through the
-permute kernel.
+``(block, layer, outer)`` region at a time. A format change goes through the permute kernel
+(or its CPU path), of every layer or of a layer range.
 """
 
 from __future__ import annotations

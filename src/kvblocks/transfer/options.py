@@ -71,8 +71,9 @@ class TransferPreferences:
             H100 from 16 MiB up). ``None`` leaves them to the kernels. Needs cuda-bindings
             (extra ``gpu``); without it the kernels move them.
         staged_min_bytes: transfers of at least this many bytes between whole blocks in
-            pinned memory (a fully contiguous layout, every layer) and a device layout
-            without the same spans (an engine's layer-separate cache, or another format) are
+            pinned memory (a fully contiguous layout; every layer, or some layers whose format
+            changes) and a device layout without the same spans (an engine's layer-separate
+            cache, or another format) are
             staged (``STAGED``), as ``copy_engine`` does, through two slots of up to 64 MiB
             from the device memory pool. Staged, a transfer holds SMs only to place or gather
             the slots' blocks: work the engine runs meanwhile is slowed by 1% to 6%, and the
