@@ -389,6 +389,25 @@ def _table_of(views, op: Operand, dims: KvDims, layers: range) -> list[int]:
     return [v.data_ptr() for i, v in enumerate(views) if i // dims.no % dims.nl in layers]
 
 
+def _permute_layers(src, src_op, dst, dst_op, dims, layers, device, reference) -> None:
+    """Permute layers ``layers`` of the blocks of views ``src`` into ``dst`` (the kernel, or
+    the torch reference with ``reference``); returns when it is done."""
+    plan = plan_permute(
+        _table_of(src, src_op, dims, layers),
+        src_op,
+        _table_of(dst, dst_op, dims, layers),
+        dst_op,
+        dims,
+        device,
+        layers=layers,
+    )
+    if reference:
+        plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
+    plan.run()
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
 @pytest.mark.parametrize("places", PLACES)
 @pytest.mark.parametrize("reference", [False, True], ids=["kernel", "reference"])
 @pytest.mark.parametrize(
@@ -405,20 +424,7 @@ def test_a_permute_of_some_layers_writes_those_layers_only(src_op, dst_op, place
     for layers in (range(0, 2), range(2, 3), range(1, 5), range(4, 5)):
         for v in dst:
             v.copy_(poisoned(v.shape, dims.dtype))
-        plan = plan_permute(
-            _table_of(src, src_op, dims, layers),
-            src_op,
-            _table_of(dst, dst_op, dims, layers),
-            dst_op,
-            dims,
-            device,
-            layers=layers,
-        )
-        if reference:
-            plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
-        plan.run()
-        if device == "cuda":
-            torch.cuda.synchronize()
+        _permute_layers(src, src_op, dst, dst_op, dims, layers, device, reference)
         for layer in range(dims.nl):
             got = _layer_parts([v.cpu() for v in dst], dst_op, dims, layer)
             if layer in layers:
@@ -474,20 +480,7 @@ def test_a_permute_of_some_layers_into_or_out_of_blocks_of_those_layers(
         whole_op = dataclasses.replace(slot_op, moved_layers_only=False)
         expected = _converted(whole_blocks, whole_op, full, full_op, dims)
         src, src_op, dst, dst_op = slot, slot_op, full, full_op
-    plan = plan_permute(
-        _table_of(src, src_op, dims, layers),
-        src_op,
-        _table_of(dst, dst_op, dims, layers),
-        dst_op,
-        dims,
-        device,
-        layers=layers,
-    )
-    if reference:
-        plan = dataclasses.replace(plan, backend=Backend.REFERENCE)
-    plan.run()
-    if device == "cuda":
-        torch.cuda.synchronize()
+    _permute_layers(src, src_op, dst, dst_op, dims, layers, device, reference)
     if into_slot:
         for got, want in zip(slot, expected, strict=True):
             assert_bits_equal(got.cpu(), want)

@@ -68,6 +68,16 @@ def run_staged(src: Side, dst: Side, slots: PhysicalLayout, layers: range | None
         torch.cuda.synchronize()
 
 
+def counted(monkeypatch, plan_class, measure) -> list:
+    """``measure(plan)`` of each plan of ``plan_class`` that runs, in order (they still run)."""
+    seen = []
+    run = plan_class.run
+    monkeypatch.setattr(
+        plan_class, "run", lambda plan, **kw: (seen.append(measure(plan)), run(plan, **kw))
+    )
+    return seen
+
+
 @pytest.fixture
 def small_pieces(monkeypatch):
     """Pieces of two blocks, so that 5 blocks go in 3 pieces and both slots are reused."""
@@ -131,17 +141,7 @@ def test_staged_layers_land_in_place(small_pieces, into_device, formats, device_
     per_piece = staging.blocks_per_piece(src_side, layers)
     assert per_piece == min(5, 2 * CFG.num_layers // len(layers))  # pieces of 2 whole blocks
     run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, layers), layers)
-    dims = CFG.dims(torch.float16)
-    block_shape = dims.block_shape(dst.kv_format)
-    axis = dst.kv_format.dim_order.index(BlockDim.LAYER)
-    for i, b in enumerate(d_ids):
-        got = block_tensor(dst, b).view(block_shape)
-        for layer in range(CFG.num_layers):
-            expected = want[i] if layer in layers else before[b]
-            expected = expected.view(block_shape).select(axis, layer)
-            assert_bits_equal(got.select(axis, layer), expected)
-    for b in set(range(BIG.num_blocks)) - set(d_ids):
-        assert_bits_equal(block_tensor(dst, b), before[b])
+    assert_layers_landed(dst, d_ids, want, before, layers)
 
 
 @pytest.mark.parametrize(
@@ -155,18 +155,27 @@ def test_staged_layers_go_as_rows_of_neighbouring_blocks(small_pieces, monkeypat
     pinned, device = layout("pinned", True, UNI), layout("device", False, NHD)
     fill(pinned, None)
     fill(device, POISON)
-    counts = []
-    run = staging.PitchedCopyPlan.run
-    monkeypatch.setattr(
-        staging.PitchedCopyPlan,
-        "run",
-        lambda plan, **kw: (counts.append((len(plan.src), sum(plan.heights))), run(plan, **kw)),
-    )
+    counts = counted(monkeypatch, staging.PitchedCopyPlan, lambda p: (len(p.src), sum(p.heights)))
     layers = range(1, 3)
     src = Side(pinned, torch.tensor(s_ids), UNI)
     dst = Side(device, torch.tensor([2, 5, 0, 8, 6]), NHD)
     run_staged(src, dst, poisoned_slots(src, UNI, layers), layers)
     assert counts == [(n, blocks * CFG.num_heads) for n, blocks in zip(copies, (3, 2), strict=True)]
+
+
+def assert_layers_landed(dst: PhysicalLayout, d_ids, want, before: dict, layers: range) -> None:
+    """Layers ``layers`` of blocks ``d_ids`` of ``dst`` hold ``want`` (one block per id, as
+    :func:`expected_blocks` gives them); every other layer and block holds what ``before``
+    says it held."""
+    shape = CFG.dims(torch.float16).block_shape(dst.kv_format)
+    axis = dst.kv_format.dim_order.index(BlockDim.LAYER)
+    for i, b in enumerate(d_ids):
+        got = block_tensor(dst, b).view(shape)
+        for layer in range(CFG.num_layers):
+            expected = want[i] if layer in layers else before[b]
+            assert_bits_equal(got.select(axis, layer), expected.view(shape).select(axis, layer))
+    for b in set(range(BIG.num_blocks)) - set(d_ids):
+        assert_bits_equal(block_tensor(dst, b), before[b])
 
 
 def test_slot_sizes():
@@ -337,13 +346,7 @@ def test_staged_copies_join_neighbouring_blocks(small_pieces, monkeypatch, s_ids
     pinned, device = layout("pinned", True, NHD), layout("device", False, NHD)
     fill(pinned, None)
     fill(device, POISON)
-    counts = []
-    run = staging.MemcpyPlan.run
-    monkeypatch.setattr(
-        staging.MemcpyPlan,
-        "run",
-        lambda plan, **kw: (counts.append(len(plan.src)), run(plan, **kw)),
-    )
+    counts = counted(monkeypatch, staging.MemcpyPlan, lambda plan: len(plan.src))
     src, dst = Side(pinned, torch.tensor(s_ids), NHD), Side(device, torch.tensor(d_ids), NHD)
     run_staged(src, dst, poisoned_slots(src, NHD))
     assert counts == copies
@@ -416,19 +419,10 @@ def test_manager_stages_some_layers(small_pieces, formats):
             sp, dp = m.layout(src), m.layout(dst)
             fill(sp, None)
             fill(dp, POISON)
+            before = {b: block_tensor(dp, b) for b in range(BIG.num_blocks)}
             want = expected_blocks(sp, s_ids, dp.kv_format)
             m.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
-            dims = CFG.dims(torch.float16)
-            shape = dims.block_shape(dp.kv_format)
-            axis = dp.kv_format.dim_order.index(BlockDim.LAYER)
-            for i, b in enumerate(d_ids):
-                got = block_tensor(dp, b).view(shape)
-                for layer in range(CFG.num_layers):
-                    part = got.select(axis, layer).view(torch.int16)
-                    if layer in layers:
-                        assert_bits_equal(part, want[i].view(shape).select(axis, layer))
-                    else:
-                        assert bool((part.view(torch.uint8) == POISON).all())
+            assert_layers_landed(dp, d_ids, want, before, layers)
 
 
 @pytest.mark.gpu
