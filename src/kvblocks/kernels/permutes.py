@@ -194,9 +194,9 @@ class Operand:
     def span_bytes(self, dims: KvDims, num_layers: int | None = None) -> int:
         """Bytes each table entry points at, when ``num_layers`` of a block's layers move (all
         by default)."""
-        return dims.region_bytes if self.stack else self.blocks(dims, num_layers).block_bytes
+        return dims.region_bytes if self.stack else self.block_dims(dims, num_layers).block_bytes
 
-    def blocks(self, dims: KvDims, num_layers: int | None = None) -> KvDims:
+    def block_dims(self, dims: KvDims, num_layers: int | None = None) -> KvDims:
         """The dims of this operand's blocks when ``num_layers`` of the layers of blocks of
         ``dims`` move: ``dims``, or ``num_layers`` layers of them for ``moved_layers_only``."""
         if self.moved_layers_only and num_layers is not None:
@@ -206,7 +206,7 @@ class Operand:
     def row_strides(self, dims: KvDims, num_layers: int | None = None) -> tuple[int, int, int, int]:
         """Distance in rows of ``hd`` between neighbours along ``(nl, no, nt, nh)``, when
         ``num_layers`` of a block's layers move (all by default)."""
-        dims = self.blocks(dims, num_layers)
+        dims = self.block_dims(dims, num_layers)
         strides, step = {}, 1
         for dim in reversed(self.format.dim_order):
             strides[dim] = step
@@ -332,10 +332,8 @@ class PermutePlan:
             dims = replace(dims, dtype=torch.uint8)
         if self.layers is not None:
             count = len(self.layers)
-            src_bytes, dst_bytes = (
-                self.src.span_bytes(dims, count),
-                self.dst.span_bytes(dims, count),
-            )
+            src_bytes = self.src.span_bytes(dims, count)
+            dst_bytes = self.dst.span_bytes(dims, count)
             reference.convert_layers(
                 _tensors_at(self.src_table, src_bytes, dims.dtype, self.device),
                 _tensors_at(self.dst_table, dst_bytes, dims.dtype, self.device),
