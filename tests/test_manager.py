@@ -895,7 +895,7 @@ def test_failed_onboard_leaves_no_block_held(tmp_path, monkeypatch):
         def broken(*args, **kwargs):
             raise OSError("the copy failed")
 
-        monkeypatch.setattr(manager._transfer, "execute_transfer", broken)
+        monkeypatch.setattr(manager._transfer, "execute_layer_groups", broken)
         with pytest.raises(OSError, match="the copy failed"):
             manager.lookup(tokens)
         monkeypatch.undo()

@@ -77,31 +77,34 @@ host_copies = pytest.mark.skipif(
 
 
 class GatedCopies:
-    """Stands in for a manager's ``execute_transfer``: records the layer range of each copy
-    into G1 and holds back those of the groups after the first until :attr:`gate` opens; with
-    ``fail``, every copy into G1 waits for the gate and then fails with it."""
+    """Stands in for a manager's ``execute_layer_groups`` (the copies into G1): records each
+    group's layer range and holds back the groups after the first until :attr:`gate` opens;
+    with ``fail``, every group waits for the gate and then fails with it."""
 
     def __init__(self, manager, fail=None):
-        self.real = manager._transfer.execute_transfer
+        self.real = manager._transfer.execute_layer_groups
         self.gate = threading.Event()
         self.ranges = []
         self.fail = fail
         self._threads = ThreadPoolExecutor(4)
 
-    def __call__(self, src, src_ids, dst, dst_ids, options=None):
-        if options is None or options.layer_range is None:  # not a copy into G1
-            return self.real(src, src_ids, dst, dst_ids, options)
-        self.ranges.append(options.layer_range)
-        if options.layer_range.start == 0 and self.fail is None:
-            return self.real(src, src_ids, dst, dst_ids, options)
+    def __call__(self, src, src_ids, dst, dst_ids, groups, options=None):
+        done = []
+        for group in groups:
+            self.ranges.append(group)
+            if group.start == 0 and self.fail is None:
+                done += self.real(src, src_ids, dst, dst_ids, [group], options)
+                continue
 
-        def later():
-            assert self.gate.wait(30)
-            if self.fail is not None:
-                raise self.fail
-            self.real(src, src_ids, dst, dst_ids, options).wait()
+            def later(group=group):
+                assert self.gate.wait(30)
+                if self.fail is not None:
+                    raise self.fail
+                (notification,) = self.real(src, src_ids, dst, dst_ids, [group], options)
+                notification.wait()
 
-        return TransferCompleteNotification.from_future(self._threads.submit(later))
+            done.append(TransferCompleteNotification.from_future(self._threads.submit(later)))
+        return tuple(done)
 
 
 @pytest.fixture
@@ -112,7 +115,7 @@ def gated(tmp_path, monkeypatch):
     kv = store(manager, tokens, torch.Generator().manual_seed(1))
     poison_g1(manager)
     copies = GatedCopies(manager)
-    monkeypatch.setattr(manager._transfer, "execute_transfer", copies)
+    monkeypatch.setattr(manager._transfer, "execute_layer_groups", copies)
     yield manager, tokens, kv, copies
     copies.gate.set()
     monkeypatch.undo()
@@ -223,7 +226,7 @@ def test_a_failed_copy_is_raised_by_the_waits_and_its_blocks_leave_the_cache(tmp
         kv = store(manager, tokens, torch.Generator().manual_seed(2))
         poison_g1(manager)
         copies = GatedCopies(manager, fail=OSError("the link went down"))
-        manager._transfer.execute_transfer = copies
+        manager._transfer.execute_layer_groups = copies
         hit = manager.lookup(tokens, wait=False)
         copies.gate.set()
         with pytest.raises(TransferError, match="the link went down"):
@@ -231,7 +234,7 @@ def test_a_failed_copy_is_raised_by_the_waits_and_its_blocks_leave_the_cache(tmp
         manager.free(hit.block_ids)
         manager.flush()
         assert manager.occupancy()[Tier.G1].cached == 0
-        del manager._transfer.execute_transfer
+        del manager._transfer.execute_layer_groups
         again = manager.lookup(tokens)  # from G2 again, whole
         assert again.from_tier == {Tier.G1: 0, Tier.G2: 3}
         for layer in range(NL):
@@ -251,7 +254,7 @@ def test_a_waiting_lookup_whose_copy_fails_raises_and_holds_nothing(tmp_path):
         poison_g1(manager)
         copies = GatedCopies(manager, fail=OSError("the link went down"))
         copies.gate.set()
-        manager._transfer.execute_transfer = copies
+        manager._transfer.execute_layer_groups = copies
         with pytest.raises(TransferError, match="the link went down"):
             manager.lookup(tokens)
         assert manager.occupancy()[Tier.G1].allocated == 0
@@ -268,7 +271,7 @@ def test_a_waiting_lookup_copies_all_layers_at_once(tmp_path, monkeypatch):
         kv = store(manager, tokens, torch.Generator().manual_seed(4))
         poison_g1(manager)
         copies = GatedCopies(manager)
-        monkeypatch.setattr(manager._transfer, "execute_transfer", copies)
+        monkeypatch.setattr(manager._transfer, "execute_layer_groups", copies)
         hit = manager.lookup(tokens)
         assert copies.ranges == [range(NL)] and hit.ready.done()
         for layer in range(NL):
@@ -284,7 +287,7 @@ def test_a_sliding_window_lookup_can_return_before_its_copies_end(tmp_path, monk
         kv = store(manager, tokens, torch.Generator().manual_seed(5))
         poison_g1(manager)
         copies = GatedCopies(manager)
-        monkeypatch.setattr(manager._transfer, "execute_transfer", copies)
+        monkeypatch.setattr(manager._transfer, "execute_layer_groups", copies)
         hit = manager.lookup(tokens, wait=False)
         assert hit.skipped == 3 and len(hit.block_ids) == 2
         copies.gate.set()

@@ -235,21 +235,101 @@ def test_some_layers_change_format_on_the_way(
                 assert_bits_equal(block_tensor(dp, b), before[b])
             return
         manager.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
-        dims = CFG.dims(torch.float16)
-        expected = torch.empty(len(s_ids), dims.block_elems, dtype=torch.float16)
-        convert(torch.stack([block_tensor(sp, b) for b in s_ids]), expected, dims, s_fmt, d_fmt)
-        axis = d_fmt.dim_order.index(BlockDim.LAYER)
-        shape = dims.block_shape(d_fmt)
-        for i, b in enumerate(d_ids):
-            got = block_tensor(dp, b).view(shape)
-            for layer in range(nl):
-                want = expected[i].view(shape) if layer in layers else before[b].view(shape)
-                assert_bits_equal(got.select(axis, layer), want.select(axis, layer))
-        for b in set(range(6)) - set(d_ids):
-            assert_bits_equal(block_tensor(dp, b), before[b])
+        assert_layers_moved(sp, s_ids, dp, d_ids, before, layers)
     finally:
         manager.release_layout(src)
         manager.release_layout(dst)
+
+
+def assert_layers_moved(sp, s_ids, dp, d_ids, before: dict, layers) -> None:
+    """Layers ``layers`` of blocks ``s_ids`` of ``sp`` are in blocks ``d_ids`` of ``dp``, in
+    its format; every other layer and block of ``dp`` holds what ``before`` (block id ->
+    :func:`block_tensor`) says it held."""
+    s_fmt, d_fmt = sp.kv_format, dp.kv_format
+    dims = CFG.dims(torch.float16)
+    expected = torch.empty(len(s_ids), dims.block_elems, dtype=torch.float16)
+    convert(torch.stack([block_tensor(sp, b) for b in s_ids]), expected, dims, s_fmt, d_fmt)
+    axis = d_fmt.dim_order.index(BlockDim.LAYER)
+    shape = dims.block_shape(d_fmt)
+    for i, b in enumerate(d_ids):
+        got = block_tensor(dp, b).view(shape)
+        for layer in range(CFG.num_layers):
+            want = expected[i].view(shape) if layer in layers else before[b].view(shape)
+            assert_bits_equal(got.select(axis, layer), want.select(axis, layer))
+    for b in set(range(dp.config.num_blocks)) - set(d_ids):
+        assert_bits_equal(block_tensor(dp, b), before[b])
+
+
+@pytest.mark.parametrize(
+    ("src", "dst"),
+    [
+        (("pinned", True, UNI), ("device", False, NHD)),
+        (("device", False, HND), ("pinned", True, PP)),
+        (("system", True, NHD), ("disk", False, NHD)),
+    ],
+    ids=["into-device", "out-of-device", "to-disk"],
+)
+@pytest.mark.parametrize(
+    "groups", [[range(0, 2), range(2, 3)], [range(2, 3), range(1, 2)], [range(1, 2)]], ids=str
+)
+def test_layer_groups_land_in_place(manager, src, dst, groups):
+    """A transfer in layer groups: every group's layers land (converted where the formats
+    differ), the layers of no group and the other blocks keep what they held, and there is a
+    notification per group."""
+    src_h, dst_h = make(manager, *src), make(manager, *dst)
+    try:
+        sp, dp = manager.layout(src_h), manager.layout(dst_h)
+        fill_blocks(sp, range(6), FillPattern.sequential())
+        fill_blocks(dp, range(6), FillPattern.of_constant(POISON))
+        before = {b: block_tensor(dp, b) for b in range(6)}
+        s_ids, d_ids = [4, 0, 5, 2], [1, 3, 0, 5]
+        done = manager.execute_layer_groups(src_h, s_ids, dst_h, d_ids, groups)
+        assert len(done) == len(groups)
+        for notification in done:
+            notification.wait(timeout=60)
+        assert_layers_moved(sp, s_ids, dp, d_ids, before, {l for g in groups for l in g})
+    finally:
+        manager.release_layout(src_h)
+        manager.release_layout(dst_h)
+
+
+def test_layer_group_errors_move_nothing(manager):
+    a = make(manager, "pinned", True, UNI)
+    b = make(manager, "device", False, NHD)
+    on_disk = make(manager, "disk", True, NHD)
+    fill_blocks(manager.layout(b), range(6), FillPattern.of_constant(POISON))
+    before = block_checksums(manager.layout(b), range(6))
+    run = manager.execute_layer_groups
+    two = [range(0, 2), range(2, 3)]
+    bounce = BounceBuffer.from_handle(make(manager, "pinned", True, UNI), [0])
+    cases = [
+        (
+            lambda: run(a, [0], b, [0], two, TransferOptions(layer_range=range(1))),
+            "options.layer_range must be None for a transfer in layer groups: groups gives",
+        ),
+        (
+            lambda: run(a, [0], b, [0], two, TransferOptions(bounce_buffer=bounce)),
+            "options.bounce_buffer must be None",
+        ),
+        (
+            lambda: run(a, [0], b, [0], two, TransferOptions(nixl_write_notification=b"x")),
+            "options.nixl_write_notification must be None",
+        ),
+        (lambda: run(a, [0], b, [0], []), "groups must be a non-empty sequence of ranges"),
+        (lambda: run(a, [0], b, [0], range(3)), "groups must be a non-empty sequence"),
+        (lambda: run(a, [0], b, [0], [range(0, 1), range(2, 4)]), r"groups\[1\] must be a non"),
+        (lambda: run(a, [0], b, [0], [range(0, 3, 2)]), r"groups\[0\] must be a range with"),
+        (lambda: run(a, [0], b, [6], two), r"dst_ids must be in \[0, 6\), got 6"),
+        (
+            lambda: run(a, [0], on_disk, [0], two),
+            r"groups\[0\] must cover every layer when the block format changes",
+        ),
+    ]
+    for call, match in cases:
+        with pytest.raises(InvalidArgumentError, match=match):
+            call()
+    assert block_checksums(manager.layout(b), range(6)) == before
+    assert all(n.poll() for n in run(a, [], b, [], two))
 
 
 def check_transfers_from_threads(manager, kinds, formats, num_blocks, threads, folder=None):

@@ -13,6 +13,7 @@ from kvblocks.kernels.reference import convert
 from kvblocks.layout import BlockDim, LayoutConfig, LayoutKind
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import Strategy, staging
+from kvblocks.transfer import strategy as strategy_module
 from kvblocks.transfer.executor import Side
 from kvblocks.transfer.pools import DeviceMemoryPool
 from kvblocks.transfer.strategy import Bounce, RoutePolicy, route
@@ -49,23 +50,33 @@ def expected_blocks(src: PhysicalLayout, ids, dst_fmt) -> torch.Tensor:
     return out
 
 
-def poisoned_slots(side: Side, fmt, layers: range | None = None) -> PhysicalLayout:
-    """The slots of the staged transfer of layers ``layers`` (default: all) of ``side``'s
-    blocks, every byte ``POISON``, on the GPU if there is one."""
-    config = staging.slot_config(side, layers)
+def poisoned_slots(side: Side, fmt, groups=None) -> staging.SlotLayouts:
+    """The slots of the staged transfer of layer ``groups`` (default: all layers at once) of
+    ``side``'s blocks, over one buffer whose every byte is ``POISON``, on the GPU if there is
+    one."""
+    groups = groups or (range(side.config.num_layers),)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    buffer = torch.full((config.total_bytes,), POISON, dtype=torch.uint8, device=device)
-    return staging.slot_layout(config, fmt, buffer)
+    nbytes = staging.slot_bytes(side, groups)
+    buffer = torch.full((nbytes,), POISON, dtype=torch.uint8, device=device)
+    made: dict[LayoutConfig, PhysicalLayout] = {}
+
+    def slots(config: LayoutConfig) -> PhysicalLayout:
+        if config not in made:
+            made[config] = staging.slot_layout(config, fmt, buffer)
+        return made[config]
+
+    return slots
 
 
-def run_staged(src: Side, dst: Side, slots: PhysicalLayout, layers: range | None = None) -> None:
+def run_staged(src: Side, dst: Side, slots: staging.SlotLayouts, groups=None) -> int:
     """The staged pipeline on CUDA streams on a GPU, step by step without one; returns when
-    it is done."""
+    it is done, with the number of events it gave back."""
     gpu = torch.cuda.is_available()
     streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    staging.run_staged(src, dst, slots, *streams, layers)
+    events = staging.run_staged(src, dst, slots, *streams, groups)
     if gpu:
         torch.cuda.synchronize()
+    return len(events)
 
 
 def counted(monkeypatch, plan_class, measure) -> list:
@@ -140,8 +151,51 @@ def test_staged_layers_land_in_place(small_pieces, into_device, formats, device_
     assert slot_config.num_layers == len(layers)
     per_piece = staging.blocks_per_piece(src_side, layers)
     assert per_piece == min(5, 2 * CFG.num_layers // len(layers))  # pieces of 2 whole blocks
-    run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, layers), layers)
+    run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, [layers]), [layers])
     assert_layers_landed(dst, d_ids, want, before, layers)
+
+
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("formats", [(UNI, NHD), (PP, HND), (NHD, NHD)])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [range(0, 2), range(2, 3)],  # slots laid out anew for the smaller group
+        [range(2, 3), range(0, 1), range(1, 2)],  # one slot layout for all
+        [range(1, 2), range(2, 3)],  # layer 0 stays as it was
+    ],
+    ids=str,
+)
+def test_staged_layer_groups_land_in_place(small_pieces, into_device, formats, groups):
+    """Layer groups one after another through one set of slots: each group's layers land
+    converted, the layers of no group and the other blocks keep what they held; one event
+    per group on a GPU."""
+    pinned_fmt, device_fmt = formats
+    pinned = layout("pinned", True, pinned_fmt)
+    device = layout("device", LayoutKind.LAYER_SEPARATE, device_fmt)
+    src, dst = (pinned, device) if into_device else (device, pinned)
+    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+    fill(src, None)
+    fill(dst, POISON)
+    before = {b: block_tensor(dst, b) for b in range(BIG.num_blocks)}
+    want = expected_blocks(src, s_ids, dst.kv_format)
+    src_side = Side(src, torch.tensor(s_ids), src.kv_format)
+    dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
+    events = run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, groups), groups)
+    assert events == (len(groups) if torch.cuda.is_available() else 0)
+    moved = {layer for group in groups for layer in group}
+    assert_layers_landed(dst, d_ids, want, before, moved)
+
+
+def test_slots_of_layer_groups():
+    """One buffer serves every group: as large as the largest group's slots."""
+    pinned = layout("pinned", True, UNI)
+    side = Side(pinned, torch.arange(5), UNI)
+    groups = [range(0, 2), range(2, 3)]
+    largest = staging.slot_config(side, range(0, 2)).total_bytes
+    assert staging.slot_bytes(side, groups) == largest
+    assert staging.slot_bytes(side, groups[1:]) == staging.slot_config(side, groups[1]).total_bytes
+    assert staging.slot_bytes(side, groups[1:]) < largest
 
 
 @pytest.mark.parametrize(
@@ -159,11 +213,11 @@ def test_staged_layers_go_as_rows_of_neighbouring_blocks(small_pieces, monkeypat
     layers = range(1, 3)
     src = Side(pinned, torch.tensor(s_ids), UNI)
     dst = Side(device, torch.tensor([2, 5, 0, 8, 6]), NHD)
-    run_staged(src, dst, poisoned_slots(src, UNI, layers), layers)
+    run_staged(src, dst, poisoned_slots(src, UNI, [layers]), [layers])
     assert counts == [(n, blocks * CFG.num_heads) for n, blocks in zip(copies, (3, 2), strict=True)]
 
 
-def assert_layers_landed(dst: PhysicalLayout, d_ids, want, before: dict, layers: range) -> None:
+def assert_layers_landed(dst: PhysicalLayout, d_ids, want, before: dict, layers) -> None:
     """Layers ``layers`` of blocks ``d_ids`` of ``dst`` hold ``want`` (one block per id, as
     :func:`expected_blocks` gives them); every other layer and block holds what ``before``
     says it held."""
@@ -203,8 +257,9 @@ def _side(cls, fc: bool, fmt, n: int = 6) -> Side:
 
 
 @pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
-def test_routes_between_device_and_pinned(into_device):
+def test_routes_between_device_and_pinned(monkeypatch, into_device):
     """The routing table, with sides that say they are GPU memory and pinned memory."""
+    monkeypatch.setattr(strategy_module, "STAGED_MIN_COPY_BYTES", CFG.block_bytes // 2)
     least = 3 * CFG.block_bytes
     large = RoutePolicy(copy_engine_min_bytes=least, staged_min_bytes=least)
 
@@ -268,6 +323,16 @@ def test_routes_between_device_and_pinned(into_device):
             Strategy.STAGED if policy is prefer else Strategy.KERNEL  # 2 blocks' bytes
         )
     assert strategy(whole, universal, RoutePolicy(), range(1, 3)).strategy is Strategy.KERNEL
+    # ... but the kernel where the pinned blocks are so scattered that each copy would move
+    # less than STAGED_MIN_COPY_BYTES (one and a half blocks' bytes here). 2 of 3 layers of
+    # 6 blocks (4 blocks' bytes) go in 4 copies for 4 runs of neighbouring blocks, in 2 for 2.
+    monkeypatch.setattr(strategy_module, "STAGED_MIN_COPY_BYTES", 3 * CFG.block_bytes // 2)
+    nine = layout("pinned", True, UNI)
+    apart = _Pinned(nine, torch.tensor([0, 2, 4, 6, 8, 3]), UNI)
+    assert strategy(whole, apart, large, range(1, 3)).strategy is Strategy.KERNEL
+    assert strategy(whole, apart, prefer, range(1, 3)).strategy is Strategy.STAGED
+    runs = _Pinned(nine, torch.tensor([7, 0, 8, 1, 2, 6]), UNI)
+    assert strategy(whole, runs, large, range(1, 3)).strategy is Strategy.STAGED
     hnd_regions = _side(_OnGpu, False, HND)
     assert strategy(hnd_regions, pinned_regions[0], prefer, range(1, 3)).strategy is (
         Strategy.KERNEL
@@ -423,6 +488,38 @@ def test_manager_stages_some_layers(small_pieces, formats):
             want = expected_blocks(sp, s_ids, dp.kv_format)
             m.execute_transfer(src, s_ids, dst, d_ids, options).wait(timeout=60)
             assert_layers_landed(dp, d_ids, want, before, layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("formats", [(UNI, NHD), (PP, HND)])
+def test_manager_stages_layer_groups(small_pieces, formats):
+    """Layer groups staged through one set of slots, both ways, on the caller's stream: an
+    event per group, after the work queued before on that stream."""
+    from kvblocks.transfer import TransferOptions
+
+    pinned_fmt, device_fmt = formats
+    groups = [range(0, 2), range(2, 3)]
+    with _manager() as m:
+        pinned = _register(m, "pinned", True, pinned_fmt)
+        device = _register(m, "device", False, device_fmt)
+        s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+        for src, dst in ((pinned, device), (device, pinned)):
+            sp, dp = m.layout(src), m.layout(dst)
+            fill(sp, None)
+            fill(dp, POISON)
+            before = {b: block_tensor(dp, b) for b in range(BIG.num_blocks)}
+            want = expected_blocks(sp, s_ids, dp.kv_format)
+            stream = torch.cuda.Stream()
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(20_000_000)
+                options = TransferOptions(cuda_stream=stream)
+                done = m.execute_layer_groups(src, s_ids, dst, d_ids, groups, options)
+            assert len(done) == 2 and not done[0].poll()  # behind the sleep
+            for notification in done:
+                notification.wait(timeout=60)
+            assert_layers_landed(dp, d_ids, want, before, range(3))
+        slots = staging.slot_bytes(Side(m.layout(pinned), torch.arange(5), pinned_fmt), groups)
+        assert m.memory_pool.held_bytes >= slots  # the slots came back
 
 
 @pytest.mark.gpu

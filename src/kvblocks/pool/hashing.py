@@ -14,6 +14,8 @@ say) may be mixed into the root to keep unrelated caches apart. Only full blocks
 from __future__ import annotations
 
 import struct
+import sys
+from array import array
 from collections.abc import Sequence
 
 import blake3
@@ -58,8 +60,8 @@ def sequence_hashes(
     positive_int(block_size, "block_size")
     count = len(token_ids) // block_size * block_size
     try:
-        data = struct.pack(f"<{count}I", *token_ids[:count])
-    except struct.error:
+        data = _little_uint32(token_ids[:count])
+    except (OverflowError, TypeError):
         bad = next(i for i, t in enumerate(token_ids[:count]) if not _is_token(t))
         raise InvalidArgumentError(
             "token_ids", f"must hold ints in [0, 2**32), got {token_ids[bad]!r} at index {bad}"
@@ -75,6 +77,22 @@ def sequence_hashes(
         previous = int.from_bytes(h.digest(8), "little")
         hashes.append(previous)
     return hashes
+
+
+def _little_uint32(token_ids: Sequence[int]) -> bytes:
+    """``token_ids`` as little-endian uint32s, packed in one C loop.
+
+    Raises:
+        OverflowError, TypeError: a token id that is not an int in ``[0, 2**32)``.
+    """
+    packed = array(_UINT32, token_ids)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
+
+
+#: The array typecode of a 4-byte unsigned int on this platform.
+_UINT32 = next(code for code in "IL" if array(code).itemsize == 4)
 
 
 def _is_token(value: object) -> bool:

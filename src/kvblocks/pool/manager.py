@@ -27,6 +27,7 @@ copies themselves run outside it.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -898,15 +899,15 @@ class BlockManager:
     def _copy_to_g1(
         self, src_ids: list[int], dst_ids: list[int], groups: tuple[range, ...]
     ) -> _InFlight | None:
-        """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, one transfer
-        per layer group in order, on the onboard stream after the work queued so far on the
+        """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, layer group
+        after layer group, on the onboard stream after the work queued so far on the
         current stream (which may still read what the G1 blocks held before). None if there
         is nothing to copy. On a machine without a GPU the transfers run on worker threads."""
         if not src_ids:
             return None
         source, destination = self._tiers[Tier.G2].handle, self._tiers[Tier.G1].handle
         stream = self._onboard_stream
-        started, timing, done = time.perf_counter(), None, []
+        started, timing = time.perf_counter(), None
         try:
             if stream is not None:
                 stream.wait_stream(torch.cuda.current_stream(stream.device))
@@ -915,18 +916,15 @@ class BlockManager:
                     torch.cuda.Event(enable_timing=True),
                 )
                 timing[0].record(stream)
-            for i, group in enumerate(groups):
-                options = TransferOptions(layer_range=group, cuda_stream=stream)
-                issued = self._transfer.execute_transfer(
-                    source, src_ids, destination, dst_ids, options
-                )
-                if stream is not None:
-                    event = timing[1] if i == len(groups) - 1 else torch.cuda.Event()
-                    event.record(stream)
-                    issued = TransferCompleteNotification.from_event(event)
-                done.append(issued)
+            options = TransferOptions(cuda_stream=stream)
+            done = self._transfer.execute_layer_groups(
+                source, src_ids, destination, dst_ids, groups, options
+            )
+            if stream is not None:
+                timing[1].record(stream)
         except BaseException:
-            _wait_quietly(done)  # the caller lets the blocks go: the copies must end first
+            if stream is not None:  # the caller lets the blocks go: the copies must end first
+                stream.synchronize()
             raise
         copies = LayerCopies(groups, tuple(done))
         return _InFlight(copies, dst_ids, src_ids, started, timing)
@@ -1434,7 +1432,7 @@ class BlockManager:
             self._pending.append(self._stored(tier, run))
 
     def _stored(self, tier: Tier, run: list[int]) -> BlockStored:
-        tokens = tuple(t for h in run for t in self._chains[h].token_ids)
+        tokens = tuple(itertools.chain.from_iterable(self._chains[h].token_ids for h in run))
         parent = self._chains[run[0]].parent
         return BlockStored(tuple(run), parent, tokens, self.config.block_size, tier)
 

@@ -25,7 +25,7 @@ import itertools
 import secrets
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
@@ -43,7 +43,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.kernels.memcpy import has_cuda_bindings
-from kvblocks.layout import KvBlockLayout, LayoutConfig
+from kvblocks.layout import KvBlockLayout, Layout, LayoutConfig
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.storage.disk import io_pool
@@ -74,7 +74,7 @@ from kvblocks.transfer.options import (
 from kvblocks.transfer.peers import Peers
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
 from kvblocks.transfer.serialize import SerializedLayout
-from kvblocks.transfer.staging import run_staged, slot_config, slot_layout
+from kvblocks.transfer.staging import run_staged, slot_bytes, slot_layout
 from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
 
 _SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
@@ -392,9 +392,10 @@ class TransferManager:
     ) -> Strategy:
         """The strategy a transfer of ``num_blocks`` blocks from ``src`` to ``dst`` with
         ``options`` would take (whole pinned blocks to or from device memory take the copy
-        engine from ``copy_engine_min_bytes`` or ``staged_min_bytes`` up, the kernel below)."""
+        engine from ``copy_engine_min_bytes`` or ``staged_min_bytes`` up, the kernel below),
+        for blocks with neighbouring ids."""
         options = options or TransferOptions()
-        ids = torch.zeros(positive_int(num_blocks, "num_blocks"), dtype=torch.int64)
+        ids = torch.arange(positive_int(num_blocks, "num_blocks"), dtype=torch.int64)
         sides = []
         for handle, override, name in (
             (src, options.src_kv_layout, "src"),
@@ -428,26 +429,113 @@ class TransferManager:
             BackendUnavailableError: a remote layout, and no NIXL agent here or no NIXL
                 metadata in its import.
         """
-        options = options or TransferOptions()
-        if not isinstance(options, TransferOptions):
-            raise InvalidArgumentError("options", f"must be TransferOptions, got {options!r}")
+        options = _checked(options)
         src_side, dst_side, layers = self._prepare(src, src_ids, dst, dst_ids, options)
         if src_side.ids.numel() == 0:
             return TransferCompleteNotification.ready()
-        plan = route(src_side, dst_side, self._policy, layers)
-        some = len(layers) < src_side.config.num_layers
-        change = src_side.fmt.requires_transform(dst_side.fmt)
-        if some and change and plan.strategy not in _SOME_LAYERS:
+        plan = self._route(src_side, dst_side, layers)
+        message = self._nixl_message(options, plan, src_side, dst_side)
+        check_overlap = _share_memory(src_side.physical, dst_side.physical)
+        if plan.strategy.stays_on_gpu:
+            (done,) = self._run_on_stream(plan, [layers], options, check_overlap, marks=False)
+            return done
+        return self._start_steps(plan, src_side, layers, options, check_overlap, message)
+
+    def execute_layer_groups(
+        self,
+        src: LayoutHandle,
+        src_ids: Iterable[int] | torch.Tensor,
+        dst: LayoutHandle,
+        dst_ids: Iterable[int] | torch.Tensor,
+        groups: Sequence[range],
+        options: TransferOptions | None = None,
+    ) -> tuple[TransferCompleteNotification, ...]:
+        """Copy blocks ``src_ids`` of ``src`` into blocks ``dst_ids`` of ``dst`` as
+        :meth:`execute_transfer` does, one group of layers after another, so that a reader
+        can start on the first layers while the others are on the way.
+
+        The blocks are checked, routed and staged once for all groups (one set of staging
+        slots, the copies of each group issued right after the previous group's), which costs
+        the host far less than one :meth:`execute_transfer` per group.
+
+        Args:
+            groups: layer ranges (step 1, within the layouts' layers), moved in this order.
+            options: as for :meth:`execute_transfer`, without ``layer_range`` (``groups``
+                gives the layers), ``bounce_buffer`` or ``nixl_write_notification``. With
+                ``cuda_stream``, an event per group is recorded on it.
+
+        Returns:
+            A notification per group, complete once its layers are in place.
+
+        Raises:
+            InvalidArgumentError (and subclasses): a bad argument; nothing was moved.
+            BackendUnavailableError: as for :meth:`execute_transfer`.
+        """
+        options = _checked(options)
+        for name in ("layer_range", "bounce_buffer", "nixl_write_notification"):
+            if getattr(options, name) is not None:
+                raise InvalidArgumentError(
+                    f"options.{name}",
+                    "must be None for a transfer in layer groups"
+                    + (": groups gives the layers" if name == "layer_range" else ""),
+                )
+        if isinstance(groups, range) or not isinstance(groups, Sequence) or not groups:
             raise InvalidArgumentError(
-                "layer_range",
+                "groups", f"must be a non-empty sequence of ranges, got {groups!r}"
+            )
+        src_side, dst_side, _ = self._prepare(src, src_ids, dst, dst_ids, options)
+        layout = src_side.physical.layout
+        layer_groups = [_group(layout, group, f"groups[{i}]") for i, group in enumerate(groups)]
+        if src_side.ids.numel() == 0:
+            return tuple(TransferCompleteNotification.ready() for _ in layer_groups)
+        plans = [
+            self._route(src_side, dst_side, layers, f"groups[{i}]")
+            for i, layers in enumerate(layer_groups)
+        ]
+        self._nixl_message(options, plans[0], src_side, dst_side)  # the groups share one peer
+        check_overlap = _share_memory(src_side.physical, dst_side.physical)
+        if all(plan == plans[0] for plan in plans) and plans[0].strategy.stays_on_gpu:
+            return tuple(
+                self._run_on_stream(plans[0], layer_groups, options, check_overlap, marks=True)
+            )
+        done = []  # routes that differ by the groups' sizes, or steps on worker threads
+        for plan, layers in zip(plans, layer_groups, strict=True):
+            if plan.strategy.stays_on_gpu:
+                done += self._run_on_stream(plan, [layers], options, check_overlap, marks=True)
+            else:
+                done.append(self._start_steps(plan, src_side, layers, options, check_overlap, None))
+        return tuple(done)
+
+    def _route(self, src: Side, dst: Side, layers: range, argument: str = "layer_range") -> Route:
+        """The route of layers ``layers`` of the blocks from ``src`` to ``dst``.
+
+        Raises:
+            InvalidArgumentError: some layers (given as ``argument``) change their format on a
+                route that moves whole blocks only.
+            BackendUnavailableError: see :func:`route`.
+        """
+        plan = route(src, dst, self._policy, layers)
+        some = len(layers) < src.config.num_layers
+        if some and src.fmt.requires_transform(dst.fmt) and plan.strategy not in _SOME_LAYERS:
+            raise InvalidArgumentError(
+                argument,
                 "must cover every layer when the block format changes on the way through"
                 f" {plan.strategy.value} (only a kernel or host permute, alone or out of or into"
                 " staging slots, moves part of a block)",
             )
-        message = self._nixl_message(options, plan, src_side, dst_side)
-        check_overlap = _share_memory(src_side.physical, dst_side.physical)
-        if plan.strategy.stays_on_gpu:
-            return self._run_on_stream(plan, layers, options, check_overlap)
+        return plan
+
+    def _start_steps(
+        self,
+        plan: Route,
+        src: Side,
+        layers: range,
+        options: TransferOptions,
+        check_overlap: bool,
+        message: bytes | None,
+    ) -> TransferCompleteNotification:
+        """Start a transfer with CPU, disk or NIXL steps on a worker thread, after the work
+        queued so far on the current stream."""
         if options.cuda_stream is not None:
             raise InvalidArgumentError(
                 "cuda_stream",
@@ -457,9 +545,9 @@ class TransferManager:
         if self.streams is not None:
             after = torch.cuda.Event()
             after.record(torch.cuda.current_stream(self.device))
-        bounce = self._bounce_side(options, src_side) if options.bounce_buffer else None
+        bounce = self._bounce_side(options, src) if options.bounce_buffer else None
         future = self._workers.submit(
-            self._run_steps, plan, src_side, layers, after, check_overlap, bounce, message
+            self._run_steps, plan, src, layers, after, check_overlap, bounce, message
         )
         return TransferCompleteNotification.from_future(future)
 
@@ -552,8 +640,17 @@ class TransferManager:
         return gpu.physical.device, stream
 
     def _run_on_stream(
-        self, plan: Route, layers: range, options: TransferOptions, check_overlap: bool
-    ) -> TransferCompleteNotification:
+        self,
+        plan: Route,
+        groups: list[range],
+        options: TransferOptions,
+        check_overlap: bool,
+        marks: bool,
+    ) -> list[TransferCompleteNotification]:
+        """Enqueue a transfer that stays on the GPU, layer group after layer group, on the
+        caller's stream or else a pool stream; a notification per group. With ``marks``, a
+        caller's stream gets an event per group too, else those notifications are complete
+        at once (the caller synchronizes)."""
         device, stream = self._gpu_stream(plan.hops[0][1], plan.hops[-1][2])
         caller = options.cuda_stream
         if caller is not None:
@@ -568,35 +665,40 @@ class TransferManager:
         stream = caller or stream  # the pool's stream is skipped then
         if caller is None:
             stream.wait_stream(torch.cuda.current_stream(device))
+        marks = marks or caller is None
         with torch.cuda.stream(stream):  # makes the stream's device current, too
             if plan.strategy is Strategy.STAGED:
-                done = self._run_staged_on(plan, layers, stream)
+                events = self._run_staged_on(plan, groups, stream)
             else:
                 (hop,) = plan.with_buffers({})
-                self._run_gpu_hop(hop, layers, device, stream, check_overlap)
-                done = None
-        if caller is not None:
-            return TransferCompleteNotification.ready()
-        if done is None:
-            done = torch.cuda.Event()
-            done.record(stream)
-        return TransferCompleteNotification.from_event(done)
+                events = []
+                for layers in groups:
+                    self._run_gpu_hop(hop, layers, device, stream, check_overlap)
+                    if marks:
+                        events.append(torch.cuda.Event())
+                        events[-1].record(stream)
+        if not marks:
+            return [TransferCompleteNotification.ready() for _ in groups]
+        return [TransferCompleteNotification.from_event(event) for event in events]
 
     def _run_staged_on(
-        self, plan: Route, layers: range, stream: torch.cuda.Stream
-    ) -> torch.cuda.Event:
-        """Enqueue a staged transfer of layers ``layers`` on ``stream`` (and a copy stream of
-        the pool), through slots from the memory pool; returns the event that marks it done."""
+        self, plan: Route, groups: list[range], stream: torch.cuda.Stream
+    ) -> list[torch.cuda.Event]:
+        """Enqueue a staged transfer of layer ``groups`` on ``stream`` (and a copy stream of
+        the pool), through slots from the memory pool; returns an event per group that marks
+        it done."""
         (_, src, _), (_, _, dst) = plan.hops
         (slot,) = plan.bounces()
-        config = slot_config(src, layers)
-        buffer = self.memory_pool.acquire(config.total_bytes)
-        key = (config, slot.fmt)
-        slots = self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
-        run_staged(src, dst, slots, stream, self.streams.copy(), layers)
-        done = torch.cuda.Event()
-        done.record(stream)
-        self.memory_pool.release_after(buffer, done)
+        buffer = self.memory_pool.acquire(slot_bytes(src, groups))
+
+        def slots(config: LayoutConfig) -> PhysicalLayout:
+            key = (config, slot.fmt)
+            return self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
+
+        done = run_staged(src, dst, slots, stream, self.streams.copy(), groups)
+        finished = torch.cuda.Event()  # on the stream that waits for every step
+        finished.record(stream)
+        self.memory_pool.release_after(buffer, finished)
         return done
 
     @staticmethod
@@ -671,6 +773,27 @@ class TransferManager:
 #: Routes that can change the format of some layers of a block: one permute (kernel or host),
 #: or the permute kernel out of or into staging slots that hold those layers.
 _SOME_LAYERS = (Strategy.KERNEL, Strategy.HOST_COPY, Strategy.STAGED)
+
+
+def _checked(options: TransferOptions | None) -> TransferOptions:
+    """``options``, or the defaults for ``None``."""
+    options = options or TransferOptions()
+    if not isinstance(options, TransferOptions):
+        raise InvalidArgumentError("options", f"must be TransferOptions, got {options!r}")
+    return options
+
+
+def _group(layout: Layout, layers: range, argument: str) -> range:
+    """``layers`` checked as a layer group of the blocks of ``layout``.
+
+    Raises:
+        InvalidArgumentError, BlockIdOutOfRangeError: not a non-empty step-1 range inside
+            the layout's layers; the message names ``argument``.
+    """
+    try:
+        return layout.layer_range(layers)
+    except InvalidArgumentError as exc:
+        raise type(exc)(argument, exc.problem) from None
 
 
 def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:

@@ -29,7 +29,8 @@ and the operational formats: one).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -61,6 +62,12 @@ def slot_config(side: Side, layers: range | None = None) -> LayoutConfig:
     return replace(_moved(side.config, layers), num_blocks=slots * per_piece)
 
 
+def slot_bytes(side: Side, groups: Sequence[range]) -> int:
+    """Bytes of device memory that the staged transfer of layer groups ``groups`` of
+    ``side``'s blocks goes through: the largest group's :func:`slot_config`."""
+    return max(slot_config(side, layers).total_bytes for layers in groups)
+
+
 def _moved(config: LayoutConfig, layers: range | None) -> LayoutConfig:
     """``config`` with only the moved layers ``layers`` (all for ``None``)."""
     return config if layers is None else replace(config, num_layers=len(layers))
@@ -74,31 +81,41 @@ def slot_layout(config: LayoutConfig, fmt: KvBlockLayout, buffer: torch.Tensor) 
     return PhysicalLayout(layout, StorageKind.DEVICE, (allocation,))
 
 
+#: The slots of a :func:`slot_config`, laid out by :func:`slot_layout` over one buffer.
+SlotLayouts = Callable[[LayoutConfig], PhysicalLayout]
+
+
 def run_staged(
     src: Side,
     dst: Side,
-    slots: PhysicalLayout,
+    slots: SlotLayouts,
     stream: torch.cuda.Stream | None,
     copy_stream: torch.cuda.Stream | None,
-    layers: range | None = None,
-) -> None:
-    """Move layers ``layers`` (default: all) of blocks ``src.ids`` into ``dst.ids`` through
-    ``slots``.
+    groups: Sequence[range] | None = None,
+) -> list[torch.cuda.Event]:
+    """Move blocks ``src.ids`` into ``dst.ids`` through slots, one layer group after another
+    (default: every layer at once).
 
     One side is device memory and the other pinned memory, fully contiguous (the copy engine
     moves whole blocks, or the same stretch of each row of them); the slots hold blocks in the
     pinned side's format, of the moved layers only, so that the copy engine moves them
     unchanged. The caller has checked the block ids (in range, no destination twice) and
-    ``layers``.
+    the groups' layers.
 
     Args:
-        slots: the :func:`slot_layout` of :func:`slot_config` of ``src`` and ``layers``, not
-            used by anything else until the transfer is done.
+        slots: the :func:`slot_layout` of a :func:`slot_config` (of ``src`` and a group), in
+            the pinned side's format, over one buffer of :func:`slot_bytes` that nothing else
+            uses until the transfer is done.
         stream: the stream the kernels run on and the transfer is ordered on, before and
             after: it must already follow the work the transfer waits for, and work queued on
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
             step runs at once, in order.
         copy_stream: a second stream, for the copy engine's steps (``None`` without a GPU).
+        groups: layer ranges, moved in this order.
+
+    Returns:
+        Per group, an event that completes once its layers are in place (none without a
+        GPU).
 
     Raises:
         LayoutFormatError: the pinned side is not fully contiguous; nothing was moved.
@@ -109,90 +126,168 @@ def run_staged(
         raise LayoutFormatError(
             name, f"must be fully contiguous to be staged, got {pinned.physical.layout.kind.label}"
         )
-    layers = range(src.config.num_layers) if layers is None else layers
+    groups = (range(src.config.num_layers),) if groups is None else groups
     # The blocks in the order of their pinned ids, so that neighbours in pinned memory are
     # neighbours in the slots too and go as one copy (a pool hands out runs of ids, in any
     # order).
     order = torch.argsort(pinned.ids)
     src, dst = replace(src, ids=src.ids[order]), replace(dst, ids=dst.ids[order])
     pinned = src if into_gpu else dst
-    n, per_piece = src.ids.numel(), blocks_per_piece(src, layers)
-    # Block i of the transfer goes through block (i % per_piece) of slot (i // per_piece) % 2.
-    index = torch.arange(n)
-    slot = Side(slots, (index // per_piece % 2) * per_piece + index % per_piece, slots.kv_format)
-    pieces = [(first, min(first + per_piece, n)) for first in range(0, n, per_piece)]
-    copies = _Copies(pinned, slot, layers, into_gpu)
+    pinned_at = _block_addresses(pinned)
+    steps = [
+        _Step(group, first, end)
+        for group in (_Group(src, dst, layers, slots, pinned_at, into_gpu) for layers in groups)
+        for first, end in group.pieces()
+    ]
     if stream is None:
-        ends = (slot, dst) if into_gpu else (src, slot)
-        kernel = _kernel(*ends, layers, slot.physical.device)
-        for first, end in pieces:
-            steps = (copies, kernel) if into_gpu else (kernel, copies)
-            for step in steps:
-                _part(step, first, end).run()
-        return
+        for step in steps:
+            for work in (step.copies, step.kernel) if into_gpu else (step.kernel, step.copies):
+                work().run()
+        return []
     copy_stream.wait_stream(stream)
     if into_gpu:
-        _into_gpu(pieces, copies, slot, dst, layers, stream, copy_stream)
+        done = _into_gpu(steps, stream, copy_stream)
     else:
-        _out_of_gpu(pieces, copies, src, slot, layers, stream, copy_stream)
+        done = _out_of_gpu(steps, stream, copy_stream)
     stream.wait_stream(copy_stream)
+    return done
+
+
+class _Group:
+    """One layer group of a staged transfer: its slots, the copy engine's copies between them
+    and the pinned blocks, and the kernel between them and the device layout (planned at its
+    first use, so that the first copies are on their way meanwhile)."""
+
+    def __init__(
+        self,
+        src: Side,
+        dst: Side,
+        layers: range,
+        slots: SlotLayouts,
+        pinned_at: torch.Tensor,
+        into_gpu: bool,
+    ) -> None:
+        self.layers = layers
+        self.per_piece = blocks_per_piece(src, layers)
+        physical = slots(slot_config(src, layers))
+        # Block i of the transfer goes through block (i % per_piece) of slot
+        # (i // per_piece) % 2.
+        index = torch.arange(src.ids.numel())
+        slot_ids = (index // self.per_piece % 2) * self.per_piece + index % self.per_piece
+        self.slot = Side(physical, slot_ids, physical.kv_format)
+        pinned = src if into_gpu else dst
+        self.copies = _Copies(pinned, pinned_at, self.slot, layers, into_gpu)
+        self._ends = (self.slot, dst) if into_gpu else (src, self.slot)
+        self._kernel: CopyPlan | PermutePlan | None = None
+
+    def pieces(self) -> list[tuple[int, int]]:
+        """``(first, end)`` of each piece's blocks, in order."""
+        n = self.slot.ids.numel()
+        return [(first, min(first + self.per_piece, n)) for first in range(0, n, self.per_piece)]
+
+    def kernel(self) -> CopyPlan | PermutePlan:
+        """The kernel between the slots and the device layout, for every block."""
+        if self._kernel is None:
+            self._kernel = _kernel(*self._ends, self.layers, self.slot.physical.device)
+        return self._kernel
+
+
+@dataclass(frozen=True)
+class _Step:
+    """One piece of one layer group: blocks ``[first, end)`` of the transfer."""
+
+    group: _Group
+    first: int
+    end: int
+
+    def copies(self) -> MemcpyPlan | PitchedCopyPlan:
+        return self.group.copies.part(self.first, self.end)
+
+    def kernel(self) -> CopyPlan | PermutePlan:
+        return _part(self.group.kernel(), self.first, self.end)
+
+
+def _behind(steps: list[_Step], i: int) -> int:
+    """How many steps before step ``i`` the last one is that used the memory of its slot:
+    two (the other slot lies between), or one where its group has one slot only (a piece
+    holds all of the blocks) or the groups' slots were laid out anew (for blocks of another
+    size), which may overlap both slots of before."""
+    group = steps[i].group
+    one_slot = group.per_piece == group.slot.ids.numel()
+    anew = i > 0 and steps[i - 1].group.slot.physical is not group.slot.physical
+    return 1 if one_slot or anew else 2
 
 
 def _into_gpu(
-    pieces: list[tuple[int, int]],
-    copies: _Copies,
-    slot: Side,
-    dst: Side,
-    layers: range,
-    stream: torch.cuda.Stream,
-    copy_stream: torch.cuda.Stream,
-) -> None:
-    """Enqueue the copy engine into the slots and the kernel out of them, piece by piece.
+    steps: list[_Step], stream: torch.cuda.Stream, copy_stream: torch.cuda.Stream
+) -> list[torch.cuda.Event]:
+    """Enqueue the copy engine into the slots and the kernel out of them, step by step; returns
+    an event per group, recorded after its last kernel.
 
-    The copy engine starts on the first two pieces (one per slot) before the kernel is
-    planned, so that the host's planning overlaps the first copies instead of delaying them.
+    Step ``i`` goes through slot ``i % 2``: its copies wait for the kernel of the last step
+    that used that slot's memory (see :func:`_behind`) to have placed its blocks, and are
+    enqueued right after that kernel, so that the copy engine never waits for the host's
+    planning of a later kernel. The copies of the first two steps are enqueued before any
+    kernel is planned.
     """
-    copy_done = [torch.cuda.Event() for _ in range(2)]
-    kernel_done = [torch.cuda.Event() for _ in range(2)]
-    for i, (first, end) in enumerate(pieces[:2]):
-        copies.part(first, end).run(stream=copy_stream)
-        copy_done[i].record(copy_stream)
-    kernel = _kernel(slot, dst, layers, slot.physical.device)
-    for i, (first, end) in enumerate(pieces):
-        s = i % 2
-        stream.wait_event(copy_done[s])
+    copied: list[torch.cuda.Event] = []
+    placed: list[torch.cuda.Event] = []
+    done: list[torch.cuda.Event] = []
+
+    def copy_what_can_go() -> None:
+        """Enqueue the copies of the next steps whose slots' kernels are enqueued."""
+        while len(copied) < len(steps):
+            i = len(copied)
+            before = i - _behind(steps, i)
+            if before >= len(placed):
+                return
+            if before >= 0:
+                copy_stream.wait_event(placed[before])
+            steps[i].copies().run(stream=copy_stream)
+            copied.append(_recorded(copy_stream))
+
+    copy_what_can_go()
+    for i, step in enumerate(steps):
+        stream.wait_event(copied[i])
         with torch.cuda.stream(stream):
-            _part(kernel, first, end).run()
-        kernel_done[s].record(stream)
-        if i + 2 < len(pieces):  # the next piece of this slot, once its blocks are placed
-            copy_stream.wait_event(kernel_done[s])
-            copies.part(*pieces[i + 2]).run(stream=copy_stream)
-            copy_done[s].record(copy_stream)
+            step.kernel().run()
+        placed.append(_recorded(stream))
+        if i + 1 == len(steps) or steps[i + 1].group is not step.group:
+            done.append(placed[-1])
+        copy_what_can_go()
+    return done
 
 
 def _out_of_gpu(
-    pieces: list[tuple[int, int]],
-    copies: _Copies,
-    src: Side,
-    slot: Side,
-    layers: range,
-    stream: torch.cuda.Stream,
-    copy_stream: torch.cuda.Stream,
-) -> None:
-    """Enqueue the kernel into the slots and the copy engine out of them, piece by piece."""
-    copy_done = [torch.cuda.Event() for _ in range(2)]
-    kernel_done = [torch.cuda.Event() for _ in range(2)]
-    kernel = _kernel(src, slot, layers, slot.physical.device)
-    for i, (first, end) in enumerate(pieces):
-        s = i % 2
-        if i >= 2:
-            stream.wait_event(copy_done[s])  # the slot's blocks are out
+    steps: list[_Step], stream: torch.cuda.Stream, copy_stream: torch.cuda.Stream
+) -> list[torch.cuda.Event]:
+    """Enqueue the kernel into the slots and the copy engine out of them, step by step;
+    returns an event per group, recorded after its last copies.
+
+    Step ``i``'s kernel waits for the copies of the last step that used its slot (see
+    :func:`_behind`) to have taken that slot's blocks out.
+    """
+    copied: list[torch.cuda.Event] = []
+    done: list[torch.cuda.Event] = []
+    for i, step in enumerate(steps):
+        before = i - _behind(steps, i)
+        if before >= 0:
+            stream.wait_event(copied[before])
         with torch.cuda.stream(stream):
-            _part(kernel, first, end).run()
-        kernel_done[s].record(stream)
-        copy_stream.wait_event(kernel_done[s])
-        copies.part(first, end).run(stream=copy_stream)
-        copy_done[s].record(copy_stream)
+            step.kernel().run()
+        copy_stream.wait_event(_recorded(stream))
+        step.copies().run(stream=copy_stream)
+        copied.append(_recorded(copy_stream))
+        if i + 1 == len(steps) or steps[i + 1].group is not step.group:
+            done.append(copied[-1])
+    return done
+
+
+def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
+    """A new event, recorded on ``stream``."""
+    event = torch.cuda.Event()
+    event.record(stream)
+    return event
 
 
 def _kernel(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
@@ -214,13 +309,16 @@ def _kernel(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPl
 
 
 class _Copies:
-    """The copy engine's copies between pinned blocks and slot blocks (both layouts are fully
-    contiguous), addressed once; :meth:`part` gives those of some blocks. Whole blocks when
-    every layer moves, else the moved layers' stretch of each row of a block."""
+    """The copy engine's copies of layers ``layers`` between pinned blocks (``pinned_at``:
+    where each of ``pinned``'s blocks starts) and slot blocks, both layouts fully contiguous;
+    :meth:`part` gives those of some blocks. Whole blocks when every layer moves, else the
+    moved layers' stretch of each row of a block."""
 
-    def __init__(self, pinned: Side, slot: Side, layers: range, into_gpu: bool) -> None:
+    def __init__(
+        self, pinned: Side, pinned_at: torch.Tensor, slot: Side, layers: range, into_gpu: bool
+    ) -> None:
         self._into_gpu = into_gpu
-        self._pinned, self._slot = _block_addresses(pinned), _block_addresses(slot)
+        self._pinned, self._slot = pinned_at, _block_addresses(slot)
         self._cuda = torch.cuda.is_available()
         config = pinned.config
         self._every = len(layers) == config.num_layers
@@ -229,7 +327,7 @@ class _Copies:
             rows, run = _layer_rows(config, pinned.fmt)
             self._rows, self._width = rows, len(layers) * run
             self._pinned_pitch = config.num_layers * run
-            self._pinned += layers.start * run  # where the moved layers start in each row
+            self._pinned = pinned_at + layers.start * run  # where the moved layers start
 
     def part(self, first: int, end: int) -> MemcpyPlan | PitchedCopyPlan:
         """The copies of blocks ``[first, end)`` of the transfer, each run of blocks that
@@ -263,10 +361,8 @@ def _block_addresses(side: Side) -> torch.Tensor:
     return layout.memory[0].addr + side.ids * layout.block_stride
 
 
-def _part(step: _Copies | CopyPlan | PermutePlan, first: int, end: int):
+def _part(step: CopyPlan | PermutePlan, first: int, end: int) -> CopyPlan | PermutePlan:
     """``step`` restricted to blocks ``[first, end)`` of the transfer."""
-    if isinstance(step, _Copies):
-        return step.part(first, end)
     if isinstance(step, CopyPlan):
         return replace(step, src=_rows(step.src, first, end), dst=_rows(step.dst, first, end))
     return PermutePlan.of_checked_tables(

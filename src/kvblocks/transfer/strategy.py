@@ -170,7 +170,8 @@ def route(src: Side, dst: Side, policy: RoutePolicy, layers: range | None = None
         if not copy_engine:  # the kernel, but the copy engine for large whole pinned blocks
             if whole and _at_least(src, layers, policy.copy_engine_min_bytes):
                 return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
-            if whole or not (stageable and _at_least(src, layers, policy.staged_min_bytes)):
+            staged = stageable and _at_least(src, layers, policy.staged_min_bytes)
+            if whole or not (staged and _copies_keep_up(pinned, layers)):
                 return Route(Strategy.KERNEL, ((H.GPU, src, dst),))
         elif whole or not (change or stageable):  # the same spans on both sides
             return Route(Strategy.COPY_ENGINE, ((H.COPY_ENGINE, src, dst),))
@@ -193,6 +194,28 @@ def _at_least(src: Side, layers: range, least: int | None) -> bool:
     config = src.config
     nbytes = src.ids.numel() * len(layers) * config.outer_dim * config.region_bytes
     return least is not None and nbytes >= least
+
+
+#: Bytes per copy, at least, for some layers of each block to be staged rather than read by
+#: the kernel: the copy engine moves those layers of each run of neighbouring pinned blocks
+#: with one ``cudaMemcpy2DAsync``, which holds the host about 3 to 4 us (H100,
+#: docs/performance.md); the copy engine moves some 200 KiB meanwhile. Below about twice that,
+#: the host issues the copies hardly faster than they run (and an engine's forward pass waits
+#: for the host), where the kernel reads pinned memory itself in one launch.
+STAGED_MIN_COPY_BYTES = 384 << 10
+
+
+def _copies_keep_up(pinned: Side, layers: range) -> bool:
+    """Whether staging layers ``layers`` of ``pinned``'s blocks moves at least
+    ``STAGED_MIN_COPY_BYTES`` per copy (always, when every layer moves: the copy engine then
+    takes all of the blocks in one batch)."""
+    config = pinned.config
+    if len(layers) == config.num_layers:
+        return True
+    ids = pinned.ids.sort().values
+    runs = 1 + int((ids.diff() != 1).sum())
+    nbytes = ids.numel() * len(layers) * config.outer_dim * config.region_bytes
+    return nbytes >= runs * STAGED_MIN_COPY_BYTES
 
 
 def _remote_route(src: Side, dst: Side, remote_src: bool, gpu_rdma: bool) -> Route:
