@@ -125,10 +125,9 @@ class BlockManagerConfig:
         onboard_layer_groups: how many groups of layers a ``lookup(..., wait=False)`` copies
             into G1 one after another, each with its own completion that the engine's stream
             can wait for (``PrefixHit.ready.wait_layer``): more groups let the forward pass
-            start sooner, each costs the host one more transfer call (``num_layers`` groups at
-            most are made). 4 overlapped the copies of a 2 GiB hit with the forward pass best
-            on an H100 (docs/performance.md); past 8 the host issues them slower than they
-            run.
+            start sooner, each costs the host one more copy per run of neighbouring G2 blocks
+            (``num_layers`` groups at most are made). 4 overlapped the copies of a 2 GiB hit
+            with the forward pass best on an H100 (docs/performance.md).
         nixl_backend: the NIXL backend plugin (``"UCX"``, ...) of the manager's own
             TransferManager, needed to share G2 blocks with other workers (tier G4); None
             for no NIXL agent.
