@@ -24,6 +24,10 @@ neighbouring blocks. In a block of format ``[d0, ..., nl, ..., hd]`` the dims be
 dim give the rows, and each row holds every layer's run of the bytes after it, so the moved
 layers are one stretch of each row (``UniversalTP``: ``nh`` rows per block; ``UniversalPP``
 and the operational formats: one).
+
+Layer groups (``TransferManager.execute_layer_groups``) go through one set of slots, group
+after group, each group's pieces right behind the previous group's, with an event at the end
+of each group.
 """
 
 from __future__ import annotations
@@ -227,8 +231,7 @@ def _into_gpu(
     Step ``i`` goes through slot ``i % 2``: its copies wait for the kernel of the last step
     that used that slot's memory (see :func:`_behind`) to have placed its blocks, and are
     enqueued right after that kernel, so that the copy engine never waits for the host's
-    planning of a later kernel. The copies of the first two steps are enqueued before any
-    kernel is planned.
+    planning of a later kernel. The first copies are enqueued before any kernel is planned.
     """
     copied: list[torch.cuda.Event] = []
     placed: list[torch.cuda.Event] = []

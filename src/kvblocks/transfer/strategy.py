@@ -28,7 +28,9 @@ class Strategy(Enum):
     memory and a slot, a copy or permute kernel between the slot and the device layout, the
     two overlapped. Between whole pinned blocks and a device layout without the same spans (a
     layer-separate one, or another format): from ``staged_min_bytes`` up, or at any size when
-    the copy engine is preferred."""
+    the copy engine is preferred. Some layers of each block (their format changing) only where
+    the copies move ``STAGED_MIN_COPY_BYTES`` each on average, unless the copy engine is
+    preferred."""
     HOST_COPY = "host_copy"
     """CPU threads: between host memories (a permute on the CPU for a format change)."""
     PINNED_BOUNCE = "pinned_bounce"
