@@ -23,6 +23,8 @@ from .test_transfer import CFG, HND, NHD, PP, UNI, block_tensor, shaped
 
 POISON = 0xAB
 BIG = replace(CFG, num_blocks=9)
+#: The blocks of most staged transfers here: 5 of 9, neither side in order.
+S_IDS, D_IDS = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
 
 
 def layout(kind: str, fc: bool | LayoutKind, fmt, cfg: LayoutConfig = BIG) -> PhysicalLayout:
@@ -136,23 +138,30 @@ def test_staged_layers_land_in_place(small_pieces, into_device, formats, device_
     """Some layers of each block, through slots that hold those layers only: they land
     converted, the destination's other layers and blocks keep what they held."""
     pinned_fmt, device_fmt = formats
-    pinned = layout("pinned", True, pinned_fmt)
     shape = device_shape if device_fmt.is_operational() else LayoutKind.FULLY_CONTIGUOUS
-    device = layout("device", shape, device_fmt)
-    src, dst = (pinned, device) if into_device else (device, pinned)
-    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
-    fill(src, None)
-    fill(dst, POISON)
-    before = {b: block_tensor(dst, b) for b in range(BIG.num_blocks)}
-    want = expected_blocks(src, s_ids, dst.kv_format)
-    src_side = Side(src, torch.tensor(s_ids), src.kv_format)
-    dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
+    src_side, dst_side, before, want = some_layers_case(into_device, pinned_fmt, device_fmt, shape)
     slot_config = staging.slot_config(src_side, layers)
     assert slot_config.num_layers == len(layers)
     per_piece = staging.blocks_per_piece(src_side, layers)
     assert per_piece == min(5, 2 * CFG.num_layers // len(layers))  # pieces of 2 whole blocks
     run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, [layers]), [layers])
-    assert_layers_landed(dst, d_ids, want, before, layers)
+    assert_layers_landed(dst_side.physical, D_IDS, want, before, layers)
+
+
+def some_layers_case(into_device: bool, pinned_fmt, device_fmt, device_shape: LayoutKind):
+    """The sides of a transfer of blocks ``S_IDS`` into ``D_IDS`` between a pinned layout and
+    a device one (random source, poisoned destination), what the destination held before (by
+    block id) and the blocks it should get (as :func:`expected_blocks` gives them)."""
+    pinned = layout("pinned", True, pinned_fmt)
+    device = layout("device", device_shape, device_fmt)
+    src, dst = (pinned, device) if into_device else (device, pinned)
+    fill(src, None)
+    fill(dst, POISON)
+    before = {b: block_tensor(dst, b) for b in range(BIG.num_blocks)}
+    want = expected_blocks(src, S_IDS, dst.kv_format)
+    src_side = Side(src, torch.tensor(S_IDS), src.kv_format)
+    dst_side = Side(dst, torch.tensor(D_IDS), dst.kv_format)
+    return src_side, dst_side, before, want
 
 
 @pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
@@ -171,20 +180,12 @@ def test_staged_layer_groups_land_in_place(small_pieces, into_device, formats, g
     converted, the layers of no group and the other blocks keep what they held; one event
     per group on a GPU."""
     pinned_fmt, device_fmt = formats
-    pinned = layout("pinned", True, pinned_fmt)
-    device = layout("device", LayoutKind.LAYER_SEPARATE, device_fmt)
-    src, dst = (pinned, device) if into_device else (device, pinned)
-    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
-    fill(src, None)
-    fill(dst, POISON)
-    before = {b: block_tensor(dst, b) for b in range(BIG.num_blocks)}
-    want = expected_blocks(src, s_ids, dst.kv_format)
-    src_side = Side(src, torch.tensor(s_ids), src.kv_format)
-    dst_side = Side(dst, torch.tensor(d_ids), dst.kv_format)
+    case = some_layers_case(into_device, pinned_fmt, device_fmt, LayoutKind.LAYER_SEPARATE)
+    src_side, dst_side, before, want = case
     events = run_staged(src_side, dst_side, poisoned_slots(src_side, pinned_fmt, groups), groups)
     assert events == (len(groups) if torch.cuda.is_available() else 0)
     moved = {layer for group in groups for layer in group}
-    assert_layers_landed(dst, d_ids, want, before, moved)
+    assert_layers_landed(dst_side.physical, D_IDS, want, before, moved)
 
 
 def test_slots_of_layer_groups():
