@@ -488,10 +488,13 @@ class TransferManager:
         layer_groups = [_group(layout, group, f"groups[{i}]") for i, group in enumerate(groups)]
         if src_side.ids.numel() == 0:
             return tuple(TransferCompleteNotification.ready() for _ in layer_groups)
-        plans = [
-            self._route(src_side, dst_side, layers, f"groups[{i}]")
-            for i, layers in enumerate(layer_groups)
-        ]
+        # A route depends on how many layers move, not which: one per group size (the
+        # groups of a BlockManager have at most two sizes).
+        by_size: dict[int, Route] = {}
+        for i, layers in enumerate(layer_groups):
+            if len(layers) not in by_size:
+                by_size[len(layers)] = self._route(src_side, dst_side, layers, f"groups[{i}]")
+        plans = [by_size[len(layers)] for layers in layer_groups]
         self._nixl_message(options, plans[0], src_side, dst_side)  # the groups share one peer
         check_overlap = _share_memory(src_side.physical, dst_side.physical)
         if all(plan == plans[0] for plan in plans) and plans[0].strategy.stays_on_gpu:
