@@ -71,11 +71,12 @@ def poisoned_slots(side: Side, fmt, groups=None) -> staging.SlotLayouts:
 
 
 def run_staged(src: Side, dst: Side, slots: staging.SlotLayouts, groups=None) -> int:
-    """The staged pipeline on CUDA streams on a GPU, step by step without one; returns when
-    it is done, with the number of events it gave back."""
+    """The staged pipeline on CUDA streams on a GPU (its copies round three streams), step by
+    step without one; returns when it is done, with the number of events it gave back."""
     gpu = torch.cuda.is_available()
-    streams = (torch.cuda.current_stream(), torch.cuda.Stream()) if gpu else (None, None)
-    events = staging.run_staged(src, dst, slots, *streams, groups)
+    copy_streams = tuple(torch.cuda.Stream() for _ in range(3)) if gpu else ()
+    stream = torch.cuda.current_stream() if gpu else None
+    events = staging.run_staged(src, dst, slots, stream, copy_streams, groups)
     if gpu:
         torch.cuda.synchronize()
     return len(events)

@@ -119,7 +119,7 @@ class PitchedCopyPlan:
     """Copies of rows at a fixed pitch, one ``cudaMemcpy2DAsync`` each (a single descriptor
     for the copy engine, where a batch of one copy per row would cost the host per row): copy
     ``i`` moves ``heights[i]`` rows of ``width`` bytes, row ``r`` from
-    ``src[i] + r * src_pitch`` to ``dst[i] + r * dst_pitch``. Build one with :meth:`joined`."""
+    ``src[i] + r * src_pitch`` to ``dst[i] + r * dst_pitch``."""
 
     src: list[int]
     dst: list[int]
@@ -128,29 +128,6 @@ class PitchedCopyPlan:
     src_pitch: int
     dst_pitch: int
     cuda: bool
-
-    @classmethod
-    def joined(
-        cls,
-        src: torch.Tensor,
-        dst: torch.Tensor,
-        height: int,
-        width: int,
-        src_pitch: int,
-        dst_pitch: int,
-    ) -> PitchedCopyPlan:
-        """The copies of ``height`` rows from each ``src[i]`` to ``dst[i]`` (int64 CPU
-        tensors of addresses), each run of copies that continue one another on both sides
-        (copy ``i + 1`` starts at the row after copy ``i``'s last, in the source and in the
-        destination) joined into one."""
-        goes_on = (src.diff() == height * src_pitch) & (dst.diff() == height * dst_pitch)
-        starts = torch.cat((torch.zeros(1, dtype=torch.int64), (~goes_on).nonzero()[:, 0] + 1))
-        ends = torch.cat((starts[1:], torch.tensor([src.numel()])))
-        heights = ((ends - starts) * height).tolist()
-        cuda = torch.cuda.is_available()
-        return cls(
-            src[starts].tolist(), dst[starts].tolist(), heights, width, src_pitch, dst_pitch, cuda
-        )
 
     def run(self, stream: torch.cuda.Stream | None = None) -> None:
         """Enqueue the copies on ``stream`` (default: the current stream); without CUDA, copy

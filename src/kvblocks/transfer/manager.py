@@ -687,9 +687,9 @@ class TransferManager:
     def _run_staged_on(
         self, plan: Route, groups: list[range], stream: torch.cuda.Stream
     ) -> list[torch.cuda.Event]:
-        """Enqueue a staged transfer of layer ``groups`` on ``stream`` (and a copy stream of
-        the pool), through slots from the memory pool; returns an event per group that marks
-        it done."""
+        """Enqueue a staged transfer of layer ``groups`` on ``stream`` (and a set of copy
+        streams of the pool), through slots from the memory pool; returns an event per group
+        that marks it done."""
         (_, src, _), (_, _, dst) = plan.hops
         (slot,) = plan.bounces()
         buffer = self.memory_pool.acquire(slot_bytes(src, groups))
@@ -698,7 +698,7 @@ class TransferManager:
             key = (config, slot.fmt)
             return self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
 
-        done = run_staged(src, dst, slots, stream, self.streams.copy(), groups)
+        done = run_staged(src, dst, slots, stream, self.streams.copies(), groups)
         finished = torch.cuda.Event()  # on the stream that waits for every step
         finished.record(stream)
         self.memory_pool.release_after(buffer, finished)

@@ -15,20 +15,23 @@ T = TypeVar("T")
 
 H2D_STREAMS = 4
 D2H_STREAMS = 4
-COPY_STREAMS = 2
+#: Sets of streams for the copy-engine steps of staged transfers, and streams in a set: a
+#: transfer spreads its copies over a set, since a stream holds about a thousand queued copies
+#: before the host blocks on it (H100), and scattered pinned blocks make many copies.
+COPY_STREAM_SETS, COPY_STREAMS = 2, 4
 
 
 class StreamPool:
     """``H2D_STREAMS`` streams for transfers into the GPU and ``D2H_STREAMS`` out of it, handed
     out round robin (device-to-device transfers use the host-to-device ones), and
-    ``COPY_STREAMS`` for the copy-engine steps of staged transfers. Created on first use, so a
-    machine without a GPU never touches CUDA."""
+    ``COPY_STREAM_SETS`` sets of ``COPY_STREAMS`` for the copy-engine steps of staged transfers.
+    Created on first use, so a machine without a GPU never touches CUDA."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self._h2d: list[torch.cuda.Stream] = []
         self._d2h: list[torch.cuda.Stream] = []
-        self._copy: list[torch.cuda.Stream] = []
+        self._copy: list[tuple[torch.cuda.Stream, ...]] = []
         self._next_h2d = itertools.count()
         self._next_d2h = itertools.count()
         self._next_copy = itertools.count()
@@ -39,7 +42,10 @@ class StreamPool:
             if not self._h2d:
                 self._h2d = [torch.cuda.Stream(self.device) for _ in range(H2D_STREAMS)]
                 self._d2h = [torch.cuda.Stream(self.device) for _ in range(D2H_STREAMS)]
-                self._copy = [torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS)]
+                self._copy = [
+                    tuple(torch.cuda.Stream(self.device) for _ in range(COPY_STREAMS))
+                    for _ in range(COPY_STREAM_SETS)
+                ]
 
     def h2d(self) -> torch.cuda.Stream:
         """The next stream for work that moves bytes into the GPU (or within it)."""
@@ -51,11 +57,11 @@ class StreamPool:
         self._streams()
         return self._d2h[next(self._next_d2h) % D2H_STREAMS]
 
-    def copy(self) -> torch.cuda.Stream:
-        """The next stream for the copy-engine steps of a staged transfer (beside the stream
-        its kernels run on)."""
+    def copies(self) -> tuple[torch.cuda.Stream, ...]:
+        """The next set of streams for the copy-engine steps of a staged transfer (beside the
+        stream its kernels run on)."""
         self._streams()
-        return self._copy[next(self._next_copy) % COPY_STREAMS]
+        return self._copy[next(self._next_copy) % COPY_STREAM_SETS]
 
 
 class DeviceMemoryPool:

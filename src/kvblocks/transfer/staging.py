@@ -15,7 +15,9 @@ device layout, or gathers them from it, at device-memory speed.
 The blocks go in pieces of ``blocks_per_piece`` through two slots in turn, so that the kernel
 works on one slot while the copy engine fills or drains the other: the copy engine sets the
 pace, and the kernel adds only its time for the last piece. Every step is enqueued on CUDA
-streams with GPU-side waits; the host never waits.
+streams with GPU-side waits. The pieces' copies go round a set of copy streams, each piece's
+after the last one's: a stream holds about a thousand queued copies before the host blocks on
+it (H100), and scattered pinned blocks make a copy per block and layer group.
 
 A transfer of some layers of each block, changing their format on the way (an engine taking a
 block's first layers before the rest), is staged too: the slots' blocks hold those layers only,
@@ -32,6 +34,7 @@ of each group.
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -41,7 +44,7 @@ import torch
 from kvblocks.errors import LayoutFormatError
 from kvblocks.kernels import CopyPlan, Operand, PermutePlan
 from kvblocks.kernels.addresses import StridedTable
-from kvblocks.kernels.memcpy import MemcpyPlan, PitchedCopyPlan, merge_runs
+from kvblocks.kernels.memcpy import MemcpyPlan, PitchedCopyPlan
 from kvblocks.layout import BlockDim, FullyContiguousLayout, KvBlockLayout, LayoutConfig
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
 from kvblocks.transfer.executor import Side, dims_of, gpu_plan, permute_tables
@@ -94,7 +97,7 @@ def run_staged(
     dst: Side,
     slots: SlotLayouts,
     stream: torch.cuda.Stream | None,
-    copy_stream: torch.cuda.Stream | None,
+    copy_streams: Sequence[torch.cuda.Stream],
     groups: Sequence[range] | None = None,
 ) -> list[torch.cuda.Event]:
     """Move blocks ``src.ids`` into ``dst.ids`` through slots, one layer group after another
@@ -114,7 +117,8 @@ def run_staged(
             after: it must already follow the work the transfer waits for, and work queued on
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
             step runs at once, in order.
-        copy_stream: a second stream, for the copy engine's steps (``None`` without a GPU).
+        copy_streams: streams for the copy engine's steps, used in turn (none without a
+            GPU).
         groups: layer ranges, moved in this order.
 
     Returns:
@@ -148,12 +152,12 @@ def run_staged(
             for work in (step.copies, step.kernel) if into_gpu else (step.kernel, step.copies):
                 work().run()
         return []
-    copy_stream.wait_stream(stream)
-    if into_gpu:
-        done = _into_gpu(steps, stream, copy_stream)
-    else:
-        done = _out_of_gpu(steps, stream, copy_stream)
-    stream.wait_stream(copy_stream)
+    for copy_stream in copy_streams:
+        copy_stream.wait_stream(stream)
+    copies = _CopyOrder(copy_streams)
+    done = _into_gpu(steps, stream, copies) if into_gpu else _out_of_gpu(steps, stream, copies)
+    for copy_stream in copy_streams:
+        stream.wait_stream(copy_stream)
     return done
 
 
@@ -180,7 +184,7 @@ class _Group:
         slot_ids = (index // self.per_piece % 2) * self.per_piece + index % self.per_piece
         self.slot = Side(physical, slot_ids, physical.kv_format)
         pinned = src if into_gpu else dst
-        self.copies = _Copies(pinned, pinned_at, self.slot, layers, into_gpu)
+        self.copies = _Copies(pinned, pinned_at, self.slot, layers, self.per_piece, into_gpu)
         self._ends = (self.slot, dst) if into_gpu else (src, self.slot)
         self._kernel: CopyPlan | PermutePlan | None = None
 
@@ -222,8 +226,28 @@ def _behind(steps: list[_Step], i: int) -> int:
     return 1 if one_slot or anew else 2
 
 
+class _CopyOrder:
+    """Enqueues the steps' copies round ``streams``, each step's after the previous step's
+    (and after an event it names), and records when each step's copies end."""
+
+    def __init__(self, streams: Sequence[torch.cuda.Stream]) -> None:
+        self._streams = streams
+        self.copied: list[torch.cuda.Event] = []
+
+    def run(self, step: _Step, after: torch.cuda.Event | None) -> None:
+        """Enqueue ``step``'s copies behind ``after`` (None: nothing more to wait for)."""
+        i = len(self.copied)
+        copy_stream = self._streams[i % len(self._streams)]
+        if after is not None:
+            copy_stream.wait_event(after)
+        if i > 0 and len(self._streams) > 1:
+            copy_stream.wait_event(self.copied[-1])
+        step.copies().run(stream=copy_stream)
+        self.copied.append(_recorded(copy_stream))
+
+
 def _into_gpu(
-    steps: list[_Step], stream: torch.cuda.Stream, copy_stream: torch.cuda.Stream
+    steps: list[_Step], stream: torch.cuda.Stream, copies: _CopyOrder
 ) -> list[torch.cuda.Event]:
     """Enqueue the copy engine into the slots and the kernel out of them, step by step; returns
     an event per group, recorded after its last kernel.
@@ -233,25 +257,21 @@ def _into_gpu(
     enqueued right after that kernel, so that the copy engine never waits for the host's
     planning of a later kernel. The first copies are enqueued before any kernel is planned.
     """
-    copied: list[torch.cuda.Event] = []
     placed: list[torch.cuda.Event] = []
     done: list[torch.cuda.Event] = []
 
     def copy_what_can_go() -> None:
         """Enqueue the copies of the next steps whose slots' kernels are enqueued."""
-        while len(copied) < len(steps):
-            i = len(copied)
+        while len(copies.copied) < len(steps):
+            i = len(copies.copied)
             before = i - _behind(steps, i)
             if before >= len(placed):
                 return
-            if before >= 0:
-                copy_stream.wait_event(placed[before])
-            steps[i].copies().run(stream=copy_stream)
-            copied.append(_recorded(copy_stream))
+            copies.run(steps[i], placed[before] if before >= 0 else None)
 
     copy_what_can_go()
     for i, step in enumerate(steps):
-        stream.wait_event(copied[i])
+        stream.wait_event(copies.copied[i])
         with torch.cuda.stream(stream):
             step.kernel().run()
         placed.append(_recorded(stream))
@@ -262,7 +282,7 @@ def _into_gpu(
 
 
 def _out_of_gpu(
-    steps: list[_Step], stream: torch.cuda.Stream, copy_stream: torch.cuda.Stream
+    steps: list[_Step], stream: torch.cuda.Stream, copies: _CopyOrder
 ) -> list[torch.cuda.Event]:
     """Enqueue the kernel into the slots and the copy engine out of them, step by step;
     returns an event per group, recorded after its last copies.
@@ -270,19 +290,16 @@ def _out_of_gpu(
     Step ``i``'s kernel waits for the copies of the last step that used its slot (see
     :func:`_behind`) to have taken that slot's blocks out.
     """
-    copied: list[torch.cuda.Event] = []
     done: list[torch.cuda.Event] = []
     for i, step in enumerate(steps):
         before = i - _behind(steps, i)
         if before >= 0:
-            stream.wait_event(copied[before])
+            stream.wait_event(copies.copied[before])
         with torch.cuda.stream(stream):
             step.kernel().run()
-        copy_stream.wait_event(_recorded(stream))
-        step.copies().run(stream=copy_stream)
-        copied.append(_recorded(copy_stream))
+        copies.run(step, _recorded(stream))
         if i + 1 == len(steps) or steps[i + 1].group is not step.group:
-            done.append(copied[-1])
+            done.append(copies.copied[-1])
     return done
 
 
@@ -314,35 +331,55 @@ def _kernel(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPl
 class _Copies:
     """The copy engine's copies of layers ``layers`` between pinned blocks (``pinned_at``:
     where each of ``pinned``'s blocks starts) and slot blocks, both layouts fully contiguous;
-    :meth:`part` gives those of some blocks. Whole blocks when every layer moves, else the
-    moved layers' stretch of each row of a block."""
+    :meth:`part` gives those of one piece. Whole blocks when every layer moves, else the
+    moved layers' stretch of each row of a block.
+
+    The runs of blocks that follow one another on both sides within a piece go as one copy;
+    they are found once for the whole transfer."""
 
     def __init__(
-        self, pinned: Side, pinned_at: torch.Tensor, slot: Side, layers: range, into_gpu: bool
+        self,
+        pinned: Side,
+        pinned_at: torch.Tensor,
+        slot: Side,
+        layers: range,
+        per_piece: int,
+        into_gpu: bool,
     ) -> None:
         self._into_gpu = into_gpu
-        self._pinned, self._slot = pinned_at, _block_addresses(slot)
         self._cuda = torch.cuda.is_available()
         config = pinned.config
         self._every = len(layers) == config.num_layers
-        self._size = config.block_bytes
-        if not self._every:
+        slot_at = _block_addresses(slot)
+        if self._every:
+            self._width = config.block_bytes
+            pinned_step = slot_step = self._width
+        else:
             rows, run = _layer_rows(config, pinned.fmt)
             self._rows, self._width = rows, len(layers) * run
             self._pinned_pitch = config.num_layers * run
-            self._pinned = pinned_at + layers.start * run  # where the moved layers start
+            pinned_at = pinned_at + layers.start * run  # where the moved layers start
+            pinned_step, slot_step = rows * self._pinned_pitch, rows * self._width
+        goes_on = (pinned_at.diff() == pinned_step) & (slot_at.diff() == slot_step)
+        goes_on &= torch.arange(1, pinned_at.numel()) % per_piece != 0  # pieces go apart
+        breaks = goes_on.logical_not().nonzero()[:, 0] + 1
+        starts = torch.cat((torch.zeros(1, dtype=torch.int64), breaks))
+        self._starts = starts.tolist()
+        self._blocks = torch.diff(starts, append=torch.tensor([pinned_at.numel()])).tolist()
+        self._pinned, self._slot = pinned_at[starts].tolist(), slot_at[starts].tolist()
 
     def part(self, first: int, end: int) -> MemcpyPlan | PitchedCopyPlan:
-        """The copies of blocks ``[first, end)`` of the transfer, each run of blocks that
-        follow one another on both sides as one copy."""
-        pinned, slot = self._pinned[first:end], self._slot[first:end]
-        ends = (pinned, slot) if self._into_gpu else (slot, pinned)
+        """The copies of the piece of blocks ``[first, end)`` of the transfer."""
+        runs = slice(bisect.bisect_left(self._starts, first), bisect.bisect_left(self._starts, end))
+        pinned, slot = self._pinned[runs], self._slot[runs]
+        src, dst = (pinned, slot) if self._into_gpu else (slot, pinned)
         if self._every:
-            sizes = [self._size] * (end - first)
-            return MemcpyPlan(*merge_runs(*(e.tolist() for e in ends), sizes), self._cuda)
+            sizes = [n * self._width for n in self._blocks[runs]]
+            return MemcpyPlan(src, dst, sizes, self._cuda)
         pitches = (self._pinned_pitch, self._width)
         src_pitch, dst_pitch = pitches if self._into_gpu else pitches[::-1]
-        return PitchedCopyPlan.joined(*ends, self._rows, self._width, src_pitch, dst_pitch)
+        heights = [n * self._rows for n in self._blocks[runs]]
+        return PitchedCopyPlan(src, dst, heights, self._width, src_pitch, dst_pitch, self._cuda)
 
 
 def _layer_rows(config: LayoutConfig, fmt: KvBlockLayout) -> tuple[int, int]:
