@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import math
 import os
 import queue
 import re
@@ -39,7 +38,6 @@ import time
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from itertools import pairwise
 
 import torch
 
@@ -50,9 +48,9 @@ from kvblocks.errors import (
     KvBlocksError,
     TransferError,
 )
-from kvblocks.layout import MemoryRegion
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
 from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
+from kvblocks.pool.device_tensors import checked_device_tensors
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -62,6 +60,7 @@ from kvblocks.pool.events import (
     KvEvent,
 )
 from kvblocks.pool.hashing import sequence_hashes
+from kvblocks.pool.inflight import InFlight, InFlightCopies
 from kvblocks.pool.journal import Journal, StoredBlock
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
 from kvblocks.pool.offload_filter import OffloadFilter
@@ -74,7 +73,6 @@ from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
     LayoutHandle,
     LogicalLayoutHandle,
-    TransferCompleteNotification,
     TransferManager,
     TransferOptions,
     block_checksums,
@@ -153,17 +151,6 @@ class _Onboarding:
     dst: list[int]
 
 
-@dataclass(eq=False)
-class _InFlight:
-    """A copy from G2 into G1 that may still run, and the blocks held until it ends."""
-
-    copies: LayerCopies
-    g1: list[int]
-    g2: list[int]
-    started: float
-    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
-
-
 @dataclass(frozen=True)
 class _ChainInfo:
     """What an event needs of a cached block besides its hash."""
@@ -236,8 +223,6 @@ class BlockManager:
         self._tiers: dict[Tier, _TierState] = {}
         self._journal: Journal | None = None
         self._failures: list[BaseException] = []
-        self._inflight: list[_InFlight] = []
-        self._inflight_at: dict[int, _InFlight] = {}
         self.metrics = PoolMetrics(self.occupancy)
         self._server: BlockServer | None = None
         self._owns_transfer = transfer is None
@@ -256,6 +241,16 @@ class BlockManager:
             self._release_tiers()
             raise
         device = self.device_tensors[0].device
+        g2 = self._tiers.get(Tier.G2)
+        self._inflight = InFlightCopies(
+            self._lock,
+            self._tiers[Tier.G1].pool,
+            g2.pool if g2 is not None else None,
+            self.metrics,
+            self.block_bytes,
+            config.num_layers,
+            device,
+        )
         self._onboard_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._onboard_groups = layer_groups(config.num_layers, config.onboard_layer_groups)
         self._queue: queue.Queue[_Offload | None] = queue.Queue()
@@ -300,7 +295,7 @@ class BlockManager:
                 torch.zeros(shape, dtype=config.dtype, device=device)
                 for shape in config.device_tensor_shapes(num_blocks)
             ]
-        return _checked_device_tensors(config, tensors)
+        return checked_device_tensors(config, tensors)
 
     def _blocks_from_gpu_memory(self) -> int:
         if not torch.cuda.is_available():
@@ -500,7 +495,7 @@ class BlockManager:
         if max_blocks is not None:
             token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
         hashes = sequence_hashes(token_ids, size, salt=salt)
-        self._reap()
+        self._inflight.reap()
         groups = (range(self.config.num_layers),) if wait else self._onboard_groups
         if self._window_blocks is not None:
             return self._lookup_window(hashes, token_ids, ask_peer, groups, wait)
@@ -511,10 +506,10 @@ class BlockManager:
             short = g1.num_available < len(hashes) - len(held)
         if short:  # blocks waiting to be offloaded or onboarded come back once those end
             self._drain()
-            self._settle()
+            self._inflight.settle()
         try:
             from_tier = self._onboard_after(held, hashes, token_ids, ask_peer, groups)
-            ready = self._ready(held, wait)
+            ready = self._inflight.ready(held, wait)
         except BaseException:  # the caller gets no blocks to free: let the G1 hits go
             with self._lock:
                 g1.free(held)
@@ -580,7 +575,7 @@ class BlockManager:
                 with self._lock:
                     self._tiers[Tier.G2].pool.free(list(fetched.values()))
         try:
-            ready = self._ready(held, wait)
+            ready = self._inflight.ready(held, wait)
         except BaseException:
             with self._lock:
                 self._tiers[Tier.G1].pool.free(held)
@@ -626,7 +621,7 @@ class BlockManager:
                     break
                 if short:  # blocks waiting to be offloaded or onboarded come back once those end
                     self._drain()
-                    self._settle()
+                    self._inflight.settle()
                 onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier, groups)
                 held += onboarded
                 if not shared and not onboarded:
@@ -666,7 +661,7 @@ class BlockManager:
             PoolExhaustedError: fewer than ``n`` blocks are free or evictable.
         """
         start = time.perf_counter()
-        self._reap()
+        self._inflight.reap()
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
             short = n > g1.num_available
@@ -674,7 +669,7 @@ class BlockManager:
                 ids = g1.allocate(n)
         if short:  # blocks waiting to be offloaded or onboarded come back once those end
             self._drain()
-            self._settle()
+            self._inflight.settle()
             with self._lock:
                 ids = g1.allocate(n)
         self.metrics.record_allocation(time.perf_counter() - start)
@@ -732,7 +727,7 @@ class BlockManager:
         """Drop the caller's hold on G1 blocks; registered ones stay cached (inactive)."""
         with self._lock:
             self._tiers[Tier.G1].pool.free(block_ids)
-        self._reap()
+        self._inflight.reap()
         self._publish()
 
     def clear(self) -> None:
@@ -754,7 +749,7 @@ class BlockManager:
             TimeoutError: ``timeout`` seconds passed first.
         """
         self._drain(timeout)
-        self._settle()
+        self._inflight.settle()
         self._publish()
         with self._lock:
             failures, self._failures = self._failures, []
@@ -790,7 +785,7 @@ class BlockManager:
             self._worker.join()
             self._worker = None
         if self._tiers:
-            self._settle()
+            self._inflight.settle()
         self._peers.close()
         with self._lock:
             if self._tiers:
@@ -843,8 +838,8 @@ class BlockManager:
     ) -> list[int]:
         """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
         G2 has room for) and on into G1, G2 blocks straight into G1, issued in layer
-        ``groups`` and held until they end (:meth:`_reap`). Returns the G1 blocks (held),
-        fewer than planned if a G3 block fails its checksum."""
+        ``groups`` and held until they end (:class:`~kvblocks.pool.inflight.InFlightCopies`).
+        Returns the G1 blocks (held), fewer than planned if a G3 block fails its checksum."""
         sources, dst = plan.blocks, plan.dst
         g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
         g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
@@ -888,7 +883,7 @@ class BlockManager:
             g1.free(dst[keep:])
             result, new = self._cache(g1, dst[:keep], hashes[:keep])
             if flight is not None:
-                self._hold_until_copied(flight)
+                self._inflight.hold(flight)
             for b, c in zip(dst[:keep], result, strict=True):
                 if c != b:  # another lookup onboarded it meanwhile: share that one
                     g1.acquire([c])
@@ -898,7 +893,7 @@ class BlockManager:
 
     def _copy_to_g1(
         self, src_ids: list[int], dst_ids: list[int], groups: tuple[range, ...]
-    ) -> _InFlight | None:
+    ) -> InFlight | None:
         """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, layer group
         after layer group, on the onboard stream after the work queued so far on the
         current stream (which may still read what the G1 blocks held before). None if there
@@ -927,71 +922,7 @@ class BlockManager:
                 stream.synchronize()
             raise
         copies = LayerCopies(groups, tuple(done))
-        return _InFlight(copies, dst_ids, src_ids, started, timing)
-
-    def _hold_until_copied(self, flight: _InFlight) -> None:
-        """Hold ``flight``'s G1 blocks once more (its G2 sources are held already) until
-        :meth:`_reap` sees its copies end, and let lookups that share its G1 blocks wait for
-        them. Under the lock, after the blocks were cached."""
-        self._tiers[Tier.G1].pool.hold(flight.g1)
-        self._inflight.append(flight)
-        for b in flight.g1:
-            self._inflight_at[b] = flight
-
-    def _ready(self, blocks: list[int], wait: bool) -> ReadyLayers:
-        """What held G1 ``blocks`` wait for: the copies into them that may still run. With
-        ``wait``, they are waited for here and nothing is left to wait for."""
-        with self._lock:
-            flights = {id(f): f for b in blocks if (f := self._inflight_at.get(b)) is not None}
-        ready = ReadyLayers(
-            self.config.num_layers,
-            [f.copies for f in flights.values()],
-            self.device_tensors[0].device,
-        )
-        if not wait:
-            return ready
-        try:
-            ready.synchronize()
-        finally:
-            self._reap()
-        return ReadyLayers(self.config.num_layers, device=self.device_tensors[0].device)
-
-    def _reap(self) -> None:
-        """Let go of the blocks of copies into G1 that have ended (successfully or not: the G1
-        blocks of a failed copy are dropped from the cache)."""
-        with self._lock:
-            running, ended = [], []
-            for flight in self._inflight:
-                (ended if flight.copies.poll() else running).append(flight)
-            if not ended:
-                return
-            self._inflight = running
-            g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
-            for flight in ended:
-                for b in flight.g1:
-                    del self._inflight_at[b]
-                failed = next((e for d in flight.copies.done if (e := d.exception())), None)
-                if failed is not None:
-                    log.error("a copy into G1 failed; its blocks leave the cache: %s", failed)
-                    g1.discard([b for b in flight.g1 if g1.hash_of(b) is not None])
-                g1.free(flight.g1)
-                g2.free(flight.g2)
-                if flight.timing is not None:
-                    seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
-                else:
-                    seconds = time.perf_counter() - flight.started
-                nbytes = len(flight.g1) * self.block_bytes
-                self.metrics.record_transfer(
-                    Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True
-                )
-
-    def _settle(self) -> None:
-        """Wait for every copy into G1 that may still run, and let go of its blocks."""
-        with self._lock:
-            flights = list(self._inflight)
-        for flight in flights:
-            _wait_quietly(flight.copies.done)  # _reap drops the blocks of a failed one
-        self._reap()
+        return InFlight(copies, dst_ids, src_ids, started, timing)
 
     def _cache(
         self, pool: BlockPool, blocks: list[int], hashes: list[int]
@@ -1318,7 +1249,7 @@ class BlockManager:
             return
         dst = dst_state.pool
         pending = list(zip(job.block_ids, job.hashes, strict=True))
-        self._reap()  # sources of ended onboards leave G2's held blocks
+        self._inflight.reap()  # sources of ended onboards leave G2's held blocks
         while pending:
             with self._lock:
                 todo, present = [], []
@@ -1501,15 +1432,6 @@ class _ServedG2:
         self.release(blocks)
 
 
-def _wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:
-    """Wait until each of ``notifications`` completes, failed or not."""
-    for notification in notifications:
-        try:
-            notification.wait()
-        except TransferError:
-            pass
-
-
 def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:
     """The ``(stored, hashes)`` changes of G2 among ``events``, in order."""
     return [
@@ -1517,106 +1439,3 @@ def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]
         for e in events
         if isinstance(e, BlockStored | BlockRemoved) and e.tier is Tier.G2
     ]
-
-
-def _without_ones(shape: Sequence[int]) -> list[int]:
-    return [d for d in shape if d != 1]
-
-
-def _checked_device_tensors(
-    config: BlockManagerConfig, tensors: Sequence[torch.Tensor]
-) -> list[torch.Tensor]:
-    """``tensors`` viewed in ``config.device_layout``'s shapes, if they are G1 in those shapes
-    (dims of size 1 may be left out: vLLM's MLA cache is ``[num_blocks, nt, hd]``), of its
-    dtype, contiguous and on one device (``config.device_id``'s GPU, or the CPU). A tensor
-    already in its shape is returned itself."""
-    layout = config.device_layout
-    count = len(config.device_tensor_shapes(1))
-    what = {
-        DeviceLayout.FULLY_CONTIGUOUS: "one tensor",
-        DeviceLayout.OUTER_SEPARATE: f"one tensor per layer and outer chunk ({count})",
-    }.get(layout, f"one tensor per layer ({count})")
-    if isinstance(tensors, torch.Tensor):
-        raise InvalidArgumentError(
-            "device_tensors", f"must be a list of {what} for {layout.name}, got one tensor"
-        )
-    if isinstance(tensors, Mapping):
-        raise InvalidArgumentError(
-            "device_tensors",
-            f"must be a list of {what} in layer order, got a {type(tensors).__name__}"
-            " (for vLLM's kv_caches by layer name: [kv_caches[name] for name in layer_names])",
-        )
-    tensors = list(tensors)
-    if len(tensors) != count:
-        raise InvalidArgumentError(
-            "device_tensors", f"must be {what} for {layout.name}, got {len(tensors)}"
-        )
-    axis = layout.block_axis
-    shape = list(config.device_tensor_shapes(1)[0])
-    wanted = [*map(str, shape[:axis]), "num_blocks", *map(str, shape[axis + 1 :])]
-    block_elems = math.prod(shape)
-    viewed: list[torch.Tensor] = []
-    for i, t in enumerate(tensors):
-        if not isinstance(t, torch.Tensor):
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]", f"must be a torch.Tensor, got {type(t).__name__}"
-            )
-        num_blocks = t.numel() // block_elems
-        full = [*shape[:axis], num_blocks, *shape[axis + 1 :]]
-        # Equal shapes once the 1s are dropped hold the same elements in the same order; with
-        # no blocks, where the block axis is is known only from the exact shape.
-        if _without_ones(t.shape) != _without_ones(full) or (
-            num_blocks == 0 and list(t.shape) != full
-        ):
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]",
-                f"must be [{', '.join(wanted)}] of {config.dtype} ({layout.name},"
-                f" {config.device_format.name}; dims of size 1 may be left out),"
-                f" got {list(t.shape)} of {t.dtype}",
-            )
-        if t.dtype != config.dtype:
-            hint = (
-                " (vLLM keeps fp8 caches as torch.uint8: give dtype='u8', or pass"
-                f" the tensor's .view({config.dtype}))"
-                if t.dtype == torch.uint8 and config.dtype.itemsize == 1
-                else ""
-            )
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]", f"must be {config.dtype}, got {t.dtype}{hint}"
-            )
-        if viewed and num_blocks != viewed[0].shape[axis]:
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]",
-                f"holds {num_blocks} blocks, device_tensors[0] {viewed[0].shape[axis]}",
-            )
-        if not t.is_contiguous():
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]",
-                "must be contiguous: pass the tensor in its memory order (permute a"
-                " strided view back first)",
-            )
-        if t.device != tensors[0].device or (
-            t.device.type == "cuda" and t.device.index != config.device_id
-        ):
-            raise InvalidArgumentError(
-                f"device_tensors[{i}]",
-                f"is on {t.device}; every tensor must be on the same device"
-                f" (cuda:{config.device_id}, config.device_id, on a GPU)",
-            )
-        viewed.append(t if list(t.shape) == full else t.view(full))
-    num_blocks = viewed[0].shape[axis]
-    if num_blocks == 0:
-        raise InvalidArgumentError("device_tensors", "hold no blocks")
-    if config.device_blocks is not None and config.device_blocks != num_blocks:
-        raise InvalidArgumentError(
-            "device_tensors",
-            f"hold {num_blocks} blocks but config.device_blocks is {config.device_blocks}",
-        )
-    spans = sorted(((MemoryRegion.of(t), i) for i, t in enumerate(viewed)), key=lambda s: s[0].addr)
-    for (a, i), (b, j) in pairwise(spans):
-        if a.overlaps(b):
-            raise InvalidArgumentError(
-                f"device_tensors[{max(i, j)}]",
-                f"shares memory with device_tensors[{min(i, j)}]; each must have its own",
-            )
-    return viewed

@@ -1,0 +1,150 @@
+"""Copies from G2 into G1 that may still run (``BlockManager.lookup(..., wait=False)``), and
+the blocks they hold until they end.
+
+A lookup that returns before its copies end leaves their G1 blocks and G2 sources held here,
+so that a hit freed early is never reused while it is being filled; a later lookup that shares
+those G1 blocks gets the copies' events in its own ``ReadyLayers``. :meth:`InFlightCopies.reap`
+lets go of the blocks of copies that have ended, dropping from the cache the G1 blocks of a
+failed one.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.errors import TransferError
+from kvblocks.pool.block_pool import BlockPool
+from kvblocks.pool.metrics import PoolMetrics
+from kvblocks.pool.ready import LayerCopies, ReadyLayers
+from kvblocks.pool.tier import Tier
+from kvblocks.transfer import TransferCompleteNotification
+
+log = logging.getLogger("kvblocks.pool")
+
+
+@dataclass(eq=False)
+class InFlight:
+    """A copy from G2 into G1 that may still run, and the blocks held until it ends.
+
+    Attributes:
+        copies: its layer groups and their notifications.
+        g1, g2: the destination and source block ids.
+        started: ``time.perf_counter()`` when it was issued.
+        timing: CUDA events recorded before and after it on its stream (None without a GPU).
+    """
+
+    copies: LayerCopies
+    g1: list[int]
+    g2: list[int]
+    started: float
+    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
+
+
+class InFlightCopies:
+    """The copies into G1 that may still run, under the manager's lock.
+
+    Args:
+        lock: the manager's lock, which guards the pools.
+        g1, g2: the pools of the copies' destinations and sources.
+        metrics: where an ended copy is recorded.
+        block_bytes: bytes of one block (for the metrics).
+        num_layers: layers of a block (for :class:`ReadyLayers`).
+        device: the device G1 lives on.
+    """
+
+    def __init__(
+        self,
+        lock: threading.RLock,
+        g1: BlockPool,
+        g2: BlockPool | None,
+        metrics: PoolMetrics,
+        block_bytes: int,
+        num_layers: int,
+        device: torch.device,
+    ) -> None:
+        self._lock = lock
+        self._g1, self._g2 = g1, g2
+        self._metrics = metrics
+        self._block_bytes = block_bytes
+        self._num_layers = num_layers
+        self._device = device
+        self._flights: list[InFlight] = []
+        self._at: dict[int, InFlight] = {}
+
+    def hold(self, flight: InFlight) -> None:
+        """Hold ``flight``'s G1 blocks once more (its G2 sources are held already) until
+        :meth:`reap` sees its copies end, and let lookups that share its G1 blocks wait for
+        them. Under the lock, after the blocks were cached."""
+        self._g1.hold(flight.g1)
+        self._flights.append(flight)
+        for b in flight.g1:
+            self._at[b] = flight
+
+    def ready(self, blocks: list[int], wait: bool) -> ReadyLayers:
+        """What held G1 ``blocks`` wait for: the copies into them that may still run. With
+        ``wait``, they are waited for here and nothing is left to wait for."""
+        with self._lock:
+            flights = {id(f): f for b in blocks if (f := self._at.get(b)) is not None}
+        copies = [f.copies for f in flights.values()]
+        ready = ReadyLayers(self._num_layers, copies, self._device)
+        if not wait:
+            return ready
+        try:
+            ready.synchronize()
+        finally:
+            self.reap()
+        return ReadyLayers(self._num_layers, device=self._device)
+
+    def reap(self) -> None:
+        """Let go of the blocks of copies into G1 that have ended (successfully or not: the G1
+        blocks of a failed copy are dropped from the cache)."""
+        with self._lock:
+            running, ended = [], []
+            for flight in self._flights:
+                (ended if flight.copies.poll() else running).append(flight)
+            if not ended:
+                return
+            self._flights = running
+            for flight in ended:
+                self._let_go(flight)
+
+    def settle(self) -> None:
+        """Wait for every copy into G1 that may still run, and let go of its blocks."""
+        with self._lock:
+            flights = list(self._flights)
+        for flight in flights:
+            _wait_quietly(flight.copies.done)  # reap drops the blocks of a failed one
+        self.reap()
+
+    def _let_go(self, flight: InFlight) -> None:
+        """Release the blocks of ``flight``, which has ended, and record it. Under the lock."""
+        g1 = self._g1
+        for b in flight.g1:
+            del self._at[b]
+        failed = next((e for d in flight.copies.done if (e := d.exception())), None)
+        if failed is not None:
+            log.error("a copy into G1 failed; its blocks leave the cache: %s", failed)
+            g1.discard([b for b in flight.g1 if g1.hash_of(b) is not None])
+        g1.free(flight.g1)
+        self._g2.free(flight.g2)
+        if flight.timing is not None:
+            seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
+        else:
+            seconds = time.perf_counter() - flight.started
+        nbytes = len(flight.g1) * self._block_bytes
+        self._metrics.record_transfer(Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True)
+
+
+def _wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:
+    """Wait until each of ``notifications`` completes, failed or not."""
+    for notification in notifications:
+        try:
+            notification.wait()
+        except TransferError:
+            pass
