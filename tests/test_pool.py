@@ -155,6 +155,73 @@ def test_duplicate_registration_returns_the_cached_block():
     assert pool.state(b) is BlockState.COMPLETE
 
 
+def _pool_facts(pool: BlockPool) -> list[tuple]:
+    """Each block's state, holders, tokens and hash."""
+    return [
+        (pool.state(b), pool.refcount(b), pool.tokens(b), pool.hash_of(b))
+        for b in range(pool.num_blocks)
+    ]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_cache_is_fill_then_register_for_each_block(seed):
+    """Held blocks of random fill (some complete already), some hashes repeated or cached by
+    another block already: ``cache`` leaves the pool as ``fill`` and ``register`` block by
+    block would."""
+    rng = random.Random(seed)
+    pools = BlockPool(24, block_size=4), BlockPool(24, block_size=4)
+    for pool in pools:
+        old = pool.allocate(2)
+        for b in old:
+            pool.fill(b, 4)
+        pool.register(old[0], 500)
+        pool.register(old[1], 501)
+    blocks = rng.sample(range(2, 24), 12)
+    filled = {b: rng.randint(0, 4) for b in blocks}
+    hashes = [rng.choice([500, 501, 502, 503, *range(600, 640)]) for _ in blocks]
+    for pool in pools:
+        got = pool.allocate(22)
+        assert sorted(got) == list(range(2, 24))
+        for b in blocks:
+            if filled[b]:
+                pool.fill(b, filled[b])
+    one_by_one = []
+    for b, h in zip(blocks, hashes, strict=True):
+        if filled[b] < 4:
+            pools[0].fill(b, 4 - filled[b])
+        one_by_one.append(pools[0].register(b, h))
+    assert pools[1].cache(blocks, hashes) == one_by_one
+    assert _pool_facts(pools[1]) == _pool_facts(pools[0])
+    pools[1].check_invariants()
+
+
+def test_cache_checks_every_block_before_it_changes_one():
+    pool = BlockPool(6, block_size=2)
+    a, b, c, d = pool.allocate(4)
+    for x in (a, b):
+        pool.fill(x, 2)
+    pool.register(a, 9)
+    pool.fill(c, 1)
+    pool.acquire([a])
+    before = _pool_facts(pool)
+    cases = [
+        ([b, c], [1], InvalidArgumentError, r"hashes must have one hash per block \(2\), got 1"),
+        ([b, 7], [1, 2], BlockIdOutOfRangeError, r"block_id must be in \[0, 6\), got 7"),
+        ([b, a], [1, 2], BlockStateError, f"block {a} is REGISTERED with 2 holders"),
+        ([c, d, c], [1, 2, 3], BlockStateError, f"block {c} appears twice"),
+        ([b, 5], [1, 2], BlockStateError, "block 5 is FREE with 0 holders"),
+    ]
+    for ids, hashes, error, match in cases:
+        with pytest.raises(error, match=match):
+            pool.cache(ids, hashes)
+        assert _pool_facts(pool) == before
+    pool.hold([c])  # a partial block held twice: another holder may still write it
+    with pytest.raises(BlockStateError, match=f"block {c} is PARTIAL with 2 holders"):
+        pool.cache([b, c], [1, 2])
+    assert pool.state(b) is BlockState.COMPLETE
+    pool.check_invariants()
+
+
 def test_errors_change_nothing():
     pool = BlockPool(4, block_size=2)
     a, b = pool.allocate(2)

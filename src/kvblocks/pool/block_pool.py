@@ -274,6 +274,50 @@ class BlockPool:
         self._state[b] = BlockState.REGISTERED
         return b
 
+    def cache(self, block_ids: Sequence[int], hashes: Sequence[int]) -> list[int]:
+        """:meth:`fill` each held block to ``block_size`` tokens (where it is not COMPLETE
+        yet) and :meth:`register` it under ``hashes[i]``, in order; every block is checked
+        first, so that a bad one changes nothing.
+
+        Returns:
+            Per block, the block that caches its hash from now on: itself, or the block that
+            already cached the hash (then it stays COMPLETE; free it and use the other).
+
+        Raises:
+            InvalidArgumentError: the lengths differ, or an id is out of range.
+            BlockStateError: a block appears twice, or is neither COMPLETE nor an EMPTY or
+                PARTIAL block held once.
+        """
+        if len(block_ids) != len(hashes):
+            raise InvalidArgumentError(
+                "hashes", f"must have one hash per block ({len(block_ids)}), got {len(hashes)}"
+            )
+        self._check_ids(block_ids)
+        state, ref = self._state, self._ref
+        fillable = (BlockState.EMPTY, BlockState.PARTIAL)
+        for b in block_ids:
+            if state[b] != BlockState.COMPLETE and (state[b] not in fillable or ref[b] != 1):
+                raise BlockStateError(
+                    f"block {b} is {self.state(b).name} with {ref[b]} holders: only a complete"
+                    " block, or an empty or partial one held once, can be cached"
+                )
+        if len(set(block_ids)) != len(block_ids):
+            twice = next(b for b, n in Counter(block_ids).items() if n > 1)
+            raise BlockStateError(f"block {twice} appears twice")
+        by_hash, cached = self._by_hash, []
+        for b, h in zip(block_ids, hashes, strict=True):
+            self._tokens[b] = self.block_size
+            existing = by_hash.get(h)
+            if existing is None:
+                by_hash[h] = b
+                self._hash[b] = h
+                state[b] = BlockState.REGISTERED
+                cached.append(b)
+            else:
+                state[b] = BlockState.COMPLETE
+                cached.append(existing)
+        return cached
+
     def evict(self, n: int) -> list[int]:
         """Drop up to ``n`` inactive blocks, least recently used first; returns their hashes."""
         inactive = self._inactive

@@ -927,19 +927,12 @@ class BlockManager:
     def _cache(
         self, pool: BlockPool, blocks: list[int], hashes: list[int]
     ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Mark held ``blocks`` full and register each under its hash. Returns, per block, the
-        block that caches the hash from now on (itself, or one that already did, in which case
-        it stays unregistered), and the ``(block, hash)`` pairs newly cached by their own block.
-        Under the lock."""
-        size = self.config.block_size
-        cached, new = [], []
-        for b, h in zip(blocks, hashes, strict=True):
-            missing = size - pool.tokens(b)
-            if missing:
-                pool.fill(b, missing)
-            cached.append(pool.register(b, h))
-            if cached[-1] == b:
-                new.append((b, h))
+        """Mark held ``blocks`` full and register each under its hash (:meth:`BlockPool.cache`).
+        Returns, per block, the block that caches the hash from now on (itself, or one that
+        already did, in which case it stays unregistered), and the ``(block, hash)`` pairs
+        newly cached by their own block. Under the lock."""
+        cached = pool.cache(blocks, hashes)
+        new = [(b, h) for b, c, h in zip(blocks, cached, hashes, strict=True) if c == b]
         return cached, new
 
     def _remember_chains(
