@@ -525,6 +525,53 @@ def test_manager_stages_layer_groups(small_pieces, formats):
 
 
 @pytest.mark.gpu
+def test_layer_groups_of_different_routes_go_in_order_on_one_stream(small_pieces, monkeypatch):
+    """Two layers staged, then one by the kernel (a threshold between their sizes), without a
+    caller's stream: both on one pool stream, after the work queued before on the current
+    stream."""
+    from kvblocks.transfer import TransferManager, TransferOptions, TransferPreferences
+
+    monkeypatch.setattr(strategy_module, "STAGED_MIN_COPY_BYTES", 0)
+    s_ids, d_ids = [8, 0, 3, 4, 7], [2, 5, 0, 8, 6]
+    groups = [range(0, 2), range(2, 3)]
+    layer_bytes = BIG.block_bytes // BIG.num_layers
+    prefs = TransferPreferences(
+        copy_engine=False, copy_engine_min_bytes=None, staged_min_bytes=2 * 5 * layer_bytes
+    )
+    with TransferManager.builder().preferences(prefs).build() as m:
+        pinned = _register(m, "pinned", True, UNI)
+        device = _register(m, "device", False, NHD)
+        routes = [
+            m.strategy(pinned, device, num_blocks=5, options=TransferOptions(layer_range=g))
+            for g in groups
+        ]
+        assert routes == [Strategy.STAGED, Strategy.KERNEL]
+        streams = []
+        run_on_stream = m._run_on_stream
+        monkeypatch.setattr(
+            m,
+            "_run_on_stream",
+            lambda plan, g, options, *rest, **kw: (
+                streams.append(options.cuda_stream),
+                run_on_stream(plan, g, options, *rest, **kw),
+            )[1],
+        )
+        sp, dp = m.layout(pinned), m.layout(device)
+        fill(sp, None)
+        fill(dp, POISON)
+        want = expected_blocks(sp, s_ids, dp.kv_format)
+        torch.cuda._sleep(20_000_000)
+        fill(dp, 0)  # on the current stream, well after the call returns
+        done = m.execute_layer_groups(pinned, s_ids, device, d_ids, groups)
+        for notification in done:
+            notification.wait(timeout=60)
+        torch.cuda.synchronize()
+        zeros = {b: torch.zeros_like(block_tensor(dp, b)) for b in range(BIG.num_blocks)}
+        assert_layers_landed(dp, d_ids, want, zeros, range(3))
+        assert len(streams) == 2 and streams[0] is streams[1] is not None
+
+
+@pytest.mark.gpu
 def test_staged_transfers_in_both_directions_at_once(small_pieces):
     """Staged transfers queued together on the pool's streams, each through its own slots."""
     with _manager() as m:

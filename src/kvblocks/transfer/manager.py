@@ -456,7 +456,9 @@ class TransferManager:
 
         The blocks are checked, routed and staged once for all groups (one set of staging
         slots, the copies of each group issued right after the previous group's), which costs
-        the host far less than one :meth:`execute_transfer` per group.
+        the host far less than one :meth:`execute_transfer` per group. Groups whose routes
+        differ by their size still go in order, on one stream; groups with CPU or disk steps
+        run on worker threads and may overlap.
 
         Args:
             groups: layer ranges (step 1, within the layouts' layers), moved in this order.
@@ -501,7 +503,13 @@ class TransferManager:
             return tuple(
                 self._run_on_stream(plans[0], layer_groups, options, check_overlap, marks=True)
             )
-        done = []  # routes that differ by the groups' sizes, or steps on worker threads
+        # Routes that differ by the groups' sizes, or steps on worker threads: group by group.
+        if all(plan.strategy.stays_on_gpu for plan in plans) and options.cuda_stream is None:
+            # One pool stream for all of them, so that the groups still land in order.
+            device, stream = self._gpu_stream(plans[0].hops[0][1], plans[0].hops[-1][2])
+            stream.wait_stream(torch.cuda.current_stream(device))
+            options = replace(options, cuda_stream=stream)
+        done = []
         for plan, layers in zip(plans, layer_groups, strict=True):
             if plan.strategy.stays_on_gpu:
                 done += self._run_on_stream(plan, [layers], options, check_overlap, marks=True)
