@@ -51,7 +51,8 @@ class InFlightCopies:
 
     Args:
         lock: the manager's lock, which guards the pools.
-        g1, g2: the pools of the copies' destinations and sources.
+        g1, g2: the pools of the copies' destinations and sources (``g2`` None where the
+            manager has no G2: then no copy is ever held here).
         metrics: where an ended copy is recorded.
         block_bytes: bytes of one block (for the metrics).
         num_layers: layers of a block (for :class:`ReadyLayers`).
