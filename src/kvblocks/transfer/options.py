@@ -73,15 +73,14 @@ class TransferPreferences:
         staged_min_bytes: transfers of at least this many bytes between whole blocks in
             pinned memory (a fully contiguous layout; every layer, or some layers whose format
             changes) and a device layout without the same spans (an engine's layer-separate
-            cache, or another format) are
-            staged (``STAGED``), as ``copy_engine`` does, through two slots of up to 64 MiB
-            from the device memory pool. Staged, a transfer holds SMs only to place or gather
-            the slots' blocks: work the engine runs meanwhile is slowed by 1% to 6%, and the
-            transfer is faster than the kernel's, alone and beside that work
-            (docs/performance.md, "Transfers while the engine computes"). Below it the
-            host's cost per call would exceed the GPU's, and the kernels (on a few programs,
-            slowing the engine's work by up to 19%) move them. ``None`` leaves them all to the
-            kernels. Needs cuda-bindings.
+            cache, or another format) are staged (``STAGED``), as ``copy_engine`` does,
+            through two slots of up to 64 MiB from the device memory pool. Staged, a transfer
+            holds SMs only to place or gather the slots' blocks: work the engine runs
+            meanwhile is slowed by 1% to 6%, and the transfer is faster than the kernel's,
+            alone and beside that work (docs/performance.md, "Transfers while the engine
+            computes"). Below it the host's cost per call would exceed the GPU's, and the
+            kernels (on a few programs, slowing the engine's work by up to 19%) move them.
+            ``None`` leaves them all to the kernels. Needs cuda-bindings.
     """
 
     native_vs_nixl: NativeVsNixlPolicy = NativeVsNixlPolicy.AUTOMATIC
