@@ -22,21 +22,24 @@ G2 (one NIXL WRITE, beside the write to G3). :mod:`kvblocks.pool.sharing` is the
 Blocks are held (reference counted in their :class:`BlockPool`) while a transfer reads or
 writes them, so no transfer ever races an eviction. All bookkeeping runs under one lock; the
 copies themselves run outside it.
+
+This module holds the engine's calls and the set-up; its parts live beside it:
+:mod:`~kvblocks.pool.tier_set` (the tiers, their lock, the chains of cached hashes and the
+events waiting to be published), :mod:`~kvblocks.pool.onboarder` (copies into G1 on a hit),
+:mod:`~kvblocks.pool.inflight` (those that may still run), :mod:`~kvblocks.pool.offloader`
+(the offload thread) and :mod:`~kvblocks.pool.g4` (reads from peers, G2 served to them).
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
-import queue
 import re
 import secrets
 import threading
 import time
 from collections.abc import Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -45,43 +48,33 @@ from kvblocks.checks import index_in_range, non_negative_int
 from kvblocks.errors import (
     BackendUnavailableError,
     InvalidArgumentError,
-    KvBlocksError,
     TransferError,
 )
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
 from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
 from kvblocks.pool.device_tensors import checked_device_tensors
-from kvblocks.pool.events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    EventBatch,
-    EventPublisher,
-    KvEvent,
-)
+from kvblocks.pool.events import AllBlocksCleared, EventBatch, EventPublisher
+from kvblocks.pool.g4 import PeerReads, ServedG2, g2_changes
 from kvblocks.pool.hashing import sequence_hashes
-from kvblocks.pool.inflight import InFlight, InFlightCopies
-from kvblocks.pool.journal import Journal, StoredBlock
+from kvblocks.pool.inflight import InFlightCopies
+from kvblocks.pool.journal import Journal
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy
 from kvblocks.pool.offload_filter import OffloadFilter
-from kvblocks.pool.peer_set import Peer, PeerSet
-from kvblocks.pool.ready import LayerCopies, ReadyLayers, layer_groups
-from kvblocks.pool.sharing import BlockChain, BlockServer, BlockShape, Lease
+from kvblocks.pool.offloader import Offloader
+from kvblocks.pool.onboarder import Onboarder
+from kvblocks.pool.peer_set import PeerSet
+from kvblocks.pool.ready import ReadyLayers, layer_groups
+from kvblocks.pool.sharing import BlockServer, BlockShape
 from kvblocks.pool.tier import Tier
+from kvblocks.pool.tier_set import ChainInfo, TierSet, TierState
 from kvblocks.pool.window import blocks_needed, window_hit
 from kvblocks.storage import PhysicalLayout
 from kvblocks.transfer import (
-    LayoutHandle,
     LogicalLayoutHandle,
     TransferManager,
-    TransferOptions,
-    block_checksums,
 )
 
 log = logging.getLogger("kvblocks.pool")
-
-#: Most blocks one background offload moves at once.
-OFFLOAD_BATCH = 256
 
 _WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
 
@@ -123,40 +116,6 @@ class PrefixHit:
     def last_hash(self) -> int | None:
         """The hash to pass as ``parent_hash`` when registering the blocks after the prefix."""
         return self.hashes[-1] if self.hashes else None
-
-
-@dataclass
-class _TierState:
-    tier: Tier
-    pool: BlockPool
-    physical: PhysicalLayout
-    handle: LayoutHandle
-
-
-@dataclass
-class _Offload:
-    """Blocks of ``src`` (held for this job) to copy one tier down."""
-
-    src: Tier
-    block_ids: list[int]
-    hashes: list[int]
-    ready: torch.cuda.Event | None = None
-
-
-@dataclass
-class _Onboarding:
-    """A planned onboard: held sources in G2 or G3, and the G1 destinations (held)."""
-
-    blocks: list[tuple[Tier, int]]
-    dst: list[int]
-
-
-@dataclass(frozen=True)
-class _ChainInfo:
-    """What an event needs of a cached block besides its hash."""
-
-    parent: int | None
-    token_ids: tuple[int, ...]
 
 
 class BlockManager:
@@ -215,25 +174,22 @@ class BlockManager:
             else blocks_needed(config.sliding_window, config.block_size)
         )
         self.block_bytes = config.block_bytes
-        self._lock = threading.RLock()
         self._publish_lock = threading.Lock()
         self._publisher = publisher
-        self._pending: list[KvEvent] = []
-        self._chains: dict[int, _ChainInfo] = {}
-        self._tiers: dict[Tier, _TierState] = {}
-        self._journal: Journal | None = None
-        self._failures: list[BaseException] = []
         self.metrics = PoolMetrics(self.occupancy)
         self._server: BlockServer | None = None
         self._owns_transfer = transfer is None
         self._transfer = transfer or self._build_transfer(config)
+        self._tiers = TierSet(self._transfer, self.metrics, config.block_size, self.block_bytes)
+        self._lock = self._tiers.lock
         self._peers = PeerSet(BlockShape.of(config), self._transfer, self.metrics)
+        self._peer_reads = PeerReads(self._tiers, self._peers, config.block_size)
         try:
             self.device_tensors = self._device_tensors(device_tensors)
-            self._add_tier(Tier.G1, self._g1_layout())
+            self._tiers.add(Tier.G1, self._g1_layout())
             if config.enable_offload:
                 layout = self._storage_builder(config.host_blocks).allocate_pinned().build()
-                self._add_tier(Tier.G2, layout)
+                self._tiers.add(Tier.G2, layout)
                 if config.disk_blocks:
                     self._open_disk_tier()
                 self._warm_up()
@@ -251,15 +207,13 @@ class BlockManager:
             config.num_layers,
             device,
         )
-        self._onboard_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._onboarder = Onboarder(self._tiers, self._inflight, self._transfer, device)
         self._onboard_groups = layer_groups(config.num_layers, config.onboard_layer_groups)
-        self._queue: queue.Queue[_Offload | None] = queue.Queue()
-        self._worker = None
+        self._offloader = None
         if config.enable_offload:
-            self._worker = threading.Thread(
-                target=self._offload_loop, name="kvblocks-offload", daemon=True
+            self._offloader = Offloader(
+                self._tiers, self._inflight, self._peers, disk_filter, self._publish, device
             )
-            self._worker.start()
         self._publish()
 
     # Set-up ------------------------------------------------------------------------------------
@@ -346,25 +300,24 @@ class BlockManager:
         if config.disk_cache_key is not None:
             fingerprint["key"] = config.disk_cache_key
         name = os.path.join(config.offload_path, f"kvblocks-g3-{self._g3_name(fingerprint)}")
-        self._journal = Journal(name + ".journal", fingerprint, slots)
-        stored = list(self._journal.blocks.values())
+        journal = self._tiers.journal = Journal(name + ".journal", fingerprint, slots)
+        stored = list(journal.blocks.values())
         layout = (
             self._storage_builder(slots)
             .allocate_disk(name + ".bin", keep=True, reuse=bool(stored))
             .build()
         )
-        state = self._add_tier(Tier.G3, layout)
-        pool = state.pool
+        pool = self._tiers.add(Tier.G3, layout).pool
         if stored:  # blocks an earlier process stored: cached and inactive, oldest first
             ids = pool.allocate(slots)
             restored = [b.slot for b in stored]
             for block in stored:
                 pool.fill(block.slot, config.block_size)
                 pool.register(block.slot, block.seq_hash)
-                self._chains[block.seq_hash] = _ChainInfo(block.parent, block.token_ids)
+                self._tiers.chains[block.seq_hash] = ChainInfo(block.parent, block.token_ids)
             unused = set(ids) - set(restored)
             pool.free([b for b in ids if b in unused] + restored)
-            self._emit_stored(Tier.G3, [b.seq_hash for b in stored])
+            self._tiers.emit_stored(Tier.G3, [b.seq_hash for b in stored])
 
     @staticmethod
     def _g3_name(fingerprint: dict) -> str:
@@ -377,17 +330,6 @@ class BlockManager:
             return shape
         digest = hashlib.sha256(key.encode()).hexdigest()[:8]
         return f"{re.sub(r'[^A-Za-z0-9._-]+', '_', key)[:48]}-{digest}-{shape}"
-
-    def _add_tier(self, tier: Tier, physical: PhysicalLayout) -> _TierState:
-        pool = BlockPool(
-            physical.config.num_blocks,
-            self.config.block_size,
-            on_evict=lambda hashes, tier=tier: self._on_evict(tier, hashes),
-        )
-        handle = self._transfer.register_layout(physical)
-        state = _TierState(tier, pool, physical, handle)
-        self._tiers[tier] = state
-        return state
 
     # Queries -----------------------------------------------------------------------------------
 
@@ -433,7 +375,7 @@ class BlockManager:
                 for t, s in self._tiers.items()
             }
 
-    def _tier(self, tier: Tier) -> _TierState:
+    def _tier(self, tier: Tier) -> TierState:
         state = self._tiers.get(tier)
         if state is None:
             raise InvalidArgumentError("tier", f"{tier} is not configured; have {self.tiers}")
@@ -533,10 +475,10 @@ class BlockManager:
         or a peer caches; returns how many blocks came from each tier."""
         fetched = {}
         if self._peers:
-            fetched = self._fetch_from_peers(hashes, token_ids, len(held), ask_peer)
+            fetched = self._peer_reads.fetch(hashes, token_ids, len(held), ask_peer)
         try:
             from_tier = {Tier.G1: len(held)}
-            held += self._onboard_next(hashes[len(held) :], fetched, from_tier, groups)
+            held += self._onboarder.onboard(hashes[len(held) :], fetched, from_tier, groups)
             return from_tier
         finally:
             if fetched:
@@ -558,7 +500,7 @@ class BlockManager:
         fetched = {}
         if self._peers:
             local_end = self._window_end(hashes, set())
-            fetched = self._fetch_from_peers(hashes, token_ids, local_end, ask_peer)
+            fetched = self._peer_reads.fetch(hashes, token_ids, local_end, ask_peer)
         try:
             gone: set[int] = set()
             while True:
@@ -622,7 +564,7 @@ class BlockManager:
                 if short:  # blocks waiting to be offloaded or onboarded come back once those end
                     self._drain()
                     self._inflight.settle()
-                onboarded = self._onboard_next(hashes[len(held) :], fetched, from_tier, groups)
+                onboarded = self._onboarder.onboard(hashes[len(held) :], fetched, from_tier, groups)
                 held += onboarded
                 if not shared and not onboarded:
                     break
@@ -631,27 +573,6 @@ class BlockManager:
                 g1.free(held)
             raise
         return held, from_tier
-
-    def _onboard_next(
-        self,
-        hashes: list[int],
-        fetched: Mapping[int, int],
-        from_tier: dict[Tier, int],
-        groups: tuple[range, ...],
-    ) -> list[int]:
-        """Copy into G1 the leading blocks of ``hashes`` that G2 or G3 cache, as far as G1 has
-        room, G2's in layer ``groups``; returns the G1 blocks (held) and counts each in
-        ``from_tier`` by the tier it came from (G4 for ``fetched`` ones, read from a peer a
-        moment ago)."""
-        with self._lock:
-            plan = self._plan_onboard(hashes)
-        if not plan.blocks:
-            return []
-        onboarded = self._onboard(hashes[: len(plan.blocks)], plan, groups)
-        for h, (tier, _) in zip(hashes, plan.blocks[: len(onboarded)], strict=False):
-            source = Tier.G4 if h in fetched else tier
-            from_tier[source] = from_tier.get(source, 0) + 1
-        return onboarded
 
     def allocate(self, n: int) -> list[int]:
         """``n`` empty G1 blocks held for the caller (inactive cached blocks are evicted, least
@@ -712,13 +633,13 @@ class BlockManager:
                     )
             if len(set(block_ids)) != len(block_ids):
                 raise InvalidArgumentError("block_ids", "must not name a block twice")
-            self._remember_chains(hashes, token_ids, parent_hash)
-            _, new = self._cache(g1, block_ids, hashes)
+            self._tiers.remember_chains(hashes, token_ids, parent_hash)
+            _, new = self._tiers.cache(g1, block_ids, hashes)
             new_blocks, new_hashes = [b for b, _ in new], [h for _, h in new]
-            self._emit_stored(Tier.G1, new_hashes)
-            if new_blocks and self._worker is not None:
+            self._tiers.emit_stored(Tier.G1, new_hashes)
+            if new_blocks and self._offloader is not None:
                 g1.acquire(new_blocks)
-                self._queue.put(_Offload(Tier.G1, new_blocks, new_hashes, self._ready_event()))
+                self._offloader.offload_g1(new_blocks, new_hashes)
             self._note_uses(hashes)
         self._publish()
         return hashes
@@ -736,7 +657,7 @@ class BlockManager:
         with self._lock:
             for state in self._tiers.values():
                 state.pool.clear()
-            self._pending.append(AllBlocksCleared())
+            self._tiers.emit(AllBlocksCleared())
         self._publish()
 
     def flush(self, timeout: float | None = None) -> None:
@@ -751,24 +672,16 @@ class BlockManager:
         self._drain(timeout)
         self._inflight.settle()
         self._publish()
-        with self._lock:
-            failures, self._failures = self._failures, []
+        failures = self._offloader.take_failures() if self._offloader is not None else []
         if failures:
             raise TransferError(
                 f"{len(failures)} offload batch(es) failed; the first: {failures[0]!r}"
             )
 
     def _drain(self, timeout: float | None = None) -> None:
-        """Wait until the offload queue is empty and idle."""
-        if self._worker is None:
-            return
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with self._queue.all_tasks_done:
-            while self._queue.unfinished_tasks:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    raise TimeoutError(f"offloads still running after {timeout} s")
-                self._queue.all_tasks_done.wait(left)
+        """Wait until every offload queued so far has been carried out."""
+        if self._offloader is not None:
+            self._offloader.drain(timeout)
 
     def close(self) -> None:
         """Stop serving peers, finish the offloads, publish the last events and release every
@@ -780,16 +693,15 @@ class BlockManager:
         if self._server is not None:
             self._server.close()
             self._server = None
-        if self._worker is not None:  # its offloads may still write to peers
-            self._queue.put(None)
-            self._worker.join()
-            self._worker = None
+        if self._offloader is not None:  # its offloads may still write to peers
+            self._offloader.close()
+            self._offloader = None
         if self._tiers:
             self._inflight.settle()
         self._peers.close()
         with self._lock:
             if self._tiers:
-                self._pending.append(AllBlocksCleared())
+                self._tiers.emit(AllBlocksCleared())
         self._publish()
         self._release_tiers()
 
@@ -800,151 +712,10 @@ class BlockManager:
         self.close()
 
     def _release_tiers(self) -> None:
-        for state in self._tiers.values():
-            self._transfer.release_layout(state.handle)
-            state.physical.release()
-        self._tiers.clear()
-        if self._journal is not None:
-            self._journal.close()
-            self._journal = None
+        self._tiers.release()
         if self._owns_transfer:
             self._transfer.close()
             self._owns_transfer = False
-
-    # Onboarding --------------------------------------------------------------------------------
-
-    def _plan_onboard(self, hashes: list[int]) -> _Onboarding:
-        """Plan copying the prefix of ``hashes`` that G2 or G3 cache into G1, as far as G1 has
-        room: the sources are acquired and the G1 destinations allocated. Under the lock."""
-        found: list[tuple[Tier, int]] = []
-        for h in hashes:
-            for tier in (Tier.G2, Tier.G3):
-                state = self._tiers.get(tier)
-                block = state.pool.lookup(h) if state is not None else None
-                if block is not None:
-                    found.append((tier, block))
-                    break
-            else:
-                break
-        found = found[: self._tiers[Tier.G1].pool.num_available]
-        for tier in (Tier.G2, Tier.G3):
-            blocks = [b for t, b in found if t is tier]
-            if blocks:
-                self._tiers[tier].pool.acquire(blocks)
-        return _Onboarding(found, self._tiers[Tier.G1].pool.allocate(len(found)))
-
-    def _onboard(
-        self, hashes: list[int], plan: _Onboarding, groups: tuple[range, ...]
-    ) -> list[int]:
-        """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
-        G2 has room for) and on into G1, G2 blocks straight into G1, issued in layer
-        ``groups`` and held until they end (:class:`~kvblocks.pool.inflight.InFlightCopies`).
-        Returns the G1 blocks (held), fewer than planned if a G3 block fails its checksum."""
-        sources, dst = plan.blocks, plan.dst
-        g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
-        g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
-        g2_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G2]
-        keep, done = len(sources), 0
-        try:
-            while done < len(g3_at):
-                with self._lock:
-                    room = min(g2.num_available, len(g3_at) - done)
-                    staging = g2.allocate(room)
-                if room == 0:  # G2 is all held: serve the prefix up to here
-                    keep = g3_at[done]
-                    break
-                at = g3_at[done : done + room]
-                done += room
-                good = self._stage_from_disk(
-                    [sources[i][1] for i in at], staging, [hashes[i] for i in at]
-                )
-                try:
-                    targets = [dst[i] for i in at[:good]]
-                    self._copy(Tier.G2, staging[:good], Tier.G1, targets, onboard=True)
-                finally:
-                    with self._lock:
-                        g2.free(staging[:good])
-                if good < room:
-                    keep = at[good]
-                    break
-            copying = [i for i in g2_at if i < keep]
-            flight = self._copy_to_g1(
-                [sources[i][1] for i in copying], [dst[i] for i in copying], groups
-            )
-        except BaseException:
-            with self._lock:
-                g1.free(dst)
-                g2.free([sources[i][1] for i in g2_at])
-                self._release_g3([sources[i][1] for i in g3_at[done:]])
-            raise
-        with self._lock:
-            g2.free([sources[i][1] for i in g2_at if i >= keep])  # the rest: when copied
-            self._release_g3([sources[i][1] for i in g3_at[done:]])
-            g1.free(dst[keep:])
-            result, new = self._cache(g1, dst[:keep], hashes[:keep])
-            if flight is not None:
-                self._inflight.hold(flight)
-            for b, c in zip(dst[:keep], result, strict=True):
-                if c != b:  # another lookup onboarded it meanwhile: share that one
-                    g1.acquire([c])
-                    g1.free([b])
-            self._emit_stored(Tier.G1, [h for _, h in new])
-        return result
-
-    def _copy_to_g1(
-        self, src_ids: list[int], dst_ids: list[int], groups: tuple[range, ...]
-    ) -> InFlight | None:
-        """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, layer group
-        after layer group, on the onboard stream after the work queued so far on the
-        current stream (which may still read what the G1 blocks held before). None if there
-        is nothing to copy. On a machine without a GPU the transfers run on worker threads."""
-        if not src_ids:
-            return None
-        source, destination = self._tiers[Tier.G2].handle, self._tiers[Tier.G1].handle
-        stream = self._onboard_stream
-        started, timing = time.perf_counter(), None
-        try:
-            if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(stream.device))
-                timing = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                timing[0].record(stream)
-            options = TransferOptions(cuda_stream=stream)
-            done = self._transfer.execute_layer_groups(
-                source, src_ids, destination, dst_ids, groups, options
-            )
-            if stream is not None:
-                timing[1].record(stream)
-        except BaseException:
-            if stream is not None:  # the caller lets the blocks go: the copies must end first
-                stream.synchronize()
-            raise
-        copies = LayerCopies(groups, tuple(done))
-        return InFlight(copies, dst_ids, src_ids, started, timing)
-
-    def _cache(
-        self, pool: BlockPool, blocks: list[int], hashes: list[int]
-    ) -> tuple[list[int], list[tuple[int, int]]]:
-        """Mark held ``blocks`` full and register each under its hash (:meth:`BlockPool.cache`).
-        Returns, per block, the block that caches the hash from now on (itself, or one that
-        already did, in which case it stays unregistered), and the ``(block, hash)`` pairs
-        newly cached by their own block. Under the lock."""
-        cached = pool.cache(blocks, hashes)
-        new = [(b, h) for b, c, h in zip(blocks, cached, hashes, strict=True) if c == b]
-        return cached, new
-
-    def _remember_chains(
-        self, hashes: list[int], token_ids: Sequence[int], parent: int | None
-    ) -> None:
-        """Keep each block's parent hash and tokens (``block_size`` tokens per hash, in
-        order; ``parent`` is the hash before ``hashes[0]``) for events and G3's journal. Under
-        the lock."""
-        size = self.config.block_size
-        parents = [parent, *hashes][: len(hashes)]
-        for i, (h, p) in enumerate(zip(hashes, parents, strict=True)):
-            self._chains.setdefault(h, _ChainInfo(p, tuple(token_ids[i * size : (i + 1) * size])))
 
     def _note_uses(self, hashes: list[int]) -> None:
         """Count a use of each hash with the disk filter, and write to G3 the blocks that G2
@@ -953,49 +724,8 @@ class BlockManager:
             return
         with self._lock:
             passed = self._disk_filter.use(hashes)
-            if not passed or Tier.G3 not in self._tiers or self._worker is None:
-                return
-            g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
-            late = [
-                (b, h) for h in passed if (b := g2.lookup(h)) is not None and g3.lookup(h) is None
-            ]
-            if late:
-                blocks = [b for b, _ in late]
-                g2.acquire(blocks)
-                self._queue.put(_Offload(Tier.G2, blocks, [h for _, h in late]))
-
-    def _release_g3(self, slots: list[int]) -> None:
-        if slots:
-            self._tiers[Tier.G3].pool.free(slots)
-
-    def _stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
-        """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
-        journal; registers the good prefix in G2 (still held) and returns its length. The G3
-        holds and the staging blocks after the good prefix are let go; bad blocks leave G3."""
-        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
-        try:
-            self._copy(Tier.G3, slots, Tier.G2, staging, onboard=True)
-            sums = block_checksums(self._tiers[Tier.G2].physical, staging)
-        except BaseException:
-            with self._lock:
-                g3.free(slots)
-                g2.free(staging)
-            raise
-        with self._lock:
-            matches = [
-                s == self._journal.blocks[h].checksum for s, h in zip(sums, hashes, strict=True)
-            ]
-            good = matches.index(False) if False in matches else len(slots)
-            bad = [s for s, ok in zip(slots, matches, strict=True) if not ok]
-            g3.free(slots)
-            if bad:
-                log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
-                self.metrics.record_corrupt(len(bad))
-                g3.discard(bad)
-            _, new = self._cache(g2, staging[:good], hashes[:good])
-            g2.free(staging[good:])
-            self._emit_stored(Tier.G2, [h for _, h in new])
-        return good
+            if passed and self._offloader is not None:
+                self._offloader.offload_late(passed)
 
     # Sharing with other workers (G4) ----------------------------------------------------------
 
@@ -1028,7 +758,8 @@ class BlockManager:
         self._transfer.build_logical_descriptor(g2.handle, LogicalLayoutHandle.G2)
         layout = self._transfer.export_layout(g2.handle).to_bytes()
         shape = BlockShape.of(self.config)
-        self._server = BlockServer(endpoint, shape, layout, _ServedG2(self), stores, news_endpoint)
+        served = ServedG2(self._tiers, self.config.block_size, self._publish)
+        self._server = BlockServer(endpoint, shape, layout, served, stores, news_endpoint)
         return self._server.endpoint
 
     def add_peer(
@@ -1088,7 +819,7 @@ class BlockManager:
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
         return self._peers.prefixes(hashes)
 
-    def _shared_g2(self, call: str) -> _TierState:
+    def _shared_g2(self, call: str) -> TierState:
         state = self._tiers.get(Tier.G2)
         if state is None:
             raise InvalidArgumentError(
@@ -1102,333 +833,13 @@ class BlockManager:
             )
         return state
 
-    def _fetch_from_peers(
-        self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
-    ) -> dict[int, int]:
-        """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part G2
-        or G3 cache) that a peer caches, as many as G1 and G2 have room for (``ask_peer`` is
-        asked whatever its news says). The local
-        prefix's G2 blocks are held meanwhile, and room is left in G2 to stage its G3 blocks,
-        so that the read does not evict the prefix it extends. Returns hash -> G2 block, each
-        held once more for the caller."""
-        g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
-        g3 = self._tiers[Tier.G3].pool if Tier.G3 in self._tiers else None
-        with self._lock:
-            kept, on_disk = [], 0
-            for h in hashes[start:]:
-                block = g2.lookup(h)
-                if block is not None:
-                    kept.append(block)
-                elif g3 is not None and g3.lookup(h) is not None:
-                    on_disk += 1
-                else:
-                    break
-            g2.acquire(kept)
-            end = start + len(kept) + on_disk
-            room = min(g1.num_available - (end - start), g2.num_available - on_disk)
-        try:
-            wanted = hashes[end : end + max(room, 0)]
-            leased = self._peers.lease_longest(wanted, ask_peer) if wanted else None
-            if leased is None:
-                return {}
-            peer, lease = leased
-            try:
-                return self._read_from_peer(peer, lease, hashes, token_ids, end)
-            finally:
-                self._peers.let_go_later(peer, lease)
-        finally:
-            with self._lock:
-                g2.free(kept)
-
-    def _read_from_peer(
-        self, peer: Peer, lease: Lease, hashes: list[int], token_ids: Sequence[int], at: int
-    ) -> dict[int, int]:
-        """Copy ``lease``'s blocks (the hashes from ``hashes[at]`` on) into new G2 blocks and
-        cache them there; returns hash -> G2 block, held. A failed read counts against the
-        peer and returns nothing."""
-        g2 = self._tiers[Tier.G2].pool
-        with self._lock:  # G2 may have filled since the lease was asked for
-            staging = g2.allocate(min(len(lease.block_ids), g2.num_available))
-        try:
-            self._copy(Tier.G4, list(lease.block_ids[: len(staging)]), Tier.G2, staging, True, peer)
-        except BaseException as exc:
-            with self._lock:
-                g2.free(staging)
-            if not isinstance(exc, KvBlocksError):
-                raise
-            self._peers.failed(peer, exc)
-            return {}
-        size = self.config.block_size
-        got = hashes[at : at + len(staging)]
-        with self._lock:
-            tokens = token_ids[at * size : (at + len(staging)) * size]
-            self._remember_chains(got, tokens, hashes[at - 1] if at else None)
-            cached, new = self._cache(g2, staging, got)
-            for b, c in zip(staging, cached, strict=True):
-                if c != b:  # another lookup cached it meanwhile: hold that one instead
-                    g2.acquire([c])
-                    g2.free([b])
-            self._emit_stored(Tier.G2, [h for _, h in new])
-        return dict(zip(got, cached, strict=True))
-
-    # Offloading --------------------------------------------------------------------------------
-
-    def _ready_event(self) -> torch.cuda.Event | None:
-        device = self.device_tensors[0].device
-        if device.type != "cuda":
-            return None
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(device))
-        return event
-
-    def _offload_loop(self) -> None:
-        stream = None
-        device = self.device_tensors[0].device
-        if device.type == "cuda":
-            stream = torch.cuda.Stream(device)
-        while True:
-            job = self._queue.get()
-            if job is None:
-                self._queue.task_done()
-                return
-            jobs = [job]
-            while sum(len(j.block_ids) for j in jobs) < OFFLOAD_BATCH:
-                try:
-                    more = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    self._queue.put(None)
-                    self._queue.task_done()
-                    break
-                jobs.append(more)
-            try:
-                for src in (Tier.G1, Tier.G2):  # G2 jobs: blocks the disk filter let pass late
-                    same = [j for j in jobs if j.src is src]
-                    if same:
-                        self._offload_merged(src, same, stream)
-            finally:
-                for _ in jobs:
-                    self._queue.task_done()
-            self._publish()
-
-    def _offload_merged(
-        self, src: Tier, jobs: list[_Offload], stream: torch.cuda.Stream | None
-    ) -> None:
-        """Run ``jobs`` (all from ``src``) as one; a failure is logged and kept for
-        :meth:`flush` to raise."""
-        merged = _Offload(
-            src, [b for j in jobs for b in j.block_ids], [h for j in jobs for h in j.hashes]
-        )
-        try:
-            for event in [j.ready for j in jobs if j.ready is not None]:
-                event.synchronize()  # the engine has written the blocks' KV
-            with torch.cuda.stream(stream) if stream is not None else nullcontext():
-                self._offload(merged)
-        except BaseException as exc:
-            log.exception("offload failed")
-            with self._lock:
-                self._failures.append(exc)
-
-    def _offload(self, job: _Offload) -> None:
-        """Copy ``job``'s held blocks one tier down (and on to G3 from G2), in rounds as large
-        as the lower tier has room for; frees the holds."""
-        dst_tier = Tier.G2 if job.src is Tier.G1 else Tier.G3
-        src = self._tiers[job.src].pool
-        dst_state = self._tiers.get(dst_tier)
-        if dst_state is None:
-            with self._lock:
-                src.free(job.block_ids)
-            return
-        dst = dst_state.pool
-        pending = list(zip(job.block_ids, job.hashes, strict=True))
-        self._inflight.reap()  # sources of ended onboards leave G2's held blocks
-        while pending:
-            with self._lock:
-                todo, present = [], []
-                for b, h in pending:
-                    (todo if dst.lookup(h) is None else present).append((b, h))
-                src.free([b for b, _ in present])
-                room = min(len(todo), dst.num_available)
-                if room == 0:  # every lower-tier block is held: these stay in the upper tier
-                    src.free([b for b, _ in todo])
-                    if todo:
-                        log.warning("%s full: %d block(s) not offloaded", dst_tier, len(todo))
-                    return
-                batch, pending = todo[:room], todo[room:]
-                dst_ids = dst.allocate(room)
-            self._offload_batch(job.src, batch, dst_tier, dst_ids)
-
-    def _offload_batch(
-        self, src_tier: Tier, blocks: list[tuple[int, int]], dst_tier: Tier, dst_ids: list[int]
-    ) -> None:
-        src, dst_state = self._tiers[src_tier].pool, self._tiers[dst_tier]
-        dst = dst_state.pool
-        src_ids = [b for b, _ in blocks]
-        hashes = [h for _, h in blocks]
-        try:
-            sums = None
-            if dst_tier is Tier.G3:
-                sums = block_checksums(self._tiers[Tier.G2].physical, src_ids)
-            self._copy(src_tier, src_ids, dst_tier, dst_ids, onboard=False)
-            if dst_tier is Tier.G3:
-                dst_state.physical.file.sync()
-                self._journal.record_stored(
-                    [
-                        StoredBlock(h, slot, s, self._chains[h].parent, self._chains[h].token_ids)
-                        for h, slot, s in zip(hashes, dst_ids, sums, strict=True)
-                    ]
-                )
-        except BaseException:
-            with self._lock:
-                src.free(src_ids)
-                dst.free(dst_ids)
-            raise
-        with self._lock:
-            _, new = self._cache(dst, dst_ids, hashes)
-            stored_blocks = [b for b, _ in new]
-            stored = [h for _, h in new]
-            self._emit_stored(dst_tier, stored)
-            src.free(src_ids)
-            to_disk = []
-            if dst_tier is Tier.G2 and Tier.G3 in self._tiers:
-                to_disk = [(b, h) for b, h in new if self._to_disk(h)]
-                self.metrics.record_disk_filtered(len(new) - len(to_disk))
-                dst.acquire([b for b, _ in to_disk])
-            chains = []  # the stored blocks to offer to offload peers, held meanwhile
-            if dst_tier is Tier.G2 and stored_blocks and self._peers.offload_targets():
-                dst.acquire(stored_blocks)
-                chains = [
-                    BlockChain(h, self._chains[h].parent, self._chains[h].token_ids) for h in stored
-                ]
-            dst.free(dst_ids)
-        if chains:
-            try:
-                self._peers.push(stored_blocks, chains, self._write_to_peer)
-            finally:
-                with self._lock:
-                    dst.free(stored_blocks)
-        if to_disk:
-            self._offload(_Offload(Tier.G2, [b for b, _ in to_disk], [h for _, h in to_disk]))
-
-    def _to_disk(self, sequence_hash: int) -> bool:
-        """Whether a block stored in G2 goes on to G3 now (the disk filter's say)."""
-        return self._disk_filter is None or self._disk_filter.passes(sequence_hash)
-
-    def _write_to_peer(self, peer: Peer, src_ids: list[int], dst_ids: list[int]) -> None:
-        self._copy(Tier.G2, src_ids, Tier.G4, dst_ids, onboard=False, peer=peer)
-
-    def _copy(
-        self, src: Tier, src_ids, dst: Tier, dst_ids, onboard: bool, peer: Peer | None = None
-    ) -> None:
-        """Copy blocks between tiers and count it; ``peer`` is the worker of a G4 side."""
-        if not src_ids:
-            return
-        start = time.perf_counter()
-        source = peer.handle if src is Tier.G4 else self._tiers[src].handle
-        destination = peer.handle if dst is Tier.G4 else self._tiers[dst].handle
-        self._transfer.execute_transfer(source, src_ids, destination, dst_ids).wait()
-        seconds = time.perf_counter() - start
-        nbytes = len(src_ids) * self.block_bytes
-        self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)
-
     # Events ------------------------------------------------------------------------------------
-
-    def _on_evict(self, tier: Tier, hashes: list[int]) -> None:
-        """A pool dropped cached blocks (under the lock)."""
-        self.metrics.record_evictions(tier, len(hashes))
-        if tier is Tier.G3:
-            self._journal.record_removed(hashes)
-        self._pending.append(BlockRemoved(tuple(hashes), tier))
-        for h in hashes:
-            if not any(s.pool.lookup(h) is not None for s in self._tiers.values()):
-                self._chains.pop(h, None)
-
-    def _emit_stored(self, tier: Tier, hashes: list[int]) -> None:
-        """One BlockStored per run of ``hashes`` that chain parent to child (under the lock)."""
-        run: list[int] = []
-        for h in hashes:
-            if run and self._chains[h].parent != run[-1]:
-                self._pending.append(self._stored(tier, run))
-                run = []
-            run.append(h)
-        if run:
-            self._pending.append(self._stored(tier, run))
-
-    def _stored(self, tier: Tier, run: list[int]) -> BlockStored:
-        tokens = tuple(itertools.chain.from_iterable(self._chains[h].token_ids for h in run))
-        parent = self._chains[run[0]].parent
-        return BlockStored(tuple(run), parent, tokens, self.config.block_size, tier)
 
     def _publish(self) -> None:
         with self._publish_lock:
-            with self._lock:
-                events, self._pending = self._pending, []
+            events = self._tiers.take_events()
             if events and self._publisher is not None:
                 self._publisher.publish(EventBatch(time.time(), tuple(events)))
             server = self._server  # close() may drop it meanwhile
             if events and server is not None:
-                server.announce(_g2_changes(events))
-
-
-class _ServedG2:
-    """A manager's G2 as its :class:`~kvblocks.pool.sharing.BlockServer` acts on it (called
-    from the server's thread)."""
-
-    def __init__(self, manager: BlockManager) -> None:
-        self._manager = manager
-
-    @property
-    def _pool(self) -> BlockPool:
-        return self._manager._tiers[Tier.G2].pool
-
-    def cached(self) -> list[int]:
-        with self._manager._lock:
-            return self._pool.cached_hashes()
-
-    def lease(self, hashes: list[int]) -> list[int]:
-        with self._manager._lock:
-            blocks = self._pool.match_sequence_hashes(hashes)
-            self._pool.acquire(blocks)
-        return blocks
-
-    def release(self, blocks: list[int]) -> None:
-        with self._manager._lock:
-            self._pool.free(blocks)
-
-    def reserve(self, chains: list[BlockChain]) -> list[int]:
-        size = self._manager.config.block_size
-        for chain in chains:
-            if len(chain.token_ids) != size:
-                raise InvalidArgumentError(
-                    "chains", f"blocks hold {size} tokens here, got {len(chain.token_ids)}"
-                )
-        with self._manager._lock:
-            todo = [i for i, c in enumerate(chains) if self._pool.lookup(c.seq_hash) is None]
-            ids = self._pool.allocate(min(len(todo), self._pool.num_available))
-        blocks = [-1] * len(chains)
-        for i, b in zip(todo, ids, strict=False):  # todo may be longer: G2 had less room
-            blocks[i] = b
-        return blocks
-
-    def commit(self, blocks: list[int], chains: list[BlockChain]) -> None:
-        manager = self._manager
-        with manager._lock:
-            for c in chains:
-                manager._chains.setdefault(c.seq_hash, _ChainInfo(c.parent, c.token_ids))
-            _, new = manager._cache(self._pool, blocks, [c.seq_hash for c in chains])
-            manager._emit_stored(Tier.G2, [h for _, h in new])
-            self._pool.free(blocks)
-        manager._publish()
-
-    def abandon(self, blocks: list[int]) -> None:
-        self.release(blocks)
-
-
-def _g2_changes(events: Sequence[KvEvent]) -> list[tuple[bool, tuple[int, ...]]]:
-    """The ``(stored, hashes)`` changes of G2 among ``events``, in order."""
-    return [
-        (isinstance(e, BlockStored), e.block_hashes)
-        for e in events
-        if isinstance(e, BlockStored | BlockRemoved) and e.tier is Tier.G2
-    ]
+                server.announce(g2_changes(events))

@@ -1,0 +1,219 @@
+"""Onboarding: copying the blocks of a prefix that G2 or G3 cache back into G1 for a
+``BlockManager`` lookup. G3 blocks go through G2 staging blocks and are checked against G3's
+journal on the way (a corrupted block is dropped and counts as a miss); G2 blocks are copied
+into G1 in groups of layers, and the copies may still run when :meth:`Onboarder.onboard`
+returns (:class:`~kvblocks.pool.inflight.InFlightCopies` holds their blocks until they end).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from kvblocks.pool.inflight import InFlight, InFlightCopies
+from kvblocks.pool.ready import LayerCopies
+from kvblocks.pool.tier import Tier
+from kvblocks.pool.tier_set import TierSet
+from kvblocks.transfer import TransferManager, TransferOptions, block_checksums
+
+log = logging.getLogger("kvblocks.pool")
+
+
+@dataclass
+class _Plan:
+    """A planned onboard: held sources in G2 or G3, and the G1 destinations (held)."""
+
+    blocks: list[tuple[Tier, int]]
+    dst: list[int]
+
+
+class Onboarder:
+    """Copies of cached blocks into G1 for one manager's lookups.
+
+    Args:
+        tiers: the manager's tiers; G2 and G3 are used where present.
+        inflight: takes the copies into G1 that may still run.
+        transfer: the manager's TransferManager (G2 -> G1 copies are issued on it directly,
+            in layer groups).
+        device: where G1 lives; on a GPU, copies into G1 run on a stream of their own.
+    """
+
+    def __init__(
+        self,
+        tiers: TierSet,
+        inflight: InFlightCopies,
+        transfer: TransferManager,
+        device: torch.device,
+    ) -> None:
+        self._tiers = tiers
+        self._inflight = inflight
+        self._transfer = transfer
+        self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def onboard(
+        self,
+        hashes: list[int],
+        fetched: Mapping[int, int],
+        from_tier: dict[Tier, int],
+        groups: tuple[range, ...],
+    ) -> list[int]:
+        """Copy into G1 the leading blocks of ``hashes`` that G2 or G3 cache, as far as G1 has
+        room, G2's in layer ``groups``; returns the G1 blocks (held) and counts each in
+        ``from_tier`` by the tier it came from (G4 for ``fetched`` ones, read from a peer a
+        moment ago)."""
+        with self._tiers.lock:
+            plan = self._plan(hashes)
+        if not plan.blocks:
+            return []
+        onboarded = self._carry_out(hashes[: len(plan.blocks)], plan, groups)
+        for h, (tier, _) in zip(hashes, plan.blocks[: len(onboarded)], strict=False):
+            source = Tier.G4 if h in fetched else tier
+            from_tier[source] = from_tier.get(source, 0) + 1
+        return onboarded
+
+    def _plan(self, hashes: list[int]) -> _Plan:
+        """Plan copying the prefix of ``hashes`` that G2 or G3 cache into G1, as far as G1 has
+        room: the sources are acquired and the G1 destinations allocated. Under the lock."""
+        found: list[tuple[Tier, int]] = []
+        for h in hashes:
+            for tier in (Tier.G2, Tier.G3):
+                state = self._tiers.get(tier)
+                block = state.pool.lookup(h) if state is not None else None
+                if block is not None:
+                    found.append((tier, block))
+                    break
+            else:
+                break
+        found = found[: self._tiers[Tier.G1].pool.num_available]
+        for tier in (Tier.G2, Tier.G3):
+            blocks = [b for t, b in found if t is tier]
+            if blocks:
+                self._tiers[tier].pool.acquire(blocks)
+        return _Plan(found, self._tiers[Tier.G1].pool.allocate(len(found)))
+
+    def _carry_out(self, hashes: list[int], plan: _Plan, groups: tuple[range, ...]) -> list[int]:
+        """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
+        G2 has room for) and on into G1, G2 blocks straight into G1, issued in layer
+        ``groups`` and held until they end (:class:`~kvblocks.pool.inflight.InFlightCopies`).
+        Returns the G1 blocks (held), fewer than planned if a G3 block fails its checksum."""
+        sources, dst = plan.blocks, plan.dst
+        g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
+        g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
+        g2_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G2]
+        keep, done = len(sources), 0
+        try:
+            while done < len(g3_at):
+                with self._tiers.lock:
+                    room = min(g2.num_available, len(g3_at) - done)
+                    staging = g2.allocate(room)
+                if room == 0:  # G2 is all held: serve the prefix up to here
+                    keep = g3_at[done]
+                    break
+                at = g3_at[done : done + room]
+                done += room
+                good = self._stage_from_disk(
+                    [sources[i][1] for i in at], staging, [hashes[i] for i in at]
+                )
+                try:
+                    targets = [dst[i] for i in at[:good]]
+                    self._tiers.copy(Tier.G2, staging[:good], Tier.G1, targets, onboard=True)
+                finally:
+                    with self._tiers.lock:
+                        g2.free(staging[:good])
+                if good < room:
+                    keep = at[good]
+                    break
+            copying = [i for i in g2_at if i < keep]
+            flight = self._copy_to_g1(
+                [sources[i][1] for i in copying], [dst[i] for i in copying], groups
+            )
+        except BaseException:
+            with self._tiers.lock:
+                g1.free(dst)
+                g2.free([sources[i][1] for i in g2_at])
+                self._release_g3([sources[i][1] for i in g3_at[done:]])
+            raise
+        with self._tiers.lock:
+            g2.free([sources[i][1] for i in g2_at if i >= keep])  # the rest: when copied
+            self._release_g3([sources[i][1] for i in g3_at[done:]])
+            g1.free(dst[keep:])
+            result, new = self._tiers.cache(g1, dst[:keep], hashes[:keep])
+            if flight is not None:
+                self._inflight.hold(flight)
+            for b, c in zip(dst[:keep], result, strict=True):
+                if c != b:  # another lookup onboarded it meanwhile: share that one
+                    g1.acquire([c])
+                    g1.free([b])
+            self._tiers.emit_stored(Tier.G1, [h for _, h in new])
+        return result
+
+    def _copy_to_g1(
+        self, src_ids: list[int], dst_ids: list[int], groups: tuple[range, ...]
+    ) -> InFlight | None:
+        """Issue the copy of G2 blocks ``src_ids`` into G1 blocks ``dst_ids``, layer group
+        after layer group, on the onboard stream after the work queued so far on the
+        current stream (which may still read what the G1 blocks held before). None if there
+        is nothing to copy. On a machine without a GPU the transfers run on worker threads."""
+        if not src_ids:
+            return None
+        source, destination = self._tiers[Tier.G2].handle, self._tiers[Tier.G1].handle
+        stream = self._stream
+        started, timing = time.perf_counter(), None
+        try:
+            if stream is not None:
+                stream.wait_stream(torch.cuda.current_stream(stream.device))
+                timing = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                timing[0].record(stream)
+            options = TransferOptions(cuda_stream=stream)
+            done = self._transfer.execute_layer_groups(
+                source, src_ids, destination, dst_ids, groups, options
+            )
+            if stream is not None:
+                timing[1].record(stream)
+        except BaseException:
+            if stream is not None:  # the caller lets the blocks go: the copies must end first
+                stream.synchronize()
+            raise
+        copies = LayerCopies(groups, tuple(done))
+        return InFlight(copies, dst_ids, src_ids, started, timing)
+
+    def _release_g3(self, slots: list[int]) -> None:
+        if slots:
+            self._tiers[Tier.G3].pool.free(slots)
+
+    def _stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
+        """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
+        journal; registers the good prefix in G2 (still held) and returns its length. The G3
+        holds and the staging blocks after the good prefix are let go; bad blocks leave G3."""
+        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
+        try:
+            self._tiers.copy(Tier.G3, slots, Tier.G2, staging, onboard=True)
+            sums = block_checksums(self._tiers[Tier.G2].physical, staging)
+        except BaseException:
+            with self._tiers.lock:
+                g3.free(slots)
+                g2.free(staging)
+            raise
+        with self._tiers.lock:
+            matches = [
+                s == self._tiers.journal.blocks[h].checksum
+                for s, h in zip(sums, hashes, strict=True)
+            ]
+            good = matches.index(False) if False in matches else len(slots)
+            bad = [s for s, ok in zip(slots, matches, strict=True) if not ok]
+            g3.free(slots)
+            if bad:
+                log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
+                self._tiers.metrics.record_corrupt(len(bad))
+                g3.discard(bad)
+            _, new = self._tiers.cache(g2, staging[:good], hashes[:good])
+            g2.free(staging[good:])
+            self._tiers.emit_stored(Tier.G2, [h for _, h in new])
+        return good
