@@ -13,8 +13,10 @@ bulk pinned copy of the same bytes (the copy engine) so both see the same clocks
   takes chunks ``p, p + G, ...``, so chunks in flight are neighbours in the table) or each a
   contiguous range; 16 and 32 KiB chunks;
 - ``pages``: the shipped kernel copying one contiguous 640 MiB host buffer in 32 KiB pairs,
-  from ``cudaHostAlloc`` memory and from memory in 2 MiB pages (transparent huge pages,
-  registered with ``cudaHostRegister``), each against its own bulk copy.
+  from ``cudaHostAlloc`` memory, from write-combined ``cudaHostAlloc`` memory (which PCIe
+  reads without snooping the CPU's caches; needs cuda-bindings) and from memory in 2 MiB pages
+  (transparent huge pages, registered with ``cudaHostRegister``), each against its own bulk
+  copy.
 
 If the SMs' reads were limited by how many are in flight, by the order they touch host pages
 or by how many pages they touch (address translation), some variant would move more; a ratio
@@ -123,6 +125,23 @@ def huge_page_host(nbytes: int) -> torch.Tensor | None:
     return host
 
 
+def write_combined_host(nbytes: int) -> torch.Tensor | None:
+    """``nbytes`` of random host bytes in write-combined pinned memory (free it with
+    ``cudaFreeHost``), or None, saying why on stderr, without cuda-bindings."""
+    try:
+        from cuda.bindings import runtime
+    except ImportError:
+        print("no write-combined memory: cuda-bindings is not installed", file=sys.stderr)
+        return None
+    err, ptr = runtime.cudaHostAlloc(nbytes, runtime.cudaHostAllocWriteCombined)
+    if err != runtime.cudaError_t.cudaSuccess:
+        print(f"no write-combined memory: cudaHostAlloc said {err}", file=sys.stderr)
+        return None
+    host = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr), dtype=torch.uint8)
+    host.copy_(torch.randint(0, 256, (nbytes,), dtype=torch.uint8))
+    return host
+
+
 def out(*fields) -> None:
     print(",".join(str(f) for f in fields), flush=True)
 
@@ -177,11 +196,14 @@ def main() -> None:
 
 def _pages(gpu: str, device: torch.device, nbytes: int) -> None:
     """The ``pages`` rows: one contiguous host buffer copied in 32 KiB pairs by the shipped
-    kernel, from cudaHostAlloc memory and from 2 MiB pages."""
+    kernel, from cudaHostAlloc memory, write-combined memory and 2 MiB pages."""
     chunk = CHUNKS[-1]
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     pinned = torch.randint(0, 256, (nbytes,), dtype=torch.uint8).pin_memory()
     hosts = {"cudaHostAlloc": pinned}
+    write_combined = write_combined_host(nbytes)
+    if write_combined is not None:
+        hosts["write-combined"] = write_combined
     huge = huge_page_host(nbytes)
     if huge is not None:
         hosts["2MiB-pages"] = huge
@@ -201,6 +223,10 @@ def _pages(gpu: str, device: torch.device, nbytes: int) -> None:
         print(f"pages {variant}", file=sys.stderr)
     if huge is not None:
         torch.cuda.cudart().cudaHostUnregister(huge.data_ptr())
+    if write_combined is not None:
+        from cuda.bindings import runtime
+
+        runtime.cudaFreeHost(write_combined.data_ptr())
 
 
 if __name__ == "__main__":
