@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence, ValuesView
 from dataclasses import dataclass
 
 from kvblocks.pool.block_pool import BlockPool
@@ -83,6 +83,15 @@ class TierSet(Mapping[Tier, TierState]):
 
     def __len__(self) -> int:
         return len(self._states)
+
+    def __contains__(self, tier: object) -> bool:
+        return tier in self._states
+
+    def get(self, tier: Tier, default: TierState | None = None) -> TierState | None:
+        return self._states.get(tier, default)
+
+    def values(self) -> ValuesView[TierState]:
+        return self._states.values()
 
     def add(self, tier: Tier, physical: PhysicalLayout) -> TierState:
         """Give ``tier`` a pool over ``physical``'s blocks and register its layout."""
