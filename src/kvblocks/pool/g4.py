@@ -23,13 +23,11 @@ class PeerReads:
     Args:
         tiers: the manager's tiers (G1 and G2 at least).
         peers: whom to ask.
-        block_size: tokens per block.
     """
 
-    def __init__(self, tiers: TierSet, peers: PeerSet, block_size: int) -> None:
+    def __init__(self, tiers: TierSet, peers: PeerSet) -> None:
         self._tiers = tiers
         self._peers = peers
-        self._block_size = block_size
 
     def fetch(
         self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
@@ -88,7 +86,7 @@ class PeerReads:
                 raise
             self._peers.failed(peer, exc)
             return {}
-        size = self._block_size
+        size = self._tiers.block_size
         got = hashes[at : at + len(staging)]
         with tiers.lock:
             tokens = token_ids[at * size : (at + len(staging)) * size]
@@ -108,13 +106,11 @@ class ServedG2:
 
     Args:
         tiers: the manager's tiers (G2 among them).
-        block_size: tokens per block.
         publish: publishes the events queued in ``tiers`` (after blocks peers stored).
     """
 
-    def __init__(self, tiers: TierSet, block_size: int, publish: Callable[[], None]) -> None:
+    def __init__(self, tiers: TierSet, publish: Callable[[], None]) -> None:
         self._tiers = tiers
-        self._block_size = block_size
         self._publish = publish
 
     @property
@@ -136,7 +132,7 @@ class ServedG2:
             self._pool.free(blocks)
 
     def reserve(self, chains: list[BlockChain]) -> list[int]:
-        size = self._block_size
+        size = self._tiers.block_size
         for chain in chains:
             if len(chain.token_ids) != size:
                 raise InvalidArgumentError(

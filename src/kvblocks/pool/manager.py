@@ -183,7 +183,7 @@ class BlockManager:
         self._tiers = TierSet(self._transfer, self.metrics, config.block_size, self.block_bytes)
         self._lock = self._tiers.lock
         self._peers = PeerSet(BlockShape.of(config), self._transfer, self.metrics)
-        self._peer_reads = PeerReads(self._tiers, self._peers, config.block_size)
+        self._peer_reads = PeerReads(self._tiers, self._peers)
         try:
             self.device_tensors = self._device_tensors(device_tensors)
             self._tiers.add(Tier.G1, self._g1_layout())
@@ -758,7 +758,7 @@ class BlockManager:
         self._transfer.build_logical_descriptor(g2.handle, LogicalLayoutHandle.G2)
         layout = self._transfer.export_layout(g2.handle).to_bytes()
         shape = BlockShape.of(self.config)
-        served = ServedG2(self._tiers, self.config.block_size, self._publish)
+        served = ServedG2(self._tiers, self._publish)
         self._server = BlockServer(endpoint, shape, layout, served, stores, news_endpoint)
         return self._server.endpoint
 

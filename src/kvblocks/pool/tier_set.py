@@ -59,7 +59,7 @@ class TierSet(Mapping[Tier, TierState]):
             registered a moment ago that no tier caches yet).
         journal: G3's record of its blocks (None without G3); evictions from G3 are written
             to it.
-        metrics: the manager's counters.
+        metrics, block_size: as given.
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class TierSet(Mapping[Tier, TierState]):
         self.journal: Journal | None = None
         self._transfer = transfer
         self.metrics = metrics
-        self._block_size = block_size
+        self.block_size = block_size
         self._block_bytes = block_bytes
         self._states: dict[Tier, TierState] = {}
         self._pending: list[KvEvent] = []
@@ -97,7 +97,7 @@ class TierSet(Mapping[Tier, TierState]):
         """Give ``tier`` a pool over ``physical``'s blocks and register its layout."""
         pool = BlockPool(
             physical.config.num_blocks,
-            self._block_size,
+            self.block_size,
             on_evict=lambda hashes, tier=tier: self._evicted(tier, hashes),
         )
         handle = self._transfer.register_layout(physical)
@@ -152,7 +152,7 @@ class TierSet(Mapping[Tier, TierState]):
     ) -> None:
         """Keep each block's parent hash and tokens (``block_size`` tokens per hash, in
         order; ``parent`` is the hash before ``hashes[0]``). Under the lock."""
-        size = self._block_size
+        size = self.block_size
         parents = [parent, *hashes][: len(hashes)]
         for i, (h, p) in enumerate(zip(hashes, parents, strict=True)):
             self.chains.setdefault(h, ChainInfo(p, tuple(token_ids[i * size : (i + 1) * size])))
@@ -182,7 +182,7 @@ class TierSet(Mapping[Tier, TierState]):
     def _stored(self, tier: Tier, run: list[int]) -> BlockStored:
         tokens = tuple(itertools.chain.from_iterable(self.chains[h].token_ids for h in run))
         parent = self.chains[run[0]].parent
-        return BlockStored(tuple(run), parent, tokens, self._block_size, tier)
+        return BlockStored(tuple(run), parent, tokens, self.block_size, tier)
 
     def _evicted(self, tier: Tier, hashes: list[int]) -> None:
         """A pool dropped cached blocks (under the lock)."""
