@@ -11,7 +11,6 @@ failed one.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -19,10 +18,9 @@ from dataclasses import dataclass
 import torch
 
 from kvblocks.errors import TransferError
-from kvblocks.pool.block_pool import BlockPool
-from kvblocks.pool.metrics import PoolMetrics
 from kvblocks.pool.ready import LayerCopies, ReadyLayers
 from kvblocks.pool.tier import Tier
+from kvblocks.pool.tier_set import TierSet
 from kvblocks.transfer import TransferCompleteNotification
 
 log = logging.getLogger("kvblocks.pool")
@@ -47,32 +45,18 @@ class InFlight:
 
 
 class InFlightCopies:
-    """The copies into G1 that may still run, under the manager's lock.
+    """The copies from G2 into G1 that may still run, under the tiers' lock.
 
     Args:
-        lock: the manager's lock, which guards the pools.
-        g1, g2: the pools of the copies' destinations and sources (``g2`` None where the
-            manager has no G2: then no copy is ever held here).
-        metrics: where an ended copy is recorded.
-        block_bytes: bytes of one block (for the metrics).
+        tiers: the manager's tiers: the copies' destinations in G1, their sources in G2 (where
+            the manager has no G2, no copy is ever held here), the lock over both and the
+            metrics where an ended copy is recorded.
         num_layers: layers of a block (for :class:`ReadyLayers`).
         device: the device G1 lives on.
     """
 
-    def __init__(
-        self,
-        lock: threading.RLock,
-        g1: BlockPool,
-        g2: BlockPool | None,
-        metrics: PoolMetrics,
-        block_bytes: int,
-        num_layers: int,
-        device: torch.device,
-    ) -> None:
-        self._lock = lock
-        self._g1, self._g2 = g1, g2
-        self._metrics = metrics
-        self._block_bytes = block_bytes
+    def __init__(self, tiers: TierSet, num_layers: int, device: torch.device) -> None:
+        self._tiers = tiers
         self._num_layers = num_layers
         self._device = device
         self._flights: list[InFlight] = []
@@ -82,7 +66,7 @@ class InFlightCopies:
         """Hold ``flight``'s G1 blocks once more (its G2 sources are held already) until
         :meth:`reap` sees its copies end, and let lookups that share its G1 blocks wait for
         them. Under the lock, after the blocks were cached."""
-        self._g1.hold(flight.g1)
+        self._tiers[Tier.G1].pool.hold(flight.g1)
         self._flights.append(flight)
         for b in flight.g1:
             self._at[b] = flight
@@ -90,7 +74,7 @@ class InFlightCopies:
     def ready(self, blocks: list[int], wait: bool) -> ReadyLayers:
         """What held G1 ``blocks`` wait for: the copies into them that may still run. With
         ``wait``, they are waited for here and nothing is left to wait for."""
-        with self._lock:
+        with self._tiers.lock:
             flights = {id(f): f for b in blocks if (f := self._at.get(b)) is not None}
         copies = [f.copies for f in flights.values()]
         ready = ReadyLayers(self._num_layers, copies, self._device)
@@ -105,7 +89,7 @@ class InFlightCopies:
     def reap(self) -> None:
         """Let go of the blocks of copies into G1 that have ended (successfully or not: the G1
         blocks of a failed copy are dropped from the cache)."""
-        with self._lock:
+        with self._tiers.lock:
             running, ended = [], []
             for flight in self._flights:
                 (ended if flight.copies.poll() else running).append(flight)
@@ -117,7 +101,7 @@ class InFlightCopies:
 
     def settle(self) -> None:
         """Wait for every copy into G1 that may still run, and let go of its blocks."""
-        with self._lock:
+        with self._tiers.lock:
             flights = list(self._flights)
         for flight in flights:
             _wait_quietly(flight.copies.done)  # reap drops the blocks of a failed one
@@ -125,7 +109,7 @@ class InFlightCopies:
 
     def _let_go(self, flight: InFlight) -> None:
         """Release the blocks of ``flight``, which has ended, and record it. Under the lock."""
-        g1 = self._g1
+        g1 = self._tiers[Tier.G1].pool
         for b in flight.g1:
             del self._at[b]
         failed = next((e for d in flight.copies.done if (e := d.exception())), None)
@@ -133,13 +117,13 @@ class InFlightCopies:
             log.error("a copy into G1 failed; its blocks leave the cache: %s", failed)
             g1.discard([b for b in flight.g1 if g1.hash_of(b) is not None])
         g1.free(flight.g1)
-        self._g2.free(flight.g2)
+        self._tiers[Tier.G2].pool.free(flight.g2)
         if flight.timing is not None:
             seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
         else:
             seconds = time.perf_counter() - flight.started
-        nbytes = len(flight.g1) * self._block_bytes
-        self._metrics.record_transfer(Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True)
+        nbytes = len(flight.g1) * self._tiers.block_bytes
+        self._tiers.metrics.record_transfer(Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True)
 
 
 def _wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:

@@ -197,16 +197,7 @@ class BlockManager:
             self._release_tiers()
             raise
         device = self.device_tensors[0].device
-        g2 = self._tiers.get(Tier.G2)
-        self._inflight = InFlightCopies(
-            self._lock,
-            self._tiers[Tier.G1].pool,
-            g2.pool if g2 is not None else None,
-            self.metrics,
-            self.block_bytes,
-            config.num_layers,
-            device,
-        )
+        self._inflight = InFlightCopies(self._tiers, config.num_layers, device)
         self._onboarder = Onboarder(self._tiers, self._inflight, self._transfer, device)
         self._onboard_groups = layer_groups(config.num_layers, config.onboard_layer_groups)
         self._offloader = None

@@ -59,7 +59,7 @@ class TierSet(Mapping[Tier, TierState]):
             registered a moment ago that no tier caches yet).
         journal: G3's record of its blocks (None without G3); evictions from G3 are written
             to it.
-        metrics, block_size: as given.
+        metrics, block_size, block_bytes: as given.
     """
 
     def __init__(
@@ -71,7 +71,7 @@ class TierSet(Mapping[Tier, TierState]):
         self._transfer = transfer
         self.metrics = metrics
         self.block_size = block_size
-        self._block_bytes = block_bytes
+        self.block_bytes = block_bytes
         self._states: dict[Tier, TierState] = {}
         self._pending: list[KvEvent] = []
 
@@ -133,7 +133,7 @@ class TierSet(Mapping[Tier, TierState]):
         destination = peer.handle if dst is Tier.G4 else self._states[dst].handle
         self._transfer.execute_transfer(source, src_ids, destination, dst_ids).wait()
         seconds = time.perf_counter() - start
-        nbytes = len(src_ids) * self._block_bytes
+        nbytes = len(src_ids) * self.block_bytes
         self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)
 
     def cache(
