@@ -242,7 +242,7 @@ def test_demo_publishes_each_worker_to_nats_under_its_name(nats_server, capsys, 
     batch the demo's managers published, in order (no gap in any worker's seq), the last one
     clearing the worker's blocks as its manager closed."""
     from kvblocks.pool import AllBlocksCleared, BlockStored, KvIndex
-    from kvblocks.pool.subscribers import NatsSubscriber
+    from kvblocks.pool.nats_subscriber import NatsSubscriber
     from kvblocks.remote import nixl_available
     from tests.helpers import free_port
     from tests.test_demo import SMALL
@@ -293,7 +293,7 @@ def test_events_reads_what_a_stream_kept_of_a_demo_that_ended(nats_jetstream_ser
         def lost(self, worker):
             raise AssertionError("lost")
 
-    from kvblocks.pool.subscribers import NatsSubscriber
+    from kvblocks.pool.nats_subscriber import NatsSubscriber
 
     with NatsSubscriber(Lines(), url, stream="KV") as subscriber:  # live, while it runs
         assert main(args) == 0

@@ -25,8 +25,8 @@ from kvblocks.pool.nats_link import (  # noqa: E402
     NatsLink,
     subject_matches,
 )
+from kvblocks.pool.nats_subscriber import NatsSubscriber  # noqa: E402
 from kvblocks.pool.publishers import NatsPublisher, encode_batch  # noqa: E402
-from kvblocks.pool.subscribers import NatsSubscriber  # noqa: E402
 from tests.conftest import start_nats_server  # noqa: E402
 from tests.helpers import free_port  # noqa: E402
 from tests.test_kv_index import TIERS  # noqa: E402
@@ -257,7 +257,7 @@ def test_a_lost_connection_is_a_loss_for_workers_without_seq(caplog):
             sender.send("kv", 0, worker="w")
             recorder.wait_for(2)
             sender.link.close()
-            with caplog.at_level(logging.WARNING, logger="kvblocks.pool.subscribers"):
+            with caplog.at_level(logging.WARNING, logger="kvblocks.pool.nats_subscriber"):
                 server.terminate()
                 server.wait()
                 items = recorder.wait_for(3)

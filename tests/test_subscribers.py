@@ -23,7 +23,7 @@ pytest.importorskip("msgpack")
 
 from kvblocks.pool.kv_index import KvIndex  # noqa: E402
 from kvblocks.pool.publishers import REPLAY_END, ZmqPublisher, encode_batch  # noqa: E402
-from kvblocks.pool.subscribers import ZmqSubscriber  # noqa: E402
+from kvblocks.pool.zmq_subscriber import ZmqSubscriber  # noqa: E402
 from tests.test_kv_index import TIERS, assert_overlaps  # noqa: E402
 from tests.test_manager import BS, make_config, store  # noqa: E402
 
@@ -337,9 +337,9 @@ def test_without_replay_a_worker_that_starts_over_is_read_from_where_it_is(worke
 
 
 def test_a_replay_endpoint_that_never_answers_times_out(worker, monkeypatch):
-    from kvblocks.pool import subscribers
+    from kvblocks.pool import zmq_subscriber
 
-    monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(zmq_subscriber, "REPLAY_TIMEOUT_S", 0.3)
     silent = zmq.Context.instance().socket(zmq.ROUTER)
     port = silent.bind_to_random_port("tcp://127.0.0.1")
     recorder = Recorder()
@@ -358,9 +358,9 @@ def test_a_worker_silent_past_gone_after_is_lost_once_then_back(worker, monkeypa
     """A worker whose replay endpoint stops answering (a process that died without closing)
     is gone after ``gone_after`` seconds: lost once, and the index forgets its blocks; when
     it answers again, its new batches are read as usual."""
-    from kvblocks.pool import subscribers
+    from kvblocks.pool import zmq_subscriber
 
-    monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(zmq_subscriber, "REPLAY_TIMEOUT_S", 0.1)
     index = KvIndex(BS)
     recorder = Recorder(index)
 
@@ -395,9 +395,9 @@ def assert_gone_once(recorder: Recorder, subscriber, index: KvIndex, not_before:
 
 
 def test_without_gone_after_a_silent_worker_is_kept(worker, monkeypatch):
-    from kvblocks.pool import subscribers
+    from kvblocks.pool import zmq_subscriber
 
-    monkeypatch.setattr(subscribers, "REPLAY_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(zmq_subscriber, "REPLAY_TIMEOUT_S", 0.1)
     recorder = Recorder()
     with ZmqSubscriber(recorder, check_every=0.05, gone_after=None) as subscriber:
         subscriber.follow("w", worker.endpoint, worker.replay_endpoint)

@@ -7,8 +7,8 @@
     kvblocks events --nats nats://10.0.0.2:4222 --subject kv-events
 
 Follows each worker's ZMQ publisher (kvblocks' or vLLM's) with a
-:class:`~kvblocks.pool.subscribers.ZmqSubscriber`, and every worker publishing on a NATS subject
-with a :class:`~kvblocks.pool.subscribers.NatsSubscriber`, and prints one JSON object per event
+:class:`~kvblocks.pool.zmq_subscriber.ZmqSubscriber`, and every worker publishing on a NATS subject
+with a :class:`~kvblocks.pool.nats_subscriber.NatsSubscriber`, and prints one JSON object per event
 on stdout, in each worker's order::
 
     {"worker": W, "ts": T, "type": "BlockStored", "tier": "G2", "medium": "CPU",
@@ -34,9 +34,11 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
+from kvblocks.pool.event_sink import FollowState
 from kvblocks.pool.events import AllBlocksCleared, BlockHash, BlockStored, EventBatch
 from kvblocks.pool.kv_index import KvIndex
-from kvblocks.pool.subscribers import FollowState, NatsSubscriber, ZmqSubscriber
+from kvblocks.pool.nats_subscriber import NatsSubscriber
+from kvblocks.pool.zmq_subscriber import ZmqSubscriber
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,9 @@
 - :mod:`~kvblocks.pool.events`: KV events and their publishers (in-process; ZMQ and NATS in
   :mod:`~kvblocks.pool.publishers`).
 - :class:`KvIndex`: which worker caches which prefix, from their KV events (for routers), fed
-  from the network by :class:`~kvblocks.pool.subscribers.ZmqSubscriber`.
+  from the network by :class:`~kvblocks.pool.zmq_subscriber.ZmqSubscriber` and
+  :class:`~kvblocks.pool.nats_subscriber.NatsSubscriber` (what they deliver to and report:
+  :mod:`~kvblocks.pool.event_sink`).
 - :class:`ReadyLayers`: when each layer of a hit's blocks is in G1, after a lookup that
   returned before its copies ended.
 - :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full

@@ -2,7 +2,7 @@
 it places a request.
 
 A :class:`KvIndex` applies each worker's :class:`~kvblocks.pool.events.EventBatch` es in order
-(:meth:`KvIndex.apply`; :class:`~kvblocks.pool.subscribers.ZmqSubscriber` delivers them from
+(:meth:`KvIndex.apply`; :class:`~kvblocks.pool.zmq_subscriber.ZmqSubscriber` delivers them from
 the network) and answers, for a prompt, how many of its leading blocks each worker caches and
 in which tiers (:meth:`KvIndex.overlaps`)::
 

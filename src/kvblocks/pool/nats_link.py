@@ -1,6 +1,6 @@
 """A NATS connection for code that is not async: the client runs on its own asyncio loop in a
 background thread (used by :class:`~kvblocks.pool.publishers.NatsPublisher` and
-:class:`~kvblocks.pool.subscribers.NatsSubscriber`).
+:class:`~kvblocks.pool.nats_subscriber.NatsSubscriber`).
 
 The headers kvblocks puts on each KV event batch it publishes over NATS:
 

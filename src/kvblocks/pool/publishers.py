@@ -178,7 +178,7 @@ class NatsPublisher(EventPublisher):
     """Publishes each batch's msgpack bytes on a NATS subject (core NATS, no persistence).
 
     Each message carries the headers of :mod:`kvblocks.pool.nats_link`: the worker's name and
-    the batch's seq (from 0), so that a :class:`~kvblocks.pool.subscribers.NatsSubscriber`
+    the batch's seq (from 0), so that a :class:`~kvblocks.pool.nats_subscriber.NatsSubscriber`
     tells workers on one subject apart and knows when batches were lost. Every ``alive_every``
     seconds it also sends a heartbeat (an empty message with the seq of the next batch), so
     that subscribers tell a worker that died without closing from one with nothing to say. The

@@ -1,11 +1,12 @@
-"""Reading workers' KV events from the network: the other side of the publishers of
-:mod:`kvblocks.pool.publishers` (and of vLLM's ZMQ publisher, which speaks the same protocol).
+"""Reading workers' KV events over ZMQ: the other side of
+:class:`~kvblocks.pool.publishers.ZmqPublisher` (and of vLLM's ZMQ publisher, which speaks the
+same protocol).
 
 A :class:`ZmqSubscriber` follows any number of workers from one background thread and hands each
-worker's batches to an :class:`EventSink` in the order they were sent, once each. A worker's
-messages are ``[topic, seq, payload]`` with ``seq`` counting batches from 0; with the worker's
-replay endpoint (a ROUTER socket that answers an 8-byte start seq with every batch it kept from
-there, then ``seq = -1``) the subscriber
+worker's batches to an :class:`~kvblocks.pool.event_sink.EventSink` in the order they were sent,
+once each. A worker's messages are ``[topic, seq, payload]`` with ``seq`` counting batches from
+0; with the worker's replay endpoint (a ROUTER socket that answers an 8-byte start seq with
+every batch it kept from there, then ``seq = -1``) the subscriber
 
 - reads the batches sent before it came (the publisher keeps the last ``buffer_batches``),
 - fills a gap in ``seq`` (a batch dropped on the way, or sent before the subscription was live),
@@ -17,54 +18,30 @@ A worker that starts over (a restarted process counts its batches from 0 again) 
 worker's cache is new too), and the new batches are read from the start.
 
 A worker whose replay endpoint has not answered for ``gone_after`` seconds (and that sent
-nothing meanwhile) is *gone*: a process that died without closing (a closing BlockManager says
-``AllBlocksCleared`` itself). Its batches count as lost once, so an index stops routing to
-blocks it no longer holds; it is asked again every ``check_every`` seconds, and what it sends
-when it is back is read as usual.
-
-A :class:`NatsSubscriber` reads every worker that publishes on a NATS subject (wildcards
-allowed), knowing them by the worker header of :class:`~kvblocks.pool.publishers.NatsPublisher`
-(by subject for messages without it). Core NATS keeps nothing, so there is no replay: a gap in
-a worker's seq header, or a worker starting over, is a loss; so is a worker's heartbeat that
-names a later next seq than the subscriber has read (its last batches were dropped). A worker
-that sends heartbeats and has sent nothing for ``gone_after`` seconds (three heartbeats at
-least) is gone, as above. Where the workers publish into a JetStream stream, the subscriber
-reads from it what the stream keeps first.
-
-Batches that no replay brings back (no replay endpoint, or the publisher no longer keeps them)
-are *lost*: :meth:`EventSink.lost` is told, and a :class:`~kvblocks.pool.kv_index.KvIndex`
-forgets the worker's blocks until new events say. Needs the ``events`` extra.
+nothing meanwhile) is *gone*: a process that died without closing. Its batches count as lost
+once, so an index stops routing to blocks it no longer holds; it is asked again every
+``check_every`` seconds, and what it sends when it is back is read as usual. Needs the
+``events`` extra.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Protocol
 
-from kvblocks.checks import positive_int, seconds_or_none
-from kvblocks.errors import (
-    BackendUnavailableError,
-    InvalidArgumentError,
-    SerializationError,
-    TransferError,
+from kvblocks.checks import seconds_or_none
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, SerializationError
+from kvblocks.pool.event_sink import (
+    GONE_AFTER_S,
+    EventSink,
+    FollowState,
+    tell_sink,
+    warn_out_of_order,
 )
-from kvblocks.pool.events import EventBatch
-from kvblocks.pool.nats_link import (
-    ALIVE_HEADER,
-    NEXT_SEQ_HEADER,
-    SEQ_HEADER,
-    WORKER_HEADER,
-    NatsLink,
-    check_stream,
-    check_subject,
-    ensure_stream,
-)
-from kvblocks.pool.publishers import REPLAY_END, decode_batch, require_msgpack
+from kvblocks.pool.publishers import REPLAY_END, decode_batch
 
 log = logging.getLogger(__name__)
 
@@ -72,58 +49,10 @@ log = logging.getLogger(__name__)
 CHECK_S = 1.0
 #: Seconds a replay may take before its batches count as lost.
 REPLAY_TIMEOUT_S = 5.0
-#: Default seconds without an answer from a worker's replay endpoint after which it is gone.
-GONE_AFTER_S = 30.0
-#: Seconds between a NatsSubscriber's looks for workers whose heartbeats stopped (at most).
-_SILENCE_CHECK_S = 1.0
 #: Seconds the subscriber's thread waits on its sockets before it looks at new requests.
 _POLL_S = 0.05
 #: Messages a SUB socket queues before it drops (a drop is found as a gap).
 _HIGH_WATER = 100_000
-
-
-class EventSink(Protocol):
-    """Where a :class:`ZmqSubscriber` or a :class:`NatsSubscriber` delivers (a
-    :class:`~kvblocks.pool.kv_index.KvIndex` is one). Called from the subscriber's thread,
-    which must not be made to wait on the subscriber itself (no ``follow`` or ``close`` from
-    here); what it raises is logged."""
-
-    def apply(self, worker: str, batch: EventBatch) -> None:
-        """The next batch of ``worker``."""
-
-    def lost(self, worker: str) -> None:
-        """Batches of ``worker`` were lost before the next one applied."""
-
-
-@dataclass(frozen=True)
-class FollowState:
-    """How following one worker goes.
-
-    Attributes:
-        worker: its name.
-        endpoint, replay_endpoint: where its events and its replays come from (over NATS: the
-            subject of its last message, and None).
-        next_seq: the seq of the next batch it is to deliver (None: nothing heard yet, and no
-            replay endpoint to ask; or, over NATS, a worker whose messages carry no seq).
-        batches: batches delivered.
-        replayed: of those, batches that came through a replay.
-        lost: times batches were lost (each told to the sink).
-        bad: messages that were not a KV event batch (dropped, and logged).
-        gone: its replay endpoint has not answered for the subscriber's ``gone_after``
-            seconds and it sent nothing meanwhile; over NATS, it sends heartbeats and none
-            came for ``gone_after`` seconds (always False for a worker without a replay
-            endpoint or heartbeats: silence there may be a worker with nothing to say).
-    """
-
-    worker: str
-    endpoint: str
-    replay_endpoint: str | None
-    next_seq: int | None
-    batches: int
-    replayed: int
-    lost: int
-    bad: int
-    gone: bool = False
 
 
 @dataclass
@@ -432,7 +361,7 @@ class ZmqSubscriber:
         """``follow`` 's worker sent ``seq`` after batches up to ``next_seq - 1``: it started
         over. What it had is lost; its new batches are read from 0 (from ``seq`` without a
         replay endpoint)."""
-        _warn_out_of_order(follow.worker, follow.next_seq, seq)
+        warn_out_of_order(log, follow.worker, follow.next_seq, seq)
         self._lose(follow)
         follow.next_seq = 0 if follow.replay_endpoint is not None else seq
 
@@ -476,7 +405,7 @@ class ZmqSubscriber:
         if seq < follow.next_seq:
             return
         if seq > follow.next_seq:
-            _warn_out_of_order(follow.worker, follow.next_seq, seq)
+            warn_out_of_order(log, follow.worker, follow.next_seq, seq)
             self._lose(follow)
         follow.next_seq = seq + 1
         try:
@@ -488,274 +417,14 @@ class ZmqSubscriber:
         with self._states_lock:
             follow.batches += 1
             follow.replayed += replayed
-        _tell(self._sink.apply, follow.worker, batch)
+        tell_sink(log, self._sink.apply, follow.worker, batch)
 
     def _lose(self, follow: _Follow) -> None:
         with self._states_lock:
             follow.lost += 1
-        _tell(self._sink.lost, follow.worker)
+        tell_sink(log, self._sink.lost, follow.worker)
 
     def _drop(self, follow: _Follow, why: str) -> None:
         log.warning("dropped a message from %s: %s", follow.worker, why)
         with self._states_lock:
             follow.bad += 1
-
-
-@dataclass
-class _NatsWorker:
-    """One worker heard on the subscribed subject, owned by the NATS loop's thread."""
-
-    worker: str
-    subject: str
-    next_seq: int | None = None
-    heard: float = field(default_factory=time.monotonic)
-    alive_every: float | None = None
-    gone: bool = False
-    batches: int = 0
-    lost: int = 0
-    bad: int = 0
-
-    def state(self) -> FollowState:
-        return FollowState(
-            self.worker,
-            self.subject,
-            None,
-            self.next_seq,
-            self.batches,
-            0,
-            self.lost,
-            self.bad,
-            self.gone,
-        )
-
-    def silent_too_long(self, now: float, gone_after: float) -> bool:
-        """Whether this worker sends heartbeats and none came for ``gone_after`` seconds (or
-        three of its heartbeats' periods, if longer)."""
-        if self.alive_every is None or self.gone:
-            return False
-        return now - self.heard > max(gone_after, 3 * self.alive_every)
-
-
-class NatsSubscriber:
-    """Reads the KV events of every worker publishing on a NATS subject (see the module
-    docstring) and hands them to ``sink`` from the connection's thread.
-
-    A worker is known by its messages' ``Kvblocks-Worker`` header, or by their subject when they
-    have none. With a ``Kvblocks-Seq`` header, a gap in the seq (a batch dropped by the server
-    or by this subscriber falling behind) and a seq that goes back (the worker started over) are
-    losses; for workers whose messages carry no seq, a disconnection from the server or a
-    dropped message is a loss of each of them. A worker that sends heartbeats (a
-    :class:`~kvblocks.pool.publishers.NatsPublisher` does) and has sent nothing for
-    ``gone_after`` seconds is gone: lost once, and read as usual when it is heard again.
-
-    With ``stream``, the subject is read from that JetStream stream (see
-    :class:`~kvblocks.pool.publishers.NatsPublisher`; created where missing, so that the
-    subscriber may come before the workers) through an ordered consumer:
-    first every batch the stream keeps, then the new ones as they come, none missed across a
-    reconnection.
-
-    Args:
-        sink: gets every worker's batches, in order, and word of lost ones.
-        url: the server, ``"nats://127.0.0.1:4222"``.
-        subject: the subject to read, wildcards allowed (``"kv-events.>"``).
-        connect_timeout: seconds to wait for the server.
-        stream: the JetStream stream that keeps the subject's batches; None: core NATS.
-        stream_bytes: with ``stream`` created here, the bytes it keeps (the oldest dropped).
-        gone_after: seconds without a message from a worker that sends heartbeats after which
-            it is gone (at least three of its heartbeats' periods); None: never.
-
-    Raises:
-        BackendUnavailableError: nats-py or msgpack is not installed.
-        InvalidArgumentError: ``subject`` or ``stream`` is not one, or ``gone_after`` is not
-            a positive number of seconds.
-        TransferError: no server answered in time, or ``stream`` cannot be read.
-    """
-
-    def __init__(
-        self,
-        sink: EventSink,
-        url: str = "nats://127.0.0.1:4222",
-        subject: str = "kv-events",
-        connect_timeout: float = 5.0,
-        stream: str | None = None,
-        stream_bytes: int = 2**30,
-        gone_after: float | None = GONE_AFTER_S,
-    ) -> None:
-        require_msgpack()
-        self.subject = check_subject(subject, wildcards=True)
-        self.stream = None if stream is None else check_stream(stream)
-        positive_int(stream_bytes, "stream_bytes")
-        self._gone_after = seconds_or_none(gone_after, "gone_after")
-        self._sink = sink
-        self._workers: dict[str, _NatsWorker] = {}
-        self._states_lock = threading.Lock()
-        self._closing = False
-        self._link = NatsLink(
-            url,
-            name="kvblocks-nats-sub",
-            connect_timeout=connect_timeout,
-            error_cb=self._on_error,
-            disconnected_cb=self._on_disconnected,
-        )
-        try:
-            if stream is not None:
-                ensure = ensure_stream(
-                    self._link.client, stream, subject, stream_bytes, add_subject=False
-                )
-                self._link.run(ensure, timeout=connect_timeout + 1)
-            self._link.run(self._subscribe(), timeout=connect_timeout + 1)
-            if self._gone_after is not None:
-                self._link.submit(self._watch_silence(self._gone_after))
-        except TransferError:
-            self._link.close()
-            raise
-        except Exception as exc:
-            self._link.close()
-            where = f"{subject!r}" if stream is None else f"{subject!r} in stream {stream!r}"
-            raise TransferError(f"cannot subscribe to {where} at {url}: {exc!r}") from None
-
-    def states(self) -> list[FollowState]:
-        """How reading each worker heard so far goes, by name."""
-        with self._states_lock:
-            return [w.state() for _, w in sorted(self._workers.items())]
-
-    @property
-    def connected(self) -> bool:
-        """Whether the connection to the server is up now (it comes back by itself)."""
-        return self._link.client.is_connected
-
-    def close(self) -> None:
-        """Unsubscribe and close the connection (idempotent)."""
-        self._closing = True
-        self._link.close()
-
-    def __enter__(self) -> NatsSubscriber:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    # The connection's thread --------------------------------------------------------------------
-
-    async def _subscribe(self) -> None:
-        client = self._link.client
-        if self.stream is None:
-            await client.subscribe(self.subject, cb=self._on_message)
-        else:
-            from nats.js.api import DeliverPolicy
-
-            await client.jetstream().subscribe(
-                self.subject,
-                stream=self.stream,
-                ordered_consumer=True,
-                deliver_policy=DeliverPolicy.ALL,
-                cb=self._on_message,
-            )
-        await client.flush()  # the server has the subscription
-
-    async def _watch_silence(self, gone_after: float) -> None:
-        """Every so often, take workers whose heartbeats stopped for gone (lost once)."""
-        while True:
-            await asyncio.sleep(min(_SILENCE_CHECK_S, gone_after / 4))
-            now = time.monotonic()
-            for worker in list(self._workers.values()):
-                if worker.silent_too_long(now, gone_after):
-                    silent = now - worker.heard
-                    log.warning("%s has sent nothing for %.1f s: gone", worker.worker, silent)
-                    with self._states_lock:
-                        worker.gone = True
-                    self._lose(worker)
-
-    async def _on_message(self, msg) -> None:
-        headers = msg.headers or {}
-        name = headers.get(WORKER_HEADER) or msg.subject
-        worker = self._workers.get(name)
-        if worker is None:
-            worker = _NatsWorker(name, msg.subject)
-            with self._states_lock:
-                self._workers[name] = worker
-        worker.subject = msg.subject
-        worker.heard = time.monotonic()
-        worker.alive_every = _seconds_of(headers.get(ALIVE_HEADER))
-        if worker.gone:
-            log.warning("%s is back", name)
-            with self._states_lock:
-                worker.gone = False
-        next_seq = _seq_of(headers.get(NEXT_SEQ_HEADER))
-        if next_seq is not None:  # a heartbeat
-            if worker.next_seq is not None and next_seq != worker.next_seq:
-                _warn_out_of_order(name, worker.next_seq, next_seq)
-                self._lose(worker)
-            worker.next_seq = next_seq
-            return
-        seq = _seq_of(headers.get(SEQ_HEADER))
-        if seq is not None and worker.next_seq is not None and seq != worker.next_seq:
-            _warn_out_of_order(name, worker.next_seq, seq)
-            self._lose(worker)
-        worker.next_seq = None if seq is None else seq + 1
-        try:
-            batch = decode_batch(msg.data)
-        except SerializationError as exc:
-            log.warning("dropped a message from %s: %s", name, exc)
-            with self._states_lock:
-                worker.bad += 1
-            self._lose(worker)
-            return
-        with self._states_lock:
-            worker.batches += 1
-        _tell(self._sink.apply, name, batch)
-
-    async def _on_error(self, error: Exception) -> None:
-        from nats.errors import SlowConsumerError
-
-        log.warning("NATS: %r", error)
-        if isinstance(error, SlowConsumerError):  # the client dropped messages
-            self._lose_unnumbered()
-
-    async def _on_disconnected(self) -> None:
-        if self._closing or self.stream is not None:  # the stream keeps what is sent meanwhile
-            return
-        log.warning("disconnected from NATS: events sent meanwhile are lost")
-        self._lose_unnumbered()
-
-    def _lose_unnumbered(self) -> None:
-        """Messages were dropped: workers without a seq are told (the others find the gap)."""
-        for worker in list(self._workers.values()):
-            if worker.next_seq is None:
-                self._lose(worker)
-
-    def _lose(self, worker: _NatsWorker) -> None:
-        with self._states_lock:
-            worker.lost += 1
-        _tell(self._sink.lost, worker.worker)
-
-
-def _warn_out_of_order(worker: str, next_seq: int, seq: int) -> None:
-    """Log batch ``seq`` of ``worker`` coming where ``next_seq`` was due: batches between were
-    lost, or (a seq that goes back) the worker started over."""
-    if seq < next_seq:
-        log.warning("%s started over: batch %d came after %d", worker, seq, next_seq - 1)
-    else:
-        log.warning("KV events %d to %d of %s were lost", next_seq, seq - 1, worker)
-
-
-def _tell(method, *args) -> None:
-    """Call the sink; what it raises is logged, and the thread goes on."""
-    try:
-        method(*args)
-    except Exception:
-        log.exception("the KV event sink failed on %s", args[0])
-
-
-def _seconds_of(header: str | None) -> float | None:
-    """The seconds a ``Kvblocks-Alive-Every`` header gives (None when absent or not > 0)."""
-    try:
-        seconds = float(header) if header is not None else None
-    except ValueError:
-        return None
-    return seconds if seconds is not None and 0 < seconds < float("inf") else None
-
-
-def _seq_of(header: str | None) -> int | None:
-    """The seq a ``Kvblocks-Seq`` header gives (None when absent or not a count)."""
-    return int(header) if header is not None and header.isdigit() else None
