@@ -547,10 +547,10 @@ def test_layer_groups_of_different_routes_go_in_order_on_one_stream(small_pieces
         ]
         assert routes == [Strategy.STAGED, Strategy.KERNEL]
         streams = []
-        run_on_stream = m._run_on_stream
+        run_on_stream = m._runner.on_stream
         monkeypatch.setattr(
-            m,
-            "_run_on_stream",
+            m._runner,
+            "on_stream",
             lambda plan, g, options, *rest, **kw: (
                 streams.append(options.cuda_stream),
                 run_on_stream(plan, g, options, *rest, **kw),

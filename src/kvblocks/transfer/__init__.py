@@ -1,6 +1,8 @@
 """Moving blocks between registered layouts in any two kinds of storage.
 
-- :class:`TransferManager` (and its builder): registration, ``execute_transfer``.
+- :class:`TransferManager` (and its builder): registration, ``execute_transfer``; its
+  arguments are checked by :mod:`~kvblocks.transfer.arguments`, its routes
+  (:mod:`~kvblocks.transfer.strategy`) run by :class:`~kvblocks.transfer.runner.Runner`.
 - :class:`TransferOptions`, :class:`TransferCapabilities`, :class:`TransferPreferences`,
   :class:`BounceBuffer`: how to move.
 - :class:`TransferCompleteNotification`: completion to await, wait on, poll or aggregate.

@@ -24,40 +24,25 @@ from __future__ import annotations
 import itertools
 import secrets
 import threading
-from array import array
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
 import torch
 
-from kvblocks.checks import first_repeat, non_negative_int, positive_int
-from kvblocks.errors import (
-    BackendUnavailableError,
-    BlockIdOutOfRangeError,
-    ConfigMismatchError,
-    InvalidArgumentError,
-    LayoutFormatError,
-    LengthMismatchError,
-    OverlapError,
-    TransferError,
-)
+from kvblocks.checks import non_negative_int, positive_int
+from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
 from kvblocks.kernels.memcpy import has_cuda_bindings
-from kvblocks.layout import KvBlockLayout, Layout, LayoutConfig
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout, StorageKind
-from kvblocks.storage.disk import io_pool
-from kvblocks.transfer.executor import (
-    BouncePool,
-    Hop,
-    HopKind,
-    Side,
-    run_copy_engine,
-    run_disk,
-    run_gpu,
-    run_host,
-    run_nixl,
+from kvblocks.transfer.arguments import (
+    bounce_side,
+    checked_options,
+    kv_format,
+    layer_group,
+    share_memory,
+    transfer_sides,
 )
+from kvblocks.transfer.executor import Side
 from kvblocks.transfer.handles import (
     LayoutHandle,
     LogicalLayoutDescriptor,
@@ -73,11 +58,9 @@ from kvblocks.transfer.options import (
 )
 from kvblocks.transfer.peers import Peers
 from kvblocks.transfer.pools import DeviceMemoryPool, StreamPool
+from kvblocks.transfer.runner import Runner
 from kvblocks.transfer.serialize import SerializedLayout
-from kvblocks.transfer.staging import run_staged, slot_bytes, slot_layout
-from kvblocks.transfer.strategy import Bounce, Route, RoutePolicy, Strategy, route
-
-_SHAPE_FIELDS = ("num_layers", "outer_dim", "page_size", "inner_dim", "dtype_width_bytes")
+from kvblocks.transfer.strategy import Route, RoutePolicy, Strategy, route
 
 
 @dataclass(frozen=True)
@@ -202,9 +185,15 @@ class TransferManager:
             gpu_rdma=config.capabilities.allow_gpu_rdma,
             **thresholds,
         )
-        self._bounces = BouncePool(agent=self.nixl)
-        self._io = io_pool(config.io_threads)
-        self._workers = ThreadPoolExecutor(config.workers, thread_name_prefix="kvblocks-transfer")
+        self._runner = Runner(
+            self.device,
+            self.streams,
+            self.memory_pool,
+            self.nixl,
+            self._peers,
+            config.io_threads,
+            config.workers,
+        )
 
     @staticmethod
     def builder() -> TransferManagerBuilder:
@@ -402,7 +391,7 @@ class TransferManager:
             (dst, options.dst_kv_layout, "dst"),
         ):
             physical = self._get(handle, name)
-            sides.append(Side(physical, ids, self._format(physical, override, f"{name}_kv_layout")))
+            sides.append(Side(physical, ids, kv_format(physical, override, f"{name}_kv_layout")))
         layers = sides[0].physical.layout.layer_range(options.layer_range)
         return route(*sides, self._policy, layers).strategy
 
@@ -429,15 +418,15 @@ class TransferManager:
             BackendUnavailableError: a remote layout, and no NIXL agent here or no NIXL
                 metadata in its import.
         """
-        options = _checked(options)
+        options = checked_options(options)
         src_side, dst_side, layers = self._prepare(src, src_ids, dst, dst_ids, options)
         if src_side.ids.numel() == 0:
             return TransferCompleteNotification.ready()
         plan = self._route(src_side, dst_side, layers)
         message = self._nixl_message(options, plan, src_side, dst_side)
-        check_overlap = _share_memory(src_side.physical, dst_side.physical)
+        check_overlap = share_memory(src_side.physical, dst_side.physical)
         if plan.strategy.stays_on_gpu:
-            (done,) = self._run_on_stream(plan, [layers], options, check_overlap, marks=False)
+            (done,) = self._runner.on_stream(plan, [layers], options, check_overlap, marks=False)
             return done
         return self._start_steps(plan, src_side, layers, options, check_overlap, message)
 
@@ -473,7 +462,7 @@ class TransferManager:
             InvalidArgumentError (and subclasses): a bad argument; nothing was moved.
             BackendUnavailableError: as for :meth:`execute_transfer`.
         """
-        options = _checked(options)
+        options = checked_options(options)
         for name in ("layer_range", "bounce_buffer", "nixl_write_notification"):
             if getattr(options, name) is not None:
                 raise InvalidArgumentError(
@@ -487,7 +476,9 @@ class TransferManager:
             )
         src_side, dst_side, _ = self._prepare(src, src_ids, dst, dst_ids, options)
         layout = src_side.physical.layout
-        layer_groups = [_group(layout, group, f"groups[{i}]") for i, group in enumerate(groups)]
+        layer_groups = [
+            layer_group(layout, group, f"groups[{i}]") for i, group in enumerate(groups)
+        ]
         if src_side.ids.numel() == 0:
             return tuple(TransferCompleteNotification.ready() for _ in layer_groups)
         # A route depends on how many layers move, not which: one per group size (the
@@ -498,21 +489,21 @@ class TransferManager:
                 by_size[len(layers)] = self._route(src_side, dst_side, layers, f"groups[{i}]")
         plans = [by_size[len(layers)] for layers in layer_groups]
         self._nixl_message(options, plans[0], src_side, dst_side)  # the groups share one peer
-        check_overlap = _share_memory(src_side.physical, dst_side.physical)
+        check_overlap = share_memory(src_side.physical, dst_side.physical)
         if all(plan == plans[0] for plan in plans) and plans[0].strategy.stays_on_gpu:
             return tuple(
-                self._run_on_stream(plans[0], layer_groups, options, check_overlap, marks=True)
+                self._runner.on_stream(plans[0], layer_groups, options, check_overlap, marks=True)
             )
         # Routes that differ by the groups' sizes, or steps on worker threads: group by group.
         if all(plan.strategy.stays_on_gpu for plan in plans) and options.cuda_stream is None:
             # One pool stream for all of them, so that the groups still land in order.
-            device, stream = self._gpu_stream(plans[0].hops[0][1], plans[0].hops[-1][2])
+            device, stream = self._runner.gpu_stream(plans[0].hops[0][1], plans[0].hops[-1][2])
             stream.wait_stream(torch.cuda.current_stream(device))
             options = replace(options, cuda_stream=stream)
         done = []
         for plan, layers in zip(plans, layer_groups, strict=True):
             if plan.strategy.stays_on_gpu:
-                done += self._run_on_stream(plan, [layers], options, check_overlap, marks=True)
+                done += self._runner.on_stream(plan, [layers], options, check_overlap, marks=True)
             else:
                 done.append(self._start_steps(plan, src_side, layers, options, check_overlap, None))
         return tuple(done)
@@ -536,32 +527,6 @@ class TransferManager:
             )
         return plan
 
-    def _start_steps(
-        self,
-        plan: Route,
-        src: Side,
-        layers: range,
-        options: TransferOptions,
-        check_overlap: bool,
-        message: bytes | None,
-    ) -> TransferCompleteNotification:
-        """Start a transfer with CPU, disk or NIXL steps on a worker thread, after the work
-        queued so far on the current stream."""
-        if options.cuda_stream is not None:
-            raise InvalidArgumentError(
-                "cuda_stream",
-                f"applies only to transfers that stay on the GPU, not {plan.strategy.value}",
-            )
-        after = None
-        if self.streams is not None:
-            after = torch.cuda.Event()
-            after.record(torch.cuda.current_stream(self.device))
-        bounce = self._bounce_side(options, src) if options.bounce_buffer else None
-        future = self._workers.submit(
-            self._run_steps, plan, src, layers, after, check_overlap, bounce, message
-        )
-        return TransferCompleteNotification.from_future(future)
-
     def _nixl_message(
         self, options: TransferOptions, plan: Route, src: Side, dst: Side
     ) -> bytes | None:
@@ -578,199 +543,37 @@ class TransferManager:
         return message
 
     def _prepare(self, src, src_ids, dst, dst_ids, options: TransferOptions):
-        src_physical = self._get(src, "src")
-        dst_physical = self._get(dst, "dst")
-        s_ids = _ids(src_ids, src_physical.config.num_blocks, "src_ids")
-        d_ids = _ids(dst_ids, dst_physical.config.num_blocks, "dst_ids")
-        if s_ids.numel() != d_ids.numel():
-            raise LengthMismatchError(
-                "dst_ids",
-                f"must hold as many ids as src_ids ({s_ids.numel()}), got {d_ids.numel()}",
-            )
-        _check_same_shape(src_physical.config, dst_physical.config)
-        repeated = first_repeat(d_ids.tolist())
-        if repeated is not None:
-            raise OverlapError("dst_ids", f"names block {repeated} twice")
-        shared = torch.isin(d_ids, s_ids) if src_physical is dst_physical else None
-        if shared is not None and bool(shared.any()):
-            block = int(d_ids[shared][0])
-            raise OverlapError(
-                "dst_ids", f"block {block} is also a source in this layout; move it in two steps"
-            )
-        layers = src_physical.layout.layer_range(options.layer_range)
-        s_fmt = self._format(src_physical, options.src_kv_layout, "src_kv_layout")
-        d_fmt = self._format(dst_physical, options.dst_kv_layout, "dst_kv_layout")
-        if s_fmt.requires_transform(d_fmt):
-            for name, fmt in (("src_kv_layout", s_fmt), ("dst_kv_layout", d_fmt)):
-                if fmt.dim_order is None:
-                    raise LayoutFormatError(
-                        name,
-                        "is Unknown, so the block format cannot be changed: give the layout's"
-                        " kv_format, or this option",
-                    )
-            if src_physical.config.num_heads is None or dst_physical.config.num_heads is None:
-                raise InvalidArgumentError(
-                    "num_heads", "must be set in both layouts' configs to change the block format"
-                )
-        return Side(src_physical, s_ids, s_fmt), Side(dst_physical, d_ids, d_fmt), layers
+        """The checked sides of a transfer between registered ``src`` and ``dst``, and its
+        layers (see :func:`~kvblocks.transfer.arguments.transfer_sides`)."""
+        src_physical, dst_physical = self._get(src, "src"), self._get(dst, "dst")
+        return transfer_sides(src_physical, src_ids, dst_physical, dst_ids, options)
 
-    @staticmethod
-    def _format(physical: PhysicalLayout, override: KvBlockLayout | None, argument: str):
-        if override is None:
-            return physical.kv_format
-        if not isinstance(override, KvBlockLayout):
-            raise LayoutFormatError(argument, f"must be a KvBlockLayout, got {override!r}")
-        if not physical.layout.is_fully_contiguous and not override.is_operational():
-            raise LayoutFormatError(
-                argument,
-                f"must be operational for a {physical.layout.kind.label} layout,"
-                f" got {override.name}",
-            )
-        return override
-
-    def _bounce_side(self, options: TransferOptions, like: Side) -> Side:
-        bounce = options.bounce_buffer
-        physical = self._get(bounce.handle, "bounce_buffer")
-        if physical.storage is not StorageKind.PINNED:
-            raise InvalidArgumentError(
-                "bounce_buffer", f"must be a pinned layout, got {physical.storage.value}"
-            )
-        _check_same_shape(like.config, physical.config, "bounce_buffer")
-        ids = _ids(bounce.block_ids, physical.config.num_blocks, "bounce_buffer.block_ids")
-        if ids.numel() != like.ids.numel():
-            raise LengthMismatchError(
-                "bounce_buffer.block_ids",
-                f"must hold one block per moved block ({like.ids.numel()}), got {ids.numel()}",
-            )
-        return Side(physical, ids, physical.kv_format)
-
-    def _gpu_stream(self, src: Side, dst: Side) -> tuple[torch.device, torch.cuda.Stream]:
-        """The GPU of a GPU step from ``src`` to ``dst``, and the pool stream it runs on."""
-        gpu = src if src.on_gpu else dst
-        stream = self.streams.h2d() if dst.on_gpu else self.streams.d2h()
-        return gpu.physical.device, stream
-
-    def _run_on_stream(
-        self,
-        plan: Route,
-        groups: list[range],
-        options: TransferOptions,
-        check_overlap: bool,
-        marks: bool,
-    ) -> list[TransferCompleteNotification]:
-        """Enqueue a transfer that stays on the GPU, layer group after layer group, on the
-        caller's stream or else a pool stream; a notification per group. With ``marks``, a
-        caller's stream gets an event per group too, else those notifications are complete
-        at once (the caller synchronizes)."""
-        device, stream = self._gpu_stream(plan.hops[0][1], plan.hops[-1][2])
-        caller = options.cuda_stream
-        if caller is not None:
-            if not isinstance(caller, torch.cuda.Stream):
-                raise InvalidArgumentError(
-                    "cuda_stream", f"must be a torch.cuda.Stream, got {caller!r}"
-                )
-            if caller.device != device:
-                raise InvalidArgumentError(
-                    "cuda_stream", f"is a stream of {caller.device}; this transfer runs on {device}"
-                )
-        stream = caller or stream  # the pool's stream is skipped then
-        if caller is None:
-            stream.wait_stream(torch.cuda.current_stream(device))
-        marks = marks or caller is None
-        with torch.cuda.stream(stream):  # makes the stream's device current, too
-            if plan.strategy is Strategy.STAGED:
-                events = self._run_staged_on(plan, groups, stream)
-            else:
-                (hop,) = plan.with_buffers({})
-                events = []
-                for layers in groups:
-                    self._run_gpu_hop(hop, layers, device, stream, check_overlap)
-                    if marks:
-                        events.append(torch.cuda.Event())
-                        events[-1].record(stream)
-        if not marks:
-            return [TransferCompleteNotification.ready() for _ in groups]
-        return [TransferCompleteNotification.from_event(event) for event in events]
-
-    def _run_staged_on(
-        self, plan: Route, groups: list[range], stream: torch.cuda.Stream
-    ) -> list[torch.cuda.Event]:
-        """Enqueue a staged transfer of layer ``groups`` on ``stream`` (and a set of copy
-        streams of the pool), through slots from the memory pool; returns an event per group
-        that marks it done."""
-        (_, src, _), (_, _, dst) = plan.hops
-        (slot,) = plan.bounces()
-        buffer = self.memory_pool.acquire(slot_bytes(src, groups))
-
-        def slots(config: LayoutConfig) -> PhysicalLayout:
-            key = (config, slot.fmt)
-            return self.memory_pool.memo(buffer, key, lambda: slot_layout(config, slot.fmt, buffer))
-
-        done = run_staged(src, dst, slots, stream, self.streams.copies(), groups)
-        finished = torch.cuda.Event()  # on the stream that waits for every step
-        finished.record(stream)
-        self.memory_pool.release_after(buffer, finished)
-        return done
-
-    @staticmethod
-    def _run_gpu_hop(hop: Hop, layers, device, stream, check_overlap: bool) -> None:
-        if hop.kind is HopKind.COPY_ENGINE:
-            run_copy_engine(hop, layers, stream, check_overlap)
-        else:
-            run_gpu(hop, layers, device, check_overlap)
-
-    def _run_steps(
+    def _start_steps(
         self,
         plan: Route,
         src: Side,
         layers: range,
-        after: torch.cuda.Event | None,
+        options: TransferOptions,
         check_overlap: bool,
-        bounce: Side | None,
         message: bytes | None,
-    ) -> None:
-        buffers: dict[Bounce, Side] = {}
-        pinned = []  # what this transfer took from the pool
-        try:
-            for needed in plan.bounces():  # pinned bounces (device slots are STAGED's)
-                if bounce is not None:
-                    buffers[needed] = replace(bounce, fmt=needed.fmt)
-                    bounce = None
-                else:
-                    buffers[needed] = self._bounces.take(src, needed.fmt)
-                    pinned.append(buffers[needed])
-            for hop in plan.with_buffers(buffers):
-                if hop.kind in (HopKind.GPU, HopKind.COPY_ENGINE):
-                    device, stream = self._gpu_stream(hop.src, hop.dst)
-                    with torch.cuda.device(device):
-                        if after is not None:
-                            stream.wait_event(after)
-                        with torch.cuda.stream(stream):
-                            self._run_gpu_hop(hop, layers, device, stream, check_overlap)
-                        stream.synchronize()
-                elif hop.kind in (HopKind.NIXL_READ, HopKind.NIXL_WRITE):
-                    if after is not None:  # the engine's writes of GPU memory NIXL reads
-                        after.synchronize()
-                    remote, name = (
-                        (hop.src, "src") if hop.kind is HopKind.NIXL_READ else (hop.dst, "dst")
-                    )
-                    target = self._peers.target(remote.physical, name)
-                    run_nixl(hop, layers, self.nixl, target, message)
-                elif hop.kind is HopKind.HOST:
-                    run_host(hop, layers, self._io)
-                else:
-                    run_disk(hop, layers, self._io)
-        except Exception as exc:
-            raise TransferError(f"{plan.strategy.value} transfer failed: {exc}") from exc
-        finally:  # every GPU step was synchronized: the buffers are free to reuse
-            for side in pinned:
-                self._bounces.give_back(side)
+    ) -> TransferCompleteNotification:
+        """Start a transfer with CPU, disk or NIXL steps on a worker thread (through the
+        caller's bounce buffer, where ``options`` names one)."""
+        if options.cuda_stream is not None:
+            raise InvalidArgumentError(
+                "cuda_stream",
+                f"applies only to transfers that stay on the GPU, not {plan.strategy.value}",
+            )
+        bounce = None
+        if options.bounce_buffer is not None:
+            physical = self._get(options.bounce_buffer.handle, "bounce_buffer")
+            bounce = bounce_side(physical, options.bounce_buffer, src)
+        return self._runner.start_steps(plan, src, layers, check_overlap, bounce, message)
 
     def close(self) -> None:
         """Finish running transfers, stop the worker threads and close the NIXL agent (the
         layouts it registered must still be allocated)."""
-        self._workers.shutdown(wait=True)
-        self._io.shutdown(wait=True)
+        self._runner.close()
         if self.nixl is not None:
             self.nixl.close()
 
@@ -784,72 +587,3 @@ class TransferManager:
 #: Routes that can change the format of some layers of a block: one permute (kernel or host),
 #: or the permute kernel out of or into staging slots that hold those layers.
 _SOME_LAYERS = (Strategy.KERNEL, Strategy.HOST_COPY, Strategy.STAGED)
-
-
-def _checked(options: TransferOptions | None) -> TransferOptions:
-    """``options``, or the defaults for ``None``."""
-    options = options or TransferOptions()
-    if not isinstance(options, TransferOptions):
-        raise InvalidArgumentError("options", f"must be TransferOptions, got {options!r}")
-    return options
-
-
-def _group(layout: Layout, layers: range, argument: str) -> range:
-    """``layers`` checked as a layer group of the blocks of ``layout``.
-
-    Raises:
-        InvalidArgumentError, BlockIdOutOfRangeError: not a non-empty step-1 range inside
-            the layout's layers; the message names ``argument``.
-    """
-    try:
-        return layout.layer_range(layers)
-    except InvalidArgumentError as exc:
-        raise type(exc)(argument, exc.problem) from None
-
-
-def _ids(value, num_blocks: int, argument: str) -> torch.Tensor:
-    if isinstance(value, torch.Tensor):
-        if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
-            raise InvalidArgumentError(argument, f"must be a 1-d int tensor, got {value.dtype}")
-        ids = value.detach().to("cpu", torch.int64)
-    else:
-        try:
-            table = array("q", value)  # parsed in C; refuses floats and strings
-        except (TypeError, OverflowError) as exc:
-            raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
-        ids = (
-            torch.frombuffer(table, dtype=torch.int64)
-            if table
-            else torch.zeros(0, dtype=torch.int64)
-        )
-    lowest, highest = map(int, torch.aminmax(ids)) if ids.numel() else (0, 0)
-    if lowest < 0 or highest >= num_blocks:
-        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
-        raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
-    return ids
-
-
-def _check_same_shape(a: LayoutConfig, b: LayoutConfig, argument: str = "dst") -> None:
-    for name in _SHAPE_FIELDS:
-        if getattr(a, name) != getattr(b, name):
-            raise ConfigMismatchError(
-                argument,
-                f"has {name}={getattr(b, name)} where the source has {getattr(a, name)};"
-                " blocks must have the same shape",
-            )
-    if a.num_heads is not None and b.num_heads is not None and a.num_heads != b.num_heads:
-        raise ConfigMismatchError(
-            argument, f"has num_heads={b.num_heads} where the source has {a.num_heads}"
-        )
-
-
-def _share_memory(a: PhysicalLayout, b: PhysicalLayout) -> bool:
-    """Whether two layouts' memory might overlap (then kernels check every address)."""
-    if a is b:
-        return False  # distinct block ids of one layout never overlap
-    for physical in (a, b):
-        if physical.storage in (StorageKind.DISK, StorageKind.REMOTE):
-            return False
-    if not a.span.overlaps(b.span):
-        return False
-    return any(x.overlaps(y) for x in a.layout.memory for y in b.layout.memory)
