@@ -15,6 +15,7 @@ import torch
 
 from kvblocks.kernels import Backend, available, has_memcpy_batch_async
 from kvblocks.remote import installed_package
+from kvblocks.storage.numa import gpu_node, online_nodes
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,24 @@ def _sharing_capability(nixl: str | None) -> Capability:
     )
 
 
+def _numa_capability(gpu: bool) -> Capability:
+    name = "NUMA placement of G2"
+    nodes = online_nodes()
+    if len(nodes) < 2:
+        why = "one NUMA node" if nodes else "the system does not list NUMA nodes"
+        return Capability(name, False, f"{why}: nothing to place")
+    listed = ", ".join(map(str, nodes))
+    if not gpu:
+        return Capability(name, True, f"nodes {listed}; host_numa_node picks one")
+    gpus = [gpu_node(d) for d in range(torch.cuda.device_count())]
+    if all(node is None for node in gpus):
+        return Capability(
+            name, True, f"nodes {listed}; the system does not say the GPUs': name one"
+        )
+    where = ", ".join(f"GPU {d}: {'?' if n is None else n}" for d, n in enumerate(gpus))
+    return Capability(name, True, f"nodes {listed}; {where}")
+
+
 def probe() -> list[Capability]:
     """Report every path kvblocks can use to hold and move blocks on this machine."""
     cuda = _cuda_capability()
@@ -116,4 +135,5 @@ def probe() -> list[Capability]:
             f"{nixl} installed" if nixl else "nixl is not installed (extra: remote)",
         ),
         _sharing_capability(nixl),
+        _numa_capability(gpu),
     ]

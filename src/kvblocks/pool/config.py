@@ -23,6 +23,7 @@ import math
 import os
 from dataclasses import dataclass, fields
 from enum import Enum
+from typing import Literal
 
 import torch
 
@@ -42,6 +43,8 @@ from kvblocks.layout.dtypes import parse_dtype
 CPU_CACHE_ENV = "KVBLOCKS_CPU_CACHE_GB"
 #: Environment variable for the G3 size in GiB.
 DISK_CACHE_ENV = "KVBLOCKS_DISK_CACHE_GB"
+#: ``host_numa_node`` for the NUMA node of the GPU.
+GPU_NODE = "gpu"
 
 
 class DeviceLayout(Enum):
@@ -101,6 +104,11 @@ class BlockManagerConfig:
         enable_offload: offload registered blocks to G2 and G3 and onboard them back on a
             prefix hit; without it only G1 exists.
         host_cache_gb: G2 size in GiB (pinned host memory).
+        host_numa_node: the NUMA node G2's pages are placed on: ``"gpu"`` (the default) the
+            node of GPU ``device_id`` where the system has more than one node and says which
+            (else, as with None, wherever the system puts them); a node number; or None,
+            wherever the system puts them (the node of the CPU that first touches each page).
+            See :mod:`~kvblocks.storage.numa`.
         disk_cache_gb: G3 size in GiB (a file in ``offload_path``); needs a G2 to stage through.
         offload_path: directory of the G3 file and its journal. One BlockManager at a time
             uses a G3 file (it is locked while open): workers on one machine that hold blocks
@@ -143,6 +151,7 @@ class BlockManagerConfig:
     gpu_memory_fraction: float = 0.9
     enable_offload: bool = False
     host_cache_gb: float = 0.0
+    host_numa_node: int | Literal["gpu"] | None = GPU_NODE
     disk_cache_gb: float = 0.0
     offload_path: str = "/tmp"
     disk_cache_key: str | None = None
@@ -204,6 +213,14 @@ class BlockManagerConfig:
                 f" got {window!r}",
             )
         positive_int(self.onboard_layer_groups, "onboard_layer_groups")
+        node = self.host_numa_node
+        if node not in (None, GPU_NODE) and (
+            isinstance(node, bool) or not isinstance(node, int) or node < 0
+        ):
+            raise InvalidArgumentError(
+                "host_numa_node",
+                f"must be {GPU_NODE!r}, a NUMA node number or None, got {node!r}",
+            )
         if self.disk_cache_key is not None and (
             not isinstance(self.disk_cache_key, str) or not self.disk_cache_key.strip()
         ):

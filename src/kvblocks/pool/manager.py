@@ -51,7 +51,7 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError
-from kvblocks.pool.config import BlockManagerConfig, DeviceLayout
+from kvblocks.pool.config import GPU_NODE, BlockManagerConfig, DeviceLayout
 from kvblocks.pool.device_tensors import checked_device_tensors
 from kvblocks.pool.events import AllBlocksCleared, EventBatch, EventPublisher
 from kvblocks.pool.g4 import PeerReads, ServedG2, g2_changes
@@ -69,6 +69,7 @@ from kvblocks.pool.tier import Tier
 from kvblocks.pool.tier_set import ChainInfo, TierSet, TierState
 from kvblocks.pool.window import blocks_needed, window_hit
 from kvblocks.storage import PhysicalLayout
+from kvblocks.storage.numa import check_node, gpu_node, nodes_of
 from kvblocks.transfer import (
     LogicalLayoutHandle,
     TransferManager,
@@ -188,8 +189,7 @@ class BlockManager:
             self.device_tensors = self._device_tensors(device_tensors)
             self._tiers.add(Tier.G1, self._g1_layout())
             if config.enable_offload:
-                layout = self._storage_builder(config.host_blocks).allocate_pinned().build()
-                self._tiers.add(Tier.G2, layout)
+                self._tiers.add(Tier.G2, self._g2_layout())
                 if config.disk_blocks:
                     self._open_disk_tier()
                 self._warm_up()
@@ -265,6 +265,19 @@ class BlockManager:
             .with_external_regions(self.device_tensors)
             .build()
         )
+
+    def _g2_layout(self) -> PhysicalLayout:
+        """G2: pinned host memory, on the NUMA node ``config.host_numa_node`` names."""
+        config = self.config
+        node = config.host_numa_node
+        if node == GPU_NODE:
+            node = gpu_node(config.device_id) if self.device_tensors[0].is_cuda else None
+        elif node is not None:
+            check_node(node, "host_numa_node")
+        physical = self._storage_builder(config.host_blocks).allocate_pinned(node).build()
+        if node is not None:
+            _log_placement(physical, node)
+        return physical
 
     def _storage_builder(self, num_blocks: int):
         return (
@@ -834,3 +847,22 @@ class BlockManager:
             server = self._server  # close() may drop it meanwhile
             if events and server is not None:
                 server.announce(g2_changes(events))
+
+
+def _log_placement(g2: PhysicalLayout, node: int) -> None:
+    """Say where G2's pages went: a warning where most of those touched so far (all of them
+    on a GPU, where pinning touches every page) are off ``node`` (its memory was full)."""
+    where = nodes_of(g2.allocations[0].view())
+    touched = sum(where.values())
+    if touched and where[node] < touched / 2:
+        others = ", ".join(f"node {n}: {count}" for n, count in sorted(where.items()))
+        log.warning(
+            "G2 was to be on NUMA node %d, but of %d pages sampled %d are (%s): is its memory"
+            " full?",
+            node,
+            touched,
+            where[node],
+            others,
+        )
+    else:
+        log.info("G2: %d bytes of pinned memory on NUMA node %d", g2.allocations[0].size, node)

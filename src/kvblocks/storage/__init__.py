@@ -1,7 +1,8 @@
 """Storage: where a layout's bytes live (GPU, pinned or system memory, a file, another worker).
 
 - :class:`StorageKind` and the allocations of each kind (:mod:`~kvblocks.storage.memory`,
-  :mod:`~kvblocks.storage.disk`).
+  :mod:`~kvblocks.storage.disk`); pinned memory placed on a NUMA node
+  (:mod:`~kvblocks.storage.numa`).
 - :class:`PhysicalLayout` (a layout plus its storage, built step by step) and :class:`KvBlocks`.
 """
 

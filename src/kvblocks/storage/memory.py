@@ -19,6 +19,7 @@ from kvblocks.errors import (
 )
 from kvblocks.layout import MemoryRegion
 from kvblocks.storage.kinds import StorageKind
+from kvblocks.storage.numa import allocate_on_node
 
 #: Alignment of host allocations: a page, what O_DIRECT needs.
 HOST_ALIGN = 4096
@@ -65,15 +66,23 @@ class MemoryAllocation(Allocation):
         emulated: system memory standing in for device or pinned memory (no GPU here).
         owned: the memory was allocated here (False for an engine's tensors, which are only
             referenced and never freed by kvblocks).
+        numa_node: the NUMA node its pages were placed on (None: wherever the system put
+            them; see :mod:`~kvblocks.storage.numa`).
     """
 
     def __init__(
-        self, kind: StorageKind, tensor: torch.Tensor, emulated: bool = False, owned: bool = True
+        self,
+        kind: StorageKind,
+        tensor: torch.Tensor,
+        emulated: bool = False,
+        owned: bool = True,
+        numa_node: int | None = None,
     ) -> None:
         super().__init__(kind, tensor.numel() * tensor.element_size())
         self._tensor: torch.Tensor | None = tensor
         self.emulated = emulated
         self.owned = owned
+        self.numa_node = numa_node
 
     @property
     def device(self) -> torch.device:
@@ -124,10 +133,21 @@ def allocate_device(size: int, device_id: int = 0) -> MemoryAllocation:
     return MemoryAllocation(StorageKind.DEVICE, tensor)
 
 
-def allocate_pinned(size: int) -> MemoryAllocation:
-    """``size`` bytes of page-locked host memory (plain system memory where there is no GPU)."""
+def allocate_pinned(size: int, numa_node: int | None = None) -> MemoryAllocation:
+    """``size`` bytes of page-locked host memory (plain system memory where there is no GPU);
+    with ``numa_node``, its pages on that NUMA node while it has room
+    (:func:`~kvblocks.storage.numa.allocate_on_node`).
+
+    Raises:
+        InvalidArgumentError: ``size`` is not a positive int, or ``numa_node`` not an online
+            node.
+        StorageError: the memory cannot be allocated.
+    """
     _check_size(size)
     gpu = torch.cuda.is_available()
+    if numa_node is not None:
+        tensor = allocate_on_node(size, numa_node, pin=gpu)
+        return MemoryAllocation(StorageKind.PINNED, tensor, emulated=not gpu, numa_node=numa_node)
     try:
         tensor = _aligned_host(size, pin=gpu)
     except RuntimeError as exc:

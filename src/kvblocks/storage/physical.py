@@ -52,6 +52,7 @@ from kvblocks.storage.memory import (
     allocate_system,
     wrap_tensor,
 )
+from kvblocks.storage.numa import check_node
 
 
 class PhysicalLayout:
@@ -164,8 +165,12 @@ class PhysicalLayoutBuilder:
     def allocate_device(self, device_id: int = 0) -> PhysicalLayoutBuilder:
         return self._set_memory("device", device_id)
 
-    def allocate_pinned(self) -> PhysicalLayoutBuilder:
-        return self._set_memory("pinned")
+    def allocate_pinned(self, numa_node: int | None = None) -> PhysicalLayoutBuilder:
+        """Page-locked host memory; with ``numa_node``, its pages placed on that NUMA node
+        (:mod:`~kvblocks.storage.numa`; the GPU's own, see ``numa.gpu_node``)."""
+        if numa_node is not None:
+            check_node(numa_node)
+        return self._set_memory("pinned", numa_node)
 
     def allocate_system(self) -> PhysicalLayoutBuilder:
         return self._set_memory("system")
@@ -235,7 +240,7 @@ class PhysicalLayoutBuilder:
         if kind == "device":
             return [allocate_device(size, args[0]) for size in sizes]
         if kind == "pinned":
-            return [allocate_pinned(size) for size in sizes]
+            return [allocate_pinned(size, args[0]) for size in sizes]
         if kind == "system":
             return [allocate_system(size) for size in sizes]
         if kind == "disk":
