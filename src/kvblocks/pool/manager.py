@@ -857,11 +857,11 @@ def _log_placement(g2: PhysicalLayout, node: int) -> None:
     if touched and where[node] < touched / 2:
         others = ", ".join(f"node {n}: {count}" for n, count in sorted(where.items()))
         log.warning(
-            "G2 was to be on NUMA node %d, but of %d pages sampled %d are (%s): is its memory"
-            " full?",
+            "G2 was to be on NUMA node %d, but only %d of %d pages sampled are there (%s):"
+            " was its memory full?",
             node,
-            touched,
             where[node],
+            touched,
             others,
         )
     else:
