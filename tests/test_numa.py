@@ -232,3 +232,25 @@ def test_transfers_read_and_write_placed_pinned_memory(direction, copy_engine):
         expected = Strategy.COPY_ENGINE if copy_engine else Strategy.KERNEL
         assert manager.strategy(src, dst) is expected
         check_transfer(manager, src, [5, 0, 3], dst, [1, 2, 4], None)
+
+
+@needs_nodes
+def test_g2_pages_that_landed_off_their_node_are_warned_of(tmp_path, monkeypatch, caplog):
+    from collections import Counter
+
+    from kvblocks.pool import manager as manager_module
+
+    node = NODES[0]
+    monkeypatch.setattr(manager_module, "nodes_of", lambda t: Counter({node: 100, node + 1: 900}))
+    with caplog.at_level("INFO", logger="kvblocks.pool"):
+        with BlockManager(make_config(tmp_path, g3=0, host_numa_node=node)):
+            pass
+    (warning,) = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert f"only 100 of 1000 pages sampled are there (node {node}: 100" in warning.message
+    monkeypatch.setattr(manager_module, "nodes_of", lambda t: Counter({node: 1000}))
+    caplog.clear()
+    with caplog.at_level("INFO", logger="kvblocks.pool"):
+        with BlockManager(make_config(tmp_path, g3=0, host_numa_node=node)):
+            pass
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any(f"on NUMA node {node}" in r.message for r in caplog.records)
