@@ -1,0 +1,355 @@
+"""A small inference engine whose attention reads its KV cache from a BlockManager.
+
+The model is a decoder-only transformer with random weights (grouped-query attention, rotary
+positions, RMSNorm, a SiLU MLP); what it says is noise, but every number it computes is real.
+Its paged KV cache is the manager's G1, and each request runs as an engine runs it:
+
+1. ``lookup(prompt, wait=False)``: the prompt's cached prefix is held in G1; blocks found in
+   G2 or G3 are copied back while the engine goes on.
+2. ``allocate`` the blocks for the rest of the prompt and the tokens to generate.
+3. Prefill only the tokens after the prefix, layer by layer, each layer after
+   ``hit.ready.wait_layer(layer)``; then decode greedily, one token at a time. Each step
+   writes its K and V into the cache through the block table and attends over the cache.
+4. ``register`` the blocks filled, ``free`` the request's blocks: they stay cached, and the
+   manager offloads them to G2 and G3 in the background.
+
+The workload is a chat: conversations share a few system prompts and each turn resends the
+whole history, the model's earlier answers included. G1 holds a fraction of it, so prefixes
+come back from every tier. Every request's logits are checked against a forward pass of the
+same tokens without any cache; the run fails if one differs by more than ``--tolerance``.
+
+Run: ``python examples/tiny_engine.py`` (on the GPU where there is one; ``--help`` for sizes).
+
+Shapes: ``T`` tokens of a request step, ``H`` query heads, ``nh`` KV heads, ``hd`` head dim,
+``d = H * hd`` the model width, ``V`` the vocabulary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from kvblocks.errors import KvBlocksError
+from kvblocks.pool import BlockManager, BlockManagerConfig, PrefixHit, Tier
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """Sizes of the toy model."""
+
+    num_layers: int = 4
+    num_heads: int = 8
+    num_kv_heads: int = 2
+    head_dim: int = 16
+    vocab: int = 512
+    mlp_width: int = 256
+
+    @property
+    def width(self) -> int:
+        return self.num_heads * self.head_dim
+
+
+class TinyModel:
+    """Random weights, float32. ``forward`` runs any span of a sequence given a way to store
+    and read K and V; ``reference_logits`` runs a whole sequence with no cache at all."""
+
+    def __init__(self, dims: ModelDims, device: torch.device, seed: int) -> None:
+        self.dims = dims
+        gen = torch.Generator().manual_seed(seed)
+        d, kv = dims.width, dims.num_kv_heads * dims.head_dim
+
+        def weight(*shape: int) -> torch.Tensor:
+            return (torch.randn(*shape, generator=gen) / math.sqrt(shape[0])).to(device)
+
+        self.embed = torch.randn(dims.vocab, d, generator=gen).to(device)
+        self.layers = [
+            {
+                "wq": weight(d, d),
+                "wk": weight(d, kv),
+                "wv": weight(d, kv),
+                "wo": weight(d, d),
+                "up": weight(d, dims.mlp_width),
+                "down": weight(dims.mlp_width, d),
+            }
+            for _ in range(dims.num_layers)
+        ]
+        self.unembed = weight(d, dims.vocab)
+
+    def forward(self, tokens: torch.Tensor, start: int, kv_store) -> torch.Tensor:
+        """Logits ``[T, V]`` of ``tokens`` (``[T]``) at positions ``start ..start + T - 1``.
+
+        ``kv_store(layer, k, v)`` takes the span's rotated keys and values (``[T, nh, hd]``
+        each), keeps them, and returns the keys and values of positions ``0 .. start + T - 1``
+        (``[start + T, nh, hd]`` each) for the span to attend to.
+        """
+        dims = self.dims
+        positions = torch.arange(start, start + len(tokens), device=tokens.device)
+        x = self.embed[tokens]
+        for layer, w in enumerate(self.layers):
+            h = _rms_norm(x)
+            q = _rotate((h @ w["wq"]).view(-1, dims.num_heads, dims.head_dim), positions)
+            k = _rotate((h @ w["wk"]).view(-1, dims.num_kv_heads, dims.head_dim), positions)
+            v = (h @ w["wv"]).view(-1, dims.num_kv_heads, dims.head_dim)
+            keys, values = kv_store(layer, k, v)
+            x = x + _attention(q, keys, values, start) @ w["wo"]
+            h = _rms_norm(x)
+            x = x + torch.nn.functional.silu(h @ w["up"]) @ w["down"]
+        return _rms_norm(x) @ self.unembed
+
+    def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits ``[T, V]`` of the whole sequence ``tokens`` computed at once, no cache."""
+        return self.forward(tokens, 0, lambda layer, k, v: (k, v))
+
+
+def _rms_norm(x: torch.Tensor) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
+def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[T, heads, hd]`` at ``positions`` ``[T]``."""
+    half = x.shape[-1] // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
+    angles = positions[:, None].float() * freqs  # [T, hd / 2]
+    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
+    x1, x2 = x[..., :half], x[..., half:]
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
+    """Causal attention of queries ``[T, H, hd]`` at ``start ..`` over keys and values
+    ``[start + T, nh, hd]``; returns ``[T, H * hd]``."""
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
+    rows = torch.arange(start, start + q.shape[0], device=q.device)[:, None]
+    cols = torch.arange(k.shape[0], device=q.device)[None, :]
+    scores = scores.masked_fill(cols > rows, float("-inf"))
+    return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(q.shape[0], -1)
+
+
+class PagedKv:
+    """The ``kv_store`` of one request: K and V go to the manager's G1 blocks of its block
+    table, token ``p`` to block ``table[p // block_size]`` at row ``p % block_size``."""
+
+    def __init__(self, manager: BlockManager, table: list[int], hit: PrefixHit) -> None:
+        config = manager.config
+        self.block_size = config.block_size
+        self.table = torch.tensor(table, device=manager.device_tensors[0].device)
+        # [num_blocks, nt, nh, hd] views of each layer's K and V, whatever the cache's layout.
+        self.keys = [manager.region_view(layer, 0) for layer in range(config.num_layers)]
+        self.values = [manager.region_view(layer, 1) for layer in range(config.num_layers)]
+        self.ready = hit.ready
+        self.start = hit.num_tokens  # the first position the engine computes
+
+    def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        self.ready.wait_layer(layer)  # this layer of the prefix's blocks is in place
+        end = self.start + k.shape[0]
+        blocks, rows = self._slots(self.start, end)
+        self.keys[layer][blocks, rows] = k
+        self.values[layer][blocks, rows] = v
+        blocks, rows = self._slots(0, end)
+        return self.keys[layer][blocks, rows], self.values[layer][blocks, rows]
+
+    def _slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(start, end, device=self.table.device)
+        return self.table[positions // self.block_size], positions % self.block_size
+
+
+@dataclass
+class RequestResult:
+    """What serving one request did: tokens of the prompt taken from the cache (per tier)
+    and computed, the answer, and how far its logits were from the no-cache forward pass."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    from_tier: dict[Tier, int]
+    answer: list[int]
+    max_logit_error: float
+
+
+def serve(
+    manager: BlockManager, model: TinyModel, prompt: list[int], answer_tokens: int
+) -> RequestResult:
+    """Run one request: reuse the prompt's cached prefix, compute the rest, generate
+    ``answer_tokens`` tokens greedily, cache the blocks filled; check every logit."""
+    size = manager.config.block_size
+    device = manager.device_tensors[0].device
+    # At least the prompt's last token is computed: its logits give the first answer token.
+    hit = manager.lookup(prompt, max_blocks=(len(prompt) - 1) // size, wait=False)
+    cached = hit.num_tokens
+    kv_tokens = len(prompt) + answer_tokens - 1  # the last answer token's KV is not needed
+    table = hit.block_ids + manager.allocate(-(-kv_tokens // size) - len(hit.block_ids))
+    try:
+        kv = PagedKv(manager, table, hit)
+        tokens = list(prompt)
+        step = prompt[cached:]
+        logits = []
+        while True:
+            out = model.forward(torch.tensor(step, device=device), kv.start, kv)
+            kv.start += len(step)
+            logits.append(out)
+            if len(tokens) == len(prompt) + answer_tokens:
+                break
+            tokens.append(int(out[-1].argmax()))
+            step = tokens[-1:]
+        full = kv_tokens // size
+        done = len(hit.block_ids)
+        manager.register(
+            table[done:full], tokens[done * size : full * size], parent_hash=hit.last_hash
+        )
+    finally:
+        manager.free(table)
+    reference = model.reference_logits(torch.tensor(tokens, device=device))[cached:]
+    error = float((torch.cat(logits) - reference).abs().max())
+    return RequestResult(len(prompt), cached, hit.from_tier, tokens[len(prompt) :], error)
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A seeded chat: ``conversations`` of ``turns`` each, interleaved turn by turn; each
+    starts with one of ``system_prompts`` shared prompts, each turn adds ``user_tokens``."""
+
+    conversations: int = 6
+    turns: int = 4
+    system_prompts: int = 2
+    system_tokens: int = 64
+    user_tokens: int = 24
+    answer_tokens: int = 12
+    seed: int = 0
+
+
+@dataclass
+class Totals:
+    """The sums of a run's requests."""
+
+    requests: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    from_tier: dict[Tier, int] = field(default_factory=dict)
+    max_logit_error: float = 0.0
+
+    @classmethod
+    def of(cls, results: list[RequestResult]) -> Totals:
+        totals = cls(len(results))
+        for result in results:
+            totals.prompt_tokens += result.prompt_tokens
+            totals.cached_tokens += result.cached_tokens
+            for tier, n in result.from_tier.items():
+                totals.from_tier[tier] = totals.from_tier.get(tier, 0) + n
+            totals.max_logit_error = max(totals.max_logit_error, result.max_logit_error)
+        return totals
+
+
+def run(manager: BlockManager, model: TinyModel, work: Workload, log=print) -> list[RequestResult]:
+    """Serve the workload's requests in turn; ``log`` gets one line per request."""
+    gen = torch.Generator().manual_seed(work.seed)
+
+    def words(n: int) -> list[int]:
+        return torch.randint(0, model.dims.vocab, (n,), generator=gen).tolist()
+
+    systems = [words(work.system_tokens) for _ in range(work.system_prompts)]
+    histories = [list(systems[c % work.system_prompts]) for c in range(work.conversations)]
+    results = []
+    for turn in range(work.turns):
+        for c, history in enumerate(histories):
+            history += words(work.user_tokens)
+            result = serve(manager, model, history, work.answer_tokens)
+            history += result.answer
+            results.append(result)
+            log(
+                f"request {len(results):3d}  conversation {c} turn {turn}:"
+                f" {result.prompt_tokens:4d} prompt tokens, {result.cached_tokens:4d} cached"
+                f" (blocks: {by_tier(result.from_tier)}),"
+                f" max |logit error| {result.max_logit_error:.1e}"
+            )
+    return results
+
+
+def by_tier(counts: dict[Tier, int]) -> str:
+    """``"G1 4 G2 2"``: the tiers with a count, in tier order."""
+    return " ".join(f"{t.name} {counts[t]}" for t in Tier if counts.get(t)) or "none"
+
+
+def manager_config(
+    block_size: int, g1_blocks: int, g2_blocks: int, g3_blocks: int, offload_path: str
+) -> BlockManagerConfig:
+    """A manager of the toy model's cache: float32 blocks of ``block_size`` tokens, each tier
+    ``g*_blocks`` blocks, G3's file in ``offload_path``, onboarding in two layer groups."""
+    dims = ModelDims()
+    sizes = BlockManagerConfig(
+        num_layers=dims.num_layers,
+        num_kv_heads=dims.num_kv_heads,
+        head_dim=dims.head_dim,
+        block_size=block_size,
+        dtype="f32",
+        device_blocks=g1_blocks,
+    )
+    return replace(
+        sizes,
+        enable_offload=True,
+        host_cache_gb=g2_blocks * sizes.block_bytes / 2**30,
+        disk_cache_gb=g3_blocks * sizes.block_bytes / 2**30,
+        offload_path=offload_path,
+        onboard_layer_groups=2,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="Serve a chat workload with a toy transformer whose paged KV cache is a"
+        " BlockManager's G1 (on the GPU where there is one), and check every logit against a"
+        " forward pass without cache."
+    )
+    parser.add_argument("--block-size", type=_at_least(1), default=16, help="tokens (16)")
+    parser.add_argument("--g1-blocks", type=_at_least(1), default=40, help="device blocks (40)")
+    parser.add_argument("--g2-blocks", type=_at_least(1), default=32, help="pinned blocks (32)")
+    parser.add_argument("--g3-blocks", type=_at_least(0), default=256, help="disk blocks (256)")
+    parser.add_argument("--conversations", type=_at_least(1), default=Workload.conversations)
+    parser.add_argument("--turns", type=_at_least(1), default=Workload.turns)
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit error")
+    parser.add_argument("--quiet", action="store_true", help="print the summary only")
+    args = parser.parse_args(argv)
+
+    work = Workload(conversations=args.conversations, turns=args.turns)
+    with tempfile.TemporaryDirectory() as disk:
+        config = manager_config(
+            args.block_size, args.g1_blocks, args.g2_blocks, args.g3_blocks, disk
+        )
+        try:
+            with BlockManager(config) as manager:
+                model = TinyModel(ModelDims(), manager.device_tensors[0].device, seed=1)
+                log = (lambda line: None) if args.quiet else print
+                results = run(manager, model, work, log)
+        except KvBlocksError as error:  # e.g. G1 too small for one request
+            print(f"{parser.prog}: error: {error}", file=sys.stderr)
+            return 1
+    totals = Totals.of(results)
+    print(
+        f"{totals.requests} requests, {totals.prompt_tokens} prompt tokens: "
+        f"{totals.cached_tokens} taken from the cache (blocks: {by_tier(totals.from_tier)}), "
+        f"{totals.prompt_tokens - totals.cached_tokens} computed; "
+        f"max |logit error| {totals.max_logit_error:.1e} (tolerance {args.tolerance:g})"
+    )
+    if not totals.max_logit_error <= args.tolerance:
+        print("logits differ from the forward pass without cache", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _at_least(minimum: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected an int >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+if __name__ == "__main__":
+    sys.exit(main())
