@@ -35,7 +35,8 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from kvblocks.errors import KvBlocksError
-from kvblocks.pool import BlockManager, BlockManagerConfig, PrefixHit, Tier
+from kvblocks.layout import KvBlockLayout
+from kvblocks.pool import BlockManager, BlockManagerConfig, DeviceLayout, PrefixHit, Tier
 
 
 @dataclass(frozen=True)
@@ -140,9 +141,16 @@ class PagedKv:
         config = manager.config
         self.block_size = config.block_size
         self.table = torch.tensor(table, device=manager.device_tensors[0].device)
-        # [num_blocks, nt, nh, hd] views of each layer's K and V, whatever the cache's layout.
-        self.keys = [manager.region_view(layer, 0) for layer in range(config.num_layers)]
-        self.values = [manager.region_view(layer, 1) for layer in range(config.num_layers)]
+        # [num_blocks, nt, nh, hd] views of each layer's K and V, whatever the cache's layout;
+        # region_view gives the page in the cache's own order, [nh, nt, hd] for HND.
+        hnd = config.device_format is KvBlockLayout.OperationalHND
+
+        def view(layer: int, outer: int) -> torch.Tensor:
+            pages = manager.region_view(layer, outer)
+            return pages.transpose(1, 2) if hnd else pages
+
+        self.keys = [view(layer, 0) for layer in range(config.num_layers)]
+        self.values = [view(layer, 1) for layer in range(config.num_layers)]
         self.ready = hit.ready
         self.start = hit.num_tokens  # the first position the engine computes
 
@@ -276,10 +284,18 @@ def by_tier(counts: dict[Tier, int]) -> str:
 
 
 def manager_config(
-    block_size: int, g1_blocks: int, g2_blocks: int, g3_blocks: int, offload_path: str
+    block_size: int,
+    g1_blocks: int,
+    g2_blocks: int,
+    g3_blocks: int,
+    offload_path: str,
+    device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST,
+    device_format: KvBlockLayout = KvBlockLayout.OperationalNHD,
 ) -> BlockManagerConfig:
     """A manager of the toy model's cache: float32 blocks of ``block_size`` tokens, each tier
-    ``g*_blocks`` blocks, G3's file in ``offload_path``, onboarding in two layer groups."""
+    ``g*_blocks`` blocks, G3's file in ``offload_path``, onboarding in two layer groups; G1's
+    tensors shaped as ``device_layout`` and ``device_format`` say (the engine's attention reads
+    them through ``region_view``, whatever their shape)."""
     dims = ModelDims()
     sizes = BlockManagerConfig(
         num_layers=dims.num_layers,
@@ -288,6 +304,8 @@ def manager_config(
         block_size=block_size,
         dtype="f32",
         device_blocks=g1_blocks,
+        device_layout=device_layout,
+        device_format=device_format,
     )
     return replace(
         sizes,
@@ -309,6 +327,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--g1-blocks", type=_at_least(1), default=40, help="device blocks (40)")
     parser.add_argument("--g2-blocks", type=_at_least(1), default=32, help="pinned blocks (32)")
     parser.add_argument("--g3-blocks", type=_at_least(0), default=256, help="disk blocks (256)")
+    parser.add_argument(
+        "--device-layout",
+        choices=[d.name.lower().replace("_", "-") for d in DeviceLayout],
+        default="block-first",
+        help="shape of G1's tensors (block-first)",
+    )
+    parser.add_argument("--device-format", choices=["nhd", "hnd"], default="nhd")
     parser.add_argument("--conversations", type=_at_least(1), default=Workload.conversations)
     parser.add_argument("--turns", type=_at_least(1), default=Workload.turns)
     parser.add_argument("--tolerance", type=float, default=1e-4, help="largest logit error")
@@ -318,7 +343,15 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload(conversations=args.conversations, turns=args.turns)
     with tempfile.TemporaryDirectory() as disk:
         config = manager_config(
-            args.block_size, args.g1_blocks, args.g2_blocks, args.g3_blocks, disk
+            args.block_size,
+            args.g1_blocks,
+            args.g2_blocks,
+            args.g3_blocks,
+            disk,
+            DeviceLayout[args.device_layout.upper().replace("-", "_")],
+            KvBlockLayout.OperationalHND
+            if args.device_format == "hnd"
+            else KvBlockLayout.OperationalNHD,
         )
         try:
             with BlockManager(config) as manager:

@@ -8,7 +8,8 @@ import sys
 import pytest
 import torch
 
-from kvblocks.pool import BlockManager, Tier
+from kvblocks.layout import KvBlockLayout
+from kvblocks.pool import BlockManager, DeviceLayout, Tier
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 
@@ -25,9 +26,10 @@ def engine():
         del sys.modules[spec.name]
 
 
-def open_manager(engine, tmp_path) -> BlockManager:
-    """The example's manager: G1 40 blocks, G2 32, G3 256, blocks of 16 tokens."""
-    return BlockManager(engine.manager_config(16, 40, 32, 256, str(tmp_path)))
+def open_manager(engine, tmp_path, *shape) -> BlockManager:
+    """The example's manager: G1 40 blocks, G2 32, G3 256, blocks of 16 tokens; G1's tensors
+    shaped by ``shape`` (a DeviceLayout and a KvBlockLayout), or as the example's default."""
+    return BlockManager(engine.manager_config(16, 40, 32, 256, str(tmp_path), *shape))
 
 
 def run_workload(engine, manager):
@@ -35,8 +37,18 @@ def run_workload(engine, manager):
     return engine.run(manager, model, engine.Workload(), log=lambda line: None)
 
 
-def test_logits_match_a_forward_pass_without_cache_from_every_tier(engine, tmp_path):
-    with open_manager(engine, tmp_path) as manager:
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (DeviceLayout.BLOCK_FIRST, KvBlockLayout.OperationalNHD),
+        (DeviceLayout.OUTER_FIRST, KvBlockLayout.OperationalHND),
+        (DeviceLayout.OUTER_SEPARATE, KvBlockLayout.OperationalNHD),
+        (DeviceLayout.FULLY_CONTIGUOUS, KvBlockLayout.OperationalHND),
+    ],
+    ids=lambda shape: f"{shape[0].name}-{shape[1].name}",
+)
+def test_logits_match_a_forward_pass_without_cache_from_every_tier(engine, tmp_path, shape):
+    with open_manager(engine, tmp_path, *shape) as manager:
         results = run_workload(engine, manager)
     totals = engine.Totals.of(results)
     assert totals.requests == 24
