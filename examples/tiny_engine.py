@@ -1,8 +1,9 @@
 """A small inference engine whose attention reads its KV cache from a BlockManager.
 
-The model is a decoder-only transformer with random weights (grouped-query attention, rotary
-positions, RMSNorm, a SiLU MLP); what it says is noise, but every number it computes is real.
-Its paged KV cache is the manager's G1, and each request runs as an engine runs it:
+The model is a decoder-only transformer with random weights, shaped as Llama's (grouped-query
+attention, rotary positions, RMSNorm, a SwiGLU MLP): what it says is noise, but every number it
+computes is real. Its paged KV cache is the manager's G1, and each request runs as an engine
+runs it:
 
 1. ``lookup(prompt, wait=False)``: the prompt's cached prefix is held in G1; blocks found in
    G2 or G3 are copied back while the engine goes on.
@@ -27,12 +28,13 @@ Shapes: ``T`` tokens of a request step, ``H`` query heads, ``nh`` KV heads, ``hd
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import tempfile
+import time
 from dataclasses import dataclass, field, replace
 
 import torch
+from torch.nn.attention.bias import causal_lower_right
 
 from kvblocks.errors import KvBlocksError
 from kvblocks.layout import KvBlockLayout
@@ -41,7 +43,7 @@ from kvblocks.pool import BlockManager, BlockManagerConfig, DeviceLayout, Prefix
 
 @dataclass(frozen=True)
 class ModelDims:
-    """Sizes of the toy model."""
+    """Sizes of the model (a small one by default) and the dtype of its weights and KV."""
 
     num_layers: int = 4
     num_heads: int = 8
@@ -49,40 +51,44 @@ class ModelDims:
     head_dim: int = 16
     vocab: int = 512
     mlp_width: int = 256
+    dtype: torch.dtype = torch.float32
 
     @property
     def width(self) -> int:
         return self.num_heads * self.head_dim
 
 
-class TinyModel:
-    """Random weights, float32. ``forward`` runs any span of a sequence given a way to store
-    and read K and V; ``reference_logits`` runs a whole sequence with no cache at all."""
+class Transformer:
+    """A decoder with random weights, shaped as Llama's: RMSNorm, grouped-query attention with
+    rotary positions, a SwiGLU MLP. ``forward`` runs any span of a sequence given a way to
+    store and read K and V; ``reference_logits`` runs a whole sequence with no cache at all."""
 
     def __init__(self, dims: ModelDims, device: torch.device, seed: int) -> None:
         self.dims = dims
-        gen = torch.Generator().manual_seed(seed)
+        gen = torch.Generator(device).manual_seed(seed)
         d, kv = dims.width, dims.num_kv_heads * dims.head_dim
 
-        def weight(*shape: int) -> torch.Tensor:
-            return (torch.randn(*shape, generator=gen) / math.sqrt(shape[0])).to(device)
+        def weight(rows: int, cols: int, scale: float) -> torch.Tensor:
+            w = torch.randn(rows, cols, generator=gen, device=device, dtype=dims.dtype)
+            return w.mul_(scale)
 
-        self.embed = torch.randn(dims.vocab, d, generator=gen).to(device)
+        self.embed = weight(dims.vocab, d, 1.0)
         self.layers = [
             {
-                "wq": weight(d, d),
-                "wk": weight(d, kv),
-                "wv": weight(d, kv),
-                "wo": weight(d, d),
-                "up": weight(d, dims.mlp_width),
-                "down": weight(dims.mlp_width, d),
+                "wq": weight(d, d, d**-0.5),
+                "wk": weight(d, kv, d**-0.5),
+                "wv": weight(d, kv, d**-0.5),
+                "wo": weight(d, d, d**-0.5),
+                "gate": weight(d, dims.mlp_width, d**-0.5),
+                "up": weight(d, dims.mlp_width, d**-0.5),
+                "down": weight(dims.mlp_width, d, dims.mlp_width**-0.5),
             }
             for _ in range(dims.num_layers)
         ]
-        self.unembed = weight(d, dims.vocab)
+        self.unembed = weight(d, dims.vocab, d**-0.5)
 
     def forward(self, tokens: torch.Tensor, start: int, kv_store) -> torch.Tensor:
-        """Logits ``[T, V]`` of ``tokens`` (``[T]``) at positions ``start ..start + T - 1``.
+        """Logits ``[T, V]`` of ``tokens`` (``[T]``) at positions ``start .. start + T - 1``.
 
         ``kv_store(layer, k, v)`` takes the span's rotated keys and values (``[T, nh, hd]``
         each), keeps them, and returns the keys and values of positions ``0 .. start + T - 1``
@@ -90,16 +96,17 @@ class TinyModel:
         """
         dims = self.dims
         positions = torch.arange(start, start + len(tokens), device=tokens.device)
+        rotation = _rotation(positions, dims.head_dim, dims.dtype)
         x = self.embed[tokens]
         for layer, w in enumerate(self.layers):
             h = _rms_norm(x)
-            q = _rotate((h @ w["wq"]).view(-1, dims.num_heads, dims.head_dim), positions)
-            k = _rotate((h @ w["wk"]).view(-1, dims.num_kv_heads, dims.head_dim), positions)
+            q = _rotate((h @ w["wq"]).view(-1, dims.num_heads, dims.head_dim), rotation)
+            k = _rotate((h @ w["wk"]).view(-1, dims.num_kv_heads, dims.head_dim), rotation)
             v = (h @ w["wv"]).view(-1, dims.num_kv_heads, dims.head_dim)
             keys, values = kv_store(layer, k, v)
-            x = x + _attention(q, keys, values, start) @ w["wo"]
+            x = x + _attention(q, keys, values) @ w["wo"]
             h = _rms_norm(x)
-            x = x + torch.nn.functional.silu(h @ w["up"]) @ w["down"]
+            x = x + (torch.nn.functional.silu(h @ w["gate"]) * (h @ w["up"])) @ w["down"]
         return _rms_norm(x) @ self.unembed
 
     def reference_logits(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -108,29 +115,35 @@ class TinyModel:
 
 
 def _rms_norm(x: torch.Tensor) -> torch.Tensor:
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+    return torch.nn.functional.rms_norm(x, x.shape[-1:], eps=1e-6)
 
 
-def _rotate(x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of ``x`` ``[T, heads, hd]`` at ``positions`` ``[T]``."""
-    half = x.shape[-1] // 2
-    freqs = 10000.0 ** (-torch.arange(half, device=x.device, dtype=torch.float32) / half)
-    angles = positions[:, None].float() * freqs  # [T, hd / 2]
-    cos, sin = angles.cos()[:, None], angles.sin()[:, None]
-    x1, x2 = x[..., :half], x[..., half:]
+def _rotation(
+    positions: torch.Tensor, head_dim: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosines and sines ``[T, 1, hd / 2]`` of the rotary angles at ``positions`` ``[T]``."""
+    half = head_dim // 2
+    freqs = 10000.0 ** (-torch.arange(half, device=positions.device, dtype=torch.float32) / half)
+    angles = positions[:, None].float() * freqs
+    return angles.cos()[:, None].to(dtype), angles.sin()[:, None].to(dtype)
+
+
+def _rotate(x: torch.Tensor, rotation: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Rotary position embedding of ``x`` ``[T, heads, hd]`` (``rotation`` from
+    :func:`_rotation`)."""
+    cos, sin = rotation
+    x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
 
 
-def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int) -> torch.Tensor:
-    """Causal attention of queries ``[T, H, hd]`` at ``start ..`` over keys and values
-    ``[start + T, nh, hd]``; returns ``[T, H * hd]``."""
-    groups = q.shape[1] // k.shape[1]
-    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
-    scores = torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])
-    rows = torch.arange(start, start + q.shape[0], device=q.device)[:, None]
-    cols = torch.arange(k.shape[0], device=q.device)[None, :]
-    scores = scores.masked_fill(cols > rows, float("-inf"))
-    return torch.einsum("hts,shd->thd", scores.softmax(-1), v).reshape(q.shape[0], -1)
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal attention of the last ``T`` positions' queries ``[T, H, hd]`` over keys and
+    values ``[S, nh, hd]`` of positions ``0 .. S - 1`` (query ``i`` is position
+    ``S - T + i``); returns ``[T, H * hd]``."""
+    mask = causal_lower_right(q.shape[0], k.shape[0])
+    q, k, v = (x.transpose(0, 1).unsqueeze(0) for x in (q, k, v))  # [1, heads, T or S, hd]
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out[0].transpose(0, 1).reshape(q.shape[2], -1)
 
 
 class PagedKv:
@@ -153,19 +166,76 @@ class PagedKv:
         self.values = [view(layer, 1) for layer in range(config.num_layers)]
         self.ready = hit.ready
         self.start = hit.num_tokens  # the first position the engine computes
+        self._span: tuple[int, int] | None = None
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.ready.wait_layer(layer)  # this layer of the prefix's blocks is in place
         end = self.start + k.shape[0]
-        blocks, rows = self._slots(self.start, end)
-        self.keys[layer][blocks, rows] = k
-        self.values[layer][blocks, rows] = v
-        blocks, rows = self._slots(0, end)
-        return self.keys[layer][blocks, rows], self.values[layer][blocks, rows]
+        if self._span != (self.start, end):  # the step's slots, worked out at its first layer
+            self._span = (self.start, end)
+            self._write_to, self._read_from = self._slots(self.start, end), self._slots(0, end)
+        self.keys[layer][self._write_to] = k
+        self.values[layer][self._write_to] = v
+        return self.keys[layer][self._read_from], self.values[layer][self._read_from]
 
     def _slots(self, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Blocks and rows ``[end - start]`` each of positions ``start .. end - 1``."""
         positions = torch.arange(start, end, device=self.table.device)
         return self.table[positions // self.block_size], positions % self.block_size
+
+
+@dataclass
+class Generation:
+    """One request's run: the prompt and answer ``tokens``, the logits ``[n, V]`` of the
+    positions computed (from ``hit.num_tokens`` on, one per token whose KV was computed), the
+    request's G1 ``block_ids`` (freed; cached as far as they were full), and the seconds from
+    the lookup's call until it returned and until the first answer token was known on the
+    host."""
+
+    tokens: list[int]
+    logits: torch.Tensor
+    hit: PrefixHit
+    block_ids: list[int]
+    lookup_s: float
+    first_token_s: float
+
+
+def generate(
+    manager: BlockManager, model: Transformer, prompt: list[int], answer_tokens: int
+) -> Generation:
+    """Run one request as an engine does: reuse the prompt's cached prefix, compute the rest,
+    generate ``answer_tokens`` tokens greedily, cache the blocks filled."""
+    size = manager.config.block_size
+    device = manager.device_tensors[0].device
+    start = time.perf_counter()
+    # At least the prompt's last token is computed: its logits give the first answer token.
+    hit = manager.lookup(prompt, max_blocks=(len(prompt) - 1) // size, wait=False)
+    lookup_s = time.perf_counter() - start
+    kv_tokens = len(prompt) + answer_tokens - 1  # the last answer token's KV is not needed
+    table = hit.block_ids + manager.allocate(-(-kv_tokens // size) - len(hit.block_ids))
+    try:
+        kv = PagedKv(manager, table, hit)
+        tokens = list(prompt)
+        step = prompt[hit.num_tokens :]
+        logits = []
+        while True:
+            out = model.forward(torch.tensor(step, device=device), kv.start, kv)
+            kv.start += len(step)
+            logits.append(out)
+            tokens.append(int(out[-1].argmax()))
+            if len(logits) == 1:
+                first_token_s = time.perf_counter() - start
+            if len(tokens) == len(prompt) + answer_tokens:
+                break
+            step = tokens[-1:]
+        full = kv_tokens // size
+        done = len(hit.block_ids)
+        manager.register(
+            table[done:full], tokens[done * size : full * size], parent_hash=hit.last_hash
+        )
+    finally:
+        manager.free(table)
+    return Generation(tokens, torch.cat(logits), hit, table, lookup_s, first_token_s)
 
 
 @dataclass
@@ -181,40 +251,15 @@ class RequestResult:
 
 
 def serve(
-    manager: BlockManager, model: TinyModel, prompt: list[int], answer_tokens: int
+    manager: BlockManager, model: Transformer, prompt: list[int], answer_tokens: int
 ) -> RequestResult:
-    """Run one request: reuse the prompt's cached prefix, compute the rest, generate
-    ``answer_tokens`` tokens greedily, cache the blocks filled; check every logit."""
-    size = manager.config.block_size
-    device = manager.device_tensors[0].device
-    # At least the prompt's last token is computed: its logits give the first answer token.
-    hit = manager.lookup(prompt, max_blocks=(len(prompt) - 1) // size, wait=False)
-    cached = hit.num_tokens
-    kv_tokens = len(prompt) + answer_tokens - 1  # the last answer token's KV is not needed
-    table = hit.block_ids + manager.allocate(-(-kv_tokens // size) - len(hit.block_ids))
-    try:
-        kv = PagedKv(manager, table, hit)
-        tokens = list(prompt)
-        step = prompt[cached:]
-        logits = []
-        while True:
-            out = model.forward(torch.tensor(step, device=device), kv.start, kv)
-            kv.start += len(step)
-            logits.append(out)
-            if len(tokens) == len(prompt) + answer_tokens:
-                break
-            tokens.append(int(out[-1].argmax()))
-            step = tokens[-1:]
-        full = kv_tokens // size
-        done = len(hit.block_ids)
-        manager.register(
-            table[done:full], tokens[done * size : full * size], parent_hash=hit.last_hash
-        )
-    finally:
-        manager.free(table)
-    reference = model.reference_logits(torch.tensor(tokens, device=device))[cached:]
-    error = float((torch.cat(logits) - reference).abs().max())
-    return RequestResult(len(prompt), cached, hit.from_tier, tokens[len(prompt) :], error)
+    """:func:`generate`, then every logit checked against the forward pass of the same tokens
+    without cache."""
+    run = generate(manager, model, prompt, answer_tokens)
+    cached = run.hit.num_tokens
+    computed = torch.tensor(run.tokens[: cached + len(run.logits)], device=run.logits.device)
+    error = float((run.logits - model.reference_logits(computed)[cached:]).abs().max())
+    return RequestResult(len(prompt), cached, run.hit.from_tier, run.tokens[len(prompt) :], error)
 
 
 @dataclass(frozen=True)
@@ -253,7 +298,9 @@ class Totals:
         return totals
 
 
-def run(manager: BlockManager, model: TinyModel, work: Workload, log=print) -> list[RequestResult]:
+def run(
+    manager: BlockManager, model: Transformer, work: Workload, log=print
+) -> list[RequestResult]:
     """Serve the workload's requests in turn; ``log`` gets one line per request."""
     gen = torch.Generator().manual_seed(work.seed)
 
@@ -284,6 +331,7 @@ def by_tier(counts: dict[Tier, int]) -> str:
 
 
 def manager_config(
+    dims: ModelDims,
     block_size: int,
     g1_blocks: int,
     g2_blocks: int,
@@ -291,18 +339,18 @@ def manager_config(
     offload_path: str,
     device_layout: DeviceLayout = DeviceLayout.BLOCK_FIRST,
     device_format: KvBlockLayout = KvBlockLayout.OperationalNHD,
+    layer_groups: int = 2,
 ) -> BlockManagerConfig:
-    """A manager of the toy model's cache: float32 blocks of ``block_size`` tokens, each tier
-    ``g*_blocks`` blocks, G3's file in ``offload_path``, onboarding in two layer groups; G1's
+    """A manager of the cache of a model of ``dims``: blocks of ``block_size`` tokens, each tier
+    ``g*_blocks`` blocks, G3's file in ``offload_path``, onboarding in ``layer_groups``; G1's
     tensors shaped as ``device_layout`` and ``device_format`` say (the engine's attention reads
     them through ``region_view``, whatever their shape)."""
-    dims = ModelDims()
     sizes = BlockManagerConfig(
         num_layers=dims.num_layers,
         num_kv_heads=dims.num_kv_heads,
         head_dim=dims.head_dim,
         block_size=block_size,
-        dtype="f32",
+        dtype=dims.dtype,
         device_blocks=g1_blocks,
         device_layout=device_layout,
         device_format=device_format,
@@ -313,7 +361,7 @@ def manager_config(
         host_cache_gb=g2_blocks * sizes.block_bytes / 2**30,
         disk_cache_gb=g3_blocks * sizes.block_bytes / 2**30,
         offload_path=offload_path,
-        onboard_layer_groups=2,
+        onboard_layer_groups=layer_groups,
     )
 
 
@@ -343,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Workload(conversations=args.conversations, turns=args.turns)
     with tempfile.TemporaryDirectory() as disk:
         config = manager_config(
+            ModelDims(),
             args.block_size,
             args.g1_blocks,
             args.g2_blocks,
@@ -355,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         try:
             with BlockManager(config) as manager:
-                model = TinyModel(ModelDims(), manager.device_tensors[0].device, seed=1)
+                model = Transformer(ModelDims(), manager.device_tensors[0].device, seed=1)
                 log = (lambda line: None) if args.quiet else print
                 results = run(manager, model, work, log)
         except KvBlocksError as error:  # e.g. G1 too small for one request

@@ -260,3 +260,25 @@ def test_launch_cost_script_checks_each_way_and_times_it():
     for line in lines[1:]:
         times = [float(w) for w in line.split() if w.replace(".", "").isdigit()]
         assert len(times) == 4 and all(t > 0 for t in times), line
+
+
+def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
+    """bench/ttft.py with the example's small model: a row per prompt length and source,
+    each hit's blocks checked against the recompute's (it raises otherwise)."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "ttft.py"), "--model", "small"]
+        + ["--prompt-tokens", "64,96", "--repeats", "1", "--offload-path", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    assert [(r["prompt_tokens"], r["source"]) for r in rows] == [
+        (n, s) for n in ("64", "96") for s in ("recompute", "G1", "G2", "G3")
+    ]
+    for row in rows:
+        hit = row["source"] != "recompute"
+        assert int(row["cached_tokens"]) == (int(row["prompt_tokens"]) - 16 if hit else 0)
+        assert float(row["ttft_ms"]) > 0 and float(row["speedup"]) > 0
+    assert not list(tmp_path.iterdir())  # the G3 files went with their folder

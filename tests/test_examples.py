@@ -29,11 +29,13 @@ def engine():
 def open_manager(engine, tmp_path, *shape) -> BlockManager:
     """The example's manager: G1 40 blocks, G2 32, G3 256, blocks of 16 tokens; G1's tensors
     shaped by ``shape`` (a DeviceLayout and a KvBlockLayout), or as the example's default."""
-    return BlockManager(engine.manager_config(16, 40, 32, 256, str(tmp_path), *shape))
+    return BlockManager(
+        engine.manager_config(engine.ModelDims(), 16, 40, 32, 256, str(tmp_path), *shape)
+    )
 
 
 def run_workload(engine, manager):
-    model = engine.TinyModel(engine.ModelDims(), manager.device_tensors[0].device, seed=1)
+    model = engine.Transformer(engine.ModelDims(), manager.device_tensors[0].device, seed=1)
     return engine.run(manager, model, engine.Workload(), log=lambda line: None)
 
 
@@ -89,3 +91,17 @@ def test_main_prints_a_summary_and_refuses_bad_sizes(engine, capsys):
         engine.main(["--turns", "0"])
     assert exit_.value.code == 2
     assert "--turns: expected an int >= 1" in capsys.readouterr().err
+
+
+def test_a_request_takes_the_blocks_its_computed_tokens_fill(engine, tmp_path):
+    """21 prompt tokens and 12 answer tokens: the KV of 32 tokens (the last answer token's is
+    never needed) fills exactly 2 blocks of 16, both registered."""
+    with open_manager(engine, tmp_path) as manager:
+        model = engine.Transformer(engine.ModelDims(), manager.device_tensors[0].device, seed=1)
+        prompt = list(range(100, 121))
+        run = engine.generate(manager, model, prompt, 12)
+        assert len(run.block_ids) == 2 and run.logits.shape == (21 + 11, 512)
+        assert len(run.tokens) == 33 and run.first_token_s > 0
+        again = engine.serve(manager, model, run.tokens[:32] + [7], 3)
+    assert again.cached_tokens == 32 and again.from_tier == {Tier.G1: 2}
+    assert again.max_logit_error < 1e-4

@@ -1,0 +1,248 @@
+"""Time to first token of a long prompt whose KV a BlockManager caches, against computing the
+whole prompt.
+
+The engine is ``examples/tiny_engine.py``'s (``generate``): a transformer with random bf16
+weights whose attention reads and writes its paged KV cache, the manager's G1 (16 tokens per
+block), shaped by ``--model``: ``llama-3.1-8b`` (32 layers, 32 query and 8 KV heads of 128,
+width 4,096, SwiGLU MLP of 14,336, vocabulary 128,256) or ``llama-3.1-70b`` (80 layers, 64
+query and 8 KV heads of 128, width 8,192, MLP of 28,672), of which ``--layers`` only (a 70B
+model does not fit one GPU: with fewer layers, computing the prompt and moving its KV both
+shrink in proportion, so their ratio is the whole model's).
+
+For each prompt length, ``--repeats`` prompts of random tokens (after one more to warm up) are
+each served four ways, timed from the ``lookup`` call until the first generated token is on
+the host:
+
+- ``recompute``: nothing cached, the whole prompt is computed (its blocks are then registered
+  and offloaded to G2 and G3);
+- ``G1``: the prompt's blocks are still in G1;
+- ``G2``: G1 emptied first, the prefix comes back from pinned host memory (``lookup(...,
+  wait=False)``, 4 layer groups, each layer waited for on the stream before attention reads
+  it);
+- ``G3``: a new BlockManager on the same G3 file, so G1 and G2 are empty as after a restart;
+  the prefix is read from disk (O_DIRECT, checksummed) through G2.
+
+With a hit, the prompt's last block (16 tokens) is computed: its last token's logits give the
+first answer token. After every hit, the K and V of the prefix's first, middle and last block,
+first and last layer, are checked against what the recompute wrote, bit for bit.
+
+Columns: ``prompt_tokens``, ``source``, ``cached_tokens``, ``prefix_mib`` (the KV the hit
+brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms`` (median
+host time of the ``lookup`` call, within ``ttft_ms``), ``speedup`` (the recompute's median
+over this row's).
+
+Usage: python bench/ttft.py [--model llama-3.1-8b] [--layers N] [--prompt-tokens 4096,16384]
+    [--repeats 5] [--offload-path DIR] > ttft.csv
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+
+import torch
+
+from kvblocks.benchmarks.timing import gpu_name
+from kvblocks.pool import BlockManager, Tier
+
+EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
+BLOCK_SIZE = 16
+FIELDS = [
+    "gpu",
+    "model",
+    "layers",
+    "prompt_tokens",
+    "source",
+    "cached_tokens",
+    "prefix_mib",
+    "ttft_ms",
+    "ttft_min_ms",
+    "ttft_max_ms",
+    "lookup_ms",
+    "speedup",
+]
+
+
+def load_engine():
+    """``examples/tiny_engine.py`` as a module."""
+    spec = importlib.util.spec_from_file_location("tiny_engine", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The shapes ``--model`` knows besides the example's small default (for checks on a CPU).
+SHAPES = {
+    "llama-3.1-8b": dict(num_layers=32, num_heads=32, mlp_width=14336),
+    "llama-3.1-70b": dict(num_layers=80, num_heads=64, mlp_width=28672),
+}
+
+
+def model_dims(engine, model: str, layers: int | None):
+    """The example's ModelDims of ``model`` in bf16, with ``layers`` layers where given."""
+    dims = engine.ModelDims(dtype=torch.bfloat16)
+    if model != "small":
+        shape = SHAPES[model]
+        dims = replace(
+            dims,
+            num_layers=shape["num_layers"],
+            num_heads=shape["num_heads"],
+            num_kv_heads=8,
+            head_dim=128,
+            vocab=128256,
+            mlp_width=shape["mlp_width"],
+        )
+    return dims if layers is None else replace(dims, num_layers=layers)
+
+
+class Samples:
+    """K and V of a few of a prompt's blocks (first, middle, last of its prefix; first and last
+    layer) as the recompute wrote them, to compare a hit's blocks with."""
+
+    def __init__(self, manager: BlockManager, block_ids: list[int], prefix_blocks: int) -> None:
+        self.positions = sorted({0, prefix_blocks // 2, prefix_blocks - 1})
+        self.layers = sorted({0, manager.config.num_layers - 1})
+        self.kv = self._read(manager, block_ids)
+
+    def _read(self, manager: BlockManager, block_ids: list[int]) -> list[torch.Tensor]:
+        blocks = [block_ids[p] for p in self.positions]
+        return [
+            manager.region_view(layer, outer)[blocks].clone()
+            for layer in self.layers
+            for outer in (0, 1)
+        ]
+
+    def check(self, manager: BlockManager, block_ids: list[int], source: str) -> None:
+        for expected, got in zip(self.kv, self._read(manager, block_ids), strict=True):
+            if not torch.equal(expected, got):
+                raise AssertionError(f"a block that came back from {source} differs")
+
+
+def warm_gpu(seconds: float = 0.2) -> None:
+    """Keep the GPU busy for ``seconds`` so that its clocks are up when a timed request
+    starts (after a pause it idles at a fraction of its clock, and a short request would be
+    timed at that pace)."""
+    if not torch.cuda.is_available():
+        return
+    a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def time_prompts(engine, model, config, prompts: list[list[int]]) -> dict[str, list]:
+    """The runs (``Generation``) of each prompt, per source, the first prompt's not kept; the
+    GPU is kept busy for a moment before each."""
+    runs: dict[str, list] = {"recompute": [], "G1": [], "G2": [], "G3": []}
+    prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
+    samples = []
+    with BlockManager(config) as manager:
+        for i, prompt in enumerate(prompts):
+            warm_gpu()
+            run = engine.generate(manager, model, prompt, 1)
+            assert run.hit.num_tokens == 0, "a fresh prompt hit the cache"
+            samples.append(Samples(manager, run.block_ids, prefix_blocks))
+            manager.flush()  # in G2 and G3 now
+            for source in ("G1", "G2"):
+                if source == "G2":
+                    manager.free(manager.allocate(config.device_blocks))  # G1 forgets it
+                warm_gpu()
+                hit = engine.generate(manager, model, prompt, 1)
+                check_hit(hit, Tier[source], prefix_blocks)
+                samples[-1].check(manager, hit.block_ids, source)
+                if i:
+                    runs[source].append(hit)
+            if i:
+                runs["recompute"].append(run)
+            print(f"  prompt {i}: computed and hit in G1, G2", file=sys.stderr)
+    with BlockManager(config) as manager:  # the same G3 file; G1 and G2 empty
+        for i, prompt in enumerate(prompts):
+            warm_gpu()
+            hit = engine.generate(manager, model, prompt, 1)
+            check_hit(hit, Tier.G3, prefix_blocks)
+            samples[i].check(manager, hit.block_ids, "G3")
+            if i:
+                runs["G3"].append(hit)
+    return runs
+
+
+def check_hit(run, tier: Tier, prefix_blocks: int) -> None:
+    if run.hit.from_tier.get(tier, 0) != prefix_blocks:
+        raise AssertionError(
+            f"expected {prefix_blocks} blocks from {tier.name}, got {dict(run.hit.from_tier)}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["small", *SHAPES], default="llama-3.1-8b")
+    parser.add_argument("--layers", type=int, help="layers of the model to build (default all)")
+    parser.add_argument("--prompt-tokens", default="4096,16384", help="prompt lengths")
+    parser.add_argument("--repeats", type=int, default=5, help="prompts timed per length (5)")
+    parser.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    args = parser.parse_args(argv)
+    lengths = [int(n) for n in args.prompt_tokens.split(",")]
+    if any(n < 2 * BLOCK_SIZE or n % BLOCK_SIZE for n in lengths):
+        parser.error(
+            f"--prompt-tokens: each must be a multiple of {BLOCK_SIZE}, >= {2 * BLOCK_SIZE}"
+        )
+    if args.repeats < 1 or (args.layers is not None and args.layers < 1):
+        parser.error("--repeats and --layers must be >= 1")
+
+    engine = load_engine()
+    dims = model_dims(engine, args.model, args.layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = engine.Transformer(dims, device, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    out = csv.DictWriter(sys.stdout, FIELDS, lineterminator="\n")
+    out.writeheader()
+    for length in lengths:
+        print(f"{length} tokens", file=sys.stderr)
+        blocks = length // BLOCK_SIZE
+        prompts = [
+            torch.randint(0, dims.vocab, (length,), generator=gen).tolist()
+            for _ in range(args.repeats + 1)
+        ]
+        with tempfile.TemporaryDirectory(dir=args.offload_path) as disk:
+            g3_blocks = len(prompts) * blocks
+            config = engine.manager_config(
+                dims, BLOCK_SIZE, 2 * blocks + 1, 2 * blocks, g3_blocks, disk, layer_groups=4
+            )
+            runs = time_prompts(engine, model, config, prompts)
+        recompute = statistics.median(r.first_token_s for r in runs["recompute"])
+        for source, source_runs in runs.items():
+            cached = 0 if source == "recompute" else length - BLOCK_SIZE
+            seconds = [r.first_token_s for r in source_runs]
+            median = statistics.median(seconds)
+            out.writerow(
+                {
+                    "gpu": gpu_name(),
+                    "model": args.model,
+                    "layers": dims.num_layers,
+                    "prompt_tokens": length,
+                    "source": source,
+                    "cached_tokens": cached,
+                    "prefix_mib": round(cached // BLOCK_SIZE * config.block_bytes / 2**20, 1),
+                    "ttft_ms": round(median * 1e3, 2),
+                    "ttft_min_ms": round(min(seconds) * 1e3, 2),
+                    "ttft_max_ms": round(max(seconds) * 1e3, 2),
+                    "lookup_ms": round(statistics.median(r.lookup_s for r in source_runs) * 1e3, 2),
+                    "speedup": round(recompute / median, 2),
+                }
+            )
+            sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
