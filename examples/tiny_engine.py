@@ -166,12 +166,16 @@ class PagedKv:
         self.values = [view(layer, 1) for layer in range(config.num_layers)]
         self.ready = hit.ready
         self.start = hit.num_tokens  # the first position the engine computes
+        # The slots of the step's positions, worked out at its first layer: where its K and V
+        # go, and the slots of every position up to its last, which it attends to.
         self._span: tuple[int, int] | None = None
+        self._write_to: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._read_from: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         self.ready.wait_layer(layer)  # this layer of the prefix's blocks is in place
         end = self.start + k.shape[0]
-        if self._span != (self.start, end):  # the step's slots, worked out at its first layer
+        if self._span != (self.start, end):
             self._span = (self.start, end)
             self._write_to, self._read_from = self._slots(self.start, end), self._slots(0, end)
         self.keys[layer][self._write_to] = k
