@@ -165,7 +165,8 @@ class PagedKv:
         self.keys = [view(layer, 0) for layer in range(config.num_layers)]
         self.values = [view(layer, 1) for layer in range(config.num_layers)]
         self.ready = hit.ready
-        self.start = hit.num_tokens  # the first position the engine computes
+        self.ready_from = hit.num_tokens  # the first position the engine computes
+        self.start = self.ready_from  # the first position of the step being computed
         # The slots of the step's positions, worked out at its first layer: where its K and V
         # go, and the slots of every position up to its last, which it attends to.
         self._span: tuple[int, int] | None = None
@@ -173,7 +174,8 @@ class PagedKv:
         self._read_from: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def __call__(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        self.ready.wait_layer(layer)  # this layer of the prefix's blocks is in place
+        if self.start == self.ready_from:  # the first step: this layer of the prefix's blocks
+            self.ready.wait_layer(layer)  # must be in place; later steps come after it
         end = self.start + k.shape[0]
         if self._span != (self.start, end):
             self._span = (self.start, end)
