@@ -365,6 +365,37 @@ def test_a_sliding_window_lookup_reads_from_a_peer_and_holds_only_the_window(tmp
 
 
 @needs_nixl
+def test_a_lookup_that_leaves_out_g3_asks_a_peer_for_what_only_g3_has_here(tmp_path):
+    gen = torch.Generator().manual_seed(12)
+    tokens = tokens_of(12, 6 * BS)
+    config = make_config(tmp_path, g2=6, g3=32, nixl_backend="UCX")
+    with worker(tmp_path) as there, BlockManager(config) as here:
+        kv = store(there, tokens, gen)
+        blocks = here.allocate(6)  # the same KV here, pushed out of G2 onto G3 only
+        for t, layer in zip(here.device_tensors, kv, strict=True):
+            t[torch.tensor(blocks, device=t.device)] = layer.to(t.device)
+        here.register(blocks, tokens)
+        here.free(blocks)
+        here.flush()
+        store(here, tokens_of(13, 6 * BS), gen)
+        evict_g1(here)
+        assert here.locate(tokens) == [Tier.G3] * 6
+        here.add_peer(there.serve(LOCAL))
+        poison_g1(here)
+
+        hit = here.lookup(tokens, onboard_from={Tier.G2})  # no disk, no peers: nothing
+        assert (hit.block_ids, hit.misses, here.metrics.peer_requests) == ([], 6, 0)
+
+        hit = here.lookup(tokens, onboard_from={Tier.G2, Tier.G4})
+
+        assert hit.from_tier == {Tier.G1: 0, Tier.G4: 6} and here.metrics.peer_requests == 1
+        assert here.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == 0
+        assert_g1_holds(here, hit.block_ids, kv)
+        assert let_go(there)
+        here.free(hit.block_ids)
+
+
+@needs_nixl
 def test_reading_from_a_peer_does_not_evict_the_prefix_it_extends(tmp_path):
     """G2 here is full and its least recently used blocks are the local prefix: staging the
     peer's blocks must evict other blocks, not those."""

@@ -6,7 +6,7 @@ blocks from the peer that caches the most of them (:class:`PeerReads`), and G2 a
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.pool.block_pool import BlockPool
@@ -30,20 +30,27 @@ class PeerReads:
         self._peers = peers
 
     def fetch(
-        self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
+        self,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        start: int,
+        ask_peer: str | None,
+        sources: Collection[Tier],
     ) -> dict[int, int]:
-        """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part G2
-        or G3 cache) that a peer caches, as many as G1 and G2 have room for (``ask_peer`` is
-        asked whatever its news says). The local prefix's G2 blocks are held meanwhile, and
-        room is left in G2 to stage its G3 blocks, so that the read does not evict the prefix
-        it extends. Returns hash -> G2 block, each held once more for the caller."""
+        """Read into G2 the blocks after the local prefix of ``hashes[start:]`` (the part that
+        G2 or G3 cache, of the tiers in ``sources``) that a peer caches, as many as G1 and G2
+        have room for (``ask_peer`` is asked whatever its news says). The local prefix's G2
+        blocks are held meanwhile, and room is left in G2 to stage its G3 blocks, so that the
+        read does not evict the prefix it extends. Returns hash -> G2 block, each held once
+        more for the caller."""
         tiers = self._tiers
         g1, g2 = tiers[Tier.G1].pool, tiers[Tier.G2].pool
-        g3 = tiers[Tier.G3].pool if Tier.G3 in tiers else None
+        g3 = tiers[Tier.G3].pool if Tier.G3 in tiers and Tier.G3 in sources else None
+        local_g2 = Tier.G2 in sources
         with tiers.lock:
             kept, on_disk = [], 0
             for h in hashes[start:]:
-                block = g2.lookup(h)
+                block = g2.lookup(h) if local_g2 else None
                 if block is not None:
                     kept.append(block)
                 elif g3 is not None and g3.lookup(h) is not None:

@@ -39,7 +39,7 @@ import re
 import secrets
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +76,9 @@ from kvblocks.transfer import (
 )
 
 log = logging.getLogger("kvblocks.pool")
+
+#: The tiers a lookup copies into G1 from unless told otherwise: every one below G1.
+_LOWER_TIERS = frozenset({Tier.G2, Tier.G3, Tier.G4})
 
 _WRITABLE = (BlockState.EMPTY, BlockState.PARTIAL, BlockState.COMPLETE)
 
@@ -395,6 +398,7 @@ class BlockManager:
         ask_peer: str | None = None,
         max_blocks: int | None = None,
         wait: bool = True,
+        onboard_from: Collection[Tier] | None = None,
     ) -> PrefixHit:
         """The longest prefix of ``token_ids`` (in full blocks) cached in any tier, in G1.
 
@@ -426,10 +430,17 @@ class BlockManager:
                 manager of another group of the model's layers found, say); None: all.
             wait: return once the held blocks' bytes are in place; False: as soon as the
                 copies are issued (see above and :class:`~kvblocks.pool.ready.ReadyLayers`).
+            onboard_from: the tiers whose blocks may be copied into G1, among G2, G3 and G4
+                (the peers); None: all of them. G1's blocks are always shared. The prefix
+                ends at the first block that neither G1 nor these tiers cache (the blocks
+                after it count in ``misses``), and peers are asked for the blocks after what
+                G1 and the local tiers named cache. ``{Tier.G2, Tier.G4}`` never waits for
+                the disk, say: for an engine that computes a prefix faster than its disk
+                reads it (see :meth:`locate` and ``metrics.onboard_rate``).
 
         Raises:
-            InvalidArgumentError: ``ask_peer`` is not a peer, or ``max_blocks`` is not an int
-                >= 0.
+            InvalidArgumentError: ``ask_peer`` is not a peer, ``max_blocks`` is not an int
+                >= 0, or ``onboard_from`` names something other than G2, G3 and G4.
             TransferError: a copy into G1 failed (with ``wait``; otherwise the waits of
                 ``hit.ready`` raise it). The blocks are not held then.
         """
@@ -437,6 +448,7 @@ class BlockManager:
             raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
         if not isinstance(wait, bool):
             raise InvalidArgumentError("wait", f"must be a bool, got {wait!r}")
+        sources = _onboard_sources(onboard_from)
         size = self.config.block_size
         if max_blocks is not None:
             token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
@@ -444,7 +456,7 @@ class BlockManager:
         self._inflight.reap()
         groups = (range(self.config.num_layers),) if wait else self._onboard_groups
         if self._window_blocks is not None:
-            return self._lookup_window(hashes, token_ids, ask_peer, groups, wait)
+            return self._lookup_window(hashes, token_ids, ask_peer, groups, wait, sources)
         g1 = self._tiers[Tier.G1].pool
         with self._lock:
             held = g1.match_sequence_hashes(hashes)
@@ -454,7 +466,7 @@ class BlockManager:
             self._drain()
             self._inflight.settle()
         try:
-            from_tier = self._onboard_after(held, hashes, token_ids, ask_peer, groups)
+            from_tier = self._onboard_after(held, hashes, token_ids, ask_peer, groups, sources)
             ready = self._inflight.ready(held, wait)
         except BaseException:  # the caller gets no blocks to free: let the G1 hits go
             with self._lock:
@@ -464,8 +476,22 @@ class BlockManager:
         self._note_uses(hashes[: len(held)])
         self.metrics.record_lookup(from_tier, misses)
         self._publish()
-        size = self.config.block_size
         return PrefixHit(held, hashes[: len(held)], size, from_tier, misses, ready=ready)
+
+    def locate(self, token_ids: Sequence[int], *, salt: int = 0) -> list[Tier | None]:
+        """Where each full block of ``token_ids`` is cached now: the fastest local tier that
+        holds it (G1, then G2, then G3), None where none does. Holds and copies nothing, so
+        the answer lasts until the next eviction; peers are not asked (their news:
+        :meth:`peer_prefixes`).
+
+        An engine weighs what a lookup would copy against computing those tokens again: a
+        block from tier ``t`` costs about ``block_bytes / metrics.onboard_rate(t, ...)``
+        seconds (G3 blocks go through G2), and ``lookup(..., onboard_from=...)`` leaves out
+        the tiers that do not pay.
+        """
+        hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
+        with self._lock:
+            return [self._tiers.tier_of(h) for h in hashes]
 
     def _onboard_after(
         self,
@@ -474,15 +500,19 @@ class BlockManager:
         token_ids: Sequence[int],
         ask_peer: str | None,
         groups: tuple[range, ...],
+        sources: frozenset[Tier],
     ) -> dict[Tier, int]:
-        """Extend the held G1 prefix ``held`` (in place) with the blocks after it that G2, G3
-        or a peer caches; returns how many blocks came from each tier."""
+        """Extend the held G1 prefix ``held`` (in place) with the blocks after it that the
+        tiers of ``sources`` cache (G2, G3, or a peer: G4); returns how many blocks came from
+        each tier."""
         fetched = {}
-        if self._peers:
-            fetched = self._peer_reads.fetch(hashes, token_ids, len(held), ask_peer)
+        if self._peers and Tier.G4 in sources:
+            fetched = self._peer_reads.fetch(hashes, token_ids, len(held), ask_peer, sources)
         try:
             from_tier = {Tier.G1: len(held)}
-            held += self._onboarder.onboard(hashes[len(held) :], fetched, from_tier, groups)
+            held += self._onboarder.onboard(
+                hashes[len(held) :], fetched, from_tier, groups, sources
+            )
             return from_tier
         finally:
             if fetched:
@@ -496,21 +526,22 @@ class BlockManager:
         ask_peer: str | None,
         groups: tuple[range, ...],
         wait: bool,
+        sources: frozenset[Tier],
     ) -> PrefixHit:
         """:meth:`lookup` for sliding-window layers: hold the last run of ``_window_blocks``
-        cached blocks (peers asked for the blocks after the local tiers' run) and skip the
-        blocks before it."""
+        blocks that G1 and ``sources`` cache (peers asked for the blocks after the local
+        tiers' run) and skip the blocks before it."""
         needed = self._window_blocks
         fetched = {}
-        if self._peers:
-            local_end = self._window_end(hashes, set())
-            fetched = self._peer_reads.fetch(hashes, token_ids, local_end, ask_peer)
+        if self._peers and Tier.G4 in sources:
+            local_end = self._window_end(hashes, set(), sources)
+            fetched = self._peer_reads.fetch(hashes, token_ids, local_end, ask_peer, sources)
         try:
             gone: set[int] = set()
             while True:
-                end = self._window_end(hashes, gone)
+                end = self._window_end(hashes, gone, sources)
                 start = max(end - needed, 0)
-                held, from_tier = self._hold(hashes[start:end], fetched, groups)
+                held, from_tier = self._hold(hashes[start:end], fetched, groups, sources)
                 if len(held) == end - start:
                     break
                 with self._lock:  # a block went meanwhile (evicted, corrupt, or no room in G1)
@@ -535,11 +566,11 @@ class BlockManager:
             held, hashes[start:end], size, from_tier, misses, skipped=start, ready=ready
         )
 
-    def _window_end(self, hashes: list[int], gone: set[int]) -> int:
-        """The end of the sliding-window hit over what G1, G2 or G3 cache now, the blocks at
-        positions ``gone`` taken for missing."""
+    def _window_end(self, hashes: list[int], gone: set[int], sources: frozenset[Tier]) -> int:
+        """The end of the sliding-window hit over what G1 and the local tiers of ``sources``
+        cache now, the blocks at positions ``gone`` taken for missing."""
         with self._lock:
-            pools = [state.pool for state in self._tiers.values()]
+            pools = [s.pool for t, s in self._tiers.items() if t is Tier.G1 or t in sources]
             return window_hit(
                 len(hashes),
                 self._window_blocks,
@@ -547,11 +578,15 @@ class BlockManager:
             )
 
     def _hold(
-        self, hashes: list[int], fetched: Mapping[int, int], groups: tuple[range, ...]
+        self,
+        hashes: list[int],
+        fetched: Mapping[int, int],
+        groups: tuple[range, ...],
+        sources: frozenset[Tier],
     ) -> tuple[list[int], dict[Tier, int]]:
-        """Hold in G1 the longest prefix of ``hashes`` that the tiers cache: G1's blocks shared,
-        the others onboarded (``fetched``: hashes a peer's read brought into G2). Returns the
-        held blocks and how many came from each tier."""
+        """Hold in G1 the longest prefix of ``hashes`` that G1 and ``sources`` cache: G1's
+        blocks shared, the others onboarded (``fetched``: hashes a peer's read brought into
+        G2). Returns the held blocks and how many came from each tier."""
         g1 = self._tiers[Tier.G1].pool
         held: list[int] = []
         from_tier = {Tier.G1: 0}
@@ -568,7 +603,9 @@ class BlockManager:
                 if short:  # blocks waiting to be offloaded or onboarded come back once those end
                     self._drain()
                     self._inflight.settle()
-                onboarded = self._onboarder.onboard(hashes[len(held) :], fetched, from_tier, groups)
+                onboarded = self._onboarder.onboard(
+                    hashes[len(held) :], fetched, from_tier, groups, sources
+                )
                 held += onboarded
                 if not shared and not onboarded:
                     break
@@ -847,6 +884,24 @@ class BlockManager:
             server = self._server  # close() may drop it meanwhile
             if events and server is not None:
                 server.announce(g2_changes(events))
+
+
+def _onboard_sources(onboard_from: Collection[Tier] | None) -> frozenset[Tier]:
+    """The tiers a lookup copies into G1 from, checked: ``onboard_from`` (None: all)."""
+    if onboard_from is None:
+        return _LOWER_TIERS
+    if isinstance(onboard_from, (str, Tier)) or not isinstance(onboard_from, Collection):
+        raise InvalidArgumentError(
+            "onboard_from",
+            f"must be a collection of tiers among G2, G3 and G4, or None; got {onboard_from!r}",
+        )
+    bad = [t for t in onboard_from if not isinstance(t, Tier) or t not in _LOWER_TIERS]
+    if bad:
+        raise InvalidArgumentError(
+            "onboard_from",
+            f"names tiers among G2, G3 and G4 (G1's blocks are always shared); got {bad[0]!r}",
+        )
+    return frozenset(onboard_from)
 
 
 def _log_placement(g2: PhysicalLayout, node: int) -> None:

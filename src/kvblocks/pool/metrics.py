@@ -20,6 +20,8 @@ name                                type       meaning
 ``kvbm_offload_bytes{src,dst}``     counter    their bytes
 ``kvbm_onboard_blocks{src,dst}``    counter    blocks copied up a tier on a prefix hit
 ``kvbm_onboard_bytes{src,dst}``     counter    their bytes
+``kvbm_onboard_seconds{src,dst}``   counter    seconds those copies took (bytes over seconds:
+                                               the rate :meth:`PoolMetrics.onboard_rate` gives)
 ``kvbm_transfer_latency{src,dst}``  histogram  seconds per transfer batch
 ``kvbm_corrupt_blocks``             counter    G3 blocks whose checksum did not match
 ``kvbm_disk_filtered_blocks``       counter    blocks stored in G2 that the disk filter kept
@@ -86,6 +88,7 @@ class PoolMetrics:
         self.offload_bytes: Counter[tuple[Tier, Tier]] = Counter()
         self.onboard_blocks: Counter[tuple[Tier, Tier]] = Counter()
         self.onboard_bytes: Counter[tuple[Tier, Tier]] = Counter()
+        self.onboard_seconds: Counter[tuple[Tier, Tier]] = Counter()
         self.transfer_latency: dict[tuple[Tier, Tier], Histogram] = {}
         self.corrupt_blocks = 0
         self.disk_filtered_blocks = 0
@@ -103,7 +106,18 @@ class PoolMetrics:
             key = (src, dst)
             (self.onboard_blocks if onboard else self.offload_blocks)[key] += blocks
             (self.onboard_bytes if onboard else self.offload_bytes)[key] += nbytes
+            if onboard:
+                self.onboard_seconds[key] += seconds
             self.transfer_latency.setdefault(key, Histogram()).observe(seconds)
+
+    def onboard_rate(self, src: Tier, dst: Tier) -> float | None:
+        """Bytes per second that the copies from ``src`` up into ``dst`` on prefix hits moved
+        so far (from the first byte read to the last written, per copy), or None before the
+        first. G3's blocks come up through G2: ``(Tier.G3, Tier.G2)`` is the disk's read rate,
+        ``(Tier.G4, Tier.G2)`` the peers', ``(Tier.G2, Tier.G1)`` PCIe's."""
+        with self._lock:
+            seconds = self.onboard_seconds[(src, dst)]
+            return self.onboard_bytes[(src, dst)] / seconds if seconds > 0 else None
 
     def record_lookup(self, hits: dict[Tier, int], misses: int, skipped: int = 0) -> None:
         with self._lock:
@@ -221,6 +235,11 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                     ("kvbm_offload_bytes", metrics.offload_bytes, "Bytes copied down a tier"),
                     ("kvbm_onboard_blocks", metrics.onboard_blocks, "Blocks copied up a tier"),
                     ("kvbm_onboard_bytes", metrics.onboard_bytes, "Bytes copied up a tier"),
+                    (
+                        "kvbm_onboard_seconds",
+                        metrics.onboard_seconds,
+                        "Seconds of the copies up a tier",
+                    ),
                 ):
                     family = CounterMetricFamily(name, doc, labels=["src", "dst"])
                     for (src, dst), value in sorted(counter.items(), key=_tier_pair):

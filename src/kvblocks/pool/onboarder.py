@@ -60,13 +60,14 @@ class Onboarder:
         fetched: Mapping[int, int],
         from_tier: dict[Tier, int],
         groups: tuple[range, ...],
+        sources: frozenset[Tier],
     ) -> list[int]:
-        """Copy into G1 the leading blocks of ``hashes`` that G2 or G3 cache, as far as G1 has
-        room, G2's in layer ``groups``; returns the G1 blocks (held) and counts each in
-        ``from_tier`` by the tier it came from (G4 for ``fetched`` ones, read from a peer a
-        moment ago)."""
+        """Copy into G1 the leading blocks of ``hashes`` that the tiers of ``sources`` (G2,
+        G3; G4 for the ``fetched`` ones, read from a peer into G2 a moment ago) cache, as far
+        as G1 has room, G2's in layer ``groups``; returns the G1 blocks (held) and counts each
+        in ``from_tier`` by the tier it came from."""
         with self._tiers.lock:
-            plan = self._plan(hashes)
+            plan = self._plan(hashes, fetched, sources)
         if not plan.blocks:
             return []
         onboarded = self._carry_out(hashes[: len(plan.blocks)], plan, groups)
@@ -75,14 +76,18 @@ class Onboarder:
             from_tier[source] = from_tier.get(source, 0) + 1
         return onboarded
 
-    def _plan(self, hashes: list[int]) -> _Plan:
-        """Plan copying the prefix of ``hashes`` that G2 or G3 cache into G1, as far as G1 has
-        room: the sources are acquired and the G1 destinations allocated. Under the lock."""
+    def _plan(
+        self, hashes: list[int], fetched: Mapping[int, int], sources: frozenset[Tier]
+    ) -> _Plan:
+        """Plan copying the prefix of ``hashes`` that the tiers of ``sources`` cache into G1
+        (as :meth:`onboard` says), as far as G1 has room: the sources are acquired and the G1
+        destinations allocated. Under the lock."""
         found: list[tuple[Tier, int]] = []
         for h in hashes:
             for tier in (Tier.G2, Tier.G3):
                 state = self._tiers.get(tier)
-                block = state.pool.lookup(h) if state is not None else None
+                allowed = tier in sources or (tier is Tier.G2 and h in fetched)
+                block = state.pool.lookup(h) if state is not None and allowed else None
                 if block is not None:
                     found.append((tier, block))
                     break

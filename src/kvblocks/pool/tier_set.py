@@ -93,6 +93,14 @@ class TierSet(Mapping[Tier, TierState]):
     def values(self) -> ValuesView[TierState]:
         return self._states.values()
 
+    def tier_of(self, sequence_hash: int) -> Tier | None:
+        """The fastest tier that caches ``sequence_hash`` (G1, then G2, then G3); None where
+        none does. Under :attr:`lock`."""
+        for tier, state in self._states.items():
+            if state.pool.lookup(sequence_hash) is not None:
+                return tier
+        return None
+
     def add(self, tier: Tier, physical: PhysicalLayout) -> TierState:
         """Give ``tier`` a pool over ``physical``'s blocks and register its layout."""
         pool = BlockPool(

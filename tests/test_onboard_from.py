@@ -1,0 +1,174 @@
+"""Lookups that copy from some tiers only (``lookup(..., onboard_from=...)``), what
+``BlockManager.locate`` says of a prompt, and the onboard rates an engine weighs them with."""
+
+import importlib.util
+
+import pytest
+import torch
+
+from kvblocks.errors import InvalidArgumentError
+from kvblocks.pool import BlockManager, Tier, prometheus_registry, sequence_hashes
+from kvblocks.transfer import block_checksums
+from tests.test_manager import BS, check_all_pools, evict_g1, make_config, store, tokens_of
+
+
+def g2_and_g3(tmp_path, seed: int, **overrides):
+    """A manager (G1 8, G2 8, G3 32 blocks) whose G1 has forgotten a prompt of 7 blocks that
+    G3 caches, and whose G2 holds the prompt's blocks 0 to 2 and 6 (3 to 5 were evicted by
+    another prompt's 4 blocks, which G2 holds too: room to stage G3's blocks). Returns
+    (manager, tokens, the checksum of each block by hash)."""
+    manager = BlockManager(make_config(tmp_path, g1=8, g2=8, g3=32, **overrides))
+    gen = torch.Generator().manual_seed(seed)
+    tokens = tokens_of(seed, 7 * BS)
+    expected = store(manager, tokens, gen)
+    manager.flush()
+    evict_g1(manager)
+    hit = manager.lookup(tokens[: 3 * BS])  # blocks 0 to 2: G2's newest now
+    manager.free(hit.block_ids)
+    evict_g1(manager)
+    store(manager, tokens_of(seed + 100, 4 * BS), gen)  # evicts G2's 3 oldest: blocks 3 to 5
+    manager.flush()
+    evict_g1(manager)
+    return manager, tokens, expected
+
+
+MIXED = [Tier.G2] * 3 + [Tier.G3] * 3 + [Tier.G2]
+
+
+def held_checksums(manager, hit):
+    return block_checksums(manager.layout(Tier.G1), hit.block_ids)
+
+
+def test_locate_names_the_fastest_tier_of_each_block(tmp_path):
+    manager, tokens, _ = g2_and_g3(tmp_path, 1)
+    with manager:
+        unseen = tokens_of(2, BS + 3)  # one more full block no tier caches, and a partial one
+        assert manager.locate(tokens + unseen) == [*MIXED, None]
+        assert manager.locate(tokens, salt=5) == [None] * 7
+        in_use = {t: manager.pool(t).num_in_use for t in manager.tiers}
+
+        hit = manager.lookup(tokens[:BS])
+        assert manager.locate(tokens) == [Tier.G1, *MIXED[1:]]
+        manager.free(hit.block_ids)
+        assert manager.locate(tokens) == [Tier.G1, *MIXED[1:]]  # cached in G1, not held
+        hit = manager.lookup(tokens)
+        manager.free(hit.block_ids)
+        assert manager.locate(tokens) == [Tier.G1] * 7
+        assert {t: manager.pool(t).num_in_use for t in manager.tiers} == in_use
+        check_all_pools(manager)
+
+
+def test_a_lookup_that_leaves_out_g3_stops_at_the_first_block_only_g3_has(tmp_path):
+    manager, tokens, expected = g2_and_g3(tmp_path, 3)
+    with manager:
+        hashes = sequence_hashes(tokens, BS)
+        first = manager.lookup(tokens[:BS])
+        manager.free(first.block_ids)
+        assert manager.locate(tokens) == [Tier.G1, *MIXED[1:]]
+
+        hit = manager.lookup(tokens, onboard_from={Tier.G2, Tier.G4})
+
+        assert (len(hit.block_ids), hit.misses) == (3, 4)
+        assert hit.from_tier == {Tier.G1: 1, Tier.G2: 2}
+        assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == 0  # the disk was not read
+        assert held_checksums(manager, hit) == [expected[h] for h in hashes[:3]]
+        manager.free(hit.block_ids)
+
+        hit = manager.lookup(tokens)  # from every tier: the rest comes from G3 and G2
+        assert (len(hit.block_ids), hit.misses) == (7, 0)
+        assert hit.from_tier == {Tier.G1: 3, Tier.G3: 3, Tier.G2: 1}
+        assert held_checksums(manager, hit) == [expected[h] for h in hashes]
+        manager.free(hit.block_ids)
+        check_all_pools(manager)
+
+
+@pytest.mark.parametrize(
+    ("onboard_from", "found"),
+    [
+        ((), 0),  # G1's blocks only: none
+        ([Tier.G3], 7),  # G3 has every block (those in G2 too)
+        ({Tier.G3, Tier.G4}, 7),
+        ((Tier.G2,), 3),  # block 3 is in G3 only
+        ({Tier.G2, Tier.G4}, 3),
+        (frozenset({Tier.G2, Tier.G3}), 7),
+        (None, 7),
+    ],
+)
+def test_the_prefix_ends_where_no_tier_named_caches_a_block(tmp_path, onboard_from, found):
+    manager, tokens, expected = g2_and_g3(tmp_path, 4)
+    with manager:
+        misses = manager.metrics.misses
+        hit = manager.lookup(tokens, onboard_from=onboard_from)
+        assert (len(hit.block_ids), hit.misses) == (found, 7 - found)
+        if onboard_from is not None and Tier.G2 not in onboard_from:
+            assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == found
+        assert manager.metrics.misses - misses == 7 - found
+        assert held_checksums(manager, hit) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        check_all_pools(manager)
+
+
+@pytest.mark.parametrize(
+    "onboard_from",
+    [Tier.G3, "G3", {Tier.G1}, {Tier.G2, "DISK"}, [Tier.G2, 3], 5, {Tier.G1, Tier.G2}],
+)
+def test_onboard_from_names_tiers_below_g1(tmp_path, onboard_from):
+    manager, tokens, _ = g2_and_g3(tmp_path, 5)
+    with manager:
+        metrics = manager.metrics
+        cached = {t: manager.pool(t).num_cached for t in manager.tiers}
+        before = (metrics.misses, sum(metrics.hits.values()), dict(metrics.onboard_blocks))
+        with pytest.raises(InvalidArgumentError, match="onboard_from"):
+            manager.lookup(tokens, onboard_from=onboard_from)
+        assert {t: manager.pool(t).num_cached for t in manager.tiers} == cached
+        assert all(manager.pool(t).num_in_use == 0 for t in manager.tiers)
+        assert (metrics.misses, sum(metrics.hits.values()), dict(metrics.onboard_blocks)) == before
+
+
+def test_a_window_lookup_counts_blocks_of_a_left_out_tier_as_missing(tmp_path):
+    manager, tokens, expected = g2_and_g3(tmp_path, 6, sliding_window=2 * BS)
+    with manager:
+        hashes = sequence_hashes(tokens, BS)
+        prompt = tokens[: 5 * BS]
+        # a window hit holds the last 2 blocks only: block 0 was not used, and left G2
+        assert manager.locate(prompt) == [Tier.G3, Tier.G2, Tier.G2, Tier.G3, Tier.G3]
+
+        hit = manager.lookup(prompt, onboard_from={Tier.G2})
+
+        assert (hit.skipped, len(hit.block_ids), hit.misses) == (1, 2, 2)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G2: 2}
+        assert held_checksums(manager, hit) == [expected[h] for h in hashes[1:3]]
+        assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == 0
+        manager.free(hit.block_ids)
+
+        hit = manager.lookup(prompt)  # every tier: blocks 3 and 4 from G3
+        assert (hit.skipped, len(hit.block_ids), hit.misses) == (3, 2, 0)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G3: 2}
+        assert held_checksums(manager, hit) == [expected[h] for h in hashes[3:5]]
+        manager.free(hit.block_ids)
+        check_all_pools(manager)
+
+
+def test_onboard_rates_are_bytes_over_the_seconds_of_the_copies(tmp_path):
+    manager, tokens, _ = g2_and_g3(tmp_path, 7)
+    with manager:
+        metrics = manager.metrics
+        assert metrics.onboard_rate(Tier.G3, Tier.G2) is None  # G3 not read yet
+
+        hit = manager.lookup(tokens)
+        manager.free(hit.block_ids)
+        manager.flush()
+
+        for pair, blocks in (((Tier.G3, Tier.G2), 3), ((Tier.G2, Tier.G1), 3 + 7)):
+            assert metrics.onboard_blocks[pair] == blocks
+            assert metrics.onboard_bytes[pair] == blocks * manager.block_bytes
+            assert metrics.onboard_seconds[pair] > 0
+            expected = metrics.onboard_bytes[pair] / metrics.onboard_seconds[pair]
+            assert metrics.onboard_rate(*pair) == pytest.approx(expected)
+        assert metrics.onboard_rate(Tier.G4, Tier.G2) is None
+        assert (Tier.G1, Tier.G2) not in metrics.onboard_seconds  # offloads are not counted
+        if importlib.util.find_spec("prometheus_client"):
+            from prometheus_client import generate_latest
+
+            text = generate_latest(prometheus_registry(metrics)).decode()
+            assert 'kvbm_onboard_seconds_total{dst="CPU",src="DISK"}' in text
