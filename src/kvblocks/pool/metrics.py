@@ -112,9 +112,11 @@ class PoolMetrics:
 
     def onboard_rate(self, src: Tier, dst: Tier) -> float | None:
         """Bytes per second that the copies from ``src`` up into ``dst`` on prefix hits moved
-        so far (from the first byte read to the last written, per copy), or None before the
-        first. G3's blocks come up through G2: ``(Tier.G3, Tier.G2)`` is the disk's read rate,
-        ``(Tier.G4, Tier.G2)`` the peers', ``(Tier.G2, Tier.G1)`` PCIe's."""
+        so far, or None before the first. G3's blocks come up through G2: ``(Tier.G3,
+        Tier.G2)`` is the disk's read rate, ``(Tier.G4, Tier.G2)`` the peers', ``(Tier.G2,
+        Tier.G1)`` PCIe's. Each copy is timed from its start to its end, except the copies
+        into G1 of a ``lookup(..., wait=False)`` on a machine without a GPU, timed until the
+        manager next looks at them (on a GPU, CUDA events time them)."""
         with self._lock:
             seconds = self.onboard_seconds[(src, dst)]
             return self.onboard_bytes[(src, dst)] / seconds if seconds > 0 else None
