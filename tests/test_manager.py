@@ -8,12 +8,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import pytest
 import torch
 
+from kvblocks.demo import count_mismatches, g1_regions, write_pattern
 from kvblocks.errors import InvalidArgumentError, StorageError, TransferError
 from kvblocks.layout import KvBlockLayout
 from kvblocks.pool import (
@@ -549,6 +551,50 @@ def test_offload_skips_what_the_lower_tier_has_and_keeps_pools_consistent(tmp_pa
         occupancy = manager.occupancy()
         assert all(o.allocated == 0 for o in occupancy.values())
         assert occupancy[Tier.G2].cached <= 8 and occupancy[Tier.G3].cached <= 16
+
+
+def test_requests_from_four_threads_each_get_their_own_kv_from_every_tier(tmp_path):
+    """Four threads run requests on one manager at once (look up with or without waiting,
+    from all tiers or some, compute the rest, register, free), over prompts that share
+    prefixes and overflow G1 and G2: every hit holds the KV computed for its hashes, and when
+    all is done no block is held and every pool is consistent."""
+    config = make_config(tmp_path, g1=40, g2=64, g3=256, onboard_layer_groups=2)
+    prompts = [tokens_of(200 + p, 6 * BS) for p in range(12)]
+    sources = [None, {Tier.G2}, {Tier.G3, Tier.G4}, ()]
+    errors: list[BaseException] = []
+    with BlockManager(config) as manager:
+        regions = g1_regions(manager)
+
+        def requests(seed: int) -> None:
+            rng = random.Random(seed)
+            try:
+                for _ in range(16):
+                    prompt = rng.choice(prompts)[: BS * rng.randint(1, 6)]
+                    prompt = prompt + tokens_of(rng.randrange(10**6), BS * rng.randint(0, 3))
+                    wait = rng.random() < 0.5
+                    hit = manager.lookup(prompt, wait=wait, onboard_from=rng.choice(sources))
+                    hit.ready.synchronize()
+                    assert count_mismatches(regions, hit.block_ids, hit.hashes) == 0, hit
+                    rest = manager.allocate(len(prompt) // BS - len(hit.block_ids))
+                    tokens = prompt[len(hit.block_ids) * BS :]
+                    hashes = sequence_hashes(tokens, BS, parent=hit.last_hash)
+                    write_pattern(regions, rest, hashes)
+                    manager.register(rest, tokens, parent_hash=hit.last_hash)
+                    manager.free(hit.block_ids + rest)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=requests, args=(seed,)) for seed in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        manager.flush()
+        assert manager.metrics.hits[Tier.G2] > 0 and manager.metrics.hits[Tier.G3] > 0
+        assert manager.metrics.corrupt_blocks == 0
+        assert all(manager.pool(t).num_in_use == 0 for t in manager.tiers)
+        check_all_pools(manager)
 
 
 # Events ----------------------------------------------------------------------------------------
