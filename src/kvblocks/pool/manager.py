@@ -21,7 +21,8 @@ G2 (one NIXL WRITE, beside the write to G3). :mod:`kvblocks.pool.sharing` is the
 
 Blocks are held (reference counted in their :class:`BlockPool`) while a transfer reads or
 writes them, so no transfer ever races an eviction. All bookkeeping runs under one lock; the
-copies themselves run outside it.
+copies themselves run outside it. The engine's calls may come from several threads at once
+(:meth:`BlockManager.close` last).
 
 This module holds the engine's calls and the set-up; its parts live beside it:
 :mod:`~kvblocks.pool.tier_set` (the tiers, their lock, the chains of cached hashes and the
