@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.pool import BlockManager, Tier, prometheus_registry, sequence_hashes
+from kvblocks.pool import BlockManager, Tier, lookup_groups, prometheus_registry, sequence_hashes
 from kvblocks.transfer import block_checksums
 from tests.test_manager import BS, check_all_pools, evict_g1, make_config, store, tokens_of
 
@@ -172,3 +172,33 @@ def test_onboard_rates_are_bytes_over_the_seconds_of_the_copies(tmp_path):
 
             text = generate_latest(prometheus_registry(metrics)).decode()
             assert 'kvbm_onboard_seconds_total{dst="CPU",src="DISK"}' in text
+
+
+def test_lookup_groups_copies_from_the_tiers_named_in_every_group(tmp_path):
+    (tmp_path / "full").mkdir()
+    (tmp_path / "window").mkdir()
+    full, tokens, expected_full = g2_and_g3(tmp_path / "full", 8)
+    window, _, expected_window = g2_and_g3(tmp_path / "window", 8, sliding_window=2 * BS)
+    hashes = sequence_hashes(tokens, BS)
+    with full, window:
+        assert full.locate(tokens) == MIXED
+        assert window.locate(tokens)[:3] == [Tier.G3, Tier.G2, Tier.G2]
+
+        hits = lookup_groups([full, window], tokens, onboard_from={Tier.G2}, wait=False)
+
+        assert [h.num_tokens for h in hits] == [3 * BS, 3 * BS]  # full: block 3 is G3's only
+        assert hits[1].skipped == 1
+        for manager, hit, expected in zip(
+            (full, window), hits, (expected_full, expected_window), strict=True
+        ):
+            hit.ready.synchronize()
+            assert held_checksums(manager, hit) == [expected[h] for h in hit.hashes]
+            assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == 0
+            manager.free(hit.block_ids)
+
+        hits = lookup_groups([full, window], tokens)  # every tier: the whole prompt
+        assert [h.num_tokens for h in hits] == [7 * BS, 7 * BS]
+        assert held_checksums(full, hits[0]) == [expected_full[h] for h in hashes]
+        for manager, hit in zip((full, window), hits, strict=True):
+            manager.free(hit.block_ids)
+            check_all_pools(manager)

@@ -8,15 +8,21 @@ finds the longest such prefix and returns each group's hit of exactly that lengt
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.pool.manager import BlockManager, PrefixHit
+from kvblocks.pool.tier import Tier
 
 
 def lookup_groups(
-    managers: Sequence[BlockManager], token_ids: Sequence[int], *, salt: int = 0
+    managers: Sequence[BlockManager],
+    token_ids: Sequence[int],
+    *,
+    salt: int = 0,
+    wait: bool = True,
+    onboard_from: Collection[Tier] | None = None,
 ) -> list[PrefixHit]:
     """Each manager's hit of the longest prefix of ``token_ids`` that all of them hold.
 
@@ -29,7 +35,8 @@ def lookup_groups(
     Args:
         managers: one per group of layers, all of one block size.
         token_ids: the prompt.
-        salt: as for :meth:`BlockManager.lookup`.
+        salt, wait, onboard_from: as for :meth:`BlockManager.lookup`, in every group (with
+            ``wait=False``, wait for each hit's layers on its own ``ready``).
 
     Returns:
         The hits in the order of ``managers``, each of the same ``num_tokens``; free each
@@ -37,7 +44,8 @@ def lookup_groups(
         blocks its lookup found.
 
     Raises:
-        InvalidArgumentError: no managers, or block sizes that differ.
+        InvalidArgumentError: no managers, block sizes that differ, or an argument that
+            :meth:`BlockManager.lookup` refuses.
     """
     if not managers:
         raise InvalidArgumentError("managers", "must name at least one BlockManager")
@@ -61,7 +69,9 @@ def lookup_groups(
                 if hit is not None:
                     manager.free(hit.block_ids)
                     hits[i] = None
-                hits[i] = manager.lookup(token_ids, salt=salt, max_blocks=agreed)
+                hits[i] = manager.lookup(
+                    token_ids, salt=salt, max_blocks=agreed, wait=wait, onboard_from=onboard_from
+                )
                 agreed = _blocks(hits[i]) if agreed is None else min(agreed, _blocks(hits[i]))
             if all(_blocks(h) == agreed for h in hits):
                 return hits
