@@ -20,16 +20,21 @@ the host:
   wait=False)``, 4 layer groups, each layer waited for on the stream before attention reads
   it);
 - ``G3``: a new BlockManager on the same G3 file, so G1 and G2 are empty as after a restart;
-  the prefix is read from disk (O_DIRECT, checksummed) through G2.
+  the prefix is read from disk (O_DIRECT, checksummed) through G2;
+- ``G3 or compute``: as ``G3``, on a third manager, but the engine lets
+  ``kvblocks.pool.skip_slow_disk`` choose between reading the prefix and computing it, by the
+  disk's rate that manager measured (its warm-up prompt is read from G3 to measure it) and
+  the prefill rate of this length's ``recompute`` runs.
 
 With a hit, the prompt's last block (16 tokens) is computed: its last token's logits give the
 first answer token. After every hit, the K and V of the prefix's first, middle and last block,
 first and last layer, are checked against what the recompute wrote, bit for bit.
 
-Columns: ``prompt_tokens``, ``source``, ``cached_tokens``, ``prefix_mib`` (the KV the hit
-brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms`` (median
-host time of the ``lookup`` call, within ``ttft_ms``), ``speedup`` (the recompute's median
-over this row's).
+Columns: ``prompt_tokens``, ``source``, ``cached_tokens`` (median), ``prefix_mib`` (the KV
+the hit brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms``
+(median host time of the ``lookup`` call, within ``ttft_ms``), ``speedup`` (the recompute's
+median over this row's), ``disk_gbps`` (G3 rows: the rate of the manager's reads from G3, as
+``metrics.onboard_rate`` says).
 
 Usage: python bench/ttft.py [--model llama-3.1-8b] [--layers N] [--prompt-tokens 4096,16384]
     [--repeats 7] [--offload-path DIR] > ttft.csv
@@ -50,7 +55,7 @@ from dataclasses import replace
 import torch
 
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import BlockManager, Tier
+from kvblocks.pool import BlockManager, Tier, skip_slow_disk
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 BLOCK_SIZE = 16
@@ -67,6 +72,7 @@ FIELDS = [
     "ttft_max_ms",
     "lookup_ms",
     "speedup",
+    "disk_gbps",
 ]
 
 
@@ -140,10 +146,13 @@ def warm_gpu(seconds: float = 0.2) -> None:
         torch.cuda.synchronize()
 
 
-def time_prompts(engine, model, config, prompts: list[list[int]]) -> dict[str, list]:
-    """The runs (``Generation``) of each prompt, per source, the first prompt's not kept; the
-    GPU is kept busy for a moment before each."""
-    runs: dict[str, list] = {"recompute": [], "G1": [], "G2": [], "G3": []}
+def time_prompts(
+    engine, model, config, prompts: list[list[int]]
+) -> tuple[dict[str, list], dict[str, float]]:
+    """The runs (``Generation``) of each prompt, per source, the first prompt's not kept (the
+    GPU is kept busy for a moment before each), and the disk's rate (GB/s) per G3 source."""
+    runs: dict[str, list] = {"recompute": [], "G1": [], "G2": [], "G3": [], "G3 or compute": []}
+    disk_gbps = {}
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     samples = []
     with BlockManager(config) as manager:
@@ -174,7 +183,21 @@ def time_prompts(engine, model, config, prompts: list[list[int]]) -> dict[str, l
             samples[i].check(manager, hit.block_ids, "G3")
             if i:
                 runs["G3"].append(hit)
-    return runs
+        disk_gbps["G3"] = manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
+    recompute_s = statistics.median(r.first_token_s for r in runs["recompute"])
+    prefill_tokens_per_s = len(prompts[0]) / recompute_s
+    with BlockManager(config) as manager:  # again, the engine choosing
+        for i, prompt in enumerate(prompts):
+            warm_gpu()
+            tiers = skip_slow_disk(manager, prompt, prefill_tokens_per_s)
+            run = engine.generate(manager, model, prompt, 1, onboard_from=tiers)
+            if run.hit.num_tokens:
+                check_hit(run, Tier.G3, prefix_blocks)
+                samples[i].check(manager, run.block_ids, "G3")
+            if i:
+                runs["G3 or compute"].append(run)
+        disk_gbps["G3 or compute"] = manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
+    return runs, disk_gbps
 
 
 def check_hit(run, tier: Tier, prefix_blocks: int) -> None:
@@ -224,10 +247,10 @@ def main(argv: list[str] | None = None) -> int:
             config = engine.manager_config(
                 dims, BLOCK_SIZE, 2 * blocks + 1, 2 * blocks, g3_blocks, disk, layer_groups=4
             )
-            runs = time_prompts(engine, model, config, prompts)
+            runs, disk_gbps = time_prompts(engine, model, config, prompts)
         recompute = statistics.median(r.first_token_s for r in runs["recompute"])
         for source, source_runs in runs.items():
-            cached = 0 if source == "recompute" else length - BLOCK_SIZE
+            cached = round(statistics.median(r.hit.num_tokens for r in source_runs))
             seconds = [r.first_token_s for r in source_runs]
             median = statistics.median(seconds)
             out.writerow(
@@ -244,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
                     "ttft_max_ms": round(max(seconds) * 1e3, 2),
                     "lookup_ms": round(statistics.median(r.lookup_s for r in source_runs) * 1e3, 2),
                     "speedup": round(recompute / median, 2),
+                    "disk_gbps": f"{disk_gbps[source]:.3g}" if source in disk_gbps else "",
                 }
             )
             sys.stdout.flush()

@@ -31,6 +31,7 @@ import argparse
 import sys
 import tempfile
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -207,15 +208,22 @@ class Generation:
 
 
 def generate(
-    manager: BlockManager, model: Transformer, prompt: list[int], answer_tokens: int
+    manager: BlockManager,
+    model: Transformer,
+    prompt: list[int],
+    answer_tokens: int,
+    onboard_from: Collection[Tier] | None = None,
 ) -> Generation:
-    """Run one request as an engine does: reuse the prompt's cached prefix, compute the rest,
-    generate ``answer_tokens`` tokens greedily, cache the blocks filled."""
+    """Run one request as an engine does: reuse the prompt's cached prefix (copied into G1
+    from the tiers of ``onboard_from``, None: all), compute the rest, generate
+    ``answer_tokens`` tokens greedily, cache the blocks filled."""
     size = manager.config.block_size
     device = manager.device_tensors[0].device
     start = time.perf_counter()
     # At least the prompt's last token is computed: its logits give the first answer token.
-    hit = manager.lookup(prompt, max_blocks=(len(prompt) - 1) // size, wait=False)
+    hit = manager.lookup(
+        prompt, max_blocks=(len(prompt) - 1) // size, wait=False, onboard_from=onboard_from
+    )
     lookup_s = time.perf_counter() - start
     kv_tokens = len(prompt) + answer_tokens - 1  # the last answer token's KV is not needed
     table = hit.block_ids + manager.allocate(-(-kv_tokens // size) - len(hit.block_ids))

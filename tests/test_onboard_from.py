@@ -7,7 +7,14 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError
-from kvblocks.pool import BlockManager, Tier, lookup_groups, prometheus_registry, sequence_hashes
+from kvblocks.pool import (
+    BlockManager,
+    Tier,
+    lookup_groups,
+    prometheus_registry,
+    sequence_hashes,
+    skip_slow_disk,
+)
 from kvblocks.transfer import block_checksums
 from tests.test_manager import BS, check_all_pools, evict_g1, make_config, store, tokens_of
 
@@ -202,3 +209,27 @@ def test_lookup_groups_copies_from_the_tiers_named_in_every_group(tmp_path):
         for manager, hit in zip((full, window), hits, strict=True):
             manager.free(hit.block_ids)
             check_all_pools(manager)
+
+
+def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp_path):
+    manager, tokens, _ = g2_and_g3(tmp_path, 9)
+    with manager:
+        assert manager.locate(tokens) == MIXED  # blocks 3 to 5 in G3 only, 3 to 6 computed
+        assert skip_slow_disk(manager, tokens, 1.0) is None  # no disk rate yet: read it
+        # the disk moved one block a second: 3 blocks read in 3 s, or 4 blocks' 16 tokens
+        manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, manager.block_bytes, 1.0, True)
+        assert skip_slow_disk(manager, tokens, 5.0) is None  # computing takes 3.2 s
+        assert skip_slow_disk(manager, tokens, 6.0) == {Tier.G2, Tier.G4}  # 2.7 s
+        assert skip_slow_disk(manager, tokens[: 3 * BS], 1e12) is None  # no block in G3 only
+        assert skip_slow_disk(manager, tokens, 6.0, salt=1) is None  # nothing cached
+
+        hit = manager.lookup(tokens, onboard_from=skip_slow_disk(manager, tokens, 6.0))
+        assert (len(hit.block_ids), hit.misses) == (3, 4)
+        manager.free(hit.block_ids)
+
+
+@pytest.mark.parametrize("rate", [0, -1.0, "5", True, float("nan"), None])
+def test_skip_slow_disk_needs_a_positive_prefill_rate(tmp_path, rate):
+    manager, tokens, _ = g2_and_g3(tmp_path, 10)
+    with manager, pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
+        skip_slow_disk(manager, tokens, rate)

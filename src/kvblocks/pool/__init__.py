@@ -16,11 +16,14 @@
 - :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full
   attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
+- :func:`skip_slow_disk`: whether a lookup should read a prompt's blocks from disk or leave them
+  to be computed (:mod:`~kvblocks.pool.disk_choice`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError, PoolExhaustedError
 from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig, DeviceLayout
+from kvblocks.pool.disk_choice import skip_slow_disk
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -74,4 +77,5 @@ __all__ = [
     "root_hash",
     "sequence_hashes",
     "serve_metrics",
+    "skip_slow_disk",
 ]
