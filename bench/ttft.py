@@ -50,7 +50,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -109,6 +109,20 @@ def model_dims(engine, model: str, layers: int | None):
     return dims if layers is None else replace(dims, num_layers=layers)
 
 
+@dataclass(frozen=True)
+class Served:
+    """What the CSV needs of one request's run (``Generation``), without its logits (a
+    recompute's are ``[prompt tokens, vocabulary]`` floats: gigabytes at 16k tokens)."""
+
+    first_token_s: float
+    lookup_s: float
+    cached_tokens: int
+
+    @classmethod
+    def of(cls, run) -> Served:
+        return cls(run.first_token_s, run.lookup_s, run.hit.num_tokens)
+
+
 class Samples:
     """K and V of a few of a prompt's blocks (first, middle, last of its prefix; first and last
     layer) as the recompute wrote them, to compare a hit's blocks with."""
@@ -148,10 +162,11 @@ def warm_gpu(seconds: float = 0.2) -> None:
 
 def time_prompts(
     engine, model, config, prompts: list[list[int]]
-) -> tuple[dict[str, list], dict[str, float]]:
-    """The runs (``Generation``) of each prompt, per source, the first prompt's not kept (the
-    GPU is kept busy for a moment before each), and the disk's rate (GB/s) per G3 source."""
-    runs: dict[str, list] = {"recompute": [], "G1": [], "G2": [], "G3": [], "G3 or compute": []}
+) -> tuple[dict[str, list[Served]], dict[str, float]]:
+    """The runs of each prompt, per source, the first prompt's not kept (the GPU is kept busy
+    for a moment before each), and the disk's rate (GB/s) per G3 source."""
+    sources = ("recompute", "G1", "G2", "G3", "G3 or compute")
+    runs: dict[str, list[Served]] = {source: [] for source in sources}
     disk_gbps = {}
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     samples = []
@@ -171,9 +186,9 @@ def time_prompts(
                 check_hit(hit, Tier[source], prefix_blocks)
                 samples[-1].check(manager, hit.block_ids, source)
                 if i:
-                    runs[source].append(hit)
+                    runs[source].append(Served.of(hit))
             if i:
-                runs["recompute"].append(run)
+                runs["recompute"].append(Served.of(run))
             print(f"  prompt {i}: computed and hit in G1, G2", file=sys.stderr)
     with BlockManager(config) as manager:  # the same G3 file; G1 and G2 empty
         for i, prompt in enumerate(prompts):
@@ -182,7 +197,7 @@ def time_prompts(
             check_hit(hit, Tier.G3, prefix_blocks)
             samples[i].check(manager, hit.block_ids, "G3")
             if i:
-                runs["G3"].append(hit)
+                runs["G3"].append(Served.of(hit))
         disk_gbps["G3"] = manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
     recompute_s = statistics.median(r.first_token_s for r in runs["recompute"])
     prefill_tokens_per_s = len(prompts[0]) / recompute_s
@@ -195,7 +210,7 @@ def time_prompts(
                 check_hit(run, Tier.G3, prefix_blocks)
                 samples[i].check(manager, run.block_ids, "G3")
             if i:
-                runs["G3 or compute"].append(run)
+                runs["G3 or compute"].append(Served.of(run))
         disk_gbps["G3 or compute"] = manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
     return runs, disk_gbps
 
@@ -250,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             runs, disk_gbps = time_prompts(engine, model, config, prompts)
         recompute = statistics.median(r.first_token_s for r in runs["recompute"])
         for source, source_runs in runs.items():
-            cached = round(statistics.median(r.hit.num_tokens for r in source_runs))
+            cached = round(statistics.median(r.cached_tokens for r in source_runs))
             seconds = [r.first_token_s for r in source_runs]
             median = statistics.median(seconds)
             out.writerow(
