@@ -1,5 +1,6 @@
-"""Lookups that copy from some tiers only (``lookup(..., onboard_from=...)``), what
-``BlockManager.locate`` says of a prompt, and the onboard rates an engine weighs them with."""
+"""Which tiers a lookup copies from: some only (``lookup(..., onboard_from=...)``), what
+``BlockManager.locate`` says of a prompt, the onboard rates an engine weighs them with
+(``skip_slow_disk``), and G3 blocks staged through a G2 that the prompt's own blocks fill."""
 
 import importlib.util
 
@@ -9,6 +10,7 @@ import torch
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.pool import (
     BlockManager,
+    FrequencyFilter,
     Tier,
     lookup_groups,
     prometheus_registry,
@@ -233,3 +235,54 @@ def test_skip_slow_disk_needs_a_positive_prefill_rate(tmp_path, rate):
     manager, tokens, _ = g2_and_g3(tmp_path, 10)
     with manager, pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
         skip_slow_disk(manager, tokens, rate)
+
+
+@pytest.mark.parametrize("g2", [4, 5])
+def test_a_prompt_longer_than_g2_comes_back_whole_from_g2_and_g3(tmp_path, g2):
+    """G2 holds only a long prompt's last blocks (every one of its blocks): the blocks G3 has
+    before them are staged through G2 all the same, some of G2's read from G3 instead to make
+    room, and the whole prompt is served."""
+    manager = BlockManager(make_config(tmp_path, g1=16, g2=g2, g3=32))
+    with manager:
+        tokens = tokens_of(11, 7 * BS)
+        expected = store(manager, tokens, torch.Generator().manual_seed(11))
+        manager.flush()
+        evict_g1(manager)
+        assert manager.locate(tokens) == [Tier.G3] * (7 - g2) + [Tier.G2] * g2
+
+        hit = manager.lookup(tokens)
+
+        assert (len(hit.block_ids), hit.misses) == (7, 0)
+        assert hit.from_tier[Tier.G3] >= 7 - g2 and hit.from_tier[Tier.G2] >= 1
+        assert held_checksums(manager, hit) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        manager.flush()
+        assert all(manager.pool(t).num_in_use == 0 for t in manager.tiers)
+        check_all_pools(manager)
+
+
+def test_without_room_to_stage_a_g2_block_g3_lacks_ends_the_prefix(tmp_path):
+    """As above, but G3 lacks the prompt's last blocks (the disk filter kept them off): the
+    last G2 block is let go to make room, and the prefix ends before it."""
+    config = make_config(tmp_path, g1=16, g2=4, g3=32)
+    with BlockManager(config, disk_filter=FrequencyFilter(min_uses=2)) as manager:
+        gen = torch.Generator().manual_seed(12)
+        tokens = tokens_of(12, 7 * BS)
+        expected = store(manager, tokens[: 3 * BS], gen)  # blocks 0 to 2: G2
+        manager.free(manager.lookup(tokens[: 3 * BS]).block_ids)  # a second use: on to G3
+        manager.flush()
+        expected.update(store(manager, tokens, gen))  # 3 to 6: G2 (evicting 0 to 2), not G3
+        manager.flush()
+        evict_g1(manager)
+        assert manager.locate(tokens) == [Tier.G3] * 3 + [Tier.G2] * 4
+        assert manager.pool(Tier.G3).num_cached == 3
+
+        hit = manager.lookup(tokens)
+
+        assert (len(hit.block_ids), hit.misses) == (6, 1)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G3: 3, Tier.G2: 3}
+        assert held_checksums(manager, hit) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        manager.flush()
+        assert all(manager.pool(t).num_in_use == 0 for t in manager.tiers)
+        check_all_pools(manager)

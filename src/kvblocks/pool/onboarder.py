@@ -22,6 +22,11 @@ from kvblocks.transfer import TransferManager, TransferOptions, block_checksums
 
 log = logging.getLogger("kvblocks.pool")
 
+#: G3 blocks are staged through G2 in rounds of up to a ``1 / STAGING_SHARE`` of G2's blocks
+#: where the G2 blocks that a lookup holds would leave less room (see
+#: :meth:`Onboarder._leave_room_to_stage`).
+STAGING_SHARE = 4
+
 
 @dataclass
 class _Plan:
@@ -98,7 +103,39 @@ class Onboarder:
             blocks = [b for t, b in found if t is tier]
             if blocks:
                 self._tiers[tier].pool.acquire(blocks)
+        found = self._leave_room_to_stage(hashes, found, sources)
         return _Plan(found, self._tiers[Tier.G1].pool.allocate(len(found)))
+
+    def _leave_room_to_stage(
+        self, hashes: list[int], found: list[tuple[Tier, int]], sources: frozenset[Tier]
+    ) -> list[tuple[Tier, int]]:
+        """The planned sources ``found`` (held), changed so that G2 has room to stage the G3
+        blocks among them: where the G2 blocks held for the plan (a long prompt's last blocks,
+        say, when G2 holds nothing else) leave G2 fewer free or evictable blocks than a round
+        of staging needs, G2 blocks are let go from the end of the plan, each read from G3
+        instead where G3 caches it (and ``sources`` names G3), else the plan ends before it.
+        Under the lock."""
+        g3_count = sum(t is Tier.G3 for t, _ in found)
+        if not g3_count:
+            return found
+        g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
+        wanted = min(g3_count, max(1, g2.num_blocks // STAGING_SHARE))
+        i = len(found)
+        while g2.num_available < wanted and i > 0:
+            i -= 1
+            tier, block = found[i]
+            if tier is not Tier.G2 or g2.refcount(block) > 1:  # letting go frees no room
+                continue
+            g2.free([block])
+            disk = g3.lookup(hashes[i]) if Tier.G3 in sources else None
+            if disk is None:
+                for t, b in found[i + 1 :]:
+                    self._tiers[t].pool.free([b])
+                found = found[:i]
+                continue
+            g3.acquire([disk])
+            found[i] = (Tier.G3, disk)
+        return found
 
     def _carry_out(self, hashes: list[int], plan: _Plan, groups: tuple[range, ...]) -> list[int]:
         """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
