@@ -218,10 +218,15 @@ def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp
     with manager:
         assert manager.locate(tokens) == MIXED  # blocks 3 to 5 in G3 only, 3 to 6 computed
         assert skip_slow_disk(manager, tokens, 1.0) is None  # no disk rate yet: read it
-        # the disk moved one block a second: 3 blocks read in 3 s, or 4 blocks' 16 tokens
-        manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, manager.block_bytes, 1.0, True)
-        assert skip_slow_disk(manager, tokens, 5.0) is None  # computing takes 3.2 s
-        assert skip_slow_disk(manager, tokens, 6.0) == {Tier.G2, Tier.G4}  # 2.7 s
+        block = manager.block_bytes
+        # A disk that reads one block a second: 3 blocks read in 3 s, or 4 blocks' 16 tokens
+        # computed in 3.2 s (5 tokens a second) or 2.7 s (6 a second).
+        assert skip_slow_disk(manager, tokens, 5.0, disk_bytes_per_s=block) is None
+        assert skip_slow_disk(manager, tokens, 6.0, disk_bytes_per_s=block) == {Tier.G2, Tier.G4}
+        manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, block, 1.0, True)  # measured
+        assert skip_slow_disk(manager, tokens, 5.0) is None
+        assert skip_slow_disk(manager, tokens, 6.0) == {Tier.G2, Tier.G4}
+        assert skip_slow_disk(manager, tokens, 6.0, disk_bytes_per_s=1e12) is not None
         assert skip_slow_disk(manager, tokens[: 3 * BS], 1e12) is None  # no block in G3 only
         assert skip_slow_disk(manager, tokens, 6.0, salt=1) is None  # nothing cached
 
@@ -231,10 +236,14 @@ def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp
 
 
 @pytest.mark.parametrize("rate", [0, -1.0, "5", True, float("nan"), None])
-def test_skip_slow_disk_needs_a_positive_prefill_rate(tmp_path, rate):
+def test_skip_slow_disk_needs_positive_rates(tmp_path, rate):
     manager, tokens, _ = g2_and_g3(tmp_path, 10)
-    with manager, pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
-        skip_slow_disk(manager, tokens, rate)
+    with manager:
+        with pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
+            skip_slow_disk(manager, tokens, rate)
+        if rate is not None:
+            with pytest.raises(InvalidArgumentError, match="disk_bytes_per_s"):
+                skip_slow_disk(manager, tokens, 1.0, disk_bytes_per_s=rate)
 
 
 @pytest.mark.parametrize("g2", [4, 5])

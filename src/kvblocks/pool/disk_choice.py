@@ -29,6 +29,7 @@ def skip_slow_disk(
     token_ids: Sequence[int],
     prefill_tokens_per_s: float,
     *,
+    disk_bytes_per_s: float | None = None,
     salt: int = 0,
 ) -> frozenset[Tier] | None:
     """The ``onboard_from`` for ``manager.lookup(token_ids, ...)``: :data:`WITHOUT_DISK` where
@@ -36,36 +37,41 @@ def skip_slow_disk(
     of them to the end of the cached prefix, else None (every tier).
 
     The read is timed at the rate that the manager's reads from G3 moved so far
-    (``metrics.onboard_rate(Tier.G3, Tier.G2)``); before its first read there is no rate and
-    the answer is None, so that the first read measures it. The G2 blocks between the G3 ones
-    are not counted (PCIe moves them tens of times faster than a disk).
+    (``metrics.onboard_rate(Tier.G3, Tier.G2)``), or before its first read at
+    ``disk_bytes_per_s``; with neither the answer is None, so that the first read measures
+    it. The G2 blocks between the G3 ones are not counted (PCIe moves them tens of times
+    faster than a disk).
 
     Args:
         manager: the manager the prompt will be looked up in.
         token_ids: the prompt.
         prefill_tokens_per_s: how fast the engine computes a prompt's KV, measured on prompts
             of about this length (attention makes longer ones slower per token).
+        disk_bytes_per_s: the disk's read rate, for the lookups before the manager's first
+            read from G3 (after a restart, when G1 and G2 are empty: a rate the last process
+            measured, or ``kvblocks bench disk``'s); None: read once to measure it.
         salt: as for :meth:`BlockManager.lookup`.
 
     Raises:
-        InvalidArgumentError: ``prefill_tokens_per_s`` is not a positive number.
+        InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
+            positive number.
     """
-    if (
-        isinstance(prefill_tokens_per_s, bool)
-        or not isinstance(prefill_tokens_per_s, (int, float))
-        or not prefill_tokens_per_s > 0
-    ):
-        raise InvalidArgumentError(
-            "prefill_tokens_per_s", f"must be a positive number, got {prefill_tokens_per_s!r}"
-        )
+    _check_rate(prefill_tokens_per_s, "prefill_tokens_per_s")
+    if disk_bytes_per_s is not None:
+        _check_rate(disk_bytes_per_s, "disk_bytes_per_s")
     where = manager.locate(token_ids, salt=salt)
     end = where.index(None) if None in where else len(where)
     if Tier.G3 not in where[:end]:
         return None
-    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2)
+    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
     if rate is None:
         return None
     first = where.index(Tier.G3)
     read_s = where[first:end].count(Tier.G3) * manager.block_bytes / rate
     compute_s = (end - first) * manager.config.block_size / prefill_tokens_per_s
     return None if read_s < compute_s else WITHOUT_DISK
+
+
+def _check_rate(rate: float, argument: str) -> None:
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
+        raise InvalidArgumentError(argument, f"must be a positive number, got {rate!r}")
