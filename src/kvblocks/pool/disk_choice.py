@@ -4,10 +4,12 @@ A block that only G3 caches comes back at the disk's pace; on a slow disk, compu
 again can be faster (see "When the disk is slower than computing" in ``docs/pool.md``). Leaving
 G3 out ends the hit at the first such block, so every block after it is computed too::
 
+    block    0   1   2   3   4   5   6   7
     where    G1  G1  G2  G3  G3  G2  G3  None
-                         |<----- computed if G3 is left out ---->|
-    read     2 G3 blocks + 1 G2 block          (bytes / the disk's measured rate)
-    compute  4 blocks' tokens                  (tokens / the engine's prefill rate)
+                         |<- computed ->|  if G3 is left out
+    read     blocks 3, 4 and 6 from G3     (bytes / the disk's measured rate; block 5
+                                            comes from G2 at PCIe's pace, not counted)
+    compute  blocks 3 to 6                 (tokens / the engine's prefill rate)
 
 :func:`skip_slow_disk` weighs the two and gives the ``onboard_from`` to look the prompt up with.
 """
