@@ -10,7 +10,7 @@ model does not fit one GPU: with fewer layers, computing the prompt and moving i
 shrink in proportion, so their ratio is the whole model's).
 
 For each prompt length, ``--repeats`` prompts of random tokens (after one more to warm up) are
-each served four ways, timed from the ``lookup`` call until the first generated token is on
+each served five ways, timed from the ``lookup`` call until the first generated token is on
 the host:
 
 - ``recompute``: nothing cached, the whole prompt is computed (its blocks are then registered
