@@ -87,15 +87,19 @@ class Onboarder:
         """Plan copying the prefix of ``hashes`` that the tiers of ``sources`` cache into G1
         (as :meth:`onboard` says), as far as G1 has room: the sources are acquired and the G1
         destinations allocated. Under the lock."""
+        pools = [
+            (tier, state.pool, tier in sources)
+            for tier in (Tier.G2, Tier.G3)
+            if (state := self._tiers.get(tier)) is not None
+        ]
         found: list[tuple[Tier, int]] = []
         for h in hashes:
-            for tier in (Tier.G2, Tier.G3):
-                state = self._tiers.get(tier)
-                allowed = tier in sources or (tier is Tier.G2 and h in fetched)
-                block = state.pool.lookup(h) if state is not None and allowed else None
-                if block is not None:
-                    found.append((tier, block))
-                    break
+            for tier, pool, allowed in pools:
+                if allowed or (tier is Tier.G2 and h in fetched):
+                    block = pool.lookup(h)
+                    if block is not None:
+                        found.append((tier, block))
+                        break
             else:
                 break
         found = found[: self._tiers[Tier.G1].pool.num_available]
