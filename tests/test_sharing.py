@@ -770,6 +770,8 @@ def test_sharing_checks_its_arguments(tmp_path):
             third.add_peer(endpoint)
             with pytest.raises(InvalidArgumentError, match="a peer already"):
                 third.add_peer(endpoint)
+            with pytest.raises(InvalidArgumentError, match="ask_peer.*leaves out G4"):
+                third.lookup(list(range(2 * BS)), ask_peer=endpoint, onboard_from={Tier.G2})
             third.remove_peer(endpoint)
             with pytest.raises(InvalidArgumentError, match="not a peer"):
                 third.remove_peer(endpoint)

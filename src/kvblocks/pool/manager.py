@@ -440,8 +440,9 @@ class BlockManager:
                 reads it (see :meth:`locate` and ``metrics.onboard_rate``).
 
         Raises:
-            InvalidArgumentError: ``ask_peer`` is not a peer, ``max_blocks`` is not an int
-                >= 0, or ``onboard_from`` names something other than G2, G3 and G4.
+            InvalidArgumentError: ``ask_peer`` is not a peer (or ``onboard_from`` leaves the
+                peers out), ``max_blocks`` is not an int >= 0, or ``onboard_from`` names
+                something other than G2, G3 and G4.
             TransferError: a copy into G1 failed (with ``wait``; otherwise the waits of
                 ``hit.ready`` raise it). The blocks are not held then.
         """
@@ -450,6 +451,10 @@ class BlockManager:
         if not isinstance(wait, bool):
             raise InvalidArgumentError("wait", f"must be a bool, got {wait!r}")
         sources = _onboard_sources(onboard_from)
+        if ask_peer is not None and Tier.G4 not in sources:
+            raise InvalidArgumentError(
+                "ask_peer", f"names {ask_peer!r} to ask, but onboard_from leaves out G4 (peers)"
+            )
         size = self.config.block_size
         if max_blocks is not None:
             token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
