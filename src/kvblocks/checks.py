@@ -34,6 +34,13 @@ def seconds_or_none(value: object, argument: str) -> float | None:
     return float(value)
 
 
+def positive_number(value: object, argument: str) -> float:
+    """Return ``value`` if it is an int or float > 0 (not NaN; bools are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        raise InvalidArgumentError(argument, f"must be a positive number, got {value!r}")
+    return value
+
+
 def index_in_range(value: object, limit: int, argument: str) -> int:
     """Return ``value`` if it is an int in ``[0, limit)``."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from kvblocks.errors import InvalidArgumentError
+from kvblocks.checks import positive_number
 from kvblocks.pool.manager import BlockManager
 from kvblocks.pool.tier import Tier
 
@@ -58,9 +58,9 @@ def skip_slow_disk(
         InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
             positive number.
     """
-    _check_rate(prefill_tokens_per_s, "prefill_tokens_per_s")
+    positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
     if disk_bytes_per_s is not None:
-        _check_rate(disk_bytes_per_s, "disk_bytes_per_s")
+        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
     where = manager.locate(token_ids, salt=salt)
     end = where.index(None) if None in where else len(where)
     if Tier.G3 not in where[:end]:
@@ -72,8 +72,3 @@ def skip_slow_disk(
     read_s = where[first:end].count(Tier.G3) * manager.block_bytes / rate
     compute_s = (end - first) * manager.config.block_size / prefill_tokens_per_s
     return None if read_s < compute_s else WITHOUT_DISK
-
-
-def _check_rate(rate: float, argument: str) -> None:
-    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not rate > 0:
-        raise InvalidArgumentError(argument, f"must be a positive number, got {rate!r}")
