@@ -104,7 +104,7 @@ class InFlightCopies:
         with self._tiers.lock:
             flights = list(self._flights)
         for flight in flights:
-            _wait_quietly(flight.copies.done)  # reap drops the blocks of a failed one
+            wait_quietly(flight.copies.done)  # reap drops the blocks of a failed one
         self.reap()
 
     def _let_go(self, flight: InFlight) -> None:
@@ -126,7 +126,7 @@ class InFlightCopies:
         self._tiers.metrics.record_transfer(Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True)
 
 
-def _wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:
+def wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:
     """Wait until each of ``notifications`` completes, failed or not."""
     for notification in notifications:
         try:

@@ -14,11 +14,16 @@ from dataclasses import dataclass
 
 import torch
 
-from kvblocks.pool.inflight import InFlight, InFlightCopies
+from kvblocks.pool.inflight import InFlight, InFlightCopies, wait_quietly
 from kvblocks.pool.ready import LayerCopies
 from kvblocks.pool.tier import Tier
 from kvblocks.pool.tier_set import TierSet
-from kvblocks.transfer import TransferManager, TransferOptions, block_checksums
+from kvblocks.transfer import (
+    TransferCompleteNotification,
+    TransferManager,
+    TransferOptions,
+    block_checksums,
+)
 
 log = logging.getLogger("kvblocks.pool")
 
@@ -26,6 +31,11 @@ log = logging.getLogger("kvblocks.pool")
 #: where the G2 blocks that a lookup holds would leave less room (see
 #: :meth:`Onboarder._leave_room_to_stage`).
 STAGING_SHARE = 4
+#: G3 blocks are read in chunks of about this many bytes (at least one block), each checked
+#: while the next ones are read.
+READ_CHUNK_BYTES = 64 << 20
+#: Chunks read ahead of the one being checked.
+READ_AHEAD = 2
 
 
 @dataclass
@@ -143,14 +153,16 @@ class Onboarder:
 
     def _carry_out(self, hashes: list[int], plan: _Plan, groups: tuple[range, ...]) -> list[int]:
         """Carry out ``plan``: G3 blocks into G2 staging blocks (checked; in rounds as large as
-        G2 has room for) and on into G1, G2 blocks straight into G1, issued in layer
-        ``groups`` and held until they end (:class:`~kvblocks.pool.inflight.InFlightCopies`).
+        G2 has room for), G2 blocks and the last round's staging blocks into G1, issued in
+        layer ``groups`` and held until they end (:class:`~kvblocks.pool.inflight.InFlightCopies`);
+        the staging blocks of earlier rounds go into G1 before the next round takes G2's room.
         Returns the G1 blocks (held), fewer than planned if a G3 block fails its checksum."""
         sources, dst = plan.blocks, plan.dst
         g1, g2 = self._tiers[Tier.G1].pool, self._tiers[Tier.G2].pool
         g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
         g2_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G2]
         keep, done = len(sources), 0
+        staged: dict[int, int] = {}  # plan index -> G2 staging block, copied with G2's sources
         try:
             while done < len(g3_at):
                 with self._tiers.lock:
@@ -164,23 +176,28 @@ class Onboarder:
                 good = self._stage_from_disk(
                     [sources[i][1] for i in at], staging, [hashes[i] for i in at]
                 )
-                try:
-                    targets = [dst[i] for i in at[:good]]
-                    self._tiers.copy(Tier.G2, staging[:good], Tier.G1, targets, onboard=True)
-                finally:
-                    with self._tiers.lock:
-                        g2.free(staging[:good])
+                if good == room and done < len(g3_at):  # the next round needs G2's room
+                    try:
+                        targets = [dst[i] for i in at]
+                        self._tiers.copy(Tier.G2, staging, Tier.G1, targets, onboard=True)
+                    finally:
+                        with self._tiers.lock:
+                            g2.free(staging)
+                else:
+                    staged.update(zip(at[:good], staging[:good], strict=True))
                 if good < room:
                     keep = at[good]
                     break
-            copying = [i for i in g2_at if i < keep]
+            copying = sorted([i for i in g2_at if i < keep] + list(staged))
             flight = self._copy_to_g1(
-                [sources[i][1] for i in copying], [dst[i] for i in copying], groups
+                [staged[i] if i in staged else sources[i][1] for i in copying],
+                [dst[i] for i in copying],
+                groups,
             )
         except BaseException:
             with self._tiers.lock:
                 g1.free(dst)
-                g2.free([sources[i][1] for i in g2_at])
+                g2.free([sources[i][1] for i in g2_at] + list(staged.values()))
                 self._release_g3([sources[i][1] for i in g3_at[done:]])
             raise
         with self._tiers.lock:
@@ -236,24 +253,20 @@ class Onboarder:
 
     def _stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
         """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
-        journal; registers the good prefix in G2 (still held) and returns its length. The G3
-        holds and the staging blocks after the good prefix are let go; bad blocks leave G3."""
+        journal (:meth:`_read_and_check`); registers the good prefix in G2 (still held) and
+        returns its length. The G3 holds and the staging blocks after the good prefix are let
+        go; bad blocks leave G3."""
         g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
         try:
-            self._tiers.copy(Tier.G3, slots, Tier.G2, staging, onboard=True)
-            sums = block_checksums(self._tiers[Tier.G2].physical, staging)
+            matches = self._read_and_check(slots, staging, hashes)
         except BaseException:
             with self._tiers.lock:
                 g3.free(slots)
                 g2.free(staging)
             raise
+        good = matches.index(False) if False in matches else len(matches)
         with self._tiers.lock:
-            matches = [
-                s == self._tiers.journal.blocks[h].checksum
-                for s, h in zip(sums, hashes, strict=True)
-            ]
-            good = matches.index(False) if False in matches else len(slots)
-            bad = [s for s, ok in zip(slots, matches, strict=True) if not ok]
+            bad = [s for s, ok in zip(slots, matches, strict=False) if not ok]
             g3.free(slots)
             if bad:
                 log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
@@ -263,3 +276,46 @@ class Onboarder:
             g2.free(staging[good:])
             self._tiers.emit_stored(Tier.G2, [h for _, h in new])
         return good
+
+    def _read_and_check(
+        self, slots: list[int], staging: list[int], hashes: list[int]
+    ) -> list[bool]:
+        """Read G3 ``slots`` into G2 ``staging`` blocks in chunks of about
+        :data:`READ_CHUNK_BYTES`, up to :data:`READ_AHEAD` chunks ahead of the one whose
+        checksums are being worked out, so the disk reads on meanwhile. Returns, per block
+        checked, whether its checksum is the journal's for its hash in ``hashes``; the chunk
+        of the first bad block is the last checked. Every read has ended when this returns or
+        raises; the reads are counted in the metrics, timed from the first one's start to the
+        last one's end."""
+        g2, g3 = self._tiers[Tier.G2], self._tiers[Tier.G3]
+        per_chunk = max(1, READ_CHUNK_BYTES // self._tiers.block_bytes)
+        chunks = [slice(i, i + per_chunk) for i in range(0, len(slots), per_chunk)]
+        reads: list[TransferCompleteNotification] = []
+        matches: list[bool] = []
+        started = read_end = time.perf_counter()
+        waited = 0
+        try:
+            for k, chunk in enumerate(chunks):
+                for c in chunks[len(reads) : k + 1 + READ_AHEAD]:
+                    reads.append(
+                        self._transfer.execute_transfer(g3.handle, slots[c], g2.handle, staging[c])
+                    )
+                reads[k].wait()
+                read_end, waited = time.perf_counter(), k + 1
+                sums = block_checksums(g2.physical, staging[chunk])
+                with self._tiers.lock:
+                    journal = self._tiers.journal.blocks
+                    pairs = zip(sums, hashes[chunk], strict=True)
+                    matches += [s == journal[h].checksum for s, h in pairs]
+                if not all(matches):
+                    break
+        finally:
+            if waited < len(reads):  # nothing may write the staging blocks once they are let go
+                wait_quietly(reads)
+                read_end = time.perf_counter()
+        read = len(staging[: len(reads) * per_chunk])
+        nbytes = read * self._tiers.block_bytes
+        self._tiers.metrics.record_transfer(
+            Tier.G3, Tier.G2, read, nbytes, read_end - started, True
+        )
+        return matches
