@@ -291,3 +291,21 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
             else not row["disk_gbps"]
         )
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
+
+
+def test_disk_ceiling_script_reads_and_writes_every_combination(tmp_path):
+    """bench/disk_ceiling.py: a row per (threads, I/O size) read and per thread count written,
+    each a positive rate; its scratch file goes; a missing folder is refused by name."""
+    script = [sys.executable, str(ROOT / "bench" / "disk_ceiling.py")]
+    small = ["--mib", "4", "--threads", "1,3", "--io-mib", "1,2"]
+    proc = subprocess.run(script + [str(tmp_path)] + small, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    expected = [("read", t, s) for s in ("1", "2") for t in ("1", "3")]
+    expected += [("write", t, "8") for t in ("1", "3")]
+    assert [(r["op"], r["threads"], r["io_mib"]) for r in rows] == expected
+    assert all(float(r["gbps"]) > 0 for r in rows)
+    assert not list(tmp_path.iterdir())
+
+    missing = subprocess.run(script + [str(tmp_path / "nope")], capture_output=True, text=True)
+    assert missing.returncode == 2 and "nope' is not a folder" in missing.stderr
