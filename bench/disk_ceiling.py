@@ -40,7 +40,8 @@ def run_ios(path: str, size: int, threads: int, io: int, write: bool) -> float:
         buffer = getattr(local, "buffer", None)
         if buffer is None:
             buffer = local.buffer = mmap.mmap(-1, io)  # page-aligned, as O_DIRECT needs
-            buffer.write(os.urandom(io) if write else b"")
+            if write:
+                buffer.write(os.urandom(io))
         if write:
             os.pwritev(fd, [buffer], offset)
         else:

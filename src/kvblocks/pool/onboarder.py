@@ -313,7 +313,7 @@ class Onboarder:
             if waited < len(reads):  # nothing may write the staging blocks once they are let go
                 wait_quietly(reads)
                 read_end = time.perf_counter()
-        read = len(staging[: len(reads) * per_chunk])
+        read = min(len(staging), len(reads) * per_chunk)  # blocks whose read was issued
         nbytes = read * self._tiers.block_bytes
         self._tiers.metrics.record_transfer(
             Tier.G3, Tier.G2, read, nbytes, read_end - started, True
