@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU run: gpu tests, then every benchmark, results under $OUT (default ./out).
 # Usage on a GPU machine: bash bench/gpu_run.sh [suite ...]
-# (suites: tests kvbench permute paged transfers contention disk remote sharing demo ttft)
+# (suites: tests kvbench permute paged transfers contention disk remote sharing demo ttft prefetch)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
@@ -21,8 +21,8 @@ for suite in "${suites[@]}"; do
                       >"$out/demo-$model.json" 2>"$out/demo-$model.log"
                   echo "demo $model: rc=$?"
               done ;;
-        ttft) python3 bench/ttft.py >"$out/ttft.csv" 2>"$out/ttft.log"
-              echo "ttft: rc=$? $(wc -l <"$out/ttft.csv") lines" ;;
+        ttft|prefetch) python3 "bench/$suite.py" >"$out/$suite.csv" 2>"$out/$suite.log"
+              echo "$suite: rc=$? $(wc -l <"$out/$suite.csv") lines" ;;
         tests) python3 -m pytest -q -m "gpu or not gpu" tests -p no:cacheprovider 2>&1 \
                | tee "$out/gpu_tests.log" | tail -3 ;;
         *) python3 -m kvblocks.cli bench "$suite" --csv "$out/$suite.csv" 2>"$out/$suite.log"

@@ -293,6 +293,31 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
 
 
+def test_prefetch_script_serves_a_g3_prompt_every_way_between_decoding_steps(tmp_path):
+    """bench/prefetch.py with the example's small model: a row per mode, each hit's blocks
+    checked against the computed ones (it raises otherwise); only a prefetch lets the decoding
+    request step while the disk is read."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "prefetch.py"), "--model", "small"]
+        + ["--prompt-tokens", "128", "--repeats", "1", "--decode-context", "32"]
+        + ["--offload-path", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["mode"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
+    assert list(rows) == ["compute", "lookup", "prefetch"]
+    for mode, row in rows.items():
+        assert float(row["ttft_ms"]) > 0 and float(row["stall_ms"]) > 0, row
+        assert float(row["base_step_ms"]) > 0
+        assert (float(row["prefix_mib"]) > 0) == (mode != "compute")
+        assert (float(row["disk_gbps"]) > 0) if mode != "compute" else not row["disk_gbps"]
+        if mode != "prefetch":  # on this CPU a prefetch may end within a step
+            assert int(row["steps_during"]) == 0 and not row["step_ms"], row
+    assert not list(tmp_path.iterdir())
+
+
 def test_disk_ceiling_script_reads_and_writes_every_combination(tmp_path):
     """bench/disk_ceiling.py: a row per (threads, I/O size) read and per thread count written,
     each a positive rate; its scratch file goes; a missing folder is refused by name."""

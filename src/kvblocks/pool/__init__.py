@@ -11,6 +11,8 @@
   from the network by :class:`~kvblocks.pool.zmq_subscriber.ZmqSubscriber` and
   :class:`~kvblocks.pool.nats_subscriber.NatsSubscriber` (what they deliver to and report:
   :mod:`~kvblocks.pool.event_sink`).
+- :class:`Prefetch`: a prompt's prefix read from G3 and peers into G2 in the background
+  (:meth:`BlockManager.prefetch`), so that its lookup waits for no disk.
 - :class:`ReadyLayers`: when each layer of a hit's blocks is in G1, after a lookup that
   returned before its copies ended.
 - :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full
@@ -39,6 +41,7 @@ from kvblocks.pool.kv_index import KvIndex, Overlap, WorkerView
 from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
 from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
+from kvblocks.pool.prefetch import Prefetch
 from kvblocks.pool.ready import ReadyLayers
 from kvblocks.pool.tier import Tier
 
@@ -66,6 +69,7 @@ __all__ = [
     "Overlap",
     "PoolExhaustedError",
     "PoolMetrics",
+    "Prefetch",
     "PrefixHit",
     "ReadyLayers",
     "Tier",

@@ -14,6 +14,9 @@ name                                type       meaning
 ``kvbm_eviction_count{tier}``       counter    cached blocks evicted
 ``kvbm_hits{tier}``                 counter    looked-up blocks found in this tier
 ``kvbm_misses``                     counter    looked-up blocks found in no tier
+``kvbm_prefetched_blocks{tier}``    counter    blocks of prefetched prefixes, by the tier
+                                               they were found in (G3's and G4's were read
+                                               into G2)
 ``kvbm_window_skipped_blocks``      counter    blocks of sliding-window hits before the
                                                window: hit, but neither held nor copied
 ``kvbm_offload_blocks{src,dst}``    counter    blocks copied down a tier
@@ -83,6 +86,7 @@ class PoolMetrics:
         self.evictions: Counter[Tier] = Counter()
         self.hits: Counter[Tier] = Counter()
         self.misses = 0
+        self.prefetched: Counter[Tier] = Counter()
         self.window_skipped = 0
         self.offload_blocks: Counter[tuple[Tier, Tier]] = Counter()
         self.offload_bytes: Counter[tuple[Tier, Tier]] = Counter()
@@ -126,6 +130,10 @@ class PoolMetrics:
             self.hits.update(hits)
             self.misses += misses
             self.window_skipped += skipped
+
+    def record_prefetch(self, blocks: dict[Tier, int]) -> None:
+        with self._lock:
+            self.prefetched.update(blocks)
 
     def record_evictions(self, tier: Tier, count: int) -> None:
         with self._lock:
@@ -199,8 +207,16 @@ def prometheus_registry(metrics: PoolMetrics, registry=None):
                     evictions.add_metric([tier.medium], metrics.evictions[tier])
                 for tier in [*occupancy, *(t for t in metrics.hits if t not in occupancy)]:
                     hits.add_metric([tier.medium], metrics.hits[tier])
+                prefetched = CounterMetricFamily(
+                    "kvbm_prefetched_blocks",
+                    "Blocks of prefetched prefixes, by the tier they were found in",
+                    labels=["tier"],
+                )
+                for tier in (t for t in Tier if t in metrics.prefetched):
+                    prefetched.add_metric([tier.medium], metrics.prefetched[tier])
                 yield evictions
                 yield hits
+                yield prefetched
                 yield CounterMetricFamily(
                     "kvbm_misses", "Looked-up blocks found in no tier", value=metrics.misses
                 )

@@ -173,7 +173,7 @@ class Onboarder:
                     break
                 at = g3_at[done : done + room]
                 done += room
-                good = self._stage_from_disk(
+                good = self.stage_from_disk(
                     [sources[i][1] for i in at], staging, [hashes[i] for i in at]
                 )
                 if good == room and done < len(g3_at):  # the next round needs G2's room
@@ -251,7 +251,7 @@ class Onboarder:
         if slots:
             self._tiers[Tier.G3].pool.free(slots)
 
-    def _stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
+    def stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
         """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
         journal (:meth:`_read_and_check`); registers the good prefix in G2 (still held) and
         returns its length. The G3 holds and the staging blocks after the good prefix are let

@@ -1,0 +1,297 @@
+"""Prefetches: a prompt's G3 (and peers') blocks read into G2 on the manager's background
+thread while the caller goes on, held there until released, so that the lookup after it
+copies the whole prefix from G2 and reads no disk."""
+
+import importlib.util
+import threading
+from concurrent.futures import CancelledError
+
+import pytest
+import torch
+
+from kvblocks.errors import InvalidArgumentError, StorageError, TransferError
+from kvblocks.pool import BlockManager, Tier, prefetch, prometheus_registry, sequence_hashes
+from kvblocks.pool.window import blocks_needed
+from kvblocks.remote import nixl_available
+from kvblocks.storage import disk
+from tests.test_g3_reads import BLOCKS, g1_checksums, nothing_held, stored_on_disk
+from tests.test_manager import BS, evict_g1, flip_g3_byte, make_config, store, tokens_of
+
+ONLY_G2 = {Tier.G2}
+
+
+class GatedReads:
+    """Reads of G3 files that wait for :meth:`open` (each counted as it starts)."""
+
+    def __init__(self, monkeypatch) -> None:
+        self.started = []
+        self._gate = threading.Event()
+        read = disk.DiskAllocation.read
+
+        def gated(allocation, spans, pool=None):
+            self.started.append(1)
+            assert self._gate.wait(10), "a test left the gate of G3 reads shut"
+            return read(allocation, spans, pool)
+
+        monkeypatch.setattr(disk.DiskAllocation, "read", gated)
+
+    def open(self) -> None:
+        self._gate.set()
+
+
+def held_in_g2(manager) -> int:
+    return manager.pool(Tier.G2).num_in_use
+
+
+def test_a_prefetch_returns_at_once_and_its_lookup_reads_no_disk(tmp_path, monkeypatch):
+    config, tokens, expected = stored_on_disk(tmp_path, 31)
+    with BlockManager(config) as manager:
+        assert manager.locate(tokens) == [Tier.G3] * BLOCKS
+        gate = GatedReads(monkeypatch)
+
+        fetch = manager.prefetch(tokens)  # the read waits at the gate: this did not
+
+        assert not fetch.done() and fetch.num_blocks == 0
+        with pytest.raises(TimeoutError):
+            fetch.wait(timeout=0.05)
+        gate.open()
+        assert fetch.wait(timeout=10) == {Tier.G3: BLOCKS}
+        assert fetch.done() and fetch.num_blocks == BLOCKS
+        assert held_in_g2(manager) == BLOCKS
+        assert manager.locate(tokens) == [Tier.G2] * BLOCKS
+        reads = len(gate.started)
+
+        hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+
+        assert len(gate.started) == reads  # the lookup read nothing from disk
+        assert (len(hit.block_ids), hit.misses) == (BLOCKS, 0)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G2: BLOCKS}
+        assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == BLOCKS
+        assert manager.metrics.prefetched == {Tier.G3: BLOCKS}
+        fetch.release()
+        fetch.release()  # again: nothing
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+        assert manager.locate(tokens) == [Tier.G1] * BLOCKS
+
+
+def test_a_prefetch_counts_g1_blocks_holds_g2_ones_and_reads_g3_ones(tmp_path):
+    config, tokens, expected = stored_on_disk(tmp_path, 32)
+    with BlockManager(config) as manager:
+        for blocks in (3, 1):  # blocks 0-2 come up through G2, then G1 has block 0 only
+            hit = manager.lookup(tokens, max_blocks=blocks)
+            manager.free(hit.block_ids)
+            if blocks == 3:
+                evict_g1(manager)
+        assert manager.locate(tokens) == [Tier.G1, Tier.G2, Tier.G2] + [Tier.G3] * 4
+
+        with manager.prefetch(tokens) as fetch:
+            assert fetch.wait(timeout=10) == {Tier.G1: 1, Tier.G2: 2, Tier.G3: 4}
+            assert held_in_g2(manager) == 6  # G1's block is not held
+            hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+            assert hit.from_tier == {Tier.G1: 1, Tier.G2: 6}
+            assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_a_bad_block_ends_the_prefetched_prefix(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefetch, "PREFETCH_SHARE", 1)
+    config, tokens, expected = stored_on_disk(tmp_path, 33)
+    with BlockManager(config) as manager:
+        flip_g3_byte(manager, sequence_hashes(tokens, BS)[4], 3)
+
+        with manager.prefetch(tokens) as fetch:
+            assert fetch.wait(timeout=10) == {Tier.G3: 4}
+            assert held_in_g2(manager) == 4
+            assert manager.metrics.corrupt_blocks == 1
+            assert manager.locate(tokens)[4:] == [None, Tier.G3, Tier.G3]
+            hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+        assert (len(hit.block_ids), hit.misses) == (4, 3)
+        assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_a_failed_read_is_raised_by_wait_and_nothing_stays_held(tmp_path, monkeypatch):
+    config, tokens, _ = stored_on_disk(tmp_path, 34)
+    with BlockManager(config) as manager:
+        hit = manager.lookup(tokens, max_blocks=2)  # G2 holds blocks 0 and 1: held, then let go
+        manager.free(hit.block_ids)
+        manager.free(manager.allocate(config.device_blocks))
+
+        def fails(allocation, spans, pool=None):
+            raise StorageError("injected read error", allocation.path)
+
+        monkeypatch.setattr(disk.DiskAllocation, "read", fails)
+        fetch = manager.prefetch(tokens)
+        with pytest.raises(TransferError, match="injected read error"):
+            fetch.wait(timeout=10)
+        assert fetch.done() and fetch.num_blocks == 0
+        fetch.release()
+        nothing_held(manager)
+
+
+def test_a_prefetch_released_before_it_starts_reads_nothing(tmp_path, monkeypatch):
+    config, tokens, _ = stored_on_disk(tmp_path, 35)
+    with BlockManager(config) as manager:
+        gate = GatedReads(monkeypatch)
+        first = manager.prefetch(tokens)  # under way, waiting at the gate
+        second = manager.prefetch(tokens)  # queued behind it
+
+        second.release()
+        gate.open()
+
+        assert first.wait(timeout=10) == {Tier.G3: BLOCKS}
+        with pytest.raises(CancelledError):
+            second.wait(timeout=10)
+        assert second.done() and second.num_blocks == 0
+        assert len(gate.started) == 1  # the first's one chunk
+        assert held_in_g2(manager) == BLOCKS  # the second would have held one more
+        first.release()
+        nothing_held(manager)
+
+
+def test_a_prefetch_released_while_it_reads_lets_its_blocks_go_when_done(tmp_path, monkeypatch):
+    config, tokens, _ = stored_on_disk(tmp_path, 37)
+    with BlockManager(config) as manager:
+        gate = GatedReads(monkeypatch)
+        fetch = manager.prefetch(tokens)
+        while not gate.started:  # the read has begun
+            threading.Event().wait(0.001)
+
+        fetch.release()
+        gate.open()
+
+        manager.prefetch([]).wait(timeout=10)  # the one thread has finished the first
+        assert fetch.done() and fetch.num_blocks == 0
+        with pytest.raises(CancelledError):
+            fetch.wait(timeout=0)
+        nothing_held(manager)
+        assert manager.locate(tokens) == [Tier.G2] * BLOCKS  # read, cached, not held
+
+
+def test_a_lookup_that_does_not_wait_for_the_prefetch_reads_the_disk_beside_it(
+    tmp_path, monkeypatch
+):
+    config, tokens, expected = stored_on_disk(tmp_path, 44)
+    with BlockManager(config) as manager:
+        gate = GatedReads(monkeypatch)
+        fetch = manager.prefetch(tokens)
+        while not gate.started:  # the prefetch's read has begun
+            threading.Event().wait(0.001)
+        threading.Timer(0.05, gate.open).start()
+
+        hit = manager.lookup(tokens)  # reads the same G3 blocks into staging blocks of its own
+
+        assert fetch.wait(timeout=10) == {Tier.G3: BLOCKS}
+        assert (len(hit.block_ids), hit.from_tier[Tier.G3]) == (BLOCKS, BLOCKS)
+        assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        g2 = manager.pool(Tier.G2)
+        assert held_in_g2(manager) == BLOCKS  # the blocks that cache the hashes, once each
+        assert all(g2.refcount(g2.lookup(h)) == 1 for h in hit.hashes)
+        fetch.release()
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_prefetches_hold_at_most_their_share_of_g2(tmp_path):
+    config, tokens, expected = stored_on_disk(tmp_path, 38, g2=4)
+    with BlockManager(config) as manager:
+        first = manager.prefetch(tokens)
+        assert first.wait(timeout=10) == {Tier.G3: 4 // prefetch.PREFETCH_SHARE}
+        second = manager.prefetch(tokens)
+        assert second.wait(timeout=10) == {}  # the share is taken
+        assert held_in_g2(manager) == 2
+        first.release()
+        with manager.prefetch(tokens) as third:
+            assert third.wait(timeout=10) == {Tier.G2: 2}
+        second.release()
+        nothing_held(manager)
+
+
+def test_closing_the_manager_cancels_queued_prefetches_and_lets_go(tmp_path, monkeypatch):
+    config, tokens, _ = stored_on_disk(tmp_path, 39)
+    manager = BlockManager(config)
+    gate = GatedReads(monkeypatch)
+    first = manager.prefetch(tokens)
+    second = manager.prefetch(tokens)
+    threading.Timer(0.05, gate.open).start()
+
+    manager.close()
+
+    assert first.done() and second.done()
+    with pytest.raises(CancelledError):
+        second.wait(timeout=0)
+    with pytest.raises(InvalidArgumentError, match="manager is closed"):
+        manager.prefetch(tokens)
+
+
+def test_a_sliding_window_prefetch_brings_the_window_only(tmp_path):
+    config = make_config(tmp_path, g1=16, g2=16, g3=32, sliding_window=2 * BS)
+    tokens = tokens_of(40, BLOCKS * BS)
+    with BlockManager(config) as manager:
+        expected = store(manager, tokens, torch.Generator().manual_seed(40))
+        manager.flush()
+    with BlockManager(config) as manager:
+        window = blocks_needed(config.sliding_window, BS)
+        with manager.prefetch(tokens) as fetch:
+            assert fetch.wait(timeout=10) == {Tier.G3: window}
+            before = BLOCKS - window
+            assert manager.locate(tokens) == [Tier.G3] * before + [Tier.G2] * window
+            hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+        assert (hit.skipped, len(hit.block_ids), hit.misses) == (before, window, 0)
+        assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_prefetch_checks_its_arguments(tmp_path):
+    config, tokens, _ = stored_on_disk(tmp_path, 41)
+    with BlockManager(config) as manager:
+        with pytest.raises(InvalidArgumentError, match="ask_peer"):
+            manager.prefetch(tokens, ask_peer="tcp://nowhere:1")
+        with pytest.raises(InvalidArgumentError, match="max_blocks"):
+            manager.prefetch(tokens, max_blocks=-1)
+        with manager.prefetch(tokens, max_blocks=2) as fetch:
+            assert fetch.wait(timeout=10) == {Tier.G3: 2}
+        nothing_held(manager)
+    with BlockManager(make_config(tmp_path, g2=0, g3=0)) as manager:
+        with pytest.raises(InvalidArgumentError, match="config.enable_offload"):
+            manager.prefetch(tokens)
+
+
+@pytest.mark.skipif(not importlib.util.find_spec("prometheus_client"), reason="no prometheus")
+def test_prefetched_blocks_are_counted_for_prometheus(tmp_path):
+    from prometheus_client import generate_latest
+
+    config, tokens, _ = stored_on_disk(tmp_path, 42)
+    with BlockManager(config) as manager:
+        with manager.prefetch(tokens) as fetch:
+            fetch.wait(timeout=10)
+        text = generate_latest(prometheus_registry(manager.metrics)).decode()
+    assert f'kvbm_prefetched_blocks_total{{tier="DISK"}} {float(BLOCKS)}' in text
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_a_prefetch_reads_the_blocks_after_the_local_ones_from_a_peer(tmp_path):
+    pytest.importorskip("zmq")
+    pytest.importorskip("msgpack")
+    from tests.test_sharing import LOCAL, assert_g1_holds, let_go, poison_g1, worker
+    from tests.test_sharing import store as store_kv
+
+    tokens = tokens_of(43, 6 * BS)
+    with worker(tmp_path) as there, worker(tmp_path) as here:
+        kv = store_kv(there, tokens, torch.Generator().manual_seed(43))
+        here.add_peer(there.serve(LOCAL))
+        poison_g1(here)
+
+        with here.prefetch(tokens) as fetch:
+            assert fetch.wait(timeout=10) == {Tier.G4: 6}
+            assert let_go(there)
+            hit = here.lookup(tokens, onboard_from=ONLY_G2)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G2: 6}
+        assert_g1_holds(here, hit.block_ids, kv)
+        here.free(hit.block_ids)
+        assert held_in_g2(here) == 0
