@@ -10,7 +10,14 @@ import pytest
 import torch
 
 from kvblocks.errors import InvalidArgumentError, StorageError, TransferError
-from kvblocks.pool import BlockManager, Tier, prefetch, prometheus_registry, sequence_hashes
+from kvblocks.pool import (
+    BlockManager,
+    Tier,
+    lookup_groups,
+    prefetch,
+    prometheus_registry,
+    sequence_hashes,
+)
 from kvblocks.pool.window import blocks_needed
 from kvblocks.remote import nixl_available
 from kvblocks.storage import disk
@@ -245,6 +252,37 @@ def test_a_sliding_window_prefetch_brings_the_window_only(tmp_path):
         assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
         manager.free(hit.block_ids)
         nothing_held(manager)
+
+
+def test_the_groups_of_a_hybrid_model_prefetch_each_then_look_up_together(tmp_path):
+    """A full-attention group and a window group (a manager each, on a G3 file each): one
+    prefetch per group, then ``lookup_groups`` from G2 only."""
+    tokens = tokens_of(45, BLOCKS * BS)
+    configs, expected = [], []
+    for i, window in enumerate((None, 2 * BS)):
+        folder = tmp_path / str(i)
+        folder.mkdir()
+        configs.append(make_config(folder, g1=16, g2=16, g3=32, sliding_window=window))
+        with BlockManager(configs[-1]) as manager:
+            expected.append(store(manager, tokens, torch.Generator().manual_seed(45 + i)))
+            manager.flush()
+    managers = [BlockManager(config) for config in configs]
+    try:
+        fetches = [manager.prefetch(tokens) for manager in managers]
+        window = blocks_needed(2 * BS, BS)
+        assert [f.wait(timeout=10) for f in fetches] == [{Tier.G3: BLOCKS}, {Tier.G3: window}]
+
+        hits = lookup_groups(managers, tokens, onboard_from=ONLY_G2)
+
+        for manager, hit, sums, fetch in zip(managers, hits, expected, fetches, strict=True):
+            assert hit.num_tokens == BLOCKS * BS
+            assert g1_checksums(manager, hit.block_ids) == [sums[h] for h in hit.hashes]
+            fetch.release()
+            manager.free(hit.block_ids)
+            nothing_held(manager)
+    finally:
+        for manager in managers:
+            manager.close()
 
 
 def test_prefetch_checks_its_arguments(tmp_path):

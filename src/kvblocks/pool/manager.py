@@ -27,7 +27,8 @@ copies themselves run outside it. The engine's calls may come from several threa
 This module holds the engine's calls and the set-up; its parts live beside it:
 :mod:`~kvblocks.pool.tier_set` (the tiers, their lock, the chains of cached hashes and the
 events waiting to be published), :mod:`~kvblocks.pool.onboarder` (copies into G1 on a hit),
-:mod:`~kvblocks.pool.inflight` (those that may still run), :mod:`~kvblocks.pool.offloader`
+:mod:`~kvblocks.pool.inflight` (those that may still run), :mod:`~kvblocks.pool.prefetch`
+(reads into G2 ahead of a lookup, on a thread of their own), :mod:`~kvblocks.pool.offloader`
 (the offload thread) and :mod:`~kvblocks.pool.g4` (reads from peers, G2 served to them).
 """
 
