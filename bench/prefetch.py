@@ -42,7 +42,7 @@ import time
 from dataclasses import dataclass
 
 import torch
-from ttft import BLOCK_SIZE, SHAPES, Samples, check_hit, load_engine, model_dims, warm_gpu
+from ttft import BLOCK_SIZE, SHAPES, Samples, build_model, check_hit, warm_gpu
 
 from kvblocks.benchmarks.timing import gpu_name
 from kvblocks.pool import BlockManager, Tier
@@ -194,10 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     if min(args.repeats, args.decode_context, args.layers or 1) < 1:
         parser.error("--repeats, --decode-context and --layers must be >= 1")
 
-    engine = load_engine()
-    dims = model_dims(engine, args.model, args.layers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = engine.Transformer(dims, device, seed=1)
+    engine, dims, model = build_model(args.model, args.layers)
     gen = torch.Generator().manual_seed(0)
     prompts = [
         torch.randint(0, dims.vocab, (length,), generator=gen).tolist()

@@ -109,6 +109,15 @@ def model_dims(engine, model: str, layers: int | None):
     return dims if layers is None else replace(dims, num_layers=layers)
 
 
+def build_model(name: str, layers: int | None):
+    """The example's module, the dims of model ``name`` (``layers`` of them where given) and
+    its Transformer, on the GPU where there is one."""
+    engine = load_engine()
+    dims = model_dims(engine, name, layers)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return engine, dims, engine.Transformer(dims, device, seed=1)
+
+
 @dataclass(frozen=True)
 class Served:
     """What the CSV needs of one request's run (``Generation``), without its logits (a
@@ -254,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or (args.layers is not None and args.layers < 1):
         parser.error("--repeats and --layers must be >= 1")
 
-    engine = load_engine()
-    dims = model_dims(engine, args.model, args.layers)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = engine.Transformer(dims, device, seed=1)
+    engine, dims, model = build_model(args.model, args.layers)
     gen = torch.Generator().manual_seed(0)
     out = csv.DictWriter(sys.stdout, FIELDS, lineterminator="\n")
     out.writeheader()
