@@ -2,6 +2,7 @@
 thread while the caller goes on, held there until released, so that the lookup after it
 copies the whole prefix from G2 and reads no disk."""
 
+import asyncio
 import importlib.util
 import threading
 from concurrent.futures import CancelledError
@@ -200,6 +201,58 @@ def test_a_lookup_that_does_not_wait_for_the_prefetch_reads_the_disk_beside_it(
         assert all(g2.refcount(g2.lookup(h)) == 1 for h in hit.hashes)
         fetch.release()
         manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_an_asyncio_scheduler_awaits_a_prefetch_through_its_callback(tmp_path, monkeypatch):
+    config, tokens, expected = stored_on_disk(tmp_path, 46)
+    with BlockManager(config) as manager:
+        gate = GatedReads(monkeypatch)
+
+        async def schedule():
+            loop = asyncio.get_running_loop()
+            arrived = loop.create_future()
+            fetch = manager.prefetch(tokens)
+            fetch.add_done_callback(lambda f: loop.call_soon_threadsafe(arrived.set_result, f))
+            steps = 0
+            while not arrived.done():  # the other requests' steps
+                steps += 1
+                if steps == 3:
+                    gate.open()
+                await asyncio.sleep(0.001)
+            return await arrived, steps
+
+        fetch, steps = asyncio.run(schedule())
+
+        assert steps >= 3 and fetch.done()
+        assert fetch.wait(timeout=0) == {Tier.G3: BLOCKS}
+        seen = []
+        fetch.add_done_callback(seen.append)  # done already: called at once
+        assert seen == [fetch]
+        with fetch:
+            hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+        assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
+        manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_the_callback_of_a_prefetch_released_before_it_starts_runs_on_release(
+    tmp_path, monkeypatch
+):
+    config, tokens, _ = stored_on_disk(tmp_path, 47)
+    with BlockManager(config) as manager:
+        gate = GatedReads(monkeypatch)
+        first = manager.prefetch(tokens)
+        second = manager.prefetch(tokens)
+        seen = []
+        second.add_done_callback(lambda f: seen.append(threading.current_thread()))
+
+        second.release()
+
+        assert seen == [threading.current_thread()]
+        gate.open()
+        first.release()
+        manager.prefetch([]).wait(timeout=10)
         nothing_held(manager)
 
 

@@ -64,6 +64,13 @@ class Prefetch:
         """
         return dict(self._future.result(timeout))
 
+    def add_done_callback(self, fn: Callable[[Prefetch], None]) -> None:
+        """Call ``fn(self)`` once :meth:`done` (at once, on this thread, if it is already).
+        Otherwise it runs on the manager's prefetch thread (or the one that releases it), so
+        ``fn`` should only pass the news on: ``loop.call_soon_threadsafe(...)`` for an asyncio
+        scheduler, a queue's ``put``. An exception ``fn`` raises is logged and dropped."""
+        self._future.add_done_callback(lambda _: fn(self))
+
     @property
     def num_blocks(self) -> int:
         """The prefix's length in blocks once :meth:`done`; 0 before, or if it failed."""
