@@ -129,3 +129,22 @@ def test_copy_moves_the_blocks_and_counts_them(tiers, memory):
     assert tiers.metrics.offload_bytes[(Tier.G1, Tier.G2)] == 2 * block_bytes
     tiers.copy(Tier.G2, [], Tier.G1, [], onboard=True)
     assert not tiers.metrics.onboard_blocks
+
+
+def test_cache_holding_moves_the_hold_of_a_duplicate_onto_the_block_that_caches_it(tiers):
+    hashes, _ = chain(tiers, 3, None, seed=7)
+    pool = tiers[Tier.G2].pool
+    with tiers.lock:
+        first = pool.allocate(2)
+        tiers.cache(pool, first, hashes[:2])  # hashes 0 and 1 cached by the first blocks
+        pool.free(first)  # inactive now
+        second = pool.allocate(3)
+        held, new = tiers.cache_holding(pool, second, hashes)
+
+        assert held == [*first, second[2]]
+        assert new == [(second[2], hashes[2])]
+        assert [pool.refcount(b) for b in held] == [1, 1, 1]
+        assert [pool.refcount(b) for b in second[:2]] == [0, 0]  # the duplicates went free
+        assert [pool.lookup(h) for h in hashes] == held
+        pool.free(held)
+        pool.check_invariants()

@@ -98,11 +98,7 @@ class PeerReads:
         with tiers.lock:
             tokens = token_ids[at * size : (at + len(staging)) * size]
             tiers.remember_chains(got, tokens, hashes[at - 1] if at else None)
-            cached, new = tiers.cache(g2, staging, got)
-            for b, c in zip(staging, cached, strict=True):
-                if c != b:  # another lookup cached it meanwhile: hold that one instead
-                    g2.acquire([c])
-                    g2.free([b])
+            cached, new = tiers.cache_holding(g2, staging, got)
             tiers.emit_stored(Tier.G2, [h for _, h in new])
         return dict(zip(got, cached, strict=True))
 

@@ -456,8 +456,7 @@ class BlockManager:
             TransferError: a copy into G1 failed (with ``wait``; otherwise the waits of
                 ``hit.ready`` raise it). The blocks are not held then.
         """
-        if ask_peer is not None and self._peers.get(ask_peer) is None:
-            raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
+        self._check_peer(ask_peer)
         if not isinstance(wait, bool):
             raise InvalidArgumentError("wait", f"must be a bool, got {wait!r}")
         sources = _onboard_sources(onboard_from)
@@ -465,10 +464,8 @@ class BlockManager:
             raise InvalidArgumentError(
                 "ask_peer", f"names {ask_peer!r} to ask, but onboard_from leaves out G4 (peers)"
             )
+        token_ids, hashes = self._prompt(token_ids, salt, max_blocks)
         size = self.config.block_size
-        if max_blocks is not None:
-            token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
-        hashes = sequence_hashes(token_ids, size, salt=salt)
         self._inflight.reap()
         groups = (range(self.config.num_layers),) if wait else self._onboard_groups
         if self._window_blocks is not None:
@@ -533,13 +530,23 @@ class BlockManager:
             raise InvalidArgumentError(
                 "config.enable_offload", "prefetch reads into G2: enable offload with a host cache"
             )
+        self._check_peer(ask_peer)
+        token_ids, hashes = self._prompt(token_ids, salt, max_blocks)
+        return self._prefetcher.submit(hashes, token_ids, ask_peer, bool(self._peers))
+
+    def _check_peer(self, ask_peer: str | None) -> None:
         if ask_peer is not None and self._peers.get(ask_peer) is None:
             raise InvalidArgumentError("ask_peer", f"{ask_peer!r} is not a peer; have {self.peers}")
+
+    def _prompt(
+        self, token_ids: Sequence[int], salt: int, max_blocks: int | None
+    ) -> tuple[Sequence[int], list[int]]:
+        """``token_ids`` cut to their first ``max_blocks`` full blocks (None: all), and the
+        sequence hashes of their full blocks."""
         size = self.config.block_size
         if max_blocks is not None:
             token_ids = token_ids[: non_negative_int(max_blocks, "max_blocks") * size]
-        hashes = sequence_hashes(token_ids, size, salt=salt)
-        return self._prefetcher.submit(hashes, token_ids, ask_peer, bool(self._peers))
+        return token_ids, sequence_hashes(token_ids, size, salt=salt)
 
     def locate(self, token_ids: Sequence[int], *, salt: int = 0) -> list[Tier | None]:
         """Where each full block of ``token_ids`` is cached now: the fastest local tier that

@@ -162,7 +162,7 @@ class Onboarder:
         g3_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G3]
         g2_at = [i for i, (t, _) in enumerate(sources) if t is Tier.G2]
         keep, done = len(sources), 0
-        staged: dict[int, int] = {}  # plan index -> G2 staging block, copied with G2's sources
+        staged: dict[int, int] = {}  # plan index -> G2 block read, copied with G2's sources
         try:
             while done < len(g3_at):
                 with self._tiers.lock:
@@ -173,18 +173,19 @@ class Onboarder:
                     break
                 at = g3_at[done : done + room]
                 done += room
-                good = self.stage_from_disk(
+                read = self.stage_from_disk(
                     [sources[i][1] for i in at], staging, [hashes[i] for i in at]
                 )
+                good = len(read)
                 if good == room and done < len(g3_at):  # the next round needs G2's room
                     try:
                         targets = [dst[i] for i in at]
-                        self._tiers.copy(Tier.G2, staging, Tier.G1, targets, onboard=True)
+                        self._tiers.copy(Tier.G2, read, Tier.G1, targets, onboard=True)
                     finally:
                         with self._tiers.lock:
-                            g2.free(staging)
+                            g2.free(read)
                 else:
-                    staged.update(zip(at[:good], staging[:good], strict=True))
+                    staged.update(zip(at[:good], read, strict=True))
                 if good < room:
                     keep = at[good]
                     break
@@ -251,11 +252,12 @@ class Onboarder:
         if slots:
             self._tiers[Tier.G3].pool.free(slots)
 
-    def stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> int:
+    def stage_from_disk(self, slots: list[int], staging: list[int], hashes: list[int]) -> list[int]:
         """Read held G3 ``slots`` into held G2 ``staging`` blocks and check them against the
-        journal (:meth:`_read_and_check`); registers the good prefix in G2 (still held) and
-        returns its length. The G3 holds and the staging blocks after the good prefix are let
-        go; bad blocks leave G3."""
+        journal (:meth:`_read_and_check`); registers the good prefix in G2 and returns the G2
+        blocks that cache it, held (a staging block whose hash another transfer cached
+        meanwhile gives way to that block). The G3 holds and the staging blocks after the good
+        prefix are let go; bad blocks leave G3."""
         g2, g3 = self._tiers[Tier.G2].pool, self._tiers[Tier.G3].pool
         try:
             matches = self._read_and_check(slots, staging, hashes)
@@ -272,10 +274,10 @@ class Onboarder:
                 log.warning("%d G3 block(s) failed their checksum; dropped", len(bad))
                 self._tiers.metrics.record_corrupt(len(bad))
                 g3.discard(bad)
-            _, new = self._tiers.cache(g2, staging[:good], hashes[:good])
+            held, new = self._tiers.cache_holding(g2, staging[:good], hashes[:good])
             g2.free(staging[good:])
             self._tiers.emit_stored(Tier.G2, [h for _, h in new])
-        return good
+        return held
 
     def _read_and_check(
         self, slots: list[int], staging: list[int], hashes: list[int]

@@ -285,28 +285,17 @@ class Prefetcher:
 
     def _read_disk(self, found: _Found, hashes: list[int]) -> list[int]:
         """Read the G3 blocks of ``found`` (of ``hashes``) into its staging blocks and check
-        them; returns the G2 blocks that cache the good prefix of them, held (a staging block
-        whose hash another block cached meanwhile gives way to that one)."""
+        them; returns the G2 blocks that cache the good prefix of them, held
+        (:meth:`Onboarder.stage_from_disk`)."""
         slots = [b for t, b in found.blocks if t is Tier.G3]
         if not slots:
             return []
+        staged: list[int] = []
         try:
-            good = self._onboarder.stage_from_disk(slots, found.staging, hashes)
-        except BaseException:  # it let every staging block go
+            staged = self._onboarder.stage_from_disk(slots, found.staging, hashes)
+        finally:  # it let the staging blocks after the good ones go (all of them, on failure)
             with self._tiers.lock:
-                self._held -= len(slots)
-            raise
-        g2 = self._tiers[Tier.G2].pool
-        staged = []
-        with self._tiers.lock:
-            self._held -= len(slots) - good  # it let the staging blocks after the good ones go
-            for block, h in zip(found.staging[:good], hashes, strict=False):
-                cached = g2.lookup(h)
-                if cached is not None and cached != block:
-                    g2.acquire([cached])
-                    g2.free([block])
-                    block = cached
-                staged.append(block)
+                self._held -= len(slots) - len(staged)
         return staged
 
     def _fetch(

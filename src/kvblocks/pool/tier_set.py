@@ -155,6 +155,19 @@ class TierSet(Mapping[Tier, TierState]):
         new = [(b, h) for b, c, h in zip(blocks, cached, hashes, strict=True) if c == b]
         return cached, new
 
+    def cache_holding(
+        self, pool: BlockPool, blocks: list[int], hashes: list[int]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """:meth:`cache`, with the caller's hold on each block that stays unregistered moved
+        to the block that caches its hash. Returns the blocks held, one per hash in order, and
+        the ``(block, hash)`` pairs newly cached. Under the lock."""
+        cached, new = self.cache(pool, blocks, hashes)
+        for b, c in zip(blocks, cached, strict=True):
+            if c != b:  # another transfer cached it meanwhile: hold that one instead
+                pool.acquire([c])
+                pool.free([b])
+        return cached, new
+
     def remember_chains(
         self, hashes: list[int], token_ids: Sequence[int], parent: int | None
     ) -> None:
