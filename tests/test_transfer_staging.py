@@ -496,7 +496,8 @@ def test_manager_stages_some_layers(small_pieces, formats):
 @pytest.mark.parametrize("formats", [(UNI, NHD), (PP, HND)])
 def test_manager_stages_layer_groups(small_pieces, formats):
     """Layer groups staged through one set of slots, both ways, on the caller's stream: an
-    event per group, after the work queued before on that stream."""
+    event per group, after the work queued before on that stream. Each way runs once first,
+    so that compiling its kernels (longer than the sleep) is not what the sleep hides."""
     from kvblocks.transfer import TransferOptions
 
     pinned_fmt, device_fmt = formats
@@ -511,6 +512,9 @@ def test_manager_stages_layer_groups(small_pieces, formats):
             fill(dp, POISON)
             before = {b: block_tensor(dp, b) for b in range(BIG.num_blocks)}
             want = expected_blocks(sp, s_ids, dp.kv_format)
+            for notification in m.execute_layer_groups(src, s_ids, dst, d_ids, groups):
+                notification.wait(timeout=60)
+            fill(dp, POISON)
             stream = torch.cuda.Stream()
             with torch.cuda.stream(stream):
                 torch.cuda._sleep(20_000_000)
