@@ -122,8 +122,7 @@ class InFlightCopies:
             seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
         else:
             seconds = time.perf_counter() - flight.started
-        nbytes = len(flight.g1) * self._tiers.block_bytes
-        self._tiers.metrics.record_transfer(Tier.G2, Tier.G1, len(flight.g1), nbytes, seconds, True)
+        self._tiers.record_copy(Tier.G2, Tier.G1, len(flight.g1), seconds, True)
 
 
 def wait_quietly(notifications: Sequence[TransferCompleteNotification]) -> None:

@@ -316,8 +316,5 @@ class Onboarder:
                 wait_quietly(reads)
                 read_end = time.perf_counter()
         read = min(len(staging), len(reads) * per_chunk)  # blocks whose read was issued
-        nbytes = read * self._tiers.block_bytes
-        self._tiers.metrics.record_transfer(
-            Tier.G3, Tier.G2, read, nbytes, read_end - started, True
-        )
+        self._tiers.record_copy(Tier.G3, Tier.G2, read, read_end - started, True)
         return matches

@@ -140,9 +140,12 @@ class TierSet(Mapping[Tier, TierState]):
         source = peer.handle if src is Tier.G4 else self._states[src].handle
         destination = peer.handle if dst is Tier.G4 else self._states[dst].handle
         self._transfer.execute_transfer(source, src_ids, destination, dst_ids).wait()
-        seconds = time.perf_counter() - start
-        nbytes = len(src_ids) * self.block_bytes
-        self.metrics.record_transfer(src, dst, len(src_ids), nbytes, seconds, onboard)
+        self.record_copy(src, dst, len(src_ids), time.perf_counter() - start, onboard)
+
+    def record_copy(self, src: Tier, dst: Tier, blocks: int, seconds: float, onboard: bool) -> None:
+        """Count a copy of ``blocks`` whole blocks from ``src`` to ``dst`` that took
+        ``seconds``, an onboard (up the tiers, for a hit) or an offload."""
+        self.metrics.record_transfer(src, dst, blocks, blocks * self.block_bytes, seconds, onboard)
 
     def cache(
         self, pool: BlockPool, blocks: list[int], hashes: list[int]
