@@ -12,7 +12,10 @@ and the scheduler serves it one of three ways:
   block, then goes back to decoding;
 - ``prefetch``: it calls ``manager.prefetch`` and goes on decoding; after each step it asks
   ``done()``, and once the prefix is in G2 it looks the prompt up with
-  ``onboard_from={Tier.G2}``, computes its last block, and releases the prefetch.
+  ``onboard_from={Tier.G2}``, computes its last block, and releases the prefetch;
+- ``prefetch_overlap``: as ``prefetch``, but its lookup from G2 does not wait for the copies
+  into G1 (``wait=False``): the scheduler goes on decoding until ``hit.ready.done()``, then
+  computes the last block.
 
 The prompt's first token is timed from its arrival until it is on the host, and the decoding
 request's steps around it: ``stall_ms`` is the longest time between two of its tokens from the
@@ -47,7 +50,7 @@ from ttft import BLOCK_SIZE, SHAPES, Samples, build_model, check_hit, warm_gpu
 from kvblocks.benchmarks.timing import gpu_name
 from kvblocks.pool import BlockManager, Tier
 
-MODES = ("compute", "lookup", "prefetch")
+MODES = ("compute", "lookup", "prefetch", "prefetch_overlap")
 #: Decoding steps timed before each prompt arrives.
 BASE_STEPS = 20
 #: Decoding steps after the prompt's first token.
@@ -119,13 +122,18 @@ def serve(engine, manager: BlockManager, model, decoder: Decoder, prompt, mode: 
     base = statistics.median(b - a for a, b in zip(done, done[1:], strict=False))
     arrival = time.perf_counter()
     prefix_blocks = (len(prompt) - 1) // BLOCK_SIZE
-    if mode == "prefetch":
+    if mode.startswith("prefetch"):
         with manager.prefetch(prompt, max_blocks=prefix_blocks) as fetch:
             while not fetch.done():
                 done.append(decoder.step())
             fetch.wait()
+            hit = None
+            if mode == "prefetch_overlap":
+                hit = engine.lookup_prefix(manager, prompt, onboard_from={Tier.G2})
+                while not hit.ready.done():
+                    done.append(decoder.step())
             started = time.perf_counter()
-            run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2})
+            run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2}, hit=hit)
     else:
         started = time.perf_counter()
         tiers = frozenset() if mode == "compute" else None

@@ -207,23 +207,35 @@ class Generation:
     first_token_s: float
 
 
+def lookup_prefix(
+    manager: BlockManager, prompt: list[int], onboard_from: Collection[Tier] | None = None
+) -> PrefixHit:
+    """The cached prefix of ``prompt`` that :func:`generate` reuses, its copies into G1 still
+    on their way (``hit.ready``): every full block but the one of the last token, which is
+    computed since its logits give the first answer token."""
+    max_blocks = (len(prompt) - 1) // manager.config.block_size
+    return manager.lookup(prompt, max_blocks=max_blocks, wait=False, onboard_from=onboard_from)
+
+
 def generate(
     manager: BlockManager,
     model: Transformer,
     prompt: list[int],
     answer_tokens: int,
     onboard_from: Collection[Tier] | None = None,
+    hit: PrefixHit | None = None,
 ) -> Generation:
     """Run one request as an engine does: reuse the prompt's cached prefix (copied into G1
     from the tiers of ``onboard_from``, None: all), compute the rest, generate
-    ``answer_tokens`` tokens greedily, cache the blocks filled."""
+    ``answer_tokens`` tokens greedily, cache the blocks filled.
+
+    A scheduler that looked the prefix up itself (``lookup_prefix``) passes its ``hit``,
+    whose blocks this run then owns and frees; ``onboard_from`` is unused then."""
     size = manager.config.block_size
     device = manager.device_tensors[0].device
     start = time.perf_counter()
-    # At least the prompt's last token is computed: its logits give the first answer token.
-    hit = manager.lookup(
-        prompt, max_blocks=(len(prompt) - 1) // size, wait=False, onboard_from=onboard_from
-    )
+    if hit is None:
+        hit = lookup_prefix(manager, prompt, onboard_from)
     lookup_s = time.perf_counter() - start
     kv_tokens = len(prompt) + answer_tokens - 1  # the last answer token's KV is not needed
     table = hit.block_ids + manager.allocate(-(-kv_tokens // size) - len(hit.block_ids))
