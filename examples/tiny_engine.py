@@ -196,8 +196,8 @@ class Generation:
     """One request's run: the prompt and answer ``tokens``, the logits ``[n, V]`` of the
     positions computed (from ``hit.num_tokens`` on, one per token whose KV was computed), the
     request's G1 ``block_ids`` (freed; cached as far as they were full), and the seconds from
-    the lookup's call until it returned and until the first answer token was known on the
-    host."""
+    the call of :func:`generate` until its lookup returned (about 0 for a ``hit`` passed in)
+    and until the first answer token was known on the host."""
 
     tokens: list[int]
     logits: torch.Tensor
