@@ -24,11 +24,18 @@ the host:
 - ``G3 or compute``: as ``G3``, on a third manager, but the engine lets
   ``kvblocks.pool.skip_slow_disk`` choose between reading the prefix and computing it, by the
   disk's rate that manager measured (its warm-up prompt is read from G3 to measure it) and
-  the prefill rate of this length's ``recompute`` runs.
+  the prefill rate of this length's ``recompute`` runs;
+- ``G3 split``: as ``G3 or compute``, but the engine computes the prefix's first blocks while
+  the manager reads the rest from disk, split where ``kvblocks.pool.disk_split`` says:
+  ``prefetch(..., first_block=split.read_from)``, the blocks before it computed meanwhile
+  (and registered), then the prompt looked up with ``onboard_from={Tier.G2}`` (the computed
+  blocks from G1, the read ones from G2) and its last block computed. ``cached_tokens`` counts
+  the tokens read only.
 
 With a hit, the prompt's last block (16 tokens) is computed: its last token's logits give the
 first answer token. After every hit, the K and V of the prefix's first, middle and last block,
-first and last layer, are checked against what the recompute wrote, bit for bit.
+first and last layer, are checked against what the recompute wrote, bit for bit (of a split,
+the blocks read).
 
 Columns: ``prompt_tokens``, ``source``, ``cached_tokens`` (median), ``prefix_mib`` (the KV
 the hit brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms``
@@ -55,7 +62,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import BlockManager, Tier, skip_slow_disk
+from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, disk_split, skip_slow_disk
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 BLOCK_SIZE = 16
@@ -149,9 +156,13 @@ class Samples:
             for outer in (0, 1)
         ]
 
-    def check(self, manager: BlockManager, block_ids: list[int], source: str) -> None:
+    def check(
+        self, manager: BlockManager, block_ids: list[int], source: str, first: int = 0
+    ) -> None:
+        """Raise unless the sampled blocks at positions ``first`` and after are as computed."""
+        rows = [j for j, p in enumerate(self.positions) if p >= first]
         for expected, got in zip(self.kv, self._read(manager, block_ids), strict=True):
-            if not torch.equal(expected, got):
+            if not torch.equal(expected[rows], got[rows]):
                 raise RuntimeError(f"a block that came back from {source} differs: no figures")
 
 
@@ -174,7 +185,7 @@ def time_prompts(
 ) -> tuple[dict[str, list[Served]], dict[str, float]]:
     """The runs of each prompt, per source, the first prompt's not kept (the GPU is kept busy
     for a moment before each), and the disk's rate (GB/s) per G3 source."""
-    sources = ("recompute", "G1", "G2", "G3", "G3 or compute")
+    sources = ("recompute", "G1", "G2", "G3", "G3 or compute", "G3 split")
     runs: dict[str, list[Served]] = {source: [] for source in sources}
     disk_gbps = {}
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
@@ -201,10 +212,51 @@ def time_prompts(
             print(f"  prompt {i}: computed and hit in G1, G2", file=sys.stderr)
     runs["G3"], disk_gbps["G3"] = serve_from_disk(engine, model, config, prompts, samples)
     recompute_s = statistics.median(r.first_token_s for r in runs["recompute"])
+    prefill_rate = len(prompts[0]) / recompute_s
     runs["G3 or compute"], disk_gbps["G3 or compute"] = serve_from_disk(
-        engine, model, config, prompts, samples, len(prompts[0]) / recompute_s
+        engine, model, config, prompts, samples, prefill_rate
+    )
+    runs["G3 split"], disk_gbps["G3 split"] = serve_split(
+        engine, model, config, prompts, samples, prefill_rate
     )
     return runs, disk_gbps
+
+
+def serve_split(
+    engine,
+    model,
+    config,
+    prompts: list[list[int]],
+    samples: list[Samples],
+    prefill_tokens_per_s: float,
+) -> tuple[list[Served], float]:
+    """Serve each prompt again from a new manager on the same G3 file, its prefix split
+    between computing and reading as ``disk_split`` says. Returns the runs after the first
+    (``cached_tokens``: those read), and the rate (GB/s) of the reads from G3."""
+    prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
+    runs = []
+    with BlockManager(config) as manager:
+        for i, prompt in enumerate(prompts):
+            warm_gpu()
+            start = time.perf_counter()
+            prefix = prompt[: prefix_blocks * BLOCK_SIZE]
+            split = disk_split(manager, prefix, prefill_tokens_per_s)
+            computed = split.read_from - split.compute_from
+            with manager.prefetch(prefix, first_block=split.read_from) as fetch:
+                if computed:
+                    head = prompt[: split.read_from * BLOCK_SIZE]
+                    engine.generate(manager, model, head, 1, onboard_from=WITHOUT_DISK)
+                fetch.wait()
+                called = time.perf_counter()
+                run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2})
+            if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
+                raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
+            samples[i].check(manager, run.block_ids, "G3 split", first=split.read_from)
+            if i:
+                first_token_s = called + run.first_token_s - start
+                cached = (prefix_blocks - computed) * BLOCK_SIZE
+                runs.append(Served(first_token_s, run.lookup_s, cached))
+        return runs, manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
 
 
 def serve_from_disk(

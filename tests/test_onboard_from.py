@@ -10,8 +10,10 @@ import torch
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.pool import (
     BlockManager,
+    DiskSplit,
     FrequencyFilter,
     Tier,
+    disk_split,
     lookup_groups,
     prometheus_registry,
     sequence_hashes,
@@ -235,15 +237,41 @@ def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp
         manager.free(hit.block_ids)
 
 
+def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path):
+    """Blocks 3 to 5 in G3 only, 6 in G2: the split point that makes the longer of computing
+    from block 3 and reading the G3 blocks after it the shortest."""
+    manager, tokens, _ = g2_and_g3(tmp_path, 11)
+    with manager:
+        assert manager.locate(tokens) == MIXED
+        assert disk_split(manager, tokens, 1.0) == DiskSplit(3, 3, 7, 0.0, None)  # rate unknown
+        block = manager.block_bytes
+
+        def split(tokens_per_s, **kw):
+            return disk_split(manager, tokens, tokens_per_s, disk_bytes_per_s=block, **kw)
+
+        # A block read in 1 s and computed in 1 s: compute 3, read 4 and 5 (1 s against 2 s).
+        assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 2.0)
+        # Computing 4x as fast: compute 3 to 5 (0.75 s), read nothing but G2's block 6.
+        assert split(4.0 * BS) == DiskSplit(3, 6, 7, 0.75, 0.0)
+        # Computing 3x as slow: read all three G3 blocks (3 s against 3 s for one computed).
+        assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 3.0)
+        manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, 2 * block, 1.0, True)  # measured
+        assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 1.5)  # the measured rate counts
+        assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 1.0)
+        assert disk_split(manager, tokens[: 3 * BS], 1.0) == DiskSplit(3, 3, 3, 0.0, 0.0)
+        assert split(1.0, salt=1) == DiskSplit(0, 0, 0, 0.0, 0.0)  # nothing cached
+
+
+@pytest.mark.parametrize("choose", [skip_slow_disk, disk_split])
 @pytest.mark.parametrize("rate", [0, -1.0, "5", True, float("nan"), None])
-def test_skip_slow_disk_needs_positive_rates(tmp_path, rate):
+def test_skip_slow_disk_and_disk_split_need_positive_rates(tmp_path, rate, choose):
     manager, tokens, _ = g2_and_g3(tmp_path, 10)
     with manager:
         with pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
-            skip_slow_disk(manager, tokens, rate)
+            choose(manager, tokens, rate)
         if rate is not None:
             with pytest.raises(InvalidArgumentError, match="disk_bytes_per_s"):
-                skip_slow_disk(manager, tokens, 1.0, disk_bytes_per_s=rate)
+                choose(manager, tokens, 1.0, disk_bytes_per_s=rate)
 
 
 @pytest.mark.parametrize("g2", [4, 5])

@@ -12,6 +12,7 @@ import torch
 
 from kvblocks.errors import InvalidArgumentError, StorageError, TransferError
 from kvblocks.pool import (
+    WITHOUT_DISK,
     BlockManager,
     Tier,
     lookup_groups,
@@ -23,7 +24,15 @@ from kvblocks.pool.window import blocks_needed
 from kvblocks.remote import nixl_available
 from kvblocks.storage import disk
 from tests.test_g3_reads import BLOCKS, g1_checksums, nothing_held, stored_on_disk
-from tests.test_manager import BS, evict_g1, flip_g3_byte, make_config, store, tokens_of
+from tests.test_manager import (
+    BS,
+    evict_g1,
+    flip_g3_byte,
+    make_config,
+    store,
+    tokens_of,
+    write_random,
+)
 
 ONLY_G2 = {Tier.G2}
 
@@ -101,6 +110,46 @@ def test_a_prefetch_counts_g1_blocks_holds_g2_ones_and_reads_g3_ones(tmp_path):
             assert hit.from_tier == {Tier.G1: 1, Tier.G2: 6}
             assert g1_checksums(manager, hit.block_ids) == [expected[h] for h in hit.hashes]
         manager.free(hit.block_ids)
+        nothing_held(manager)
+
+
+def test_a_prefetch_from_a_later_block_leaves_the_blocks_before_it_to_the_engine(tmp_path):
+    """``first_block=3``: blocks 3 to 6 read into G2 while the engine computes 0 to 2 (as
+    ``disk_split`` advises); the lookup after both finds 0 to 2 in G1 and the rest in G2."""
+    config, tokens, expected = stored_on_disk(tmp_path, 46)
+    with BlockManager(config) as manager:
+        with manager.prefetch(tokens, first_block=3) as fetch:
+            head = manager.lookup(tokens, max_blocks=3, onboard_from=WITHOUT_DISK)
+            assert (head.block_ids, head.misses) == ([], 3)
+            computed = manager.allocate(3)  # the engine computes blocks 0 to 2 meanwhile
+            write_random(manager, computed, torch.Generator().manual_seed(47))
+            manager.register(computed, tokens[: 3 * BS])
+            sums = g1_checksums(manager, computed)
+
+            assert fetch.wait(timeout=10) == {Tier.G3: BLOCKS - 3}
+            assert manager.metrics.onboard_blocks[(Tier.G3, Tier.G2)] == BLOCKS - 3
+            manager.flush()  # the offload of the computed blocks held G2 blocks too
+            assert held_in_g2(manager) == BLOCKS - 3
+            hit = manager.lookup(tokens, onboard_from=ONLY_G2)
+        assert hit.from_tier == {Tier.G1: 3, Tier.G2: BLOCKS - 3}
+        assert hit.block_ids[:3] == computed
+        tail = [expected[h] for h in hit.hashes[3:]]
+        assert g1_checksums(manager, hit.block_ids) == sums + tail
+        manager.free(computed + hit.block_ids)
+        nothing_held(manager)
+
+
+@pytest.mark.parametrize(("first_block", "counts"), [(0, {Tier.G3: BLOCKS}), (6, {Tier.G3: 1})])
+def test_a_prefetch_from_a_block_past_the_prefix_or_the_prompt_reads_nothing(
+    tmp_path, first_block, counts
+):
+    config, tokens, _ = stored_on_disk(tmp_path, 48)
+    with BlockManager(config) as manager:
+        with manager.prefetch(tokens, first_block=first_block) as fetch:
+            assert fetch.wait(timeout=10) == counts
+        for past in (BLOCKS, BLOCKS + 5):
+            with manager.prefetch(tokens[: 6 * BS] + [1] * BS, first_block=past) as fetch:
+                assert fetch.wait(timeout=10) == {} and fetch.num_blocks == 0
         nothing_held(manager)
 
 
@@ -296,8 +345,12 @@ def test_a_sliding_window_prefetch_brings_the_window_only(tmp_path):
         manager.flush()
     with BlockManager(config) as manager:
         window = blocks_needed(config.sliding_window, BS)
+        # From a block before the window: the window; from its last block: that one.
+        for first_block, counts in ((1, {Tier.G3: window}), (BLOCKS - 1, {Tier.G2: 1})):
+            with manager.prefetch(tokens, first_block=first_block) as fetch:
+                assert fetch.wait(timeout=10) == counts
         with manager.prefetch(tokens) as fetch:
-            assert fetch.wait(timeout=10) == {Tier.G3: window}
+            assert fetch.wait(timeout=10) == {Tier.G2: window}
             before = BLOCKS - window
             assert manager.locate(tokens) == [Tier.G3] * before + [Tier.G2] * window
             hit = manager.lookup(tokens, onboard_from=ONLY_G2)
@@ -345,6 +398,9 @@ def test_prefetch_checks_its_arguments(tmp_path):
             manager.prefetch(tokens, ask_peer="tcp://nowhere:1")
         with pytest.raises(InvalidArgumentError, match="max_blocks"):
             manager.prefetch(tokens, max_blocks=-1)
+        for bad in (-1, 1.0, True, None):
+            with pytest.raises(InvalidArgumentError, match="first_block"):
+                manager.prefetch(tokens, first_block=bad)
         with manager.prefetch(tokens, max_blocks=2) as fetch:
             assert fetch.wait(timeout=10) == {Tier.G3: 2}
         nothing_held(manager)

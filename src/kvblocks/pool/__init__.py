@@ -19,13 +19,14 @@
   attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
 - :func:`skip_slow_disk`: whether a lookup should read a prompt's blocks from disk or leave them
-  to be computed (:mod:`~kvblocks.pool.disk_choice`).
+  to be computed; :func:`disk_split`: where to split them between the two, computed and read
+  at once (:mod:`~kvblocks.pool.disk_choice`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError, PoolExhaustedError
 from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig, DeviceLayout
-from kvblocks.pool.disk_choice import skip_slow_disk
+from kvblocks.pool.disk_choice import WITHOUT_DISK, DiskSplit, disk_split, skip_slow_disk
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -59,6 +60,7 @@ __all__ = [
     "BlockStateError",
     "BlockStored",
     "DeviceLayout",
+    "DiskSplit",
     "EventBatch",
     "EventPublisher",
     "FanOutPublisher",
@@ -74,8 +76,10 @@ __all__ = [
     "ReadyLayers",
     "Tier",
     "TierOccupancy",
+    "WITHOUT_DISK",
     "WorkerView",
     "block_hash",
+    "disk_split",
     "lookup_groups",
     "prometheus_registry",
     "root_hash",

@@ -1,4 +1,5 @@
-"""Whether a lookup should read a prompt's blocks from disk (G3) or leave them to be computed.
+"""Whether a lookup should read a prompt's blocks from disk (G3), leave them to be computed, or
+split them between the two.
 
 A block that only G3 caches comes back at the disk's pace; on a slow disk, computing its tokens
 again can be faster (see "When the disk is slower than computing" in ``docs/pool.md``). Leaving
@@ -12,11 +13,21 @@ G3 out ends the hit at the first such block, so every block after it is computed
     compute  blocks 3 to 6                 (tokens / the engine's prefill rate)
 
 :func:`skip_slow_disk` weighs the two and gives the ``onboard_from`` to look the prompt up with.
+
+The disk and the GPU can also work at once: the engine computes the first G3 blocks while the
+manager reads the later ones (``prefetch(..., first_block=...)``), and the prefix is back when
+the slower of the two ends. :func:`disk_split` picks the block where the reads start so that
+both take about as long::
+
+    block    0   1   2   3   4   5   6   7
+    where    G1  G2  G3  G3  G3  G2  G3  G3
+                     |<- computed ->|<- read ->|   compute_from 2, read_from 5, end 8
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from kvblocks.checks import positive_number
 from kvblocks.pool.manager import BlockManager
@@ -72,3 +83,86 @@ def skip_slow_disk(
     read_s = where[first:end].count(Tier.G3) * manager.block_bytes / rate
     compute_s = (end - first) * manager.config.block_size / prefill_tokens_per_s
     return None if read_s < compute_s else WITHOUT_DISK
+
+
+@dataclass(frozen=True)
+class DiskSplit:
+    """Where a prompt's cached prefix is best split between computing and reading the disk
+    (:func:`disk_split`), in blocks of the prompt.
+
+    Blocks ``[0, compute_from)`` are cached above the disk (G1 or G2): a lookup of the prompt
+    with ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them. The engine computes
+    the blocks ``[compute_from, read_from)`` while ``prefetch(..., first_block=read_from)``
+    reads the G3 blocks of ``[read_from, end)`` into G2 (and holds the G2 ones there); once
+    both are done, a lookup with ``onboard_from={Tier.G2}`` finds the whole prefix in G1 and
+    G2. ``read_from == compute_from``: nothing is computed; ``read_from == end``: nothing is
+    read.
+
+    Attributes:
+        compute_from: the prefix's first block that only G3 caches (``end`` where none).
+        read_from: the first block whose G3 copy is read.
+        end: the cached prefix's end: the first block that no local tier caches, or the
+            prompt's number of full blocks.
+        compute_s: the estimated seconds of computing blocks ``[compute_from, read_from)``.
+        read_s: the estimated seconds of reading the G3 blocks of ``[read_from, end)``; None
+            where the disk's rate is not known yet (then everything is read, to measure it).
+    """
+
+    compute_from: int
+    read_from: int
+    end: int
+    compute_s: float
+    read_s: float | None
+
+
+def disk_split(
+    manager: BlockManager,
+    token_ids: Sequence[int],
+    prefill_tokens_per_s: float,
+    *,
+    disk_bytes_per_s: float | None = None,
+    salt: int = 0,
+) -> DiskSplit:
+    """The :class:`DiskSplit` of ``token_ids``'s cached prefix that brings it back soonest:
+    the engine computes its first G3 blocks while the disk reads the rest, the block where
+    the reads start chosen so that the longer of the two is as short as it can be.
+
+    A block read costs ``manager.block_bytes`` over the disk's rate (measured so far, as
+    ``metrics.onboard_rate(Tier.G3, Tier.G2)`` says, or before the first read
+    ``disk_bytes_per_s``); a computed block ``block_size / prefill_tokens_per_s``. G2 blocks
+    after ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk);
+    those before it are computed with the G3 ones around them. With no rate known yet,
+    everything is read, so that the read measures it.
+
+    Args:
+        manager: the manager the prompt will be looked up in.
+        token_ids: the prompt.
+        prefill_tokens_per_s: how fast the engine computes a prompt's KV, measured on prompts
+            of about this length.
+        disk_bytes_per_s: the disk's read rate before the manager's first read from G3;
+            None: read once to measure it.
+        salt: as for :meth:`BlockManager.lookup`.
+
+    Raises:
+        InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
+            positive number.
+    """
+    positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
+    if disk_bytes_per_s is not None:
+        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
+    where = manager.locate(token_ids, salt=salt)
+    end = where.index(None) if None in where else len(where)
+    first = where.index(Tier.G3) if Tier.G3 in where[:end] else end
+    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
+    if rate is None:
+        return DiskSplit(first, first, end, 0.0, None)
+    block_s = manager.block_bytes / rate
+    compute_block_s = manager.config.block_size / prefill_tokens_per_s
+    g3_after = [0] * (end + 1)  # G3 blocks in [i, end)
+    for i in range(end - 1, first - 1, -1):
+        g3_after[i] = g3_after[i + 1] + (where[i] is Tier.G3)
+    best = min(
+        range(first, end + 1),
+        key=lambda k: max((k - first) * compute_block_s, g3_after[k] * block_s),
+    )
+    return DiskSplit(first, best, end, (best - first) * compute_block_s, g3_after[best] * block_s)

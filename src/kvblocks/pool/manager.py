@@ -498,6 +498,7 @@ class BlockManager:
         salt: int = 0,
         ask_peer: str | None = None,
         max_blocks: int | None = None,
+        first_block: int = 0,
     ) -> Prefetch:
         """Start bringing into G2 the blocks of ``token_ids``'s cached prefix that only G3 or
         a peer holds, on a background thread of the manager's, and return at once.
@@ -518,11 +519,14 @@ class BlockManager:
         Args:
             ask_peer: as for :meth:`lookup`.
             max_blocks: look at the first ``max_blocks`` full blocks only; None: all.
+            first_block: leave the prefix's blocks before this one alone (neither read nor
+                held nor counted): the engine computes them meanwhile, as
+                :func:`~kvblocks.pool.disk_split` advises, or has them already.
 
         Raises:
             InvalidArgumentError: the manager is closed, no G2 (offload is off), ``ask_peer``
-                is not a peer, or ``max_blocks`` is not an int >= 0. (The reads' errors come
-                from :meth:`Prefetch.wait`.)
+                is not a peer, or ``max_blocks`` or ``first_block`` is not an int >= 0. (The
+                reads' errors come from :meth:`Prefetch.wait`.)
         """
         if not self._tiers:
             raise InvalidArgumentError("manager", "is closed")
@@ -531,8 +535,9 @@ class BlockManager:
                 "config.enable_offload", "prefetch reads into G2: enable offload with a host cache"
             )
         self._check_peer(ask_peer)
+        first_block = non_negative_int(first_block, "first_block")
         token_ids, hashes = self._prompt(token_ids, salt, max_blocks)
-        return self._prefetcher.submit(hashes, token_ids, ask_peer, bool(self._peers))
+        return self._prefetcher.submit(hashes, token_ids, first_block, ask_peer, bool(self._peers))
 
     def _check_peer(self, ask_peer: str | None) -> None:
         if ask_peer is not None and self._peers.get(ask_peer) is None:

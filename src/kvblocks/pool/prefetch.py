@@ -159,14 +159,20 @@ class Prefetcher:
         self._held = 0  # G2 blocks that prefetches hold, under the tiers' lock
 
     def submit(
-        self, hashes: list[int], token_ids: Sequence[int], ask_peer: str | None, peers: bool
+        self,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        first_block: int,
+        ask_peer: str | None,
+        peers: bool,
     ) -> Prefetch:
-        """Queue the prefetch of the prefix of ``hashes`` (``peers``: ask them for the blocks
-        after the local tiers' part, ``ask_peer`` whatever its news says)."""
+        """Queue the prefetch of the prefix of ``hashes``, from its block ``first_block`` on
+        (``peers``: ask them for the blocks after the local tiers' part, ``ask_peer``
+        whatever its news says)."""
         prefetch = Prefetch(self._release)
         with self._tiers.lock:
             self._open.add(prefetch)
-        self._thread.submit(self._run, prefetch, hashes, token_ids, ask_peer, peers)
+        self._thread.submit(self._run, prefetch, hashes, token_ids, first_block, ask_peer, peers)
         return prefetch
 
     def close(self) -> None:
@@ -194,13 +200,14 @@ class Prefetcher:
         prefetch: Prefetch,
         hashes: list[int],
         token_ids: Sequence[int],
+        first_block: int,
         ask_peer: str | None,
         peers: bool,
     ) -> None:
         if not prefetch._start():
             return
         try:
-            counts, held = self._bring(hashes, token_ids, ask_peer, peers)
+            counts, held = self._bring(hashes, token_ids, first_block, ask_peer, peers)
         except BaseException as exc:
             prefetch._fail(exc)
             return
@@ -210,12 +217,17 @@ class Prefetcher:
         prefetch._finish(counts, held)
 
     def _bring(
-        self, hashes: list[int], token_ids: Sequence[int], ask_peer: str | None, peers: bool
+        self,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        first_block: int,
+        ask_peer: str | None,
+        peers: bool,
     ) -> tuple[dict[Tier, int], list[int]]:
-        """Find the prefix, read its G3 blocks into G2, then ask the peers for the blocks
-        after it (where it was not cut short). Returns the blocks per tier and the G2 blocks
-        held."""
-        span = self._span(hashes)
+        """Find the prefix from block ``first_block`` on, read its G3 blocks into G2, then
+        ask the peers for the blocks after it (where it was not cut short). Returns the
+        blocks per tier and the G2 blocks held."""
+        span = self._span(hashes, first_block)
         with self._tiers.lock:
             found = self._find(hashes, span)
         held = [b for t, b in found.blocks if t is Tier.G2]
@@ -236,11 +248,12 @@ class Prefetcher:
             raise
         return {t: n for t, n in counts.items() if n}, held
 
-    def _span(self, hashes: list[int]) -> range:
-        """The blocks a lookup would hold now: all of them (its prefix ends where the tiers'
-        does), or a sliding window's last run of cached blocks."""
+    def _span(self, hashes: list[int], first_block: int) -> range:
+        """The blocks from ``first_block`` on that a lookup would hold now: all of them (its
+        prefix ends where the tiers' does), or those of a sliding window's last run of cached
+        blocks."""
         if self._window_blocks is None:
-            return range(len(hashes))
+            return range(first_block, max(first_block, len(hashes)))
         with self._tiers.lock:
             pools = [state.pool for state in self._tiers.values()]
             end = window_hit(
@@ -248,7 +261,7 @@ class Prefetcher:
                 self._window_blocks,
                 lambda i: any(p.lookup(hashes[i]) is not None for p in pools),
             )
-        return range(max(end - self._window_blocks, 0), end)
+        return range(max(end - self._window_blocks, first_block), max(first_block, end))
 
     def _find(self, hashes: list[int], span: range) -> _Found:
         """The leading blocks of ``span`` that a local tier caches, each from G1 if there (not
