@@ -246,9 +246,18 @@ def serve_split(
                 if computed:
                     head = prompt[: split.read_from * BLOCK_SIZE]
                     engine.generate(manager, model, head, 1, onboard_from=WITHOUT_DISK)
+                head_end = time.perf_counter()
                 fetch.wait()
                 called = time.perf_counter()
                 run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2})
+            print(
+                f"  prompt {i}: split {split.compute_from}:{split.read_from}:{split.end}"
+                f" (estimated {split.compute_s * 1e3:.0f} ms computing,"
+                f" {(split.read_s or 0) * 1e3:.0f} ms reading); head computed after"
+                f" {(head_end - start) * 1e3:.0f} ms, the rest read after"
+                f" {(called - start) * 1e3:.0f} ms",
+                file=sys.stderr,
+            )
             if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
                 raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
             samples[i].check(manager, run.block_ids, "G3 split", first=split.read_from)
