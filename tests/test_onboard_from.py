@@ -251,6 +251,10 @@ def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path
 
         # A block read in 1 s and computed in 1 s: compute 3, read 4 and 5 (1 s against 2 s).
         assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 2.0)
+        # In chunks of 2 blocks: compute 3 and 4, read 5 (2 s against 1 s).
+        assert split(float(BS), chunk_blocks=2) == DiskSplit(3, 5, 7, 2.0, 1.0)
+        with pytest.raises(InvalidArgumentError, match="chunk_blocks"):
+            split(float(BS), chunk_blocks=0)
         # Computing 4x as fast: compute 3 to 5 (0.75 s), read nothing but G2's block 6.
         assert split(4.0 * BS) == DiskSplit(3, 6, 7, 0.75, 0.0)
         # Computing 3x as slow: read all three G3 blocks (3 s against 3 s for one computed).

@@ -29,7 +29,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvblocks.checks import positive_number
+from kvblocks.checks import positive_int, positive_number
 from kvblocks.pool.manager import BlockManager
 from kvblocks.pool.tier import Tier
 
@@ -121,6 +121,7 @@ def disk_split(
     prefill_tokens_per_s: float,
     *,
     disk_bytes_per_s: float | None = None,
+    chunk_blocks: int = 1,
     salt: int = 0,
 ) -> DiskSplit:
     """The :class:`DiskSplit` of ``token_ids``'s cached prefix that brings it back soonest:
@@ -141,15 +142,19 @@ def disk_split(
             of about this length.
         disk_bytes_per_s: the disk's read rate before the manager's first read from G3;
             None: read once to measure it.
+        chunk_blocks: the engine computes in chunks of this many blocks (chunked prefill,
+            or shapes it has captured or compiled): the computed blocks are a whole number
+            of chunks, or everything up to ``end``.
         salt: as for :meth:`BlockManager.lookup`.
 
     Raises:
         InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
-            positive number.
+            positive number, or ``chunk_blocks`` not an int >= 1.
     """
     positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
     if disk_bytes_per_s is not None:
         positive_number(disk_bytes_per_s, "disk_bytes_per_s")
+    positive_int(chunk_blocks, "chunk_blocks")
     where = manager.locate(token_ids, salt=salt)
     end = where.index(None) if None in where else len(where)
     first = where.index(Tier.G3) if Tier.G3 in where[:end] else end
@@ -162,7 +167,7 @@ def disk_split(
     for i in range(end - 1, first - 1, -1):
         g3_after[i] = g3_after[i + 1] + (where[i] is Tier.G3)
     best = min(
-        range(first, end + 1),
+        [*range(first, end, chunk_blocks), end],
         key=lambda k: max((k - first) * compute_block_s, g3_after[k] * block_s),
     )
     return DiskSplit(first, best, end, (best - first) * compute_block_s, g3_after[best] * block_s)
