@@ -65,7 +65,7 @@ from kvblocks.pool.offload_filter import OffloadFilter
 from kvblocks.pool.offloader import Offloader
 from kvblocks.pool.onboarder import Onboarder
 from kvblocks.pool.peer_set import PeerSet
-from kvblocks.pool.prefetch import Prefetch, Prefetcher
+from kvblocks.pool.prefetch import Prefetch, Prefetcher, PrefetchRequest
 from kvblocks.pool.ready import ReadyLayers, layer_groups
 from kvblocks.pool.sharing import BlockServer, BlockShape
 from kvblocks.pool.tier import Tier
@@ -537,7 +537,8 @@ class BlockManager:
         self._check_peer(ask_peer)
         first_block = non_negative_int(first_block, "first_block")
         token_ids, hashes = self._prompt(token_ids, salt, max_blocks)
-        return self._prefetcher.submit(hashes, token_ids, first_block, ask_peer, bool(self._peers))
+        request = PrefetchRequest(hashes, token_ids, first_block, ask_peer, bool(self._peers))
+        return self._prefetcher.submit(request)
 
     def _check_peer(self, ask_peer: str | None) -> None:
         if ask_peer is not None and self._peers.get(ask_peer) is None:

@@ -118,6 +118,19 @@ class Prefetch:
         self._future.set_exception(exc)
 
 
+@dataclass(frozen=True)
+class PrefetchRequest:
+    """What one prefetch brings: the prefix of ``hashes`` (the full blocks of ``token_ids``)
+    from its block ``first_block`` on; with ``peers``, the peers are asked for the blocks
+    after the local tiers' part (``ask_peer`` whatever its news says)."""
+
+    hashes: list[int]
+    token_ids: Sequence[int]
+    first_block: int
+    ask_peer: str | None
+    peers: bool
+
+
 @dataclass
 class _Found:
     """Where each block of a prefix was found: ``(tier, block)``, the block held in G2 or G3,
@@ -158,21 +171,12 @@ class Prefetcher:
         self._open: set[Prefetch] = set()  # not released yet
         self._held = 0  # G2 blocks that prefetches hold, under the tiers' lock
 
-    def submit(
-        self,
-        hashes: list[int],
-        token_ids: Sequence[int],
-        first_block: int,
-        ask_peer: str | None,
-        peers: bool,
-    ) -> Prefetch:
-        """Queue the prefetch of the prefix of ``hashes``, from its block ``first_block`` on
-        (``peers``: ask them for the blocks after the local tiers' part, ``ask_peer``
-        whatever its news says)."""
+    def submit(self, request: PrefetchRequest) -> Prefetch:
+        """Queue the prefetch of ``request``."""
         prefetch = Prefetch(self._release)
         with self._tiers.lock:
             self._open.add(prefetch)
-        self._thread.submit(self._run, prefetch, hashes, token_ids, first_block, ask_peer, peers)
+        self._thread.submit(self._run, prefetch, request)
         return prefetch
 
     def close(self) -> None:
@@ -195,19 +199,11 @@ class Prefetcher:
                 self._tiers[Tier.G2].pool.free(blocks)
                 self._held -= len(blocks)
 
-    def _run(
-        self,
-        prefetch: Prefetch,
-        hashes: list[int],
-        token_ids: Sequence[int],
-        first_block: int,
-        ask_peer: str | None,
-        peers: bool,
-    ) -> None:
+    def _run(self, prefetch: Prefetch, request: PrefetchRequest) -> None:
         if not prefetch._start():
             return
         try:
-            counts, held = self._bring(hashes, token_ids, first_block, ask_peer, peers)
+            counts, held = self._bring(request)
         except BaseException as exc:
             prefetch._fail(exc)
             return
@@ -216,18 +212,12 @@ class Prefetcher:
         self._metrics.record_prefetch(counts)
         prefetch._finish(counts, held)
 
-    def _bring(
-        self,
-        hashes: list[int],
-        token_ids: Sequence[int],
-        first_block: int,
-        ask_peer: str | None,
-        peers: bool,
-    ) -> tuple[dict[Tier, int], list[int]]:
-        """Find the prefix from block ``first_block`` on, read its G3 blocks into G2, then
-        ask the peers for the blocks after it (where it was not cut short). Returns the
+    def _bring(self, request: PrefetchRequest) -> tuple[dict[Tier, int], list[int]]:
+        """Find the prefix from the request's first block on, read its G3 blocks into G2,
+        then ask the peers for the blocks after it (where it was not cut short). Returns the
         blocks per tier and the G2 blocks held."""
-        span = self._span(hashes, first_block)
+        hashes = request.hashes
+        span = self._span(hashes, request.first_block)
         with self._tiers.lock:
             found = self._find(hashes, span)
         held = [b for t, b in found.blocks if t is Tier.G2]
@@ -239,8 +229,8 @@ class Prefetcher:
             held = [b for t, b in found.blocks[:end] if t is Tier.G2] + staged
             counts = {t: sum(f is t for f, _ in found.blocks[:end]) for t in (Tier.G1, Tier.G2)}
             counts[Tier.G3] = len(staged)
-            if peers and end == len(found.blocks):
-                fetched = self._fetch(hashes, token_ids, span.start + end, ask_peer)
+            if request.peers and end == len(found.blocks):
+                fetched = self._fetch(request, span.start + end)
                 counts[Tier.G4] = len(fetched)
                 held += fetched
         except BaseException:
@@ -311,17 +301,19 @@ class Prefetcher:
                 self._held -= len(slots) - len(staged)
         return staged
 
-    def _fetch(
-        self, hashes: list[int], token_ids: Sequence[int], start: int, ask_peer: str | None
-    ) -> list[int]:
-        """Read from a peer into G2 the blocks from ``start`` on, within the prefetches' share
-        of G2; returns them, held."""
+    def _fetch(self, request: PrefetchRequest, start: int) -> list[int]:
+        """Read from a peer into G2 the request's blocks from ``start`` on, within the
+        prefetches' share of G2; returns them, held."""
         with self._tiers.lock:
             budget = max(0, self._tiers[Tier.G2].pool.num_blocks // PREFETCH_SHARE - self._held)
         if budget == 0:
             return []
         fetched = self._peer_reads.fetch(
-            hashes[: start + budget], token_ids, start, ask_peer, _ALL_SOURCES
+            request.hashes[: start + budget],
+            request.token_ids,
+            start,
+            request.ask_peer,
+            _ALL_SOURCES,
         )
         with self._tiers.lock:
             self._held += len(fetched)
