@@ -5,7 +5,7 @@ The engine is ``examples/tiny_engine.py``'s, shaped by ``--model`` and ``--layer
 ``bench/ttft.py``. One request (``--decode-context`` tokens) decodes a token per step, each
 step's token read back on the host as a sampler does. After ``BASE_STEPS`` steps a prompt of
 ``--prompt-tokens`` arrives whose blocks a new manager finds in G3 only (as after a restart),
-and the scheduler serves it one of three ways:
+and the scheduler serves it one of four ways:
 
 - ``compute``: it computes the whole prompt at once (no cache), then goes back to decoding;
 - ``lookup``: it looks the prompt up (the disk is read inside ``lookup``), computes its last
