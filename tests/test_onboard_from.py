@@ -15,6 +15,7 @@ from kvblocks.pool import (
     Tier,
     disk_split,
     lookup_groups,
+    prefetch,
     prometheus_registry,
     sequence_hashes,
     skip_slow_disk,
@@ -237,7 +238,7 @@ def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp
         manager.free(hit.block_ids)
 
 
-def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path):
+def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path, monkeypatch):
     """Blocks 3 to 5 in G3 only, 6 in G2: the split point that makes the longer of computing
     from block 3 and reading the G3 blocks after it the shortest."""
     manager, tokens, _ = g2_and_g3(tmp_path, 11)
@@ -259,6 +260,10 @@ def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path
         assert split(4.0 * BS) == DiskSplit(3, 6, 7, 0.75, 0.0)
         # Computing 3x as slow: read all three G3 blocks (3 s against 3 s for one computed).
         assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 3.0)
+        # Prefetches holding a quarter of G2 (2 blocks) at most: the read starts at block 5.
+        monkeypatch.setattr(prefetch, "PREFETCH_SHARE", 4)
+        assert split(BS / 3) == DiskSplit(3, 5, 7, 6.0, 1.0)
+        monkeypatch.undo()
         manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, 2 * block, 1.0, True)  # measured
         assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 1.5)  # the measured rate counts
         assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 1.0)

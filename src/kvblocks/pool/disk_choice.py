@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from kvblocks.checks import positive_int, positive_number
+from kvblocks.pool import prefetch
 from kvblocks.pool.manager import BlockManager
 from kvblocks.pool.tier import Tier
 
@@ -132,7 +133,10 @@ def disk_split(
     ``metrics.onboard_rate(Tier.G3, Tier.G2)`` says, or before the first read
     ``disk_bytes_per_s``); a computed block ``block_size / prefill_tokens_per_s``. G2 blocks
     after ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk);
-    those before it are computed with the G3 ones around them. With no rate known yet,
+    those before it are computed with the G3 ones around them. The blocks a prefetch would
+    hold, G2's and G3's from ``read_from`` on, stay within what prefetches may hold (half of
+    G2, :data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`; less if other prefetches hold blocks
+    then, and the blocks past it are computed after the lookup). With no rate known yet,
     everything is read, so that the read measures it.
 
     Args:
@@ -161,13 +165,18 @@ def disk_split(
     rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
     if rate is None:
         return DiskSplit(first, first, end, 0.0, None)
+    if first == end:
+        return DiskSplit(end, end, end, 0.0, 0.0)
     block_s = manager.block_bytes / rate
     compute_block_s = manager.config.block_size / prefill_tokens_per_s
+    room = manager.pool(Tier.G2).num_blocks // prefetch.PREFETCH_SHARE  # a prefetch's most
     g3_after = [0] * (end + 1)  # G3 blocks in [i, end)
+    held_after = [0] * (end + 1)  # G2 and G3 blocks in [i, end): the prefetch holds them
     for i in range(end - 1, first - 1, -1):
         g3_after[i] = g3_after[i + 1] + (where[i] is Tier.G3)
+        held_after[i] = held_after[i + 1] + (where[i] is not Tier.G1)
     best = min(
-        [*range(first, end, chunk_blocks), end],
+        [k for k in range(first, end, chunk_blocks) if held_after[k] <= room] + [end],
         key=lambda k: max((k - first) * compute_block_s, g3_after[k] * block_s),
     )
     return DiskSplit(first, best, end, (best - first) * compute_block_s, g3_after[best] * block_s)
