@@ -5,7 +5,7 @@ The engine is ``examples/tiny_engine.py``'s, shaped by ``--model`` and ``--layer
 ``bench/ttft.py``. One request (``--decode-context`` tokens) decodes a token per step, each
 step's token read back on the host as a sampler does. After ``BASE_STEPS`` steps a prompt of
 ``--prompt-tokens`` arrives whose blocks a new manager finds in G3 only (as after a restart),
-and the scheduler serves it one of four ways:
+and the scheduler serves it one of five ways:
 
 - ``compute``: it computes the whole prompt at once (no cache), then goes back to decoding;
 - ``lookup``: it looks the prompt up (the disk is read inside ``lookup``), computes its last
@@ -15,7 +15,12 @@ and the scheduler serves it one of four ways:
   ``onboard_from={Tier.G2}``, computes its last block, and releases the prefetch;
 - ``prefetch_overlap``: as ``prefetch``, but its lookup from G2 does not wait for the copies
   into G1 (``wait=False``): the scheduler goes on decoding until ``hit.ready.done()``, then
-  computes the last block.
+  computes the last block;
+- ``split``: ``kvblocks.pool.disk_split`` splits the prefix (at the prefill rate of the
+  ``compute`` rows and the disk's rate of the ``lookup`` rows, in chunks of 64 blocks):
+  ``prefetch(..., first_block=split.read_from)`` reads the rest while the scheduler computes
+  the blocks before it one chunk between two decoding steps (chunked prefill), then goes on
+  as ``prefetch_overlap`` does.
 
 The prompt's first token is timed from its arrival until it is on the host, and the decoding
 request's steps around it: ``stall_ms`` is the longest time between two of its tokens from the
@@ -45,12 +50,20 @@ import time
 from dataclasses import dataclass
 
 import torch
-from ttft import BLOCK_SIZE, SHAPES, Samples, build_model, check_hit, warm_gpu
+from ttft import (
+    BLOCK_SIZE,
+    SHAPES,
+    SPLIT_CHUNK_BLOCKS,
+    Samples,
+    build_model,
+    check_hit,
+    warm_gpu,
+)
 
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import BlockManager, Tier
+from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, disk_split
 
-MODES = ("compute", "lookup", "prefetch", "prefetch_overlap")
+MODES = ("compute", "lookup", "prefetch", "prefetch_overlap", "split")
 #: Decoding steps timed before each prompt arrives.
 BASE_STEPS = 20
 #: Decoding steps after the prompt's first token.
@@ -104,6 +117,14 @@ class Decoder:
 
 
 @dataclass(frozen=True)
+class Rates:
+    """What ``split`` splits by: the engine's prefill rate and the disk's read rate."""
+
+    prefill_tokens_per_s: float
+    disk_bytes_per_s: float
+
+
+@dataclass(frozen=True)
 class Served:
     """One prompt's arrival, as the decoding request saw it."""
 
@@ -112,23 +133,51 @@ class Served:
     steps_during: int
     step_s: float | None  # None: no step between the arrival and the prompt's computing
     base_step_s: float
+    cached_blocks: int  # blocks of the prompt's prefix that were not computed
 
 
-def serve(engine, manager: BlockManager, model, decoder: Decoder, prompt, mode: str):
+def serve(
+    engine,
+    manager: BlockManager,
+    model,
+    decoder: Decoder,
+    prompt,
+    mode: str,
+    rates: Rates | None,
+):
     """Decode ``BASE_STEPS`` steps, let ``prompt`` arrive and serve it in ``mode`` between
-    steps, decode ``AFTER_STEPS`` more. Returns the prompt's Generation and the Served."""
+    steps, decode ``AFTER_STEPS`` more. Returns the prompt's Generation, the Served, and the
+    first block read from disk."""
     decoder.rewind()
     done = [decoder.step() for _ in range(BASE_STEPS)]
     base = statistics.median(b - a for a, b in zip(done, done[1:], strict=False))
     arrival = time.perf_counter()
     prefix_blocks = (len(prompt) - 1) // BLOCK_SIZE
-    if mode.startswith("prefetch"):
-        with manager.prefetch(prompt, max_blocks=prefix_blocks) as fetch:
+    read_from = 0
+    if mode.startswith("prefetch") or mode == "split":
+        if mode == "split":
+            prefix = prompt[: prefix_blocks * BLOCK_SIZE]
+            split = disk_split(
+                manager,
+                prefix,
+                rates.prefill_tokens_per_s,
+                disk_bytes_per_s=rates.disk_bytes_per_s,
+                chunk_blocks=SPLIT_CHUNK_BLOCKS,
+            )
+            read_from = split.read_from
+        fetch = manager.prefetch(prompt, max_blocks=prefix_blocks, first_block=read_from)
+        with fetch:
+            if mode == "split":
+                chunks = range(split.compute_from, split.read_from, SPLIT_CHUNK_BLOCKS)
+                for first in chunks:
+                    done.append(decoder.step())
+                    end = min(first + SPLIT_CHUNK_BLOCKS, split.read_from) * BLOCK_SIZE
+                    engine.generate(manager, model, prompt[:end], 1, onboard_from=WITHOUT_DISK)
             while not fetch.done():
                 done.append(decoder.step())
             fetch.wait()
             hit = None
-            if mode == "prefetch_overlap":
+            if mode != "prefetch":
                 hit = engine.lookup_prefix(manager, prompt, onboard_from={Tier.G2})
                 while not hit.ready.done():
                     done.append(decoder.step())
@@ -149,11 +198,12 @@ def serve(engine, manager: BlockManager, model, decoder: Decoder, prompt, mode: 
         steps_during=during,
         step_s=statistics.median(steps) if steps else None,
         base_step_s=base,
+        cached_blocks=0 if mode == "compute" else prefix_blocks - read_from,
     )
-    return run, served
+    return run, served, read_from
 
 
-def run_mode(engine, model, config, prompts, samples, mode: str, context: int):
+def run_mode(engine, model, config, prompts, samples, mode: str, context: int, rates: Rates | None):
     """Serve every prompt in ``mode`` on a new manager on the G3 file (G1 and G2 empty).
     Returns the Served of the prompts after the first, and the disk's rate (GB/s)."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
@@ -162,8 +212,12 @@ def run_mode(engine, model, config, prompts, samples, mode: str, context: int):
         decoder = Decoder(engine, manager, model, context, BASE_STEPS * 50)
         for i, prompt in enumerate(prompts):
             warm_gpu()
-            run, timing = serve(engine, manager, model, decoder, prompt, mode)
-            if mode != "compute":
+            run, timing, read_from = serve(engine, manager, model, decoder, prompt, mode, rates)
+            if mode == "split":  # the computed blocks from G1, the read ones from G2
+                if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
+                    raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
+                samples[i].check(manager, run.block_ids, "G3 (split)", first=read_from)
+            elif mode != "compute":
                 check_hit(run, Tier.G3 if mode == "lookup" else Tier.G2, prefix_blocks)
                 samples[i].check(manager, run.block_ids, f"G3 ({mode})")
             if i:
@@ -224,15 +278,23 @@ def main(argv: list[str] | None = None) -> int:
         )
         samples = store_prompts(engine, model, config, prompts)
         print(f"{len(prompts)} prompts of {length} tokens in G3", file=sys.stderr)
+        prefill_tokens_per_s = disk_bytes_per_s = None
         for mode in MODES:
+            rates = None
+            if mode == "split":
+                rates = Rates(prefill_tokens_per_s, disk_bytes_per_s)
             served, disk_gbps = run_mode(
-                engine, model, config, prompts, samples, mode, args.decode_context
+                engine, model, config, prompts, samples, mode, args.decode_context, rates
             )
             print(f"  {mode}: served", file=sys.stderr)
             ttft = [s.ttft_s for s in served]
+            if mode == "compute":  # the whole prompt computed right at its arrival
+                prefill_tokens_per_s = length / statistics.median(ttft)
+            elif mode == "lookup":
+                disk_bytes_per_s = disk_gbps * 1e9
             stalls = [s.stall_s for s in served]
             steps = [s.step_s for s in served if s.step_s is not None]
-            cached = 0 if mode == "compute" else (length - 1) // BLOCK_SIZE
+            cached = statistics.median(s.cached_blocks for s in served)
             out.writerow(
                 {
                     "gpu": gpu_name(),

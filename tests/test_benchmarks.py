@@ -311,10 +311,13 @@ def test_prefetch_script_serves_a_g3_prompt_every_way_between_decoding_steps(tmp
     )
     assert proc.returncode == 0, proc.stderr
     rows = {r["mode"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
-    assert list(rows) == ["compute", "lookup", "prefetch", "prefetch_overlap"]
+    assert list(rows) == ["compute", "lookup", "prefetch", "prefetch_overlap", "split"]
     for mode, row in rows.items():
         assert float(row["ttft_ms"]) > 0 and float(row["stall_ms"]) > 0, row
         assert float(row["base_step_ms"]) > 0
+        if mode == "split":  # as much read as the rates say: from nothing to all of it
+            assert float(row["prefix_mib"]) >= 0 and float(row["disk_gbps"]) >= 0
+            continue
         assert (float(row["prefix_mib"]) > 0) == (mode != "compute")
         assert (float(row["disk_gbps"]) > 0) if mode != "compute" else not row["disk_gbps"]
         if not mode.startswith("prefetch"):  # on this CPU a prefetch may end within a step
