@@ -189,6 +189,86 @@ def test_staged_layer_groups_land_in_place(small_pieces, into_device, formats, g
     assert_layers_landed(dst_side.physical, D_IDS, want, before, moved)
 
 
+@pytest.fixture
+def layer_pieces(monkeypatch):
+    """Pieces of two blocks' single layer, so that a one-layer group of 5 blocks goes in 3
+    pieces, an odd number: the next group's first piece reuses the slot of its last."""
+    monkeypatch.setattr(staging, "PIECE_BYTES", 2 * (BIG.block_bytes // BIG.num_layers))
+
+
+ODD_PIECES = [
+    [range(0, 1), range(1, 2), range(2, 3)],  # 3 pieces each, one slot layout
+    [range(0, 2), range(2, 3)],  # 5 pieces of one block, then 3 in slots laid out anew
+    [range(0, 3)],  # one group of 5 pieces
+]
+
+
+def slot_spans(step) -> list[tuple[int, int]]:
+    """The byte ranges of slot memory that a step's blocks go through."""
+    physical = step.group.slot.physical
+    start, stride = physical.layout.memory[0].addr, physical.layout.block_stride
+    ids = step.group.slot.ids[step.first : step.end].tolist()
+    return [(start + b * stride, start + (b + 1) * stride) for b in ids]
+
+
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("groups", ODD_PIECES, ids=str)
+def test_each_step_waits_for_the_last_one_through_its_slot_memory(
+    layer_pieces, into_device, groups
+):
+    """A step's slot memory is free once the step it waits for is done (steps end in
+    order): that step is at or after the last one whose slot memory overlaps its own."""
+    src, dst, _, _ = some_layers_case(into_device, UNI, NHD, LayoutKind.LAYER_SEPARATE)
+    slots = poisoned_slots(src if into_device else dst, UNI, groups)
+    steps = staging._steps(src, dst, slots, groups, into_device)
+    assert len(steps) == sum(3 if len(g) == 1 else 5 for g in groups)
+    for i, step in enumerate(steps):
+        spans = slot_spans(step)
+        overlapping = [
+            k
+            for k in range(i)
+            if any(a < d and c < b for a, b in spans for c, d in slot_spans(steps[k]))
+        ]
+        waits_for = max(i - staging._behind(steps, i), -1)  # -1: for nothing
+        assert waits_for >= (overlapping[-1] if overlapping else -1), (i, overlapping)
+        assert waits_for < i
+
+
+class Slowed:
+    """A plan of a staged step that runs after 20 ms of GPU sleep on its stream."""
+
+    def __init__(self, plan) -> None:
+        self._plan = plan
+
+    def run(self, stream=None) -> None:
+        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+            torch.cuda._sleep(40_000_000)
+        return self._plan.run() if stream is None else self._plan.run(stream=stream)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("groups", ODD_PIECES, ids=str)
+def test_a_slow_last_piece_keeps_its_slot_from_the_next_group(
+    layer_pieces, monkeypatch, into_device, groups
+):
+    """The last piece of each group slowed down (its kernel into the device layout, or its
+    copies out to pinned memory): the next group's first piece, through the same slot, still
+    waits for it, and every block lands."""
+    slowed = "kernel" if into_device else "copies"
+    step_work = getattr(staging._Step, slowed)
+
+    def slow_last_piece(step):
+        plan = step_work(step)
+        return Slowed(plan) if step.end == step.group.slot.ids.numel() else plan
+
+    monkeypatch.setattr(staging._Step, slowed, slow_last_piece)
+    src, dst, before, want = some_layers_case(into_device, UNI, NHD, LayoutKind.LAYER_SEPARATE)
+    pinned = src if into_device else dst
+    run_staged(src, dst, poisoned_slots(pinned, UNI, groups), groups)
+    assert_layers_landed(dst.physical, D_IDS, want, before, range(BIG.num_layers))
+
+
 def test_slots_of_layer_groups():
     """One buffer serves every group: as large as the largest group's slots."""
     pinned = layout("pinned", True, UNI)

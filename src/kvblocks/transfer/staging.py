@@ -135,18 +135,7 @@ def run_staged(
             name, f"must be fully contiguous to be staged, got {pinned.physical.layout.kind.label}"
         )
     groups = (range(src.config.num_layers),) if groups is None else groups
-    # The blocks in the order of their pinned ids, so that neighbours in pinned memory are
-    # neighbours in the slots too and go as one copy (a pool hands out runs of ids, in any
-    # order).
-    order = torch.argsort(pinned.ids)
-    src, dst = replace(src, ids=src.ids[order]), replace(dst, ids=dst.ids[order])
-    pinned = src if into_gpu else dst
-    pinned_at = _block_addresses(pinned)
-    steps = [
-        _Step(group, first, end)
-        for group in (_Group(src, dst, layers, slots, pinned_at, into_gpu) for layers in groups)
-        for first, end in group.pieces()
-    ]
+    steps = _steps(src, dst, slots, groups, into_gpu)
     if stream is None:
         for step in steps:
             for work in (step.copies, step.kernel) if into_gpu else (step.kernel, step.copies):
@@ -159,6 +148,23 @@ def run_staged(
     for copy_stream in copy_streams:
         stream.wait_stream(copy_stream)
     return done
+
+
+def _steps(
+    src: Side, dst: Side, slots: SlotLayouts, groups: Sequence[range], into_gpu: bool
+) -> list[_Step]:
+    """The pieces of each layer group in turn. The blocks go in the order of their pinned
+    ids, so that neighbours in pinned memory are neighbours in the slots too and go as one
+    copy (a pool hands out runs of ids, in any order)."""
+    pinned = src if into_gpu else dst
+    order = torch.argsort(pinned.ids)
+    src, dst = replace(src, ids=src.ids[order]), replace(dst, ids=dst.ids[order])
+    pinned_at = _block_addresses(src if into_gpu else dst)
+    return [
+        _Step(group, first, end)
+        for group in (_Group(src, dst, layers, slots, pinned_at, into_gpu) for layers in groups)
+        for first, end in group.pieces()
+    ]
 
 
 class _Group:
@@ -215,15 +221,25 @@ class _Step:
         return _part(self.group.kernel(), self.first, self.end)
 
 
+def _slot_of(step: _Step) -> int:
+    """Which of its group's two slots ``step`` goes through: its piece's number, mod 2."""
+    return step.first // step.group.per_piece % 2
+
+
 def _behind(steps: list[_Step], i: int) -> int:
-    """How many steps before step ``i`` the last one is that used the memory of its slot:
-    two (the other slot lies between), or one where its group has one slot only (a piece
-    holds all of the blocks) or the groups' slots were laid out anew (for blocks of another
-    size), which may overlap both slots of before."""
-    group = steps[i].group
-    one_slot = group.per_piece == group.slot.ids.numel()
-    anew = i > 0 and steps[i - 1].group.slot.physical is not group.slot.physical
-    return 1 if one_slot or anew else 2
+    """How many steps before step ``i`` the last one is that used the memory of its slot
+    (``i + 1`` where none did): the nearest one through the same slot of the same slot
+    layout, or through slots laid out anew (for blocks of another size, which may overlap
+    both slots of before). Within a group that is two steps back; a group's first piece
+    goes through slot 0, which the previous group's last piece used too where that group
+    had an odd number of pieces."""
+    step = steps[i]
+    for k in range(i - 1, -1, -1):
+        before = steps[k]
+        anew = before.group.slot.physical is not step.group.slot.physical
+        if anew or _slot_of(before) == _slot_of(step):
+            return i - k
+    return i + 1
 
 
 class _CopyOrder:
