@@ -240,10 +240,10 @@ class Slowed:
     def __init__(self, plan) -> None:
         self._plan = plan
 
-    def run(self, stream=None) -> None:
-        with torch.cuda.stream(stream or torch.cuda.current_stream()):
+    def run(self, **stream) -> None:
+        with torch.cuda.stream(stream.get("stream") or torch.cuda.current_stream()):
             torch.cuda._sleep(40_000_000)
-        return self._plan.run() if stream is None else self._plan.run(stream=stream)
+        self._plan.run(**stream)
 
 
 @pytest.mark.gpu
