@@ -26,8 +26,8 @@ The prompt's first token is timed from its arrival until it is on the host, and 
 request's steps around it: ``stall_ms`` is the longest time between two of its tokens from the
 arrival until the step after the prompt's first token, ``steps_during`` the steps it made
 meanwhile, ``step_ms`` their median time and ``base_step_ms`` the median step before the
-arrival. Each hit's prefix is checked against what computing the prompt wrote, bit for bit
-(first, middle and last block; first and last layer).
+arrival. Each hit's prefix is checked against what computing the prompt wrote (every block
+and layer, by a fingerprint of its 16-bit words).
 
 Columns: ``gpu``, ``model``, ``layers``, ``prompt_tokens``, ``mode``, ``prefix_mib``,
 ``ttft_ms``, ``ttft_min_ms``, ``ttft_max_ms``, ``stall_ms``, ``stall_max_ms``,
@@ -54,7 +54,7 @@ from ttft import (
     BLOCK_SIZE,
     SHAPES,
     SPLIT_CHUNK_BLOCKS,
-    Samples,
+    Fingerprints,
     build_model,
     check_hit,
     warm_gpu,
@@ -203,7 +203,7 @@ def serve(
     return run, served, read_from
 
 
-def run_mode(engine, model, config, prompts, samples, mode: str, context: int, rates: Rates | None):
+def run_mode(engine, model, config, prompts, prints, mode: str, context: int, rates: Rates | None):
     """Serve every prompt in ``mode`` on a new manager on the G3 file (G1 and G2 empty).
     Returns the Served of the prompts after the first, and the disk's rate (GB/s)."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
@@ -216,10 +216,10 @@ def run_mode(engine, model, config, prompts, samples, mode: str, context: int, r
             if mode == "split":  # the computed blocks from G1, the read ones from G2
                 if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
                     raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
-                samples[i].check(manager, run.block_ids, "G3 (split)", first=read_from)
+                prints[i].check(manager, run.block_ids, "G3 (split)", first=read_from)
             elif mode != "compute":
                 check_hit(run, Tier.G3 if mode == "lookup" else Tier.G2, prefix_blocks)
-                samples[i].check(manager, run.block_ids, f"G3 ({mode})")
+                prints[i].check(manager, run.block_ids, f"G3 ({mode})")
             if i:
                 served.append(timing)
         rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2)
@@ -227,16 +227,16 @@ def run_mode(engine, model, config, prompts, samples, mode: str, context: int, r
     return served, (rate or 0) / 1e9
 
 
-def store_prompts(engine, model, config, prompts) -> list[Samples]:
-    """Compute every prompt once, so that G3 holds its blocks; returns their samples."""
+def store_prompts(engine, model, config, prompts) -> list[Fingerprints]:
+    """Compute every prompt once, so that G3 holds its blocks; returns their fingerprints."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
-    samples = []
+    prints = []
     with BlockManager(config) as manager:
         for prompt in prompts:
             run = engine.generate(manager, model, prompt, 1)
-            samples.append(Samples(manager, run.block_ids, prefix_blocks))
+            prints.append(Fingerprints(manager, run.block_ids, prefix_blocks))
         manager.flush()
-    return samples
+    return prints
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             disk,
             layer_groups=4,
         )
-        samples = store_prompts(engine, model, config, prompts)
+        prints = store_prompts(engine, model, config, prompts)
         print(f"{len(prompts)} prompts of {length} tokens in G3", file=sys.stderr)
         prefill_tokens_per_s = disk_bytes_per_s = None
         for mode in MODES:
@@ -284,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
             if mode == "split":
                 rates = Rates(prefill_tokens_per_s, disk_bytes_per_s)
             served, disk_gbps = run_mode(
-                engine, model, config, prompts, samples, mode, args.decode_context, rates
+                engine, model, config, prompts, prints, mode, args.decode_context, rates
             )
             print(f"  {mode}: served", file=sys.stderr)
             ttft = [s.ttft_s for s in served]

@@ -226,6 +226,7 @@ def test_pool_suite_runs_on_the_cpu(capsys):
 def _bench_module(name: str):
     spec = importlib.util.spec_from_file_location(name, ROOT / "bench" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # its dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -295,6 +296,27 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
             else not row["disk_gbps"]
         )
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
+
+
+def test_ttft_fingerprints_find_any_changed_block_and_layer(tmp_path):
+    """bench/ttft.py's check of a hit: a word changed in any block of the prefix, in any
+    layer's K or V, is found, from the position it is told to start at."""
+    from kvblocks.pool import BlockManager
+    from tests.test_manager import make_config
+
+    ttft = _bench_module("ttft")
+    with BlockManager(make_config(tmp_path, g1=8, g2=0, g3=0)) as manager:
+        blocks = manager.allocate(5)
+        for cache in manager.device_tensors:
+            cache[blocks] = torch.randn(5, *cache.shape[1:]).to(cache.dtype)
+        prints = ttft.Fingerprints(manager, blocks, 4)  # the last block is not of the prefix
+        prints.check(manager, blocks, "G1")
+        manager.device_tensors[0][blocks[4]] += 1
+        prints.check(manager, blocks, "G1")
+        manager.region_view(1, 1)[blocks[2]].view(-1)[7] += 1  # one element of layer 1's V
+        with pytest.raises(RuntimeError, match="1 block.*position 2"):
+            prints.check(manager, blocks, "G1")
+        prints.check(manager, blocks, "G1", first=3)
 
 
 def test_prefetch_script_serves_a_g3_prompt_every_way_between_decoding_steps(tmp_path):
