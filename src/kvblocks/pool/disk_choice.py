@@ -38,6 +38,27 @@ from kvblocks.pool.tier import Tier
 WITHOUT_DISK = frozenset({Tier.G2, Tier.G4})
 
 
+def _cached_prefix(
+    manager: BlockManager,
+    token_ids: Sequence[int],
+    prefill_tokens_per_s: float,
+    disk_bytes_per_s: float | None,
+    salt: int,
+) -> tuple[list[Tier | None], int, int, float | None]:
+    """Check the rates; then where each full block of ``token_ids`` is cached now, the cached
+    prefix's end (the first block no local tier caches), its first block that only G3 caches
+    (the end where none does), and the disk's read rate: measured so far, else
+    ``disk_bytes_per_s`` (None where neither is known)."""
+    positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
+    if disk_bytes_per_s is not None:
+        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
+    where = manager.locate(token_ids, salt=salt)
+    end = where.index(None) if None in where else len(where)
+    first = where.index(Tier.G3) if Tier.G3 in where[:end] else end
+    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
+    return where, end, first, rate
+
+
 def skip_slow_disk(
     manager: BlockManager,
     token_ids: Sequence[int],
@@ -70,17 +91,11 @@ def skip_slow_disk(
         InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
             positive number.
     """
-    positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
-    if disk_bytes_per_s is not None:
-        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
-    where = manager.locate(token_ids, salt=salt)
-    end = where.index(None) if None in where else len(where)
-    if Tier.G3 not in where[:end]:
+    where, end, first, rate = _cached_prefix(
+        manager, token_ids, prefill_tokens_per_s, disk_bytes_per_s, salt
+    )
+    if first == end or rate is None:
         return None
-    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
-    if rate is None:
-        return None
-    first = where.index(Tier.G3)
     read_s = where[first:end].count(Tier.G3) * manager.block_bytes / rate
     compute_s = (end - first) * manager.config.block_size / prefill_tokens_per_s
     return None if read_s < compute_s else WITHOUT_DISK
@@ -155,14 +170,10 @@ def disk_split(
         InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
             positive number, or ``chunk_blocks`` not an int >= 1.
     """
-    positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
-    if disk_bytes_per_s is not None:
-        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
     positive_int(chunk_blocks, "chunk_blocks")
-    where = manager.locate(token_ids, salt=salt)
-    end = where.index(None) if None in where else len(where)
-    first = where.index(Tier.G3) if Tier.G3 in where[:end] else end
-    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
+    where, end, first, rate = _cached_prefix(
+        manager, token_ids, prefill_tokens_per_s, disk_bytes_per_s, salt
+    )
     if rate is None:
         return DiskSplit(first, first, end, 0.0, None)
     if first == end:
