@@ -16,7 +16,7 @@ and the scheduler serves it one of five ways:
 - ``prefetch_overlap``: as ``prefetch``, but its lookup from G2 does not wait for the copies
   into G1 (``wait=False``): the scheduler goes on decoding until ``hit.ready.done()``, then
   computes the last block;
-- ``split``: ``kvblocks.pool.disk_split`` splits the prefix (at the prefill rate of the
+- ``split``: ``kvblocks.pool.read_split`` splits the prefix (at the prefill rate of the
   ``compute`` rows and the disk's rate of the ``lookup`` rows, in chunks of 64 blocks):
   ``prefetch(..., first_block=split.read_from)`` reads the rest while the scheduler computes
   the blocks before it one chunk between two decoding steps (chunked prefill), then goes on
@@ -61,7 +61,7 @@ from ttft import (
 )
 
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, disk_split
+from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, read_split
 
 MODES = ("compute", "lookup", "prefetch", "prefetch_overlap", "split")
 #: Decoding steps timed before each prompt arrives.
@@ -157,7 +157,7 @@ def serve(
     if mode.startswith("prefetch") or mode == "split":
         if mode == "split":
             prefix = prompt[: prefix_blocks * BLOCK_SIZE]
-            split = disk_split(
+            split = read_split(
                 manager,
                 prefix,
                 rates.prefill_tokens_per_s,

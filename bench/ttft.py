@@ -26,7 +26,7 @@ the host:
   disk's rate that manager measured (its warm-up prompt is read from G3 to measure it) and
   the prefill rate of this length's ``recompute`` runs;
 - ``G3 split``: as ``G3 or compute``, but the engine computes the prefix's first blocks while
-  the manager reads the rest from disk, split where ``kvblocks.pool.disk_split`` says (in
+  the manager reads the rest from disk, split where ``kvblocks.pool.read_split`` says (in
   chunks of ``SPLIT_CHUNK_BLOCKS``; before the manager's first read, at the rate the ``G3``
   runs measured): ``prefetch(..., first_block=split.read_from)``, the blocks before it
   computed meanwhile (and registered), then the prompt looked up with
@@ -65,7 +65,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, disk_split, skip_slow_disk
+from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, read_split, skip_slow_disk
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 BLOCK_SIZE = 16
@@ -246,7 +246,7 @@ def serve_split(
     disk_bytes_per_s: float,
 ) -> tuple[list[Served], float]:
     """Serve each prompt again from a new manager on the same G3 file, its prefix split
-    between computing and reading as ``disk_split`` says (at ``disk_bytes_per_s`` before the
+    between computing and reading as ``read_split`` says (at ``disk_bytes_per_s`` before the
     manager's first read). Returns the runs after the first (``cached_tokens``: those read),
     and the rate (GB/s) of the reads from G3."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
@@ -256,7 +256,7 @@ def serve_split(
             warm_gpu()
             start = time.perf_counter()
             prefix = prompt[: prefix_blocks * BLOCK_SIZE]
-            split = disk_split(
+            split = read_split(
                 manager,
                 prefix,
                 prefill_tokens_per_s,

@@ -1,6 +1,7 @@
 """Which tiers a lookup copies from: some only (``lookup(..., onboard_from=...)``), what
 ``BlockManager.locate`` says of a prompt, the onboard rates an engine weighs them with
-(``skip_slow_disk``), and G3 blocks staged through a G2 that the prompt's own blocks fill."""
+(``skip_slow_disk``, ``read_split``), and G3 blocks staged through a G2 that the prompt's own
+blocks fill."""
 
 import importlib.util
 
@@ -10,13 +11,13 @@ import torch
 from kvblocks.errors import InvalidArgumentError
 from kvblocks.pool import (
     BlockManager,
-    DiskSplit,
     FrequencyFilter,
+    ReadSplit,
     Tier,
-    disk_split,
     lookup_groups,
     prefetch,
     prometheus_registry,
+    read_split,
     sequence_hashes,
     skip_slow_disk,
 )
@@ -24,12 +25,12 @@ from kvblocks.transfer import block_checksums
 from tests.test_manager import BS, check_all_pools, evict_g1, make_config, store, tokens_of
 
 
-def g2_and_g3(tmp_path, seed: int, **overrides):
-    """A manager (G1 8, G2 8, G3 32 blocks) whose G1 has forgotten a prompt of 7 blocks that
-    G3 caches, and whose G2 holds the prompt's blocks 0 to 2 and 6 (3 to 5 were evicted by
-    another prompt's 4 blocks, which G2 holds too: room to stage G3's blocks). Returns
+def g2_and_g3(tmp_path, seed: int, g1: int = 8, **overrides):
+    """A manager (G1 ``g1``, G2 8, G3 32 blocks) whose G1 has forgotten a prompt of 7 blocks
+    that G3 caches, and whose G2 holds the prompt's blocks 0 to 2 and 6 (3 to 5 were evicted
+    by another prompt's 4 blocks, which G2 holds too: room to stage G3's blocks). Returns
     (manager, tokens, the checksum of each block by hash)."""
-    manager = BlockManager(make_config(tmp_path, g1=8, g2=8, g3=32, **overrides))
+    manager = BlockManager(make_config(tmp_path, g1=g1, g2=8, g3=32, **overrides))
     gen = torch.Generator().manual_seed(seed)
     tokens = tokens_of(seed, 7 * BS)
     expected = store(manager, tokens, gen)
@@ -238,42 +239,42 @@ def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp
         manager.free(hit.block_ids)
 
 
-def test_disk_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path, monkeypatch):
+def test_read_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path, monkeypatch):
     """Blocks 3 to 5 in G3 only, 6 in G2: the split point that makes the longer of computing
     from block 3 and reading the G3 blocks after it the shortest."""
     manager, tokens, _ = g2_and_g3(tmp_path, 11)
     with manager:
         assert manager.locate(tokens) == MIXED
-        assert disk_split(manager, tokens, 1.0) == DiskSplit(3, 3, 7, 0.0, None)  # rate unknown
+        assert read_split(manager, tokens, 1.0) == ReadSplit(3, 3, 7, 0.0, None)  # rate unknown
         block = manager.block_bytes
 
         def split(tokens_per_s, **kw):
-            return disk_split(manager, tokens, tokens_per_s, disk_bytes_per_s=block, **kw)
+            return read_split(manager, tokens, tokens_per_s, disk_bytes_per_s=block, **kw)
 
         # A block read in 1 s and computed in 1 s: compute 3, read 4 and 5 (1 s against 2 s).
-        assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 2.0)
+        assert split(float(BS)) == ReadSplit(3, 4, 7, 1.0, 2.0)
         # In chunks of 2 blocks: compute 3 and 4, read 5 (2 s against 1 s).
-        assert split(float(BS), chunk_blocks=2) == DiskSplit(3, 5, 7, 2.0, 1.0)
+        assert split(float(BS), chunk_blocks=2) == ReadSplit(3, 5, 7, 2.0, 1.0)
         with pytest.raises(InvalidArgumentError, match="chunk_blocks"):
             split(float(BS), chunk_blocks=0)
         # Computing 4x as fast: compute 3 to 5 (0.75 s), read nothing but G2's block 6.
-        assert split(4.0 * BS) == DiskSplit(3, 6, 7, 0.75, 0.0)
+        assert split(4.0 * BS) == ReadSplit(3, 6, 7, 0.75, 0.0)
         # Computing 3x as slow: read all three G3 blocks (3 s against 3 s for one computed).
-        assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 3.0)
+        assert split(BS / 3) == ReadSplit(3, 3, 7, 0.0, 3.0)
         # Prefetches holding a quarter of G2 (2 blocks) at most: the read starts at block 5.
         monkeypatch.setattr(prefetch, "PREFETCH_SHARE", 4)
-        assert split(BS / 3) == DiskSplit(3, 5, 7, 6.0, 1.0)
+        assert split(BS / 3) == ReadSplit(3, 5, 7, 6.0, 1.0)
         monkeypatch.undo()
         manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, 2 * block, 1.0, True)  # measured
-        assert split(BS / 3) == DiskSplit(3, 3, 7, 0.0, 1.5)  # the measured rate counts
-        assert split(float(BS)) == DiskSplit(3, 4, 7, 1.0, 1.0)
-        assert disk_split(manager, tokens[: 3 * BS], 1.0) == DiskSplit(3, 3, 3, 0.0, 0.0)
-        assert split(1.0, salt=1) == DiskSplit(0, 0, 0, 0.0, 0.0)  # nothing cached
+        assert split(BS / 3) == ReadSplit(3, 3, 7, 0.0, 1.5)  # the measured rate counts
+        assert split(float(BS)) == ReadSplit(3, 4, 7, 1.0, 1.0)
+        assert read_split(manager, tokens[: 3 * BS], 1.0) == ReadSplit(3, 3, 3, 0.0, 0.0)
+        assert split(1.0, salt=1) == ReadSplit(0, 0, 0, 0.0, 0.0)  # nothing cached
 
 
-@pytest.mark.parametrize("choose", [skip_slow_disk, disk_split])
+@pytest.mark.parametrize("choose", [skip_slow_disk, read_split])
 @pytest.mark.parametrize("rate", [0, -1.0, "5", True, float("nan"), None])
-def test_skip_slow_disk_and_disk_split_need_positive_rates(tmp_path, rate, choose):
+def test_skip_slow_disk_and_read_split_need_positive_rates(tmp_path, rate, choose):
     manager, tokens, _ = g2_and_g3(tmp_path, 10)
     with manager:
         with pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):

@@ -115,7 +115,7 @@ def test_a_prefetch_counts_g1_blocks_holds_g2_ones_and_reads_g3_ones(tmp_path):
 
 def test_a_prefetch_from_a_later_block_leaves_the_blocks_before_it_to_the_engine(tmp_path):
     """``first_block=3``: blocks 3 to 6 read into G2 while the engine computes 0 to 2 (as
-    ``disk_split`` advises); the lookup after both finds 0 to 2 in G1 and the rest in G2."""
+    ``read_split`` advises); the lookup after both finds 0 to 2 in G1 and the rest in G2."""
     config, tokens, expected = stored_on_disk(tmp_path, 46)
     with BlockManager(config) as manager:
         with manager.prefetch(tokens, first_block=3) as fetch:

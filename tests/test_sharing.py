@@ -25,10 +25,13 @@ from kvblocks.errors import (
     TransferError,
 )
 from kvblocks.pool import (
+    WITHOUT_DISK,
     BlockManager,
     BlockStored,
+    ReadSplit,
     Tier,
     prometheus_registry,
+    read_split,
     sequence_hashes,
 )
 from kvblocks.pool.sharing import (
@@ -51,6 +54,7 @@ from tests.test_manager import (
     tokens_of,
     write_random,
 )
+from tests.test_onboard_from import MIXED, g2_and_g3
 
 pytest.importorskip("zmq")
 pytest.importorskip("msgpack")
@@ -617,6 +621,99 @@ def test_a_lookup_asks_the_peer_it_names_whatever_its_news_says(tmp_path):
         assert hit.from_tier[Tier.G4] == 3 and decode.metrics.peer_requests == 1
         assert_g1_holds(decode, hit.block_ids, kv)
         decode.free(hit.block_ids)
+
+
+def mixed_here_and_at_a_peer(tmp_path, seed: int):
+    """``here``: G1 16, G2 8 and G3 32 blocks, caching a prompt's first 7 blocks as
+    :data:`~tests.test_onboard_from.MIXED` says (G2, G3 for blocks 3 to 5); a peer caching all
+    10 blocks of the prompt in G2, whose news ``here`` follows. Returns (here, the peer, its
+    endpoint, the prompt, the checksum of each of here's blocks by hash, the peer's KV per
+    layer)."""
+    here, tokens, expected = g2_and_g3(tmp_path, seed, g1=16, nixl_backend="UCX")
+    tokens += tokens_of(seed + 1, 3 * BS)
+    there = worker(tmp_path, g1=16, g2=16)
+    kv = store(there, tokens, torch.Generator().manual_seed(seed))
+    endpoint = there.serve(LOCAL)
+    here.add_peer(endpoint, news=True)
+    wait_for_news(here, endpoint, tokens, 10)
+    return here, there, endpoint, tokens, expected, kv
+
+
+@needs_nixl
+def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_path):
+    """Blocks 0 to 6 as MIXED, 7 to 9 at the peer: the split from block 3 weighs the disk's
+    blocks and the peer's, each at its rate, against computing."""
+    here, there, endpoint, tokens, _, _ = mixed_here_and_at_a_peer(tmp_path, 61)
+    with here, there:
+        assert here.locate(tokens) == [*MIXED, None, None, None]
+        assert here.peer_prefixes(tokens, first_block=7) == {endpoint: 3}
+        assert here.peer_prefixes(tokens, first_block=12) == {endpoint: 0}
+        with pytest.raises(InvalidArgumentError, match="first_block"):
+            here.peer_prefixes(tokens, first_block=-1)
+        block = here.block_bytes
+
+        def split(blocks_per_s, disk=1.0, peer=1.0):  # rates in blocks per second
+            disk, peer = disk and disk * block, peer and peer * block
+            return read_split(
+                here, tokens, blocks_per_s * BS, disk_bytes_per_s=disk, peer_bytes_per_s=peer
+            )
+
+        # Blocks read and computed in 1 s each, prefetches holding 4 blocks at most: compute
+        # 3 to 5, read G2's 6 (free) and the peer's 7 to 9.
+        assert split(1.0) == ReadSplit(3, 6, 10, 3.0, 3.0)
+        # Computing 4x as fast: compute 3 to 8, past the local blocks, and read the peer's 9.
+        assert split(4.0) == ReadSplit(3, 9, 10, 1.5, 1.0)
+        # The peer as fast as computing: compute 3 to 5, read the peer's 7 to 9 in 0.75 s.
+        assert split(4.0, peer=4.0) == ReadSplit(3, 6, 10, 0.75, 0.75)
+        assert split(1.0, peer=None) == ReadSplit(3, 3, 10, 0.0, None)  # peer's rate unknown
+        assert split(1.0, disk=None) == ReadSplit(3, 3, 10, 0.0, None)  # disk's rate unknown
+        here.metrics.record_transfer(Tier.G4, Tier.G2, 1, 4 * block, 1.0, True)  # measured
+        assert split(4.0, peer=None) == ReadSplit(3, 6, 10, 0.75, 0.75)
+        assert split(4.0, peer=1.0) == ReadSplit(3, 6, 10, 0.75, 0.75)  # the measured rate counts
+        with pytest.raises(InvalidArgumentError, match="peer_bytes_per_s"):
+            split(1.0, peer=-1.0)
+
+
+@needs_nixl
+@pytest.mark.parametrize(
+    ("blocks_per_s", "read_from", "read"),
+    [(1.0, 6, {Tier.G2: 1, Tier.G4: 3}), (4.0, 9, {Tier.G4: 1})],
+)
+def test_a_split_prefix_comes_back_from_here_from_the_engine_and_from_the_peer(
+    tmp_path, blocks_per_s, read_from, read
+):
+    """As ``read_split`` says: the engine computes blocks 3 to ``read_from`` while the
+    prefetch reads the rest from the peer (and holds G2's block 6); the lookup after both
+    finds the whole prefix in G1 and G2, the peer's blocks as the peer computed them."""
+    here, there, _, tokens, expected, kv = mixed_here_and_at_a_peer(tmp_path, 62)
+    with here, there:
+        block = here.block_bytes
+        split = read_split(
+            here, tokens, blocks_per_s * BS, disk_bytes_per_s=block, peer_bytes_per_s=block
+        )
+        assert (split.compute_from, split.read_from, split.end) == (3, read_from, 10)
+        poison_g1(here)
+        with here.prefetch(tokens, first_block=split.read_from) as fetch:
+            head = here.lookup(tokens, max_blocks=split.compute_from, onboard_from=WITHOUT_DISK)
+            assert head.from_tier == {Tier.G1: 0, Tier.G2: 3}
+            computed = here.allocate(read_from - 3)  # the engine computes blocks 3 on meanwhile
+            write_random(here, computed, torch.Generator().manual_seed(63))
+            here.register(computed, tokens[3 * BS : read_from * BS], parent_hash=head.last_hash)
+            computed_kv = g1_blocks(here, computed)
+            assert fetch.wait(timeout=10) == read
+            hit = here.lookup(tokens, onboard_from={Tier.G2})
+        assert hit.from_tier == {Tier.G1: read_from, Tier.G2: 10 - read_from}
+        assert hit.block_ids[:read_from] == head.block_ids + computed
+        assert_g1_holds(here, computed, computed_kv)
+        from_g2 = [*range(3), *range(read_from, 7)]  # here's own G2 blocks
+        sums = block_checksums(here.layout(Tier.G1), [hit.block_ids[i] for i in from_g2])
+        assert sums == [expected[hit.hashes[i]] for i in from_g2]
+        at_peer = hit.block_ids[max(read_from, 7) :]
+        assert_g1_holds(here, at_peer, [layer[10 - len(at_peer) :] for layer in kv])
+        assert let_go(there)
+        here.free(head.block_ids + computed + hit.block_ids)
+        here.flush()  # the offload of the computed blocks holds G2 blocks too
+        assert held(here, Tier.G2) == 0 and held(here, Tier.G1) == 0
 
 
 @needs_nixl

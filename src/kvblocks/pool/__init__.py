@@ -19,14 +19,13 @@
   attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
 - :func:`skip_slow_disk`: whether a lookup should read a prompt's blocks from disk or leave them
-  to be computed; :func:`disk_split`: where to split them between the two, computed and read
-  at once (:mod:`~kvblocks.pool.disk_choice`).
+  to be computed; :func:`read_split`: where to split them between computing and reading (from
+  the disk and the peers) at once (:mod:`~kvblocks.pool.read_choice`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
 from kvblocks.pool.block_pool import BlockPool, BlockState, BlockStateError, PoolExhaustedError
 from kvblocks.pool.config import CPU_CACHE_ENV, DISK_CACHE_ENV, BlockManagerConfig, DeviceLayout
-from kvblocks.pool.disk_choice import WITHOUT_DISK, DiskSplit, disk_split, skip_slow_disk
 from kvblocks.pool.events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -43,6 +42,7 @@ from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
 from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
 from kvblocks.pool.prefetch import Prefetch
+from kvblocks.pool.read_choice import WITHOUT_DISK, ReadSplit, read_split, skip_slow_disk
 from kvblocks.pool.ready import ReadyLayers
 from kvblocks.pool.tier import Tier
 
@@ -60,7 +60,6 @@ __all__ = [
     "BlockStateError",
     "BlockStored",
     "DeviceLayout",
-    "DiskSplit",
     "EventBatch",
     "EventPublisher",
     "FanOutPublisher",
@@ -73,15 +72,16 @@ __all__ = [
     "PoolMetrics",
     "Prefetch",
     "PrefixHit",
+    "ReadSplit",
     "ReadyLayers",
     "Tier",
     "TierOccupancy",
     "WITHOUT_DISK",
     "WorkerView",
     "block_hash",
-    "disk_split",
     "lookup_groups",
     "prometheus_registry",
+    "read_split",
     "root_hash",
     "sequence_hashes",
     "serve_metrics",

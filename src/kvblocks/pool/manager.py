@@ -521,7 +521,7 @@ class BlockManager:
             max_blocks: look at the first ``max_blocks`` full blocks only; None: all.
             first_block: leave the prefix's blocks before this one alone (neither read nor
                 held nor counted): the engine computes them meanwhile, as
-                :func:`~kvblocks.pool.disk_split` advises, or has them already.
+                :func:`~kvblocks.pool.read_split` advises, or has them already.
 
         Raises:
             InvalidArgumentError: the manager is closed, no G2 (offload is off), ``ask_peer``
@@ -933,11 +933,19 @@ class BlockManager:
         """The endpoints of the peers, in the order they are asked."""
         return self._peers.endpoints
 
-    def peer_prefixes(self, token_ids: Sequence[int], *, salt: int = 0) -> dict[str, int | None]:
-        """Per peer, how many whole blocks of ``token_ids`` (from the first) its news says it
-        caches; None where its news is unknown or not followed. Asks no peer."""
+    def peer_prefixes(
+        self, token_ids: Sequence[int], *, salt: int = 0, first_block: int = 0
+    ) -> dict[str, int | None]:
+        """Per peer, how many whole blocks of ``token_ids``, from block ``first_block`` on,
+        its news says it caches; None where its news is unknown or not followed. Asks no
+        peer.
+
+        Raises:
+            InvalidArgumentError: ``first_block`` is not an int >= 0.
+        """
+        first_block = non_negative_int(first_block, "first_block")
         hashes = sequence_hashes(token_ids, self.config.block_size, salt=salt)
-        return self._peers.prefixes(hashes)
+        return self._peers.prefixes(hashes[first_block:])
 
     def _shared_g2(self, call: str) -> TierState:
         state = self._tiers.get(Tier.G2)

@@ -1,5 +1,5 @@
 """Whether a lookup should read a prompt's blocks from disk (G3), leave them to be computed, or
-split them between the two.
+split them between computing and reading (from the disk and the peers).
 
 A block that only G3 caches comes back at the disk's pace; on a slow disk, computing its tokens
 again can be faster (see "When the disk is slower than computing" in ``docs/pool.md``). Leaving
@@ -14,14 +14,14 @@ G3 out ends the hit at the first such block, so every block after it is computed
 
 :func:`skip_slow_disk` weighs the two and gives the ``onboard_from`` to look the prompt up with.
 
-The disk and the GPU can also work at once: the engine computes the first G3 blocks while the
-manager reads the later ones (``prefetch(..., first_block=...)``), and the prefix is back when
-the slower of the two ends. :func:`disk_split` picks the block where the reads start so that
-both take about as long::
+The reads and the GPU can also work at once: the engine computes the first blocks that only
+the disk or a peer (G4, by its news) caches while the manager reads the later ones
+(``prefetch(..., first_block=...)``), and the prefix is back when the slower of the two ends.
+:func:`read_split` picks the block where the reads start so that both take about as long::
 
-    block    0   1   2   3   4   5   6   7
-    where    G1  G2  G3  G3  G3  G2  G3  G3
-                     |<- computed ->|<- read ->|   compute_from 2, read_from 5, end 8
+    block    0   1   2   3   4   5   6   7   8   9
+    where    G1  G2  G3  G3  G3  G2  G3  G4  G4  None
+                     |<- computed ->|<--- read --->|   compute_from 2, read_from 5, end 9
 """
 
 from __future__ import annotations
@@ -102,26 +102,28 @@ def skip_slow_disk(
 
 
 @dataclass(frozen=True)
-class DiskSplit:
-    """Where a prompt's cached prefix is best split between computing and reading the disk
-    (:func:`disk_split`), in blocks of the prompt.
+class ReadSplit:
+    """Where a prompt's cached prefix is best split between computing and reading it from the
+    disk and the peers (:func:`read_split`), in blocks of the prompt.
 
-    Blocks ``[0, compute_from)`` are cached above the disk (G1 or G2): a lookup of the prompt
-    with ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them. The engine computes
-    the blocks ``[compute_from, read_from)`` while ``prefetch(..., first_block=read_from)``
-    reads the G3 blocks of ``[read_from, end)`` into G2 (and holds the G2 ones there); once
-    both are done, a lookup with ``onboard_from={Tier.G2}`` finds the whole prefix in G1 and
-    G2. ``read_from == compute_from``: nothing is computed; ``read_from == end``: nothing is
-    read.
+    Blocks ``[0, compute_from)`` are cached in G1 or G2: a lookup of the prompt with
+    ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them. The engine computes the
+    blocks ``[compute_from, read_from)`` while ``prefetch(..., first_block=read_from)`` reads
+    the G3 blocks of ``[read_from, end)`` and then the peer's into G2 (and holds the G2 ones
+    there); once both are done, a lookup with ``onboard_from={Tier.G2}`` finds the whole
+    prefix in G1 and G2. ``read_from == compute_from``: nothing is computed;
+    ``read_from == end``: nothing is read.
 
     Attributes:
-        compute_from: the prefix's first block that only G3 caches (``end`` where none).
-        read_from: the first block whose G3 copy is read.
-        end: the cached prefix's end: the first block that no local tier caches, or the
-            prompt's number of full blocks.
+        compute_from: the prefix's first block that only G3 or a peer caches (``end`` where
+            none).
+        read_from: the first block that is read.
+        end: the cached prefix's end: the first block that neither a local tier nor (by its
+            news) a peer caches, or the prompt's number of full blocks.
         compute_s: the estimated seconds of computing blocks ``[compute_from, read_from)``.
-        read_s: the estimated seconds of reading the G3 blocks of ``[read_from, end)``; None
-            where the disk's rate is not known yet (then everything is read, to measure it).
+        read_s: the estimated seconds of reading the G3 and G4 blocks of ``[read_from,
+            end)``; None where the rate of a tier the prefix would be read from is not known
+            yet (then everything is read, to measure it).
     """
 
     compute_from: int
@@ -131,28 +133,35 @@ class DiskSplit:
     read_s: float | None
 
 
-def disk_split(
+def read_split(
     manager: BlockManager,
     token_ids: Sequence[int],
     prefill_tokens_per_s: float,
     *,
     disk_bytes_per_s: float | None = None,
+    peer_bytes_per_s: float | None = None,
     chunk_blocks: int = 1,
     salt: int = 0,
-) -> DiskSplit:
-    """The :class:`DiskSplit` of ``token_ids``'s cached prefix that brings it back soonest:
-    the engine computes its first G3 blocks while the disk reads the rest, the block where
-    the reads start chosen so that the longer of the two is as short as it can be.
+) -> ReadSplit:
+    """The :class:`ReadSplit` of ``token_ids``'s cached prefix that brings it back soonest:
+    the engine computes its first blocks that only the disk or a peer caches while the
+    manager reads the rest, the block where the reads start chosen so that the longer of the
+    two is as short as it can be.
 
-    A block read costs ``manager.block_bytes`` over the disk's rate (measured so far, as
-    ``metrics.onboard_rate(Tier.G3, Tier.G2)`` says, or before the first read
-    ``disk_bytes_per_s``); a computed block ``block_size / prefill_tokens_per_s``. G2 blocks
-    after ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk);
-    those before it are computed with the G3 ones around them. The blocks a prefetch would
-    hold, G2's and G3's from ``read_from`` on, stay within what prefetches may hold (half of
-    G2, :data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`; less if other prefetches hold blocks
-    then, and the blocks past it are computed after the lookup). With no rate known yet,
-    everything is read, so that the read measures it.
+    The prefix runs on past the local tiers' part where the news of a peer
+    (``add_peer(..., news=True)``) says it caches the blocks after it: those are G4 blocks.
+    A block read costs ``manager.block_bytes`` over its tier's rate: the disk's, measured so
+    far (``metrics.onboard_rate(Tier.G3, Tier.G2)``) or before the first read
+    ``disk_bytes_per_s``; the peers', likewise (``onboard_rate(Tier.G4, Tier.G2)``, else
+    ``peer_bytes_per_s``). The prefetch reads the disk first, then the peer: their times
+    add up. A computed block costs ``block_size / prefill_tokens_per_s``. G2 blocks after
+    ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk); those
+    before it are computed with the blocks around them. The blocks a prefetch would hold,
+    all but G1's from ``read_from`` on, stay within what prefetches may hold (half of G2,
+    :data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`; less if other prefetches hold blocks
+    then, and the blocks past it are computed after the lookup). While the rate of a tier
+    the prefix would be read from is not known, everything is read, so that the read
+    measures it.
 
     Args:
         manager: the manager the prompt will be looked up in.
@@ -161,33 +170,54 @@ def disk_split(
             of about this length.
         disk_bytes_per_s: the disk's read rate before the manager's first read from G3;
             None: read once to measure it.
+        peer_bytes_per_s: the peers' read rate before the manager's first read from one;
+            None: read once to measure it.
         chunk_blocks: the engine computes in chunks of this many blocks (chunked prefill,
             or shapes it has captured or compiled): the computed blocks are a whole number
             of chunks, or everything up to ``end``.
         salt: as for :meth:`BlockManager.lookup`.
 
     Raises:
-        InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
-            positive number, or ``chunk_blocks`` not an int >= 1.
+        InvalidArgumentError: ``prefill_tokens_per_s``, ``disk_bytes_per_s`` or
+            ``peer_bytes_per_s`` is not a positive number, or ``chunk_blocks`` not an
+            int >= 1.
     """
     positive_int(chunk_blocks, "chunk_blocks")
-    where, end, first, rate = _cached_prefix(
+    if peer_bytes_per_s is not None:
+        positive_number(peer_bytes_per_s, "peer_bytes_per_s")
+    where, end, first, disk_rate = _cached_prefix(
         manager, token_ids, prefill_tokens_per_s, disk_bytes_per_s, salt
     )
-    if rate is None:
-        return DiskSplit(first, first, end, 0.0, None)
+    at_peers = _peer_blocks(manager, token_ids, end, salt)
+    where[end : end + at_peers] = [Tier.G4] * at_peers
+    end += at_peers
+    rates = {
+        Tier.G3: disk_rate,
+        Tier.G4: manager.metrics.onboard_rate(Tier.G4, Tier.G2) or peer_bytes_per_s,
+    }
+    if any(rates[t] is None for t in rates if t in where[first:end]):
+        return ReadSplit(first, first, end, 0.0, None)
     if first == end:
-        return DiskSplit(end, end, end, 0.0, 0.0)
-    block_s = manager.block_bytes / rate
+        return ReadSplit(end, end, end, 0.0, 0.0)
+    block_s = {t: manager.block_bytes / rate for t, rate in rates.items() if rate is not None}
     compute_block_s = manager.config.block_size / prefill_tokens_per_s
     room = manager.pool(Tier.G2).num_blocks // prefetch.PREFETCH_SHARE  # a prefetch's most
-    g3_after = [0] * (end + 1)  # G3 blocks in [i, end)
-    held_after = [0] * (end + 1)  # G2 and G3 blocks in [i, end): the prefetch holds them
+    read_after = [0.0] * (end + 1)  # seconds of reading the G3 and G4 blocks of [i, end)
+    held_after = [0] * (end + 1)  # blocks of [i, end) not in G1: the prefetch holds them
     for i in range(end - 1, first - 1, -1):
-        g3_after[i] = g3_after[i + 1] + (where[i] is Tier.G3)
+        read_after[i] = read_after[i + 1] + block_s.get(where[i], 0.0)
         held_after[i] = held_after[i + 1] + (where[i] is not Tier.G1)
     best = min(
         [k for k in range(first, end, chunk_blocks) if held_after[k] <= room] + [end],
-        key=lambda k: max((k - first) * compute_block_s, g3_after[k] * block_s),
+        key=lambda k: max((k - first) * compute_block_s, read_after[k]),
     )
-    return DiskSplit(first, best, end, (best - first) * compute_block_s, g3_after[best] * block_s)
+    return ReadSplit(first, best, end, (best - first) * compute_block_s, read_after[best])
+
+
+def _peer_blocks(manager: BlockManager, token_ids: Sequence[int], start: int, salt: int) -> int:
+    """How many blocks of ``token_ids`` from block ``start`` on the peer whose news says it
+    caches the most of them caches (0 where no news is followed)."""
+    if not manager.peers:
+        return 0
+    counts = manager.peer_prefixes(token_ids, salt=salt, first_block=start).values()
+    return max((n for n in counts if n is not None), default=0)
