@@ -35,6 +35,14 @@ the host:
   pass of a new length costs up to seconds more than the next: the chunks keep the lengths
   few, and the untimed first prompt splits as the others do.)
 
+With ``--peer`` (NIXL, UCX), two more: another worker in this process computes every prompt
+and serves them from its G2 (``serve``); a worker with nothing cached and no disk follows its
+news (``add_peer(..., news=True)``) and serves each prompt again:
+
+- ``G4``: the prefix read from the peer into G2 inside ``lookup``, then copied into G1;
+- ``G4 split``: on a third such worker, as ``G3 split``, the prefix split between computing
+  and reading from the peer (at the rate the ``G4`` runs measured).
+
 With a hit, the prompt's last block (16 tokens) is computed: its last token's logits give the
 first answer token. After every hit, the K and V of every block of the prefix, every layer,
 are checked against what the recompute wrote, by a fingerprint of their 16-bit words (of a
@@ -44,10 +52,10 @@ Columns: ``prompt_tokens``, ``source``, ``cached_tokens`` (median), ``prefix_mib
 the hit brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms``
 (median host time of the ``lookup`` call, within ``ttft_ms``), ``speedup`` (the recompute's
 median over this row's), ``disk_gbps`` (G3 rows: the rate of the manager's reads from G3, as
-``metrics.onboard_rate`` says).
+``metrics.onboard_rate`` says), ``peer_gbps`` (G4 rows: the rate of its reads from the peer).
 
 Usage: python bench/ttft.py [--model llama-3.1-8b] [--layers N] [--prompt-tokens 4096,16384]
-    [--repeats 7] [--offload-path DIR] > ttft.csv
+    [--repeats 7] [--offload-path DIR] [--peer] > ttft.csv
 """
 
 from __future__ import annotations
@@ -64,13 +72,17 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from kvblocks.benchmarks.peers import wait_for_news
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import WITHOUT_DISK, BlockManager, Tier, read_split, skip_slow_disk
+from kvblocks.pool import BlockManager, Tier, read_split, skip_slow_disk
+from kvblocks.remote import nixl_available
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 BLOCK_SIZE = 16
-#: ``G3 split`` computes whole chunks of this many blocks (1,024 tokens).
+#: ``G3 split`` and ``G4 split`` compute whole chunks of this many blocks (1,024 tokens).
 SPLIT_CHUNK_BLOCKS = 64
+#: Where the ``--peer`` worker serves its G2.
+PEER_ENDPOINT = "tcp://127.0.0.1:*"
 FIELDS = [
     "gpu",
     "model",
@@ -85,6 +97,7 @@ FIELDS = [
     "lookup_ms",
     "speedup",
     "disk_gbps",
+    "peer_gbps",
 ]
 
 
@@ -195,13 +208,13 @@ def warm_gpu(seconds: float = 0.2) -> None:
 
 
 def time_prompts(
-    engine, model, config, prompts: list[list[int]]
-) -> tuple[dict[str, list[Served]], dict[str, float]]:
+    engine, model, config, prompts: list[list[int]], peer: bool
+) -> tuple[dict[str, list[Served]], dict[str, float | None]]:
     """The runs of each prompt, per source, the first prompt's not kept (the GPU is kept busy
-    for a moment before each), and the disk's rate (GB/s) per G3 source."""
+    for a moment before each), and the read rate (GB/s) per G3 and G4 source."""
     sources = ("recompute", "G1", "G2", "G3", "G3 or compute", "G3 split")
     runs: dict[str, list[Served]] = {source: [] for source in sources}
-    disk_gbps = {}
+    gbps = {}
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     prints = []
     with BlockManager(config) as manager:
@@ -224,70 +237,125 @@ def time_prompts(
             if i:
                 runs["recompute"].append(Served.of(run))
             print(f"  prompt {i}: computed and hit in G1, G2", file=sys.stderr)
-    runs["G3"], disk_gbps["G3"] = serve_from_disk(engine, model, config, prompts, prints)
+    runs["G3"], gbps["G3"] = serve_from_disk(engine, model, config, prompts, prints)
     recompute_s = statistics.median(r.first_token_s for r in runs["recompute"])
     prefill_rate = len(prompts[0]) / recompute_s
-    runs["G3 or compute"], disk_gbps["G3 or compute"] = serve_from_disk(
+    runs["G3 or compute"], gbps["G3 or compute"] = serve_from_disk(
         engine, model, config, prompts, prints, prefill_rate
     )
-    runs["G3 split"], disk_gbps["G3 split"] = serve_split(
-        engine, model, config, prompts, prints, prefill_rate, disk_gbps["G3"] * 1e9
-    )
-    return runs, disk_gbps
+    with BlockManager(config) as manager:  # on the same G3 file: G1 and G2 empty
+        disk_rate = gbps["G3"] * 1e9
+        runs["G3 split"] = serve_split(
+            engine, model, manager, prompts, prints, prefill_rate, disk_bytes_per_s=disk_rate
+        )
+        gbps["G3 split"] = read_gbps(manager, Tier.G3)
+    if peer:
+        for source, (source_runs, rate) in serve_from_peer(
+            engine, model, config, prompts, prefill_rate
+        ).items():
+            runs[source], gbps[source] = source_runs, rate
+    return runs, gbps
 
 
 def serve_split(
     engine,
     model,
-    config,
+    manager: BlockManager,
     prompts: list[list[int]],
     prints: list[Fingerprints],
     prefill_tokens_per_s: float,
-    disk_bytes_per_s: float,
-) -> tuple[list[Served], float]:
-    """Serve each prompt again from a new manager on the same G3 file, its prefix split
-    between computing and reading as ``read_split`` says (at ``disk_bytes_per_s`` before the
-    manager's first read). Returns the runs after the first (``cached_tokens``: those read),
-    and the rate (GB/s) of the reads from G3."""
+    **rates: float,
+) -> list[Served]:
+    """Serve each prompt with ``manager``, its prefix split between computing and reading as
+    ``read_split`` says (at ``rates``, its ``disk_bytes_per_s`` or ``peer_bytes_per_s``,
+    before the manager's first read). Returns the runs after the first (``cached_tokens``:
+    those read)."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     runs = []
-    with BlockManager(config) as manager:
-        for i, prompt in enumerate(prompts):
-            warm_gpu()
-            start = time.perf_counter()
-            prefix = prompt[: prefix_blocks * BLOCK_SIZE]
-            split = read_split(
-                manager,
-                prefix,
+    for i, prompt in enumerate(prompts):
+        warm_gpu()
+        start = time.perf_counter()
+        prefix = prompt[: prefix_blocks * BLOCK_SIZE]
+        split = read_split(
+            manager, prefix, prefill_tokens_per_s, chunk_blocks=SPLIT_CHUNK_BLOCKS, **rates
+        )
+        computed = split.read_from - split.compute_from
+        with manager.prefetch(prefix, first_block=split.read_from) as fetch:
+            if computed:
+                head = prompt[: split.read_from * BLOCK_SIZE]
+                engine.generate(manager, model, head, 1, onboard_from={Tier.G2})
+            head_end = time.perf_counter()
+            fetch.wait()
+            called = time.perf_counter()
+            run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2})
+        print(
+            f"  prompt {i}: split {split.compute_from}:{split.read_from}:{split.end}"
+            f" (estimated {split.compute_s * 1e3:.0f} ms computing,"
+            f" {(split.read_s or 0) * 1e3:.0f} ms reading); head computed after"
+            f" {(head_end - start) * 1e3:.0f} ms, the rest read after"
+            f" {(called - start) * 1e3:.0f} ms",
+            file=sys.stderr,
+        )
+        if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
+            raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
+        prints[i].check(manager, run.block_ids, "a split", first=split.read_from)
+        if i:
+            first_token_s = called + run.first_token_s - start
+            cached = (prefix_blocks - computed) * BLOCK_SIZE
+            runs.append(Served(first_token_s, run.lookup_s, cached))
+    return runs
+
+
+def serve_from_peer(
+    engine, model, config, prompts: list[list[int]], prefill_tokens_per_s: float
+) -> dict[str, tuple[list[Served], float | None]]:
+    """Serve each prompt from a peer: another worker computes them all and serves its G2;
+    workers with nothing cached and no disk (``config`` otherwise) follow its news and look
+    each prompt up (``G4``), then on a new one split it (``G4 split``). Returns, per source,
+    the runs after the first and the rate (GB/s) of the reads from the peer."""
+    prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
+    g2_gb = len(prompts) * (prefix_blocks + 1) * config.block_bytes / 2**30
+    here = replace(config, nixl_backend="UCX", disk_cache_gb=0.0)
+    with BlockManager(replace(here, host_cache_gb=g2_gb)) as there:
+        prints = []
+        for prompt in prompts:
+            run = engine.generate(there, model, prompt, 1)
+            prints.append(Fingerprints(there, run.block_ids, prefix_blocks))
+        there.flush()
+        endpoint = there.serve(PEER_ENDPOINT)
+
+        def follower() -> BlockManager:
+            """A worker following the peer's news, once it has heard of every prompt."""
+            manager = BlockManager(here)
+            manager.add_peer(endpoint, news=True)
+            for prompt in prompts:
+                prefix = prompt[: prefix_blocks * BLOCK_SIZE]
+                wait_for_news(manager, endpoint, prefix, prefix_blocks)
+            return manager
+
+        with follower() as manager:
+            runs = []
+            for i, prompt in enumerate(prompts):
+                warm_gpu()
+                run = engine.generate(manager, model, prompt, 1)
+                check_hit(run, Tier.G4, prefix_blocks)
+                prints[i].check(manager, run.block_ids, "G4")
+                if i:
+                    runs.append(Served.of(run))
+            peer_gbps = read_gbps(manager, Tier.G4)
+        print("  every prompt hit at the peer", file=sys.stderr)
+        with follower() as split_manager:
+            split_runs = serve_split(
+                engine,
+                model,
+                split_manager,
+                prompts,
+                prints,
                 prefill_tokens_per_s,
-                disk_bytes_per_s=disk_bytes_per_s,
-                chunk_blocks=SPLIT_CHUNK_BLOCKS,
+                peer_bytes_per_s=peer_gbps * 1e9,
             )
-            computed = split.read_from - split.compute_from
-            with manager.prefetch(prefix, first_block=split.read_from) as fetch:
-                if computed:
-                    head = prompt[: split.read_from * BLOCK_SIZE]
-                    engine.generate(manager, model, head, 1, onboard_from=WITHOUT_DISK)
-                head_end = time.perf_counter()
-                fetch.wait()
-                called = time.perf_counter()
-                run = engine.generate(manager, model, prompt, 1, onboard_from={Tier.G2})
-            print(
-                f"  prompt {i}: split {split.compute_from}:{split.read_from}:{split.end}"
-                f" (estimated {split.compute_s * 1e3:.0f} ms computing,"
-                f" {(split.read_s or 0) * 1e3:.0f} ms reading); head computed after"
-                f" {(head_end - start) * 1e3:.0f} ms, the rest read after"
-                f" {(called - start) * 1e3:.0f} ms",
-                file=sys.stderr,
-            )
-            if run.hit.num_tokens != prefix_blocks * BLOCK_SIZE:
-                raise RuntimeError(f"the split prefix came back in part: {run.hit.from_tier}")
-            prints[i].check(manager, run.block_ids, "G3 split", first=split.read_from)
-            if i:
-                first_token_s = called + run.first_token_s - start
-                cached = (prefix_blocks - computed) * BLOCK_SIZE
-                runs.append(Served(first_token_s, run.lookup_s, cached))
-        return runs, manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
+            split_gbps = read_gbps(split_manager, Tier.G4)
+    return {"G4": (runs, peer_gbps), "G4 split": (split_runs, split_gbps)}
 
 
 def serve_from_disk(
@@ -297,7 +365,7 @@ def serve_from_disk(
     prompts: list[list[int]],
     prints: list[Fingerprints],
     prefill_tokens_per_s: float | None = None,
-) -> tuple[list[Served], float]:
+) -> tuple[list[Served], float | None]:
     """Serve each prompt again from a new manager on the same G3 file (G1 and G2 empty, as
     after a restart): from G3, or with ``prefill_tokens_per_s``, as ``skip_slow_disk``
     chooses. Returns the runs after the first, and the rate (GB/s) of the reads from G3."""
@@ -315,7 +383,13 @@ def serve_from_disk(
                 prints[i].check(manager, run.block_ids, "G3")
             if i:
                 runs.append(Served.of(run))
-        return runs, manager.metrics.onboard_rate(Tier.G3, Tier.G2) / 1e9
+        return runs, read_gbps(manager, Tier.G3)
+
+
+def read_gbps(manager: BlockManager, tier: Tier) -> float | None:
+    """The rate (GB/s) of ``manager``'s reads from ``tier`` into G2 so far; None before any."""
+    rate = manager.metrics.onboard_rate(tier, Tier.G2)
+    return None if rate is None else rate / 1e9
 
 
 def check_hit(run, tier: Tier, prefix_blocks: int) -> None:
@@ -332,6 +406,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-tokens", default="4096,16384", help="prompt lengths")
     parser.add_argument("--repeats", type=int, default=7, help="prompts timed per length (7)")
     parser.add_argument("--offload-path", help="folder of the G3 file (default: a temporary one)")
+    parser.add_argument(
+        "--peer", action="store_true", help="also serve each prompt from a peer (NIXL, UCX)"
+    )
     args = parser.parse_args(argv)
     try:
         lengths = [int(n) for n in args.prompt_tokens.split(",")]
@@ -345,6 +422,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if args.repeats < 1 or (args.layers is not None and args.layers < 1):
         parser.error("--repeats and --layers must be >= 1")
+    if args.peer and not nixl_available():
+        parser.error("--peer reads through NIXL, which is not installed here (pip install nixl)")
 
     engine, dims, model = build_model(args.model, args.layers)
     gen = torch.Generator().manual_seed(0)
@@ -362,12 +441,13 @@ def main(argv: list[str] | None = None) -> int:
             config = engine.manager_config(
                 dims, BLOCK_SIZE, 2 * blocks + 1, 2 * blocks, g3_blocks, disk, layer_groups=4
             )
-            runs, disk_gbps = time_prompts(engine, model, config, prompts)
+            runs, gbps = time_prompts(engine, model, config, prompts, args.peer)
         recompute = statistics.median(r.first_token_s for r in runs["recompute"])
         for source, source_runs in runs.items():
             cached = round(statistics.median(r.cached_tokens for r in source_runs))
             seconds = [r.first_token_s for r in source_runs]
             median = statistics.median(seconds)
+            rate = "" if gbps.get(source) is None else f"{gbps[source]:.3g}"
             out.writerow(
                 {
                     "gpu": gpu_name(),
@@ -382,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ttft_max_ms": round(max(seconds) * 1e3, 2),
                     "lookup_ms": round(statistics.median(r.lookup_s for r in source_runs) * 1e3, 2),
                     "speedup": round(recompute / median, 2),
-                    "disk_gbps": f"{disk_gbps[source]:.3g}" if source in disk_gbps else "",
+                    "disk_gbps": rate if source.startswith("G3") else "",
+                    "peer_gbps": rate if source.startswith("G4") else "",
                 }
             )
             sys.stdout.flush()

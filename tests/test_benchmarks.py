@@ -267,10 +267,13 @@ def test_launch_cost_script_checks_each_way_and_times_it():
 
 def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
     """bench/ttft.py with the example's small model: a row per prompt length and source,
-    each hit's blocks checked against the recompute's (it raises otherwise)."""
+    each hit's blocks checked against the recompute's (it raises otherwise); with NIXL, the
+    peer's rows too (``--peer``)."""
+    peer = nixl_available()
     proc = subprocess.run(
         [sys.executable, str(ROOT / "bench" / "ttft.py"), "--model", "small"]
-        + ["--prompt-tokens", "64,96", "--repeats", "1", "--offload-path", str(tmp_path)],
+        + ["--prompt-tokens", "64,96", "--repeats", "1", "--offload-path", str(tmp_path)]
+        + ["--peer"] * peer,
         capture_output=True,
         text=True,
         timeout=300,
@@ -278,6 +281,7 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     sources = ("recompute", "G1", "G2", "G3", "G3 or compute", "G3 split")
+    sources += ("G4", "G4 split") if peer else ()
     assert [(r["prompt_tokens"], r["source"]) for r in rows] == [
         (n, s) for n in ("64", "96") for s in sources
     ]
@@ -287,14 +291,15 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
             "recompute": {0},
             "G3 or compute": {0, prefix},
             "G3 split": set(range(0, prefix + 1, 16)),  # the tokens read
+            "G4 split": set(range(0, prefix + 1, 16)),
         }.get(row["source"], {prefix})
         assert int(row["cached_tokens"]) in cached
         assert float(row["ttft_ms"]) > 0 and float(row["speedup"]) > 0
-        assert (
-            (float(row["disk_gbps"]) > 0)
-            if row["source"].startswith("G3")
-            else not row["disk_gbps"]
-        )
+        for column, tier in (("disk_gbps", "G3"), ("peer_gbps", "G4")):
+            if row["source"].startswith(tier):
+                assert float(row[column]) > 0, row
+            else:
+                assert not row[column], row
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
 
 
@@ -308,7 +313,7 @@ def test_ttft_fingerprints_find_any_changed_block_and_layer(tmp_path):
     with BlockManager(make_config(tmp_path, g1=8, g2=0, g3=0)) as manager:
         blocks = manager.allocate(5)
         for cache in manager.device_tensors:
-            cache[blocks] = torch.randn(5, *cache.shape[1:]).to(cache.dtype)
+            cache[blocks] = torch.randn(5, *cache.shape[1:], device=cache.device).to(cache.dtype)
         prints = ttft.Fingerprints(manager, blocks, 4)  # the last block is not of the prefix
         prints.check(manager, blocks, "G1")
         manager.device_tensors[0][blocks[4]] += 1
