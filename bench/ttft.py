@@ -22,7 +22,7 @@ the host:
 - ``G3``: a new BlockManager on the same G3 file, so G1 and G2 are empty as after a restart;
   the prefix is read from disk (O_DIRECT, checksummed) through G2;
 - ``G3 or compute``: as ``G3``, on a third manager, but the engine lets
-  ``kvblocks.pool.skip_slow_disk`` choose between reading the prefix and computing it, by the
+  ``kvblocks.pool.skip_slow_reads`` choose between reading the prefix and computing it, by the
   disk's rate that manager measured (its warm-up prompt is read from G3 to measure it) and
   the prefill rate of this length's ``recompute`` runs;
 - ``G3 split``: as ``G3 or compute``, but the engine computes the prefix's first blocks while
@@ -74,7 +74,7 @@ import torch
 
 from kvblocks.benchmarks.peers import wait_for_news
 from kvblocks.benchmarks.timing import gpu_name
-from kvblocks.pool import BlockManager, Tier, read_split, skip_slow_disk
+from kvblocks.pool import BlockManager, Tier, read_split, skip_slow_reads
 from kvblocks.remote import nixl_available
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
@@ -367,7 +367,7 @@ def serve_from_disk(
     prefill_tokens_per_s: float | None = None,
 ) -> tuple[list[Served], float | None]:
     """Serve each prompt again from a new manager on the same G3 file (G1 and G2 empty, as
-    after a restart): from G3, or with ``prefill_tokens_per_s``, as ``skip_slow_disk``
+    after a restart): from G3, or with ``prefill_tokens_per_s``, as ``skip_slow_reads``
     chooses. Returns the runs after the first, and the rate (GB/s) of the reads from G3."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     runs = []
@@ -376,7 +376,7 @@ def serve_from_disk(
             warm_gpu()
             tiers = None
             if prefill_tokens_per_s is not None:
-                tiers = skip_slow_disk(manager, prompt, prefill_tokens_per_s)
+                tiers = skip_slow_reads(manager, prompt, prefill_tokens_per_s)
             run = engine.generate(manager, model, prompt, 1, onboard_from=tiers)
             if prefill_tokens_per_s is None or run.hit.num_tokens:
                 check_hit(run, Tier.G3, prefix_blocks)

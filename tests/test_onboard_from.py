@@ -1,6 +1,6 @@
 """Which tiers a lookup copies from: some only (``lookup(..., onboard_from=...)``), what
 ``BlockManager.locate`` says of a prompt, the onboard rates an engine weighs them with
-(``skip_slow_disk``, ``read_split``), and G3 blocks staged through a G2 that the prompt's own
+(``skip_slow_reads``, ``read_split``), and G3 blocks staged through a G2 that the prompt's own
 blocks fill."""
 
 import importlib.util
@@ -19,7 +19,7 @@ from kvblocks.pool import (
     prometheus_registry,
     read_split,
     sequence_hashes,
-    skip_slow_disk,
+    skip_slow_reads,
 )
 from kvblocks.transfer import block_checksums
 from tests.test_manager import BS, check_all_pools, evict_g1, make_config, store, tokens_of
@@ -217,24 +217,24 @@ def test_lookup_groups_copies_from_the_tiers_named_in_every_group(tmp_path):
             check_all_pools(manager)
 
 
-def test_skip_slow_disk_leaves_g3_out_where_reading_is_slower_than_computing(tmp_path):
+def test_skip_slow_reads_leaves_g3_out_where_reading_is_slower_than_computing(tmp_path):
     manager, tokens, _ = g2_and_g3(tmp_path, 9)
     with manager:
         assert manager.locate(tokens) == MIXED  # blocks 3 to 5 in G3 only, 3 to 6 computed
-        assert skip_slow_disk(manager, tokens, 1.0) is None  # no disk rate yet: read it
+        assert skip_slow_reads(manager, tokens, 1.0) is None  # no disk rate yet: read it
         block = manager.block_bytes
         # A disk that reads one block a second: 3 blocks read in 3 s, or 4 blocks' 16 tokens
         # computed in 3.2 s (5 tokens a second) or 2.7 s (6 a second).
-        assert skip_slow_disk(manager, tokens, 5.0, disk_bytes_per_s=block) is None
-        assert skip_slow_disk(manager, tokens, 6.0, disk_bytes_per_s=block) == {Tier.G2, Tier.G4}
+        assert skip_slow_reads(manager, tokens, 5.0, disk_bytes_per_s=block) is None
+        assert skip_slow_reads(manager, tokens, 6.0, disk_bytes_per_s=block) == {Tier.G2, Tier.G4}
         manager.metrics.record_transfer(Tier.G3, Tier.G2, 1, block, 1.0, True)  # measured
-        assert skip_slow_disk(manager, tokens, 5.0) is None
-        assert skip_slow_disk(manager, tokens, 6.0) == {Tier.G2, Tier.G4}
-        assert skip_slow_disk(manager, tokens, 6.0, disk_bytes_per_s=1e12) is not None
-        assert skip_slow_disk(manager, tokens[: 3 * BS], 1e12) is None  # no block in G3 only
-        assert skip_slow_disk(manager, tokens, 6.0, salt=1) is None  # nothing cached
+        assert skip_slow_reads(manager, tokens, 5.0) is None
+        assert skip_slow_reads(manager, tokens, 6.0) == {Tier.G2, Tier.G4}
+        assert skip_slow_reads(manager, tokens, 6.0, disk_bytes_per_s=1e12) is not None
+        assert skip_slow_reads(manager, tokens[: 3 * BS], 1e12) is None  # no block in G3 only
+        assert skip_slow_reads(manager, tokens, 6.0, salt=1) is None  # nothing cached
 
-        hit = manager.lookup(tokens, onboard_from=skip_slow_disk(manager, tokens, 6.0))
+        hit = manager.lookup(tokens, onboard_from=skip_slow_reads(manager, tokens, 6.0))
         assert (len(hit.block_ids), hit.misses) == (3, 4)
         manager.free(hit.block_ids)
 
@@ -272,9 +272,9 @@ def test_read_split_computes_the_first_g3_blocks_while_the_rest_is_read(tmp_path
         assert split(1.0, salt=1) == ReadSplit(0, 0, 0, 0.0, 0.0)  # nothing cached
 
 
-@pytest.mark.parametrize("choose", [skip_slow_disk, read_split])
+@pytest.mark.parametrize("choose", [skip_slow_reads, read_split])
 @pytest.mark.parametrize("rate", [0, -1.0, "5", True, float("nan"), None])
-def test_skip_slow_disk_and_read_split_need_positive_rates(tmp_path, rate, choose):
+def test_skip_slow_reads_and_read_split_need_positive_rates(tmp_path, rate, choose):
     manager, tokens, _ = g2_and_g3(tmp_path, 10)
     with manager:
         with pytest.raises(InvalidArgumentError, match="prefill_tokens_per_s"):
@@ -282,6 +282,8 @@ def test_skip_slow_disk_and_read_split_need_positive_rates(tmp_path, rate, choos
         if rate is not None:
             with pytest.raises(InvalidArgumentError, match="disk_bytes_per_s"):
                 choose(manager, tokens, 1.0, disk_bytes_per_s=rate)
+            with pytest.raises(InvalidArgumentError, match="peer_bytes_per_s"):
+                choose(manager, tokens, 1.0, peer_bytes_per_s=rate)
 
 
 @pytest.mark.parametrize("g2", [4, 5])

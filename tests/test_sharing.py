@@ -26,6 +26,7 @@ from kvblocks.errors import (
 )
 from kvblocks.pool import (
     WITHOUT_DISK,
+    WITHOUT_PEERS,
     BlockManager,
     BlockStored,
     ReadSplit,
@@ -33,6 +34,7 @@ from kvblocks.pool import (
     prometheus_registry,
     read_split,
     sequence_hashes,
+    skip_slow_reads,
 )
 from kvblocks.pool.sharing import (
     MAX_LEASE_S,
@@ -676,6 +678,47 @@ def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_pat
 
 @needs_nixl
 @pytest.mark.parametrize(
+    ("disk_s", "peer_s", "choice"),
+    [
+        (1.0, 1.0, None),  # read 3 + 3 blocks in 6 s, or compute 3 to 9 in 14 s
+        (1.0, 4.0, WITHOUT_PEERS),  # read 3 blocks, compute 7 to 9: 9 s
+        (4.0, 1.0, WITHOUT_DISK),  # the peer brings 3 to 9 in 7 s
+        (4.0, 4.0, frozenset({Tier.G2})),  # compute 3 to 9: 14 s
+        (4.0, None, WITHOUT_DISK),  # the peers' rate is not known: read them to measure it
+    ],
+)
+def test_skip_slow_reads_weighs_the_disk_and_the_peers_against_computing(
+    tmp_path, disk_s, peer_s, choice
+):
+    """Blocks 0 to 6 as MIXED here, 0 to 9 at the peer, a block computed in 2 s, read from
+    the disk in ``disk_s`` and from the peer in ``peer_s``: leaving G3 out, the peer is asked
+    for the blocks from 3 on; the way that brings the prefix back soonest is chosen."""
+    here, there, _, tokens, expected, kv = mixed_here_and_at_a_peer(tmp_path, 64)
+    with here, there:
+        block = here.block_bytes
+        peer_rate = None if peer_s is None else block / peer_s
+        got = skip_slow_reads(
+            here, tokens, BS / 2.0, disk_bytes_per_s=block / disk_s, peer_bytes_per_s=peer_rate
+        )
+        assert got == choice
+        poison_g1(here)
+        hit = here.lookup(tokens, onboard_from=got)  # as far as G2's 8 blocks make room
+        n = len(hit.block_ids)
+        peer_from = {None: 7, WITHOUT_DISK: 3}.get(got, n)  # the blocks from here on: G4's
+        if got is None or Tier.G4 in got:
+            assert n > peer_from
+        else:  # the prefix ends where the local tiers read from do
+            assert n == (7 if got == WITHOUT_PEERS else 3)
+        assert hit.from_tier.get(Tier.G4, 0) == n - peer_from
+        assert_g1_holds(here, hit.block_ids[peer_from:], [t[peer_from:n] for t in kv])
+        here_sums = block_checksums(here.layout(Tier.G1), hit.block_ids[:3])
+        assert here_sums == [expected[h] for h in hit.hashes[:3]]
+        here.free(hit.block_ids)
+        assert let_go(there)
+
+
+@needs_nixl
+@pytest.mark.parametrize(
     ("blocks_per_s", "read_from", "read"),
     [(1.0, 6, {Tier.G2: 1, Tier.G4: 3}), (4.0, 9, {Tier.G4: 1})],
 )
@@ -693,9 +736,10 @@ def test_a_split_prefix_comes_back_from_here_from_the_engine_and_from_the_peer(
         )
         assert (split.compute_from, split.read_from, split.end) == (3, read_from, 10)
         poison_g1(here)
+        # The head first: the prefetch's reads into a full G2 may evict its blocks.
+        head = here.lookup(tokens, max_blocks=split.compute_from, onboard_from=WITHOUT_DISK)
+        assert head.from_tier == {Tier.G1: 0, Tier.G2: 3}
         with here.prefetch(tokens, first_block=split.read_from) as fetch:
-            head = here.lookup(tokens, max_blocks=split.compute_from, onboard_from=WITHOUT_DISK)
-            assert head.from_tier == {Tier.G1: 0, Tier.G2: 3}
             computed = here.allocate(read_from - 3)  # the engine computes blocks 3 on meanwhile
             write_random(here, computed, torch.Generator().manual_seed(63))
             here.register(computed, tokens[3 * BS : read_from * BS], parent_hash=head.last_hash)

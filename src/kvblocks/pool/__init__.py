@@ -18,9 +18,9 @@
 - :func:`lookup_groups`: one prefix for every group of a hybrid model's layers (full
   attention beside sliding windows, :mod:`~kvblocks.pool.window`).
 - :mod:`~kvblocks.pool.offload_filter`: which blocks go to disk (:class:`FrequencyFilter`).
-- :func:`skip_slow_disk`: whether a lookup should read a prompt's blocks from disk or leave them
-  to be computed; :func:`read_split`: where to split them between computing and reading (from
-  the disk and the peers) at once (:mod:`~kvblocks.pool.read_choice`).
+- :func:`skip_slow_reads`: whether a lookup should read a prompt's blocks from disk and peers
+  or leave them to be computed; :func:`read_split`: where to split them between computing and
+  reading at once (:mod:`~kvblocks.pool.read_choice`).
 - :mod:`~kvblocks.pool.metrics`: counters, and their Prometheus form.
 """
 
@@ -42,7 +42,13 @@ from kvblocks.pool.manager import BlockManager, PrefixHit
 from kvblocks.pool.metrics import PoolMetrics, TierOccupancy, prometheus_registry, serve_metrics
 from kvblocks.pool.offload_filter import FrequencyFilter, OffloadFilter
 from kvblocks.pool.prefetch import Prefetch
-from kvblocks.pool.read_choice import WITHOUT_DISK, ReadSplit, read_split, skip_slow_disk
+from kvblocks.pool.read_choice import (
+    WITHOUT_DISK,
+    WITHOUT_PEERS,
+    ReadSplit,
+    read_split,
+    skip_slow_reads,
+)
 from kvblocks.pool.ready import ReadyLayers
 from kvblocks.pool.tier import Tier
 
@@ -77,6 +83,7 @@ __all__ = [
     "Tier",
     "TierOccupancy",
     "WITHOUT_DISK",
+    "WITHOUT_PEERS",
     "WorkerView",
     "block_hash",
     "lookup_groups",
@@ -85,5 +92,5 @@ __all__ = [
     "root_hash",
     "sequence_hashes",
     "serve_metrics",
-    "skip_slow_disk",
+    "skip_slow_reads",
 ]

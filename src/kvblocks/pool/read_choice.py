@@ -1,18 +1,21 @@
-"""Whether a lookup should read a prompt's blocks from disk (G3), leave them to be computed, or
-split them between computing and reading (from the disk and the peers).
+"""Whether a lookup should read a prompt's blocks from disk (G3) and from peers (G4), leave them
+to be computed, or split them between computing and reading.
 
-A block that only G3 caches comes back at the disk's pace; on a slow disk, computing its tokens
-again can be faster (see "When the disk is slower than computing" in ``docs/pool.md``). Leaving
-G3 out ends the hit at the first such block, so every block after it is computed too::
+A block that only G3 caches comes back at the disk's pace, a peer's at the network's; where
+that is slow, computing its tokens again can be faster (see "When reading is slower than
+computing" in ``docs/pool.md``). Leaving G3 out ends the hit at the first such block (or
+where the peers' blocks end, if a peer caches the blocks from there), so every block after it
+is computed too::
 
-    block    0   1   2   3   4   5   6   7
-    where    G1  G1  G2  G3  G3  G2  G3  None
-                         |<- computed ->|  if G3 is left out
-    read     blocks 3, 4 and 6 from G3     (bytes / the disk's measured rate; block 5
-                                            comes from G2 at PCIe's pace, not counted)
-    compute  blocks 3 to 6                 (tokens / the engine's prefill rate)
+    block    0   1   2   3   4   5   6   7   8
+    where    G1  G1  G2  G3  G3  G2  G3  G4  None
+                         |<--- computed --->|  if G3 and G4 are left out
+    read     blocks 3, 4 and 6 from G3 and  (bytes / each one's measured rate; block 5
+             block 7 from a peer             comes from G2 at PCIe's pace, not counted)
+    compute  blocks 3 to 7                  (tokens / the engine's prefill rate)
 
-:func:`skip_slow_disk` weighs the two and gives the ``onboard_from`` to look the prompt up with.
+:func:`skip_slow_reads` weighs the ways and gives the ``onboard_from`` to look the prompt up
+with.
 
 The reads and the GPU can also work at once: the engine computes the first blocks that only
 the disk or a peer (G4, by its news) caches while the manager reads the later ones
@@ -26,7 +29,7 @@ the disk or a peer (G4, by its news) caches while the manager reads the later on
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from kvblocks.checks import positive_int, positive_number
@@ -36,46 +39,70 @@ from kvblocks.pool.tier import Tier
 
 #: ``onboard_from`` without the disk: G2 and the peers.
 WITHOUT_DISK = frozenset({Tier.G2, Tier.G4})
+#: ``onboard_from`` without the peers: G2 and the disk.
+WITHOUT_PEERS = frozenset({Tier.G2, Tier.G3})
+#: Every tier a lookup reads from (``onboard_from=None``).
+_EVERY_TIER = frozenset({Tier.G2, Tier.G3, Tier.G4})
 
 
-def _cached_prefix(
+def _read_rates(
     manager: BlockManager,
-    token_ids: Sequence[int],
     prefill_tokens_per_s: float,
     disk_bytes_per_s: float | None,
-    salt: int,
-) -> tuple[list[Tier | None], int, int, float | None]:
-    """Check the rates; then where each full block of ``token_ids`` is cached now, the cached
-    prefix's end (the first block no local tier caches), its first block that only G3 caches
-    (the end where none does), and the disk's read rate: measured so far, else
-    ``disk_bytes_per_s`` (None where neither is known)."""
+    peer_bytes_per_s: float | None,
+) -> dict[Tier, float | None]:
+    """Check the rates; then the bytes per second of reads from G3 and from G4: the manager's
+    measured so far, else the one given (None where neither is known)."""
     positive_number(prefill_tokens_per_s, "prefill_tokens_per_s")
-    if disk_bytes_per_s is not None:
-        positive_number(disk_bytes_per_s, "disk_bytes_per_s")
-    where = manager.locate(token_ids, salt=salt)
-    end = where.index(None) if None in where else len(where)
-    first = where.index(Tier.G3) if Tier.G3 in where[:end] else end
-    rate = manager.metrics.onboard_rate(Tier.G3, Tier.G2) or disk_bytes_per_s
-    return where, end, first, rate
+    given = {Tier.G3: disk_bytes_per_s, Tier.G4: peer_bytes_per_s}
+    for tier, name in ((Tier.G3, "disk_bytes_per_s"), (Tier.G4, "peer_bytes_per_s")):
+        if given[tier] is not None:
+            positive_number(given[tier], name)
+    return {t: manager.metrics.onboard_rate(t, Tier.G2) or rate for t, rate in given.items()}
 
 
-def skip_slow_disk(
+def _local_end(where: Sequence[Tier | None], sources: Collection[Tier]) -> int:
+    """Where the local part of a lookup from ``sources`` ends over blocks cached as ``where``
+    says: the first block that neither G1, G2 nor (among ``sources``) G3 caches."""
+    for i, tier in enumerate(where):
+        if tier is None or (tier is Tier.G3 and Tier.G3 not in sources):
+            return i
+    return len(where)
+
+
+def _peer_blocks(manager: BlockManager, token_ids: Sequence[int], start: int, salt: int) -> int:
+    """How many blocks of ``token_ids`` from block ``start`` on the peer whose news says it
+    caches the most of them caches (0 where no news is followed)."""
+    if not manager.peers:
+        return 0
+    counts = manager.peer_prefixes(token_ids, salt=salt, first_block=start).values()
+    return max((n for n in counts if n is not None), default=0)
+
+
+def skip_slow_reads(
     manager: BlockManager,
     token_ids: Sequence[int],
     prefill_tokens_per_s: float,
     *,
     disk_bytes_per_s: float | None = None,
+    peer_bytes_per_s: float | None = None,
     salt: int = 0,
 ) -> frozenset[Tier] | None:
-    """The ``onboard_from`` for ``manager.lookup(token_ids, ...)``: :data:`WITHOUT_DISK` where
-    reading the prompt's G3 blocks would take longer than computing the tokens from the first
-    of them to the end of the cached prefix, else None (every tier).
+    """The ``onboard_from`` for ``manager.lookup(token_ids, ...)`` that brings the prompt's
+    prefix back soonest: None (every tier), or the tiers to read from where reading the
+    others would take longer than computing what they hold: :data:`WITHOUT_DISK`,
+    :data:`WITHOUT_PEERS` or ``{Tier.G2}``.
 
-    The read is timed at the rate that the manager's reads from G3 moved so far
-    (``metrics.onboard_rate(Tier.G3, Tier.G2)``), or before its first read at
-    ``disk_bytes_per_s``; with neither the answer is None, so that the first read measures
-    it. The G2 blocks between the G3 ones are not counted (PCIe moves them tens of times
-    faster than a disk).
+    Each way is timed as its lookup would go: the local part (G1, G2, and G3 where read)
+    ends at the first block it leaves out, the peers (G4, where read) are asked for the
+    blocks after it and bring as many as the news of the one that caches the most says;
+    its reads cost ``manager.block_bytes`` a block over the rate that the manager's reads
+    from that tier moved so far (``metrics.onboard_rate(Tier.G3, Tier.G2)``, ``(Tier.G4,
+    Tier.G2)``), or before its first read the rate given; the blocks that another way
+    would have brought and this one does not are computed at ``prefill_tokens_per_s``.
+    The G2 blocks are not counted (PCIe moves them tens of times faster than a disk or a
+    network). A tier whose rate is not known yet is read, so that the read measures it;
+    peers whose news is not followed are not counted (the lookup still asks them).
 
     Args:
         manager: the manager the prompt will be looked up in.
@@ -85,20 +112,27 @@ def skip_slow_disk(
         disk_bytes_per_s: the disk's read rate, for the lookups before the manager's first
             read from G3 (after a restart, when G1 and G2 are empty: a rate the last process
             measured, or ``kvblocks bench disk``'s); None: read once to measure it.
+        peer_bytes_per_s: the peers' read rate before the manager's first read from one
+            (``kvblocks bench sharing``'s, say); None: read once to measure it.
         salt: as for :meth:`BlockManager.lookup`.
 
     Raises:
-        InvalidArgumentError: ``prefill_tokens_per_s`` or ``disk_bytes_per_s`` is not a
-            positive number.
+        InvalidArgumentError: ``prefill_tokens_per_s``, ``disk_bytes_per_s`` or
+            ``peer_bytes_per_s`` is not a positive number.
     """
-    where, end, first, rate = _cached_prefix(
-        manager, token_ids, prefill_tokens_per_s, disk_bytes_per_s, salt
-    )
-    if first == end or rate is None:
-        return None
-    read_s = where[first:end].count(Tier.G3) * manager.block_bytes / rate
-    compute_s = (end - first) * manager.config.block_size / prefill_tokens_per_s
-    return None if read_s < compute_s else WITHOUT_DISK
+    rates = _read_rates(manager, prefill_tokens_per_s, disk_bytes_per_s, peer_bytes_per_s)
+    block_s = {t: 0.0 if r is None else manager.block_bytes / r for t, r in rates.items()}
+    where = manager.locate(token_ids, salt=salt)
+    ways = {}  # onboard_from -> (the end of its hit, seconds of its reads)
+    for sources in (_EVERY_TIER, WITHOUT_PEERS, WITHOUT_DISK, frozenset({Tier.G2})):
+        local = _local_end(where, sources)
+        at_peers = _peer_blocks(manager, token_ids, local, salt) if Tier.G4 in sources else 0
+        read_s = where[:local].count(Tier.G3) * block_s[Tier.G3] + at_peers * block_s[Tier.G4]
+        ways[sources] = (local + at_peers, read_s)
+    furthest = max(end for end, _ in ways.values())
+    compute_block_s = manager.config.block_size / prefill_tokens_per_s
+    best = min(ways, key=lambda s: ways[s][1] + (furthest - ways[s][0]) * compute_block_s)
+    return None if best == _EVERY_TIER else best
 
 
 @dataclass(frozen=True)
@@ -107,7 +141,8 @@ class ReadSplit:
     disk and the peers (:func:`read_split`), in blocks of the prompt.
 
     Blocks ``[0, compute_from)`` are cached in G1 or G2: a lookup of the prompt with
-    ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them. The engine computes the
+    ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them (made before the
+    prefetch starts: its reads into a full G2 may evict them). The engine computes the
     blocks ``[compute_from, read_from)`` while ``prefetch(..., first_block=read_from)`` reads
     the G3 blocks of ``[read_from, end)`` and then the peer's into G2 (and holds the G2 ones
     there); once both are done, a lookup with ``onboard_from={Tier.G2}`` finds the whole
@@ -183,18 +218,12 @@ def read_split(
             int >= 1.
     """
     positive_int(chunk_blocks, "chunk_blocks")
-    if peer_bytes_per_s is not None:
-        positive_number(peer_bytes_per_s, "peer_bytes_per_s")
-    where, end, first, disk_rate = _cached_prefix(
-        manager, token_ids, prefill_tokens_per_s, disk_bytes_per_s, salt
-    )
-    at_peers = _peer_blocks(manager, token_ids, end, salt)
-    where[end : end + at_peers] = [Tier.G4] * at_peers
-    end += at_peers
-    rates = {
-        Tier.G3: disk_rate,
-        Tier.G4: manager.metrics.onboard_rate(Tier.G4, Tier.G2) or peer_bytes_per_s,
-    }
+    rates = _read_rates(manager, prefill_tokens_per_s, disk_bytes_per_s, peer_bytes_per_s)
+    where = manager.locate(token_ids, salt=salt)
+    local = _local_end(where, _EVERY_TIER)
+    end = local + _peer_blocks(manager, token_ids, local, salt)
+    where[local:end] = [Tier.G4] * (end - local)
+    first = next((i for i in range(end) if where[i] in (Tier.G3, Tier.G4)), end)
     if any(rates[t] is None for t in rates if t in where[first:end]):
         return ReadSplit(first, first, end, 0.0, None)
     if first == end:
@@ -212,12 +241,3 @@ def read_split(
         key=lambda k: max((k - first) * compute_block_s, read_after[k]),
     )
     return ReadSplit(first, best, end, (best - first) * compute_block_s, read_after[best])
-
-
-def _peer_blocks(manager: BlockManager, token_ids: Sequence[int], start: int, salt: int) -> int:
-    """How many blocks of ``token_ids`` from block ``start`` on the peer whose news says it
-    caches the most of them caches (0 where no news is followed)."""
-    if not manager.peers:
-        return 0
-    counts = manager.peer_prefixes(token_ids, salt=salt, first_block=start).values()
-    return max((n for n in counts if n is not None), default=0)
