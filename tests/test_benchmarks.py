@@ -303,6 +303,15 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
 
 
+def test_ttft_script_says_that_peer_needs_nixl(monkeypatch, capsys):
+    ttft = _bench_module("ttft")
+    monkeypatch.setattr(ttft, "nixl_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_:
+        ttft.main(["--model", "small", "--peer"])
+    assert exit_.value.code == 2
+    assert "--peer reads through NIXL, which is not installed" in capsys.readouterr().err
+
+
 def test_ttft_fingerprints_find_any_changed_block_and_layer(tmp_path):
     """bench/ttft.py's check of a hit: a word changed in any block of the prefix, in any
     layer's K or V, is found, from the position it is told to start at."""
