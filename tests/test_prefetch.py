@@ -5,6 +5,7 @@ copies the whole prefix from G2 and reads no disk."""
 import asyncio
 import importlib.util
 import threading
+import time
 from concurrent.futures import CancelledError
 
 import pytest
@@ -442,3 +443,34 @@ def test_a_prefetch_reads_the_blocks_after_the_local_ones_from_a_peer(tmp_path):
         assert_g1_holds(here, hit.block_ids, kv)
         here.free(hit.block_ids)
         assert held_in_g2(here) == 0
+
+
+@pytest.mark.skipif(not nixl_available(), reason="NIXL is not installed")
+def test_a_prefetch_reads_the_peers_blocks_while_the_disk_reads_its_own(tmp_path, monkeypatch):
+    """Blocks 3 to 5 in G3 only here, 6 in G2, 7 to 9 at a peer: the peer's blocks come in
+    while the disk's reads wait at a gate; both are held once the gate opens."""
+    pytest.importorskip("zmq")
+    pytest.importorskip("msgpack")
+    from tests.test_sharing import assert_g1_holds, let_go, mixed_here_and_at_a_peer, poison_g1
+
+    monkeypatch.setattr(prefetch, "PREFETCH_SHARE", 1)  # G2 has 8 blocks: all for prefetches
+    here, there, _, tokens, expected, kv = mixed_here_and_at_a_peer(tmp_path, 44)
+    with here, there:
+        poison_g1(here)
+        head = here.lookup(tokens, max_blocks=3, onboard_from=ONLY_G2)  # G2 may evict them
+        gate = GatedReads(monkeypatch)
+        with here.prefetch(tokens, first_block=3) as fetch:
+            deadline = time.monotonic() + 10
+            while here.metrics.onboard_blocks[(Tier.G4, Tier.G2)] < 3:
+                assert time.monotonic() < deadline, "the peer was not read beside the disk"
+                time.sleep(0.005)
+            assert gate.started and not fetch.done()
+            gate.open()
+            assert fetch.wait(timeout=10) == {Tier.G2: 1, Tier.G3: 3, Tier.G4: 3}
+            assert let_go(there)
+            hit = here.lookup(tokens, onboard_from=ONLY_G2)
+        assert hit.from_tier == {Tier.G1: 3, Tier.G2: 7}
+        assert g1_checksums(here, hit.block_ids[:7]) == [expected[h] for h in hit.hashes[:7]]
+        assert_g1_holds(here, hit.block_ids[7:], [t[7:] for t in kv])
+        here.free(head.block_ids + hit.block_ids)
+        nothing_held(here)

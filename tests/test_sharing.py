@@ -31,6 +31,7 @@ from kvblocks.pool import (
     BlockStored,
     ReadSplit,
     Tier,
+    prefetch,
     prometheus_registry,
     read_split,
     sequence_hashes,
@@ -642,9 +643,9 @@ def mixed_here_and_at_a_peer(tmp_path, seed: int):
 
 
 @needs_nixl
-def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_path):
+def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_path, monkeypatch):
     """Blocks 0 to 6 as MIXED, 7 to 9 at the peer: the split from block 3 weighs the disk's
-    blocks and the peer's, each at its rate, against computing."""
+    blocks and the peer's, each at its rate and both read at once, against computing."""
     here, there, endpoint, tokens, _, _ = mixed_here_and_at_a_peer(tmp_path, 61)
     with here, there:
         assert here.locate(tokens) == [*MIXED, None, None, None]
@@ -674,6 +675,10 @@ def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_pat
         assert split(4.0, peer=1.0) == ReadSplit(3, 6, 10, 0.75, 0.75)  # the measured rate counts
         with pytest.raises(InvalidArgumentError, match="peer_bytes_per_s"):
             split(1.0, peer=-1.0)
+        # Prefetches may hold all of G2 (8 blocks): computing 4x as slow, read everything,
+        # the disk's 3 blocks (3 s) and at once the peer's (0.75 s, as measured): 3 s.
+        monkeypatch.setattr(prefetch, "PREFETCH_SHARE", 1)
+        assert split(0.25, peer=None) == ReadSplit(3, 3, 10, 0.0, 3.0)
 
 
 @needs_nixl

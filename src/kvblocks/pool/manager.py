@@ -511,8 +511,9 @@ class BlockManager:
         disk. The prefetch holds the prefix's G2 blocks until :meth:`Prefetch.release`
         (use it as a context manager); G1's blocks are not held. Prefetches are carried out
         one after the other, each as the lookup would read: G3 blocks in chunks, checked
-        against their checksums; then the peers (:meth:`add_peer`) are asked for the blocks
-        after the local tiers' part. Together they hold at most half of G2's blocks
+        against their checksums; at the same time, on a second thread, the peers
+        (:meth:`add_peer`) are asked for the blocks after the local tiers' part. Together
+        they hold at most half of G2's blocks
         (:data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`); a longer prefix is brought in part.
         With ``config.sliding_window``, only the last window's run of blocks is brought in.
 

@@ -1,6 +1,7 @@
 """Prefetching: reading the blocks of a prompt's cached prefix that only G3 or a peer holds into
 G2 on a background thread, so that a later lookup copies the whole prefix from G2 and never
-waits for a disk or a network (:meth:`BlockManager.prefetch`).
+waits for a disk or a network (:meth:`BlockManager.prefetch`). The disk's blocks and the peer's
+after them are read at once, on two threads.
 
 A :class:`Prefetch` holds the prefix's G2 blocks (those found there, and those read into it)
 until :meth:`Prefetch.release`: G2 does not evict them meanwhile. The blocks that G1 caches
@@ -168,6 +169,8 @@ class Prefetcher:
         self._publish = publish
         self._window_blocks = window_blocks
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kvblocks-prefetch")
+        #: Reads from peers, beside the disk's reads of the same prefetch.
+        self._peer_thread = ThreadPoolExecutor(1, thread_name_prefix="kvblocks-prefetch-peers")
         self._open: set[Prefetch] = set()  # not released yet
         self._held = 0  # G2 blocks that prefetches hold, under the tiers' lock
 
@@ -187,6 +190,7 @@ class Prefetcher:
         for prefetch in prefetches:
             prefetch.release()
         self._thread.shutdown(wait=True)
+        self._peer_thread.shutdown(wait=True)
 
     def _release(self, prefetch: Prefetch, blocks: list[int]) -> None:
         with self._tiers.lock:
@@ -213,29 +217,36 @@ class Prefetcher:
         prefetch._finish(counts, held)
 
     def _bring(self, request: PrefetchRequest) -> tuple[dict[Tier, int], list[int]]:
-        """Find the prefix from the request's first block on, read its G3 blocks into G2,
-        then ask the peers for the blocks after it (where it was not cut short). Returns the
-        blocks per tier and the G2 blocks held."""
+        """Find the prefix from the request's first block on and read its G3 blocks into G2,
+        while the peers are asked for the blocks after it (kept where the disk's part came
+        whole). Returns the blocks per tier and the G2 blocks held."""
         hashes = request.hashes
         span = self._span(hashes, request.first_block)
         with self._tiers.lock:
             found = self._find(hashes, span)
+        after = span.start + len(found.blocks)
+        peers = self._peer_thread.submit(self._fetch, request, after) if request.peers else None
         held = [b for t, b in found.blocks if t is Tier.G2]
         g3_at = [i for i, (t, _) in enumerate(found.blocks) if t is Tier.G3]
+        staged: list[int] = []
+        fetched: list[int] = []
         try:
-            staged = self._read_disk(found, [hashes[span.start + i] for i in g3_at])
-            end = g3_at[len(staged)] if len(staged) < len(g3_at) else len(found.blocks)
-            self._let_go([b for t, b in found.blocks[end:] if t is Tier.G2])
-            held = [b for t, b in found.blocks[:end] if t is Tier.G2] + staged
-            counts = {t: sum(f is t for f, _ in found.blocks[:end]) for t in (Tier.G1, Tier.G2)}
-            counts[Tier.G3] = len(staged)
-            if request.peers and end == len(found.blocks):
-                fetched = self._fetch(request, span.start + end)
-                counts[Tier.G4] = len(fetched)
-                held += fetched
+            try:
+                staged = self._read_disk(found, [hashes[span.start + i] for i in g3_at])
+            finally:  # the peer's read ends either way
+                if peers is not None:
+                    fetched = peers.result()
         except BaseException:
-            self._let_go(held)
+            self._let_go(held + staged + fetched)
             raise
+        end = g3_at[len(staged)] if len(staged) < len(g3_at) else len(found.blocks)
+        if end < len(found.blocks):  # a bad block ended the prefix before the peer's part
+            self._let_go([b for t, b in found.blocks[end:] if t is Tier.G2] + fetched)
+            fetched = []
+        held = [b for t, b in found.blocks[:end] if t is Tier.G2] + staged + fetched
+        counts = {t: sum(f is t for f, _ in found.blocks[:end]) for t in (Tier.G1, Tier.G2)}
+        counts[Tier.G3] = len(staged)
+        counts[Tier.G4] = len(fetched)
         return {t: n for t, n in counts.items() if n}, held
 
     def _span(self, hashes: list[int], first_block: int) -> range:

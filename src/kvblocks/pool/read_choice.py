@@ -25,6 +25,8 @@ the disk or a peer (G4, by its news) caches while the manager reads the later on
     block    0   1   2   3   4   5   6   7   8   9
     where    G1  G2  G3  G3  G3  G2  G3  G4  G4  None
                      |<- computed ->|<--- read --->|   compute_from 2, read_from 5, end 9
+
+(the disk reads block 6 while a peer's blocks 7 and 8 come in).
 """
 
 from __future__ import annotations
@@ -144,7 +146,7 @@ class ReadSplit:
     ``max_blocks=compute_from, onboard_from=WITHOUT_DISK`` holds them (made before the
     prefetch starts: its reads into a full G2 may evict them). The engine computes the
     blocks ``[compute_from, read_from)`` while ``prefetch(..., first_block=read_from)`` reads
-    the G3 blocks of ``[read_from, end)`` and then the peer's into G2 (and holds the G2 ones
+    the G3 blocks of ``[read_from, end)`` and at once the peer's into G2 (and holds the G2 ones
     there); once both are done, a lookup with ``onboard_from={Tier.G2}`` finds the whole
     prefix in G1 and G2. ``read_from == compute_from``: nothing is computed;
     ``read_from == end``: nothing is read.
@@ -188,8 +190,9 @@ def read_split(
     A block read costs ``manager.block_bytes`` over its tier's rate: the disk's, measured so
     far (``metrics.onboard_rate(Tier.G3, Tier.G2)``) or before the first read
     ``disk_bytes_per_s``; the peers', likewise (``onboard_rate(Tier.G4, Tier.G2)``, else
-    ``peer_bytes_per_s``). The prefetch reads the disk first, then the peer: their times
-    add up. A computed block costs ``block_size / prefill_tokens_per_s``. G2 blocks after
+    ``peer_bytes_per_s``). The prefetch reads the disk's blocks and the peer's at once:
+    the longer of the two counts. A computed block costs ``block_size /
+    prefill_tokens_per_s``. G2 blocks after
     ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk); those
     before it are computed with the blocks around them. The blocks a prefetch would hold,
     all but G1's from ``read_from`` on, stay within what prefetches may hold (half of G2,
@@ -231,13 +234,18 @@ def read_split(
     block_s = {t: manager.block_bytes / rate for t, rate in rates.items() if rate is not None}
     compute_block_s = manager.config.block_size / prefill_tokens_per_s
     room = manager.pool(Tier.G2).num_blocks // prefetch.PREFETCH_SHARE  # a prefetch's most
-    read_after = [0.0] * (end + 1)  # seconds of reading the G3 and G4 blocks of [i, end)
+    read_after = {t: [0.0] * (end + 1) for t in rates}  # seconds reading t's blocks of [i, end)
     held_after = [0] * (end + 1)  # blocks of [i, end) not in G1: the prefetch holds them
     for i in range(end - 1, first - 1, -1):
-        read_after[i] = read_after[i + 1] + block_s.get(where[i], 0.0)
+        for tier, seconds in read_after.items():
+            seconds[i] = seconds[i + 1] + (block_s[tier] if where[i] is tier else 0.0)
         held_after[i] = held_after[i + 1] + (where[i] is not Tier.G1)
+
+    def read_s(k: int) -> float:  # the disk and the peer read at once
+        return max(seconds[k] for seconds in read_after.values())
+
     best = min(
         [k for k in range(first, end, chunk_blocks) if held_after[k] <= room] + [end],
-        key=lambda k: max((k - first) * compute_block_s, read_after[k]),
+        key=lambda k: max((k - first) * compute_block_s, read_s(k)),
     )
-    return ReadSplit(first, best, end, (best - first) * compute_block_s, read_after[best])
+    return ReadSplit(first, best, end, (best - first) * compute_block_s, read_s(best))
