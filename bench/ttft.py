@@ -35,13 +35,18 @@ the host:
   pass of a new length costs up to seconds more than the next: the chunks keep the lengths
   few, and the untimed first prompt splits as the others do.)
 
-With ``--peer`` (NIXL, UCX), two more: another worker in this process computes every prompt
+With ``--peer`` (NIXL, UCX), four more: another worker in this process computes every prompt
 and serves them from its G2 (``serve``); a worker with nothing cached and no disk follows its
 news (``add_peer(..., news=True)``) and serves each prompt again:
 
 - ``G4``: the prefix read from the peer into G2 inside ``lookup``, then copied into G1;
 - ``G4 split``: on a third such worker, as ``G3 split``, the prefix split between computing
-  and reading from the peer (at the rate the ``G4`` runs measured).
+  and reading from the peer (at the rate the ``G4`` runs measured);
+- ``G3+G4``: a worker with a disk computes each prompt's first half (its own G3 file, so
+  after a restart only G3 has it), then follows the peer's news and serves each prompt: its
+  lookup reads the first half from its disk and the rest from the peer;
+- ``G3+G4 split``: as ``G3+G4`` after another restart, the prefix split between computing
+  and reading, the disk's blocks and the peer's read at once (``prefetch``).
 
 With a hit, the prompt's last block (16 tokens) is computed: its last token's logits give the
 first answer token. After every hit, the K and V of every block of the prefix, every layer,
@@ -51,8 +56,8 @@ split, the blocks read).
 Columns: ``prompt_tokens``, ``source``, ``cached_tokens`` (median), ``prefix_mib`` (the KV
 the hit brought back), ``ttft_ms`` (median), ``ttft_min_ms``, ``ttft_max_ms``, ``lookup_ms``
 (median host time of the ``lookup`` call, within ``ttft_ms``), ``speedup`` (the recompute's
-median over this row's), ``disk_gbps`` (G3 rows: the rate of the manager's reads from G3, as
-``metrics.onboard_rate`` says), ``peer_gbps`` (G4 rows: the rate of its reads from the peer).
+median over this row's), ``disk_gbps`` and ``peer_gbps`` (the rate of the manager's reads
+from G3 and from the peer, as ``metrics.onboard_rate`` says; empty where it read none).
 
 Usage: python bench/ttft.py [--model llama-3.1-8b] [--layers N] [--prompt-tokens 4096,16384]
     [--repeats 7] [--offload-path DIR] [--peer] > ttft.csv
@@ -61,6 +66,7 @@ Usage: python bench/ttft.py [--model llama-3.1-8b] [--layers N] [--prompt-tokens
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import importlib.util
 import pathlib
@@ -157,6 +163,23 @@ class Served:
         return cls(run.first_token_s, run.lookup_s, run.hit.num_tokens)
 
 
+@dataclass(frozen=True)
+class ReadRates:
+    """GB/s of a manager's reads into G2 from its disk and from peers; None where it read
+    none."""
+
+    disk: float | None
+    peer: float | None
+
+    @classmethod
+    def of(cls, manager: BlockManager) -> ReadRates:
+        def gbps(tier: Tier) -> float | None:
+            rate = manager.metrics.onboard_rate(tier, Tier.G2)
+            return None if rate is None else rate / 1e9
+
+        return cls(gbps(Tier.G3), gbps(Tier.G4))
+
+
 class Fingerprints:
     """A fingerprint of every block of a prompt's prefix, each layer's K and V apart, as the
     recompute wrote them (a weighted sum of the block's 16-bit words, on the cache's device),
@@ -179,6 +202,12 @@ class Fingerprints:
                 weights = torch.arange(1, words.shape[1] + 1, device=device) * 40_503 % 65_521
                 rows.append((words * weights).sum(dim=1))
         return torch.stack(rows)
+
+    def joined(self, later: Fingerprints) -> Fingerprints:
+        """These fingerprints for their blocks, ``later``'s for the blocks after them."""
+        joined = copy.copy(later)
+        joined.prints = torch.cat([self.prints, later.prints[:, self.prefix_blocks :]], dim=1)
+        return joined
 
     def check(
         self, manager: BlockManager, block_ids: list[int], source: str, first: int = 0
@@ -209,12 +238,12 @@ def warm_gpu(seconds: float = 0.2) -> None:
 
 def time_prompts(
     engine, model, config, prompts: list[list[int]], peer: bool
-) -> tuple[dict[str, list[Served]], dict[str, float | None]]:
+) -> tuple[dict[str, list[Served]], dict[str, ReadRates]]:
     """The runs of each prompt, per source, the first prompt's not kept (the GPU is kept busy
-    for a moment before each), and the read rate (GB/s) per G3 and G4 source."""
+    for a moment before each), and the read rates of each source that read."""
     sources = ("recompute", "G1", "G2", "G3", "G3 or compute", "G3 split")
     runs: dict[str, list[Served]] = {source: [] for source in sources}
-    gbps = {}
+    rates: dict[str, ReadRates] = {}
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     prints = []
     with BlockManager(config) as manager:
@@ -237,24 +266,24 @@ def time_prompts(
             if i:
                 runs["recompute"].append(Served.of(run))
             print(f"  prompt {i}: computed and hit in G1, G2", file=sys.stderr)
-    runs["G3"], gbps["G3"] = serve_from_disk(engine, model, config, prompts, prints)
+    runs["G3"], rates["G3"] = serve_from_disk(engine, model, config, prompts, prints)
     recompute_s = statistics.median(r.first_token_s for r in runs["recompute"])
     prefill_rate = len(prompts[0]) / recompute_s
-    runs["G3 or compute"], gbps["G3 or compute"] = serve_from_disk(
+    runs["G3 or compute"], rates["G3 or compute"] = serve_from_disk(
         engine, model, config, prompts, prints, prefill_rate
     )
     with BlockManager(config) as manager:  # on the same G3 file: G1 and G2 empty
-        disk_rate = gbps["G3"] * 1e9
+        disk_rate = rates["G3"].disk * 1e9
         runs["G3 split"] = serve_split(
             engine, model, manager, prompts, prints, prefill_rate, disk_bytes_per_s=disk_rate
         )
-        gbps["G3 split"] = read_gbps(manager, Tier.G3)
+        rates["G3 split"] = ReadRates.of(manager)
     if peer:
-        for source, (source_runs, rate) in serve_from_peer(
-            engine, model, config, prompts, prefill_rate
+        for source, (source_runs, source_rates) in serve_from_peer(
+            engine, model, config, prompts, prefill_rate, disk_rate
         ).items():
-            runs[source], gbps[source] = source_runs, rate
-    return runs, gbps
+            runs[source], rates[source] = source_runs, source_rates
+    return runs, rates
 
 
 def serve_split(
@@ -307,16 +336,27 @@ def serve_split(
 
 
 def serve_from_peer(
-    engine, model, config, prompts: list[list[int]], prefill_tokens_per_s: float
-) -> dict[str, tuple[list[Served], float | None]]:
+    engine,
+    model,
+    config,
+    prompts: list[list[int]],
+    prefill_tokens_per_s: float,
+    disk_bytes_per_s: float,
+) -> dict[str, tuple[list[Served], ReadRates]]:
     """Serve each prompt from a peer: another worker computes them all and serves its G2;
     workers with nothing cached and no disk (``config`` otherwise) follow its news and look
-    each prompt up (``G4``), then on a new one split it (``G4 split``). Returns, per source,
-    the runs after the first and the rate (GB/s) of the reads from the peer."""
+    each prompt up (``G4``), then on a new one split it (``G4 split``); workers whose own
+    disk caches each prompt's first half look it up (``G3+G4``) and split it (``G3+G4
+    split``). Returns, per source, the runs after the first and the manager's read rates."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
+    half = prefix_blocks // 2
     g2_gb = len(prompts) * (prefix_blocks + 1) * config.block_bytes / 2**30
-    here = replace(config, nixl_backend="UCX", disk_cache_gb=0.0)
-    with BlockManager(replace(here, host_cache_gb=g2_gb)) as there:
+    no_disk = replace(config, nixl_backend="UCX", disk_cache_gb=0.0)
+    served: dict[str, tuple[list[Served], ReadRates]] = {}
+    with (
+        BlockManager(replace(no_disk, host_cache_gb=g2_gb)) as there,
+        tempfile.TemporaryDirectory(dir=config.offload_path) as folder,
+    ):
         prints = []
         for prompt in prompts:
             run = engine.generate(there, model, prompt, 1)
@@ -324,38 +364,52 @@ def serve_from_peer(
         there.flush()
         endpoint = there.serve(PEER_ENDPOINT)
 
-        def follower() -> BlockManager:
+        def follower(worker_config) -> BlockManager:
             """A worker following the peer's news, once it has heard of every prompt."""
-            manager = BlockManager(here)
+            manager = BlockManager(worker_config)
             manager.add_peer(endpoint, news=True)
             for prompt in prompts:
                 prefix = prompt[: prefix_blocks * BLOCK_SIZE]
                 wait_for_news(manager, endpoint, prefix, prefix_blocks)
             return manager
 
-        with follower() as manager:
+        def look_up(manager: BlockManager, source: str, expected: dict[Tier, int]) -> None:
             runs = []
             for i, prompt in enumerate(prompts):
                 warm_gpu()
                 run = engine.generate(manager, model, prompt, 1)
-                check_hit(run, Tier.G4, prefix_blocks)
-                prints[i].check(manager, run.block_ids, "G4")
+                if {t: n for t, n in run.hit.from_tier.items() if n} != expected:
+                    raise RuntimeError(f"expected {expected}, got {dict(run.hit.from_tier)}")
+                prints[i].check(manager, run.block_ids, source)
                 if i:
                     runs.append(Served.of(run))
-            peer_gbps = read_gbps(manager, Tier.G4)
-        print("  every prompt hit at the peer", file=sys.stderr)
-        with follower() as split_manager:
-            split_runs = serve_split(
-                engine,
-                model,
-                split_manager,
-                prompts,
-                prints,
-                prefill_tokens_per_s,
-                peer_bytes_per_s=peer_gbps * 1e9,
+            served[source] = (runs, ReadRates.of(manager))
+
+        def split(manager: BlockManager, source: str, **rates: float) -> None:
+            runs = serve_split(
+                engine, model, manager, prompts, prints, prefill_tokens_per_s, **rates
             )
-            split_gbps = read_gbps(split_manager, Tier.G4)
-    return {"G4": (runs, peer_gbps), "G4 split": (split_runs, split_gbps)}
+            served[source] = (runs, ReadRates.of(manager))
+
+        with follower(no_disk) as manager:
+            look_up(manager, "G4", {Tier.G4: prefix_blocks})
+        peer_rate = served["G4"][1].peer * 1e9
+        with follower(no_disk) as manager:
+            split(manager, "G4 split", peer_bytes_per_s=peer_rate)
+        print("  every prompt hit at the peer, and split", file=sys.stderr)
+
+        with_disk = replace(config, nixl_backend="UCX", offload_path=folder)
+        with BlockManager(with_disk) as writer:  # each prompt's first half in its G3
+            for i, prompt in enumerate(prompts):
+                run = engine.generate(writer, model, prompt[: half * BLOCK_SIZE], 1)
+                prints[i] = Fingerprints(writer, run.block_ids, half).joined(prints[i])
+            writer.flush()
+        with follower(with_disk) as manager:
+            look_up(manager, "G3+G4", {Tier.G3: half, Tier.G4: prefix_blocks - half})
+        with follower(with_disk) as manager:
+            rates = dict(disk_bytes_per_s=disk_bytes_per_s, peer_bytes_per_s=peer_rate)
+            split(manager, "G3+G4 split", **rates)
+    return served
 
 
 def serve_from_disk(
@@ -365,10 +419,10 @@ def serve_from_disk(
     prompts: list[list[int]],
     prints: list[Fingerprints],
     prefill_tokens_per_s: float | None = None,
-) -> tuple[list[Served], float | None]:
+) -> tuple[list[Served], ReadRates]:
     """Serve each prompt again from a new manager on the same G3 file (G1 and G2 empty, as
     after a restart): from G3, or with ``prefill_tokens_per_s``, as ``skip_slow_reads``
-    chooses. Returns the runs after the first, and the rate (GB/s) of the reads from G3."""
+    chooses. Returns the runs after the first, and the manager's read rates."""
     prefix_blocks = (len(prompts[0]) - 1) // BLOCK_SIZE
     runs = []
     with BlockManager(config) as manager:
@@ -383,13 +437,7 @@ def serve_from_disk(
                 prints[i].check(manager, run.block_ids, "G3")
             if i:
                 runs.append(Served.of(run))
-        return runs, read_gbps(manager, Tier.G3)
-
-
-def read_gbps(manager: BlockManager, tier: Tier) -> float | None:
-    """The rate (GB/s) of ``manager``'s reads from ``tier`` into G2 so far; None before any."""
-    rate = manager.metrics.onboard_rate(tier, Tier.G2)
-    return None if rate is None else rate / 1e9
+        return runs, ReadRates.of(manager)
 
 
 def check_hit(run, tier: Tier, prefix_blocks: int) -> None:
@@ -441,13 +489,13 @@ def main(argv: list[str] | None = None) -> int:
             config = engine.manager_config(
                 dims, BLOCK_SIZE, 2 * blocks + 1, 2 * blocks, g3_blocks, disk, layer_groups=4
             )
-            runs, gbps = time_prompts(engine, model, config, prompts, args.peer)
+            runs, rates = time_prompts(engine, model, config, prompts, args.peer)
         recompute = statistics.median(r.first_token_s for r in runs["recompute"])
         for source, source_runs in runs.items():
             cached = round(statistics.median(r.cached_tokens for r in source_runs))
             seconds = [r.first_token_s for r in source_runs]
             median = statistics.median(seconds)
-            rate = "" if gbps.get(source) is None else f"{gbps[source]:.3g}"
+            read = rates.get(source, ReadRates(None, None))
             out.writerow(
                 {
                     "gpu": gpu_name(),
@@ -462,8 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                     "ttft_max_ms": round(max(seconds) * 1e3, 2),
                     "lookup_ms": round(statistics.median(r.lookup_s for r in source_runs) * 1e3, 2),
                     "speedup": round(recompute / median, 2),
-                    "disk_gbps": rate if source.startswith("G3") else "",
-                    "peer_gbps": rate if source.startswith("G4") else "",
+                    "disk_gbps": "" if read.disk is None else f"{read.disk:.3g}",
+                    "peer_gbps": "" if read.peer is None else f"{read.peer:.3g}",
                 }
             )
             sys.stdout.flush()
