@@ -10,7 +10,7 @@ model does not fit one GPU: with fewer layers, computing the prompt and moving i
 shrink in proportion, so their ratio is the whole model's).
 
 For each prompt length, ``--repeats`` prompts of random tokens (after one more to warm up) are
-each served five ways, timed from the ``lookup`` call until the first generated token is on
+each served six ways, timed from the ``lookup`` call until the first generated token is on
 the host:
 
 - ``recompute``: nothing cached, the whole prompt is computed (its blocks are then registered
@@ -85,7 +85,7 @@ from kvblocks.remote import nixl_available
 
 EXAMPLE = pathlib.Path(__file__).resolve().parents[1] / "examples" / "tiny_engine.py"
 BLOCK_SIZE = 16
-#: ``G3 split`` and ``G4 split`` compute whole chunks of this many blocks (1,024 tokens).
+#: The splits compute whole chunks of this many blocks (1,024 tokens).
 SPLIT_CHUNK_BLOCKS = 64
 #: Where the ``--peer`` worker serves its G2.
 PEER_ENDPOINT = "tcp://127.0.0.1:*"
