@@ -304,6 +304,30 @@ def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
     assert not list(tmp_path.iterdir())  # the G3 files went with their folder
 
 
+def test_gil_script_times_lookups_beside_a_python_loop():
+    """bench/gil.py with a tiny cache: a row per source, switch interval and neighbour, each
+    hit's blocks checked (it raises otherwise); with NIXL, the peer's rows too."""
+    peer = nixl_available()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "gil.py"), "--layers", "2", "--blocks", "4"]
+        + ["--repeats", "1"]
+        + ["--peer"] * peer,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    sources = ("G2", "G4") if peer else ("G2",)
+    assert [(r["source"], r["switch_ms"], r["beside"]) for r in rows] == [
+        (s, ms, b) for s in sources for ms in ("5.0", "0.5") for b in ("nothing", "python_loop")
+    ]
+    for row in rows:
+        assert float(row["lookup_ms"]) >= float(row["copy_ms"]) > 0, row
+        assert bool(row["read_ms"]) == (row["source"] == "G4"), row
+        assert (row["beside"] == "nothing") == (row["slowdown"] == "1.0"), row
+
+
 def test_ttft_script_says_that_peer_needs_nixl(monkeypatch, capsys):
     ttft = _bench_module("ttft")
     monkeypatch.setattr(ttft, "nixl_available", lambda: False)
