@@ -265,21 +265,29 @@ def test_launch_cost_script_checks_each_way_and_times_it():
         assert len(times) == 4 and all(t > 0 for t in times), line
 
 
-def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
-    """bench/ttft.py with the example's small model: a row per prompt length and source,
-    each hit's blocks checked against the recompute's (it raises otherwise); with NIXL, the
-    peer's rows too (``--peer``)."""
-    peer = nixl_available()
+def bench_rows(script: str, args: list[str]) -> list[dict[str, str]]:
+    """The CSV rows that ``bench/<script> <args>`` writes, once it has exited with 0."""
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "ttft.py"), "--model", "small"]
-        + ["--prompt-tokens", "64,96", "--repeats", "1", "--offload-path", str(tmp_path)]
-        + ["--peer"] * peer,
+        [sys.executable, str(ROOT / "bench" / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
+    return list(csv.DictReader(io.StringIO(proc.stdout)))
+
+
+def test_ttft_script_times_every_source_and_checks_what_came_back(tmp_path):
+    """bench/ttft.py with the example's small model: a row per prompt length and source,
+    each hit's blocks checked against the recompute's (it raises otherwise); with NIXL, the
+    peer's rows too (``--peer``)."""
+    peer = nixl_available()
+    rows = bench_rows(
+        "ttft.py",
+        ["--model", "small", "--prompt-tokens", "64,96", "--repeats", "1"]
+        + ["--offload-path", str(tmp_path)]
+        + ["--peer"] * peer,
+    )
     sources = ("recompute", "G1", "G2", "G3", "G3 or compute", "G3 split")
     sources += ("G4", "G4 split", "G3+G4", "G3+G4 split") if peer else ()
     assert [(r["prompt_tokens"], r["source"]) for r in rows] == [
@@ -308,16 +316,9 @@ def test_gil_script_times_lookups_beside_a_python_loop():
     """bench/gil.py with a tiny cache: a row per source, switch interval and neighbour, each
     hit's blocks checked (it raises otherwise); with NIXL, the peer's rows too."""
     peer = nixl_available()
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "gil.py"), "--layers", "2", "--blocks", "4"]
-        + ["--repeats", "1"]
-        + ["--peer"] * peer,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    rows = bench_rows(
+        "gil.py", ["--layers", "2", "--blocks", "4", "--repeats", "1"] + ["--peer"] * peer
     )
-    assert proc.returncode == 0, proc.stderr
-    rows = list(csv.DictReader(io.StringIO(proc.stdout)))
     sources = ("G2", "G4") if peer else ("G2",)
     assert [(r["source"], r["switch_ms"], r["beside"]) for r in rows] == [
         (s, ms, b) for s in sources for ms in ("5.0", "0.5") for b in ("nothing", "python_loop")
@@ -362,16 +363,12 @@ def test_prefetch_script_serves_a_g3_prompt_every_way_between_decoding_steps(tmp
     """bench/prefetch.py with the example's small model: a row per mode, each hit's blocks
     checked against the computed ones (it raises otherwise); only a prefetch lets the decoding
     request step while the disk is read."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "prefetch.py"), "--model", "small"]
-        + ["--prompt-tokens", "128", "--repeats", "1", "--decode-context", "32"]
+    modes = bench_rows(
+        "prefetch.py",
+        ["--model", "small", "--prompt-tokens", "128", "--repeats", "1", "--decode-context", "32"]
         + ["--offload-path", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr
-    rows = {r["mode"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
+    rows = {r["mode"]: r for r in modes}
     assert list(rows) == ["compute", "lookup", "prefetch", "prefetch_overlap", "split"]
     for mode, row in rows.items():
         assert float(row["ttft_ms"]) > 0 and float(row["stall_ms"]) > 0, row
