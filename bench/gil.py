@@ -33,6 +33,7 @@ from dataclasses import replace
 
 import torch
 
+from kvblocks.benchmarks.sharing import store_random
 from kvblocks.benchmarks.timing import gpu_name
 from kvblocks.pool import BlockManager, BlockManagerConfig, Tier
 from kvblocks.remote import nixl_available
@@ -79,15 +80,9 @@ def python_loop(on: bool) -> Iterator[None]:
 
 def store(manager: BlockManager, tokens: list[int]) -> list[torch.Tensor]:
     """Random KV for ``tokens`` in G1, registered, offloaded to G2; returns it per layer."""
-    blocks = manager.allocate(len(tokens) // BLOCK_SIZE)
+    blocks = store_random(manager, tokens, BLOCK_SIZE)
     index = torch.tensor(blocks, device=manager.device_tensors[0].device)
-    for t in manager.device_tensors:
-        t[index] = torch.randn((len(blocks), *t.shape[1:]), device=t.device).to(t.dtype)
-    kv = [t[index].clone() for t in manager.device_tensors]
-    manager.register(blocks, tokens)
-    manager.free(blocks)
-    manager.flush()
-    return kv
+    return [t[index].clone() for t in manager.device_tensors]
 
 
 def time_lookups(

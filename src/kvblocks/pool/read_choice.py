@@ -31,6 +31,7 @@ the disk or a peer (G4, by its news) caches while the manager reads the later on
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
@@ -125,10 +126,11 @@ def skip_slow_reads(
     rates = _read_rates(manager, prefill_tokens_per_s, disk_bytes_per_s, peer_bytes_per_s)
     block_s = {t: 0.0 if r is None else manager.block_bytes / r for t, r in rates.items()}
     where = manager.locate(token_ids, salt=salt)
+    peers_from = functools.cache(lambda start: _peer_blocks(manager, token_ids, start, salt))
     ways = {}  # onboard_from -> (the end of its hit, seconds of its reads)
     for sources in (_EVERY_TIER, WITHOUT_PEERS, WITHOUT_DISK, frozenset({Tier.G2})):
         local = _local_end(where, sources)
-        at_peers = _peer_blocks(manager, token_ids, local, salt) if Tier.G4 in sources else 0
+        at_peers = peers_from(local) if Tier.G4 in sources else 0
         read_s = where[:local].count(Tier.G3) * block_s[Tier.G3] + at_peers * block_s[Tier.G4]
         ways[sources] = (local + at_peers, read_s)
     furthest = max(end for end, _ in ways.values())
@@ -192,14 +194,13 @@ def read_split(
     ``disk_bytes_per_s``; the peers', likewise (``onboard_rate(Tier.G4, Tier.G2)``, else
     ``peer_bytes_per_s``). The prefetch reads the disk's blocks and the peer's at once:
     the longer of the two counts. A computed block costs ``block_size /
-    prefill_tokens_per_s``. G2 blocks after
-    ``read_from`` cost nothing (PCIe moves them tens of times faster than a disk); those
-    before it are computed with the blocks around them. The blocks a prefetch would hold,
-    all but G1's from ``read_from`` on, stay within what prefetches may hold (half of G2,
-    :data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`; less if other prefetches hold blocks
-    then, and the blocks past it are computed after the lookup). While the rate of a tier
-    the prefix would be read from is not known, everything is read, so that the read
-    measures it.
+    prefill_tokens_per_s``. G2 blocks after ``read_from`` cost nothing (PCIe moves them tens
+    of times faster than a disk); those before it are computed with the blocks around them.
+    The blocks a prefetch would hold, all but G1's from ``read_from`` on, stay within what
+    prefetches may hold (half of G2, :data:`~kvblocks.pool.prefetch.PREFETCH_SHARE`; less if
+    other prefetches hold blocks then, and the blocks past it are computed after the lookup).
+    While the rate of a tier the prefix would be read from is not known, everything is read,
+    so that the read measures it.
 
     Args:
         manager: the manager the prompt will be looked up in.
