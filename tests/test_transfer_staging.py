@@ -503,6 +503,40 @@ def test_staged_copies_join_neighbouring_blocks(small_pieces, monkeypatch, s_ids
         )
 
 
+@pytest.mark.parametrize("into_device", [True, False], ids=["h2d", "d2h"])
+@pytest.mark.parametrize("per_stream", [1, 2, 3, 256])
+def test_copies_spread_over_as_many_streams_as_they_need(
+    small_pieces, monkeypatch, into_device, per_stream
+):
+    """Scattered blocks in pieces of two make 5 copies into the GPU (pinned blocks 0, 3 | 4, 7
+    | 8) and 4 out of it (0, 2 | 5-6 | 8): ``COPIES_PER_STREAM`` a stream at most, over at
+    most the three streams given (on a GPU; without one, no stream), each step's after the
+    last one's. The blocks land in place either way."""
+    monkeypatch.setattr(staging, "COPIES_PER_STREAM", per_stream)
+    pinned, device = layout("pinned", True, NHD), layout("device", False, HND)
+    src, dst = (pinned, device) if into_device else (device, pinned)
+    fill(src, None)
+    fill(dst, POISON)
+    want = expected_blocks(src, S_IDS, dst.kv_format)
+    run = staging.MemcpyPlan.run
+    seen = []
+
+    def spy(plan, **kw):
+        seen.append((len(plan.src), kw.get("stream")))
+        run(plan, **kw)
+
+    monkeypatch.setattr(staging.MemcpyPlan, "run", spy)
+    src_side = Side(src, torch.tensor(S_IDS), src.kv_format)
+    dst_side = Side(dst, torch.tensor(D_IDS), dst.kv_format)
+    run_staged(src_side, dst_side, poisoned_slots(src_side, NHD))
+    copies = [2, 2, 1] if into_device else [2, 1, 1]
+    assert [n for n, _ in seen] == copies  # a copy plan per piece
+    streams = min(3, -(-sum(copies) // per_stream)) if torch.cuda.is_available() else 1
+    assert len({id(stream) for _, stream in seen}) == streams
+    got = torch.stack([block_tensor(dst, b) for b in D_IDS])
+    assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
 def _manager(copy_engine: bool = True):
     from kvblocks.transfer import TransferManager, TransferPreferences
 

@@ -102,6 +102,22 @@ def host_table(
     return table
 
 
+def host_ids(values: Sequence[int]) -> torch.Tensor:
+    """``values`` as a 1-d int64 CPU tensor, built without a torch op.
+
+    On a transfer's path, where the host's work should keep the GIL: a torch op lets it go,
+    and beside a Python thread that never blocks, winning it back takes up to a switch
+    interval (5 ms by default).
+
+    Raises:
+        TypeError, OverflowError: a value that is not an int64.
+    """
+    table = array("q", values)
+    if not table:
+        return torch.tensor([], dtype=torch.int64)
+    return torch.frombuffer(table, dtype=torch.int64)
+
+
 def _first(mask: torch.Tensor) -> int:
     return int(mask.nonzero()[0, 0])
 

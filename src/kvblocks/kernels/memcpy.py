@@ -20,12 +20,16 @@ from dataclasses import dataclass
 import torch
 
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError, KvBlocksError
+from kvblocks.kernels import cuda_calls
 from kvblocks.kernels.addresses import AddressTable, check_disjoint, host_table
 
 _MIN_BATCH_VERSION = 12080  # cudaMemcpyBatchAsync appeared in CUDA 12.8
 # torch's default stream is the null stream (0), which acts as the legacy default stream, as
 # does the handle cudaStreamLegacy (1); cudaStreamPerThread is 2.
 _LEGACY_STREAMS, _PER_THREAD_STREAM = (0, 1), 2
+#: Pairs of pinned or device memory enqueued one call each with the GIL held, at most; more go
+#: as one batch (a call each costs the host about a microsecond, a batch lets the GIL go once).
+GIL_HELD_PAIRS = 256
 
 
 def _runtime():
@@ -80,11 +84,16 @@ class MemcpyPlan:
     sizes: list[int]
     cuda: bool
 
-    def run(self, batched: bool = True, stream: torch.cuda.Stream | None = None) -> None:
+    def run(
+        self, batched: bool = True, stream: torch.cuda.Stream | None = None, pinned: bool = False
+    ) -> None:
         """Enqueue the copies on ``stream`` (default: the current stream).
 
         Args:
             batched: use one ``cudaMemcpyBatchAsync`` where available, else one call per pair.
+            pinned: every span is pinned host memory or device memory: up to
+                ``GIL_HELD_PAIRS`` pairs go one call each through the driver with the GIL
+                held (see :mod:`~kvblocks.kernels.cuda_calls`), whatever ``batched`` says.
         """
         if not self.src:
             return
@@ -92,8 +101,12 @@ class MemcpyPlan:
             for s, d, n in zip(self.src, self.dst, self.sizes, strict=True):
                 ctypes.memmove(d, s, n)
             return
+        stream = stream or torch.cuda.current_stream()
+        if pinned and len(self.src) <= GIL_HELD_PAIRS and cuda_calls.available():
+            cuda_calls.memcpy_async(self.dst, self.src, self.sizes, stream)
+            return
         rt = _runtime()
-        handle = (stream or torch.cuda.current_stream()).cuda_stream
+        handle = stream.cuda_stream
         if batched and has_memcpy_batch_async():
             if handle in _LEGACY_STREAMS:
                 # The batch API refuses the legacy default stream. The per-thread default

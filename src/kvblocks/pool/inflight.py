@@ -21,7 +21,7 @@ from kvblocks.errors import TransferError
 from kvblocks.pool.ready import LayerCopies, ReadyLayers
 from kvblocks.pool.tier import Tier
 from kvblocks.pool.tier_set import TierSet
-from kvblocks.transfer import TransferCompleteNotification
+from kvblocks.transfer import StreamEvent, TransferCompleteNotification
 
 log = logging.getLogger("kvblocks.pool")
 
@@ -41,7 +41,7 @@ class InFlight:
     g1: list[int]
     g2: list[int]
     started: float
-    timing: tuple[torch.cuda.Event, torch.cuda.Event] | None
+    timing: tuple[StreamEvent, StreamEvent] | None
 
 
 class InFlightCopies:
@@ -119,7 +119,7 @@ class InFlightCopies:
         g1.free(flight.g1)
         self._tiers[Tier.G2].pool.free(flight.g2)
         if flight.timing is not None:
-            seconds = flight.timing[0].elapsed_time(flight.timing[1]) / 1e3
+            seconds = flight.timing[0].seconds_until(flight.timing[1])
         else:
             seconds = time.perf_counter() - flight.started
         self._tiers.record_copy(Tier.G2, Tier.G1, len(flight.g1), seconds, True)

@@ -19,10 +19,12 @@ from kvblocks.pool.ready import LayerCopies
 from kvblocks.pool.tier import Tier
 from kvblocks.pool.tier_set import TierSet
 from kvblocks.transfer import (
+    StreamEvent,
     TransferCompleteNotification,
     TransferManager,
     TransferOptions,
     block_checksums,
+    wait_for,
 )
 
 log = logging.getLogger("kvblocks.pool")
@@ -229,12 +231,9 @@ class Onboarder:
         started, timing = time.perf_counter(), None
         try:
             if stream is not None:
-                stream.wait_stream(torch.cuda.current_stream(stream.device))
-                timing = (
-                    torch.cuda.Event(enable_timing=True),
-                    torch.cuda.Event(enable_timing=True),
-                )
-                timing[0].record(stream)
+                wait_for(stream, torch.cuda.current_stream(stream.device))
+                start = StreamEvent.recorded(stream, timing=True)
+                timing = (start, StreamEvent(stream.device, timing=True))
             options = TransferOptions(cuda_stream=stream)
             done = self._transfer.execute_layer_groups(
                 source, src_ids, destination, dst_ids, groups, options

@@ -5,12 +5,15 @@
   (:mod:`~kvblocks.transfer.strategy`) run by :class:`~kvblocks.transfer.runner.Runner`.
 - :class:`TransferOptions`, :class:`TransferCapabilities`, :class:`TransferPreferences`,
   :class:`BounceBuffer`: how to move.
-- :class:`TransferCompleteNotification`: completion to await, wait on, poll or aggregate.
+- :class:`TransferCompleteNotification`: completion to await, wait on, poll or aggregate;
+  :class:`StreamEvent` and :func:`wait_for`: ordering work between CUDA streams with the GIL
+  held (:mod:`~kvblocks.kernels.cuda_calls`).
 - :class:`LayoutHandle`, :class:`WorkerAddress`, :class:`SerializedLayout`: naming layouts
   within and across workers.
 - :mod:`~kvblocks.transfer.verify`: BLAKE3 checksums and fill patterns.
 """
 
+from kvblocks.kernels.cuda_calls import StreamEvent, wait_for
 from kvblocks.transfer.handles import (
     LayoutHandle,
     LogicalLayoutDescriptor,
@@ -45,6 +48,7 @@ __all__ = [
     "NativeVsNixlPolicy",
     "SerializedLayout",
     "Strategy",
+    "StreamEvent",
     "TransferCapabilities",
     "TransferCompleteNotification",
     "TransferConfig",
@@ -57,4 +61,5 @@ __all__ = [
     "block_checksums_as",
     "fill_blocks",
     "layer_checksums",
+    "wait_for",
 ]

@@ -19,6 +19,7 @@ from kvblocks.errors import (
     LengthMismatchError,
     OverlapError,
 )
+from kvblocks.kernels.addresses import host_ids
 from kvblocks.layout import KvBlockLayout, Layout, LayoutConfig
 from kvblocks.storage import PhysicalLayout, StorageKind
 from kvblocks.transfer.executor import Side
@@ -150,22 +151,16 @@ def block_ids(value, num_blocks: int, argument: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         if value.dtype.is_floating_point or value.dtype == torch.bool or value.dim() != 1:
             raise InvalidArgumentError(argument, f"must be a 1-d int tensor, got {value.dtype}")
-        ids = value.detach().to("cpu", torch.int64)
-    else:
-        try:
-            table = array("q", value)  # parsed in C; refuses floats and strings
-        except (TypeError, OverflowError) as exc:
-            raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
-        ids = (
-            torch.frombuffer(table, dtype=torch.int64)
-            if table
-            else torch.zeros(0, dtype=torch.int64)
-        )
-    lowest, highest = map(int, torch.aminmax(ids)) if ids.numel() else (0, 0)
-    if lowest < 0 or highest >= num_blocks:
-        bad = int(ids[(ids < 0) | (ids >= num_blocks)][0])
+        value = value.tolist()
+    try:
+        table = array("q", value)  # parsed in C; refuses floats and strings
+    except (TypeError, OverflowError) as exc:
+        raise InvalidArgumentError(argument, f"must hold ints: {exc}") from None
+    # Checked in Python: a torch op would let the GIL go (see kernels.addresses.host_ids).
+    if table and (min(table) < 0 or max(table) >= num_blocks):
+        bad = next(i for i in table if not 0 <= i < num_blocks)
         raise BlockIdOutOfRangeError(argument, f"must be in [0, {num_blocks}), got {bad}")
-    return ids
+    return host_ids(table)
 
 
 def check_same_shape(a: LayoutConfig, b: LayoutConfig, argument: str = "dst") -> None:

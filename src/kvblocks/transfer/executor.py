@@ -43,6 +43,7 @@ from kvblocks.kernels import (
 )
 from kvblocks.kernels.addresses import StridedTable, common_alignment
 from kvblocks.kernels.copy import copy_step_bytes
+from kvblocks.kernels.cuda_calls import StreamEvent
 from kvblocks.kernels.permutes import permute_step_bytes
 from kvblocks.layout import FullyContiguousLayout, KvBlockLayout, KvDims, LayoutConfig
 from kvblocks.layout.dtypes import DTYPES
@@ -121,7 +122,7 @@ class _Addressing:
     align: int  # the largest power of two up to 16 dividing every chunk and the stride
     #: The copy of ``chunks`` on each GPU, and the event that marks it copied (``None`` once
     #: it has been seen complete).
-    on_device: dict[torch.device, tuple[torch.Tensor, torch.cuda.Event | None]]
+    on_device: dict[torch.device, tuple[torch.Tensor, StreamEvent | None]]
 
     def chunks_on(self, device: torch.device) -> torch.Tensor:
         """``chunks`` on ``device``, for work on its current stream. Copied there once,
@@ -131,21 +132,16 @@ class _Addressing:
             return self.chunks
         if device not in self.on_device:
             copied = self.chunks.pin_memory().to(device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(torch.cuda.current_stream(device))
+            done = StreamEvent.recorded(torch.cuda.current_stream(device))
             self.on_device[device] = (copied, done)
         copied, done = self.on_device[device]
         if done is not None:
             if done.query():
                 self.on_device[device] = (copied, None)
             else:
-                torch.cuda.current_stream(device).wait_event(done)
+                done.wait(torch.cuda.current_stream(device))
         return copied
 
-
-#: What ends a row of ``n`` block ids, by ``n % 2``: nothing, or one id, so that the next row
-#: starts 16-byte aligned.
-_PADS = (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
 
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
 _ADDRESSING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -187,11 +183,11 @@ def _tables(
         n = src.ids.numel()
         odd = n % 2
         # An even row length starts both rows 16-byte aligned whatever the count, so the
-        # kernels (which Triton compiles per pointer alignment) are compiled once. One torch
-        # op per step (each costs the host several microseconds).
-        pad = _PADS[odd]
+        # kernels (which Triton compiles per pointer alignment) are compiled once. Filled
+        # through numpy: a torch op costs the host several microseconds and lets the GIL go.
         staged = torch.empty(2 * (n + odd), dtype=torch.int64, pin_memory=True)
-        torch.cat((src.ids, pad, dst.ids, pad), out=staged)
+        rows = staged.numpy().reshape(2, n + odd)
+        rows[0, :n], rows[1, :n] = src.ids.numpy(), dst.ids.numpy()
         both = staged.to(device, non_blocking=True)
         ids = both.split((n, odd, n, odd))[::2]
     else:

@@ -31,6 +31,7 @@ import torch
 
 from kvblocks.checks import non_negative_int, positive_int
 from kvblocks.errors import BackendUnavailableError, InvalidArgumentError
+from kvblocks.kernels.cuda_calls import wait_for
 from kvblocks.kernels.memcpy import has_cuda_bindings
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout, StorageKind
@@ -498,7 +499,7 @@ class TransferManager:
         if all(plan.strategy.stays_on_gpu for plan in plans) and options.cuda_stream is None:
             # One pool stream for all of them, so that the groups still land in order.
             device, stream = self._runner.gpu_stream(plans[0].hops[0][1], plans[0].hops[-1][2])
-            stream.wait_stream(torch.cuda.current_stream(device))
+            wait_for(stream, torch.cuda.current_stream(device))
             options = replace(options, cuda_stream=stream)
         done = []
         for plan, layers in zip(plans, layer_groups, strict=True):

@@ -3,7 +3,8 @@
 A notification is one of three things:
 
 - ready: the transfer finished before it was returned (or the caller owns synchronization);
-- a CUDA event recorded after the transfer's GPU work;
+- a CUDA event recorded after the transfer's GPU work (a ``torch.cuda.Event`` or a
+  :class:`~kvblocks.kernels.cuda_calls.StreamEvent`);
 - a future of work that runs on a worker thread (disk I/O, host copies, staged transfers).
 
 A transfer that fails completes its notification with a :class:`TransferError`: ``wait()`` and
@@ -19,7 +20,8 @@ from concurrent.futures import wait as wait_futures
 
 import torch
 
-from kvblocks.errors import TransferError
+from kvblocks.errors import KvBlocksError, TransferError
+from kvblocks.kernels.cuda_calls import StreamEvent
 
 
 class TransferCompleteNotification:
@@ -27,7 +29,7 @@ class TransferCompleteNotification:
 
     def __init__(
         self,
-        event: torch.cuda.Event | None = None,
+        event: torch.cuda.Event | StreamEvent | None = None,
         future: Future | None = None,
         error: BaseException | None = None,
         parts: Sequence[TransferCompleteNotification] = (),
@@ -48,7 +50,7 @@ class TransferCompleteNotification:
         return cls(error=_as_transfer_error(error))
 
     @classmethod
-    def from_event(cls, event: torch.cuda.Event) -> TransferCompleteNotification:
+    def from_event(cls, event: torch.cuda.Event | StreamEvent) -> TransferCompleteNotification:
         """Complete when the GPU reaches ``event``."""
         return cls(event=event)
 
@@ -110,7 +112,7 @@ class TransferCompleteNotification:
         if self._event is not None:
             try:
                 self._event.synchronize()
-            except RuntimeError as exc:
+            except (RuntimeError, KvBlocksError) as exc:
                 raise TransferError(f"the transfer's GPU work failed: {exc}") from exc
             return
         if self._future is not None:

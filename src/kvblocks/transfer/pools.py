@@ -10,14 +10,15 @@ from typing import TypeVar
 import torch
 
 from kvblocks.errors import InvalidArgumentError
+from kvblocks.kernels.cuda_calls import StreamEvent
 
 T = TypeVar("T")
 
 H2D_STREAMS = 4
 D2H_STREAMS = 4
 #: Sets of streams for the copy-engine steps of staged transfers, and streams in a set: a
-#: transfer spreads its copies over a set, since a stream holds about a thousand queued copies
-#: before the host blocks on it (H100), and scattered pinned blocks make many copies.
+#: transfer with many copies spreads them over a set, since a stream holds about a thousand
+#: queued copies before the host blocks on it (H100), and scattered pinned blocks make many.
 COPY_STREAM_SETS, COPY_STREAMS = 2, 4
 
 
@@ -137,7 +138,7 @@ class DeviceMemoryPool:
         with self._lock:
             self._keep(self._take_back(buffer))
 
-    def release_after(self, buffer: torch.Tensor, done: torch.cuda.Event) -> None:
+    def release_after(self, buffer: torch.Tensor, done: StreamEvent) -> None:
         """Give a buffer back that GPU work still uses: it is reused once ``done`` (an event
         recorded after that work) has completed."""
         with self._lock:

@@ -15,6 +15,7 @@ from dataclasses import replace
 import torch
 
 from kvblocks.errors import InvalidArgumentError, TransferError
+from kvblocks.kernels.cuda_calls import StreamEvent, wait_for
 from kvblocks.layout import LayoutConfig
 from kvblocks.remote import NixlAgent
 from kvblocks.storage import PhysicalLayout
@@ -103,7 +104,7 @@ class Runner:
                 )
         stream = caller or stream  # the pool's stream is skipped then
         if caller is None:
-            stream.wait_stream(torch.cuda.current_stream(device))
+            wait_for(stream, torch.cuda.current_stream(device))
         marks = marks or caller is None
         with torch.cuda.stream(stream):  # makes the stream's device current, too
             if plan.strategy is Strategy.STAGED:
@@ -114,8 +115,7 @@ class Runner:
                 for layers in groups:
                     _run_gpu_hop(hop, layers, device, stream, check_overlap)
                     if marks:
-                        events.append(torch.cuda.Event())
-                        events[-1].record(stream)
+                        events.append(StreamEvent.recorded(stream))
         if not marks:
             return [TransferCompleteNotification.ready() for _ in groups]
         return [TransferCompleteNotification.from_event(event) for event in events]
@@ -134,8 +134,7 @@ class Runner:
         given, else through a buffer of the pool."""
         after = None
         if self._streams is not None:
-            after = torch.cuda.Event()
-            after.record(torch.cuda.current_stream(self._device))
+            after = StreamEvent.recorded(torch.cuda.current_stream(self._device))
         future = self._workers.submit(
             self._run_steps, plan, src, layers, after, check_overlap, bounce, message
         )
@@ -148,7 +147,7 @@ class Runner:
 
     def _staged_on(
         self, plan: Route, groups: list[range], stream: torch.cuda.Stream
-    ) -> list[torch.cuda.Event]:
+    ) -> list[StreamEvent]:
         """Enqueue a staged transfer of layer ``groups`` on ``stream`` (and a set of copy
         streams of the pool), through slots from the memory pool; returns an event per group
         that marks it done."""
@@ -163,8 +162,7 @@ class Runner:
             )
 
         done = run_staged(src, dst, slots, stream, self._streams.copies(), groups)
-        finished = torch.cuda.Event()  # on the stream that waits for every step
-        finished.record(stream)
+        finished = StreamEvent.recorded(stream)  # on the stream that waits for every step
         pool.release_after(buffer, finished)
         return done
 
@@ -173,7 +171,7 @@ class Runner:
         plan: Route,
         src: Side,
         layers: range,
-        after: torch.cuda.Event | None,
+        after: StreamEvent | None,
         check_overlap: bool,
         bounce: Side | None,
         message: bytes | None,
@@ -193,7 +191,7 @@ class Runner:
                     device, stream = self.gpu_stream(hop.src, hop.dst)
                     with torch.cuda.device(device):
                         if after is not None:
-                            stream.wait_event(after)
+                            after.wait(stream)
                         with torch.cuda.stream(stream):
                             _run_gpu_hop(hop, layers, device, stream, check_overlap)
                         stream.synchronize()

@@ -15,9 +15,10 @@ device layout, or gathers them from it, at device-memory speed.
 The blocks go in pieces of ``blocks_per_piece`` through two slots in turn, so that the kernel
 works on one slot while the copy engine fills or drains the other: the copy engine sets the
 pace, and the kernel adds only its time for the last piece. Every step is enqueued on CUDA
-streams with GPU-side waits. The pieces' copies go round a set of copy streams, each piece's
-after the last one's: a stream holds about a thousand queued copies before the host blocks on
-it (H100), and scattered pinned blocks make a copy per block and layer group.
+streams with GPU-side waits. The pieces' copies go on one copy stream, or where they are many
+round a set of them, each piece's after the last one's: a stream holds about a thousand
+queued copies before the host blocks on it (H100), and scattered pinned blocks make a copy
+per block and layer group.
 
 A transfer of some layers of each block, changing their format on the way (an engine taking a
 block's first layers before the rest), is staged too: the slots' blocks hold those layers only,
@@ -30,6 +31,11 @@ and the operational formats: one).
 Layer groups (``TransferManager.execute_layer_groups``) go through one set of slots, group
 after group, each group's pieces right behind the previous group's, with an event at the end
 of each group.
+
+The host plans in Python lists and enqueues through :mod:`~kvblocks.kernels.cuda_calls`:
+every torch op and torch stream call lets the GIL go, and beside a Python thread that never
+blocks each of them waits up to a switch interval (5 ms) to have it back. What is left per
+piece is its kernel's launch.
 """
 
 from __future__ import annotations
@@ -43,7 +49,8 @@ import torch
 
 from kvblocks.errors import LayoutFormatError
 from kvblocks.kernels import CopyPlan, Operand, PermutePlan
-from kvblocks.kernels.addresses import StridedTable
+from kvblocks.kernels.addresses import StridedTable, host_ids
+from kvblocks.kernels.cuda_calls import StreamEvent
 from kvblocks.kernels.memcpy import MemcpyPlan, PitchedCopyPlan
 from kvblocks.layout import BlockDim, FullyContiguousLayout, KvBlockLayout, LayoutConfig
 from kvblocks.storage import MemoryAllocation, PhysicalLayout, StorageKind
@@ -51,6 +58,9 @@ from kvblocks.transfer.executor import Side, dims_of, gpu_plan, permute_tables
 
 #: Bytes of blocks in one slot, at most (a slot holds one block at least).
 PIECE_BYTES = 64 << 20
+#: Copies one copy stream is given, at most: a stream holds about a thousand queued copies
+#: before the host blocks on it (H100).
+COPIES_PER_STREAM = 256
 
 
 def blocks_per_piece(side: Side, layers: range | None = None) -> int:
@@ -99,7 +109,7 @@ def run_staged(
     stream: torch.cuda.Stream | None,
     copy_streams: Sequence[torch.cuda.Stream],
     groups: Sequence[range] | None = None,
-) -> list[torch.cuda.Event]:
+) -> list[StreamEvent]:
     """Move blocks ``src.ids`` into ``dst.ids`` through slots, one layer group after another
     (default: every layer at once).
 
@@ -117,8 +127,8 @@ def run_staged(
             after: it must already follow the work the transfer waits for, and work queued on
             it later sees the transfer done. ``None`` on a machine without a GPU, where every
             step runs at once, in order.
-        copy_streams: streams for the copy engine's steps, used in turn (none without a
-            GPU).
+        copy_streams: streams for the copy engine's steps, used in turn, as many as the
+            copies need (none without a GPU).
         groups: layer ranges, moved in this order.
 
     Returns:
@@ -141,12 +151,13 @@ def run_staged(
             for work in (step.copies, step.kernel) if into_gpu else (step.kernel, step.copies):
                 work().run()
         return []
-    for copy_stream in copy_streams:
-        copy_stream.wait_stream(stream)
-    copies = _CopyOrder(copy_streams)
-    done = _into_gpu(steps, stream, copies) if into_gpu else _out_of_gpu(steps, stream, copies)
-    for copy_stream in copy_streams:
-        stream.wait_stream(copy_stream)
+    count = sum(step.group.copies.count(step.first, step.end) for step in steps)
+    copy_streams = copy_streams[: max(1, min(len(copy_streams), -(-count // COPIES_PER_STREAM)))]
+    copies = _CopyOrder(copy_streams, StreamEvent.recorded(stream))
+    if into_gpu:  # every kernel waited for its copies
+        return _into_gpu(steps, stream, copies)
+    done = _out_of_gpu(steps, stream, copies)
+    copies.copied[-1].wait(stream)  # the last copies came after all others
     return done
 
 
@@ -156,9 +167,10 @@ def _steps(
     """The pieces of each layer group in turn. The blocks go in the order of their pinned
     ids, so that neighbours in pinned memory are neighbours in the slots too and go as one
     copy (a pool hands out runs of ids, in any order)."""
-    pinned = src if into_gpu else dst
-    order = torch.argsort(pinned.ids)
-    src, dst = replace(src, ids=src.ids[order]), replace(dst, ids=dst.ids[order])
+    pinned = (src if into_gpu else dst).ids.tolist()
+    if any(a > b for a, b in zip(pinned, pinned[1:], strict=False)):
+        order = sorted(range(len(pinned)), key=pinned.__getitem__)
+        src, dst = (replace(side, ids=_reordered(side.ids, order)) for side in (src, dst))
     pinned_at = _block_addresses(src if into_gpu else dst)
     return [
         _Step(group, first, end)
@@ -178,7 +190,7 @@ class _Group:
         dst: Side,
         layers: range,
         slots: SlotLayouts,
-        pinned_at: torch.Tensor,
+        pinned_at: list[int],
         into_gpu: bool,
     ) -> None:
         self.layers = layers
@@ -186,9 +198,9 @@ class _Group:
         physical = slots(slot_config(src, layers))
         # Block i of the transfer goes through block (i % per_piece) of slot
         # (i // per_piece) % 2.
-        index = torch.arange(src.ids.numel())
-        slot_ids = (index // self.per_piece % 2) * self.per_piece + index % self.per_piece
-        self.slot = Side(physical, slot_ids, physical.kv_format)
+        per = self.per_piece
+        slot_ids = [(i // per % 2) * per + i % per for i in range(src.ids.numel())]
+        self.slot = Side(physical, host_ids(slot_ids), physical.kv_format)
         pinned = src if into_gpu else dst
         self.copies = _Copies(pinned, pinned_at, self.slot, layers, self.per_piece, into_gpu)
         self._ends = (self.slot, dst) if into_gpu else (src, self.slot)
@@ -243,28 +255,36 @@ def _behind(steps: list[_Step], i: int) -> int:
 
 
 class _CopyOrder:
-    """Enqueues the steps' copies round ``streams``, each step's after the previous step's
-    (and after an event it names), and records when each step's copies end."""
+    """Enqueues the steps' copies round ``streams``, the first step's after ``start``, each
+    later step's after the previous step's (and after an event it names), and records when
+    each step's copies end."""
 
-    def __init__(self, streams: Sequence[torch.cuda.Stream]) -> None:
+    def __init__(self, streams: Sequence[torch.cuda.Stream], start: StreamEvent) -> None:
         self._streams = streams
-        self.copied: list[torch.cuda.Event] = []
+        self._start = start
+        self.copied: list[StreamEvent] = []
 
-    def run(self, step: _Step, after: torch.cuda.Event | None) -> None:
+    def run(self, step: _Step, after: StreamEvent | None) -> None:
         """Enqueue ``step``'s copies behind ``after`` (None: nothing more to wait for)."""
         i = len(self.copied)
         copy_stream = self._streams[i % len(self._streams)]
         if after is not None:
-            copy_stream.wait_event(after)
-        if i > 0 and len(self._streams) > 1:
-            copy_stream.wait_event(self.copied[-1])
-        step.copies().run(stream=copy_stream)
-        self.copied.append(_recorded(copy_stream))
+            after.wait(copy_stream)
+        if i == 0:
+            self._start.wait(copy_stream)
+        elif len(self._streams) > 1:  # one stream keeps the order by itself
+            self.copied[-1].wait(copy_stream)
+        plan = step.copies()
+        if isinstance(plan, MemcpyPlan):
+            plan.run(stream=copy_stream, pinned=True)
+        else:
+            plan.run(stream=copy_stream)
+        self.copied.append(StreamEvent.recorded(copy_stream))
 
 
 def _into_gpu(
     steps: list[_Step], stream: torch.cuda.Stream, copies: _CopyOrder
-) -> list[torch.cuda.Event]:
+) -> list[StreamEvent]:
     """Enqueue the copy engine into the slots and the kernel out of them, step by step; returns
     an event per group, recorded after its last kernel.
 
@@ -273,8 +293,8 @@ def _into_gpu(
     enqueued right after that kernel, so that the copy engine never waits for the host's
     planning of a later kernel. The first copies are enqueued before any kernel is planned.
     """
-    placed: list[torch.cuda.Event] = []
-    done: list[torch.cuda.Event] = []
+    placed: list[StreamEvent] = []
+    done: list[StreamEvent] = []
 
     def copy_what_can_go() -> None:
         """Enqueue the copies of the next steps whose slots' kernels are enqueued."""
@@ -287,10 +307,10 @@ def _into_gpu(
 
     copy_what_can_go()
     for i, step in enumerate(steps):
-        stream.wait_event(copies.copied[i])
+        copies.copied[i].wait(stream)
         with torch.cuda.stream(stream):
             step.kernel().run()
-        placed.append(_recorded(stream))
+        placed.append(StreamEvent.recorded(stream))
         if i + 1 == len(steps) or steps[i + 1].group is not step.group:
             done.append(placed[-1])
         copy_what_can_go()
@@ -299,31 +319,24 @@ def _into_gpu(
 
 def _out_of_gpu(
     steps: list[_Step], stream: torch.cuda.Stream, copies: _CopyOrder
-) -> list[torch.cuda.Event]:
+) -> list[StreamEvent]:
     """Enqueue the kernel into the slots and the copy engine out of them, step by step;
     returns an event per group, recorded after its last copies.
 
     Step ``i``'s kernel waits for the copies of the last step that used its slot (see
     :func:`_behind`) to have taken that slot's blocks out.
     """
-    done: list[torch.cuda.Event] = []
+    done: list[StreamEvent] = []
     for i, step in enumerate(steps):
         before = i - _behind(steps, i)
         if before >= 0:
-            stream.wait_event(copies.copied[before])
+            copies.copied[before].wait(stream)
         with torch.cuda.stream(stream):
             step.kernel().run()
-        copies.run(step, _recorded(stream))
+        copies.run(step, StreamEvent.recorded(stream))
         if i + 1 == len(steps) or steps[i + 1].group is not step.group:
             done.append(copies.copied[-1])
     return done
-
-
-def _recorded(stream: torch.cuda.Stream) -> torch.cuda.Event:
-    """A new event, recorded on ``stream``."""
-    event = torch.cuda.Event()
-    event.record(stream)
-    return event
 
 
 def _kernel(src: Side, dst: Side, layers: range, device: torch.device) -> CopyPlan | PermutePlan:
@@ -356,7 +369,7 @@ class _Copies:
     def __init__(
         self,
         pinned: Side,
-        pinned_at: torch.Tensor,
+        pinned_at: list[int],
         slot: Side,
         layers: range,
         per_piece: int,
@@ -374,15 +387,24 @@ class _Copies:
             rows, run = _layer_rows(config, pinned.fmt)
             self._rows, self._width = rows, len(layers) * run
             self._pinned_pitch = config.num_layers * run
-            pinned_at = pinned_at + layers.start * run  # where the moved layers start
+            pinned_at = [at + layers.start * run for at in pinned_at]  # the moved layers' start
             pinned_step, slot_step = rows * self._pinned_pitch, rows * self._width
-        goes_on = (pinned_at.diff() == pinned_step) & (slot_at.diff() == slot_step)
-        goes_on &= torch.arange(1, pinned_at.numel()) % per_piece != 0  # pieces go apart
-        breaks = goes_on.logical_not().nonzero()[:, 0] + 1
-        starts = torch.cat((torch.zeros(1, dtype=torch.int64), breaks))
-        self._starts = starts.tolist()
-        self._blocks = torch.diff(starts, append=torch.tensor([pinned_at.numel()])).tolist()
-        self._pinned, self._slot = pinned_at[starts].tolist(), slot_at[starts].tolist()
+        n = len(pinned_at)
+        starts = [0] + [
+            i
+            for i in range(1, n)
+            if i % per_piece == 0  # pieces go apart
+            or pinned_at[i] - pinned_at[i - 1] != pinned_step
+            or slot_at[i] - slot_at[i - 1] != slot_step
+        ]
+        self._starts = starts
+        self._blocks = [end - first for first, end in zip(starts, starts[1:] + [n], strict=True)]
+        self._pinned = [pinned_at[i] for i in starts]
+        self._slot = [slot_at[i] for i in starts]
+
+    def count(self, first: int, end: int) -> int:
+        """How many copies the piece of blocks ``[first, end)`` makes."""
+        return bisect.bisect_left(self._starts, end) - bisect.bisect_left(self._starts, first)
 
     def part(self, first: int, end: int) -> MemcpyPlan | PitchedCopyPlan:
         """The copies of the piece of blocks ``[first, end)`` of the transfer."""
@@ -410,11 +432,17 @@ def _layer_rows(config: LayoutConfig, fmt: KvBlockLayout) -> tuple[int, int]:
     return rows, run
 
 
-def _block_addresses(side: Side) -> torch.Tensor:
-    """Where each of ``side``'s blocks starts (its layout is fully contiguous): int64, on the
-    CPU."""
+def _block_addresses(side: Side) -> list[int]:
+    """Where each of ``side``'s blocks starts (its layout is fully contiguous)."""
     layout = side.physical.layout
-    return layout.memory[0].addr + side.ids * layout.block_stride
+    base, stride = layout.memory[0].addr, layout.block_stride
+    return [base + i * stride for i in side.ids.tolist()]
+
+
+def _reordered(ids: torch.Tensor, order: list[int]) -> torch.Tensor:
+    """``ids[order]``, built without a torch op (see the module docstring)."""
+    values = ids.tolist()
+    return host_ids([values[i] for i in order])
 
 
 def _part(step: CopyPlan | PermutePlan, first: int, end: int) -> CopyPlan | PermutePlan:

@@ -214,9 +214,9 @@ def _copies_keep_up(pinned: Side, layers: range) -> bool:
     config = pinned.config
     if len(layers) == config.num_layers:
         return True
-    ids = pinned.ids.sort().values
-    runs = 1 + int((ids.diff() != 1).sum())
-    nbytes = ids.numel() * len(layers) * config.outer_dim * config.region_bytes
+    ids = sorted(pinned.ids.tolist())  # not torch ops, which let the GIL go
+    runs = 1 + sum(b - a != 1 for a, b in zip(ids, ids[1:], strict=False))
+    nbytes = len(ids) * len(layers) * config.outer_dim * config.region_bytes
     return nbytes >= runs * STAGED_MIN_COPY_BYTES
 
 
