@@ -293,7 +293,7 @@ def run_copy_engine(
     follow one another on both sides as one copy."""
     s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
     plan = plan_memcpy(s.expand(), d.expand(), size, check_overlap, merge=True)
-    plan.run(batched=True, stream=stream)
+    plan.run(batched=True, stream=stream, pinned=True)  # both sides are GPU-reachable
 
 
 def run_host(hop: Hop, layers: range, pool: Executor | None) -> None:
