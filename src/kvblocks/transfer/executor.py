@@ -143,6 +143,10 @@ class _Addressing:
         return copied
 
 
+#: What ends a row of ``n`` block ids, by ``n % 2``: nothing, or one id, so that the next row
+#: starts 16-byte aligned.
+_PADS = (torch.zeros(0, dtype=torch.int64), torch.zeros(1, dtype=torch.int64))
+
 #: Per layout (dropped with it), per (first layer, end layer, whole blocks).
 _ADDRESSING: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -183,11 +187,11 @@ def _tables(
         n = src.ids.numel()
         odd = n % 2
         # An even row length starts both rows 16-byte aligned whatever the count, so the
-        # kernels (which Triton compiles per pointer alignment) are compiled once. Filled
-        # through numpy: a torch op costs the host several microseconds and lets the GIL go.
+        # kernels (which Triton compiles per pointer alignment) are compiled once. One torch
+        # op per step (each costs the host several microseconds, and lets the GIL go).
+        pad = _PADS[odd]
         staged = torch.empty(2 * (n + odd), dtype=torch.int64, pin_memory=True)
-        rows = staged.numpy().reshape(2, n + odd)
-        rows[0, :n], rows[1, :n] = src.ids.numpy(), dst.ids.numpy()
+        torch.cat((src.ids, pad, dst.ids, pad), out=staged)
         both = staged.to(device, non_blocking=True)
         ids = both.split((n, odd, n, odd))[::2]
     else:
