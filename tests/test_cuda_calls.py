@@ -1,7 +1,8 @@
 """CUDA calls made with the GIL held (kvblocks.kernels.cuda_calls): events that order streams,
 copies between pinned and device memory, timing, and that none of them hands the GIL to a
 busy Python thread. Without a GPU they are unavailable and say so; ``host_ids`` builds the
-transfers' id tensors without torch ops, everywhere."""
+transfers' id tensors and ``StridedTable.entries`` their address lists without torch ops,
+everywhere."""
 
 import sys
 import threading
@@ -13,7 +14,7 @@ import torch
 
 from kvblocks.errors import BackendUnavailableError, KvBlocksError
 from kvblocks.kernels import cuda_calls
-from kvblocks.kernels.addresses import host_ids
+from kvblocks.kernels.addresses import StridedTable, host_ids
 from kvblocks.kernels.cuda_calls import StreamEvent, memcpy_async, wait_for
 
 POISON = 0xAB
@@ -168,3 +169,15 @@ def test_the_calls_keep_the_gil_beside_a_busy_python_thread():
     stream.synchronize()
     assert torch.equal(dst.cpu(), src)
     assert seconds < 0.1, f"{seconds * 1e3:.0f} ms"
+
+
+@pytest.mark.parametrize(("blocks", "per_block"), [(1, 1), (7, 1), (5, 6), (0, 3)])
+def test_strided_table_entries_are_its_expansion(blocks, per_block):
+    """``entries`` (Python ints, for NIXL's and the disk's descriptors) holds what ``expand``
+    does, block-major."""
+    gen = torch.Generator().manual_seed(blocks * 10 + per_block)
+    ids = torch.randint(0, 1000, (blocks,), generator=gen)
+    bases = torch.randint(1, 1 << 40, (per_block,), generator=gen)
+    table = StridedTable(ids, bases, 4096)
+    assert table.entries() == table.expand().tolist()
+    assert len(table.entries()) == len(table)

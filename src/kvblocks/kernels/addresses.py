@@ -59,6 +59,12 @@ class StridedTable:
         """The flat table: ``[len(self)]`` int64, block-major, on the tables' device."""
         return (self.ids[:, None] * self.stride + self.bases[None, :]).reshape(-1)
 
+    def entries(self) -> list[int]:
+        """The flat table as Python ints, block-major (both tensors on the CPU): what
+        :meth:`expand` holds, built without a torch op (see :func:`host_ids`)."""
+        bases, stride = self.bases.tolist(), self.stride
+        return [i * stride + b for i in self.ids.tolist() for b in bases]
+
     def kernel_args(self) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         """What kernels take for one table: ``ids, bases, stride, per_block``."""
         return self.ids, self.bases, self.stride, self.per_block

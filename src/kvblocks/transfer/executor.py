@@ -339,10 +339,7 @@ def run_disk(hop: Hop, layers: range, pool: Executor | None) -> None:
         (hop.src, hop.dst) if hop.kind is HopKind.DISK_READ else (hop.dst, hop.src)
     )
     offsets, memory, size, _ = copy_pairs(file_side, memory_side, layers)
-    spans = [
-        (o, a, size)
-        for o, a in zip(offsets.expand().tolist(), memory.expand().tolist(), strict=True)
-    ]
+    spans = [(o, a, size) for o, a in zip(offsets.entries(), memory.entries(), strict=True)]
     disk = file_side.physical.file
     if hop.kind is HopKind.DISK_READ:
         disk.read(spans, pool)
@@ -359,7 +356,7 @@ def run_nixl(
     local = hop.dst if read else hop.src
     s, d, size, _ = copy_pairs(hop.src, hop.dst, layers)
     local_addrs, remote_addrs = (d, s) if read else (s, d)
-    pairs = zip(remote_addrs.expand().tolist(), local_addrs.expand().tolist(), strict=True)
+    pairs = zip(remote_addrs.entries(), local_addrs.entries(), strict=True)
     spans = merge_spans((r, a, size) for r, a in pairs)
     kind, device_id = memory_of(local.physical.device)
     remote = [(r, n, target.device_id) for r, _, n in spans]
