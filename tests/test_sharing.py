@@ -31,6 +31,7 @@ from kvblocks.pool import (
     BlockStored,
     ReadSplit,
     Tier,
+    g4,
     prefetch,
     prometheus_registry,
     read_split,
@@ -52,6 +53,7 @@ from tests.test_manager import (
     BS,
     check_all_pools,
     evict_g1,
+    flip_g3_byte,
     make_config,
     recording_publisher,
     tokens_of,
@@ -643,6 +645,64 @@ def mixed_here_and_at_a_peer(tmp_path, seed: int):
 
 
 @needs_nixl
+def test_a_lookup_reads_the_disks_blocks_while_the_peers_are_read(tmp_path, monkeypatch):
+    """Blocks 3 to 5 in G3 only here, 6 in G2, 7 on at the peer: while the peer's block (G2's
+    8 blocks leave room for one) waits at a gate, the disk's come into G2; once the gate
+    opens, the lookup returns the whole prefix, every block as cached."""
+    here, there, _, tokens, expected, kv = mixed_here_and_at_a_peer(tmp_path, 45)
+    with here, there:
+        poison_g1(here)
+        gate = threading.Event()
+        read = g4.PeerReads._read
+
+        def gated(peer_reads, *args):
+            assert gate.wait(10), "the test left the gate of the peer's reads shut"
+            return read(peer_reads, *args)
+
+        monkeypatch.setattr(g4.PeerReads, "_read", gated)
+        hits = []
+        lookup = threading.Thread(target=lambda: hits.append(here.lookup(tokens)))
+        lookup.start()
+        deadline = time.monotonic() + 5
+        while here.metrics.onboard_blocks[(Tier.G3, Tier.G2)] < 3:
+            assert time.monotonic() < deadline, "the disk was not read beside the peer"
+            time.sleep(0.005)
+        assert lookup.is_alive()
+        gate.set()
+        lookup.join(timeout=10)
+        (hit,) = hits
+        assert hit.from_tier == {Tier.G1: 0, Tier.G2: 4, Tier.G3: 3, Tier.G4: 1}
+        assert hit.misses == 2
+        sums = block_checksums(here.layout(Tier.G1), hit.block_ids[:7])
+        assert sums == [expected[h] for h in hit.hashes[:7]]
+        assert_g1_holds(here, hit.block_ids[7:], [t[7:8] for t in kv])
+        here.free(hit.block_ids)
+        assert let_go(there)
+        assert held(here, Tier.G2) == 0
+
+
+@needs_nixl
+def test_a_bad_disk_block_ends_the_prefix_before_the_peers_blocks_read_beside_it(tmp_path):
+    """Block 4's G3 copy is corrupt: the lookup ends its prefix there; the peer's block, read
+    meanwhile, is not held (it stays cached in G2 for a later lookup)."""
+    here, there, _, tokens, expected, _ = mixed_here_and_at_a_peer(tmp_path, 46)
+    with here, there:
+        hashes = sequence_hashes(tokens, BS)
+        flip_g3_byte(here, hashes[4], 5)
+        poison_g1(here)
+        hit = here.lookup(tokens)
+        assert hit.from_tier == {Tier.G1: 0, Tier.G2: 3, Tier.G3: 1}
+        assert hit.misses == 6 and here.metrics.corrupt_blocks == 1
+        sums = block_checksums(here.layout(Tier.G1), hit.block_ids)
+        assert sums == [expected[h] for h in hit.hashes]
+        assert here.metrics.onboard_blocks[(Tier.G4, Tier.G2)] == 1
+        assert here.locate(tokens)[7] is Tier.G2
+        here.free(hit.block_ids)
+        assert let_go(there)
+        assert held(here, Tier.G2) == 0
+
+
+@needs_nixl
 def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_path, monkeypatch):
     """Blocks 0 to 6 as MIXED, 7 to 9 at the peer: the split from block 3 weighs the disk's
     blocks and the peer's, each at its rate and both read at once, against computing."""
@@ -685,10 +745,10 @@ def test_read_split_counts_the_blocks_a_peer_caches_after_the_local_ones(tmp_pat
 @pytest.mark.parametrize(
     ("disk_s", "peer_s", "choice"),
     [
-        (1.0, 1.0, None),  # read 3 + 3 blocks in 6 s, or compute 3 to 9 in 14 s
+        (1.0, 1.0, None),  # read 3 and 3 blocks at once in 3 s, or compute 3 to 9 in 14 s
         (1.0, 4.0, WITHOUT_PEERS),  # read 3 blocks, compute 7 to 9: 9 s
         (4.0, 1.0, WITHOUT_DISK),  # the peer brings 3 to 9 in 7 s
-        (4.0, 4.0, frozenset({Tier.G2})),  # compute 3 to 9: 14 s
+        (4.0, 5.0, frozenset({Tier.G2})),  # compute 3 to 9: 14 s (read both: 15 s)
         (4.0, None, WITHOUT_DISK),  # the peers' rate is not known: read them to measure it
     ],
 )

@@ -7,6 +7,8 @@ blocks from the peer that caches the most of them (:class:`PeerReads`), and G2 a
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
 from kvblocks.errors import InvalidArgumentError, KvBlocksError
 from kvblocks.pool.block_pool import BlockPool
@@ -15,6 +17,34 @@ from kvblocks.pool.peer_set import Peer, PeerSet
 from kvblocks.pool.sharing import BlockChain, Lease
 from kvblocks.pool.tier import Tier
 from kvblocks.pool.tier_set import ChainInfo, TierSet
+
+
+@dataclass(frozen=True)
+class _LocalPrefix:
+    """The part of a prefix that the local tiers cache, from a fetch's start on: it ends at
+    block ``end``; ``kept``, its G2 blocks, are held until the fetch ends; ``on_disk`` of its
+    blocks only G3 caches; G1 and G2 have room for ``room`` blocks after it."""
+
+    end: int
+    kept: list[int]
+    on_disk: int
+    room: int
+
+
+@dataclass(frozen=True)
+class PeerFetch:
+    """A fetch from the peers (:meth:`PeerReads.start`): the blocks before ``local_end`` are
+    the local tiers' part, and ``future`` gives what :meth:`PeerReads.fetch` returns."""
+
+    local_end: int
+    future: Future
+
+    def result_quietly(self) -> dict[int, int]:
+        """The fetch's result once it ends, or nothing where it failed."""
+        try:
+            return self.future.result()
+        except Exception:
+            return {}
 
 
 class PeerReads:
@@ -28,6 +58,7 @@ class PeerReads:
     def __init__(self, tiers: TierSet, peers: PeerSet) -> None:
         self._tiers = tiers
         self._peers = peers
+        self._threads = ThreadPoolExecutor(2, thread_name_prefix="kvblocks-peer-reads")
 
     def fetch(
         self,
@@ -43,6 +74,38 @@ class PeerReads:
         blocks are held meanwhile, and room is left in G2 to stage its G3 blocks, so that the
         read does not evict the prefix it extends. Returns hash -> G2 block, each held once
         more for the caller."""
+        local = self._local_prefix(hashes, start, sources)
+        return self._fetch_after(local, hashes, token_ids, ask_peer)
+
+    def start(
+        self,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        start: int,
+        ask_peer: str | None,
+        sources: Collection[Tier],
+    ) -> PeerFetch:
+        """:meth:`fetch`, on a thread of its own where the local part has blocks to read from
+        G3 (so that the caller reads those meanwhile), else here and now."""
+        local = self._local_prefix(hashes, start, sources)
+        if local.on_disk:
+            future = self._threads.submit(self._fetch_after, local, hashes, token_ids, ask_peer)
+            return PeerFetch(local.end, future)
+        done: Future = Future()
+        try:
+            done.set_result(self._fetch_after(local, hashes, token_ids, ask_peer))
+        except BaseException as exc:
+            done.set_exception(exc)
+        return PeerFetch(local.end, done)
+
+    def close(self) -> None:
+        """Wait for the fetches under way and stop their threads."""
+        self._threads.shutdown(wait=True)
+
+    def _local_prefix(
+        self, hashes: list[int], start: int, sources: Collection[Tier]
+    ) -> _LocalPrefix:
+        """The local tiers' part of ``hashes[start:]``, its G2 blocks held."""
         tiers = self._tiers
         g1, g2 = tiers[Tier.G1].pool, tiers[Tier.G2].pool
         g3 = tiers[Tier.G3].pool if Tier.G3 in tiers and Tier.G3 in sources else None
@@ -60,19 +123,29 @@ class PeerReads:
             g2.acquire(kept)
             end = start + len(kept) + on_disk
             room = min(g1.num_available - (end - start), g2.num_available - on_disk)
+        return _LocalPrefix(end, kept, on_disk, room)
+
+    def _fetch_after(
+        self,
+        local: _LocalPrefix,
+        hashes: list[int],
+        token_ids: Sequence[int],
+        ask_peer: str | None,
+    ) -> dict[int, int]:
+        """:meth:`fetch`'s reads after ``local``; lets ``local``'s G2 blocks go."""
         try:
-            wanted = hashes[end : end + max(room, 0)]
+            wanted = hashes[local.end : local.end + max(local.room, 0)]
             leased = self._peers.lease_longest(wanted, ask_peer) if wanted else None
             if leased is None:
                 return {}
             peer, lease = leased
             try:
-                return self._read(peer, lease, hashes, token_ids, end)
+                return self._read(peer, lease, hashes, token_ids, local.end)
             finally:
                 self._peers.let_go_later(peer, lease)
         finally:
-            with tiers.lock:
-                g2.free(kept)
+            with self._tiers.lock:
+                self._tiers[Tier.G2].pool.free(local.kept)
 
     def _read(
         self, peer: Peer, lease: Lease, hashes: list[int], token_ids: Sequence[int], at: int

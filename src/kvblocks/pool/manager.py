@@ -416,9 +416,9 @@ class BlockManager:
         G1 hits are shared; G2 and G3 hits are copied into newly allocated G1 blocks (as many
         as G1 can make room for), G3 blocks through G2 with their checksums checked. Where the
         local tiers' prefix ends, the peers (:meth:`add_peer`) are asked for the blocks that
-        follow, which are read into G2 (and stay cached there) and copied on into G1. The
-        returned blocks are held for the caller; with ``wait`` their bytes are in place on
-        return.
+        follow, which are read into G2 (and stay cached there; on a thread of the manager's,
+        at the same time as the local part's G3 blocks) and copied on into G1. The returned
+        blocks are held for the caller; with ``wait`` their bytes are in place on return.
 
         With ``wait=False`` the copies from G2 into G1 are only issued: on a stream of the
         manager's (after the work queued so far on the current stream), in
@@ -581,20 +581,34 @@ class BlockManager:
     ) -> dict[Tier, int]:
         """Extend the held G1 prefix ``held`` (in place) with the blocks after it that the
         tiers of ``sources`` cache (G2, G3, or a peer: G4); returns how many blocks came from
-        each tier."""
-        fetched = {}
-        if self._peers and Tier.G4 in sources:
-            fetched = self._peer_reads.fetch(hashes, token_ids, len(held), ask_peer, sources)
+        each tier. Where the local part has G3 blocks, a peer's blocks after it are read at
+        the same time as those, and copied into G1 after them."""
+        from_tier = {Tier.G1: len(held)}
+        if not (self._peers and Tier.G4 in sources):
+            held += self._onboarder.onboard(hashes[len(held) :], {}, from_tier, groups, sources)
+            return from_tier
+        fetch = self._peer_reads.start(hashes, token_ids, len(held), ask_peer, sources)
         try:
-            from_tier = {Tier.G1: len(held)}
+            if not fetch.future.done():  # the peer's blocks are read while the disk's are
+                local = hashes[len(held) : fetch.local_end]
+                held += self._onboarder.onboard(local, {}, from_tier, groups, sources)
+        except BaseException:
+            self._free_fetched(fetch.result_quietly())
+            raise
+        fetched = fetch.future.result()
+        try:
             held += self._onboarder.onboard(
                 hashes[len(held) :], fetched, from_tier, groups, sources
             )
             return from_tier
         finally:
-            if fetched:
-                with self._lock:
-                    self._tiers[Tier.G2].pool.free(list(fetched.values()))
+            self._free_fetched(fetched)
+
+    def _free_fetched(self, fetched: dict[int, int]) -> None:
+        """Let go of the G2 blocks a peer read held for a lookup (they stay cached)."""
+        if fetched:
+            with self._lock:
+                self._tiers[Tier.G2].pool.free(list(fetched.values()))
 
     def _lookup_window(
         self,
@@ -625,9 +639,7 @@ class BlockManager:
                     self._tiers[Tier.G1].pool.free(held)
                 gone.add(start + len(held))
         finally:
-            if fetched:
-                with self._lock:
-                    self._tiers[Tier.G2].pool.free(list(fetched.values()))
+            self._free_fetched(fetched)
         try:
             ready = self._inflight.ready(held, wait)
         except BaseException:
@@ -819,6 +831,7 @@ class BlockManager:
             self._offloader = None
         if self._tiers:
             self._inflight.settle()
+        self._peer_reads.close()
         self._peers.close()
         with self._lock:
             if self._tiers:

@@ -101,7 +101,8 @@ def skip_slow_reads(
     blocks after it and bring as many as the news of the one that caches the most says;
     its reads cost ``manager.block_bytes`` a block over the rate that the manager's reads
     from that tier moved so far (``metrics.onboard_rate(Tier.G3, Tier.G2)``, ``(Tier.G4,
-    Tier.G2)``), or before its first read the rate given; the blocks that another way
+    Tier.G2)``), or before its first read the rate given, and the disk's and the peers'
+    reads go at once (the lookup takes as long as the slower); the blocks that another way
     would have brought and this one does not are computed at ``prefill_tokens_per_s``.
     The G2 blocks are not counted (PCIe moves them tens of times faster than a disk or a
     network). A tier whose rate is not known yet is read, so that the read measures it;
@@ -131,8 +132,8 @@ def skip_slow_reads(
     for sources in (_EVERY_TIER, WITHOUT_PEERS, WITHOUT_DISK, frozenset({Tier.G2})):
         local = _local_end(where, sources)
         at_peers = peers_from(local) if Tier.G4 in sources else 0
-        read_s = where[:local].count(Tier.G3) * block_s[Tier.G3] + at_peers * block_s[Tier.G4]
-        ways[sources] = (local + at_peers, read_s)
+        disk_s = where[:local].count(Tier.G3) * block_s[Tier.G3]
+        ways[sources] = (local + at_peers, max(disk_s, at_peers * block_s[Tier.G4]))
     furthest = max(end for end, _ in ways.values())
     compute_block_s = manager.config.block_size / prefill_tokens_per_s
     best = min(ways, key=lambda s: ways[s][1] + (furthest - ways[s][0]) * compute_block_s)
