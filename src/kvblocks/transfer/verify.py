@@ -112,10 +112,22 @@ def _checksum(physical: PhysicalLayout, spans: list[MemoryRegion]) -> str:
     host = device is not None and device.type == "cpu"
     for span in spans:
         if host:  # hashed in place, no copy
-            hasher.update(_host_buffer(_memory_slice(physical, span)))
+            hasher.update(_host_span(physical, span))
         else:
             hasher.update(read_bytes(physical, span))
     return hasher.hexdigest()
+
+
+def _host_span(physical: PhysicalLayout, region: MemoryRegion) -> memoryview:
+    """The bytes of ``region`` of ``physical`` (host memory) as a buffer, without a copy and
+    without a torch op (each lets the GIL go: see ``kvblocks.kernels.cuda_calls``). The
+    caller keeps ``physical`` alive while the buffer is used."""
+    physical.check_alive()
+    for allocation in physical.allocations:
+        whole = allocation.region
+        if whole.addr <= region.addr and region.addr + region.size <= whole.addr + whole.size:
+            return memoryview((ctypes.c_char * region.size).from_address(region.addr)).cast("B")
+    raise InvalidArgumentError("region", f"{region} is not inside this layout's memory")
 
 
 @dataclass(frozen=True)
