@@ -6,17 +6,21 @@ One BlockManager holds a prompt of ``--blocks`` blocks in G2 (Llama-3.1-70B's la
 8 KV heads of 128, bf16, 16 tokens per block, ``--layers`` layers). For each switch interval
 (``sys.setswitchinterval``: Python's default 5 ms, and 0.5 ms), ``--repeats`` lookups copy
 the prompt back from G2 into G1 (G1 emptied before each), first with nothing beside them,
-then beside a thread that counts in a Python loop. With ``--peer`` (NIXL, UCX), a second
-manager in this process serves the prompts from its G2 and the first reads them from it
-(its tiers cleared before each lookup), in the same four ways.
+then beside a thread that counts in a Python loop. Then the same from G3: a manager with a
+disk cache in ``--offload-path`` stores the prompt in its G3 file, and each lookup is made by
+a new manager on that file (G1 and G2 empty, as after a restart), which reads the blocks into
+G2, checks them against their checksums and copies them on into G1. With ``--peer`` (NIXL,
+UCX), a second manager in this process serves the prompts from its G2 and the first reads
+them from it (its tiers cleared before each lookup), in the same four ways.
 
-Columns: ``source`` (``G2`` or ``G4``), ``switch_ms``, ``beside`` (``nothing`` or
+Columns: ``source`` (``G2``, ``G3`` or ``G4``), ``switch_ms``, ``beside`` (``nothing`` or
 ``python_loop``), ``lookup_ms`` (median wall time of ``lookup``), ``read_ms`` (median time of
-the reads from the peer into G2; G4 rows), ``copy_ms`` (median time of the copies from G2 into
-G1), ``slowdown`` (``lookup_ms`` over the same source and switch interval's with nothing
-beside it). Every hit's blocks are checked against the blocks stored.
+the reads into G2 from the disk or the peer; G3 and G4 rows), ``copy_ms`` (median time of the
+copies from G2 into G1), ``slowdown`` (``lookup_ms`` over the same source and switch
+interval's with nothing beside it). Every hit's blocks are checked against the blocks stored.
 
-Usage: python bench/gil.py [--layers 20] [--blocks 256] [--repeats 5] [--peer] > gil.csv
+Usage: python bench/gil.py [--layers 20] [--blocks 256] [--repeats 5] [--offload-path DIR]
+[--peer] > gil.csv
 """
 
 from __future__ import annotations
@@ -25,10 +29,11 @@ import argparse
 import csv
 import statistics
 import sys
+import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import replace
 
 import torch
@@ -53,8 +58,10 @@ FIELDS = [
 #: Switch intervals timed, in seconds (Python's default first).
 SWITCH_INTERVALS = (0.005, 0.0005)
 BLOCK_SIZE = 16
-#: The copies a lookup times: reads from the peer into G2, copies from G2 into G1.
-_COPIES = ((Tier.G4, Tier.G2), (Tier.G2, Tier.G1))
+#: The copies a lookup times: reads into G2 (from the disk, from the peer), copies into G1.
+_COPIES = ((Tier.G3, Tier.G2), (Tier.G4, Tier.G2), (Tier.G2, Tier.G1))
+#: A manager to look the prompt up in, for each lookup in turn (by its number).
+Managers = Callable[[int], AbstractContextManager[BlockManager]]
 
 
 @contextmanager
@@ -85,33 +92,40 @@ def store(manager: BlockManager, tokens: list[int]) -> list[torch.Tensor]:
     return [t[index].clone() for t in manager.device_tensors]
 
 
-def time_lookups(
-    manager: BlockManager,
-    tokens: list[int],
-    kv: list[torch.Tensor],
-    source: Tier,
-    repeats: int,
-) -> tuple[float, float, float]:
-    """Median seconds of ``repeats`` lookups of ``tokens`` from ``source`` (after one more),
-    of their reads from the peer, and of their copies into G1."""
-    lookups, reads, copies = [], [], []
-    metrics = manager.metrics
-    for i in range(repeats + 1):
+def looked_up_in(manager: BlockManager, source: Tier) -> Managers:
+    """``manager`` for each lookup, its tiers above ``source`` emptied first: G1 (a G2 hit) or
+    every tier (a G4 hit)."""
+
+    def prepared(_: int) -> AbstractContextManager[BlockManager]:
         if source is Tier.G4:
             manager.clear()
         else:
             manager.free(manager.allocate(manager.pool(Tier.G1).num_blocks))  # G1 forgets it
-        before = [metrics.onboard_seconds[pair] for pair in _COPIES]
-        start = time.perf_counter()
-        hit = manager.lookup(tokens)
-        seconds = time.perf_counter() - start
-        after = [metrics.onboard_seconds[pair] for pair in _COPIES]
-        check(manager, hit, kv, source)
-        manager.free(hit.block_ids)
+        return nullcontext(manager)
+
+    return prepared
+
+
+def time_lookups(
+    managers: Managers, tokens: list[int], kv: list[torch.Tensor], source: Tier, repeats: int
+) -> tuple[float, float, float]:
+    """Median seconds of ``repeats`` lookups of ``tokens`` from ``source`` (after one more),
+    of their reads into G2, and of their copies into G1."""
+    lookups, reads, copies = [], [], []
+    for i in range(repeats + 1):
+        with managers(i) as manager:
+            metrics = manager.metrics
+            before = [metrics.onboard_seconds[pair] for pair in _COPIES]
+            start = time.perf_counter()
+            hit = manager.lookup(tokens)
+            seconds = time.perf_counter() - start
+            after = [metrics.onboard_seconds[pair] for pair in _COPIES]
+            check(manager, hit, kv, source)
+            manager.free(hit.block_ids)
         if i:
             lookups.append(seconds)
-            reads.append(after[0] - before[0])
-            copies.append(after[1] - before[1])
+            reads.append(after[0] - before[0] + after[1] - before[1])
+            copies.append(after[2] - before[2])
     return statistics.median(lookups), statistics.median(reads), statistics.median(copies)
 
 
@@ -130,6 +144,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=20, help="layers of the cache (20)")
     parser.add_argument("--blocks", type=int, default=256, help="blocks of the prompt (256)")
     parser.add_argument("--repeats", type=int, default=5, help="lookups timed per case (5)")
+    parser.add_argument(
+        "--offload-path",
+        default=tempfile.gettempdir(),
+        help="folder for the G3 file, removed after (default: the system's temporary folder)",
+    )
     parser.add_argument("--peer", action="store_true", help="also read from a peer (NIXL)")
     args = parser.parse_args(argv)
     if min(args.layers, args.blocks, args.repeats) < 1:
@@ -155,20 +174,27 @@ def main(argv: list[str] | None = None) -> int:
     default_switch = sys.getswitchinterval()
     with ExitStack() as managers:
         here = managers.enter_context(BlockManager(config))
-        stored = {Tier.G2: store(here, tokens)}
+        stored = {Tier.G2: (store(here, tokens), looked_up_in(here, Tier.G2))}
+        folder = managers.enter_context(tempfile.TemporaryDirectory(dir=args.offload_path))
+        on_disk = replace(config, disk_cache_gb=2 * config.host_cache_gb, offload_path=folder)
+        with BlockManager(on_disk) as writer:
+            kv = store(writer, tokens)
+            writer.flush()  # in G3 now
+        stored[Tier.G3] = (kv, lambda _: BlockManager(on_disk))  # a restart per lookup
         if args.peer:  # the peer's own KV for the same tokens: G4's hits come back as it
             there = managers.enter_context(BlockManager(config))
-            stored[Tier.G4] = store(there, tokens)
+            kv = store(there, tokens)
             here.add_peer(there.serve("tcp://127.0.0.1:*"))
+            stored[Tier.G4] = (kv, looked_up_in(here, Tier.G4))
         try:
-            for source, kv in stored.items():
+            for source, (kv, lookup_managers) in stored.items():
                 for switch in SWITCH_INTERVALS:
                     sys.setswitchinterval(switch)
                     alone = None
                     for beside in ("nothing", "python_loop"):
                         with python_loop(beside == "python_loop"):
                             lookup_s, read_s, copy_s = time_lookups(
-                                here, tokens, kv, source, args.repeats
+                                lookup_managers, tokens, kv, source, args.repeats
                             )
                         alone = alone or lookup_s
                         out.writerow(
@@ -180,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "switch_ms": switch * 1e3,
                                 "beside": beside,
                                 "lookup_ms": round(lookup_s * 1e3, 2),
-                                "read_ms": round(read_s * 1e3, 2) if source is Tier.G4 else "",
+                                "read_ms": "" if source is Tier.G2 else round(read_s * 1e3, 2),
                                 "copy_ms": round(copy_s * 1e3, 2),
                                 "slowdown": round(lookup_s / alone, 2),
                             }
