@@ -703,6 +703,32 @@ def test_checksums_across_a_format_change(manager, src_fc, formats):
     assert block_checksums_as(manager.layout(src), [1, 4], formats[1]) != moved
 
 
+@pytest.mark.parametrize("fc", [True, False], ids=["whole-blocks", "regions"])
+def test_block_checksums_of_many_host_blocks_come_in_the_order_asked(fc):
+    """Several host blocks hash on threads at once: each digest is BLAKE3 of its block's bytes
+    (its regions in order), in the order the blocks were asked for, repeats included."""
+    import blake3
+
+    physical = shaped(PhysicalLayout.builder(CFG).kv_format(NHD), fc).allocate_system().build()
+    gen = torch.Generator().manual_seed(7)
+    for allocation in physical.allocations:
+        view = allocation.view()
+        view.copy_(torch.randint(0, 256, view.shape, dtype=torch.uint8, generator=gen))
+    ids = [5, 0, 3, 3, 1, 2]
+    layout = physical.layout
+    regions = {
+        b: [layout.region(b, layer, o) for layer in range(CFG.num_layers) for o in range(2)]
+        for b in set(ids)
+    }
+    want = [
+        blake3.blake3(b"".join(read_bytes(physical, r) for r in regions[b])).hexdigest()
+        for b in ids
+    ]
+    assert block_checksums(physical, ids) == want
+    assert [block_checksums(physical, [b])[0] for b in ids] == want
+    assert len(set(want)) == 5
+
+
 def test_device_memory_pool_reuse_and_threshold():
     pool = DeviceMemoryPool(torch.device("cpu"), reserve_bytes=1000, release_threshold=1500)
     assert pool.held_bytes == 1000

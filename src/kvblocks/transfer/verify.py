@@ -10,8 +10,10 @@ of one layer of one block.
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import blake3
@@ -63,9 +65,29 @@ def _memory_slice(physical: PhysicalLayout, region: MemoryRegion) -> torch.Tenso
     raise InvalidArgumentError("region", f"{region} is not inside this layout's memory")
 
 
+#: Threads that hash the blocks of host memory, a block each at a time (see
+#: :func:`block_checksums`).
+HASH_THREADS = 4
+
+
+@functools.cache
+def _hashing_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="kvblocks-hash")
+
+
 def block_checksums(physical: PhysicalLayout, block_ids: Sequence[int]) -> list[str]:
-    """BLAKE3 (hex) of each block's bytes."""
-    return [_checksum(physical, _spans(physical, b, None)) for b in block_ids]
+    """BLAKE3 (hex) of each block's bytes.
+
+    Blocks of host memory are hashed on ``HASH_THREADS`` threads. BLAKE3 lets the GIL go
+    while it hashes (an input of 2 KiB or more), so they hash at once; and beside a Python
+    thread that never blocks, where winning the GIL back after each block takes up to a
+    switch interval (5 ms by default), those waits overlap instead of adding up (64 blocks
+    on the development machine's CPU: 80 ms instead of 340 to 370)."""
+    spans = [_spans(physical, b, None) for b in block_ids]
+    device = physical.device
+    if len(spans) > 1 and device is not None and device.type == "cpu":
+        return list(_hashing_threads().map(functools.partial(_checksum, physical), spans))
+    return [_checksum(physical, block_spans) for block_spans in spans]
 
 
 def block_checksums_as(
