@@ -404,11 +404,12 @@ class _Copies:
 
     def count(self, first: int, end: int) -> int:
         """How many copies the piece of blocks ``[first, end)`` makes."""
-        return bisect.bisect_left(self._starts, end) - bisect.bisect_left(self._starts, first)
+        runs = self._runs(first, end)
+        return runs.stop - runs.start
 
     def part(self, first: int, end: int) -> MemcpyPlan | PitchedCopyPlan:
         """The copies of the piece of blocks ``[first, end)`` of the transfer."""
-        runs = slice(bisect.bisect_left(self._starts, first), bisect.bisect_left(self._starts, end))
+        runs = self._runs(first, end)
         pinned, slot = self._pinned[runs], self._slot[runs]
         src, dst = (pinned, slot) if self._into_gpu else (slot, pinned)
         if self._every:
@@ -418,6 +419,11 @@ class _Copies:
         src_pitch, dst_pitch = pitches if self._into_gpu else pitches[::-1]
         heights = [n * self._rows for n in self._blocks[runs]]
         return PitchedCopyPlan(src, dst, heights, self._width, src_pitch, dst_pitch, self._cuda)
+
+    def _runs(self, first: int, end: int) -> slice:
+        """Which runs the piece of blocks ``[first, end)`` holds (pieces go apart: a run never
+        crosses from one into the next)."""
+        return slice(bisect.bisect_left(self._starts, first), bisect.bisect_left(self._starts, end))
 
 
 def _layer_rows(config: LayoutConfig, fmt: KvBlockLayout) -> tuple[int, int]:
