@@ -51,17 +51,33 @@ def _host_buffer(tensor: torch.Tensor) -> memoryview:
     """A contiguous CPU uint8 tensor's bytes as a buffer, without a copy (and without numpy,
     which a plain install need not have). The buffer does not keep ``tensor`` alive: the caller
     must, while the buffer is used."""
-    return memoryview((ctypes.c_char * tensor.numel()).from_address(tensor.data_ptr())).cast("B")
+    return _buffer_at(tensor.data_ptr(), tensor.numel())
+
+
+def _buffer_at(addr: int, nbytes: int) -> memoryview:
+    """``nbytes`` of host memory at ``addr`` as a buffer, without a copy."""
+    return memoryview((ctypes.c_char * nbytes).from_address(addr)).cast("B")
 
 
 def _memory_slice(physical: PhysicalLayout, region: MemoryRegion) -> torch.Tensor:
     if physical.storage is StorageKind.REMOTE:
         raise BackendUnavailableError("remote blocks are checked on the worker that holds them")
+    allocation, start = _holding(physical, region)
+    return allocation.view()[start : start + region.size]
+
+
+def _holding(physical: PhysicalLayout, region: MemoryRegion) -> tuple[MemoryAllocation, int]:
+    """The allocation of ``physical`` that holds ``region``, and where in it ``region``
+    starts (bytes).
+
+    Raises:
+        InvalidArgumentError: no allocation holds all of ``region``.
+    """
     for allocation in physical.allocations:
         assert isinstance(allocation, MemoryAllocation)
         start = region.addr - allocation.region.addr
         if 0 <= start and start + region.size <= allocation.size:
-            return allocation.view()[start : start + region.size]
+            return allocation, start
     raise InvalidArgumentError("region", f"{region} is not inside this layout's memory")
 
 
@@ -145,11 +161,8 @@ def _host_span(physical: PhysicalLayout, region: MemoryRegion) -> memoryview:
     without a torch op (each lets the GIL go: see ``kvblocks.kernels.cuda_calls``). The
     caller keeps ``physical`` alive while the buffer is used."""
     physical.check_alive()
-    for allocation in physical.allocations:
-        whole = allocation.region
-        if whole.addr <= region.addr and region.addr + region.size <= whole.addr + whole.size:
-            return memoryview((ctypes.c_char * region.size).from_address(region.addr)).cast("B")
-    raise InvalidArgumentError("region", f"{region} is not inside this layout's memory")
+    _holding(physical, region)
+    return _buffer_at(region.addr, region.size)
 
 
 @dataclass(frozen=True)
